@@ -1,0 +1,1 @@
+"""The gated HRM model layer on hrm_kernels (in progress)."""

@@ -1,0 +1,21 @@
+"""hrm_kernels: fused Triton kernels for gated Hierarchical Reasoning Models.
+
+Every op has an eager PyTorch fallback (also its test reference) and is registered through
+``torch.library`` so that ``torch.compile`` sees it as one node. Which implementation runs is
+chosen by ``HRM_KERNELS_BACKEND`` / ``use_backend`` (see ``hrm_kernels.backend``).
+"""
+
+from hrm_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
+from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
+from hrm_kernels.modules import RMSNorm, SwiGLU
+from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
+from hrm_kernels.swiglu import swiglu, swiglu_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "get_backend", "set_backend", "use_backend",
+    "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
+    "gated_blend", "gated_blend_reference",
+    "RMSNorm", "SwiGLU",
+]

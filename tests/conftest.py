@@ -1,0 +1,24 @@
+"""Test setup. Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be
+switched on before any kernel module is imported: this file is loaded before the tests."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+# Kernel tests run on CUDA when there is one, else on CPU tensors through the interpreter.
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """A different, reproducible seed per test: fresh random inputs, never the same ones."""
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield
