@@ -14,7 +14,6 @@ tensors too. ``triton`` where Triton cannot run raises an error instead of silen
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -65,13 +64,19 @@ def triton_interpreting() -> bool:
     return _INTERPRET
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # pragma: no cover - depends on the install
         return False
     return True
+
+
+_TRITON_AVAILABLE = _import_triton()
+
+
+def triton_available() -> bool:
+    return _TRITON_AVAILABLE
 
 
 def triton_can_run(device: torch.device) -> bool:

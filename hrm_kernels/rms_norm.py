@@ -12,7 +12,9 @@ Backward, with ``h = x + residual``, ``r = rsqrt(mean(h^2) + eps)``, ``xhat = h 
     dweight = sum over rows of dy * xhat
 
 Without a weight ``xhat`` is the output itself, so the backward reads ``dy`` and ``y`` and writes
-``dh``: 6 passes over [M, N] for forward + backward. With a weight it recomputes ``xhat`` from
+``dh``: 6 passes over [M, N] for forward + backward (Apex's "memory-efficient" choice: ``xhat``
+carries the output's rounding, which is below the final rounding of ``dh`` except where the
+projection cancels almost everything, i.e. at widths of a few elements). With a weight it recomputes ``xhat`` from
 ``x`` and ``residual``; ``dweight`` is reduced in fp32, one partial row per program, then summed.
 """
 

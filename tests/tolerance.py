@@ -20,12 +20,14 @@ def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close_to_reference(name: str, got: torch.Tensor, same_precision_eager: torch.Tensor,
-                              ref64: torch.Tensor, factor: float = ERROR_FACTOR) -> None:
-    """``got`` must be within ``factor`` x eager's error of the float64 reference (relative to the
-    reference's scale, with a per-dtype floor)."""
+                              ref64: torch.Tensor, factor: float = ERROR_FACTOR,
+                              scale: float | None = None) -> None:
+    """``got`` must be within ``factor`` x eager's error of the float64 reference, plus a per-dtype
+    floor relative to ``scale`` (default: the reference's largest magnitude, at least 1)."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    scale = max(ref64.abs().max().item(), 1.0) if ref64.numel() else 1.0
+    if scale is None:
+        scale = max(ref64.abs().max().item(), 1.0) if ref64.numel() else 1.0
     eager_err = max_err(same_precision_eager, ref64)
     bound = factor * eager_err + FLOOR[got.dtype] * scale
     err = max_err(got, ref64)
