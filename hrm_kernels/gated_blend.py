@@ -29,12 +29,469 @@ import math
 from typing import Optional
 
 import torch
+import triton
+import triton.language as tl
 
-from hrm_kernels._utils import check_float, check_same
+from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for
+from hrm_kernels.backend import triton_interpreting, use_triton
 
 STATS_COLUMNS = ("mean", "frac_low", "frac_high", "contribution", "saturation")
 GATE_KINDS = ("own", "other", "inj")
 SATURATION_LOGIT = math.log(9.0)  # logit(0.9) = -logit(0.1)
+
+# Widest gate hidden size R the fused kernels take: the [BLOCK_M, R] hidden tile lives in
+# registers. Wider gate MLPs run the eager math (same results, no fusion).
+MAX_FUSED_R = 1024
+
+# How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
+# with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
+#
+# forward, one program per BLOCK_M rows:  pre1 = [own|other|inj] @ W1^T + b1 (k-loop over the
+#   K*D inputs, [BLOCK_M, R] fp32 accumulator); z = silu(pre1); then per D-chunk and kind the
+#   logits z @ W2_chunk^T + b2, g = sigmoid, out += g * src. Writes out, pre1 and z ([M, R]
+#   each, small) and, with stats, 16 fp32 partial sums per program. 2 GEMMs, reads the sources
+#   (again from L2 for the blend), writes out.
+# backward phase 1 (_dpre), one program per BLOCK_M rows: recompute the logits from z, d_logit
+#   = dout * src * g * (1 - g) (+ the saturation term), d_z = d_logit @ W2, d_pre1 = d_z *
+#   silu'(pre1) -> [M, R]; db1 partial per program. 2 GEMMs, reads dout and the sources.
+# backward phase 2, one program per (kind, D-chunk, row split): recompute logits and d_logit for
+#   its chunk over its rows, d_src = dout * g + d_pre1 @ W1_chunk, and accumulate the weight
+#   gradients of its chunk in registers: dW2_chunk = d_logit^T @ z, dW1_chunk = d_pre1^T @ src,
+#   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
+#   sources, writes their gradients.
+# Nothing of width K*D (cat, gates, logits) ever reaches memory.
+
+_SAT_L = tl.constexpr(SATURATION_LOGIT)
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    # UPCAST: the interpreter's bf16 tl.dot is broken, so it multiplies in fp32 there.
+    if UPCAST:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _stats_update(g, logit, x, valid, s_mean, s_low, s_high, s_contrib, s_sat):
+    # Row sums only (cheap inside a warp); the cross-row reduction happens once per program.
+    g = tl.where(valid, g, 0.0)
+    s_mean += tl.sum(g, 1)
+    s_low += tl.sum(tl.where(valid & (g < 0.1), 1.0, 0.0), 1)
+    s_high += tl.sum(tl.where(g > 0.9, 1.0, 0.0), 1)
+    s_contrib += tl.sum(tl.abs(g * x), 1)
+    e = tl.where(valid, tl.maximum(tl.abs(logit) - _SAT_L, 0.0), 0.0)
+    s_sat += tl.sum(e * e, 1)
+    return s_mean, s_low, s_high, s_contrib, s_sat
+
+
+@triton.jit
+def _store_stats(P, s_mean, s_low, s_high, s_contrib, s_sat):
+    tl.store(P + 0, tl.sum(s_mean, 0))
+    tl.store(P + 1, tl.sum(s_low, 0))
+    tl.store(P + 2, tl.sum(s_high, 0))
+    tl.store(P + 3, tl.sum(s_contrib, 0))
+    tl.store(P + 4, tl.sum(s_sat, 0))
+
+
+@triton.jit
+def _gated_blend_forward_kernel(
+    OWN, OTHER, INJ, W1, B1, W2, B2, OUT, PRE1, Z, STATS,
+    n_rows, D, R,
+    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # All [M, D] tensors are contiguous rows of width D; W1 is [R, 3D], W2 [3D, R] contiguous.
+    pid = tl.program_id(0)
+    act = OUT.dtype.element_ty
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    r_idx = tl.arange(0, BLOCK_R)
+    r_mask = r_idx < R
+
+    # pre1 = cat @ W1^T + b1, k-loop over each present kind's D inputs (inj's slice skipped)
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for kind in tl.static_range(3):
+        if kind < 2 or HAS_INJ:
+            if kind == 0:
+                SRC = OWN
+            elif kind == 1:
+                SRC = OTHER
+            else:
+                SRC = INJ
+            for d0 in range(0, D, BLOCK_K):
+                cols = d0 + tl.arange(0, BLOCK_K)
+                c_mask = cols < D
+                x = tl.load(SRC + rows[:, None] * D + cols[None, :],
+                            mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+                w1t = tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
+                              mask=c_mask[:, None] & r_mask[None, :], other=0.0).to(act)
+                acc = _mm(x, w1t, acc, UPCAST, PREC)
+    b1 = tl.load(B1 + r_idx, mask=r_mask, other=0.0).to(act).to(tl.float32)
+    hr_mask = row_mask[:, None] & r_mask[None, :]
+    hr_off = rows[:, None] * R + r_idx[None, :]
+    pre = (acc + b1[None, :]).to(act)
+    tl.store(PRE1 + hr_off, pre, mask=hr_mask)
+    pre = pre.to(tl.float32)
+    z = (pre * tl.sigmoid(pre)).to(act)
+    tl.store(Z + hr_off, z, mask=hr_mask)
+
+    zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o0, o1, o2, o3, o4 = zero_m, zero_m, zero_m, zero_m, zero_m
+    t0, t1, t2, t3, t4 = zero_m, zero_m, zero_m, zero_m, zero_m
+    i0, i1, i2, i3, i4 = zero_m, zero_m, zero_m, zero_m, zero_m
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_mask = cols < D
+        mask = row_mask[:, None] & c_mask[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for kind in tl.static_range(3):
+            if kind < 2 or HAS_INJ:
+                if kind == 0:
+                    SRC = OWN
+                elif kind == 1:
+                    SRC = OTHER
+                else:
+                    SRC = INJ
+                gcols = kind * D + cols
+                w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
+                              mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(act)
+                b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
+                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+                logit += b2[None, :]
+                g = tl.sigmoid(logit)
+                x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
+                out += g * x
+                if WITH_STATS:
+                    if kind == 0:
+                        o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
+                    elif kind == 1:
+                        t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
+                    else:
+                        i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
+        tl.store(OUT + off, out.to(act), mask=mask)
+    if WITH_STATS:
+        P = STATS + pid * 16
+        _store_stats(P, o0, o1, o2, o3, o4)
+        _store_stats(P + 5, t0, t1, t2, t3, t4)
+        _store_stats(P + 10, i0, i1, i2, i3, i4)
+
+
+@triton.jit
+def _saturation_grad(logit, valid, coef):
+    # d/dlogit of coef * relu(|logit| - L)^2 (coef already holds 1/(M*D) and the incoming grad)
+    e = tl.maximum(logit - _SAT_L, 0.0) + tl.minimum(logit + _SAT_L, 0.0)
+    return tl.where(valid, (2.0 * coef) * e, 0.0)
+
+
+@triton.jit
+def _gated_blend_backward_dpre_kernel(
+    DOUT, OWN, OTHER, INJ, W2, B2, PRE1, Z, SAT, DPRE1, DB1_PARTIAL,
+    n_rows, D, R,
+    HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    act = DPRE1.dtype.element_ty
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    r_idx = tl.arange(0, BLOCK_R)
+    r_mask = r_idx < R
+    hr_mask = row_mask[:, None] & r_mask[None, :]
+    hr_off = rows[:, None] * R + r_idx[None, :]
+    z = tl.load(Z + hr_off, mask=hr_mask, other=0.0)
+
+    dz = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_mask = cols < D
+        mask = row_mask[:, None] & c_mask[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
+        for kind in tl.static_range(3):
+            if kind < 2 or HAS_INJ:
+                if kind == 0:
+                    SRC = OWN
+                elif kind == 1:
+                    SRC = OTHER
+                else:
+                    SRC = INJ
+                gcols = kind * D + cols
+                w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
+                              mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(act)
+                b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
+                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+                logit += b2[None, :]
+                g = tl.sigmoid(logit)
+                x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
+                dl = dout * x * g * (1.0 - g)
+                if HAS_SAT:
+                    dl += _saturation_grad(logit, mask, tl.load(SAT + kind))
+                dz = _mm(dl.to(act), tl.trans(w2t), dz, UPCAST, PREC)
+    pre = tl.load(PRE1 + hr_off, mask=hr_mask, other=0.0).to(tl.float32)
+    s = tl.sigmoid(pre)
+    dpre = (dz * s * (1.0 + pre * (1.0 - s))).to(act)
+    tl.store(DPRE1 + hr_off, dpre, mask=hr_mask)
+    tl.store(DB1_PARTIAL + pid * R + r_idx, tl.sum(dpre.to(tl.float32), 0), mask=r_mask)
+
+
+@triton.jit
+def _gated_blend_backward_kernel(
+    DOUT, OWN, OTHER, INJ, W1, W2, B2, Z, DPRE1, SAT,
+    DOWN, DOTHER, DINJ, DW1_PARTIAL, DW2_PARTIAL, DB2_PARTIAL,
+    n_rows, D, R, width, rows_per_split,
+    HAS_SAT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # program (chunk, split): chunk = kind * cdiv(D, BLOCK_D) + D-chunk; the chunk index varies
+    # fastest so that the programs sharing a row split run together and share dout/z/d_pre1 in L2.
+    chunk = tl.program_id(0)
+    split = tl.program_id(1)
+    act = DPRE1.dtype.element_ty
+    n_dchunks = tl.cdiv(D, BLOCK_D)
+    kind = chunk // n_dchunks
+    cols = (chunk % n_dchunks) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if kind == 0:
+        SRC = OWN
+        DSRC = DOWN
+    elif kind == 1:
+        SRC = OTHER
+        DSRC = DOTHER
+    else:
+        SRC = INJ
+        DSRC = DINJ
+    c_mask = cols < D
+    r_idx = tl.arange(0, BLOCK_R)
+    r_mask = r_idx < R
+    gcols = kind * D + cols
+    rc_mask = r_mask[:, None] & c_mask[None, :]
+    w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None], mask=rc_mask, other=0.0).to(act)
+    w1 = tl.load(W1 + r_idx[:, None] * (3 * D) + gcols[None, :], mask=rc_mask, other=0.0).to(act)
+    b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
+    if HAS_SAT:
+        coef = tl.load(SAT + kind)
+
+    dw2 = tl.zeros([BLOCK_D, BLOCK_R], dtype=tl.float32)
+    dw1 = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    db2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, n_rows)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        rows = rows.to(tl.int64)
+        hr_mask = row_mask[:, None] & r_mask[None, :]
+        hr_off = rows[:, None] * R + r_idx[None, :]
+        z = tl.load(Z + hr_off, mask=hr_mask, other=0.0)
+        dpre = tl.load(DPRE1 + hr_off, mask=hr_mask, other=0.0)
+        mask = row_mask[:, None] & c_mask[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(SRC + off, mask=mask, other=0.0)
+        logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+        logit += b2[None, :]
+        g = tl.sigmoid(logit)
+        xf = x.to(tl.float32)
+        dl = dout * xf * g * (1.0 - g)
+        if HAS_SAT:
+            dl += _saturation_grad(logit, mask, coef)
+        dsrc = _mm(dpre, w1, dout * g, UPCAST, PREC)
+        tl.store(DSRC + off, dsrc.to(act), mask=mask)
+        dl = dl.to(act)
+        db2 += dl.to(tl.float32)
+        dw2 = _mm(tl.trans(dl), z, dw2, UPCAST, PREC)
+        dw1 = _mm(tl.trans(dpre), x, dw1, UPCAST, PREC)
+    # partials are laid out [split, R, width] and [split, width, R], width = D * kinds present
+    tl.store(DW2_PARTIAL + split * width * R + gcols[:, None] * R + r_idx[None, :], dw2,
+             mask=c_mask[:, None] & r_mask[None, :])
+    tl.store(DW1_PARTIAL + split * width * R + r_idx[:, None] * width + gcols[None, :], dw1,
+             mask=rc_mask)
+    tl.store(DB2_PARTIAL + split * width + gcols, tl.sum(db2, 0), mask=c_mask)
+
+
+# --------------------------------------------------------------------------------- launchers
+
+# Per-kernel launch settings, chosen per shape class (no autotuning: compile time matters in
+# training). Benchmarks may override them through ``_config_override`` to sweep.
+_config_override: dict = {}
+
+
+def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
+    block_r = max(16, triton.next_power_of_2(r))
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    if device.type != "cuda":  # the interpreter: few, small programs
+        block_m = max(16, min(32, triton.next_power_of_2(max(n_rows, 1))))
+        cfg = {
+            "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d),
+            "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
+            "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
+        }
+    else:
+        # the [BLOCK_M, R] fp32 hidden accumulator bounds BLOCK_M; 128 x 128 at the hot shape
+        block_m = max(16, min(128, 16384 // block_r))
+        bwd_d = max(16, min(block_d, 8192 // block_r))  # two [BLOCK_D, R] fp32 accumulators
+        cfg = {
+            "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d, num_warps=8, num_stages=3),
+            "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
+            "bwd": dict(BLOCK_M=min(64, block_m), BLOCK_D=bwd_d, num_warps=8, num_stages=2,
+                        programs_per_sm=2),
+        }
+    for name, over in _config_override.items():
+        cfg[name] = {**cfg[name], **over}
+    for c in cfg.values():
+        c["BLOCK_R"] = block_r
+    return cfg
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return dict(UPCAST=triton_interpreting() and dtype == torch.bfloat16,
+                PREC="ieee" if dtype == torch.float32 else "tf32")
+
+
+def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
+                        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                        with_stats: bool):
+    """own, other, inj: [M, D] contiguous; weights contiguous. Returns (out [M, D], stats [3, 5]
+    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R])."""
+    n_rows, d = own.shape
+    r = w1.shape[0]
+    out = torch.empty_like(own)
+    pre1 = own.new_empty((n_rows, r))
+    z = own.new_empty((n_rows, r))
+    cfg = dict(_launch_configs(n_rows, d, r, own.device)["fwd"])
+    n_programs = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    partial = torch.empty((n_programs, 16) if with_stats else (1, 16), dtype=torch.float32,
+                          device=own.device)
+    if n_rows > 0:
+        _gated_blend_forward_kernel[(n_programs,)](
+            own, other, inj if inj is not None else own, w1, b1, w2, b2, out, pre1, z, partial,
+            n_rows, d, r, HAS_INJ=inj is not None, WITH_STATS=with_stats, **_dot_flags(own.dtype),
+            **cfg)
+    if not with_stats:
+        return out, own.new_empty(0, dtype=torch.float32), pre1, z
+    stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
+    if inj is None:
+        stats[2] = 0.0
+    return out, stats, pre1, z
+
+
+def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: torch.Tensor,
+                         other: torch.Tensor, inj: Optional[torch.Tensor], w1: torch.Tensor,
+                         b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, pre1: torch.Tensor,
+                         z: torch.Tensor):
+    """Gradients of all seven inputs (d_inj is an empty tensor when ``inj`` is None). ``sat``
+    [3]: the gradient arriving at the stats' saturation column, or None."""
+    n_rows, d = dout.shape
+    r = w1.shape[0]
+    kinds = 3 if inj is not None else 2
+    width = kinds * d
+    dev, act = dout.device, own.dtype
+    d_own, d_other = torch.empty_like(own), torch.empty_like(other)
+    d_inj = torch.empty_like(inj) if inj is not None else own.new_empty(0)
+    if n_rows == 0:
+        return (d_own, d_other, d_inj, torch.zeros_like(w1), torch.zeros_like(b1),
+                torch.zeros_like(w2), torch.zeros_like(b2))
+    cfgs = _launch_configs(n_rows, d, r, dev)
+    coef = sat.float() / float(n_rows * d) if sat is not None else None
+    flags = _dot_flags(act)
+
+    cfg = cfgs["dpre"]
+    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    dpre1 = torch.empty((n_rows, r), dtype=act, device=dev)
+    db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dev)
+    _gated_blend_backward_dpre_kernel[(n_tiles,)](
+        dout, own, other, inj if inj is not None else own, w2, b2, pre1, z,
+        coef if coef is not None else db1_partial, dpre1, db1_partial, n_rows, d, r,
+        HAS_INJ=inj is not None, HAS_SAT=coef is not None, **flags, **cfg)
+
+    cfg = dict(cfgs["bwd"])
+    per_sm = cfg.pop("programs_per_sm")
+    n_chunks = kinds * triton.cdiv(d, cfg["BLOCK_D"])
+    n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    want = max(1, round(per_sm * num_programs_for(dev.type, dev.index) / n_chunks))
+    blocks_per_split = triton.cdiv(n_row_blocks, min(n_row_blocks, want))
+    rows_per_split = blocks_per_split * cfg["BLOCK_M"]
+    n_splits = triton.cdiv(n_rows, rows_per_split)
+    dw1_partial = torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
+    dw2_partial = torch.empty((n_splits, width, r), dtype=torch.float32, device=dev)
+    db2_partial = torch.empty((n_splits, width), dtype=torch.float32, device=dev)
+    _gated_blend_backward_kernel[(n_chunks, n_splits)](
+        dout, own, other, inj if inj is not None else own, w1, w2, b2, z, dpre1,
+        coef if coef is not None else db2_partial,
+        d_own, d_other, d_inj if inj is not None else d_own, dw1_partial, dw2_partial, db2_partial,
+        n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
+
+    dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
+    if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
+        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
+        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
+        db2 = torch.cat((db2, db2.new_zeros(d)))
+    return (d_own, d_other, d_inj, dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype),
+            dw2.to(w2.dtype), db2.to(b2.dtype))
+
+
+# ------------------------------------------------------------------ torch.library registration
+
+
+@torch.library.custom_op("hrm_kernels::gated_blend_fwd", mutates_args=())
+def _gated_blend_fwd_op(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
+                        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                        with_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats)
+
+
+@_gated_blend_fwd_op.register_fake
+def _(own, other, inj, w1, b1, w2, b2, with_stats):
+    hidden = own.new_empty((own.shape[0], w1.shape[0]))
+    stats = own.new_empty((3, 5) if with_stats else (0,), dtype=torch.float32)
+    return torch.empty_like(own), stats, hidden, torch.empty_like(hidden)
+
+
+@torch.library.custom_op("hrm_kernels::gated_blend_bwd", mutates_args=())
+def _gated_blend_bwd_op(dout: torch.Tensor, sat: Optional[torch.Tensor], own: torch.Tensor,
+                        other: torch.Tensor, inj: Optional[torch.Tensor], w1: torch.Tensor,
+                        b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, pre1: torch.Tensor,
+                        z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_blend_backward(dout, sat, own, other, inj, w1, b1, w2, b2, pre1, z)
+
+
+@_gated_blend_bwd_op.register_fake
+def _(dout, sat, own, other, inj, w1, b1, w2, b2, pre1, z):
+    d_inj = torch.empty_like(inj) if inj is not None else own.new_empty(0)
+    return (torch.empty_like(own), torch.empty_like(other), d_inj, torch.empty_like(w1),
+            torch.empty_like(b1), torch.empty_like(w2), torch.empty_like(b2))
+
+
+def _setup_context(ctx, inputs, output):
+    own, other, inj, w1, b1, w2, b2, with_stats = inputs
+    _, _, pre1, z = output
+    ctx.with_stats = with_stats
+    ctx.has_inj = inj is not None
+    ctx.save_for_backward(own, other, inj, w1, b1, w2, b2, pre1, z)
+
+
+def _backward(ctx, dout, dstats, _dpre1, _dz):
+    own, other, inj, w1, b1, w2, b2, pre1, z = ctx.saved_tensors
+    # only the saturation column is differentiable; the other stats are monitoring values
+    sat = dstats[:, 4].contiguous() if ctx.with_stats and dstats is not None else None
+    d_own, d_other, d_inj, dw1, db1, dw2, db2 = torch.ops.hrm_kernels.gated_blend_bwd(
+        dout.contiguous(), sat, own, other, inj, w1, b1, w2, b2, pre1, z)
+    return d_own, d_other, (d_inj if ctx.has_inj else None), dw1, db1, dw2, db2, None
+
+
+_gated_blend_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------- reference and API
 
 
 def _check_args(own, other, inj, w1, b1, w2, b2) -> tuple[int, int]:
@@ -95,11 +552,21 @@ def gated_blend_reference(own, other, inj, w1, b1, w2, b2, *, stats: bool = Fals
     return out, torch.stack(rows)
 
 
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    """[..., D] -> contiguous [M, D] (a view unless the layout needs a copy)."""
+    return t.reshape(-1, d).contiguous()
+
+
 def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                 *, stats: bool = False):
     """Gated blend of three sources (see the module docstring). Returns ``out`` [..., D], or
     ``(out, stats)`` with ``stats`` [3, 5] float32 when ``stats=True``."""
-    _check_args(own, other, inj, w1, b1, w2, b2)
-    # The fused Triton kernel lands with issue 3; until then every backend runs the eager math.
-    return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
+    d, r = _check_args(own, other, inj, w1, b1, w2, b2)
+    if not use_triton(own.device) or r > MAX_FUSED_R:
+        return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
+    out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(
+        _rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
+        w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
+    out = out.view(own.shape)
+    return (out, stats_t) if stats else out
