@@ -17,7 +17,7 @@ Public API
     use_gating=False, gate_hidden_ratio=0.25, gate_init_bias=-2.2, kernels="auto"
     (auto|triton|eager; auto defers to hrm_kernels' own choice / HRM_KERNELS_BACKEND),
     attn_backend="auto" (auto|flash|sdpa), gate_reg_weight=0.0 (off), gate_reg_warmup_steps=0``.
-    ``name`` (the reference's class path string) and ``loss`` (``{"loss_type": ...}``, the
+    ``name`` (the reference's class path string), ``causal`` (must be false; the reference trainer passes it) and ``loss`` (``{"loss_type": ...}``, the
     reference's ``arch.loss``) are accepted; any other unknown key is an error naming it.
     ``hrm_v1_gated`` = the same defaults with ``use_gating=True``.
 
@@ -45,7 +45,7 @@ Public API
     ``set_step(step)``: tell the head the optimizer step (gate-regulariser warm-up); call it every
     step before forward; it only fills a buffer, so a compiled head does not recompile.
 
-``reduce_metrics(summed, global_batch_size, prefix="train/")``
+``reduce_metrics(summed, global_batch_size, prefix="train/")`` (global_batch_size=None: evaluation)
     Turn metric sums (over ranks and/or batches, as floats or tensors) into logged values the
     reference way: ``*loss`` / global_batch_size, ``gate/*`` / ``gate/count``, others / count.
 

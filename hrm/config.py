@@ -59,6 +59,14 @@ class HRMConfig(BaseModel):
     # Accepted from the reference's hydra group.
     name: Optional[str] = None
     loss: LossConfig = Field(default_factory=LossConfig)
+    causal: bool = False  # the reference trainer passes causal=False; HRM's attention is non-causal
+
+    @field_validator("causal")
+    @classmethod
+    def _non_causal(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("causal=True is not supported: HRM's attention is bidirectional")
+        return value
 
     @field_validator("loss", mode="before")
     @classmethod

@@ -1,6 +1,257 @@
-"""Model (stub, being implemented)."""
-import torch.nn as nn
-class HRM(nn.Module): pass
-class HRMInner(nn.Module): pass
-class HRMCarry: pass
-class HRMInnerCarry: pass
+"""The Hierarchical Reasoning Model: recurrent core (``HRMInner``) and ACT wrapper (``HRM``).
+
+One ACT segment of the core (REFERENCE.md, "The recurrent core")::
+
+    x = embed(inputs, puzzle_ids)
+    no grad:  for i < H_cycles, j < L_cycles, except the last (i, j):  z_L = L(z_L, z_H, x)
+              after each i but the last:                                 z_H = H(z_H, z_L)
+    grad:     z_L = L(z_L, z_H, x);  z_H = H(z_H, z_L)                   (the one-step gradient)
+    logits = lm_head(z_H)[:, puzzle_emb_len:];  (q_halt, q_continue) = q_head(z_H[:, 0])
+
+where a module's input is ``own + other + inj`` (ungated) or ``gated_blend(own, other, inj)``
+(gated; H's injection is zeros, ``inj=None``), followed by its post-norm blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrm_kernels import gated_blend, use_backend
+from hrm.config import HRMConfig
+from hrm.layers import Block, CastedEmbedding, CastedLinear, RotaryEmbedding, trunc_normal_
+from hrm.sparse_embedding import CastedSparseEmbedding
+
+LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
+
+
+@dataclass
+class HRMInnerCarry:
+    z_H: torch.Tensor  # [batch, total_seq_len, hidden], forward dtype
+    z_L: torch.Tensor
+
+
+@dataclass
+class HRMCarry:
+    inner_carry: HRMInnerCarry
+    steps: torch.Tensor  # [batch] int32
+    halted: torch.Tensor  # [batch] bool
+    current_data: dict[str, torch.Tensor]
+
+
+class GatingNetwork(nn.Module):
+    """Gate MLP ``[own, other, inj] (3D) -> R -> 3D``; ``gate_proj.0`` / ``gate_proj.2`` are its
+    linears (the public gated code's key names). The blend itself runs in ``gated_blend``."""
+
+    def __init__(self, hidden_size: int, gate_hidden_size: int, init_bias: float):
+        super().__init__()
+        self.gate_proj = nn.Sequential(
+            CastedLinear(3 * hidden_size, gate_hidden_size, bias=True),
+            nn.SiLU(),
+            CastedLinear(gate_hidden_size, 3 * hidden_size, bias=True),
+        )
+        with torch.no_grad():
+            self.gate_proj[2].bias.fill_(init_bias)
+
+    def blend(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], stats: bool):
+        first, second = self.gate_proj[0], self.gate_proj[2]
+        return gated_blend(own, other, inj, first.weight, first.bias, second.weight, second.bias, stats=stats)
+
+
+class ReasoningModule(nn.Module):
+    """``h = input(own, other, inj)``, then the blocks. Ungated input: ``own + (other + inj)``."""
+
+    def __init__(self, config: HRMConfig, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            Block(config.hidden_size, config.num_heads, config.intermediate_size, config.rms_norm_eps,
+                  config.attn_backend)
+            for _ in range(num_layers)
+        )
+        self.gating_network = (GatingNetwork(config.hidden_size, config.gate_hidden_size, config.gate_init_bias)
+                               if config.use_gating else None)
+
+    def forward(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], cos_sin,
+                stats: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns (new state, gate stats [3, 5] or None)."""
+        gate_stats = None
+        if self.gating_network is None:
+            h = own + (other if inj is None else other + inj)
+        elif stats:
+            h, gate_stats = self.gating_network.blend(own, other, inj, stats=True)
+        else:
+            h = self.gating_network.blend(own, other, inj, stats=False)
+        for layer in self.layers:
+            h = layer(h, cos_sin)
+        return h, gate_stats
+
+
+class HRMInner(nn.Module):
+    """The recurrent core: embeddings, L and H modules, output heads and the carry's reset states."""
+
+    def __init__(self, config: HRMConfig):
+        super().__init__()
+        self.config = config
+        dtype = config.torch_dtype
+        hidden = config.hidden_size
+        self.forward_dtype = dtype
+        self.embed_scale = math.sqrt(hidden)
+        embed_std = 1.0 / self.embed_scale
+        self.puzzle_emb_len = config.puzzle_emb_len
+
+        self.embed_tokens = CastedEmbedding(config.vocab_size, hidden, init_std=embed_std, cast_to=dtype)
+        self.lm_head = CastedLinear(hidden, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(hidden, 2, bias=True)
+        if config.puzzle_emb_ndim > 0:
+            self.puzzle_emb = CastedSparseEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
+                                                    batch_size=config.batch_size, init_std=0.0, cast_to=dtype)
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(config.head_dim, config.total_seq_len, config.rope_theta)
+        else:
+            self.embed_pos = CastedEmbedding(config.total_seq_len, hidden, init_std=embed_std, cast_to=dtype)
+
+        self.H_level = ReasoningModule(config, config.H_layers)
+        self.L_level = ReasoningModule(config, config.L_layers)
+        self.register_buffer("H_init", trunc_normal_(torch.empty(hidden, dtype=dtype), std=1.0))
+        self.register_buffer("L_init", trunc_normal_(torch.empty(hidden, dtype=dtype), std=1.0))
+        with torch.no_grad():  # Q-learning head starts at "don't halt" with a small, equal value
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+
+    # --------------------------------------------------------------------------- pieces
+
+    def input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        """[batch, seq_len] token ids (+ [batch] puzzle ids) -> [batch, total_seq_len, hidden]."""
+        x = self.embed_tokens(inputs.to(torch.int32))
+        if self.config.puzzle_emb_ndim > 0:
+            puzzle = self.puzzle_emb(puzzle_identifiers)
+            pad = self.puzzle_emb_len * self.config.hidden_size - puzzle.shape[-1]
+            if pad > 0:
+                puzzle = F.pad(puzzle, (0, pad))
+            x = torch.cat((puzzle.view(-1, self.puzzle_emb_len, self.config.hidden_size), x), dim=-2)
+        if self.config.pos_encodings == "learned":
+            x = LEARNED_POS_SCALE * (x + self.embed_pos.embedding_weight.to(self.forward_dtype))
+        return self.embed_scale * x
+
+    def empty_carry(self, batch_size: int, device=None) -> HRMInnerCarry:
+        shape = (batch_size, self.config.total_seq_len, self.config.hidden_size)
+        device = self.H_init.device if device is None else device
+        return HRMInnerCarry(z_H=torch.zeros(shape, dtype=self.forward_dtype, device=device),
+                             z_L=torch.zeros(shape, dtype=self.forward_dtype, device=device))
+
+    def reset_carry(self, reset: torch.Tensor, carry: HRMInnerCarry) -> HRMInnerCarry:
+        """Rows where ``reset`` is set go back to ``H_init`` / ``L_init``."""
+        flag = reset.view(-1, 1, 1)
+        return HRMInnerCarry(z_H=torch.where(flag, self.H_init, carry.z_H),
+                             z_L=torch.where(flag, self.L_init, carry.z_L))
+
+    def _cos_sin(self):
+        return self.rotary_emb() if self.config.pos_encodings == "rope" else None
+
+    # --------------------------------------------------------------------------- segment
+
+    def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
+        """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
+        [2, 3, 5] (L, H x own/other/inj x STATS_COLUMNS) from the with-grad step when gated and
+        ``gate_stats``, else None."""
+        cfg = self.config
+        cos_sin = self._cos_sin()
+        x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+        want_stats = gate_stats and cfg.use_gating
+
+        with torch.no_grad():
+            z_H, z_L = carry.z_H, carry.z_L
+            for h_step in range(cfg.H_cycles):
+                last_h = h_step == cfg.H_cycles - 1
+                for l_step in range(cfg.L_cycles):
+                    if not (last_h and l_step == cfg.L_cycles - 1):
+                        z_L, _ = self.L_level(z_L, z_H, x, cos_sin)
+                if not last_h:
+                    z_H, _ = self.H_level(z_H, z_L, None, cos_sin)
+
+        z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=want_stats)
+        z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=want_stats)
+
+        new_carry = HRMInnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
+        logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
+        q = self.q_head(z_H[:, 0]).to(torch.float32)
+        stats = torch.stack((l_stats, h_stats)) if want_stats else None
+        return new_carry, logits, (q[..., 0], q[..., 1]), stats
+
+
+def _kernel_context(kernels: str):
+    # "auto" leaves the choice to hrm_kernels (and HRM_KERNELS_BACKEND); the others force it.
+    return contextlib.nullcontext() if kernels == "auto" else use_backend(kernels)
+
+
+class HRM(nn.Module):
+    """HRM with adaptive computation time (ACT). ``HRM(config)`` with an ``HRMConfig`` or a mapping.
+
+    ``initial_carry(batch)`` -> every row halted (so the first ``forward`` loads the batch);
+    ``forward(carry, batch) -> (carry, outputs)``: one segment for every row (see module docstring
+    and REFERENCE.md "ACT wrapper"). Outputs: ``logits`` [B, seq_len, vocab], ``q_halt_logits``,
+    ``q_continue_logits`` [B] fp32, ``target_q_continue`` [B] (training with halt_max_steps > 1),
+    ``gate_stats`` [2, 3, 5] (gated).
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = HRMConfig.coerce(config)
+        self.inner = HRMInner(self.config)
+
+    @property
+    def puzzle_emb(self) -> Optional[CastedSparseEmbedding]:
+        """The sparse puzzle embedding (for ``CastedSparseEmbeddingSignSGD``), or None."""
+        return getattr(self.inner, "puzzle_emb", None)
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> HRMCarry:
+        inputs = batch["inputs"]
+        batch_size, device = inputs.shape[0], inputs.device
+        return HRMCarry(
+            inner_carry=self.inner.empty_carry(batch_size, device),
+            steps=torch.zeros(batch_size, dtype=torch.int32, device=device),
+            halted=torch.ones(batch_size, dtype=torch.bool, device=device),
+            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
+        )
+
+    def forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor]) -> tuple[HRMCarry, dict[str, torch.Tensor]]:
+        with _kernel_context(self.config.kernels):
+            return self._forward(carry, batch)
+
+    def _forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor]):
+        cfg = self.config
+        halted = carry.halted
+        inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
+        steps = torch.where(halted, 0, carry.steps)
+        current_data = {
+            k: torch.where(halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
+            for k, v in carry.current_data.items()
+        }
+
+        inner_carry, logits, (q_halt, q_continue), stats = self.inner(inner_carry, current_data)
+        outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
+        if stats is not None:
+            outputs["gate_stats"] = stats
+
+        with torch.no_grad():
+            steps = steps + 1
+            is_last = steps >= cfg.halt_max_steps
+            halted = is_last
+            if self.training and cfg.halt_max_steps > 1:
+                halted = halted | (q_halt > q_continue)
+                # Exploration: with probability p, a random minimum of 2..halt_max_steps segments.
+                explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
+                min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
+                halted = halted & (steps >= min_steps)
+                # Q-learning target: the next segment's Q values (bootstrapped, no gradient).
+                _, _, (next_halt, next_continue), _ = self.inner(inner_carry, current_data, gate_stats=False)
+                outputs["target_q_continue"] = torch.sigmoid(
+                    torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
+
+        return HRMCarry(inner_carry, steps, halted, current_data), outputs

@@ -1,4 +1,125 @@
-"""Sparse puzzle embedding (stub, being implemented)."""
-import torch.nn as nn
-class CastedSparseEmbedding(nn.Module): pass
-class CastedSparseEmbeddingSignSGD: pass
+"""The per-puzzle embedding table and its sign-SGD optimizer.
+
+The table (``weights``, [num_puzzle_identifiers, D], zero-initialised, a persistent buffer so it
+is never touched by the main optimizer) is far too large to update densely each step. In training
+the rows of the current batch are copied into a leaf tensor ``local_weights`` [batch_size, D] that
+receives the gradient, and ``CastedSparseEmbeddingSignSGD`` writes the update back into the rows:
+
+    g_id = sum of the gradients of every row with that puzzle id, over all ranks
+    w_id = w_id * (1 - lr * weight_decay) - lr * sign(g_id)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from hrm.layers import trunc_normal_
+
+
+class CastedSparseEmbedding(nn.Module):
+    """Puzzle embedding lookup: ``weights[ids]`` cast to ``cast_to``.
+
+    Buffers (names as in the reference): ``weights`` (persistent), ``local_weights`` and
+    ``local_ids`` (per-batch, not saved). In training the batch must have exactly ``batch_size``
+    rows (the leaf tensor has a fixed shape so that the optimizer and a compiled graph can hold it).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, batch_size: int, init_std: float,
+                 cast_to: torch.dtype):
+        super().__init__()
+        self.cast_to = cast_to
+        self.register_buffer("weights", trunc_normal_(torch.empty(num_embeddings, embedding_dim), std=init_std))
+        self.register_buffer("local_weights", torch.zeros(batch_size, embedding_dim, requires_grad=True),
+                             persistent=False)
+        self.register_buffer("local_ids", torch.zeros(batch_size, dtype=torch.int32), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.weights[ids].to(self.cast_to)
+        if ids.shape[0] != self.local_weights.shape[0]:
+            raise ValueError(f"puzzle embedding: a training batch has {ids.shape[0]} rows but the model was "
+                             f"built with batch_size={self.local_weights.shape[0]} (the per-rank batch); "
+                             "training batches must be full")
+        with torch.no_grad():
+            self.local_weights.copy_(self.weights[ids])
+            self.local_ids.copy_(ids)
+        return self.local_weights.to(self.cast_to)
+
+
+def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                            lr: float, weight_decay: float, world_size: int) -> None:
+    all_grad, all_ids = local_grad, local_ids
+    if world_size > 1:
+        n, d = local_grad.shape
+        all_grad = local_grad.new_empty(world_size * n, d)
+        all_ids = local_ids.new_empty(world_size * n)
+        dist.all_gather_into_tensor(all_grad, local_grad.contiguous())
+        dist.all_gather_into_tensor(all_ids, local_ids.contiguous())
+    ids, inverse = all_ids.long().unique(return_inverse=True)
+    grad = all_grad.new_zeros(ids.shape[0], all_grad.shape[1])
+    grad.index_add_(0, inverse, all_grad)
+    rows = weights[ids]
+    rows.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad).to(rows.dtype), alpha=-lr)
+    weights[ids] = rows
+
+
+class CastedSparseEmbeddingSignSGD(Optimizer):
+    """Sign-SGD with decoupled weight decay for ``CastedSparseEmbedding`` (the reference's
+    ``CastedSparseEmbeddingSignSGD_Distributed``).
+
+    ``params``: the embedding module, or its three buffers (``module.buffers()``, the reference's
+    way). ``world_size``: ranks to gather gradients from; ``None`` reads torch.distributed (1 when
+    it is not initialised). ``lr`` may be 0 and is meant to be set per step through
+    ``param_groups[i]["lr"]``. Embedding rows not in the batch are untouched (no decay either).
+    """
+
+    def __init__(self, params: Union[CastedSparseEmbedding, Iterable[torch.Tensor]], lr: float = 1e-3,
+                 weight_decay: float = 1e-2, world_size: Optional[int] = None):
+        if lr < 0:
+            raise ValueError(f"CastedSparseEmbeddingSignSGD: lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"CastedSparseEmbeddingSignSGD: weight_decay must be >= 0, got {weight_decay}")
+        if isinstance(params, CastedSparseEmbedding):
+            params = [params.local_weights, params.local_ids, params.weights]
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, world_size=world_size))
+        for group in self.param_groups:
+            self._split(group)  # validate early
+
+    @staticmethod
+    def _split(group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        local_weights = local_ids = weights = None
+        for p in group["params"]:
+            if p.requires_grad:
+                local_weights = p
+            elif p.ndim == 1:
+                local_ids = p
+            elif p.ndim == 2:
+                weights = p
+        if local_weights is None or local_ids is None or weights is None or len(group["params"]) != 3:
+            raise ValueError("CastedSparseEmbeddingSignSGD expects a CastedSparseEmbedding or its three buffers "
+                             "(local_weights requiring grad, local_ids [B], weights [N, D])")
+        return local_weights, local_ids, weights
+
+    def _world_size(self, group) -> int:
+        if group["world_size"] is not None:
+            return int(group["world_size"])
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            local_weights, local_ids, weights = self._split(group)
+            if local_weights.grad is None:
+                continue
+            _sign_sgd_sparse_update(local_weights.grad, local_ids, weights, float(group["lr"]),
+                                    float(group["weight_decay"]), self._world_size(group))
+        return loss

@@ -1,0 +1,169 @@
+"""HRM's building blocks: casted linear/embedding, RoPE, attention, SwiGLU MLP, post-norm block.
+
+Parameters are fp32 and cast to the activation dtype at use. The add+RMSNorm and the SwiGLU
+activation go through ``hrm_kernels`` (fused Triton kernels or their eager fallbacks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrm_kernels import rms_norm, swiglu
+
+try:  # FlashAttention 3 (Hopper) first, then 2; both optional.
+    from flash_attn_interface import flash_attn_func as _flash_attn_func  # type: ignore
+except Exception:  # pragma: no cover - depends on the install
+    try:
+        from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
+    except Exception:
+        _flash_attn_func = None
+
+FLASH_ATTN_AVAILABLE = _flash_attn_func is not None
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2.0, upper: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` in place with a normal truncated to [lower, upper] standard deviations whose
+    *resulting* standard deviation is ``std`` (JAX's ``truncated_normal`` initialiser convention:
+    the scale is divided by the truncated distribution's own std). ``std=0`` gives zeros."""
+    with torch.no_grad():
+        if std == 0:
+            return tensor.zero_()
+        # Standard normal pdf/cdf at the bounds, via erf.
+        cdf_lo, cdf_hi = (math.erf(b / math.sqrt(2.0)) for b in (lower, upper))
+        mass = (cdf_hi - cdf_lo) / 2
+        pdf_lo, pdf_hi = (math.exp(-0.5 * b * b) / math.sqrt(2 * math.pi) for b in (lower, upper))
+        truncated_var = 1 - (upper * pdf_hi - lower * pdf_lo) / mass - ((pdf_hi - pdf_lo) / mass) ** 2
+        scale = std / math.sqrt(truncated_var)
+        # Inverse-CDF sampling: uniform in erf space, then erfinv.
+        tensor.uniform_(cdf_lo, cdf_hi).erfinv_().mul_(math.sqrt(2.0) * scale)
+        return tensor.clamp_(lower * scale, upper * scale)
+
+
+class CastedLinear(nn.Module):
+    """``F.linear`` with fp32 parameters cast to the input dtype. LeCun truncated-normal weight
+    (std 1/sqrt(in_features)), zero bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=in_features ** -0.5))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class CastedEmbedding(nn.Module):
+    """Embedding table (fp32, truncated normal with ``init_std``) looked up then cast."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, init_std: float, cast_to: torch.dtype):
+        super().__init__()
+        self.cast_to = cast_to
+        self.embedding_weight = nn.Parameter(trunc_normal_(torch.empty(num_embeddings, embedding_dim), std=init_std))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embedding_weight.to(self.cast_to))
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [positions, head_dim] for rotate-half RoPE (non-persistent buffers)."""
+
+    def __init__(self, head_dim: int, max_positions: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos_cached", angles.cos(), persistent=False)
+        self.register_buffer("sin_cached", angles.sin(), persistent=False)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos_cached, self.sin_cached
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, seq, heads, head_dim]; cos/sin: [seq, head_dim]. Rotation in cos's dtype (fp32)."""
+    xf = x.to(cos.dtype)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head attention with one fused qkv projection.
+
+    ``backend``: ``flash`` (FlashAttention, CUDA + fp16/bf16 only), ``sdpa``
+    (``F.scaled_dot_product_attention``) or ``auto`` (flash when it can run, else sdpa)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
+        super().__init__()
+        if backend == "flash" and not FLASH_ATTN_AVAILABLE:
+            raise RuntimeError("attn_backend='flash' but neither flash_attn_interface (FlashAttention 3) nor "
+                               "flash_attn (FlashAttention 2) can be imported; install one or use "
+                               "attn_backend='auto' / 'sdpa'")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.backend = backend
+        self.qkv_proj = CastedLinear(hidden_size, 3 * hidden_size, bias=False)
+        self.o_proj = CastedLinear(hidden_size, hidden_size, bias=False)
+
+    def _use_flash(self, q: torch.Tensor) -> bool:
+        if self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE:
+            return False
+        ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        if self.backend == "flash" and not ok:
+            raise RuntimeError(f"attn_backend='flash' needs CUDA fp16/bf16 activations, got {q.device.type} "
+                               f"{q.dtype}; use attn_backend='auto' or 'sdpa'")
+        return ok
+
+    def forward(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        batch, seq, hidden = h.shape
+        qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
+        q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
+        if cos_sin is not None:
+            cos, sin = cos_sin
+            q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        if self._use_flash(q):
+            out = _flash_attn_func(q, k, v, causal=False)
+            if isinstance(out, tuple):  # FlashAttention 3 also returns the log-sum-exp
+                out = out[0]
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=False).transpose(1, 2)
+        return self.o_proj(out.reshape(batch, seq, hidden))
+
+
+class SwiGLUMLP(nn.Module):
+    """``down(silu(gate) * up)`` with ``gate, up`` the halves of one fused projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up_proj = CastedLinear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+
+class Block(nn.Module):
+    """Post-norm transformer block: ``h = norm(h + attn(h)); h = norm(h + mlp(h))`` (weightless
+    RMSNorm, the add fused into the norm)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        self.eps = float(eps)
+        self.self_attn = Attention(hidden_size, num_heads, attn_backend)
+        self.mlp = SwiGLUMLP(hidden_size, intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
+        h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
+        return rms_norm(h, residual=self.mlp(h), eps=self.eps)
