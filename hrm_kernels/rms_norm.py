@@ -151,7 +151,30 @@ def rms_norm_backward(dy: torch.Tensor, src: torch.Tensor, residual: Optional[to
     return dh, dw_partial.sum(0).to(weight.dtype)
 
 
-# ------------------------------------------------------------------ torch.library registration
+# ------------------------------------------------- autograd.Function and torch.library registration
+
+
+def _saved_for_backward(x, residual, weight, y, rstd):
+    """Without a weight the output is xhat: keep y. With one, keep the inputs to recompute it."""
+    return (y, None, None, rstd) if weight is None else (x, residual, weight, rstd)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Eager-mode entry: launches the kernels directly (a custom op's dispatch costs more host
+    time than the kernel at HRM's sizes)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, rstd = rms_norm_forward(x, residual, weight, eps)
+        ctx.save_for_backward(*_saved_for_backward(x, residual, weight, y, rstd))
+        ctx.has_residual = residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        src, residual, weight, rstd = ctx.saved_tensors
+        dh, dw = rms_norm_backward(dy.contiguous(), src, residual, weight, rstd)
+        return dh, (dh if ctx.has_residual else None), dw, None
 
 
 @torch.library.custom_op("hrm_kernels::rms_norm_fwd", mutates_args=())
@@ -179,12 +202,8 @@ def _(dy, src, residual, weight, rstd):
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, _ = inputs
-    y, rstd = output
+    ctx.save_for_backward(*_saved_for_backward(x, residual, weight, *output))
     ctx.has_residual = residual is not None
-    if weight is None:
-        ctx.save_for_backward(y, None, None, rstd)
-    else:
-        ctx.save_for_backward(x, residual, weight, rstd)
 
 
 def _backward(ctx, dy, _drstd):
@@ -193,6 +212,7 @@ def _backward(ctx, dy, _drstd):
     return dh, (dh if ctx.has_residual else None), (dw if weight is not None else None), None
 
 
+# Under torch.compile the op is one opaque node of the graph, forward and backward.
 _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -239,5 +259,8 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
     x2 = as_rows(x, n)
     r2 = as_rows(residual, n) if residual is not None else None
     w = weight.contiguous() if weight is not None else None
-    y, _ = torch.ops.hrm_kernels.rms_norm_fwd(x2, r2, w, float(eps))
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.hrm_kernels.rms_norm_fwd(x2, r2, w, float(eps))
+    else:
+        y = RMSNormFunction.apply(x2, r2, w, float(eps))
     return y.view(x.shape)

@@ -83,6 +83,20 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     return dgate_up
 
 
+class SwiGLUFunction(torch.autograd.Function):
+    """Eager-mode entry: launches the kernels directly (lower host overhead than a custom op)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        ctx.save_for_backward(gate_up)
+        return swiglu_forward(gate_up)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (gate_up,) = ctx.saved_tensors
+        return swiglu_backward(dout.contiguous(), gate_up)
+
+
 @torch.library.custom_op("hrm_kernels::swiglu_fwd", mutates_args=())
 def _swiglu_fwd_op(gate_up: torch.Tensor) -> torch.Tensor:
     return swiglu_forward(gate_up)
@@ -112,6 +126,7 @@ def _backward(ctx, dout):
     return torch.ops.hrm_kernels.swiglu_bwd(dout.contiguous(), gate_up)
 
 
+# Under torch.compile the op is one opaque node of the graph, forward and backward.
 _swiglu_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -131,5 +146,9 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if not use_triton(gate_up.device):
         return swiglu_reference(gate_up)
     width = gate_up.shape[-1]
-    out = torch.ops.hrm_kernels.swiglu_fwd(as_rows(gate_up, width))
+    rows = as_rows(gate_up, width)
+    if torch.compiler.is_compiling():
+        out = torch.ops.hrm_kernels.swiglu_fwd(rows)
+    else:
+        out = SwiGLUFunction.apply(rows)
     return out.view(*gate_up.shape[:-1], width // 2)

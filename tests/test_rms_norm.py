@@ -100,7 +100,7 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         rms_norm(torch.ones(4, 8, dtype=torch.long))
     with use_backend("triton"), pytest.raises(ValueError, match="outside the fused kernel's range"):
-        rms_norm(torch.randn(1, 65537))
+        rms_norm(torch.randn(1, 65537, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])

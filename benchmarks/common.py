@@ -1,0 +1,136 @@
+"""Shared benchmark machinery: timing with CUDA events, byte/FLOP accounting, tables.
+
+Every op's benchmark module defines ``cases()``: a list of ``Case``s, each with one callable per
+provider (``triton``: our kernels; ``eager``: the PyTorch reference; ``compile``:
+``torch.compile`` of that same reference). The pytest-benchmark tests and the script mode
+(``python benchmarks/bench_<op>.py``, which prints a markdown table) time the same callables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+from typing import Callable
+
+import torch
+
+PROVIDERS = ("triton", "eager", "compile")
+
+
+@dataclasses.dataclass
+class Case:
+    op: str
+    shape: str  # label, e.g. "62976x512"
+    mode: str  # "fwd", "bwd" or "fwd+bwd"
+    bytes: int  # minimum traffic we count for this mode (same for every provider)
+    fns: dict[str, Callable[[], object]]
+    flops: int = 0
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.shape}-{self.mode}"
+
+
+def median_us(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
+
+
+def gpu_us(fn: Callable[[], object], iters: int = 20) -> float:
+    """GPU time per call: the summed duration of every kernel (and memset/copy) the call launches,
+    from the profiler. Unlike ``median_us`` it excludes host overhead and launch gaps, i.e. what
+    the call costs inside a CUDA graph or a host-ahead pipeline."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = 0.0
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        total += t if t is not None else e.self_cuda_time_total
+    return total / iters
+
+
+def grad_fn(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str,
+            dout: torch.Tensor | None = None) -> Callable[[], object]:
+    """The callable to time for ``mode``: the forward alone, the backward alone (of one forward
+    kept alive with ``retain_graph``), or both."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return forward()
+        return run
+    if mode == "fwd+bwd":
+        def run():
+            out = forward()
+            return torch.autograd.grad(out, inputs, dout if dout is not None else torch.ones_like(out))
+        return run
+    out = forward()
+    g = dout if dout is not None else torch.ones_like(out)
+    return lambda: torch.autograd.grad(out, inputs, g, retain_graph=True)
+
+
+def environment() -> str:
+    import triton
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (f"{card}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def run_cases(cases: list[Case], title: str) -> list[dict]:
+    """Time every provider of every case; return rows with times, bandwidth and ratios."""
+    rows = []
+    for case in cases:
+        times = {p: median_us(fn) for p, fn in case.fns.items()}
+        gpu = {p: gpu_us(fn) for p, fn in case.fns.items()}
+        row = {"op": case.op, "shape": case.shape, "mode": case.mode, "bytes": case.bytes,
+               "flops": case.flops, **{f"{p}_us": t for p, t in times.items()},
+               **{f"{p}_gpu_us": t for p, t in gpu.items()}}
+        rows.append(row)
+        print(f"[{title}] {case.id}: " + ", ".join(f"{p} {times[p]:.1f} us (GPU {gpu[p]:.1f})" for p in times),
+              flush=True)
+    return rows
+
+
+def markdown_table(rows: list[dict], title: str) -> str:
+    """Two views per provider: wall time (CUDA-event median of back-to-back calls, host overhead
+    included) and GPU time (kernel durations only). Bandwidth and ratios are given for both."""
+    lines = [f"### {title}", "", f"{environment()}", "",
+             "Wall: CUDA-event median of back-to-back calls (host overhead included). "
+             "GPU: summed kernel time per call (profiler).", "",
+             "| shape | mode | triton wall us | GPU us | GB/s (GPU) | TFLOP/s (GPU) | eager wall / GPU us "
+             "| compile wall / GPU us | vs eager wall / GPU | vs compile wall / GPU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t, tg = r["triton_us"], r["triton_gpu_us"]
+        gbs = r["bytes"] / tg / 1e3
+        tflops = f"{r['flops'] / tg / 1e6:.0f}" if r["flops"] else "-"
+        lines.append(
+            f"| {r['shape']} | {r['mode']} | {t:.1f} | {tg:.1f} | {gbs:.0f} | {tflops} "
+            f"| {r['eager_us']:.1f} / {r['eager_gpu_us']:.1f} | {r['compile_us']:.1f} / {r['compile_gpu_us']:.1f} "
+            f"| {r['eager_us'] / t:.2f}x / {r['eager_gpu_us'] / tg:.2f}x "
+            f"| {r['compile_us'] / t:.2f}x / {r['compile_gpu_us'] / tg:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_case(benchmark, case: Case, provider: str) -> None:
+    """pytest-benchmark body: time ``provider`` (10 calls per round, synchronised) and attach the
+    CUDA-event median and effective bandwidth as extra info."""
+    fn = case.fns[provider]
+    us = median_us(fn)
+    benchmark.extra_info.update({"median_us_cuda_events": us, "GB/s": case.bytes / us / 1e3,
+                                 "TFLOP/s": case.flops / us / 1e6 if case.flops else None})
+
+    def ten_calls():
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(ten_calls, rounds=10, warmup_rounds=2)
