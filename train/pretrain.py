@@ -1,0 +1,664 @@
+"""Train a (gated) HRM: ``python train/pretrain.py [key=value ...]`` or under ``torchrun``.
+
+    python train/pretrain.py arch=hrm_v1_gated data_path=data/sudoku-extreme-1k-aug-1000 lr=1e-4
+    torchrun --nproc_per_node=4 train/pretrain.py arch=hrm_v1_gated global_batch_size=512
+    python train/pretrain.py --config-name quickstart          # small built-in task, CPU-friendly
+    python train/pretrain.py --cfg job [overrides]              # print the composed config
+
+The loop is the reference trainer's (REFERENCE.md, "Training loop defaults"): ACT carry across
+batches, loss / global_batch_size, gradients summed over ranks, Adam-atan2 for the weights and
+sign-SGD for the puzzle embeddings, warmup + cosine learning rate, an evaluation every
+``eval_interval`` epochs. Added: checkpoints of the whole training state that resume exactly
+(``checkpoint_path=<run dir>``), W&B that works offline, a metrics JSONL file, gate plots, clear
+errors, a stop on non-finite loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):
+    # Run as a script (python train/pretrain.py): make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from train import checkpointing, distributed  # noqa: E402
+from train.config_utils import ConfigError, compose, exit_with, parse_cli, to_container  # noqa: E402
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+# ============================================================================================
+# Config: defaults, checks, names, resume merge
+# ============================================================================================
+
+SAFE_GROUPS = ("arch",)
+
+
+def _override_key(override: str) -> str:
+    key = override.split("=", 1)[0].strip()
+    return key.lstrip("+~")
+
+
+def merge_saved_config(cfg: DictConfig, overrides: Sequence[str], saved: dict) -> DictConfig:
+    """On resume, the run's saved config is the base; keys given on the command line win.
+
+    A group choice such as ``arch=hrm_v1_gated`` does not replace the saved arch (the checkpoint
+    fixes the model), but its explicit fields (``arch.halt_max_steps=8``) do apply."""
+    merged = OmegaConf.create(saved)
+    OmegaConf.set_struct(merged, False)
+    for ov in overrides:
+        key = _override_key(ov)
+        if key in SAFE_GROUPS or key.startswith("hydra"):
+            continue
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    # Fields added to cfg_pretrain after the run was saved: take today's defaults.
+    base = OmegaConf.create(to_container(cfg))
+    OmegaConf.set_struct(base, False)
+    out = OmegaConf.merge(base, merged)
+    OmegaConf.set_struct(out, True)
+    return out
+
+
+def check_config(cfg: dict, world_size: int) -> None:
+    """Raise ConfigError for the mistakes that would otherwise fail late or obscurely."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for key in ("global_batch_size", "epochs"):
+        need(isinstance(cfg[key], int) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}")
+    ev = cfg.get("eval_interval")
+    need(ev is None or (isinstance(ev, int) and ev > 0), f"eval_interval must be a positive integer, got {ev!r}")
+    if ev is not None and cfg["epochs"] % ev != 0:
+        divisors = [d for d in range(1, min(cfg["epochs"], 10**6) + 1) if cfg["epochs"] % d == 0]
+        near = sorted(divisors, key=lambda d: abs(d - ev))[:3]
+        raise ConfigError(f"eval_interval={ev} must divide epochs={cfg['epochs']} (evaluation runs every "
+                          f"eval_interval epochs); e.g. eval_interval={' or '.join(str(d) for d in sorted(near))}")
+    gbs = cfg["global_batch_size"]
+    if gbs % world_size != 0:
+        lo = gbs - gbs % world_size
+        raise ConfigError(f"global_batch_size={gbs} is not divisible by the number of ranks ({world_size}): "
+                          f"each rank takes an equal share; use e.g. global_batch_size={max(lo, world_size)} "
+                          f"or {lo + world_size}")
+    for key in ("lr", "puzzle_emb_lr", "weight_decay", "puzzle_emb_weight_decay", "lr_min_ratio"):
+        need(isinstance(cfg[key], (int, float)) and cfg[key] >= 0, f"{key} must be a number >= 0, got {cfg[key]!r}")
+    need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
+         f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
+    need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
+    need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
+    ms = cfg.get("max_steps")
+    need(ms is None or (isinstance(ms, int) and ms >= 0), f"max_steps must be null or an integer >= 0, got {ms!r}")
+    need(isinstance(cfg.get("eval_save_outputs", []), list), "eval_save_outputs must be a list, e.g. [inputs,logits]")
+
+
+def default_names(cfg: dict, model_class: str) -> None:
+    """Fill project_name / run_name / checkpoint_path the reference way (in place)."""
+    if not cfg.get("project_name"):
+        cfg["project_name"] = f"{os.path.basename(os.path.normpath(cfg['data_path'])).capitalize()} ACT-torch"
+    if not cfg.get("run_name"):
+        import coolname
+
+        cfg["run_name"] = f"{model_class} {coolname.generate_slug(2)}"
+    if not cfg.get("checkpoint_path"):
+        cfg["checkpoint_path"] = os.path.join("checkpoints", cfg["project_name"], cfg["run_name"])
+
+
+def arch_config(cfg: dict, metadata, world_size: int, device: torch.device):
+    """The HRMConfig for this run: the arch group plus the data-derived fields."""
+    import pydantic
+
+    from hrm import HRMConfig
+
+    arch = dict(cfg["arch"])
+    if arch.get("forward_dtype") == "auto":
+        arch["forward_dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    arch.update(batch_size=cfg["global_batch_size"] // world_size, seq_len=metadata.seq_len,
+                vocab_size=metadata.vocab_size, num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+    try:
+        return HRMConfig(**arch)
+    except pydantic.ValidationError as e:
+        problems = "; ".join(f"arch.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"invalid arch config: {problems}") from None
+    except ValueError as e:
+        raise ConfigError(f"invalid arch config: {e}") from None
+
+
+# ============================================================================================
+# Data
+# ============================================================================================
+
+def ensure_dataset(cfg: dict, info: distributed.DistInfo) -> None:
+    """Build the dataset when it is missing and the config says how (quickstart); else check it."""
+    from hrm.data.puzzle_dataset import DatasetError, validate_dataset
+
+    path = cfg["data_path"]
+    missing = not os.path.isfile(os.path.join(path, "train", "dataset.json"))
+    if missing and cfg.get("data_build") == "quickstart":
+        if info.is_main:
+            from hrm.data import quickstart
+
+            print(f"Building the quickstart dataset in {path} (first run only) ...", flush=True)
+            quickstart.build(path)
+        if info.world_size > 1:
+            dist.barrier()
+    try:
+        validate_dataset(path, check_values=False)
+    except DatasetError as e:
+        raise ConfigError(str(e)) from None
+
+
+def make_datasets(cfg: dict, info: distributed.DistInfo, train_epochs_per_iter: int):
+    from hrm.data.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+
+    common = dict(seed=cfg["seed"], dataset_path=cfg["data_path"], global_batch_size=cfg["global_batch_size"],
+                  rank=info.rank, num_replicas=info.world_size)
+    train_ds = PuzzleDataset(PuzzleDatasetConfig(**common, test_set_mode=False, epochs_per_iter=train_epochs_per_iter),
+                             split="train")
+    eval_ds = None
+    if os.path.isfile(os.path.join(cfg["data_path"], "test", "dataset.json")):
+        eval_ds = PuzzleDataset(PuzzleDatasetConfig(**common, test_set_mode=True, epochs_per_iter=1), split="test")
+    return train_ds, eval_ds
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ============================================================================================
+# Model, optimizers, carry (de)serialisation
+# ============================================================================================
+
+def resolve_compile(flag: Any, device: torch.device) -> bool:
+    if flag == "auto":
+        # Compiling pays off on CUDA (fused elementwise work around the kernels, fewer launches);
+        # on CPU the compile time exceeds the gain of short runs and needs a C++ toolchain.
+        return device.type == "cuda"
+    return bool(flag)
+
+
+def build_model(hconf, device: torch.device, seed: int):
+    from hrm import HRM, ACTLossHead
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        head = ACTLossHead(HRM(hconf))
+    return head
+
+
+def build_optimizers(head, cfg: dict, world_size: int):
+    from hrm import CastedSparseEmbeddingSignSGD
+    from train.optim import AdamATan2
+
+    optimizers, base_lrs = [], []
+    inner = head.model.inner
+    if getattr(inner, "puzzle_emb", None) is not None and head.model.config.puzzle_emb_ndim > 0:
+        optimizers.append(CastedSparseEmbeddingSignSGD(inner.puzzle_emb, lr=0,
+                                                       weight_decay=cfg["puzzle_emb_weight_decay"],
+                                                       world_size=world_size))
+        base_lrs.append(cfg["puzzle_emb_lr"])
+    optimizers.append(AdamATan2(head.parameters(), lr=0, betas=(cfg["beta1"], cfg["beta2"]),
+                                weight_decay=cfg["weight_decay"]))
+    base_lrs.append(cfg["lr"])
+    return optimizers, base_lrs
+
+
+def carry_to_state(obj: Any) -> Any:
+    """Dataclass / dict / tensor tree -> plain dicts of CPU tensors (weights_only-loadable)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: carry_to_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: carry_to_state(v) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    return obj
+
+
+def load_carry_state(carry: Any, state: Any) -> Any:
+    """Copy a saved tree into a freshly made carry of the same structure (in place, device kept)."""
+    if dataclasses.is_dataclass(carry):
+        for f in dataclasses.fields(carry):
+            setattr(carry, f.name, load_carry_state(getattr(carry, f.name), state[f.name]))
+        return carry
+    if isinstance(carry, dict):
+        return {k: load_carry_state(carry[k], state[k]) if k in carry else state[k] for k in state}
+    if isinstance(carry, torch.Tensor):
+        return state.to(device=carry.device, dtype=carry.dtype)
+    return state
+
+
+# ============================================================================================
+# Training state
+# ============================================================================================
+
+@dataclasses.dataclass
+class TrainState:
+    head: torch.nn.Module           # the ACT loss head (uncompiled: owns the state dict)
+    forward: Any                    # head or torch.compile(head)
+    optimizers: list
+    base_lrs: list
+    carry: Any
+    step: int
+    total_steps: int
+
+
+def lr_at(cfg: dict, base_lr: float, step: int, total_steps: int) -> float:
+    from train.optim import cosine_schedule_with_warmup
+
+    return cosine_schedule_with_warmup(step, base_lr=base_lr, warmup_steps=round(cfg["lr_warmup_steps"]),
+                                       total_steps=total_steps, min_ratio=cfg["lr_min_ratio"])
+
+
+def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo):
+    """One optimizer step on this rank's share of the global batch.
+
+    Returns (summed metric tensor, metric keys, lr): metric sums over all ranks (every rank gets
+    them, so every rank sees a non-finite loss and stops together)."""
+    state.step += 1
+    gbs = cfg["global_batch_size"]
+    if hasattr(state.head, "set_step"):
+        state.head.set_step(state.step)
+    if state.carry is None:
+        with torch.device(info.device):
+            state.carry = state.head.initial_carry(batch)
+    state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+    ((1.0 / gbs) * loss).backward()
+    distributed.all_reduce_gradients(state.head.parameters(), info)
+
+    keys = sorted(metrics.keys())
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys] + [loss.detach().float().reshape(())])
+    if info.world_size > 1:
+        dist.all_reduce(values)
+    values = values.cpu()
+    if not math.isfinite(float(values[-1])):
+        # Do not apply this step: the weights in memory stay the last good ones.
+        for opt in state.optimizers:
+            opt.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"loss became {float(values[-1])} at step {state.step}")
+
+    lr_this_step = 0.0
+    for opt, base_lr in zip(state.optimizers, state.base_lrs):
+        lr_this_step = lr_at(cfg, base_lr, state.step, state.total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_this_step
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return values[:-1], keys, lr_this_step
+
+
+def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
+             return_keys: Sequence[str] = (), progress: bool = False):
+    """Run the test split. Returns (metrics {f"{set}/{name}": value} on rank 0 else None,
+    outputs {key: CPU tensor} of this rank for ``return_keys``)."""
+    from tqdm import tqdm
+
+    head = state.head
+    was_training = head.training
+    head.eval()
+    set_ids = {name: i for i, name in enumerate(eval_ds.metadata.sets)}
+    sums = None
+    keys: list[str] = []
+    outputs: dict[str, list] = {}
+    bar = None
+    if progress and info.is_main:
+        bar = tqdm(total=eval_ds.num_test_batches(), desc="eval", leave=False, dynamic_ncols=True)
+    try:
+        with torch.inference_mode():
+            for set_name, batch, _ in eval_ds:
+                batch = to_device(batch, info.device)
+                with torch.device(info.device):
+                    carry = head.initial_carry(batch)
+                while True:
+                    carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
+                                                                         return_keys=tuple(return_keys))
+                    if bool(all_finish):
+                        break
+                for k in return_keys:
+                    src = preds if k in preds else batch
+                    if k in src:
+                        outputs.setdefault(k, []).append(src[k].detach().cpu())
+                if sums is None:
+                    keys = sorted(metrics.keys())
+                    sums = torch.zeros(len(set_ids), len(keys), dtype=torch.float64, device=info.device)
+                sums[set_ids[set_name]] += torch.stack([metrics[k].detach().double().reshape(()) for k in keys])
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        head.train(was_training)
+    outputs = {k: torch.cat(v) for k, v in outputs.items()}
+    if sums is None:
+        return ({} if info.is_main else None), outputs
+    if info.world_size > 1:
+        dist.reduce(sums, dst=0)
+    if not info.is_main:
+        return None, outputs
+    sums = sums.cpu()
+    result = {}
+    for set_name, sid in set_ids.items():
+        row = {k: float(sums[sid, j]) for j, k in enumerate(keys)}
+        count = max(row.pop("count", 0.0), 1.0)
+        gate_count = max(row.pop("gate/count", 0.0), 1.0)
+        for k, v in row.items():
+            result[f"{set_name}/{k}"] = v / (gate_count if k.startswith("gate/") else count)
+    return result, outputs
+
+
+def reduce_train_metrics(values: torch.Tensor, keys: list[str], gbs: int) -> dict:
+    from hrm import reduce_metrics
+
+    summed = {k: float(values[i]) for i, k in enumerate(keys)}
+    return dict(reduce_metrics(summed, gbs, prefix="train/"))
+
+
+# ============================================================================================
+# Checkpoints
+# ============================================================================================
+
+def rank_state(state: TrainState, train_ds) -> dict:
+    return {"rng": checkpointing.capture_rng_state(), "data": train_ds.state_dict(),
+            "carry": None if state.carry is None else carry_to_state(state.carry)}
+
+
+def save_checkpoint(cfg: dict, state: TrainState, train_ds, info: distributed.DistInfo,
+                    wandb_id: str | None) -> Path | None:
+    run_dir = Path(cfg["checkpoint_path"])
+    mine = rank_state(state, train_ds)
+    if info.rank > 0:
+        checkpointing.atomic_torch_save(mine, run_dir / f"step_{state.step}.rank{info.rank}.pt")
+    if info.world_size > 1:
+        dist.barrier()
+    path = None
+    if info.is_main:
+        payload = {
+            "model": checkpointing.clean_state_dict(state.head.state_dict()),
+            "optimizers": [opt.state_dict() for opt in state.optimizers],
+            "step": state.step, "total_steps": state.total_steps,
+            "world_size": info.world_size, "rank0": mine,
+            "config": cfg, "wandb_id": wandb_id,
+        }
+        path = checkpointing.save_training_state(run_dir, state.step, payload)
+    if info.world_size > 1:
+        dist.barrier()
+    return path
+
+
+def restore_checkpoint(path: Path, state: TrainState, train_ds, info: distributed.DistInfo) -> dict:
+    obj = checkpointing.load_file(path)
+    if not checkpointing.is_training_state(obj):
+        raise ConfigError(f"{path} holds model weights only (no optimizer, step or data position): it cannot be "
+                          f"resumed. To start a new run from these weights use init_from={path}")
+    missing, unexpected = state.head.load_state_dict(obj["model"], strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {path} does not match this model: missing {list(missing)[:5]}, "
+                          f"unexpected {list(unexpected)[:5]} (resume with the same arch as the run)")
+    for opt, sd in zip(state.optimizers, obj["optimizers"]):
+        opt.load_state_dict(sd)
+    state.step = int(obj["step"])
+    if info.rank == 0:
+        mine = obj["rank0"]
+    else:
+        rank_file = path.with_name(f"step_{state.step}.rank{info.rank}.pt")
+        mine = checkpointing.load_file(rank_file) if rank_file.is_file() else None
+    if obj.get("world_size", 1) != info.world_size or mine is None:
+        if info.is_main:
+            print(f"note: checkpoint was written by {obj.get('world_size', 1)} rank(s), resuming on "
+                  f"{info.world_size}: weights, optimizers, step and data position continue; the ACT carry restarts.")
+        train_ds.load_state_dict(obj["rank0"]["data"])
+        state.carry = None
+        return obj
+    train_ds.load_state_dict(mine["data"])
+    obj["_rng"] = mine["rng"]  # restored just before the loop (logger/W&B start-up may draw numbers)
+    state.carry = None
+    if mine.get("carry") is not None:
+        state.carry = ("pending", mine["carry"])  # materialised on the first batch (needs a batch shape)
+    return obj
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+def main(cfg: DictConfig | dict, overrides: Sequence[str] = ()) -> dict:
+    """Train with a composed config. Returns the final evaluation metrics (rank 0; {} elsewhere)."""
+    cfg_dict = cfg if isinstance(cfg, dict) else to_container(cfg)
+    info = distributed.setup(str(cfg_dict.get("device", "auto")))
+    try:
+        return _train(cfg_dict, info)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(cfg: dict, info: distributed.DistInfo) -> dict:
+    from tqdm import tqdm
+
+    from train.logging_utils import MetricsLogger, read_jsonl
+    from train.plots import plot_gate_evolution
+
+    check_config(cfg, info.world_size)
+    ensure_dataset(cfg, info)
+    epochs_per_iter = cfg["eval_interval"] or cfg["epochs"]
+    total_iters = cfg["epochs"] // epochs_per_iter
+    train_ds, eval_ds = make_datasets(cfg, info, epochs_per_iter)
+    meta = train_ds.metadata
+    hconf = arch_config(cfg, meta, info.world_size, info.device)
+
+    # Names on rank 0, shared with all ranks.
+    from hrm import HRM
+
+    if info.is_main:
+        default_names(cfg, HRM.__name__)
+    cfg = distributed.broadcast_object(cfg, info)
+
+    total_steps = int(cfg["epochs"] * meta.total_groups * meta.mean_puzzle_examples / cfg["global_batch_size"])
+    head = build_model(hconf, info.device, cfg["seed"])
+    distributed.broadcast_module_state(head, info)
+    if cfg.get("init_from"):
+        from hrm import load_checkpoint
+
+        load_checkpoint(head, cfg["init_from"], puzzle_emb_mismatch="mean")
+        if info.is_main:
+            print(f"Loaded weights from {cfg['init_from']}")
+    use_compile = resolve_compile(cfg["compile"], info.device)
+    forward = torch.compile(head, dynamic=False) if use_compile else head
+    optimizers, base_lrs = build_optimizers(head, cfg, info.world_size)
+    state = TrainState(head=head, forward=forward, optimizers=optimizers, base_lrs=base_lrs, carry=None,
+                       step=0, total_steps=total_steps)
+
+    run_dir = Path(cfg["checkpoint_path"])
+    resume_from = checkpointing.latest_checkpoint(run_dir)
+    wandb_id = None
+    obj: dict = {}
+    if resume_from is not None:
+        obj = restore_checkpoint(resume_from, state, train_ds, info)
+        wandb_id = obj.get("wandb_id")
+        if info.is_main:
+            print(f"Resuming from {resume_from} (step {state.step})")
+    # Seed the per-rank random streams (ACT exploration) unless they were restored.
+    if resume_from is None:
+        torch.manual_seed(cfg["seed"] + info.rank)
+
+    logger = None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.atomic_write_bytes(run_dir / "all_config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
+        logger = MetricsLogger(run_dir, cfg["project_name"], cfg["run_name"], cfg, use_wandb=bool(cfg["wandb"]),
+                               resume_id=wandb_id)
+        wandb_id = logger.wandb_id
+        num_params = sum(p.numel() for p in head.parameters())
+        print(f"{cfg['run_name']}: {num_params / 1e6:.2f}M parameters, device {info.device}"
+              f"{f' x{info.world_size} ranks' if info.world_size > 1 else ''}, compile={use_compile}, "
+              f"kernels={hconf.kernels}, gating={hconf.use_gating}; {total_steps} steps; checkpoints in {run_dir}",
+              flush=True)
+        if resume_from is None:
+            logger.log({"num_params": num_params}, step=0)
+
+    if resume_from is not None and obj.get("_rng") is not None:
+        checkpointing.restore_rng_state(obj["_rng"])
+
+    max_steps = cfg.get("max_steps")
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    bar = None
+    if info.is_main and cfg["progress"]:
+        bar = tqdm(total=total_steps, initial=min(state.step, total_steps), desc="train", dynamic_ncols=True,
+                   unit="step")
+    last_saved: Path | None = resume_from
+    saved_step = state.step if resume_from is not None else -1
+    last_eval: dict = {}
+    gbs = cfg["global_batch_size"]
+    t_last, step_last = time.time(), state.step
+
+    def checkpoint_now() -> None:
+        nonlocal last_saved, saved_step
+        if saved_step == state.step:
+            return
+        last_saved = save_checkpoint(cfg, state, train_ds, info, wandb_id)
+        saved_step = state.step
+
+    def run_eval() -> dict:
+        nonlocal last_eval
+        if eval_ds is None:
+            return {}
+        metrics, outputs = evaluate(cfg, state, eval_ds, info, return_keys=cfg.get("eval_save_outputs") or (),
+                                    progress=bool(cfg["progress"]))
+        if outputs:
+            checkpointing.atomic_torch_save(outputs, run_dir / f"step_{state.step}_all_preds.{info.rank}")
+        if info.is_main:
+            logged = {f"eval/{k}": v for k, v in metrics.items()}
+            logger.log(logged, step=state.step)
+            last_eval = metrics
+            shown = {k: v for k, v in metrics.items() if k.split("/", 1)[1] in ("accuracy", "exact_accuracy", "steps")}
+            msg = ", ".join(f"{k}={v:.4f}" for k, v in sorted(shown.items()))
+            (bar.write if bar is not None else print)(f"eval @ step {state.step}: {msg}")
+            if hconf.use_gating:
+                png = plot_gate_evolution(read_jsonl(logger.jsonl_path), logged, run_dir / "gates.png",
+                                          title=f"{cfg['run_name']} step {state.step}")
+                if png is not None:
+                    logger.log_image("gates", png, step=state.step)
+        return metrics or {}
+
+    try:
+        start_iter = train_ds.state_dict()["iters"]
+        stopped = state.step >= stop_at
+        for _iter in range(start_iter, total_iters):
+            if stopped:
+                break
+            head.train()
+            for _set_name, batch, _ in train_ds:
+                if state.step >= total_steps:
+                    continue  # the loader can hold a few batches more than total_steps (rounding)
+                batch = to_device(batch, info.device)
+                if isinstance(state.carry, tuple) and state.carry and state.carry[0] == "pending":
+                    with torch.device(info.device):
+                        fresh = head.initial_carry(batch)
+                    state.carry = load_carry_state(fresh, state.carry[1])
+                try:
+                    values, keys, lr = train_step(cfg, state, batch, info)
+                except TrainingDiverged as e:
+                    where = (f"last good checkpoint: {last_saved} (step {saved_step})" if last_saved is not None
+                             else "no checkpoint was written before it")
+                    raise TrainingDiverged(f"{e}; training stopped, {where}. Try a lower lr, more "
+                                           f"lr_warmup_steps or a more negative arch.gate_init_bias.") from None
+                if info.is_main:
+                    if state.step % cfg["log_interval"] == 0 or state.step == stop_at:
+                        m = reduce_train_metrics(values, keys, gbs)
+                        m["train/lr"] = lr
+                        logger.log(m, step=state.step)
+                        if bar is not None:
+                            now = time.time()
+                            rate = (state.step - step_last) * gbs / max(now - t_last, 1e-9)
+                            t_last, step_last = now, state.step
+                            bar.set_postfix(loss=f"{m.get('train/lm_loss', float('nan')):.3f}",
+                                            acc=f"{m.get('train/accuracy', float('nan')):.3f}",
+                                            ex_s=f"{rate:.0f}", refresh=False)
+                    if bar is not None:
+                        bar.update(1)
+                if state.step >= stop_at and max_steps is not None and state.step < total_steps:
+                    stopped = True
+                    break
+            if stopped:
+                break
+            # One iteration (eval_interval epochs) done: evaluate, checkpoint.
+            last_eval = run_eval()
+            if cfg["checkpoint_every_eval"]:
+                checkpoint_now()
+        checkpoint_now()
+    except TrainingDiverged as e:
+        if bar is not None:
+            bar.close()
+            bar = None
+        if info.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            logger.summary({"diverged_at_step": state.step})
+            logger.finish()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if info.is_main:
+        if last_eval:
+            ex = {k: v for k, v in last_eval.items() if k.endswith("/exact_accuracy")}
+            for k, v in sorted(ex.items()):
+                print(f"held-out exact accuracy ({k.split('/')[0]}): {100 * v:.1f}%")
+            logger.summary({f"final/{k}": v for k, v in last_eval.items()})
+        print(f"checkpoint: {last_saved}", flush=True)
+        logger.finish()
+    return last_eval if info.is_main else {}
+
+
+def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretrain") -> DictConfig:
+    """Compose the config; when resuming from a run directory, merge it onto the run's saved config."""
+    cfg = compose(overrides, config_name)
+    ckpt_dir = cfg.get("checkpoint_path")
+    if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
+        saved_yaml = Path(ckpt_dir) / "all_config.yaml"
+        if saved_yaml.is_file():
+            saved = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True)
+            saved["checkpoint_path"] = ckpt_dir
+            cfg = merge_saved_config(cfg, overrides, saved)
+    return cfg
+
+
+def run(overrides: Sequence[str] = (), config_name: str = "cfg_pretrain") -> dict:
+    """In-process entry for scripts and tests: ``run(["arch=hrm_v1_gated", "epochs=2"])``."""
+    return main(resolve_config(overrides, config_name))
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config_name, overrides, show = parse_cli(argv)
+        if show == "help":
+            print(__doc__)
+            print("Fields (override any with key=value):\n")
+            print(OmegaConf.to_yaml(compose([], config_name)))
+            return
+        cfg = resolve_config(overrides, config_name)
+        if show is not None:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            return
+        main(cfg)
+    except ConfigError as e:
+        exit_with(str(e), 2)
+    except TrainingDiverged:
+        raise SystemExit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    cli()
