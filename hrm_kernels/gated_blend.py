@@ -68,9 +68,20 @@ _SAT_L = tl.constexpr(SATURATION_LOGIT)
 
 
 @triton.jit
-def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    # UPCAST: the interpreter's bf16 tl.dot is broken, so it multiplies in fp32 there.
-    if UPCAST:
+def _cast(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    # EMU_BF16 (bf16 under the interpreter, which truncates fp32 -> bf16): round to nearest even
+    # first, as the GPU does, so that interpreter tests see the GPU's rounding error.
+    if EMU_BF16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _mm(a, b, acc, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
+    # EMU_BF16: the interpreter's bf16 tl.dot is broken, so it multiplies in fp32 there.
+    if EMU_BF16:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc, input_precision=PREC)
@@ -103,7 +114,7 @@ def _store_stats(P, s_mean, s_low, s_high, s_contrib, s_sat):
 def _gated_blend_forward_kernel(
     OWN, OTHER, INJ, W1, B1, W2, B2, OUT, PRE1, Z, STATS,
     n_rows, D, R,
-    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # All [M, D] tensors are contiguous rows of width D; W1 is [R, 3D], W2 [3D, R] contiguous.
@@ -130,16 +141,16 @@ def _gated_blend_forward_kernel(
                 c_mask = cols < D
                 x = tl.load(SRC + rows[:, None] * D + cols[None, :],
                             mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-                w1t = tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
-                              mask=c_mask[:, None] & r_mask[None, :], other=0.0).to(act)
-                acc = _mm(x, w1t, acc, UPCAST, PREC)
-    b1 = tl.load(B1 + r_idx, mask=r_mask, other=0.0).to(act).to(tl.float32)
+                w1t = _cast(tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
+                              mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
+                acc = _mm(x, w1t, acc, EMU_BF16, PREC)
+    b1 = _cast(tl.load(B1 + r_idx, mask=r_mask, other=0.0), act, EMU_BF16).to(tl.float32)
     hr_mask = row_mask[:, None] & r_mask[None, :]
     hr_off = rows[:, None] * R + r_idx[None, :]
-    pre = (acc + b1[None, :]).to(act)
+    pre = _cast(acc + b1[None, :], act, EMU_BF16)
     tl.store(PRE1 + hr_off, pre, mask=hr_mask)
     pre = pre.to(tl.float32)
-    z = (pre * tl.sigmoid(pre)).to(act)
+    z = _cast(pre * tl.sigmoid(pre), act, EMU_BF16)
     tl.store(Z + hr_off, z, mask=hr_mask)
 
     zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -161,10 +172,10 @@ def _gated_blend_forward_kernel(
                 else:
                     SRC = INJ
                 gcols = kind * D + cols
-                w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
-                              mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(act)
-                b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
-                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+                w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
+                              mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
+                b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
                 logit += b2[None, :]
                 g = tl.sigmoid(logit)
                 x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
@@ -176,7 +187,7 @@ def _gated_blend_forward_kernel(
                         t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
                     else:
                         i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
-        tl.store(OUT + off, out.to(act), mask=mask)
+        tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
         P = STATS + pid * 16
         _store_stats(P, o0, o1, o2, o3, o4)
@@ -195,7 +206,7 @@ def _saturation_grad(logit, valid, coef):
 def _gated_blend_backward_dpre_kernel(
     DOUT, OWN, OTHER, INJ, W2, B2, PRE1, Z, SAT, DPRE1, DB1_PARTIAL,
     n_rows, D, R,
-    HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -225,20 +236,20 @@ def _gated_blend_backward_dpre_kernel(
                 else:
                     SRC = INJ
                 gcols = kind * D + cols
-                w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
-                              mask=r_mask[:, None] & c_mask[None, :], other=0.0).to(act)
-                b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
-                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+                w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
+                              mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
+                b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
                 logit += b2[None, :]
                 g = tl.sigmoid(logit)
                 x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
                 dl = dout * x * g * (1.0 - g)
                 if HAS_SAT:
                     dl += _saturation_grad(logit, mask, tl.load(SAT + kind))
-                dz = _mm(dl.to(act), tl.trans(w2t), dz, UPCAST, PREC)
+                dz = _mm(_cast(dl, act, EMU_BF16), tl.trans(w2t), dz, EMU_BF16, PREC)
     pre = tl.load(PRE1 + hr_off, mask=hr_mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(pre)
-    dpre = (dz * s * (1.0 + pre * (1.0 - s))).to(act)
+    dpre = _cast(dz * s * (1.0 + pre * (1.0 - s)), act, EMU_BF16)
     tl.store(DPRE1 + hr_off, dpre, mask=hr_mask)
     tl.store(DB1_PARTIAL + pid * R + r_idx, tl.sum(dpre.to(tl.float32), 0), mask=r_mask)
 
@@ -248,7 +259,7 @@ def _gated_blend_backward_kernel(
     DOUT, OWN, OTHER, INJ, W1, W2, B2, Z, DPRE1, SAT,
     DOWN, DOTHER, DINJ, DW1_PARTIAL, DW2_PARTIAL, DB2_PARTIAL,
     n_rows, D, R, width, rows_per_split,
-    HAS_SAT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # program (chunk, split): chunk = kind * cdiv(D, BLOCK_D) + D-chunk; the chunk index varies
@@ -273,9 +284,9 @@ def _gated_blend_backward_kernel(
     r_mask = r_idx < R
     gcols = kind * D + cols
     rc_mask = r_mask[:, None] & c_mask[None, :]
-    w2t = tl.load(W2 + gcols[None, :] * R + r_idx[:, None], mask=rc_mask, other=0.0).to(act)
-    w1 = tl.load(W1 + r_idx[:, None] * (3 * D) + gcols[None, :], mask=rc_mask, other=0.0).to(act)
-    b2 = tl.load(B2 + gcols, mask=c_mask, other=0.0).to(act).to(tl.float32)
+    w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None], mask=rc_mask, other=0.0), act, EMU_BF16)
+    w1 = _cast(tl.load(W1 + r_idx[:, None] * (3 * D) + gcols[None, :], mask=rc_mask, other=0.0), act, EMU_BF16)
+    b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
     if HAS_SAT:
         coef = tl.load(SAT + kind)
 
@@ -296,19 +307,19 @@ def _gated_blend_backward_kernel(
         off = rows[:, None] * D + cols[None, :]
         dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(SRC + off, mask=mask, other=0.0)
-        logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), UPCAST, PREC)
+        logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
         logit += b2[None, :]
         g = tl.sigmoid(logit)
         xf = x.to(tl.float32)
         dl = dout * xf * g * (1.0 - g)
         if HAS_SAT:
             dl += _saturation_grad(logit, mask, coef)
-        dsrc = _mm(dpre, w1, dout * g, UPCAST, PREC)
-        tl.store(DSRC + off, dsrc.to(act), mask=mask)
-        dl = dl.to(act)
+        dsrc = _mm(dpre, w1, dout * g, EMU_BF16, PREC)
+        tl.store(DSRC + off, _cast(dsrc, act, EMU_BF16), mask=mask)
+        dl = _cast(dl, act, EMU_BF16)
         db2 += dl.to(tl.float32)
-        dw2 = _mm(tl.trans(dl), z, dw2, UPCAST, PREC)
-        dw1 = _mm(tl.trans(dpre), x, dw1, UPCAST, PREC)
+        dw2 = _mm(tl.trans(dl), z, dw2, EMU_BF16, PREC)
+        dw1 = _mm(tl.trans(dpre), x, dw1, EMU_BF16, PREC)
     # partials are laid out [split, R, width] and [split, width, R], width = D * kinds present
     tl.store(DW2_PARTIAL + split * width * R + gcols[:, None] * R + r_idx[None, :], dw2,
              mask=c_mask[:, None] & r_mask[None, :])
@@ -352,7 +363,7 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=triton_interpreting() and dtype == torch.bfloat16,
+    return dict(EMU_BF16=triton_interpreting() and dtype == torch.bfloat16,
                 PREC="ieee" if dtype == torch.float32 else "tf32")
 
 

@@ -1,0 +1,264 @@
+"""Gate MLP + sigmoid blend: outputs, all seven gradients and the stats against float64, both
+backends, inj=None, mixed weight/activation dtypes, 1-D..4-D and odd shapes, compile, errors."""
+
+import pytest
+import torch
+
+from hrm_kernels import use_backend
+from hrm_kernels.gated_blend import (SATURATION_LOGIT, STATS_COLUMNS, gate_logits_reference,
+                                     gated_blend, gated_blend_reference)
+from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.tolerance import assert_close_to_reference
+
+NAMES = ("own", "other", "inj", "w1", "b1", "w2", "b2")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter multiplies in fp32
+# (activation shape [..., D], R): 1-D to 4-D, D=40/R=10 (the issue's odd pair), widths below 16
+SHAPES = [((40,), 10), ((5, 40), 10), ((3, 7, 40), 10), ((2, 3, 5, 24), 33), ((37, 5), 3)]
+
+
+def _make(shape, r, dtype, wdtype=None, device=DEVICE, inj=True):
+    """Inputs scaled so that gate logits spread over about +-4: some gates saturate."""
+    wdtype = wdtype or dtype
+    d = shape[-1]
+    src = [torch.randn(shape, device=device, dtype=dtype) for _ in range(3 if inj else 2)]
+    w1 = torch.randn(r, 3 * d, device=device) / (3 * d) ** 0.5
+    b1 = 0.1 * torch.randn(r, device=device)
+    w2 = 2.5 * torch.randn(3 * d, r, device=device) / r ** 0.5
+    b2 = torch.randn(3 * d, device=device)
+    weights = [t.to(wdtype) for t in (w1, b1, w2, b2)]
+    return src + ([] if inj else [None]) + weights
+
+
+def _run(fn, inputs, dout, sat_weight=None):
+    """Forward (+ stats when sat_weight is given) and backward of <out, dout> (+ <saturation,
+    sat_weight>); returns (out, stats or None, [grad of each input or None])."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    if sat_weight is None:
+        out, stats = fn(*leaves), None
+        loss = (out * dout).sum()
+    else:
+        out, stats = fn(*leaves, stats=True)
+        loss = (out * dout).sum() + (stats[:, 4] * sat_weight).sum()
+    live = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(loss, live))
+    return out.detach(), (stats.detach() if stats is not None else None), [
+        next(grads) if t is not None else None for t in leaves]
+
+
+def _to64(inputs):
+    return [t.double() if t is not None else None for t in inputs]
+
+
+def _check(backend, inputs, with_stats=False, rows_factor=True):
+    """The kernel (backend) vs eager at the same precision vs float64, on outputs, every gradient
+    (in its input's dtype) and the stats."""
+    own = inputs[0]
+    dout = torch.randn_like(own)
+    sat_w = torch.randn(3, device=own.device) if with_stats else None
+    with use_backend(backend):
+        got = _run(gated_blend, inputs, dout, sat_w)
+    eager = _run(gated_blend_reference, inputs, dout, sat_w)
+    ref = _run(gated_blend_reference, _to64(inputs), dout.double(),
+               sat_w.double() if sat_w is not None else None)
+    n_rows = own.numel() // own.shape[-1]
+    tag = f"{backend} {own.dtype} {tuple(own.shape)}"
+    assert got[0].dtype == own.dtype
+    assert_close_to_reference(f"{tag} out", got[0], eager[0], ref[0])
+    for name, inp, g, e, r in zip(NAMES, inputs, got[2], eager[2], ref[2]):
+        if inp is None:
+            assert g is None
+            continue
+        assert g.dtype == inp.dtype, f"{tag} d{name}: dtype {g.dtype} != {inp.dtype}"
+        # weight gradients sum over rows in another order: allow for the row count
+        factor = 3.0 + (n_rows / 64 if name.startswith(("w", "b")) and rows_factor else 0)
+        assert_close_to_reference(f"{tag} d{name}", g, e, r, factor=factor)
+    if with_stats:
+        _check_stats(tag, got[1], eager[1], ref[1], inputs)
+    return got
+
+
+def _stat_terms(logits, src):
+    """Per-element terms whose means are the stats columns mean, contribution, saturation."""
+    g = torch.sigmoid(logits)
+    return g, (g * src).abs(), torch.relu(logits.abs() - SATURATION_LOGIT).square()
+
+
+def _check_stats(tag, got, eager, ref64, inputs):
+    assert got.shape == (3, len(STATS_COLUMNS)) and got.dtype == torch.float32
+    has_inj = inputs[2] is not None
+    d = inputs[0].shape[-1]
+    # Independently of the reference's stats: the gates materialised in float64, [3, M, D].
+    x64 = _to64(inputs)
+    logits = gate_logits_reference(*x64).reshape(-1, 3, d).transpose(0, 1)
+    eager_logits = gate_logits_reference(*inputs).double().reshape(-1, 3, d).transpose(0, 1)
+    gates = torch.sigmoid(logits)
+    gate_err = (torch.sigmoid(eager_logits) - gates).abs().max().item()
+    for k in range(3):
+        if k == 2 and not has_inj:
+            assert torch.equal(got[k], torch.zeros_like(got[k])), f"{tag}: inj stats must be zero"
+            continue
+        g, srcf = gates[k], x64[k].reshape(gates[k].shape)
+        terms = _stat_terms(logits[k], srcf)
+        eager_terms = _stat_terms(eager_logits[k], srcf)
+        mat = torch.stack((g.mean(), (g < 0.1).double().mean(), (g > 0.9).double().mean(),
+                           terms[1].mean(), terms[2].mean()))
+        # the reference's stats (fp32 sums of the float64 gates) are these
+        torch.testing.assert_close(ref64[k].double(), mat, rtol=1e-5, atol=1e-6)
+        # A mean's error is at most the mean elementwise error; eager's own can cancel by luck,
+        # so the bound uses the mean of eager's elementwise errors.
+        for c, t, te in zip((0, 3, 4), terms, eager_terms):
+            err = abs(got[k, c].item() - mat[c].item())
+            bound = 3.0 * (te - t).abs().mean().item() + 1e-6 * max(1.0, abs(mat[c].item()))
+            assert err <= bound, f"{tag} stats[{k}, {STATS_COLUMNS[c]}]: error {err:.3e} > {bound:.3e}"
+        # a fraction may differ by the gates that lie within rounding distance of the threshold
+        near = 4 * gate_err + 1e-6
+        for c, t in ((1, 0.1), (2, 0.9)):
+            allowed = ((g - t).abs() <= near).double().mean().item() + 1e-7
+            err = abs(got[k, c].item() - mat[c].item())
+            assert err <= allowed, f"{tag} stats[{k}, {STATS_COLUMNS[c]}]: {err} > {allowed}"
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,r", SHAPES, ids=str)
+def test_matches_float64(backend, dtype, shape, r):
+    _check(backend, _make(shape, r, dtype))
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+def test_stats_and_saturation_gradient(backend, dtype, inj):
+    """stats=True: the stats vs gates materialised in float64, and a gradient given to the
+    saturation column flows into every input, as eager autograd says."""
+    _check(backend, _make((3, 11, 40), 10, dtype, inj=inj), with_stats=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_weights_low_precision_activations(backend, act):
+    got = _check(backend, _make((6, 40), 10, act, wdtype=torch.float32), with_stats=True)
+    assert [g.dtype for g in got[2][3:]] == [torch.float32] * 4
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_inj_none_equals_zeros(backend, dtype):
+    inputs = _make((4, 9, 40), 10, dtype)
+    inputs[2] = torch.zeros_like(inputs[0])
+    dout = torch.randn_like(inputs[0])
+    with use_backend(backend):
+        zeros = _run(gated_blend, inputs, dout)
+        none = _run(gated_blend, inputs[:2] + [None] + inputs[3:], dout)
+    torch.testing.assert_close(none[0], zeros[0], rtol=0, atol=0)
+    d = inputs[0].shape[-1]
+    assert none[2][2] is None
+    for name, a, b in zip(NAMES, none[2], zeros[2]):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"d{name}")
+    # the injection's slices of the gate weights get exactly zero gradient
+    assert torch.equal(none[2][3][:, 2 * d:], torch.zeros_like(none[2][3][:, 2 * d:]))
+    assert torch.equal(none[2][5][2 * d:], torch.zeros_like(none[2][5][2 * d:]))
+    assert torch.equal(none[2][6][2 * d:], torch.zeros_like(none[2][6][2 * d:]))
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_non_contiguous_inputs(backend):
+    d, r = 37, 10
+    own = torch.randn(9, 2 * d, device=DEVICE)[:, ::2]  # strided last dimension
+    other = torch.randn(d, 9, device=DEVICE).t()  # transposed
+    inj = torch.randn(9, d + 5, device=DEVICE)[:, 5:]  # row stride wider than D
+    w1 = torch.randn(3 * d, r, device=DEVICE).t() / 6  # transposed weight
+    inputs = [own, other, inj, w1, torch.randn(r, device=DEVICE), torch.randn(3 * d, r, device=DEVICE),
+              torch.randn(3 * d, device=DEVICE)]
+    _check(backend, inputs)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_empty_rows(backend):
+    inputs = [t.requires_grad_() for t in _make((0, 3, 40), 10, torch.float32)]
+    with use_backend(backend):
+        out = gated_blend(*inputs)
+        out.sum().backward()
+    assert out.shape == (0, 3, 40)
+    assert inputs[0].grad.shape == inputs[0].shape
+    for t in inputs[3:]:
+        assert torch.equal(t.grad, torch.zeros_like(t))
+
+
+def test_returns():
+    inputs = _make((2, 40), 10, torch.float32)
+    for backend in ("eager", "triton"):
+        with use_backend(backend):
+            assert isinstance(gated_blend(*inputs), torch.Tensor)
+            out, stats = gated_blend(*inputs, stats=True)
+            assert out.shape == (2, 40) and stats.shape == (3, 5) and stats.dtype == torch.float32
+
+
+def test_clear_errors():
+    own = torch.randn(4, 8)
+    w = dict(w1=torch.randn(5, 24), b1=torch.randn(5), w2=torch.randn(24, 5), b2=torch.randn(24))
+
+    def call(own=own, other=own, inj=own, **kw):
+        return gated_blend(own, other, inj, **{**w, **kw})
+
+    with pytest.raises(ValueError, match=r"other has shape \(4, 9\) but own has shape \(4, 8\)"):
+        call(other=torch.randn(4, 9))
+    with pytest.raises(TypeError, match="inj has dtype torch.float16 but own has dtype torch.float32"):
+        call(inj=own.half())
+    with pytest.raises(TypeError, match="own has dtype torch.int64"):
+        call(own=torch.ones(4, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"w1 has shape \(5, 23\) but must be \[R, 3\*D\] = \[R, 24\]"):
+        call(w1=torch.randn(5, 23))
+    with pytest.raises(ValueError, match=r"w2 has shape \(24, 6\) but must be \(24, 5\)"):
+        call(w2=torch.randn(24, 6))
+    with pytest.raises(ValueError, match=r"b2 has shape \(23,\) but must be \(24,\)"):
+        call(b2=torch.randn(23))
+    with pytest.raises(ValueError, match="scalar"):
+        call(own=torch.tensor(1.0), other=torch.tensor(1.0), inj=None)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+def test_torch_compile_fullgraph(backend, inj):
+    """No graph break (fullgraph=True raises on one): the Triton path is one opaque custom op
+    forward and one backward (checked with aot_eager on CPU, which traces what inductor would
+    get, without C++ codegen); the eager path through inductor."""
+    inputs = [t.requires_grad_() if t is not None else None
+              for t in _make((6, 40), 10, torch.float32, inj=inj)]
+    live = [t for t in inputs if t is not None]
+
+    def f(*args):
+        out, stats = gated_blend(*args, stats=True)
+        return out * 2, stats
+
+    # (inductor's CPU C++ build is slow: once is enough there)
+    compile_backend = "inductor" if CUDA or (backend == "eager" and inj) else "aot_eager"
+    with use_backend(backend):
+        torch._dynamo.reset()
+        compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
+        out, stats = compiled(*inputs)
+        grads = torch.autograd.grad(out.sum() + stats[:, 4].sum(), live)
+    ref_out, ref_stats = f(*inputs) if backend == "eager" else (
+        lambda o_s: (o_s[0] * 2, o_s[1]))(gated_blend_reference(*inputs, stats=True))
+    ref_grads = torch.autograd.grad(ref_out.sum() + ref_stats[:, 4].sum(), live)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-5)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("rows", [62976, 3001])
+def test_cuda_full_size_bf16(rows, wdtype, inj):
+    _check("triton", _make((rows, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj),
+           with_stats=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,r", [((1000, 40), 10), ((777, 520), 100), ((300, 1024), 256)], ids=str)
+def test_cuda_other_shapes(dtype, shape, r):
+    _check("triton", _make(shape, r, dtype, device="cuda"), with_stats=True)
