@@ -55,7 +55,7 @@ def _swiglu_backward_kernel(DOUT, GU, DGU, n_rows, n_cols, stride_dout, stride_g
 
 
 def _launch_config(n_rows: int, n_cols: int):
-    block_m, block_n = row_tile(min(n_cols, 1024), elements_per_tile=4096)
+    block_m, block_n = row_tile(min(n_cols, 2048), elements_per_tile=4096)
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
     return grid, block_m, block_n, warps_for(block_m * block_n)
 
