@@ -1,0 +1,238 @@
+"""Gate MLP + sigmoid blend: fused Triton vs the eager reference vs torch.compile of it.
+
+bf16 activations, D=512, R=128 (hidden*0.25), at the Sudoku shape (M = 768 x 82 = 62976 rows) and
+the ARC shape (M = 96 x 901). Forward alone and forward + backward; inj given, inj=None, and
+inj = a zeros tensor; peak memory of forward + backward.
+
+What is counted (K = 3 sources, or 2 with inj=None; [M, D] bf16 = one "pass"):
+* bytes: forward reads K sources and writes out (K + 1 passes); backward reads dout and the K
+  sources and writes K gradients (2K + 1 passes): 11 passes for forward + backward (8 with
+  inj=None), 4 for forward alone. The [M, R] hidden tensors (1/4 pass each) are not counted.
+* FLOP: one "GEMM" is 2*M*K*D*R (24.8 GFLOP at the Sudoku shape). Forward 2 (W1, W2), backward
+  4 (d_hidden, dW2, dW1, d_sources): 6 GEMMs = 149 GFLOP for forward + backward. The fused
+  backward recomputes the gate logits twice (8 GEMMs executed); TFLOP/s below use the 6.
+
+Run ``python benchmarks/bench_gated_blend.py`` for the markdown table (``--sweep`` also times
+launch configurations), or ``pytest benchmarks/bench_gated_blend.py`` for pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import sys
+
+import pytest
+import torch
+
+from hrm_kernels import gated_blend, gated_blend_reference, use_backend
+
+gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
+
+D, R = 512, 128
+SHAPES = {"sudoku": 768 * 82, "arc": 96 * 901}
+
+
+def make_inputs(rows: int, inj: str = "tensor", wdtype=torch.bfloat16, device="cuda"):
+    """inj: 'tensor' (random), 'none' or 'zeros'."""
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *s, scale=1.0, dt=torch.bfloat16: (torch.randn(*s, device=device, generator=g) * scale).to(dt)  # noqa: E731
+    own, other = mk(rows, D), mk(rows, D)
+    inj_t = {"tensor": mk(rows, D), "none": None, "zeros": torch.zeros(rows, D, device=device,
+                                                                      dtype=torch.bfloat16)}[inj]
+    w1 = mk(R, 3 * D, scale=(3 * D) ** -0.5, dt=wdtype)
+    b1 = mk(R, scale=0.1, dt=wdtype)
+    w2 = mk(3 * D, R, scale=2.5 * R ** -0.5, dt=wdtype)
+    b2 = mk(3 * D, dt=wdtype)
+    leaves = [t.requires_grad_() if t is not None else None for t in (own, other, inj_t, w1, b1, w2, b2)]
+    return leaves, torch.randn(rows, D, device=device, generator=g).to(torch.bfloat16)
+
+
+_compiled = {}
+
+
+def provider_fn(provider: str):
+    if provider == "triton":
+        def fn(*a, stats=False):
+            with use_backend("triton"):
+                return gated_blend(*a, stats=stats)
+        return fn
+    if provider == "eager":
+        return gated_blend_reference
+    if provider == "compile":
+        if "c" not in _compiled:
+            _compiled["c"] = torch.compile(gated_blend_reference, dynamic=False)
+        return _compiled["c"]
+    raise ValueError(provider)
+
+
+def step_fn(provider: str, leaves, dout, backward: bool, stats: bool = False):
+    fn = provider_fn(provider)
+    live = [t for t in leaves if t is not None]
+
+    def step():
+        for t in live:
+            t.grad = None
+        res = fn(*leaves, stats=stats)
+        out = res[0] if stats else res
+        if backward:
+            out.backward(dout)
+        return out
+
+    if not backward:
+        def fwd():
+            with torch.no_grad():
+                res = fn(*leaves, stats=stats)
+            return res
+        return fwd
+    return step
+
+
+def counts(rows: int, inj: str, backward: bool) -> tuple[float, float]:
+    """(bytes, FLOP) by the formulas in the module docstring."""
+    k = 2 if inj == "none" else 3
+    passes = (k + 1) + ((2 * k + 1) if backward else 0)
+    gemm = 2.0 * rows * k * D * R
+    return passes * rows * D * 2.0, (6 if backward else 2) * gemm
+
+
+def peak_memory_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------ pytest-benchmark
+
+
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
+@pytest.mark.parametrize("backward", [True, False], ids=["fwd_bwd", "fwd"])
+@pytest.mark.parametrize("inj", ["tensor", "none", "zeros"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_gated_blend(benchmark, shape, inj, backward, provider):
+    rows = SHAPES[shape]
+    leaves, dout = make_inputs(rows, inj)
+    fn = step_fn(provider, leaves, dout, backward)
+    for _ in range(3):
+        fn()
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark(timed)
+    nbytes, flop = counts(rows, inj, backward)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(GBps=nbytes / median / 1e9, TFLOPs=flop / median / 1e12,
+                                peak_MiB=peak_memory_mb(fn) if backward else None)
+
+
+# ----------------------------------------------------------------------------- script mode
+
+
+def bench_us(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def table(shapes=("sudoku", "arc"), wdtypes=(torch.bfloat16, torch.float32), passes=(True, False),
+          injs=("tensor", "none", "zeros")) -> str:
+    import triton
+
+    lines = [f"gated_blend, bf16 activations, D={D}, R={R}; {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}, triton {triton.__version__}", "",
+             "| shape | M | weights | pass | inj | provider | time (us) | GB/s | TFLOP/s | vs eager | "
+             "vs compile | peak MiB |", "|" + "---|" * 12]
+    for shape, wdtype, backward, inj in itertools.product(shapes, wdtypes, passes, injs):
+        if (wdtype != torch.bfloat16 or not backward) and inj == "zeros":
+            continue
+        if wdtype != torch.bfloat16 and inj != "tensor":
+            continue
+        rows = SHAPES[shape]
+        leaves, dout = make_inputs(rows, inj, wdtype)
+        nbytes, flop = counts(rows, inj, backward)
+        times, peaks = {}, {}
+        for provider in ("eager", "compile", "triton"):
+            fn = step_fn(provider, leaves, dout, backward)
+            fn()
+            times[provider] = bench_us(fn)
+            peaks[provider] = peak_memory_mb(fn)
+        for provider, t in times.items():
+            lines.append(
+                f"| {shape} | {rows} | {str(wdtype)[6:]} | {'fwd+bwd' if backward else 'fwd'} | {inj} | "
+                f"{provider} | {t:.0f} | {nbytes / t / 1e3:.0f} | {flop / t / 1e6:.0f} | "
+                f"{times['eager'] / t:.2f} | {times['compile'] / t:.2f} | {peaks[provider]:.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def stats_overhead(rows=SHAPES["sudoku"]) -> str:
+    leaves, dout = make_inputs(rows)
+    out = []
+    for backward in (False, True):
+        t0 = bench_us(step_fn("triton", leaves, dout, backward, stats=False))
+        t1 = bench_us(step_fn("triton", leaves, dout, backward, stats=True))
+        out.append(f"stats=True overhead ({'fwd+bwd' if backward else 'fwd'}): {t0:.0f} -> {t1:.0f} us "
+                   f"({100 * (t1 / t0 - 1):+.1f}%)")
+    return "\n".join(out)
+
+
+def sweep(rows=SHAPES["sudoku"]) -> None:
+    """Time each kernel alone under a few launch configurations (bf16 weights, inj given)."""
+    leaves, dout = make_inputs(rows)
+    x = [t.detach() if t is not None else None for t in leaves]
+    own, other, inj, w1, b1, w2, b2 = x
+    options = {
+        "fwd": [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=w, num_stages=s)
+                for bm, bk, bd, w, s in [(128, 64, 64, 8, 3), (128, 64, 64, 8, 2), (64, 64, 64, 4, 3),
+                                         (128, 128, 64, 8, 2), (128, 64, 128, 8, 3), (64, 128, 128, 4, 2),
+                                         (64, 64, 64, 8, 3), (128, 32, 32, 4, 3)]],
+        "dpre": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=s)
+                 for bm, bd, w, s in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 128, 8, 2),
+                                      (64, 128, 8, 2), (128, 64, 8, 3)]],
+        "bwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=s, programs_per_sm=p)
+                for bm, bd, w, s, p in [(64, 64, 8, 2, 2), (64, 64, 4, 2, 2), (64, 32, 4, 2, 2),
+                                        (128, 64, 8, 2, 1), (64, 64, 8, 3, 1), (32, 64, 4, 2, 2),
+                                        (64, 32, 4, 3, 4), (128, 32, 8, 2, 2)]],
+    }
+    out, stats, pre1, z = gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)
+    ref = {"fwd": (out,), "dpre": gb.gated_blend_backward(dout, None, own, other, inj, w1, b1, w2, b2, pre1, z)}
+    ref["bwd"] = ref["dpre"]
+    for name, cfgs in options.items():
+        for cfg in cfgs:
+            gb._config_override = {name: cfg}
+            try:
+                if name == "fwd":
+                    fn = lambda: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)  # noqa: E731
+                else:
+                    fn = lambda: gb.gated_blend_backward(dout, None, own, other, inj, w1, b1, w2, b2, pre1, z)  # noqa: E731
+                res = fn()
+                diff = max((x - y).abs().max().item() / max(y.abs().max().item(), 1e-6)
+                           for x, y in zip(res, ref[name]))
+                t = bench_us(fn)
+                print(f"sweep {name} {cfg}: {t:.1f} us (max rel. diff to default {diff:.1e})", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config may not fit (shared memory)
+                print(f"sweep {name} {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
+            finally:
+                gb._config_override = {}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
+    parser.add_argument("--shapes", default="sudoku,arc")
+    parser.add_argument("--weights", default="bfloat16,float32", help="weight dtypes")
+    parser.add_argument("--passes", default="fwd_bwd,fwd")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    torch._dynamo.config.cache_size_limit = 64
+    if args.sweep:
+        sweep()
+    print(stats_overhead(), flush=True)
+    print(table(tuple(args.shapes.split(",")), tuple(getattr(torch, w) for w in args.weights.split(",")),
+                tuple(p == "fwd_bwd" for p in args.passes.split(","))))
