@@ -5,6 +5,7 @@ Every op has an eager PyTorch fallback (also its test reference) and is register
 chosen by ``HRM_KERNELS_BACKEND`` / ``use_backend`` (see ``hrm_kernels.backend``).
 """
 
+from hrm_kernels.adam_atan2 import AdamATan2
 from hrm_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
 from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
@@ -18,4 +19,5 @@ __all__ = [
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference",
     "RMSNorm", "SwiGLU",
+    "AdamATan2",
 ]
