@@ -1,0 +1,384 @@
+"""Parity of ``hrm`` with an independent implementation of REFERENCE.md.
+
+``spec_*`` below is written from the specification alone (plain tensor math on a state dict with
+the reference's key names, explicit softmax attention, explicit gates), never from the model's
+modules. Both sides get the same random weights (all of them perturbed, so that Q heads, init
+states, puzzle embeddings and gate biases matter) and the same batches; the model runs with
+``kernels=eager``, ``attn_backend=sdpa``, ``forward_dtype=float32``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrm import ACTLossHead, HRM, HRMConfig
+
+VOCAB, SEQ, BATCH, N_PUZZLES = 12, 10, 3, 7
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------- the specification
+
+
+def spec_rmsnorm(x, eps):
+    xf = x.to(torch.float32)
+    return (xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def spec_rope_tables(head_dim, positions, theta):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ang = torch.arange(positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def spec_rotate(x, cos, sin):  # x [B, S, H, d]
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+
+
+def spec_attention(P, pre, h, heads, rope):
+    B, S, D = h.shape
+    d = D // heads
+    qkv = (h @ P[pre + "qkv_proj.weight"].T).view(B, S, 3, heads, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if rope is not None:
+        q, k = spec_rotate(q, *rope), spec_rotate(k, *rope)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, S, D)
+    return out @ P[pre + "o_proj.weight"].T
+
+
+def spec_mlp(P, pre, h):
+    gate_up = h @ P[pre + "gate_up_proj.weight"].T
+    inter = gate_up.shape[-1] // 2
+    return (F.silu(gate_up[..., :inter]) * gate_up[..., inter:]) @ P[pre + "down_proj.weight"].T
+
+
+def spec_gates(P, pre, own, other, inj):
+    """Materialised gate logits z [B, S, 3D] of a gated module."""
+    cat = torch.cat([own, other, inj if inj is not None else torch.zeros_like(own)], dim=-1)
+    g = pre + "gating_network.gate_proj."
+    hidden = F.silu(cat @ P[g + "0.weight"].T + P[g + "0.bias"])
+    return hidden @ P[g + "2.weight"].T + P[g + "2.bias"]
+
+
+def spec_module(P, cfg, pre, n_layers, own, other, inj, rope, record=None):
+    if cfg["use_gating"]:
+        z = spec_gates(P, pre, own, other, inj)
+        D = own.shape[-1]
+        g = torch.sigmoid(z)
+        h = g[..., :D] * own + g[..., D:2 * D] * other
+        if inj is not None:
+            h = h + g[..., 2 * D:] * inj
+        if record is not None:
+            record.append((z, own, other, inj))
+    else:
+        h = own + other + (inj if inj is not None else 0)
+    for i in range(n_layers):
+        b = f"{pre}layers.{i}."
+        h = spec_rmsnorm(h + spec_attention(P, b + "self_attn.", h, cfg["num_heads"], rope), cfg["eps"])
+        h = spec_rmsnorm(h + spec_mlp(P, b + "mlp.", h), cfg["eps"])
+    return h
+
+
+def spec_embed(P, cfg, inputs, puzzle_ids):
+    D = cfg["hidden_size"]
+    x = P["inner.embed_tokens.embedding_weight"][inputs.long()]
+    if cfg["puzzle_emb_ndim"] > 0:
+        n_pos = -(-cfg["puzzle_emb_ndim"] // D)
+        rows = P["inner.puzzle_emb.weights"][puzzle_ids.long()]
+        rows = torch.cat([rows, rows.new_zeros(rows.shape[0], n_pos * D - rows.shape[1])], dim=-1)
+        x = torch.cat([rows.view(-1, n_pos, D), x], dim=1)
+    if cfg["pos_encodings"] == "learned":
+        x = 0.707106781 * (x + P["inner.embed_pos.embedding_weight"])
+    return math.sqrt(D) * x
+
+
+def spec_segment(P, cfg, z_H, z_L, data, record=None):
+    """One ACT segment of the core: new (z_H, z_L), logits, q_halt, q_continue."""
+    D = cfg["hidden_size"]
+    n_pos = -(-cfg["puzzle_emb_ndim"] // D)
+    rope = (spec_rope_tables(D // cfg["num_heads"], SEQ + n_pos, 10000.0)
+            if cfg["pos_encodings"] == "rope" else None)
+    x = spec_embed(P, cfg, data["inputs"], data["puzzle_identifiers"])
+    L = lambda zl, zh, rec=None: spec_module(P, cfg, "inner.L_level.", cfg["L_layers"], zl, zh, x, rope, rec)  # noqa: E731
+    H = lambda zh, zl, rec=None: spec_module(P, cfg, "inner.H_level.", cfg["H_layers"], zh, zl, None, rope, rec)  # noqa: E731
+    with torch.no_grad():
+        for i in range(cfg["H_cycles"]):
+            for j in range(cfg["L_cycles"]):
+                if (i, j) != (cfg["H_cycles"] - 1, cfg["L_cycles"] - 1):
+                    z_L = L(z_L, z_H)
+            if i != cfg["H_cycles"] - 1:
+                z_H = H(z_H, z_L)
+    z_L = L(z_L, z_H, record)
+    z_H = H(z_H, z_L, record)
+    logits = (z_H @ P["inner.lm_head.weight"].T)[:, n_pos:]
+    q = z_H[:, 0] @ P["inner.q_head.weight"].T + P["inner.q_head.bias"]
+    return z_H.detach(), z_L.detach(), logits, q[:, 0], q[:, 1]
+
+
+def spec_act(P, cfg, state, batch, training, record=None):
+    """The ACT wrapper; ``state`` = dict(z_H, z_L, steps, halted, data) or None (initial carry)."""
+    B = batch["inputs"].shape[0]
+    T = SEQ + -(-cfg["puzzle_emb_ndim"] // cfg["hidden_size"])
+    if state is None:
+        zeros = torch.zeros(B, T, cfg["hidden_size"])
+        state = dict(z_H=zeros, z_L=zeros, steps=torch.zeros(B, dtype=torch.int32),
+                     halted=torch.ones(B, dtype=torch.bool), data={k: torch.zeros_like(v) for k, v in batch.items()})
+    halted = state["halted"]
+    z_H = torch.where(halted[:, None, None], P["inner.H_init"], state["z_H"])
+    z_L = torch.where(halted[:, None, None], P["inner.L_init"], state["z_L"])
+    steps = torch.where(halted, torch.zeros_like(state["steps"]), state["steps"])
+    data = {k: torch.where(halted.view(-1, *[1] * (v.ndim - 1)), batch[k], v) for k, v in state["data"].items()}
+    z_H, z_L, logits, q_halt, q_cont = spec_segment(P, cfg, z_H, z_L, data, record)
+    out = dict(logits=logits, q_halt_logits=q_halt, q_continue_logits=q_cont)
+    steps = steps + 1
+    last = steps >= cfg["halt_max_steps"]
+    halted = last.clone()
+    if training and cfg["halt_max_steps"] > 1:
+        halted |= q_halt > q_cont
+        explore = torch.rand_like(q_halt) < cfg["halt_exploration_prob"]
+        minimum = explore * torch.randint_like(steps, low=2, high=cfg["halt_max_steps"] + 1)
+        halted &= steps >= minimum
+        with torch.no_grad():
+            _, _, _, nh, nc = spec_segment(P, cfg, z_H, z_L, data)
+        out["target_q_continue"] = torch.sigmoid(torch.where(last, nh, torch.maximum(nh, nc)))
+    return dict(z_H=z_H, z_L=z_L, steps=steps, halted=halted, data=data), out
+
+
+def spec_loss(cfg, out, labels, loss_type):
+    """Total loss of REFERENCE.md's loss head (summed over sequences)."""
+    logits = out["logits"]
+    valid = labels != IGNORE
+    safe = torch.where(valid, labels, 0)
+    if loss_type == "stablemax_cross_entropy":
+        x = logits.double()
+        s = torch.where(x >= 0, x + 1, 1 / (1 - x))
+        logp = torch.log(s / s.sum(-1, keepdim=True))
+    else:
+        logp = torch.log_softmax(logits.float(), -1)
+    tok = -logp.gather(-1, safe[..., None]).squeeze(-1) * valid
+    n_valid = valid.sum(-1)
+    lm = (tok.sum(-1) / n_valid.clamp_min(1)).sum()
+    exact = ((logits.argmax(-1) == labels) | ~valid).all(-1)
+    q_halt = F.binary_cross_entropy_with_logits(out["q_halt_logits"], exact.float(), reduction="sum")
+    total = lm + 0.5 * q_halt
+    if "target_q_continue" in out:
+        total = total + 0.5 * F.binary_cross_entropy_with_logits(out["q_continue_logits"], out["target_q_continue"],
+                                                                  reduction="sum")
+    return total
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """These tiny ops run far faster on one thread (and do not stall when the CPU is shared)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_config(**overrides):
+    cfg = dict(batch_size=BATCH, seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=N_PUZZLES, hidden_size=32,
+               num_heads=2, H_layers=1, L_layers=2, H_cycles=2, L_cycles=2, expansion=2.0, halt_max_steps=3,
+               halt_exploration_prob=0.5, forward_dtype="float32", kernels="eager", attn_backend="sdpa")
+    cfg.update(overrides)
+    return cfg
+
+
+def spec_cfg(config: HRMConfig) -> dict:
+    return dict(hidden_size=config.hidden_size, num_heads=config.num_heads, H_layers=config.H_layers,
+                L_layers=config.L_layers, H_cycles=config.H_cycles, L_cycles=config.L_cycles,
+                puzzle_emb_ndim=config.puzzle_emb_ndim, pos_encodings=config.pos_encodings,
+                halt_max_steps=config.halt_max_steps, halt_exploration_prob=config.halt_exploration_prob,
+                use_gating=config.use_gating, eps=config.rms_norm_eps)
+
+
+def randomize_(module: torch.nn.Module, scale: float = 0.3) -> None:
+    """Perturb every weight and buffer in the state dict so that none of them is trivial."""
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.add_(scale * torch.randn_like(t) * (1.0 if t.dim() < 2 else t.shape[-1] ** -0.5 / scale * 0.5 + 1e-3))
+
+
+def make_batch(cfg, *, ignore_some=True):
+    inputs = torch.randint(0, VOCAB, (BATCH, SEQ))
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ))
+    if ignore_some:
+        labels[0, :3] = IGNORE
+        labels[1] = IGNORE  # a sequence with no labels at all
+    return dict(inputs=inputs, labels=labels, puzzle_identifiers=torch.randint(0, N_PUZZLES, (BATCH,)))
+
+
+def spec_params(module: torch.nn.Module) -> dict:
+    """The model's state dict under the bare model's names (``inner.*``), as independent leaves."""
+    return {k.removeprefix("model."): v.detach().clone().float().requires_grad_(v.is_floating_point())
+            for k, v in module.state_dict().items()}
+
+
+def assert_close(name, got, want, rtol=2e-5):
+    got, want = got.detach().double(), want.detach().double()
+    scale = want.abs().max().clamp_min(1.0)
+    err = (got - want).abs().max()
+    assert err <= rtol * scale, f"{name}: max abs error {err:.3e} > {rtol:.0e} x {scale:.3e}"
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+CASES = [
+    pytest.param(dict(use_gating=False, pos_encodings="rope", puzzle_emb_ndim=32), id="ungated-rope-puzzle"),
+    pytest.param(dict(use_gating=False, pos_encodings="learned", puzzle_emb_ndim=0), id="ungated-learned-nopuzzle"),
+    pytest.param(dict(use_gating=True, pos_encodings="rope", puzzle_emb_ndim=0), id="gated-rope-nopuzzle"),
+    pytest.param(dict(use_gating=True, pos_encodings="learned", puzzle_emb_ndim=48), id="gated-learned-puzzle2"),
+]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("overrides", CASES)
+def test_parity_with_spec(overrides, training):
+    config = HRMConfig(**tiny_config(**overrides))
+    model = HRM(config)
+    randomize_(model)
+    head = ACTLossHead(model)
+    head.train(training)
+    P = spec_params(model)
+    cfg = spec_cfg(config)
+
+    carry, state = None, None
+    for segment in range(4):  # past halt_max_steps: halted rows reload data and restart
+        batch = make_batch(config)
+        if carry is None:
+            carry = head.initial_carry(batch)
+        seed = 1000 + segment
+        torch.manual_seed(seed)
+        carry, loss, metrics, outputs, all_halted = head(
+            return_keys=("logits", "q_halt_logits", "q_continue_logits", "target_q_continue"), carry=carry, batch=batch)
+        torch.manual_seed(seed)
+        state, ref = spec_act(P, cfg, state, batch, training)
+
+        for key in ("logits", "q_halt_logits", "q_continue_logits") + (("target_q_continue",) if training else ()):
+            assert key in outputs, key
+            assert_close(f"segment {segment} {key}", outputs[key], ref[key])
+        assert torch.equal(carry.halted, state["halted"]), (segment, carry.halted, state["halted"])
+        assert torch.equal(carry.steps, state["steps"])
+        assert_close("z_H", carry.inner_carry.z_H, state["z_H"])
+        assert_close("z_L", carry.inner_carry.z_L, state["z_L"])
+        assert_close("loss", loss, spec_loss(cfg, ref, state["data"]["labels"], config.loss.loss_type))
+        assert bool(all_halted) == bool(state["halted"].all())
+        # Continue from the model's states: float32 rounding differences (sdpa vs explicit
+        # softmax) otherwise compound over the recurrence; each segment is checked on its own.
+        state["z_H"], state["z_L"] = carry.inner_carry.z_H.clone(), carry.inner_carry.z_L.clone()
+    if not training:  # evaluation: every row runs exactly halt_max_steps segments
+        assert int(carry.steps.max()) <= config.halt_max_steps
+
+
+@pytest.mark.parametrize("overrides", [CASES[0], CASES[3]])
+def test_one_step_gradient_matches_spec(overrides):
+    """Gradients of the total loss (one-step gradient through the last L and H calls only) w.r.t.
+    every parameter, and w.r.t. the batch's puzzle-embedding rows."""
+    config = HRMConfig(**tiny_config(**overrides, halt_exploration_prob=0.0))
+    model = HRM(config)
+    randomize_(model)
+    head = ACTLossHead(model, loss_type="softmax_cross_entropy")
+    head.train()
+    P = spec_params(model)
+    cfg = spec_cfg(config)
+    batch = make_batch(config)
+    batch["puzzle_identifiers"] = torch.randperm(N_PUZZLES)[:BATCH]  # distinct rows: one leaf each below
+    torch.manual_seed(0)
+    _, loss, _, _, _ = head(carry=head.initial_carry(batch), batch=batch)
+    loss.backward()
+
+    if config.puzzle_emb_ndim > 0:  # the table is a buffer: the rows of the batch get the gradient
+        table = P["inner.puzzle_emb.weights"]
+        rows = table.detach()[batch["puzzle_identifiers"]].clone().requires_grad_(True)
+        P["inner.puzzle_emb.weights"] = table.detach().index_put((batch["puzzle_identifiers"],), rows)
+    torch.manual_seed(0)
+    state, ref = spec_act(P, cfg, None, batch, training=True)
+    spec_loss(cfg, ref, state["data"]["labels"], "softmax_cross_entropy").backward()
+
+    named = dict(head.named_parameters())
+    assert named, "no parameters"
+    for name, param in named.items():
+        ref_grad = P[name.removeprefix("model.")].grad
+        assert param.grad is not None and ref_grad is not None, name
+        assert_close(f"grad {name}", param.grad, ref_grad, rtol=5e-5)
+    if config.puzzle_emb_ndim > 0:
+        assert_close("puzzle rows grad", model.inner.puzzle_emb.local_weights.grad, rows.grad, rtol=5e-5)
+
+
+def test_softmax_and_stablemax_losses_match_spec():
+    for loss_type in ("stablemax_cross_entropy", "softmax_cross_entropy"):
+        config = HRMConfig(**tiny_config(loss={"loss_type": loss_type}))
+        model = HRM(config)
+        randomize_(model)
+        head = ACTLossHead(model)
+        head.eval()
+        assert head.loss_type == loss_type
+        batch = make_batch(config)
+        _, loss, metrics, _, _ = head(carry=head.initial_carry(batch), batch=batch)
+        _, ref = spec_act(spec_params(model), spec_cfg(config), None, batch, training=False)
+        assert_close(loss_type, loss, spec_loss(spec_cfg(config), ref, batch["labels"], loss_type))
+        assert set(metrics) >= {"count", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss",
+                                "q_halt_loss"}
+
+
+def test_metrics_follow_reference_definitions():
+    config = HRMConfig(**tiny_config(halt_max_steps=1))
+    model = HRM(config)
+    randomize_(model)
+    head = ACTLossHead(model)
+    head.train()
+    batch = make_batch(config)
+    carry, _, metrics, outputs, all_halted = head(return_keys=("logits", "labels"), carry=head.initial_carry(batch),
+                                                  batch=batch)
+    assert bool(all_halted)  # halt_max_steps=1: every row halts after one segment
+    labels = outputs["labels"]
+    valid = labels != IGNORE
+    correct = (outputs["logits"].argmax(-1) == labels) & valid
+    counted = valid.any(-1)  # row 1 has no labels: not counted
+    assert int(metrics["count"]) == int(counted.sum()) == BATCH - 1
+    acc = (correct.sum(-1).float() / valid.sum(-1).clamp_min(1))[counted].sum()
+    assert_close("accuracy", metrics["accuracy"], acc)
+    exact = (correct.sum(-1) == valid.sum(-1)) & counted
+    assert int(metrics["exact_accuracy"]) == int(exact.sum())
+    assert int(metrics["steps"]) == int(counted.sum())
+    assert "q_continue_loss" not in metrics  # no Q target when halt_max_steps == 1
+    for value in metrics.values():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def test_initialisation_follows_spec():
+    config = HRMConfig(**tiny_config(hidden_size=64, expansion=4.0, use_gating=True, puzzle_emb_ndim=64,
+                                     pos_encodings="learned"))
+    inner = HRM(config).inner
+    assert torch.all(inner.q_head.weight == 0) and torch.all(inner.q_head.bias == -5)
+    assert torch.all(inner.puzzle_emb.weights == 0)
+    gate = inner.L_level.gating_network.gate_proj
+    assert gate[0].weight.shape == (16, 192) and gate[2].weight.shape == (192, 16)
+    assert torch.all(gate[2].bias == -2.2) and torch.all(gate[0].bias == 0)
+    assert inner.L_level.layers[0].mlp.down_proj.weight.shape == (64, 256)  # round(64*4*2/3)=171 -> 256
+    w = inner.L_level.layers[0].self_attn.qkv_proj.weight  # [192, 64]: LeCun std 1/8, truncated at 2 std
+    assert abs(w.std().item() - 64 ** -0.5) < 0.01 and w.abs().max() <= 2 * 64 ** -0.5 / 0.8796 + 1e-6
+    emb = inner.embed_tokens.embedding_weight
+    assert emb.abs().max() <= 2 * 64 ** -0.5 / 0.8796 + 1e-6
+    assert inner.H_init.shape == (64,) and inner.H_init.abs().max() <= 2 / 0.8796 + 1e-6
+    assert inner.H_init.dtype == torch.float32
+
+
+def test_truncated_normal_std_is_corrected_for_truncation():
+    from hrm.layers import trunc_normal_
+    x = trunc_normal_(torch.empty(400_000), std=0.5)
+    assert abs(x.std().item() - 0.5) < 0.005
+    assert x.abs().max() <= 2 * 0.5 / 0.87962566 + 1e-6  # cut at 2 of the underlying normal's std
