@@ -58,14 +58,14 @@ def _read(path_or_state_dict) -> Mapping[str, torch.Tensor]:
 
 def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
     """Rename the keys of ``state_dict`` to ``target.state_dict()``'s names where their canonical
-    names match; keys with no match keep their canonical name."""
+    names match; keys with no match keep their own name."""
     target_names = {canonical_key(k): k for k in target.state_dict().keys()}
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        name = canonical_key(key)
-        if name in out or target_names.get(name) in out:
+        name = target_names.get(canonical_key(key), key)
+        if name in out:
             raise ValueError(f"load_checkpoint: two checkpoint keys map to {name!r} (one of them {key!r})")
-        out[target_names.get(name, name)] = value
+        out[name] = value
     return out
 
 
