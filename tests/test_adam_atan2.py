@@ -186,6 +186,32 @@ def test_resume_from_state_dict_is_bit_identical(case):
     assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in second.param_groups]
 
 
+@requires_cuda
+def test_step_does_not_synchronize():
+    """No host-device sync inside step(): not on the first step (state and tables built), not
+    when gradients come back at new addresses (tables rebuilt), not on a cached step."""
+    shapes = [(1,), (37,), (123, 7), (760,), (3000, 17)]
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+    with use_backend("triton"):
+        warm = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for p in warm:
+            p.grad = torch.randn_like(p)
+        AdamATan2(warm).step()  # compiles the kernel (which may synchronise) before the check
+        torch.cuda.synchronize()
+        opt = AdamATan2(params, lr=0.0)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(4):
+                opt.param_groups[0]["lr"] = 1e-3 * step
+                if step < 3:
+                    for p in params:
+                        p.grad = torch.randn_like(p)
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert opt.state[params[0]]["step"] == 4
+
+
 def test_loads_original_package_state_with_tensor_steps():
     """adam_atan2.AdamATan2 keeps ``step`` as a float32 tensor: accepted, converted at load."""
     p = torch.nn.Parameter(torch.randn(10))
