@@ -111,22 +111,22 @@ def _store_stats(P, s_mean, s_low, s_high, s_contrib, s_sat):
 
 
 @triton.jit
-def _gated_blend_forward_kernel(
-    OWN, OTHER, INJ, W1, B1, W2, B2, OUT, PRE1, Z, STATS,
+def _gated_blend_hidden_kernel(
+    OWN, OTHER, INJ, W1, B1, PRE1, Z,
     n_rows, D, R,
-    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_INJ: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """pre1 = [own|other|inj] @ W1^T + b1 and z = silu(pre1), [M, R] each: a GEMM whose k-loop
+    walks the present sources in turn (the concatenation is never formed; inj=None skips its slice)."""
     # All [M, D] tensors are contiguous rows of width D; W1 is [R, 3D], W2 [3D, R] contiguous.
     pid = tl.program_id(0)
-    act = OUT.dtype.element_ty
+    act = Z.dtype.element_ty
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
     rows = rows.to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
     r_mask = r_idx < R
-
-    # pre1 = cat @ W1^T + b1, k-loop over each present kind's D inputs (inj's slice skipped)
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for kind in tl.static_range(3):
         if kind < 2 or HAS_INJ:
@@ -142,7 +142,7 @@ def _gated_blend_forward_kernel(
                 x = tl.load(SRC + rows[:, None] * D + cols[None, :],
                             mask=row_mask[:, None] & c_mask[None, :], other=0.0)
                 w1t = _cast(tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
-                              mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
+                                    mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
                 acc = _mm(x, w1t, acc, EMU_BF16, PREC)
     b1 = _cast(tl.load(B1 + r_idx, mask=r_mask, other=0.0), act, EMU_BF16).to(tl.float32)
     hr_mask = row_mask[:, None] & r_mask[None, :]
@@ -150,46 +150,65 @@ def _gated_blend_forward_kernel(
     pre = _cast(acc + b1[None, :], act, EMU_BF16)
     tl.store(PRE1 + hr_off, pre, mask=hr_mask)
     pre = pre.to(tl.float32)
-    z = _cast(pre * tl.sigmoid(pre), act, EMU_BF16)
-    tl.store(Z + hr_off, z, mask=hr_mask)
+    tl.store(Z + hr_off, _cast(pre * tl.sigmoid(pre), act, EMU_BF16), mask=hr_mask)
 
+
+@triton.jit
+def _gated_blend_forward_kernel(
+    OWN, OTHER, INJ, W2, B2, Z, OUT, STATS,
+    n_rows, D, R,
+    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_D] tile of out: per kind the logits z @ W2_chunk^T + b2, the gate and
+    its share of the blend. The D-chunk index is the fast grid axis: programs that share rows
+    (and their z tile) run together."""
+    chunk = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    act = OUT.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < n_rows
+    rows = rows.to(tl.int64)
+    r_idx = tl.arange(0, BLOCK_R)
+    r_mask = r_idx < R
+    z = tl.load(Z + rows[:, None] * R + r_idx[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                other=0.0)
+    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = cols < D
+    mask = row_mask[:, None] & c_mask[None, :]
+    off = rows[:, None] * D + cols[None, :]
+    out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
     o0, o1, o2, o3, o4 = zero_m, zero_m, zero_m, zero_m, zero_m
     t0, t1, t2, t3, t4 = zero_m, zero_m, zero_m, zero_m, zero_m
     i0, i1, i2, i3, i4 = zero_m, zero_m, zero_m, zero_m, zero_m
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        c_mask = cols < D
-        mask = row_mask[:, None] & c_mask[None, :]
-        off = rows[:, None] * D + cols[None, :]
-        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for kind in tl.static_range(3):
-            if kind < 2 or HAS_INJ:
+    for kind in tl.static_range(3):
+        if kind < 2 or HAS_INJ:
+            if kind == 0:
+                SRC = OWN
+            elif kind == 1:
+                SRC = OTHER
+            else:
+                SRC = INJ
+            gcols = kind * D + cols
+            w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
+                                mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
+            b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+            logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
+            logit += b2[None, :]
+            g = tl.sigmoid(logit)
+            x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
+            out += g * x
+            if WITH_STATS:
                 if kind == 0:
-                    SRC = OWN
+                    o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
                 elif kind == 1:
-                    SRC = OTHER
+                    t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
                 else:
-                    SRC = INJ
-                gcols = kind * D + cols
-                w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
-                              mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
-                b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
-                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
-                logit += b2[None, :]
-                g = tl.sigmoid(logit)
-                x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
-                out += g * x
-                if WITH_STATS:
-                    if kind == 0:
-                        o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
-                    elif kind == 1:
-                        t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
-                    else:
-                        i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
-        tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
+                    i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
+    tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
-        P = STATS + pid * 16
+        P = STATS + (pid_m * tl.num_programs(0) + chunk) * 16
         _store_stats(P, o0, o1, o2, o3, o4)
         _store_stats(P + 5, t0, t1, t2, t3, t4)
         _store_stats(P + 10, i0, i1, i2, i3, i4)
@@ -341,7 +360,8 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
     if device.type != "cuda":  # the interpreter: few, small programs
         block_m = max(16, min(32, triton.next_power_of_2(max(n_rows, 1))))
         cfg = {
-            "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d),
+            "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d),
+            "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
@@ -350,9 +370,10 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
         block_m = max(16, min(128, 16384 // block_r))
         bwd_d = max(16, min(block_d, 8192 // block_r))  # two [BLOCK_D, R] fp32 accumulators
         cfg = {
-            "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d, num_warps=8, num_stages=3),
+            "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=8, num_stages=3),
+            "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
-            "bwd": dict(BLOCK_M=min(64, block_m), BLOCK_D=bwd_d, num_warps=8, num_stages=2,
+            "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=2,
                         programs_per_sm=2),
         }
     for name, over in _config_override.items():
@@ -377,15 +398,21 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     out = torch.empty_like(own)
     pre1 = own.new_empty((n_rows, r))
     z = own.new_empty((n_rows, r))
-    cfg = dict(_launch_configs(n_rows, d, r, own.device)["fwd"])
-    n_programs = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    partial = torch.empty((n_programs, 16) if with_stats else (1, 16), dtype=torch.float32,
+    cfgs = _launch_configs(n_rows, d, r, own.device)
+    flags = _dot_flags(own.dtype)
+    inj_arg = inj if inj is not None else own
+    cfg = cfgs["hidden"]
+    if n_rows > 0:
+        _gated_blend_hidden_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+            own, other, inj_arg, w1, b1, pre1, z, n_rows, d, r, HAS_INJ=inj is not None, **flags, **cfg)
+    cfg = cfgs["fwd"]
+    grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(n_rows, cfg["BLOCK_M"]))
+    partial = torch.empty((grid[0] * grid[1] if with_stats else 1, 16), dtype=torch.float32,
                           device=own.device)
     if n_rows > 0:
-        _gated_blend_forward_kernel[(n_programs,)](
-            own, other, inj if inj is not None else own, w1, b1, w2, b2, out, pre1, z, partial,
-            n_rows, d, r, HAS_INJ=inj is not None, WITH_STATS=with_stats, **_dot_flags(own.dtype),
-            **cfg)
+        _gated_blend_forward_kernel[grid](
+            own, other, inj_arg, w2, b2, z, out, partial, n_rows, d, r,
+            HAS_INJ=inj is not None, WITH_STATS=with_stats, **flags, **cfg)
     if not with_stats:
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
     stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
@@ -402,8 +429,6 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
     [3]: the gradient arriving at the stats' saturation column, or None."""
     n_rows, d = dout.shape
     r = w1.shape[0]
-    kinds = 3 if inj is not None else 2
-    width = kinds * d
     dev, act = dout.device, own.dtype
     d_own, d_other = torch.empty_like(own), torch.empty_like(other)
     d_inj = torch.empty_like(inj) if inj is not None else own.new_empty(0)
@@ -414,16 +439,32 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
     coef = sat.float() / float(n_rows * d) if sat is not None else None
     flags = _dot_flags(act)
 
-    cfg = cfgs["dpre"]
+    dpre1, db1_partial = _backward_dpre(cfgs["dpre"], flags, dout, coef, own, other, inj, w2, b2, pre1, z)
+    return _backward_main(cfgs["bwd"], flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1,
+                          db1_partial, d_own, d_other, d_inj)
+
+
+def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
+    n_rows, d = dout.shape
+    r = pre1.shape[1]
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
-    dpre1 = torch.empty((n_rows, r), dtype=act, device=dev)
-    db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dev)
+    dpre1 = torch.empty_like(pre1)
+    db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dout.device)
     _gated_blend_backward_dpre_kernel[(n_tiles,)](
         dout, own, other, inj if inj is not None else own, w2, b2, pre1, z,
         coef if coef is not None else db1_partial, dpre1, db1_partial, n_rows, d, r,
         HAS_INJ=inj is not None, HAS_SAT=coef is not None, **flags, **cfg)
+    return dpre1, db1_partial
 
-    cfg = dict(cfgs["bwd"])
+
+def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1, db1_partial,
+                   d_own, d_other, d_inj):
+    n_rows, d = dout.shape
+    r = w1.shape[0]
+    dev = dout.device
+    kinds = 3 if inj is not None else 2
+    width = kinds * d
+    cfg = dict(cfg)
     per_sm = cfg.pop("programs_per_sm")
     n_chunks = kinds * triton.cdiv(d, cfg["BLOCK_D"])
     n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
