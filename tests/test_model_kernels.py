@@ -1,0 +1,115 @@
+"""The model on the fused kernels (Triton; the interpreter on CPU) vs the eager path, and under
+torch.compile (no graph break in the recurrent core)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrm import ACTLossHead, HRM
+from hrm_kernels import use_backend
+from hrm_kernels.backend import triton_can_run
+from tests.test_model_spec import _single_thread, assert_close, make_batch, randomize_, tiny_config  # noqa: F401
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not triton_can_run(DEVICE),
+                                  reason="Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+
+# Small enough for the interpreter: one block per module, one cycle each.
+FUSED = dict(use_gating=True, puzzle_emb_ndim=32, H_layers=1, L_layers=1, H_cycles=1, L_cycles=2,
+             halt_exploration_prob=0.0, gate_reg_weight=0.5)
+
+
+def _run(kernels, state, batch, compile_backend=None):
+    model = HRM(tiny_config(**FUSED, kernels=kernels)).to(DEVICE)
+    model.load_state_dict(state)
+    head = ACTLossHead(model)
+    head.train()
+    head.set_step(1)
+    fn = torch.compile(head, backend=compile_backend, fullgraph=False) if compile_backend else head
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
+    torch.manual_seed(0)
+    _, loss, metrics, outputs, _ = fn(return_keys=("logits", "q_halt_logits", "q_continue_logits"),
+                                      carry=head.initial_carry(batch), batch=batch)
+    loss.backward()
+    grads = {n: p.grad for n, p in head.named_parameters()}
+    grads["puzzle_rows"] = model.inner.puzzle_emb.local_weights.grad
+    return loss, metrics, outputs, grads
+
+
+@pytest.fixture(scope="module")
+def reference_run():
+    torch.manual_seed(1234)
+    model = HRM(tiny_config(**FUSED, kernels="eager"))
+    randomize_(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = make_batch(None)
+    return state, batch, _run("eager", state, batch)
+
+
+@needs_triton
+def test_fused_kernels_match_eager(reference_run):
+    """Outputs, gate statistics, the regularised loss and every gradient (fp32, so the
+    interpreter's tl.dot is exact enough for tight bounds)."""
+    state, batch, (loss_e, metrics_e, out_e, grads_e) = reference_run
+    loss_t, metrics_t, out_t, grads_t = _run("triton", state, batch)
+    for key in out_e:
+        assert_close(key, out_t[key].cpu(), out_e[key], rtol=2e-5)
+    assert_close("loss", loss_t.cpu(), loss_e, rtol=2e-5)
+    for key, value in metrics_e.items():
+        if key.startswith("gate/") or key.endswith("loss"):
+            assert_close(key, metrics_t[key].cpu(), value, rtol=2e-5)
+    assert "gate_reg_loss" in metrics_t
+    for name, g in grads_e.items():
+        assert grads_t[name] is not None, name
+        assert_close(f"grad {name}", grads_t[name].cpu(), g, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["eager", pytest.param("triton", marks=needs_triton)])
+def test_torch_compile_matches_eager(reference_run, kernels):
+    """torch.compile of the whole loss head in training mode (aot_eager: dynamo + AOT autograd,
+    without Inductor's slow C++ build on CI) gives the eager results."""
+    torch._dynamo.reset()
+    state, batch, (loss_e, metrics_e, out_e, grads_e) = reference_run
+    loss_c, metrics_c, out_c, grads_c = _run(kernels, state, batch, compile_backend="aot_eager")
+    for key in out_e:
+        assert_close(key, out_c[key].cpu(), out_e[key], rtol=2e-5)
+    assert_close("loss", loss_c.cpu(), loss_e, rtol=2e-5)
+    for name, g in grads_e.items():
+        assert_close(f"grad {name}", grads_c[name].cpu(), g, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernels", ["eager", pytest.param("triton", marks=needs_triton)])
+def test_recurrent_core_compiles_without_graph_breaks(kernels):
+    torch._dynamo.reset()
+    model = HRM(tiny_config(**FUSED, kernels=kernels)).to(DEVICE)
+    batch = {k: v.to(DEVICE) for k, v in make_batch(None).items()}
+    model.train()
+    carry = model.initial_carry(batch)
+    inner_carry = model.inner.reset_carry(carry.halted, carry.inner_carry)
+    with use_backend(kernels):
+        explanation = torch._dynamo.explain(model.inner)(inner_carry, batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    # and the whole ACT step (with the kernel-selection context inside forward)
+    explanation = torch._dynamo.explain(model)(carry, batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_inductor_compile_of_eager_model_matches():
+    """The default backend (Inductor) on the eager-kernel model, evaluation mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    cfg = tiny_config(use_gating=True, H_layers=1, L_layers=1, H_cycles=1, L_cycles=1)
+    model = HRM(cfg)
+    randomize_(model)
+    model.eval()
+    batch = make_batch(None)
+    compiled = torch.compile(model.inner, fullgraph=True)
+    carry = model.inner.reset_carry(torch.ones(batch["inputs"].shape[0], dtype=torch.bool),
+                                    model.inner.empty_carry(batch["inputs"].shape[0]))
+    with torch.no_grad():
+        want = model.inner(carry, batch)
+        got = compiled(carry, batch)
+    assert_close("logits", got[1], want[1], rtol=1e-5)
+    assert_close("q_halt", got[2][0], want[2][0], rtol=1e-5)
+    assert_close("gate stats", got[3], want[3], rtol=1e-5)
