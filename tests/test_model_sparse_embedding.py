@@ -1,0 +1,108 @@
+"""The puzzle embedding and its sign-SGD optimizer (single process and 2-process gloo)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hrm import ACTLossHead, CastedSparseEmbedding, CastedSparseEmbeddingSignSGD, HRM
+from tests.test_model_spec import _single_thread, make_batch, tiny_config  # noqa: F401
+
+
+def _expected_update(weights, ids, grads, lr, wd):
+    """Per unique id: summed gradient, then p * (1 - lr * wd) - lr * sign(g); other rows untouched."""
+    out = weights.clone()
+    for pid in ids.unique():
+        g = grads[ids == pid].sum(0)
+        out[pid] = weights[pid] * (1 - lr * wd) - lr * torch.sign(g)
+    return out
+
+
+def test_sign_sgd_update_sums_duplicates_and_decays_only_touched_rows():
+    emb = CastedSparseEmbedding(10, 6, batch_size=5, init_std=1.0, cast_to=torch.float32)
+    emb.train()
+    ids = torch.tensor([3, 7, 3, 0, 3], dtype=torch.int32)
+    out = emb(ids)
+    assert torch.equal(out, emb.weights[ids.long()])
+    upstream = torch.randn(5, 6)
+    upstream[0, 0], upstream[2, 0], upstream[4, 0] = 1.0, -3.0, 1.5  # sums to -0.5: sign -1
+    (out * upstream).sum().backward()
+    assert torch.equal(emb.local_weights.grad, upstream)
+    before = emb.weights.clone()
+    opt = CastedSparseEmbeddingSignSGD(emb, lr=0.0, weight_decay=0.1)
+    for group in opt.param_groups:  # the trainer sets lr every step
+        group["lr"] = 0.05
+    opt.step()
+    want = _expected_update(before, ids.long(), upstream, 0.05, 0.1)
+    assert torch.allclose(emb.weights, want, atol=1e-7)
+    assert emb.weights[3, 0].item() == pytest.approx(before[3, 0].item() * (1 - 0.005) + 0.05, abs=1e-6)
+    untouched = [i for i in range(10) if i not in (0, 3, 7)]
+    assert torch.equal(emb.weights[untouched], before[untouched])
+    opt.zero_grad()
+    assert emb.local_weights.grad is None
+
+
+def test_reference_style_buffers_argument_and_eval_lookup():
+    model = HRM(tiny_config(puzzle_emb_ndim=32))
+    emb = model.puzzle_emb
+    opt = CastedSparseEmbeddingSignSGD(emb.buffers(), lr=1e-2, weight_decay=0.1)  # the reference's call
+    head = ACTLossHead(model)
+    head.train()
+    batch = make_batch(None, ignore_some=False)  # every row has labels: every row gets a gradient
+    _, loss, _, _, _ = head(carry=head.initial_carry(batch), batch=batch)
+    loss.backward()
+    assert emb.local_weights.grad is not None and emb.local_weights.grad.abs().sum() > 0
+    opt.step()
+    changed = (emb.weights != 0).any(-1)
+    assert set(changed.nonzero().flatten().tolist()) == set(batch["puzzle_identifiers"].tolist())
+    model.eval()  # evaluation reads the table directly, any batch size
+    rows = emb(torch.tensor([1, 2]))
+    assert torch.equal(rows, emb.weights[[1, 2]])
+    # the main optimizer never sees the table: it is a buffer, not a parameter
+    assert not any("puzzle_emb" in n for n, _ in head.named_parameters())
+
+
+def test_training_batch_must_be_full():
+    emb = CastedSparseEmbedding(10, 4, batch_size=4, init_std=0.0, cast_to=torch.float32)
+    emb.train()
+    with pytest.raises(ValueError, match="batch_size=4"):
+        emb(torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="three buffers"):
+        CastedSparseEmbeddingSignSGD([emb.weights], lr=0.1)
+
+
+def _worker(rank, world_size, init_file, result_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same table on every rank
+        emb = CastedSparseEmbedding(8, 4, batch_size=3, init_std=1.0, cast_to=torch.float32)
+        emb.train()
+        ids = torch.tensor([[1, 5, 1], [5, 2, 6]][rank], dtype=torch.int32)
+        grad = torch.arange(12, dtype=torch.float32).view(3, 4) * (1 if rank == 0 else -1) - 2.5
+        (emb(ids) * grad).sum().backward()
+        CastedSparseEmbeddingSignSGD(emb, lr=0.1, weight_decay=0.5).step()  # world_size read from dist
+        if rank == 0:
+            torch.save(emb.weights, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_gathered_across_ranks(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    init_file, result_file = tmp_path / "init", tmp_path / "weights.pt"
+    mp.spawn(_worker, args=(2, str(init_file), str(result_file)), nprocs=2, join=True)
+    got = torch.load(result_file, weights_only=True)
+    torch.manual_seed(0)
+    before = CastedSparseEmbedding(8, 4, batch_size=3, init_std=1.0, cast_to=torch.float32).weights
+    ids = torch.tensor([1, 5, 1, 5, 2, 6])
+    grads = torch.cat([torch.arange(12.0).view(3, 4) - 2.5, -torch.arange(12.0).view(3, 4) - 2.5])
+    want = _expected_update(before, ids, grads, 0.1, 0.5)
+    assert torch.allclose(got, want, atol=1e-6)
+    # id 5 is on both ranks: its update uses the sum over both, not either rank's own gradient
+    assert not torch.allclose(want[5], _expected_update(before, ids[:3], grads[:3], 0.1, 0.5)[5])
