@@ -29,6 +29,11 @@ Public API
     and, when gated, ``gate_stats`` ([2, 3, 5] float32: module L/H x kind own/other/inj x
     ``hrm_kernels.gated_blend.STATS_COLUMNS``; only the saturation column carries a gradient).
     ``HRMCarry`` fields: ``inner_carry`` (``z_H``, ``z_L``), ``steps``, ``halted``, ``current_data``.
+    ``model.puzzle_emb``: the sparse puzzle embedding module (None when ``puzzle_emb_ndim=0``).
+    In training the batch must have exactly ``batch_size`` rows (the puzzle embedding's leaf).
+    Kernel choice: ``kernels`` wraps ``forward`` in ``hrm_kernels.use_backend`` (not for "auto");
+    attention: FlashAttention when importable, on CUDA and fp16/bf16 (``attn_backend`` auto|flash),
+    else ``F.scaled_dot_product_attention``.
 
 ``ACTLossHead(model, loss_type=None)``
     ``loss_type`` defaults to ``model.config.loss.loss_type`` ("stablemax_cross_entropy" or
@@ -45,9 +50,10 @@ Public API
     ``set_step(step)``: tell the head the optimizer step (gate-regulariser warm-up); call it every
     step before forward; it only fills a buffer, so a compiled head does not recompile.
 
-``reduce_metrics(summed, global_batch_size, prefix="train/")`` (global_batch_size=None: evaluation)
+``reduce_metrics(summed, global_batch_size, prefix="train/")``
     Turn metric sums (over ranks and/or batches, as floats or tensors) into logged values the
-    reference way: ``*loss`` / global_batch_size, ``gate/*`` / ``gate/count``, others / count.
+    reference way: ``*loss`` / global_batch_size (/ count when ``global_batch_size`` is None, the
+    reference's evaluation rule), ``gate/*`` / ``gate/count``, others / count; ``count`` raw.
 
 Gate regularisation (``gate_reg_weight > 0``)
     ``loss += w(step) * batch_size * mean_{(m,k)} sat_{m,k}``, over the five live (module, kind)

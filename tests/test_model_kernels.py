@@ -113,3 +113,21 @@ def test_inductor_compile_of_eager_model_matches():
     assert_close("logits", got[1], want[1], rtol=1e-5)
     assert_close("q_halt", got[2][0], want[2][0], rtol=1e-5)
     assert_close("gate stats", got[3], want[3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "eager"])
+def test_bfloat16_activations_with_fp32_parameters(kernels):
+    """The default forward dtype: bf16 carry and logits, fp32 parameters and Q values."""
+    model = HRM(tiny_config(use_gating=True, puzzle_emb_ndim=32, forward_dtype="bfloat16", kernels=kernels,
+                            attn_backend="auto"))
+    head = ACTLossHead(model)
+    head.train()
+    batch = make_batch(None)
+    carry, loss, metrics, outputs, _ = head(return_keys=("logits", "q_halt_logits"), carry=head.initial_carry(batch),
+                                            batch=batch)
+    loss.backward()
+    assert carry.inner_carry.z_H.dtype == torch.bfloat16 and outputs["logits"].dtype == torch.bfloat16
+    assert outputs["q_halt_logits"].dtype == torch.float32 and model.inner.H_init.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
+               for p in head.parameters())
+    assert torch.isfinite(loss) and metrics["gate/L/own_mean"].dtype == torch.float32
