@@ -19,6 +19,9 @@ columns ``STATS_COLUMNS``:
   ``z``; zero while every gate lies in [0.1, 0.9], growing quadratically in the logit beyond, so
   its gradient pushes saturated gates back towards the middle without vanishing as they saturate.
 
+Fused Triton kernels (forward and backward, see the layout notes below) run on CUDA tensors and
+under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math.
+
 Only ``saturation`` is differentiable (gradients given to the other columns are ignored: they are
 monitoring values). With ``inj=None`` the injection gate is never computed and row 2 is zeros.
 """
@@ -46,11 +49,11 @@ MAX_FUSED_R = 1024
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
 #
-# forward, one program per BLOCK_M rows:  pre1 = [own|other|inj] @ W1^T + b1 (k-loop over the
-#   K*D inputs, [BLOCK_M, R] fp32 accumulator); z = silu(pre1); then per D-chunk and kind the
-#   logits z @ W2_chunk^T + b2, g = sigmoid, out += g * src. Writes out, pre1 and z ([M, R]
-#   each, small) and, with stats, 16 fp32 partial sums per program. 2 GEMMs, reads the sources
-#   (again from L2 for the blend), writes out.
+# forward, (a) one program per BLOCK_M rows: pre1 = [own|other|inj] @ W1^T + b1 (k-loop over the
+#   K*D inputs, [BLOCK_M, R] fp32 accumulator), z = silu(pre1), both written ([M, R], small);
+#   (b) one program per (D-chunk, BLOCK_M rows): per kind the logits z @ W2_chunk^T + b2,
+#   g = sigmoid, out += g * src; with stats, 16 fp32 partial sums per program. 2 GEMMs, reads
+#   the sources twice, writes out.
 # backward phase 1 (_dpre), one program per BLOCK_M rows: recompute the logits from z, d_logit
 #   = dout * src * g * (1 - g) (+ the saturation term), d_z = d_logit @ W2, d_pre1 = d_z *
 #   silu'(pre1) -> [M, R]; db1 partial per program. 2 GEMMs, reads dout and the sources.
@@ -370,10 +373,11 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
         block_m = max(16, min(128, 16384 // block_r))
         bwd_d = max(16, min(block_d, 8192 // block_r))  # two [BLOCK_D, R] fp32 accumulators
         cfg = {
-            "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=8, num_stages=3),
-            "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=1),
+            # fastest of the sweep in benchmarks/bench_gated_blend.py (H100, D=512, R=128)
+            "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=4, num_stages=3),
+            "fwd": dict(BLOCK_M=block_m, BLOCK_D=min(32, block_d), num_warps=4, num_stages=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
-            "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=2,
+            "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
         }
     for name, over in _config_override.items():
