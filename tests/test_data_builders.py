@@ -218,3 +218,13 @@ def test_quickstart_task(tmp_path):
         assert quickstart.count_solutions(q, grids) == 1 and np.all((q == 0) | (q == a))
     assert quickstart.ensure_built(out) == out  # already built: no rebuild
     _loads(out)
+
+
+def test_quickstart_rebuilds_when_settings_change(tmp_path):
+    out = str(tmp_path / "qs")
+    quickstart.ensure_built(out, train_per_grid=2, test_per_grid=1)
+    stamp = os.path.getmtime(os.path.join(out, "train", "dataset.json"))
+    quickstart.ensure_built(out, train_per_grid=2, test_per_grid=1)
+    assert os.path.getmtime(os.path.join(out, "train", "dataset.json")) == stamp
+    quickstart.ensure_built(out, train_per_grid=3, test_per_grid=1)
+    assert validate_dataset(out)["train"]["puzzles"] == 240 * 3

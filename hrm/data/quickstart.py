@@ -15,6 +15,7 @@ puzzle identifier 0.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
 import time
@@ -22,7 +23,8 @@ from typing import Optional
 
 import numpy as np
 
-from .common import SplitWriter, finish_build, write_identifiers, write_writer_split
+from .common import (SplitWriter, finish_build, read_build_info, write_build_info, write_identifiers,
+                     write_writer_split)
 
 DEFAULT_OUTPUT = "data/quickstart-sudoku4"
 SIDE = 4
@@ -95,10 +97,12 @@ def _make_puzzles(grid_ids, per_grid, grids, rng, min_clues, max_clues):
 
 
 def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, test_grids: int = 48, train_per_grid: int = 48,
-          test_per_grid: int = 8, min_clues: int = 5, max_clues: int = 8, validate: bool = True,
+          test_per_grid: int = 8, min_clues: int = 9, max_clues: int = 11, validate: bool = True,
           quiet: bool = False) -> str:
     """Build the quickstart dataset at `output_dir` and return the path."""
     t0 = time.time()
+    params = dict(seed=seed, test_grids=test_grids, train_per_grid=train_per_grid, test_per_grid=test_per_grid,
+                  min_clues=min_clues, max_clues=max_clues)
     rng = np.random.default_rng(seed)
     grids = all_grids()
     perm = rng.permutation(len(grids))
@@ -109,6 +113,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, test_grids: int = 48,
             w.add_group([[(q + 1, a + 1)]], [0])
         write_writer_split(output_dir, split, w, vocab_size=VOCAB_SIZE, num_puzzle_identifiers=1)
     write_identifiers(output_dir, ["<blank>"])
+    write_build_info(output_dir, "hrm.data.quickstart", params)
     if not quiet:
         finish_build(output_dir, validate)
         print(f"Built in {time.time() - t0:.1f}s")
@@ -119,8 +124,13 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, test_grids: int = 48,
 
 
 def ensure_built(output_dir: str = DEFAULT_OUTPUT, **kwargs) -> str:
-    """Return `output_dir`, building the quickstart dataset there first if it is not complete."""
-    if not all(os.path.isfile(os.path.join(output_dir, s, "dataset.json")) for s in ("train", "test")):
+    """Return `output_dir`, building the quickstart dataset there first if it is not complete or
+    was built with other settings (an older default, say)."""
+    want = dict(inspect.signature(build).parameters)
+    want = {k: kwargs.get(k, v.default) for k, v in want.items() if k not in ("output_dir", "validate", "quiet")}
+    complete = all(os.path.isfile(os.path.join(output_dir, s, "dataset.json")) for s in ("train", "test"))
+    info = read_build_info(output_dir)
+    if not complete or info is None or info.get("params") != want:
         print(f"Building the quickstart dataset (4x4 Sudoku) at {output_dir} ...")
         build(output_dir, **kwargs)
     return output_dir
@@ -134,8 +144,8 @@ def main(argv=None):
     p.add_argument("--test-grids", type=int, default=48, help="solution grids held out for test (of 288)")
     p.add_argument("--train-per-grid", type=int, default=48, help="puzzles per training grid")
     p.add_argument("--test-per-grid", type=int, default=8, help="puzzles per held-out grid")
-    p.add_argument("--min-clues", type=int, default=5)
-    p.add_argument("--max-clues", type=int, default=8)
+    p.add_argument("--min-clues", type=int, default=9, help="fewest clues kept (default 9; 16 cells)")
+    p.add_argument("--max-clues", type=int, default=11, help="most clues kept (default 11)")
     p.add_argument("--no-validate", action="store_true")
     a = p.parse_args(argv)
     build(a.output_dir, a.seed, a.test_grids, a.train_per_grid, a.test_per_grid, a.min_clues, a.max_clues,

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import SplitWriter, add_common_args, finish_build, write_identifiers, write_writer_split
+from .common import write_build_info, SplitWriter, add_common_args, finish_build, write_identifiers, write_writer_split
 
 DEFAULT_OUTPUT = "data/sudoku-gen-1k-aug-1000"
 # Target clue counts; "hard"/"extreme" remove clues until none can go (minimal puzzles, ~20-26
@@ -252,6 +252,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, source_csv: Optional[
           target_clues: Optional[int] = None, min_rating: Optional[int] = None,
           workers: Optional[int] = None, validate: bool = True) -> None:
     t0 = time.time()
+    params = {k: v for k, v in locals().items() if k not in ("t0", "workers")}
     np_rng = np.random.default_rng(seed)
     if source_csv is not None:
         if os.path.isdir(source_csv):
@@ -286,6 +287,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, source_csv: Optional[
     write_sudoku_split(output_dir, "train", train, num_aug, np_rng)
     write_sudoku_split(output_dir, "test", test, 0, np_rng)
     write_identifiers(output_dir, ["<blank>"])
+    write_build_info(output_dir, "hrm.data.sudoku", params)
     finish_build(output_dir, validate)
     print(f"Built in {time.time() - t0:.1f}s")
 
