@@ -245,6 +245,16 @@ def sweep(rows=SHAPES["sudoku"]) -> dict:
     return best
 
 
+def main() -> str:
+    """The run_all section: stats overhead, then fwd+bwd at both shapes (bf16 and fp32 weights)."""
+    torch._dynamo.config.cache_size_limit = 64
+    text = ("### gated_blend (gate MLP + sigmoid blend), fwd+bwd\n\n"
+            "Wall time (CUDA-event median, host overhead included); bytes and FLOPs as counted in "
+            "`counts()`.\n\n" + stats_overhead() + "\n\n" + table(passes=(True,)) + "\n")
+    print(text)
+    return text
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")

@@ -1,0 +1,151 @@
+"""One gated-HRM training step on one GPU: forward over one ACT segment (with the
+continue-target pass), backward, both optimizers; bf16, default ``hrm_v1`` sizes.
+
+Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs), ``fused``
+(hrm_kernels' Triton kernels), ``fused+compile``. Reports ms/step (median of timed steps after
+warm-up), tokens/s, time to the first finished step (compilation included), peak memory, and
+where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
+
+    python benchmarks/bench_train_step.py [--shape sudoku|arc] [--gated 0|1] [--providers ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import environment  # noqa: E402
+
+SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (reference datasets)
+    "sudoku": dict(batch_size=768, seq_len=81, vocab_size=11, num_puzzle_identifiers=1001),
+    "arc": dict(batch_size=96, seq_len=900, vocab_size=12, num_puzzle_identifiers=960 * 1000 + 1),
+}
+PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
+
+
+def build(shape: str, gated: bool, provider: str):
+    from hrm import ACTLossHead, HRM, CastedSparseEmbeddingSignSGD
+    from hrm_kernels import AdamATan2
+
+    kernels = "eager" if provider.startswith("eager") else "triton"
+    cfg = dict(SHAPES[shape], use_gating=gated, kernels=kernels, attn_backend="sdpa")
+    with torch.device("cuda"):
+        head = ACTLossHead(HRM(cfg), loss_type="stablemax_cross_entropy")
+    head.train()
+    step_model = torch.compile(head) if provider.endswith("compile") else head
+    opt = AdamATan2(head.parameters(), lr=0, betas=(0.9, 0.95), weight_decay=0.1)
+    emb_opt = CastedSparseEmbeddingSignSGD(head.model.inner.puzzle_emb, lr=0, weight_decay=0.1)
+    return head, step_model, opt, emb_opt
+
+
+def make_batch(shape: str, seed: int):
+    s = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    b, n = s["batch_size"], s["seq_len"]
+    return {"inputs": torch.randint(1, s["vocab_size"], (b, n), device="cuda", generator=g, dtype=torch.int32),
+            "labels": torch.randint(1, s["vocab_size"], (b, n), device="cuda", generator=g, dtype=torch.int32),
+            "puzzle_identifiers": torch.randint(1, s["num_puzzle_identifiers"], (b,), device="cuda",
+                                                generator=g, dtype=torch.int32)}
+
+
+def classify(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma")):
+        return "matmul"
+    return "other"
+
+
+def run(shape: str, gated: bool, provider: str, steps: int = 10) -> dict:
+    torch.manual_seed(0)
+    head, step_model, opt, emb_opt = build(shape, gated, provider)
+    batch = make_batch(shape, 0)
+    gbs = SHAPES[shape]["batch_size"]
+    carry = head.initial_carry(batch)
+
+    def train_step(carry):
+        for group in opt.param_groups:
+            group["lr"] = 1e-4
+        emb_opt.param_groups[0]["lr"] = 1e-2
+        carry, loss, metrics, _, _ = step_model(carry=carry, batch=batch, return_keys=())
+        (loss / gbs).backward()
+        opt.step()
+        emb_opt.step()
+        opt.zero_grad(set_to_none=True)
+        emb_opt.zero_grad(set_to_none=True)
+        return carry
+
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    carry = train_step(carry)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        carry = train_step(carry)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        carry = train_step(carry)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            carry = train_step(carry)
+        torch.cuda.synchronize()
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        split[classify(e.key)] += (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
+    tokens = gbs * SHAPES[shape]["seq_len"]
+    return {"shape": shape, "gated": gated, "provider": provider, "ms": ms, "tokens_per_s": tokens / ms * 1e3,
+            "first_step_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [f"### Training step ({environment()})", "",
+             "| shape | gated | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['gated']} | {r['provider']} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | "
+                     f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | "
+                     f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['other']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--shape", nargs="*", default=["sudoku"], choices=list(SHAPES))
+    parser.add_argument("--gated", nargs="*", type=int, default=[1])
+    parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    args = parser.parse_args(argv)
+    rows = []
+    for shape in args.shape:
+        for gated in args.gated:
+            for provider in args.providers:
+                r = run(shape, bool(gated), provider)
+                print(r, flush=True)
+                rows.append(r)
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+    table = markdown(rows)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
