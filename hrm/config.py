@@ -126,6 +126,8 @@ class HRMConfig(BaseModel):
         """An ``HRMConfig`` from itself, a mapping (dict, OmegaConf DictConfig) or keyword fields."""
         if isinstance(config, cls):
             return config
+        if isinstance(config, BaseModel):  # another pydantic model, e.g. a trainer's arch config
+            config = {**config.model_dump(), **(config.__pydantic_extra__ or {})}
         if hasattr(config, "items") and not isinstance(config, dict):
             try:  # OmegaConf containers: resolve interpolations like ${.hidden_size}
                 from omegaconf import OmegaConf

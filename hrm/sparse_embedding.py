@@ -118,8 +118,13 @@ class CastedSparseEmbeddingSignSGD(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             local_weights, local_ids, weights = self._split(group)
-            if local_weights.grad is None:
-                continue
-            _sign_sgd_sparse_update(local_weights.grad, local_ids, weights, float(group["lr"]),
-                                    float(group["weight_decay"]), self._world_size(group))
+            world_size = self._world_size(group)
+            grad = local_weights.grad
+            if grad is None:
+                if world_size == 1:
+                    continue
+                # Every rank must join the all-gather; a rank without a gradient adds zeros.
+                grad = torch.zeros_like(local_weights)
+            _sign_sgd_sparse_update(grad, local_ids, weights, float(group["lr"]),
+                                    float(group["weight_decay"]), world_size)
         return loss
