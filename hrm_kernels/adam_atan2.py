@@ -21,9 +21,13 @@ arguments computed in Python from the step count, which lives on the host as a P
 
 Traffic: reads p, g, m, v and writes p, m, v: 7 * 4 bytes per fp32 parameter.
 
-``atan2`` is computed from core Triton math (a degree-19 odd minimax polynomial for atan on
-[0, 1] with octant reduction, within ~2 float32 ulps), since libdevice does not run in Triton's
-CPU interpreter.
+``atan2`` is computed from core Triton math (an odd degree-21 minimax polynomial for atan on
+[0, 1] with octant reduction; max 1.3 float32 ulps from the float64 atan2 in the tests), since
+libdevice does not run in Triton's CPU interpreter.
+
+Measured (H100, torch 2.11, triton 3.6; benchmarks/bench_adam_atan2.py): one step on HRM's
+27.3M fp32 parameters takes 260 us of GPU time (2.94 TB/s of the 764 MB counted), vs 292 us
+for ``torch.optim.AdamW(fused=True)`` and 813 us for the same math per tensor in PyTorch.
 """
 
 from __future__ import annotations
@@ -174,8 +178,8 @@ class _LaunchTables:
 
     def __init__(self, max_entries: int = 16):
         self.max_entries = max_entries
-        self.pointers: OrderedDict = OrderedDict()
-        self.chunks: OrderedDict = OrderedDict()
+        self.pointers: OrderedDict = OrderedDict()  # (device, ptrs, numels, chunk) -> launch args
+        self.chunks: OrderedDict = OrderedDict()  # (device, numels, chunk) -> chunk table
 
     @staticmethod
     def _upload(values, device: torch.device) -> torch.Tensor:
@@ -184,15 +188,11 @@ class _LaunchTables:
             host = host.pin_memory()
         return host.to(device, non_blocking=True)
 
-    def _get(self, cache: OrderedDict, key, build):
-        table = cache.get(key)
-        if table is None:
-            table = cache[key] = build()
-            while len(cache) > self.max_entries:
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
-        return table
+    def _remember(self, cache: OrderedDict, key, value):
+        cache[key] = value
+        while len(cache) > self.max_entries:
+            cache.popitem(last=False)
+        return value
 
     @staticmethod
     def _chunk_list(numels: tuple, chunk: int) -> torch.Tensor:
@@ -202,13 +202,35 @@ class _LaunchTables:
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return (tensor_index << 32) | (torch.arange(int(counts.sum())) - first)
 
-    def get(self, device: torch.device, ptrs: tuple, numels: tuple, chunk: int):
-        ptr_table = self._get(self.pointers, (device, ptrs, numels),
-                              lambda: self._upload(list(ptrs) + list(numels), device))
-        chunk_table = self._get(self.chunks, (device, numels, chunk), lambda: self._upload(
-            self._chunk_list(numels, chunk), device))
-        n_tensors = len(numels)
-        return ptr_table[:4 * n_tensors], ptr_table[4 * n_tensors:], chunk_table
+    def get(self, device: torch.device, ptrs: tuple, numels: tuple, chunk: int) -> tuple:
+        """(pointer table [4 T], numel table [T], chunk table [C], C) on ``device``."""
+        key = (device, ptrs, numels, chunk)
+        entry = self.pointers.get(key)
+        if entry is not None:
+            return entry
+        chunk_key = (device, numels, chunk)
+        chunk_table = self.chunks.get(chunk_key)
+        if chunk_table is None:
+            chunk_table = self._remember(self.chunks, chunk_key,
+                                         self._upload(self._chunk_list(numels, chunk), device))
+        table = self._upload(ptrs + numels, device)
+        n = len(numels)
+        return self._remember(self.pointers, key, (table[:4 * n], table[4 * n:], chunk_table,
+                                                   chunk_table.numel()))
+
+
+def _launch_fused(tables: _LaunchTables, device: torch.device, dtype: torch.dtype, ptrs: tuple,
+                  numels: tuple, aligned: bool, step_size: float, wd_alpha: float, beta1: float,
+                  beta2: float, bc2_sqrt: float) -> None:
+    ptr_table, numel_table, chunk_table, n_chunks = tables.get(device, ptrs, numels, LAUNCH["chunk"])
+    if n_chunks == 0:  # only empty tensors
+        return
+    _adam_atan2_kernel[(n_chunks,)](
+        ptr_table, numel_table, chunk_table,
+        float(step_size), float(wd_alpha), float(1.0 - beta1), float(1.0 - beta2), float(bc2_sqrt),
+        DTYPE=_TRITON_DTYPES[dtype], CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], ALIGNED=aligned,
+        num_warps=LAUNCH["num_warps"],
+    )
 
 
 def adam_atan2_fused(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *,
@@ -218,20 +240,11 @@ def adam_atan2_fused(params: list, grads: list, exp_avgs: list, exp_avg_sqs: lis
     device, one dtype (float32, bfloat16 or float16; math in float32)."""
     if not params:
         return
-    device, dtype = params[0].device, params[0].dtype
-    tables = tables if tables is not None else _LaunchTables(max_entries=1)
     ptrs = tuple(t.data_ptr() for quad in zip(params, grads, exp_avgs, exp_avg_sqs) for t in quad)
     numels = tuple(p.numel() for p in params)
-    ptr_table, numel_table, chunk_table = tables.get(device, ptrs, numels, LAUNCH["chunk"])
-    if chunk_table.numel() == 0:  # only empty tensors
-        return
     aligned = all(ptr % 16 == 0 for ptr in ptrs)
-    _adam_atan2_kernel[(chunk_table.numel(),)](
-        ptr_table, numel_table, chunk_table,
-        float(step_size), float(wd_alpha), float(1.0 - beta1), float(1.0 - beta2), float(bc2_sqrt),
-        DTYPE=_TRITON_DTYPES[dtype], CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], ALIGNED=aligned,
-        num_warps=LAUNCH["num_warps"],
-    )
+    _launch_fused(tables if tables is not None else _LaunchTables(max_entries=1), params[0].device,
+                  params[0].dtype, ptrs, numels, aligned, step_size, wd_alpha, beta1, beta2, bc2_sqrt)
 
 
 def adam_atan2_eager(params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *,
@@ -333,50 +346,63 @@ class AdamATan2(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             lr, betas, weight_decay = group["lr"], group["betas"], group["weight_decay"]
             _check_hyperparameters(lr, betas, weight_decay, where=f"AdamATan2 param group {index}")
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.is_sparse:
+            with_grad = []
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
                     raise RuntimeError("AdamATan2 does not support sparse gradients (parameter of "
                                        f"shape {tuple(p.shape)} in param group {index}); use a "
                                        "dense gradient, e.g. nn.Embedding(sparse=False)")
+                with_grad.append((p, g))
             self._update_group(with_grad, float(lr), float(betas[0]), float(betas[1]),
                                float(weight_decay))
         return loss
 
-    def _update_group(self, params: list, lr: float, beta1: float, beta2: float,
+    def _update_group(self, with_grad: list, lr: float, beta1: float, beta2: float,
                       weight_decay: float) -> None:
         # Bucket by what one launch can share: device, dtype, step count (bias corrections).
+        # This loop runs every step on the host: kept to plain attribute and dict accesses.
         buckets: dict = {}
-        for p in params:
-            state = self.state[p]
-            if len(state) == 0:
+        state_of = self.state
+        for p, g in with_grad:
+            state = state_of[p]
+            if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            bucket = buckets.setdefault((p.device, p.dtype, state["step"]), ([], [], [], []))
-            for lst, t in zip(bucket, (p, p.grad, state["exp_avg"], state["exp_avg_sq"])):
-                lst.append(t)
-        for (device, dtype, step), (ps, gs, ms, vs) in buckets.items():
+            step = state["step"] = state["step"] + 1
+            key = (p.device, p.dtype, step)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = []
+            bucket.append((p, g, state["exp_avg"], state["exp_avg_sq"]))
+        for (device, dtype, step), quads in buckets.items():
             scalars = dict(step_size=lr / (1.0 - beta1 ** step), wd_alpha=1.0 - lr * weight_decay,
                            beta1=beta1, beta2=beta2, bc2_sqrt=math.sqrt(1.0 - beta2 ** step))
             if dtype not in _TRITON_DTYPES or not use_triton(device):
-                adam_atan2_eager(ps, gs, ms, vs, **scalars)
+                adam_atan2_eager(*map(list, zip(*quads)), **scalars)
                 continue
-            fused = [all(t.is_contiguous() and t.dtype == dtype for t in quad)
-                     for quad in zip(ps, gs, ms, vs)]
-            if all(fused):
-                self._launch(device, ps, gs, ms, vs, scalars)
-                continue
-            pick = lambda lst, want: [t for t, f in zip(lst, fused) if f == want]  # noqa: E731
-            self._launch(device, *(pick(lst, True) for lst in (ps, gs, ms, vs)), scalars)
-            adam_atan2_eager(*(pick(lst, False) for lst in (ps, gs, ms, vs)), **scalars)
-
-    def _launch(self, device: torch.device, ps, gs, ms, vs, scalars: dict) -> None:
-        if device.type == "cuda" and device.index is not None and \
-                device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                adam_atan2_fused(ps, gs, ms, vs, tables=self._tables, **scalars)
-        else:
-            adam_atan2_fused(ps, gs, ms, vs, tables=self._tables, **scalars)
-
+            ptrs, numels, others, bits = [], [], [], 0
+            for quad in quads:
+                p, g, m, v = quad
+                if (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+                        and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype):
+                    pp, gp, mp, vp = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
+                    ptrs += (pp, gp, mp, vp)
+                    bits |= pp | gp | mp | vp
+                    numels.append(p.numel())
+                else:  # e.g. a transposed parameter: the eager path handles any layout
+                    others.append(quad)
+            if numels:
+                if device.type == "cuda" and device.index is not None and \
+                        device.index != torch.cuda.current_device():
+                    with torch.cuda.device(device):
+                        _launch_fused(self._tables, device, dtype, tuple(ptrs), tuple(numels),
+                                      bits % 16 == 0, **scalars)
+                else:
+                    _launch_fused(self._tables, device, dtype, tuple(ptrs), tuple(numels),
+                                  bits % 16 == 0, **scalars)
+            if others:
+                adam_atan2_eager(*map(list, zip(*others)), **scalars)

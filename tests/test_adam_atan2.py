@@ -249,8 +249,13 @@ def test_one_launch_per_group(monkeypatch):
     if not (CUDA or triton_interpreting()):
         pytest.skip("needs CUDA or the Triton interpreter")
     calls = []
-    real = mod.adam_atan2_fused
-    monkeypatch.setattr(mod, "adam_atan2_fused", lambda ps, *a, **k: (calls.append(len(ps)), real(ps, *a, **k)))
+    real = mod._launch_fused
+
+    def counting(tables, device, dtype, ptrs, numels, *args, **kwargs):
+        calls.append(len(numels))
+        return real(tables, device, dtype, ptrs, numels, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "_launch_fused", counting)
     params = [torch.nn.Parameter(torch.randn(s, device=DEVICE)) for s in [(3,), (40, 5), (17,), (1,)]]
     opt = AdamATan2([dict(params=params[:3]), dict(params=params[3:], lr=0.0)], lr=1e-3)
     for p in params:
