@@ -228,3 +228,12 @@ def test_quickstart_rebuilds_when_settings_change(tmp_path):
     assert os.path.getmtime(os.path.join(out, "train", "dataset.json")) == stamp
     quickstart.ensure_built(out, train_per_grid=3, test_per_grid=1)
     assert validate_dataset(out)["train"]["puzzles"] == 240 * 3
+
+
+def test_sudoku_batch_augmentation_valid_and_varied():
+    q, a = sudoku.generate_puzzle(random.Random(3), 0)
+    qs, as_ = sudoku.shuffle_sudoku_batch(q, a, np.random.default_rng(0), 50)
+    assert len({x.tobytes() for x in as_}) == 50
+    for qa, aa in zip(qs, as_):
+        assert sudoku.is_valid_solution(aa) and np.all((qa == 0) | (qa == aa))
+        assert (qa > 0).sum() == (q > 0).sum() and sudoku.count_solutions(qa) == 1

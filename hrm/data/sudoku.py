@@ -204,6 +204,27 @@ def shuffle_sudoku(board: np.ndarray, solution: np.ndarray, rng: np.random.Gener
     return apply(board), apply(solution)
 
 
+def shuffle_sudoku_batch(board: np.ndarray, solution: np.ndarray, rng: np.random.Generator, n: int):
+    """`n` independent `shuffle_sudoku` draws at once: ([n, 9, 9] puzzles, [n, 9, 9] solutions)."""
+    digit_map = np.zeros((n, 10), dtype=np.uint8)
+    digit_map[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (n, 1)), axis=1)
+    transpose = rng.random(n) < 0.5
+    inner = lambda: rng.permuted(np.tile(np.arange(3), (n, 3, 1)), axis=2)  # noqa: E731
+    outer = rng.permuted(np.tile(np.arange(3), (n, 1)), axis=1)
+    rows = (3 * outer[:, :, None] + inner()).reshape(n, 9)
+    outer = rng.permuted(np.tile(np.arange(3), (n, 1)), axis=1)
+    cols = (3 * outer[:, :, None] + inner()).reshape(n, 9)
+    idx = np.arange(n)[:, None, None]
+
+    def apply(x):
+        x = np.asarray(x).reshape(9, 9)
+        xs = np.where(transpose[:, None, None], x.T[None], x[None])
+        xs = xs[idx, rows[:, :, None], cols[:, None, :]]
+        return np.take_along_axis(digit_map, xs.reshape(n, 81).astype(np.intp), axis=1).reshape(n, 9, 9)
+
+    return apply(board), apply(solution)
+
+
 # ------------------------------------------------------------------------------------------------
 # CSV input
 # ------------------------------------------------------------------------------------------------
@@ -238,11 +259,14 @@ def write_sudoku_split(output_dir: str, split: str, puzzles, num_aug: int, rng: 
     all with puzzle identifier 0 (the reference's Sudoku layout)."""
     w = SplitWriter(81)
     for q, a, _ in tqdm(puzzles, desc=f"Writing {split}"):
-        group = [[(q + 1, a + 1)]]  # digits+1; blank 0 -> token 1, pad 0 never appears
-        for _ in range(num_aug):
-            qa, aa = shuffle_sudoku(q, a, rng)
-            group.append([(qa + 1, aa + 1)])
-        w.add_group(group, [0] * len(group))
+        qs, as_ = q.reshape(1, 81), a.reshape(1, 81)
+        if num_aug > 0:
+            qa, aa = shuffle_sudoku_batch(q, a, rng, num_aug)
+            qs = np.concatenate([qs, qa.reshape(num_aug, 81)])
+            as_ = np.concatenate([as_, aa.reshape(num_aug, 81)])
+        # digits+1: blank 0 -> token 1, pad 0 never appears
+        w.add_block(qs + 1, as_ + 1, [1] * qs.shape[0], [0] * qs.shape[0])
+        w.end_group()
     return write_writer_split(output_dir, split, w, vocab_size=11, num_puzzle_identifiers=1)
 
 
