@@ -21,10 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 DEFAULT_CONFIG_NAME = "cfg_pretrain"
 
-if not OmegaConf.has_resolver("hrm_cwd"):
-    # Resolved at composition time: the directory the command runs in (os.getcwd, not $PWD, which
-    # is stale under subprocess(cwd=...)).
-    OmegaConf.register_new_resolver("hrm_cwd", lambda: os.getcwd())
+
+
+def user_searchpath_override() -> str:
+    """``hydra.searchpath=['file://<cwd>/config']``: os.getcwd(), not $PWD (stale under
+    subprocess(cwd=...)), quoted for Hydra's override grammar."""
+    path = (Path(os.getcwd()) / "config").as_posix()
+    quoted = path.replace("\\", "\\\\").replace("'", "\\'")
+    return f"hydra.searchpath=['file://{quoted}']"
 
 
 class ConfigError(ValueError):
@@ -39,6 +43,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = DEFAULT_CONFIG_NAM
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     overrides = list(overrides)
+    hydra_overrides = overrides
+    if not any(o.lstrip("+").startswith("hydra.searchpath") for o in overrides):
+        hydra_overrides = [user_searchpath_override()] + overrides
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -46,7 +53,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = DEFAULT_CONFIG_NAM
                 warnings.catch_warnings():
             # <cwd>/config usually does not exist; that is fine, not worth a warning.
             warnings.filterwarnings("ignore", message=r".*hydra\.searchpath.* is not available")
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=hydra_overrides)
     except OverrideParseException as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"could not parse the command-line override(s) {overrides}: {first} "

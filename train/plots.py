@@ -79,7 +79,8 @@ def plot_gate_evolution(records: list[dict], eval_metrics: dict, path: str | os.
 
     if latest:
         names = sorted(latest)
-        stats = sorted({s for v in latest.values() for s in v if not s.startswith("contrib")})
+        # Values in [0, 1] only (contribution and saturation are unbounded).
+        stats = [s for s in ("mean", "frac_low", "frac_high", "share") if any(s in v for v in latest.values())]
         width = 0.8 / max(len(stats), 1)
         for i, stat in enumerate(stats):
             xs = [j + i * width for j in range(len(names))]

@@ -151,7 +151,7 @@ def ensure_dataset(cfg: dict, info: distributed.DistInfo) -> None:
             from hrm.data import quickstart
 
             print(f"Building the quickstart dataset in {path} (first run only) ...", flush=True)
-            quickstart.build(path)
+            quickstart.ensure_built(path)
         if info.world_size > 1:
             dist.barrier()
     try:
@@ -301,7 +301,8 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
 def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
              return_keys: Sequence[str] = (), progress: bool = False):
     """Run the test split. Returns (metrics {f"{set}/{name}": value} on rank 0 else None,
-    outputs {key: CPU tensor} of this rank for ``return_keys``)."""
+    outputs {key: CPU tensor} of this rank for ``return_keys``, padding rows dropped, plus
+    ``example_index`` / ``set_index``: which test example of which set each row is)."""
     from tqdm import tqdm
 
     head = state.head
@@ -316,7 +317,13 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
         bar = tqdm(total=eval_ds.num_test_batches(), desc="eval", leave=False, dynamic_ncols=True)
     try:
         with torch.inference_mode():
-            for set_name, batch, _ in eval_ds:
+            offsets = {name: 0 for name in set_ids}
+            local = eval_ds.local_batch_size
+            for set_name, batch, effective in eval_ds:
+                # Which test examples this rank's rows are (the last share may be padded).
+                start = offsets[set_name] + info.rank * local
+                offsets[set_name] += effective
+                n_real = max(0, min(local, offsets[set_name] - start))
                 batch = to_device(batch, info.device)
                 with torch.device(info.device):
                     carry = head.initial_carry(batch)
@@ -325,10 +332,13 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
                                                                          return_keys=tuple(return_keys))
                     if bool(all_finish):
                         break
-                for k in return_keys:
-                    src = preds if k in preds else batch
-                    if k in src:
-                        outputs.setdefault(k, []).append(src[k].detach().cpu())
+                if return_keys:
+                    for k in return_keys:
+                        src = preds if k in preds else batch
+                        if k in src:
+                            outputs.setdefault(k, []).append(src[k][:n_real].detach().cpu())
+                    outputs.setdefault("example_index", []).append(torch.arange(start, start + n_real))
+                    outputs.setdefault("set_index", []).append(torch.full((n_real,), set_ids[set_name]))
                 if sums is None:
                     keys = sorted(metrics.keys())
                     sums = torch.zeros(len(set_ids), len(keys), dtype=torch.float64, device=info.device)
@@ -434,10 +444,20 @@ def restore_checkpoint(path: Path, state: TrainState, train_ds, info: distribute
 
 def main(cfg: DictConfig | dict, overrides: Sequence[str] = ()) -> dict:
     """Train with a composed config. Returns the final evaluation metrics (rank 0; {} elsewhere)."""
+    import contextlib
+
     cfg_dict = cfg if isinstance(cfg, dict) else to_container(cfg)
     info = distributed.setup(str(cfg_dict.get("device", "auto")))
     try:
-        return _train(cfg_dict, info)
+        # arch.kernels also picks the optimizer's implementation (hrm_kernels' global switch).
+        kernels = str(cfg_dict.get("arch", {}).get("kernels", "auto"))
+        ctx = contextlib.nullcontext()
+        if kernels in ("triton", "eager"):
+            from hrm_kernels import use_backend
+
+            ctx = use_backend(kernels)
+        with ctx:
+            return _train(cfg_dict, info)
     finally:
         distributed.teardown(info)
 
