@@ -44,6 +44,7 @@ class TrainingDiverged(RuntimeError):
 # ============================================================================================
 
 SAFE_GROUPS = ("arch",)
+PER_INVOCATION = ("max_steps", "init_from")
 
 
 def _override_key(override: str) -> str:
@@ -58,6 +59,10 @@ def merge_saved_config(cfg: DictConfig, overrides: Sequence[str], saved: dict) -
     fixes the model), but its explicit fields (``arch.halt_max_steps=8``) do apply."""
     merged = OmegaConf.create(saved)
     OmegaConf.set_struct(merged, False)
+    # Settings of one invocation, not of the run: a stop step or start weights do not carry over.
+    for key in PER_INVOCATION:
+        if key in merged:
+            merged[key] = OmegaConf.select(cfg, key)
     for ov in overrides:
         key = _override_key(ov)
         if key in SAFE_GROUPS or key.startswith("hydra"):

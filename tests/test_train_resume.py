@@ -1,0 +1,146 @@
+"""Checkpoints: exact resume, atomic writes, non-finite loss, weight-only checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import checkpointing
+from train.pretrain import TrainingDiverged, run
+from train.testing import QUIET, REPO, TINY_ARCH, build_tiny_sudoku4, subprocess_env
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return build_tiny_sudoku4(tmp_path_factory.mktemp("data") / "sudoku4")
+
+
+def common(data, ckpt_dir):
+    # 272 examples / 32 = 8 steps an epoch; 2 epochs, an evaluation (and checkpoint) after each.
+    # ACT exploration on (halt_exploration_prob 0.1 by default): the random streams must resume too.
+    return [f"data_path={data}", *TINY_ARCH, *QUIET, "global_batch_size=32", "epochs=2", "eval_interval=1",
+            "lr=3e-3", "lr_warmup_steps=3", f"checkpoint_path={ckpt_dir}", "arch.halt_max_steps=3"]
+
+
+def load(path):
+    return checkpointing.load_file(path)
+
+
+def test_resume_is_exact(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    full = run(common(tiny_data, tmp_path / "full"))
+    # Stopped mid-epoch (step 5 of 16), then resumed with the same command.
+    run(common(tiny_data, tmp_path / "split") + ["max_steps=5"])
+    assert checkpointing.latest_checkpoint(tmp_path / "split").name == "step_5.pt"
+    resumed = run(common(tiny_data, tmp_path / "split"))
+
+    a, b = load(tmp_path / "full" / "step_16.pt"), load(tmp_path / "split" / "step_16.pt")
+    assert a["step"] == b["step"] == 16
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for p in sa["state"]:
+            for name, t in sa["state"][p].items():
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t, sb["state"][p][name]), (p, name)
+    assert full == resumed  # same evaluation metrics at the end
+    # Reference key names, no torch.compile prefix.
+    assert "model.inner.lm_head.weight" in a["model"] and not any("_orig_mod" in k for k in a["model"])
+
+
+def test_resume_by_guide_command_uses_saved_config(tiny_data, tmp_path, monkeypatch):
+    """The guide's resume command names only arch and checkpoint_path: the rest comes from the run."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["arch=hrm_v1_gated", "max_steps=4"])
+    from train.pretrain import resolve_config
+
+    cfg = resolve_config(["arch=hrm_v1_gated", f"checkpoint_path={tmp_path / 'run'}", "max_steps=6"])
+    assert cfg.data_path == str(tiny_data) and cfg.global_batch_size == 32 and cfg.arch.hidden_size == 32
+    assert cfg.max_steps == 6
+    run(["arch=hrm_v1_gated", f"checkpoint_path={tmp_path / 'run'}", "max_steps=6"])
+    assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step_6.pt"
+
+
+def test_atomic_write_keeps_previous_latest(tmp_path, monkeypatch):
+    checkpointing.save_training_state(tmp_path, 1, {"model": {"w": torch.ones(3)}})
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpointing.save_training_state(tmp_path, 2, {"model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    latest = checkpointing.latest_checkpoint(tmp_path)
+    assert latest.name == "step_1.pt"
+    assert torch.equal(load(latest)["model"]["w"], torch.ones(3))
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+    assert not (tmp_path / "step_2.pt").exists()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from hrm import ACTLossHead
+
+    original = ACTLossHead.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        carry, loss, metrics, outputs, halted = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 10:  # step 10: after the epoch-1 checkpoint (step 8)
+                loss = loss * float("nan")
+        return carry, loss, metrics, outputs, halted
+
+    monkeypatch.setattr(ACTLossHead, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="at step 10") as e:
+        run(common(tiny_data, tmp_path / "nan"))
+    assert "step_8.pt" in str(e.value)
+    latest = checkpointing.latest_checkpoint(tmp_path / "nan")
+    assert latest.name == "step_8.pt"
+    state = load(latest)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_weight_only_checkpoint_evaluates_and_finetunes(tiny_data, tmp_path, monkeypatch):
+    """A reference-style file: a bare state dict with torch.compile's `_orig_mod.` prefix, named
+    step_<N>, with the reference trainer's all_config.yaml (class-path names) beside it."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "src") + ["max_steps=3"])
+    full = load(tmp_path / "src" / "step_3.pt")
+    ref_dir = tmp_path / "reference_run"
+    ref_dir.mkdir()
+    torch.save({f"_orig_mod.{k}": v for k, v in full["model"].items()}, ref_dir / "step_3")
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "src" / "all_config.yaml").read_text())
+    cfg["arch"]["name"] = "hrm.hrm_act_v1@HierarchicalReasoningModel_ACTV1"
+    cfg["arch"]["loss"] = {"name": "losses@ACTLossHead", "loss_type": "stablemax_cross_entropy"}
+    for extra in ("compile", "device", "wandb", "progress", "log_interval", "max_steps", "data_build", "init_from"):
+        cfg.pop(extra, None)
+    (ref_dir / "all_config.yaml").write_text(yaml.safe_dump(cfg))
+
+    out = subprocess.run([sys.executable, str(REPO / "train" / "evaluate.py"), f"checkpoint={ref_dir / 'step_3'}",
+                          "save_outputs=true"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "all/exact_accuracy" in out.stdout
+    saved = torch.load(ref_dir / "eval_step3_outputs.pt", weights_only=True)
+    assert saved["preds"].shape == (16, 16) and saved["example_index"].tolist() == list(range(16))
+
+    # Fine-tuning: a new run starting from those weights.
+    run(common(tiny_data, tmp_path / "ft") + [f"init_from={ref_dir / 'step_3'}", "max_steps=1"])
+    ft = load(tmp_path / "ft" / "step_1.pt")
+    assert ft["step"] == 1
+    # Resuming from a weight-only file is refused with a pointer to init_from.
+    from train.config_utils import ConfigError
+
+    with pytest.raises(ConfigError, match="init_from"):
+        run(common(tiny_data, ref_dir))
