@@ -232,3 +232,9 @@ def test_validate_catches_inconsistent_arrays(toy):
 def test_bad_batch_split(toy):
     with pytest.raises(ValueError, match="multiple"):
         _ds(toy, global_batch_size=9, num_replicas=2, rank=0)
+
+
+def test_split_defaults_follow_mode(toy):
+    assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=True).split == "test"
+    assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=False).split == "train"
+    assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=True, split="train").split == "train"

@@ -146,13 +146,16 @@ def validate_dataset(dataset_path: str, splits=("train", "test"), check_values: 
             if pid.size and (pid.min() < 0 or pid.max() >= meta.num_puzzle_identifiers):
                 bad(f"puzzle_identifiers outside [0, num_puzzle_identifiers={meta.num_puzzle_identifiers})")
             if check_values and inp.size:
-                if inp.min() < 0 or inp.max() >= meta.vocab_size:
-                    bad(f"input tokens outside [0, vocab_size={meta.vocab_size})")
-                lab_ok = (lab >= 0) & (lab < meta.vocab_size)
-                if meta.ignore_label_id is not None:
-                    lab_ok |= lab == meta.ignore_label_id
-                if not lab_ok.all():
-                    bad(f"label tokens outside [0, vocab_size={meta.vocab_size})")
+                step = max(1, (16 << 20) // max(1, meta.seq_len))  # bounded memory on multi-GB sets
+                for lo in range(0, inp.shape[0], step):
+                    blk_i, blk_l = np.asarray(inp[lo:lo + step]), np.asarray(lab[lo:lo + step])
+                    if blk_i.min() < 0 or blk_i.max() >= meta.vocab_size:
+                        bad(f"input tokens outside [0, vocab_size={meta.vocab_size})")
+                    lab_ok = (blk_l >= 0) & (blk_l < meta.vocab_size)
+                    if meta.ignore_label_id is not None:
+                        lab_ok |= blk_l == meta.ignore_label_id
+                    if not lab_ok.all():
+                        bad(f"label tokens outside [0, vocab_size={meta.vocab_size})")
             groups += gidx.size - 1
             puzzles += pid.size
             examples += inp.shape[0]
@@ -210,17 +213,18 @@ def sample_train_indices(rng: np.random.Generator, group_indices: np.ndarray, pu
 
 
 class PuzzleDataset(IterableDataset):
-    """See the module docstring. `PuzzleDataset(config, split="train")` with a PuzzleDatasetConfig,
-    or `PuzzleDataset(dataset_path=..., global_batch_size=..., test_set_mode=..., seed=...)`."""
+    """See the module docstring. `PuzzleDataset(config, split)` with a PuzzleDatasetConfig, or
+    `PuzzleDataset(dataset_path=..., global_batch_size=..., test_set_mode=..., seed=...)`.
+    `split` defaults to "test" in test-set mode and "train" otherwise."""
 
-    def __init__(self, config: Optional[PuzzleDatasetConfig] = None, split: str = "train", **kwargs):
+    def __init__(self, config: Optional[PuzzleDatasetConfig] = None, split: Optional[str] = None, **kwargs):
         super().__init__()
         if config is None:
             config = PuzzleDatasetConfig(**kwargs)
         elif kwargs:
             config = config.model_copy(update=kwargs)
         self.config = config
-        self.split = split
+        self.split = split = split or ("test" if config.test_set_mode else "train")
         self.metadata = load_metadata(config.dataset_path, split)
         if config.num_replicas < 1 or not (0 <= config.rank < config.num_replicas):
             raise ValueError(f"rank {config.rank} must be in [0, num_replicas={config.num_replicas})")
