@@ -1,0 +1,51 @@
+"""torchrun with 2 CPU processes (gloo) against one process on the same global batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from train import checkpointing
+from train.testing import QUIET, REPO, TINY_ARCH, build_tiny_arc, subprocess_env
+
+PRETRAIN = str(REPO / "train" / "pretrain.py")
+
+
+@pytest.fixture(scope="module")
+def arc_data(tmp_path_factory):
+    # ARC: one puzzle identifier per augmented copy, so the sparse puzzle embeddings are exercised.
+    return build_tiny_arc(tmp_path_factory.mktemp("data") / "arc-tiny")
+
+
+def test_two_gloo_ranks_match_one_process(arc_data, tmp_path):
+    # 16 train examples / global batch 4: about 3-4 steps an epoch (partial batches dropped), 2 epochs with an evaluation after each.
+    # Exploration off: its random draws are per rank by design, so they would differ from one process.
+    args = [f"data_path={arc_data}", *TINY_ARCH, *QUIET, "global_batch_size=4", "epochs=2", "eval_interval=1",
+            "lr=1e-2", "lr_warmup_steps=2", "puzzle_emb_lr=1e-1", "arch.halt_exploration_prob=0", "device=cpu"]
+    single = subprocess.run([sys.executable, PRETRAIN, *args, f"checkpoint_path={tmp_path / 'one'}"],
+                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            PRETRAIN, *args, f"checkpoint_path={tmp_path / 'two'}"],
+                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert "x2 ranks" in multi.stdout
+
+    a = checkpointing.load_file(checkpointing.latest_checkpoint(tmp_path / "one"))
+    b = checkpointing.load_file(checkpointing.latest_checkpoint(tmp_path / "two"))
+    step = a["step"]
+    assert step > 2 and b["step"] == step and b["world_size"] == 2
+    assert (tmp_path / "two" / f"step_{step}.rank1.pt").is_file()  # rank 1's RNG / carry / data position
+    emb = "model.inner.puzzle_emb.weights"
+    assert emb in a["model"] and not torch.equal(a["model"][emb], torch.zeros_like(a["model"][emb]))
+    for k, v in a["model"].items():
+        # fp32 sums in another order (all-reduce of two halves): tiny differences only. Sign-SGD
+        # embeddings move by exactly +-lr, so they must agree exactly unless a gradient is ~0.
+        torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    # The same evaluation metrics, reduced over both ranks.
+    line = [l for l in single.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
+    line2 = [l for l in multi.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
+    assert line and line == line2
