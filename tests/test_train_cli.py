@@ -273,3 +273,12 @@ def test_quickstart_config_composes(tmp_path, monkeypatch):
     cfg = compose([], "quickstart")
     assert cfg.arch.use_gating is True and cfg.data_build == "quickstart" and cfg.arch.kernels == "auto"
     assert cfg.epochs % cfg.eval_interval == 0
+
+
+def test_quickstart_builds_its_data_on_first_use(tmp_path, monkeypatch):
+    """The README command's path, cut to two steps: the dataset appears, training runs, a
+    checkpoint is written (the full run is measured by hand: see the README)."""
+    monkeypatch.chdir(tmp_path)
+    run(["max_steps=2", "wandb=false", "progress=false", "arch.kernels=eager"], config_name="quickstart")
+    assert (tmp_path / "data" / "quickstart-sudoku4" / "test" / "dataset.json").is_file()
+    assert list((tmp_path / "checkpoints" / "HRM quickstart").glob("*/step_2.pt"))

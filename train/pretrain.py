@@ -44,7 +44,7 @@ class TrainingDiverged(RuntimeError):
 # ============================================================================================
 
 SAFE_GROUPS = ("arch",)
-PER_INVOCATION = ("max_steps", "init_from")
+PER_INVOCATION = ("max_steps", "max_train_minutes", "init_from")
 
 
 def _override_key(override: str) -> str:
@@ -104,6 +104,8 @@ def check_config(cfg: dict, world_size: int) -> None:
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
+    mt = cfg.get("max_train_minutes")
+    need(mt is None or (isinstance(mt, (int, float)) and mt > 0), f"max_train_minutes must be null or > 0, got {mt!r}")
     ms = cfg.get("max_steps")
     need(ms is None or (isinstance(ms, int) and ms >= 0), f"max_steps must be null or an integer >= 0, got {ms!r}")
     need(isinstance(cfg.get("eval_save_outputs", []), list), "eval_save_outputs must be a list, e.g. [inputs,logits]")
@@ -155,7 +157,6 @@ def ensure_dataset(cfg: dict, info: distributed.DistInfo) -> None:
         if info.is_main:
             from hrm.data import quickstart
 
-            print(f"Building the quickstart dataset in {path} (first run only) ...", flush=True)
             quickstart.ensure_built(path)
         if info.world_size > 1:
             dist.barrier()
@@ -257,6 +258,7 @@ class TrainState:
     carry: Any
     step: int
     total_steps: int
+    compiled_ok: bool = False       # the compiled forward has run once
 
 
 def lr_at(cfg: dict, base_lr: float, step: int, total_steps: int) -> float:
@@ -278,7 +280,18 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
     if state.carry is None:
         with torch.device(info.device):
             state.carry = state.head.initial_carry(batch)
-    state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+    try:
+        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+    except Exception as e:
+        if state.forward is state.head or state.compiled_ok:
+            raise
+        # torch.compile failed on the first step (toolchain, unsupported op): run eager instead.
+        if info.is_main:
+            print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                  "continuing without it (set compile=false to skip the attempt)", file=sys.stderr, flush=True)
+        state.forward = state.head
+        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+    state.compiled_ok = True
     ((1.0 / gbs) * loss).backward()
     distributed.all_reduce_gradients(state.head.parameters(), info)
 
@@ -370,6 +383,14 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
         for k, v in row.items():
             result[f"{set_name}/{k}"] = v / (gate_count if k.startswith("gate/") else count)
     return result, outputs
+
+
+def _time_is_up(t_start: float, minutes: float, info: distributed.DistInfo) -> bool:
+    """Rank 0's clock decides, so that every rank stops after the same step."""
+    up = torch.tensor([float(time.time() - t_start > 60.0 * minutes)], device=info.device)
+    if info.world_size > 1:
+        dist.broadcast(up, src=0)
+    return bool(up.item())
 
 
 def reduce_train_metrics(values: torch.Tensor, keys: list[str], gbs: int) -> dict:
@@ -575,6 +596,9 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                     logger.log_image("gates", png, step=state.step)
         return metrics or {}
 
+    time_limit = cfg.get("max_train_minutes")
+    time_stop = False
+    t_start = time.time()
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
@@ -614,12 +638,20 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                 if state.step >= stop_at and max_steps is not None and state.step < total_steps:
                     stopped = True
                     break
+                if time_limit is not None and state.step < total_steps and _time_is_up(t_start, time_limit, info):
+                    stopped = time_stop = True
+                    break
             if stopped:
                 break
             # One iteration (eval_interval epochs) done: evaluate, checkpoint.
             last_eval = run_eval()
             if cfg["checkpoint_every_eval"]:
                 checkpoint_now()
+        if time_stop:
+            if info.is_main:
+                (bar.write if bar is not None else print)(
+                    f"max_train_minutes={cfg['max_train_minutes']} reached at step {state.step}: evaluating now")
+            last_eval = run_eval()
         checkpoint_now()
     except TrainingDiverged as e:
         if bar is not None:
