@@ -144,3 +144,40 @@ def test_weight_only_checkpoint_evaluates_and_finetunes(tiny_data, tmp_path, mon
 
     with pytest.raises(ConfigError, match="init_from"):
         run(common(tiny_data, ref_dir))
+
+
+def test_killed_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """SIGKILL a training process once its first checkpoint exists, resume with the same command:
+    the end state equals an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    args = common(tiny_data, tmp_path / "killed")[:-1] + ["epochs=6", "eval_interval=1", "arch.halt_max_steps=3"]
+    args = [a for a in args if not a.startswith(("epochs=2",))]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args], cwd=tmp_path,
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if checkpointing.latest_checkpoint(tmp_path / "killed") is not None:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    killed_at = checkpointing.latest_checkpoint(tmp_path / "killed")
+    assert killed_at is not None, proc.stderr.read()[-2000:]
+    # Same thread count as the subprocess (OMP_NUM_THREADS=1): float sums then add up identically.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(args)  # resume
+        uninterrupted = [a.replace(str(tmp_path / "killed"), str(tmp_path / "straight")) for a in args]
+        run(uninterrupted)
+    finally:
+        torch.set_num_threads(threads)
+    end = checkpointing.latest_checkpoint(tmp_path / "straight")
+    a, b = load(end), load(tmp_path / "killed" / end.name)
+    assert a["step"] == b["step"] > load(killed_at)["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
