@@ -43,8 +43,10 @@ GATE_KINDS = ("own", "other", "inj")
 SATURATION_LOGIT = math.log(9.0)  # logit(0.9) = -logit(0.1)
 
 # Widest gate hidden size R the fused kernels take: the [BLOCK_M, R] hidden tile lives in
-# registers. Wider gate MLPs run the eager math (same results, no fusion).
-MAX_FUSED_R = 1024
+# registers and shared memory. Wider gate MLPs run the eager math (same results, no fusion).
+# H100 checks: bf16/fp16 up to R=128 and fp32 at R=100 pass; R=256 in fp16 overflowed shared
+# memory before the tile-shrinking rule in _launch_configs and has not been re-run since.
+MAX_FUSED_R = 256
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -357,7 +359,7 @@ def _gated_blend_backward_kernel(
 _config_override: dict = {}
 
 
-def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
+def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torch.dtype) -> dict:
     block_r = max(16, triton.next_power_of_2(r))
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     if device.type != "cuda":  # the interpreter: few, small programs
@@ -380,6 +382,15 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device) -> dict:
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
         }
+        # Tuned for 2-byte activations and R <= 128. Wider [*, R] tiles (fp32, or R up to 256)
+        # need proportionally more shared memory: halve the rows and drop a pipeline stage per
+        # doubling (on the H100, fp32 at R=100 and fp16 at R=256 overflowed the 227 KiB otherwise).
+        width = torch.tensor([], dtype=act).element_size() * block_r
+        while width > 256:
+            width //= 2
+            for c in cfg.values():
+                c["BLOCK_M"] = max(16, c["BLOCK_M"] // 2)
+                c["num_stages"] = max(1, c["num_stages"] - 1)
     for name, over in _config_override.items():
         cfg[name] = {**cfg[name], **over}
     for c in cfg.values():
@@ -402,7 +413,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     out = torch.empty_like(own)
     pre1 = own.new_empty((n_rows, r))
     z = own.new_empty((n_rows, r))
-    cfgs = _launch_configs(n_rows, d, r, own.device)
+    cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype)
     flags = _dot_flags(own.dtype)
     inj_arg = inj if inj is not None else own
     cfg = cfgs["hidden"]
@@ -439,7 +450,7 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
     if n_rows == 0:
         return (d_own, d_other, d_inj, torch.zeros_like(w1), torch.zeros_like(b1),
                 torch.zeros_like(w2), torch.zeros_like(b2))
-    cfgs = _launch_configs(n_rows, d, r, dev)
+    cfgs = _launch_configs(n_rows, d, r, dev, act)
     coef = sat.float() / float(n_rows * d) if sat is not None else None
     flags = _dot_flags(act)
 
