@@ -599,6 +599,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     time_limit = cfg.get("max_train_minutes")
     time_stop = False
     t_start = time.time()
+    bar_values: dict[str, str] = {}  # progress-bar values kept between logs
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
@@ -630,9 +631,10 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                             now = time.time()
                             rate = (state.step - step_last) * gbs / max(now - t_last, 1e-9)
                             t_last, step_last = now, state.step
+                            if m.get("train/count", 1) > 0:  # accuracy is over sequences that halted
+                                bar_values["acc"] = f"{m.get('train/accuracy', float('nan')):.3f}"
                             bar.set_postfix(loss=f"{m.get('train/lm_loss', float('nan')):.3f}",
-                                            acc=f"{m.get('train/accuracy', float('nan')):.3f}",
-                                            ex_s=f"{rate:.0f}", refresh=False)
+                                            ex_s=f"{rate:.0f}", refresh=False, **bar_values)
                     if bar is not None:
                         bar.update(1)
                 if state.step >= stop_at and max_steps is not None and state.step < total_steps:
