@@ -129,10 +129,13 @@ class HRMConfig(BaseModel):
         if isinstance(config, BaseModel):  # another pydantic model, e.g. a trainer's arch config
             config = {**config.model_dump(), **(config.__pydantic_extra__ or {})}
         if hasattr(config, "items") and not isinstance(config, dict):
-            try:  # OmegaConf containers: resolve interpolations like ${.hidden_size}
-                from omegaconf import OmegaConf
-                config = OmegaConf.to_container(config, resolve=True)
-            except Exception:
+            try:
+                from omegaconf import DictConfig, OmegaConf
+            except ImportError:
+                DictConfig = None
+            if DictConfig is not None and isinstance(config, DictConfig):
+                config = OmegaConf.to_container(config, resolve=True)  # resolves ${...} interpolations
+            else:
                 config = dict(config.items())
         if not isinstance(config, dict):
             raise TypeError(f"HRM config must be an HRMConfig or a mapping, got {type(config).__name__}")

@@ -15,13 +15,25 @@ from torch import nn
 
 from hrm_kernels import rms_norm, swiglu
 
-try:  # FlashAttention 3 (Hopper) first, then 2; both optional.
-    from flash_attn_interface import flash_attn_func as _flash_attn_func  # type: ignore
-except Exception:  # pragma: no cover - depends on the install
-    try:
-        from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
-    except Exception:
-        _flash_attn_func = None
+def _import_flash_attn():
+    """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
+    fails to import (ABI or CUDA mismatch) is reported once instead of silently ignored."""
+    import warnings
+
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return __import__(module, fromlist=["flash_attn_func"]).flash_attn_func
+        except ImportError as e:
+            if getattr(e, "name", None) not in (module, None) or "undefined symbol" in str(e):
+                warnings.warn(f"{module} is installed but failed to import ({e}); attention uses "
+                              "torch's scaled_dot_product_attention instead", stacklevel=2)
+        except Exception as e:  # pragma: no cover - depends on the install
+            warnings.warn(f"{module} is installed but failed to import ({type(e).__name__}: {e}); "
+                          "attention uses torch's scaled_dot_product_attention instead", stacklevel=2)
+    return None
+
+
+_flash_attn_func = _import_flash_attn()
 
 FLASH_ATTN_AVAILABLE = _flash_attn_func is not None
 

@@ -282,10 +282,12 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
             state.carry = state.head.initial_carry(batch)
     try:
         state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
-    except Exception as e:
+    except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
+            torch._dynamo.exc.InternalTorchDynamoError) as e:
         if state.forward is state.head or state.compiled_ok:
             raise
         # torch.compile failed on the first step (toolchain, unsupported op): run eager instead.
+        # Only compiler errors land here; OOM, device asserts and shape bugs propagate as they are.
         if info.is_main:
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   "continuing without it (set compile=false to skip the attempt)", file=sys.stderr, flush=True)
@@ -533,9 +535,11 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         wandb_id = obj.get("wandb_id")
         if info.is_main:
             print(f"Resuming from {resume_from} (step {state.step})")
-    # Seed the per-rank random streams (ACT exploration) unless they were restored.
-    if resume_from is None:
-        torch.manual_seed(cfg["seed"] + info.rank)
+    # Seed the per-rank random streams (ACT exploration) unless they are restored below. A resume
+    # that cannot restore them (other world size, missing rank file) gets a fresh per-rank stream
+    # keyed by the step, so ranks stay decorrelated and resumes do not replay the same draws.
+    if obj.get("_rng") is None:
+        torch.manual_seed(cfg["seed"] + info.rank + 1_000_003 * state.step)
 
     logger = None
     if info.is_main:
