@@ -222,7 +222,8 @@ _rms_norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def rms_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor] = None, *,
                        residual: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """HRM's eager math: the add in the input dtype, statistics in fp32 (or float64 for float64
-    inputs), the result cast back to ``x.dtype``. Also the CPU fallback."""
+    inputs), the result cast back to ``x.dtype``. Also the CPU fallback. (The Triton kernel adds in
+    fp32, one rounding fewer: in bf16 the two backends agree to about one ulp, not bit for bit.)"""
     h = x if residual is None else x + residual
     compute = torch.float64 if h.dtype == torch.float64 else torch.float32
     hf = h.to(compute)
