@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Case, bench_case, environment, median_us  # noqa: E402
+from benchmarks.common import Case, bench_case, environment, gpu_profile, median_us  # noqa: E402
 from hrm_kernels import AdamATan2, use_backend  # noqa: E402
 from hrm_kernels import adam_atan2 as mod  # noqa: E402
 
@@ -102,28 +102,6 @@ def available(provider: str) -> bool:
     except Exception:  # noqa: BLE001 - missing, or its extension failed to build/load
         return False
     return True
-
-
-def gpu_profile(fn, iters: int = 10) -> tuple[float, float]:
-    """(GPU us per call: summed kernel/memcpy durations, kernel launches per call)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    total, launches = 0.0, 0
-    for e in prof.key_averages():
-        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
-            continue
-        t = getattr(e, "self_device_time_total", None)
-        t = t if t is not None else e.self_cuda_time_total
-        if t > 0:
-            total += t
-            launches += e.count
-    return total / iters, launches / iters
 
 
 def cases(vocab: int = VOCAB, providers=PROVIDERS) -> list[Case]:
@@ -226,7 +204,7 @@ def main(vocab: int = VOCAB, do_sweep: bool = False) -> str:
         fn = step_fn(provider, make_params(vocab))
         fn()
         wall = median_us(fn)
-        gpu, launches = gpu_profile(fn)
+        gpu, launches = gpu_profile(fn, iters=10)
         rows[provider] = (wall, gpu, launches)
         print(f"{provider}: wall {wall:.1f} us, GPU {gpu:.1f} us, {launches:.0f} launches/step", flush=True)
     shapes = hrm_param_shapes(vocab)

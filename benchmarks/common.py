@@ -38,10 +38,11 @@ def median_us(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") * 1e3
 
 
-def gpu_us(fn: Callable[[], object], iters: int = 20) -> float:
-    """GPU time per call: the summed duration of every kernel (and memset/copy) the call launches,
-    from the profiler. Unlike ``median_us`` it excludes host overhead and launch gaps, i.e. what
-    the call costs inside a CUDA graph or a host-ahead pipeline."""
+def gpu_profile(fn: Callable[[], object], iters: int = 20) -> tuple[float, float]:
+    """(GPU us per call, kernel launches per call). GPU time is the summed duration of every
+    kernel (and memset/copy) the call launches, from the profiler: unlike ``median_us`` it
+    excludes host overhead and launch gaps, i.e. what the call costs inside a CUDA graph or a
+    host-ahead pipeline."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -50,11 +51,21 @@ def gpu_us(fn: Callable[[], object], iters: int = 20) -> float:
         for _ in range(iters):
             fn()
         torch.cuda.synchronize()
-    total = 0.0
+    total, launches = 0.0, 0
     for e in prof.key_averages():
+        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+            continue
         t = getattr(e, "self_device_time_total", None)
-        total += t if t is not None else e.self_cuda_time_total
-    return total / iters
+        t = t if t is not None else e.self_cuda_time_total
+        if t > 0:
+            total += t
+            launches += e.count
+    return total / iters, launches / iters
+
+
+def gpu_us(fn: Callable[[], object], iters: int = 20) -> float:
+    """GPU time per call (see ``gpu_profile``)."""
+    return gpu_profile(fn, iters)[0]
 
 
 def grad_fn(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], mode: str,
