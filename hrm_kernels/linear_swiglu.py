@@ -1,0 +1,205 @@
+"""The MLP's first half in one kernel: the gate_up projection with the SwiGLU activation as its
+matmul epilogue.
+
+Shapes: ``x``: [..., K], ``weight``: [2I, K] (``nn.Linear`` layout: rows ``0..I-1`` are the gate
+projection, rows ``I..2I-1`` the up projection), result [..., I] in ``x``'s dtype::
+
+    gate_up = x @ weight.T                        (rounded to x's dtype, as F.linear would)
+    out     = silu(gate) * up,   gate, up = gate_up.chunk(2, -1)
+
+Each program computes one [BLOCK_M, BLOCK_N] tile of ``out`` from two fp32 accumulators (the
+gate and up columns of the same tile), so the [M, 2I] ``gate_up`` never has to be written and read
+back. When a gradient is needed, the kernel also stores ``gate_up`` (the backward needs it), which
+still saves the activation's separate read of it. Backward, with ``dgate_up`` from the SwiGLU
+backward kernel::
+
+    dx = dgate_up @ weight,   dweight = dgate_up.T @ x
+
+This matters in HRM because most of a training step's forward passes run without gradients (all
+but the last L and H steps of a segment, and the whole continue-target pass).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hrm_kernels._utils import check_float, check_same
+from hrm_kernels.backend import use_triton
+from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
+
+
+@triton.jit
+def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, stride_out, stride_gu,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STORE_GATE_UP: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr):
+    # Grouped tile order: GROUP_M row-blocks sweep all column blocks before moving on, so the
+    # x rows of a group stay in L2 while every column block reads them.
+    pid = tl.program_id(0)
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < I
+    # Clamp out-of-range rows/cols to valid addresses (their results are never stored), so the
+    # loads need no masks along M and N.
+    x_ptrs = X + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_x + ks[None, :]
+    w_rows = tl.where(col_ok, cols, 0).to(tl.int64)
+    wg_ptrs = W + w_rows[None, :] * stride_w + ks[:, None]  # [BLOCK_K, BLOCK_N] view of W.T
+    wu_ptrs = wg_ptrs + I * stride_w
+
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            wg = tl.load(wg_ptrs)
+            wu = tl.load(wu_ptrs)
+        else:
+            k_ok = ks < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=k_ok[:, None], other=0.0)
+        acc_gate = tl.dot(x, wg, acc_gate, input_precision=INPUT_PRECISION)
+        acc_up = tl.dot(x, wu, acc_up, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+
+    # Round to the activation dtype first: the same numbers F.linear + swiglu would see.
+    gate = acc_gate.to(OUT.dtype.element_ty)
+    up = acc_up.to(OUT.dtype.element_ty)
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    if STORE_GATE_UP:
+        gu_ptrs = GATE_UP + rows64[:, None] * stride_gu + cols[None, :]
+        tl.store(gu_ptrs, gate, mask=mask)
+        tl.store(gu_ptrs + I, up, mask=mask)
+    gate32 = gate.to(tl.float32)
+    out = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+    tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA; tuned on an H100 at HRM's sizes.
+CUDA_CONFIG = (128, 128, 64, 8, 4)
+GROUP_M = 8
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
+    n_rows, k = x.shape
+    inter = weight.shape[0] // 2
+    out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
+    gate_up = torch.empty((n_rows, 2 * inter) if store_gate_up else (0, 2 * inter), dtype=x.dtype,
+                          device=x.device)
+    if out.numel():
+        if x.is_cuda:
+            block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
+        else:  # the interpreter: small tiles keep it quick
+            block_m, block_n, block_k, num_warps, num_stages = 16, 32, 32, 4, 1
+        block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
+        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+        grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n),)
+        _linear_swiglu_kernel[grid](
+            x, weight, out, gate_up, n_rows, k, inter, x.stride(0), weight.stride(0), out.stride(0),
+            gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+            EVEN_K=k % block_k == 0, STORE_GATE_UP=store_gate_up, 
+            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages)
+    return out, gate_up
+
+
+def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor):
+    dgate_up = swiglu_backward(dout.contiguous(), gate_up)
+    return dgate_up @ weight, dgate_up.t() @ x
+
+
+class LinearSwiGLUFunction(torch.autograd.Function):
+    """Eager-mode entry (direct launches, low host overhead). x: [M, K], weight: [2I, K]."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        out, gate_up = _launch(x, weight, store_gate_up=True)
+        ctx.save_for_backward(x, weight, gate_up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _backward(dout, *ctx.saved_tensors)
+
+
+@torch.library.custom_op("hrm_kernels::linear_swiglu", mutates_args=())
+def _linear_swiglu_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _launch(x, weight, store_gate_up=False)[0]
+
+
+@_linear_swiglu_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2)
+
+
+@torch.library.custom_op("hrm_kernels::linear_swiglu_train", mutates_args=())
+def _linear_swiglu_train_op(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(x, weight, store_gate_up=True)
+
+
+@_linear_swiglu_train_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0] // 2), x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _train_backward(ctx, dout, _dgate_up):
+    x, weight, gate_up = ctx.saved_tensors
+    dgate_up = torch.ops.hrm_kernels.swiglu_bwd(dout.contiguous(), gate_up)
+    return dgate_up @ weight, dgate_up.t() @ x
+
+
+_linear_swiglu_train_op.register_autograd(_train_backward, setup_context=_setup_context)
+
+
+def linear_swiglu_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HRM's eager math: ``swiglu(F.linear(x, weight))`` in x's dtype; also the CPU fallback."""
+    return swiglu_reference(torch.nn.functional.linear(x, weight))
+
+
+def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` with ``gate, up = (x @ weight.T).chunk(2, -1)``.
+
+    x: [..., K]; weight: [2I, K] in x's dtype (cast fp32 parameters at use, as ``CastedLinear``
+    does). Returns [..., I]. Gradients flow to both.
+    """
+    op = "linear_swiglu"
+    check_float("x", x, op)
+    check_float("weight", weight, op)
+    check_same(op, "x", x, "weight", weight, shape=False)
+    if weight.dim() != 2 or weight.shape[0] % 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; weight must "
+                         "be [2I, K] (gate rows, then up rows) with K = x.shape[-1]")
+    if not use_triton(x.device):
+        return linear_swiglu_reference(x, weight)
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) != k):
+        rows = rows.contiguous()
+    weight = weight.contiguous()
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if torch.compiler.is_compiling():
+        out = (torch.ops.hrm_kernels.linear_swiglu_train(rows, weight)[0] if needs_grad
+               else torch.ops.hrm_kernels.linear_swiglu(rows, weight))
+    elif needs_grad:
+        out = LinearSwiGLUFunction.apply(rows, weight)
+    else:
+        out = _launch(rows, weight, store_gate_up=False)[0]
+    return out.view(*x.shape[:-1], weight.shape[0] // 2)

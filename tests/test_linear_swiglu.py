@@ -1,0 +1,98 @@
+"""gate_up matmul + SwiGLU epilogue: outputs and both gradients against float64, odd shapes,
+with and without autograd, under torch.compile."""
+
+import pytest
+import torch
+
+from hrm_kernels import linear_swiglu, linear_swiglu_reference, use_backend
+from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.tolerance import assert_close_to_reference
+
+# The interpreter's tl.dot works in fp16/fp32 only (GPU.md); bf16 is covered on the GPU.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (leading dims, K, I): K not a multiple of the K tile, I not a multiple of the N tile, 1 row.
+SHAPES = [((37,), 40, 37), ((2, 35), 123, 50), ((1,), 64, 16), ((3, 1, 4), 16, 3)]
+
+
+def _make(lead, k, inter, dtype, device=DEVICE):
+    x = torch.randn(*lead, k, device=device, dtype=dtype)
+    weight = (torch.randn(2 * inter, k, device=device) / k ** 0.5).to(dtype)
+    dout = torch.randn(*lead, inter, device=device, dtype=dtype)
+    return x, weight, dout
+
+
+def _run(fn, x, weight, dout):
+    x, weight = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    out = fn(x, weight)
+    out.backward(dout)
+    return out.detach(), x.grad, weight.grad
+
+
+def _check(backend, x, weight, dout):
+    with use_backend(backend):
+        got = _run(linear_swiglu, x, weight, dout)
+        with torch.no_grad():
+            no_grad = linear_swiglu(x, weight)
+    eager = _run(linear_swiglu_reference, x, weight, dout)
+    ref = _run(linear_swiglu_reference, x.double(), weight.double(), dout.double())
+    for name, g, e, r in zip(("out", "dx", "dweight"), got, eager, ref):
+        assert g.dtype == x.dtype
+        assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} {name}", g, e, r)
+    # The no-grad launch skips storing gate_up but computes the same tiles.
+    torch.testing.assert_close(no_grad, got[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,inter", SHAPES, ids=str)
+def test_matches_float64(backend, dtype, lead, k, inter):
+    _check(backend, *_make(lead, k, inter, dtype))
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_non_contiguous_and_empty(backend):
+    x = torch.randn(40, 9, device=DEVICE).t()  # [9, 40], transposed storage
+    weight = torch.randn(2 * 21, 40, device=DEVICE) / 40 ** 0.5
+    _check(backend, x, weight, torch.randn(9, 21, device=DEVICE))
+    with use_backend(backend):
+        assert linear_swiglu(torch.randn(0, 3, 40, device=DEVICE), weight).shape == (0, 3, 21)
+
+
+def test_clear_errors():
+    w = torch.randn(10, 8)
+    with pytest.raises(ValueError, match=r"weight must be \[2I, K\]"):
+        linear_swiglu(torch.randn(4, 7), w)
+    with pytest.raises(ValueError, match=r"weight must be \[2I, K\]"):
+        linear_swiglu(torch.randn(4, 8), torch.randn(9, 8))
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has dtype torch.float32"):
+        linear_swiglu(torch.randn(4, 8), w.half())
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        linear_swiglu(torch.ones(4, 8, dtype=torch.int64), w)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_torch_compile_fullgraph(backend, grad):
+    x = torch.randn(2, 11, 37, device=DEVICE, requires_grad=grad)
+    weight = (torch.randn(2 * 19, 37, device=DEVICE) / 37 ** 0.5).requires_grad_(grad)
+
+    def f(t, w):
+        return linear_swiglu(t * 1.5, w)
+
+    compile_backend = "inductor" if (backend == "eager" or CUDA) else "aot_eager"
+    with use_backend(backend):
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend=compile_backend)(x, weight)
+    ref = linear_swiglu_reference(x * 1.5, weight)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if grad:
+        got = torch.autograd.grad(out.square().sum(), (x, weight))
+        want = torch.autograd.grad(ref.square().sum(), (x, weight))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("rows", [62976, 96 * 901, 333])
+def test_cuda_full_size_bf16(rows):
+    _check("triton", *_make((rows,), 512, 1536, torch.bfloat16, device="cuda"))
