@@ -6,12 +6,16 @@ Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs
 warm-up), tokens/s, time to the first finished step (compilation included), peak memory, and
 where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
 
-    python benchmarks/bench_train_step.py [--shape sudoku|arc] [--gated 0|1] [--providers ...]
+    python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
+
+``--mode eval`` times one evaluation batch instead: ACT segments without gradients until every
+row halts (16 segments in eval mode), as ``train/pretrain.py``'s ``evaluate`` runs them.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -65,12 +69,49 @@ def classify(name: str) -> str:
     return "other"
 
 
-def run(shape: str, gated: bool, provider: str, steps: int = 10) -> dict:
+def _measure(step, state, steps: int) -> dict:
+    """Time ``state = step(state)``: the first call (compilation included), then the median of
+    ``steps`` timed calls after warm-up, then the profiler's GPU-time split over 3 calls."""
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    state = step(state)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        state = step(state)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        state = step(state)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            state = step(state)
+        torch.cuda.synchronize()
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        split[classify(e.key)] += (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
+    return {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split}
+
+
+def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10) -> dict:
+    """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
+    backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
+    gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs."""
     torch.manual_seed(0)
     head, step_model, opt, emb_opt = build(shape, gated, provider)
     batch = make_batch(shape, 0)
     gbs = SHAPES[shape]["batch_size"]
-    carry = head.initial_carry(batch)
 
     def train_step(carry):
         for group in opt.param_groups:
@@ -84,46 +125,30 @@ def run(shape: str, gated: bool, provider: str, steps: int = 10) -> dict:
         emb_opt.zero_grad(set_to_none=True)
         return carry
 
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    carry = train_step(carry)
-    torch.cuda.synchronize()
-    first = time.perf_counter() - t0
-    for _ in range(3):
-        carry = train_step(carry)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        carry = train_step(carry)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times)[len(times) // 2]
+    def eval_batch(_):
+        with torch.inference_mode():
+            carry = head.initial_carry(batch)
+            while True:
+                carry, _, _, _, all_finish = step_model(carry=carry, batch=batch, return_keys=())
+                if bool(all_finish):
+                    return None
 
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            carry = train_step(carry)
-        torch.cuda.synchronize()
-    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        split[classify(e.key)] += (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
+    if mode == "eval":
+        head.eval()
+        result = _measure(eval_batch, None, steps=max(3, steps // 3))
+    else:
+        result = _measure(train_step, head.initial_carry(batch), steps)
     tokens = gbs * SHAPES[shape]["seq_len"]
-    return {"shape": shape, "gated": gated, "provider": provider, "ms": ms, "tokens_per_s": tokens / ms * 1e3,
-            "first_step_s": first, "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split}
+    return {"shape": shape, "gated": gated, "provider": provider, "mode": mode,
+            "tokens_per_s": tokens / result["ms"] * 1e3, **result}
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [f"### Training step ({environment()})", "",
-             "| shape | gated | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other |",
-             "|---|---|---|---:|---:|---:|---:|---|"]
+             "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other |",
+             "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['gated']} | {r['provider']} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | "
+        lines.append(f"| {r['shape']} | {r['gated']} | {r['mode']} | {r['provider']} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | "
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | "
                      f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['other']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -134,12 +159,14 @@ def main(argv=None) -> str:
     parser.add_argument("--shape", nargs="*", default=["sudoku"], choices=list(SHAPES))
     parser.add_argument("--gated", nargs="*", type=int, default=[1])
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--mode", nargs="*", default=["train"], choices=["train", "eval"],
+                        help="train: one optimizer step; eval: one evaluation batch (16 segments, no gradients)")
     args = parser.parse_args(argv)
     rows = []
     for shape in args.shape:
         for gated in args.gated:
-            for provider in args.providers:
-                r = run(shape, bool(gated), provider)
+            for mode, provider in itertools.product(args.mode, args.providers):
+                r = run(shape, bool(gated), provider, mode)
                 print(r, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
