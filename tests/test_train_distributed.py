@@ -20,21 +20,32 @@ def arc_data(tmp_path_factory):
     return build_tiny_arc(tmp_path_factory.mktemp("data") / "arc-tiny")
 
 
-def test_two_gloo_ranks_match_one_process(arc_data, tmp_path):
+@pytest.fixture(scope="module")
+def single_process(arc_data, tmp_path_factory):
+    """The one-process run every multi-rank variant is compared with: (args, stdout, run dir)."""
     # 16 train examples / global batch 4: about 3-4 steps an epoch (partial batches dropped), 2 epochs with an evaluation after each.
     # Exploration off: its random draws are per rank by design, so they would differ from one process.
     args = [f"data_path={arc_data}", *TINY_ARCH, *QUIET, "global_batch_size=4", "epochs=2", "eval_interval=1",
             "lr=1e-2", "lr_warmup_steps=2", "puzzle_emb_lr=1e-1", "arch.halt_exploration_prob=0", "device=cpu"]
-    single = subprocess.run([sys.executable, PRETRAIN, *args, f"checkpoint_path={tmp_path / 'one'}"],
-                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    run_dir = tmp_path_factory.mktemp("one")
+    single = subprocess.run([sys.executable, PRETRAIN, *args, f"checkpoint_path={run_dir}"],
+                            cwd=run_dir, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]
+    return args, single.stdout, run_dir
+
+
+# ddp: gradients summed by DistributedDataParallel buckets during the backward; flat: one
+# all-reduce after it.
+@pytest.mark.parametrize("grad_sync", ["ddp", "flat"])
+def test_two_gloo_ranks_match_one_process(single_process, tmp_path, grad_sync):
+    args, single_stdout, one = single_process
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            PRETRAIN, *args, f"checkpoint_path={tmp_path / 'two'}"],
+                            PRETRAIN, *args, f"grad_sync={grad_sync}", f"checkpoint_path={tmp_path / 'two'}"],
                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert "x2 ranks" in multi.stdout
+    assert f"x2 ranks (grad_sync={grad_sync})" in multi.stdout
 
-    a = checkpointing.load_file(checkpointing.latest_checkpoint(tmp_path / "one"))
+    a = checkpointing.load_file(checkpointing.latest_checkpoint(one))
     b = checkpointing.load_file(checkpointing.latest_checkpoint(tmp_path / "two"))
     step = a["step"]
     assert step > 2 and b["step"] == step and b["world_size"] == 2
@@ -46,6 +57,6 @@ def test_two_gloo_ranks_match_one_process(arc_data, tmp_path):
         # embeddings move by exactly +-lr, so they must agree exactly unless a gradient is ~0.
         torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     # The same evaluation metrics, reduced over both ranks.
-    line = [l for l in single.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
+    line = [l for l in single_stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     line2 = [l for l in multi.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     assert line and line == line2

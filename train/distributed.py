@@ -83,6 +83,27 @@ def broadcast_module_state(module: torch.nn.Module, info: DistInfo) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def _sum_bucket(_state, bucket):
+    """DDP communication hook: sum the bucket over ranks (DDP's default hook averages)."""
+    work = dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, bucket_cap_mb: float = 25.0) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel whose gradient buckets are summed over ranks while
+    the backward is still running (the same sums as ``all_reduce_gradients``, overlapped with
+    compute; under torch.compile Dynamo splits the graph at bucket boundaries for the same
+    overlap). Buffers are not re-broadcast every forward: they are constant after
+    ``broadcast_module_state``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    ddp = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
+                                  bucket_cap_mb=bucket_cap_mb)
+    ddp.register_comm_hook(None, _sum_bucket)
+    return ddp
+
+
 def all_reduce_gradients(params, info: DistInfo) -> None:
     """Sum gradients over ranks. The loss is already scaled by 1/global_batch_size on every rank,
     so the sum is the gradient of the global-batch mean, the same as one process on the whole

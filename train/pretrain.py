@@ -103,6 +103,8 @@ def check_config(cfg: dict, world_size: int) -> None:
     need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
+    need(cfg.get("grad_sync", "ddp") in ("ddp", "flat"),
+         f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
     mt = cfg.get("max_train_minutes")
     need(mt is None or (isinstance(mt, (int, float)) and mt > 0), f"max_train_minutes must be null or > 0, got {mt!r}")
@@ -252,13 +254,18 @@ def load_carry_state(carry: Any, state: Any) -> Any:
 @dataclasses.dataclass
 class TrainState:
     head: torch.nn.Module           # the ACT loss head (uncompiled: owns the state dict)
-    forward: Any                    # head or torch.compile(head)
+    forward: Any                    # module or torch.compile(module)
     optimizers: list
     base_lrs: list
     carry: Any
     step: int
     total_steps: int
     compiled_ok: bool = False       # the compiled forward has run once
+    module: Any = None              # head, or head in DistributedDataParallel (grad_sync=ddp)
+
+    @property
+    def ddp(self) -> bool:
+        return self.module is not None and self.module is not self.head
 
 
 def lr_at(cfg: dict, base_lr: float, step: int, total_steps: int) -> float:
@@ -284,18 +291,20 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
         state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
     except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
             torch._dynamo.exc.InternalTorchDynamoError) as e:
-        if state.forward is state.head or state.compiled_ok:
+        eager = state.module if state.module is not None else state.head
+        if state.forward is eager or state.compiled_ok:
             raise
         # torch.compile failed on the first step (toolchain, unsupported op): run eager instead.
         # Only compiler errors land here; OOM, device asserts and shape bugs propagate as they are.
         if info.is_main:
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   "continuing without it (set compile=false to skip the attempt)", file=sys.stderr, flush=True)
-        state.forward = state.head
+        state.forward = eager
         state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
     state.compiled_ok = True
     ((1.0 / gbs) * loss).backward()
-    distributed.all_reduce_gradients(state.head.parameters(), info)
+    if not state.ddp:  # DDP has summed the gradients during the backward already
+        distributed.all_reduce_gradients(state.head.parameters(), info)
 
     keys = sorted(metrics.keys())
     values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys] + [loss.detach().float().reshape(())])
@@ -521,10 +530,13 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         if info.is_main:
             print(f"Loaded weights from {cfg['init_from']}")
     use_compile = resolve_compile(cfg["compile"], info.device)
-    forward = torch.compile(head, dynamic=False) if use_compile else head
+    module = head
+    if info.world_size > 1 and cfg.get("grad_sync", "ddp") == "ddp":
+        module = distributed.wrap_ddp(head, info)
+    forward = torch.compile(module, dynamic=False) if use_compile else module
     optimizers, base_lrs = build_optimizers(head, cfg, info.world_size)
     state = TrainState(head=head, forward=forward, optimizers=optimizers, base_lrs=base_lrs, carry=None,
-                       step=0, total_steps=total_steps)
+                       step=0, total_steps=total_steps, module=module)
 
     run_dir = Path(cfg["checkpoint_path"])
     resume_from = checkpointing.latest_checkpoint(run_dir)
@@ -549,8 +561,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                                resume_id=wandb_id)
         wandb_id = logger.wandb_id
         num_params = sum(p.numel() for p in head.parameters())
-        print(f"{cfg['run_name']}: {num_params / 1e6:.2f}M parameters, device {info.device}"
-              f"{f' x{info.world_size} ranks' if info.world_size > 1 else ''}, compile={use_compile}, "
+        ranks = f" x{info.world_size} ranks (grad_sync={'ddp' if state.ddp else 'flat'})" if info.world_size > 1 else ""
+        print(f"{cfg['run_name']}: {num_params / 1e6:.2f}M parameters, device {info.device}{ranks}, compile={use_compile}, "
               f"kernels={hconf.kernels}, gating={hconf.use_gating}; {total_steps} steps; checkpoints in {run_dir}",
               flush=True)
         if resume_from is None:
