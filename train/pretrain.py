@@ -103,7 +103,7 @@ def check_config(cfg: dict, world_size: int) -> None:
     need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
-    need(cfg.get("grad_sync", "ddp") in ("ddp", "flat"),
+    need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
     mt = cfg.get("max_train_minutes")
@@ -531,7 +531,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             print(f"Loaded weights from {cfg['init_from']}")
     use_compile = resolve_compile(cfg["compile"], info.device)
     module = head
-    if info.world_size > 1 and cfg.get("grad_sync", "ddp") == "ddp":
+    if info.world_size > 1 and cfg.get("grad_sync", "flat") == "ddp":
         module = distributed.wrap_ddp(head, info)
     forward = torch.compile(module, dynamic=False) if use_compile else module
     optimizers, base_lrs = build_optimizers(head, cfg, info.world_size)
