@@ -88,9 +88,92 @@ def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, strid
     tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, M, K, I,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                              STORE_GATE_UP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                              WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+    """The same tiles as ``_linear_swiglu_kernel``, for Hopper and later: a persistent grid (one
+    program per SM walks the tiles), operands through TMA descriptors (bounds handled by the
+    hardware: zero fill on load, clipping on store). ``wg_desc``/``wu_desc`` view the gate and up
+    halves of W, ``gate_desc``/``up_desc`` the two halves of the stored gate_up."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
+    num_tiles = num_m * num_n
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M
+        off_n = ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            x = x_desc.load([off_m, k * BLOCK_K])
+            acc_gate = tl.dot(x, wg_desc.load([off_n, k * BLOCK_K]).T, acc_gate, input_precision=INPUT_PRECISION)
+            acc_up = tl.dot(x, wu_desc.load([off_n, k * BLOCK_K]).T, acc_up, input_precision=INPUT_PRECISION)
+        gate = acc_gate.to(out_desc.dtype)
+        up = acc_up.to(out_desc.dtype)
+        if STORE_GATE_UP:
+            gate_desc.store([off_m, off_n], gate)
+            up_desc.store([off_m, off_n], up)
+        gate32 = gate.to(tl.float32)
+        out_desc.store([off_m, off_n], (gate32 * tl.sigmoid(gate32) * up.to(tl.float32)).to(out_desc.dtype))
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA; tuned on an H100 at HRM's sizes.
 CUDA_CONFIG = (128, 128, 64, 8, 4)
 GROUP_M = 8
+# The TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize, flatten).
+# USE_TMA picks it wherever it can run (compute capability >= 9, 16-byte aligned rows).
+TMA_CONFIG = (128, 128, 64, 8, 3, False, False)
+USE_TMA = False
+
+
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    from hrm_kernels.backend import triton_interpreting
+
+    if not USE_TMA:
+        return False
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif not triton_interpreting():
+        return False
+    item = x.element_size()
+    inter, k = weight.shape[0] // 2, weight.shape[1]
+    # TMA: 16-byte aligned base addresses and row strides (the up halves start I columns/rows in).
+    return ((k * item) % 16 == 0 and (inter * item) % 16 == 0 and x.data_ptr() % 16 == 0
+            and weight.data_ptr() % 16 == 0 and x.stride(0) == k)
+
+
+def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from hrm_kernels._utils import num_programs_for
+
+    n_rows, k = x.shape
+    inter = out.shape[1]
+    if x.is_cuda:
+        block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = TMA_CONFIG
+    else:
+        block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = 16, 32, 32, 4, 1, False, False
+    block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+    wg_desc = TensorDescriptor.from_tensor(weight[:inter], [block_n, block_k])
+    wu_desc = TensorDescriptor.from_tensor(weight[inter:], [block_n, block_k])
+    out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n])
+    halves = (gate_up[:, :inter], gate_up[:, inter:]) if store_gate_up else (out, out)
+    gate_desc, up_desc = (TensorDescriptor.from_tensor(h, [block_m, block_n]) for h in halves)
+    num_tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n)
+    programs = min(num_tiles, num_programs_for(x.device.type, x.device.index))
+    _linear_swiglu_tma_kernel[(programs,)](
+        x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, n_rows, k, inter,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
+        STORE_GATE_UP=store_gate_up, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        WARP_SPECIALIZE=warp_specialize, FLATTEN=flatten, num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
@@ -99,7 +182,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
     gate_up = torch.empty((n_rows, 2 * inter) if store_gate_up else (0, 2 * inter), dtype=x.dtype,
                           device=x.device)
-    if out.numel():
+    if out.numel() and _tma_ok(x, weight):
+        _launch_tma(x, weight, out, gate_up, store_gate_up)
+    elif out.numel():
         if x.is_cuda:
             block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
         else:  # the interpreter: small tiles keep it quick

@@ -1,6 +1,8 @@
 """gate_up matmul + SwiGLU epilogue: outputs and both gradients against float64, odd shapes,
 with and without autograd, under torch.compile."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -11,7 +13,19 @@ from tests.tolerance import assert_close_to_reference
 # The interpreter's tl.dot works in fp16/fp32 only (GPU.md); bf16 is covered on the GPU.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (leading dims, K, I): K not a multiple of the K tile, I not a multiple of the N tile, 1 row.
-SHAPES = [((37,), 40, 37), ((2, 35), 123, 50), ((1,), 64, 16), ((3, 1, 4), 16, 3)]
+# The TMA kernel needs 16-byte rows (K and I multiples of 8 in half precision, of 4 in fp32): the
+# first two shapes run it (37 rows, K=40 < one K tile of 32+, I=24/48 partial N tiles).
+SHAPES = [((37,), 40, 24), ((2, 35), 72, 48), ((37,), 40, 37), ((2, 35), 123, 50), ((1,), 64, 16),
+          ((3, 1, 4), 16, 3)]
+
+
+@pytest.fixture(params=["tiles", "tma"])
+def kernel(request, monkeypatch):
+    """Both Triton kernels: the plain tiled one and the persistent TMA one (where the alignment
+    lets it run; otherwise the tiled one, which the shapes below also cover)."""
+    module = importlib.import_module("hrm_kernels.linear_swiglu")
+    monkeypatch.setattr(module, "USE_TMA", request.param == "tma")
+    return request.param
 
 
 def _make(lead, k, inter, dtype, device=DEVICE):
@@ -45,12 +59,12 @@ def _check(backend, x, weight, dout):
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,inter", SHAPES, ids=str)
-def test_matches_float64(backend, dtype, lead, k, inter):
+def test_matches_float64(kernel, backend, dtype, lead, k, inter):
     _check(backend, *_make(lead, k, inter, dtype))
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_non_contiguous_and_empty(backend):
+def test_non_contiguous_and_empty(kernel, backend):
     x = torch.randn(40, 9, device=DEVICE).t()  # [9, 40], transposed storage
     weight = torch.randn(2 * 21, 40, device=DEVICE) / 40 ** 0.5
     _check(backend, x, weight, torch.randn(9, 21, device=DEVICE))
@@ -72,7 +86,7 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
-def test_torch_compile_fullgraph(backend, grad):
+def test_torch_compile_fullgraph(kernel, backend, grad):
     x = torch.randn(2, 11, 37, device=DEVICE, requires_grad=grad)
     weight = (torch.randn(2 * 19, 37, device=DEVICE) / 37 ** 0.5).requires_grad_(grad)
 
@@ -94,5 +108,20 @@ def test_torch_compile_fullgraph(backend, grad):
 
 @requires_cuda
 @pytest.mark.parametrize("rows", [62976, 96 * 901, 333])
-def test_cuda_full_size_bf16(rows):
+def test_cuda_full_size_bf16(kernel, rows):
     _check("triton", *_make((rows,), 512, 1536, torch.bfloat16, device="cuda"))
+
+
+def test_tma_kernel_runs_where_aligned(monkeypatch):
+    module = importlib.import_module("hrm_kernels.linear_swiglu")
+    calls = []
+    launch = module._launch_tma
+    monkeypatch.setattr(module, "USE_TMA", True)
+    monkeypatch.setattr(module, "_launch_tma", lambda *a, **k: calls.append(a[0].shape) or launch(*a, **k))
+    for (lead, k, inter), expect in [(SHAPES[0], True), (SHAPES[2], False), (SHAPES[3], False)]:
+        calls.clear()
+        x, weight, _ = _make(lead, k, inter, torch.float16)
+        with use_backend("triton"):
+            out = linear_swiglu(x, weight)
+        torch.testing.assert_close(out, linear_swiglu_reference(x, weight), atol=2e-3, rtol=2e-3)
+        assert bool(calls) == expect, (lead, k, inter)
