@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import rms_norm, swiglu
+from hrm_kernels import rms_norm, rope, rope_reference, swiglu
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -97,16 +97,13 @@ class RotaryEmbedding(nn.Module):
         return self.cos_cached, self.sin_cached
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, seq, heads, head_dim]; cos/sin: [seq, head_dim]. Rotation in cos's dtype (fp32)."""
-    xf = x.to(cos.dtype)
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
+    """x: [batch, seq, heads, head_dim]; cos/sin: [positions >= seq, head_dim] fp32. Rotation in
+    fp32, result in x's dtype. Eager: ``hrm_kernels.rope`` (one Triton pass on CUDA). Under
+    torch.compile the plain math, which Inductor fuses with the layout change attention needs."""
+    if torch.compiler.is_compiling():
+        return rope_reference(x, cos, sin)
+    return rope(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -140,9 +137,8 @@ class Attention(nn.Module):
         batch, seq, hidden = h.shape
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
         q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
-        if cos_sin is not None:
-            cos, sin = cos_sin
-            q, k = apply_rope(q, cos[:seq], sin[:seq]), apply_rope(k, cos[:seq], sin[:seq])
+        if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
+            q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
         if self._use_flash(q):
             out = _flash_attn_func(q, k, v, causal=False)
             if isinstance(out, tuple):  # FlashAttention 3 also returns the log-sum-exp

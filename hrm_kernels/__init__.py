@@ -11,6 +11,7 @@ from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
 from hrm_kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
 from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
+from hrm_kernels.rope import rope, rope_reference
 from hrm_kernels.swiglu import swiglu, swiglu_reference
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference", "linear_swiglu", "linear_swiglu_reference",
+    "rope", "rope_reference",
     "RMSNorm", "SwiGLU",
     "AdamATan2",
 ]

@@ -1,0 +1,116 @@
+"""Rotary embedding: output and gradient against float64, strided q/k slices of a qkv tensor,
+odd sizes, torch.compile."""
+
+import math
+
+import pytest
+import torch
+
+from hrm_kernels import rope, rope_reference, use_backend
+from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.tolerance import assert_close_to_reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (batch, seq, heads, head_dim): odd sequence lengths and head counts, a one-pair head.
+SHAPES = [(2, 7, 3, 10), (1, 37, 2, 64), (3, 5, 1, 2), (2, 82, 5, 24)]
+
+
+def _tables(positions, head_dim, device=DEVICE):
+    """HRM's tables (hrm.layers.RotaryEmbedding): angles p / base^(2i/d), halves duplicated."""
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(positions, dtype=torch.float32), inv)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(device), angles.sin().to(device)
+
+
+def _run(fn, x, cos, sin, dout):
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, cos, sin)
+    out.backward(dout)
+    return out.detach(), x.grad
+
+
+def _check(backend, x, cos, sin):
+    dout = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    with use_backend(backend):
+        got = _run(rope, x, cos, sin, dout)
+    eager = _run(rope_reference, x, cos, sin, dout)
+    ref = _run(rope_reference, x.double(), cos.double(), sin.double(), dout.double())
+    for name, g, e, r in zip(("out", "dx"), got, eager, ref):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} {name}", g, e, r)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(backend, dtype, shape):
+    b, s, h, d = shape
+    cos, sin = _tables(s + 3, d)  # tables longer than the sequence, as in the model
+    _check(backend, torch.randn(shape, device=DEVICE, dtype=dtype), cos, sin)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_qk_slice_of_qkv(backend):
+    """The model's use: q and k as one strided slice of the fused projection [B, S, 3H, Dh]."""
+    qkv = torch.randn(2, 9, 3 * 3, 16, device=DEVICE)
+    qk = qkv[:, :, :6]
+    assert not qk.is_contiguous()
+    cos, sin = _tables(9, 16)
+    _check(backend, qk, cos, sin)
+    # The rotation preserves each (j, j + Dh/2) pair's norm.
+    with use_backend(backend):
+        out = rope(qk, cos, sin)
+    pair_norm = lambda t: t[..., :8] ** 2 + t[..., 8:] ** 2  # noqa: E731
+    torch.testing.assert_close(pair_norm(out), pair_norm(qk), atol=1e-5, rtol=1e-5)
+
+
+def test_position_zero_is_identity_and_angle_matches():
+    cos, sin = _tables(4, 2)
+    x = torch.tensor([[[[1.0, 0.0]]] * 4])  # [1, 4, 1, 2]: the unit vector at every position
+    with use_backend("triton"):
+        out = rope(x, cos, sin)
+    # A pair rotates by angle p (inv_freq 1 for the first pair): (cos p, sin p).
+    want = torch.tensor([[math.cos(p), math.sin(p)] for p in range(4)])
+    torch.testing.assert_close(out[0, :, 0], want.to(out.device), atol=1e-6, rtol=0)
+
+
+def test_clear_errors():
+    cos, sin = _tables(8, 6)
+    with pytest.raises(ValueError, match="need x \\[batch, seq, heads, head_dim\\]"):
+        rope(torch.randn(2, 8, 6), cos, sin)
+    with pytest.raises(ValueError, match="positions >= seq"):
+        rope(torch.randn(1, 9, 2, 6), cos, sin)
+    with pytest.raises(ValueError, match="cos must be a float32"):
+        rope(torch.randn(1, 8, 2, 6), cos.double(), sin)
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        rope(torch.ones(1, 8, 2, 6, dtype=torch.int64), cos, sin)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_torch_compile_fullgraph(backend):
+    x = torch.randn(2, 5, 3, 8, device=DEVICE, requires_grad=True)
+    cos, sin = _tables(5, 8)
+
+    def f(t):
+        return rope(t * 1.5, cos, sin)
+
+    compile_backend = "inductor" if (backend == "eager" or CUDA) else "aot_eager"
+    with use_backend(backend):
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend=compile_backend)(x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+    ref = rope_reference(x * 1.5, cos, sin)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(768, 82, 8, 64), (96, 901, 8, 64)], ids=str)
+def test_cuda_full_size(dtype, shape):
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    cos, sin = _tables(s, d, device="cuda")
+    _check("triton", qkv[:, :, : 2 * h], cos, sin)
