@@ -125,13 +125,12 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
         emb_opt.zero_grad(set_to_none=True)
         return carry
 
-    def eval_batch(_):
+    def eval_batch(_):  # as train/pretrain.py's evaluate: halt_max_steps segments, one host check
         with torch.inference_mode():
             carry = head.initial_carry(batch)
-            while True:
+            for _ in range(head.model.config.halt_max_steps):
                 carry, _, _, _, all_finish = step_model(carry=carry, batch=batch, return_keys=())
-                if bool(all_finish):
-                    return None
+            assert bool(all_finish)
 
     if mode == "eval":
         head.eval()

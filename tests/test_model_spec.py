@@ -382,3 +382,21 @@ def test_truncated_normal_std_is_corrected_for_truncation():
     x = trunc_normal_(torch.empty(400_000), std=0.5)
     assert abs(x.std().item() - 0.5) < 0.005
     assert x.abs().max() <= 2 * 0.5 / 0.87962566 + 1e-6  # cut at 2 of the underlying normal's std
+
+
+def test_eval_mode_halts_every_row_exactly_at_halt_max_steps():
+    """What train/pretrain.py's evaluate relies on to run the segments without a host check after
+    each: in eval mode no row halts early (no Q-halting, no exploration), every row at the last."""
+    torch.manual_seed(5)
+    head = ACTLossHead(HRM(tiny_config(halt_max_steps=4)))
+    randomize_(head)
+    with torch.no_grad():  # Q-halting would stop rows at the first segment in training mode
+        head.model.inner.q_head.bias.copy_(torch.tensor([5.0, -5.0]))
+    head.eval()
+    batch = make_batch(None)
+    with torch.inference_mode():
+        carry = head.initial_carry(batch)
+        for segment in range(1, 5):
+            carry, _, _, _, all_finish = head(carry=carry, batch=batch, return_keys=())
+            assert bool(all_finish) == (segment == 4)
+            assert bool(carry.halted.any()) == (segment == 4)

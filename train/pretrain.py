@@ -337,6 +337,7 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
     head = state.head
     was_training = head.training
     head.eval()
+    eval_segments = head.model.config.halt_max_steps
     set_ids = {name: i for i, name in enumerate(eval_ds.metadata.sets)}
     sums = None
     keys: list[str] = []
@@ -356,11 +357,17 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
                 batch = to_device(batch, info.device)
                 with torch.device(info.device):
                     carry = head.initial_carry(batch)
+                # In eval mode every row halts after exactly halt_max_steps segments (no Q-halting,
+                # no exploration): run them back to back and let the host check once at the end,
+                # instead of synchronising with the GPU after every segment.
+                segments = eval_segments
                 while True:
-                    carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
-                                                                         return_keys=tuple(return_keys))
+                    for _ in range(segments):
+                        carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
+                                                                             return_keys=tuple(return_keys))
                     if bool(all_finish):
                         break
+                    segments = 1  # a model that halts later than that: one segment at a time
                 if return_keys:
                     for k in return_keys:
                         src = preds if k in preds else batch
