@@ -9,7 +9,7 @@ difference of ``train/lm_loss`` between N GPUs and one GPU at the same global ba
 initial weights and the ACT exploration switched off make the two runs the same computation up to
 reduction order and bf16 rounding).
 
-    python benchmarks/bench_scaling.py --data data/sudoku-small --gpus 1 2 4 [--steps 40]
+    python benchmarks/bench_scaling.py --data data/sudoku-small --gpus 1 2 4 [--steps 40] [--grad-sync flat,ddp]
 """
 
 from __future__ import annotations
@@ -52,33 +52,44 @@ def main(argv=None) -> str:
     parser.add_argument("--per-gpu-batch", type=int, default=768)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the timing")
+    parser.add_argument("--grad-sync", default="flat",
+                        help="the trainer's grad_sync modes to compare on the multi-GPU runs, comma-separated "
+                             "(flat, ddp or flat,ddp)")
     parser.add_argument("--out", default=None, help="where the runs go (default: a temporary directory)")
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, e.g. arch=hrm_v1_gated compile=false")
     args = parser.parse_args(argv)
+    args.grad_sync = args.grad_sync.split(",")
+    if not set(args.grad_sync) <= {"flat", "ddp"}:
+        parser.error(f"--grad-sync takes flat, ddp or flat,ddp; got {','.join(args.grad_sync)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="hrm-scaling-"))
 
-    rows, base = [], None
+    rows, base, singles = [], None, {}
     for n in args.gpus:
         gbs = n * args.per_gpu_batch
-        records = train(args.data, n, gbs, args.steps, out, args.overrides)
-        ms = step_ms(records, args.warmup)
-        per_gpu = gbs / ms * 1e3 / n
-        base = base or per_gpu
-        loss_diff = "-"
-        if n > 1:
-            single = {r["step"]: r["train/lm_loss"] for r in train(args.data, 1, gbs, args.steps, out, args.overrides)}
-            diffs = [abs(r["train/lm_loss"] - single[r["step"]]) for r in records if r["step"] in single]
-            loss_diff = f"{max(diffs):.2e} (loss {records[-1]['train/lm_loss']:.4f})"
-        rows.append((n, gbs, ms, gbs / ms * 1e3, per_gpu, per_gpu / base, loss_diff))
+        for mode in args.grad_sync if n > 1 else ["-"]:
+            extra = [*args.overrides, f"grad_sync={mode}"] if n > 1 else args.overrides
+            records = train(args.data, n, gbs, args.steps, out / mode, extra)
+            ms = step_ms(records, args.warmup)
+            per_gpu = gbs / ms * 1e3 / n
+            base = base or per_gpu
+            loss_diff = "-"
+            if n > 1:
+                if gbs not in singles:
+                    singles[gbs] = {r["step"]: r["train/lm_loss"]
+                                    for r in train(args.data, 1, gbs, args.steps, out / "single", args.overrides)}
+                diffs = [abs(r["train/lm_loss"] - singles[gbs][r["step"]]) for r in records if r["step"] in singles[gbs]]
+                loss_diff = f"{max(diffs):.2e} (loss {records[-1]['train/lm_loss']:.4f})"
+            rows.append((n, mode, gbs, ms, gbs / ms * 1e3, per_gpu, per_gpu / base, loss_diff))
 
     import torch
 
     card = f"{torch.cuda.get_device_name()}, NCCL" if torch.cuda.is_available() else "CPU processes, gloo"
     lines = [f"### Data-parallel scaling (up to {max(args.gpus)} x {card}, torch {torch.__version__}, "
              f"per-GPU batch {args.per_gpu_batch}, overrides: {' '.join(args.overrides) or 'none'})", "",
-             "| GPUs | global batch | ms/step | examples/s | examples/s per GPU | vs 1 GPU | max lm_loss diff vs 1 GPU at the same global batch |",
-             "|---:|---:|---:|---:|---:|---:|---|"]
-    lines += [f"| {n} | {g} | {ms:.1f} | {eps:.0f} | {pg:.0f} | {eff:.1%} | {d} |" for n, g, ms, eps, pg, eff, d in rows]
+             "| GPUs | grad_sync | global batch | ms/step | examples/s | examples/s per GPU | vs 1 GPU | max lm_loss diff vs 1 GPU at the same global batch |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {n} | {m} | {g} | {ms:.1f} | {eps:.0f} | {pg:.0f} | {eff:.1%} | {d} |"
+              for n, m, g, ms, eps, pg, eff, d in rows]
     table = "\n".join(lines) + "\n"
     print(table)
     if os.environ.get("OUT"):
