@@ -181,3 +181,18 @@ def test_killed_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     assert a["step"] == b["step"] > load(killed_at)["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_max_train_minutes_stops_evaluates_and_checkpoints(tiny_data, tmp_path, monkeypatch, capsys):
+    """A time limit ends training after the step in progress, then evaluates and saves, so that
+    the same command resumes from there."""
+    monkeypatch.chdir(tmp_path)
+    clock = iter(range(0, 10_000, 30))  # every time.time() call advances 30 s
+    monkeypatch.setattr("train.pretrain.time.time", lambda: float(next(clock)))
+    metrics = run(common(tiny_data, tmp_path / "timed") + ["max_train_minutes=2"])
+    out = capsys.readouterr().out
+    assert "max_train_minutes=2 reached at step" in out
+    latest = checkpointing.latest_checkpoint(tmp_path / "timed")
+    step = load(latest)["step"]
+    assert 1 <= step < 16 and latest.name == f"step_{step}.pt"
+    assert any(k.endswith("exact_accuracy") for k in metrics)

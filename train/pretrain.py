@@ -404,11 +404,14 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
 
 
 def _time_is_up(t_start: float, minutes: float, info: distributed.DistInfo) -> bool:
-    """Rank 0's clock decides, so that every rank stops after the same step."""
-    up = torch.tensor([float(time.time() - t_start > 60.0 * minutes)], device=info.device)
-    if info.world_size > 1:
-        dist.broadcast(up, src=0)
-    return bool(up.item())
+    """Rank 0's clock decides, so that every rank stops after the same step (one broadcast; a
+    single process asks its own clock and never waits for the GPU)."""
+    up = time.time() - t_start > 60.0 * minutes
+    if info.world_size == 1:
+        return up
+    flag = torch.tensor([float(up)], device=info.device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def reduce_train_metrics(values: torch.Tensor, keys: list[str], gbs: int) -> dict:
