@@ -42,6 +42,8 @@ def train(data: str, gpus: int, global_batch: int, steps: int, out: Path, extra:
 
 def step_ms(records: list[dict], warmup: int) -> float:
     timed = [r for r in records if r["step"] > warmup]
+    if len(timed) < 2:
+        raise SystemExit(f"only {len(timed)} logged steps after the {warmup} warm-up steps: use --steps > --warmup + 1")
     return (timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"]) * 1e3
 
 
@@ -59,6 +61,8 @@ def main(argv=None) -> str:
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, e.g. arch=hrm_v1_gated compile=false")
     args = parser.parse_args(argv)
     args.grad_sync = args.grad_sync.split(",")
+    if args.gpus[0] != 1:
+        parser.error("--gpus must start with 1: the other runs are compared with the one-GPU run")
     if not set(args.grad_sync) <= {"flat", "ddp"}:
         parser.error(f"--grad-sync takes flat, ddp or flat,ddp; got {','.join(args.grad_sync)}")
     out = Path(args.out or tempfile.mkdtemp(prefix="hrm-scaling-"))

@@ -21,6 +21,8 @@ but the last L and H steps of a segment, and the whole continue-target pass).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -177,6 +179,10 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
+    # Both kernels address rows with a unit column stride (the public wrapper guarantees it; a
+    # custom op called directly might not).
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     n_rows, k = x.shape
     inter = weight.shape[0] // 2
     out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
@@ -216,6 +222,7 @@ class LinearSwiGLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         return _backward(dout, *ctx.saved_tensors)
 
@@ -275,7 +282,7 @@ def linear_swiglu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not use_triton(x.device):
         return linear_swiglu_reference(x, weight)
     k = x.shape[-1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(math.prod(x.shape[:-1]), k)
     if rows.stride(-1) != 1 or (rows.shape[0] > 1 and rows.stride(0) != k):
         rows = rows.contiguous()
     weight = weight.contiguous()

@@ -84,6 +84,7 @@ class RopeFunction(torch.autograd.Function):
         return _launch(x, cos, sin, backward=False)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         cos, sin = ctx.saved_tensors
         return _launch(dout, cos, sin, backward=True), None, None
@@ -101,11 +102,13 @@ def _(x, cos, sin, backward):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.backward = inputs[3]
 
 
 def _backward(ctx, dout):
+    # The rotation is orthogonal: the gradient of either direction is the other direction.
     cos, sin = ctx.saved_tensors
-    return torch.ops.hrm_kernels.rope(dout, cos, sin, True), None, None, None
+    return torch.ops.hrm_kernels.rope(dout, cos, sin, not ctx.backward), None, None, None
 
 
 _rope_op.register_autograd(_backward, setup_context=_setup_context)

@@ -19,13 +19,35 @@ SHAPES = [((37,), 40, 24), ((2, 35), 72, 48), ((37,), 40, 37), ((2, 35), 123, 50
           ((3, 1, 4), 16, 3)]
 
 
+class Kernel:
+    """Which Triton kernel a test asks for, and the TMA launches it saw."""
+
+    def __init__(self, name: str):
+        self.name, self.tma_launches = name, 0
+
+    def check_ran(self, backend: str, x: torch.Tensor, inter: int) -> None:
+        """With the TMA kernel on and 16-byte rows (its condition), the TMA kernel must have run."""
+        item = x.element_size()
+        aligned = (x.shape[-1] * item) % 16 == 0 and (inter * item) % 16 == 0
+        if self.name == "tma" and backend == "triton" and aligned:
+            assert self.tma_launches > 0, "the TMA kernel did not run"
+
+
 @pytest.fixture(params=["tiles", "tma"])
 def kernel(request, monkeypatch):
     """Both Triton kernels: the plain tiled one and the persistent TMA one (where the alignment
     lets it run; otherwise the tiled one, which the shapes below also cover)."""
     module = importlib.import_module("hrm_kernels.linear_swiglu")
     monkeypatch.setattr(module, "USE_TMA", request.param == "tma")
-    return request.param
+    chosen = Kernel(request.param)
+    launch = module._launch_tma
+
+    def counted(*args, **kwargs):
+        chosen.tma_launches += 1
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_launch_tma", counted)
+    return chosen
 
 
 def _make(lead, k, inter, dtype, device=DEVICE):
@@ -42,7 +64,7 @@ def _run(fn, x, weight, dout):
     return out.detach(), x.grad, weight.grad
 
 
-def _check(backend, x, weight, dout):
+def _check(backend, x, weight, dout, kernel=None):
     with use_backend(backend):
         got = _run(linear_swiglu, x, weight, dout)
         with torch.no_grad():
@@ -54,22 +76,26 @@ def _check(backend, x, weight, dout):
         assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} {name}", g, e, r)
     # The no-grad launch skips storing gate_up but computes the same tiles.
     torch.testing.assert_close(no_grad, got[0], atol=0, rtol=0)
+    if kernel is not None:
+        kernel.check_ran(backend, x, weight.shape[0] // 2)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,inter", SHAPES, ids=str)
 def test_matches_float64(kernel, backend, dtype, lead, k, inter):
-    _check(backend, *_make(lead, k, inter, dtype))
+    _check(backend, *_make(lead, k, inter, dtype), kernel=kernel)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_non_contiguous_and_empty(kernel, backend):
     x = torch.randn(40, 9, device=DEVICE).t()  # [9, 40], transposed storage
-    weight = torch.randn(2 * 21, 40, device=DEVICE) / 40 ** 0.5
-    _check(backend, x, weight, torch.randn(9, 21, device=DEVICE))
+    weight = torch.randn(2 * 24, 40, device=DEVICE) / 40 ** 0.5
+    _check(backend, x, weight, torch.randn(9, 24, device=DEVICE), kernel=kernel)
     with use_backend(backend):
-        assert linear_swiglu(torch.randn(0, 3, 40, device=DEVICE), weight).shape == (0, 3, 21)
+        assert linear_swiglu(torch.randn(0, 3, 40, device=DEVICE), weight).shape == (0, 3, 24)
+        empty_k = linear_swiglu(torch.randn(3, 0, device=DEVICE), torch.randn(8, 0, device=DEVICE))
+    torch.testing.assert_close(empty_k, torch.zeros(3, 4, device=DEVICE))  # x @ W.T = 0 when K = 0
 
 
 def test_clear_errors():
@@ -87,8 +113,8 @@ def test_clear_errors():
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
 def test_torch_compile_fullgraph(kernel, backend, grad):
-    x = torch.randn(2, 11, 37, device=DEVICE, requires_grad=grad)
-    weight = (torch.randn(2 * 19, 37, device=DEVICE) / 37 ** 0.5).requires_grad_(grad)
+    x = torch.randn(2, 11, 40, device=DEVICE, requires_grad=grad)
+    weight = (torch.randn(2 * 24, 40, device=DEVICE) / 40 ** 0.5).requires_grad_(grad)
 
     def f(t, w):
         return linear_swiglu(t * 1.5, w)
@@ -99,6 +125,7 @@ def test_torch_compile_fullgraph(kernel, backend, grad):
         out = torch.compile(f, fullgraph=True, backend=compile_backend)(x, weight)
     ref = linear_swiglu_reference(x * 1.5, weight)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    kernel.check_ran(backend, x, 24)
     if grad:
         got = torch.autograd.grad(out.square().sum(), (x, weight))
         want = torch.autograd.grad(ref.square().sum(), (x, weight))
@@ -109,7 +136,9 @@ def test_torch_compile_fullgraph(kernel, backend, grad):
 @requires_cuda
 @pytest.mark.parametrize("rows", [62976, 96 * 901, 333])
 def test_cuda_full_size_bf16(kernel, rows):
-    _check("triton", *_make((rows,), 512, 1536, torch.bfloat16, device="cuda"))
+    if kernel.name == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs compute capability 9.0 or newer")
+    _check("triton", *_make((rows,), 512, 1536, torch.bfloat16, device="cuda"), kernel=kernel)
 
 
 def test_tma_kernel_runs_where_aligned(monkeypatch):

@@ -106,6 +106,20 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
 
 
+def test_double_backward_of_the_custom_op():
+    """The op's two directions are each other's gradient (the rotation is orthogonal), so the
+    backward op is differentiable too (torch.compile's double backward goes through it)."""
+    cos, sin = _tables(6, 8)
+    x = torch.randn(2, 6, 3, 8, device=DEVICE, requires_grad=True)
+    w = torch.randn(2, 6, 3, 8, device=DEVICE)
+    with use_backend("triton"):
+        for direction in (False, True):
+            y = torch.ops.hrm_kernels.rope(x, cos.contiguous(), sin.contiguous(), direction)
+            (grad,) = torch.autograd.grad((y * w).sum(), x)
+            want = torch.ops.hrm_kernels.rope(w, cos.contiguous(), sin.contiguous(), not direction)
+            torch.testing.assert_close(grad, want, atol=1e-6, rtol=1e-6)
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(768, 82, 8, 64), (96, 901, 8, 64)], ids=str)

@@ -93,13 +93,21 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, bucket_cap_mb: float = 25.
     """``module`` in DistributedDataParallel whose gradient buckets are summed over ranks while
     the backward is still running (the same sums as ``all_reduce_gradients``, overlapped with
     compute; under torch.compile Dynamo splits the graph at bucket boundaries for the same
-    overlap). Buffers are not re-broadcast every forward: they are constant after
-    ``broadcast_module_state``."""
+    overlap). Buffers are never broadcast: the constant ones were made identical by
+    ``broadcast_module_state`` already, the puzzle embedding's per-rank batch rows must stay per
+    rank, and re-sending its [num_puzzle_identifiers, D] table every forward would be costly."""
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    device_ids = [info.device.index] if info.device.type == "cuda" else None
-    ddp = DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False,
-                                  bucket_cap_mb=bucket_cap_mb)
+    options = inspect.signature(DistributedDataParallel.__init__).parameters
+    kwargs = dict(device_ids=[info.device.index] if info.device.type == "cuda" else None,
+                  bucket_cap_mb=bucket_cap_mb)
+    if "init_sync" in options and "forward_sync_buffers" in options:  # torch >= 2.13
+        kwargs.update(init_sync=False, forward_sync_buffers=False)  # broadcast_module_state did it
+    else:
+        kwargs.update(broadcast_buffers=False)
+    ddp = DistributedDataParallel(module, **kwargs)
     ddp.register_comm_hook(None, _sum_bucket)
     return ddp
 

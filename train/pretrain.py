@@ -360,14 +360,13 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
                 # In eval mode every row halts after exactly halt_max_steps segments (no Q-halting,
                 # no exploration): run them back to back and let the host check once at the end,
                 # instead of synchronising with the GPU after every segment.
-                segments = eval_segments
-                while True:
-                    for _ in range(segments):
-                        carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
-                                                                             return_keys=tuple(return_keys))
-                    if bool(all_finish):
-                        break
-                    segments = 1  # a model that halts later than that: one segment at a time
+                for _ in range(eval_segments):
+                    carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
+                                                                         return_keys=tuple(return_keys))
+                if not bool(all_finish & (carry.steps == eval_segments).all()):
+                    raise RuntimeError(f"evaluation runs halt_max_steps={eval_segments} segments per batch, but "
+                                       "not every row halted exactly at the last one; this model halts "
+                                       "differently in eval mode than HRM does")
                 if return_keys:
                     for k in return_keys:
                         src = preds if k in preds else batch
