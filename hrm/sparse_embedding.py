@@ -52,7 +52,14 @@ class CastedSparseEmbedding(nn.Module):
 
 
 def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
-                            lr: float, weight_decay: float, world_size: int) -> None:
+                            lr: float, weight_decay: float, world_size: int,
+                            found_inf: Optional[torch.Tensor] = None) -> None:
+    """The update of every row whose id is in the batch, without a host synchronisation: the
+    number of distinct ids is never read on the host (``unique`` would have to). Rows are grouped
+    by a stable sort of the ids; group s sums its gradients into ``grad[s]`` and writes row
+    ``ids_of_group[s]``. The n - k unused groups (k distinct ids) repeat group 0's id and value,
+    so every write to a row carries the same number. ``found_inf`` (a device scalar): when it is
+    nonzero the rows keep their values."""
     all_grad, all_ids = local_grad, local_ids
     if world_size > 1:
         n, d = local_grad.shape
@@ -60,12 +67,22 @@ def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, w
         all_ids = local_ids.new_empty(world_size * n)
         dist.all_gather_into_tensor(all_grad, local_grad.contiguous())
         dist.all_gather_into_tensor(all_ids, local_ids.contiguous())
-    ids, inverse = all_ids.long().unique(return_inverse=True)
-    grad = all_grad.new_zeros(ids.shape[0], all_grad.shape[1])
-    grad.index_add_(0, inverse, all_grad)
+    n = all_ids.numel()
+    if n == 0:
+        return
+    sorted_ids, order = all_ids.long().sort(stable=True)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    group = starts.cumsum(0) - 1  # group index of every sorted entry
+    grad = all_grad.new_zeros(n, all_grad.shape[1]).index_add_(0, group, all_grad[order])
+    ids = torch.zeros_like(sorted_ids).scatter_(0, group, sorted_ids)
+    used = (torch.arange(n, device=ids.device) <= group[-1]).unsqueeze(-1)
+    ids = torch.where(used.squeeze(-1), ids, ids[0])
     rows = weights[ids]
-    rows.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad).to(rows.dtype), alpha=-lr)
-    weights[ids] = rows
+    new_rows = rows * (1.0 - lr * weight_decay) - lr * torch.sign(grad).to(rows.dtype)
+    if found_inf is not None:
+        new_rows = torch.where(found_inf.to(torch.bool), rows, new_rows)
+    weights[ids] = torch.where(used, new_rows, new_rows[:1])
 
 
 class CastedSparseEmbeddingSignSGD(Optimizer):
@@ -111,7 +128,9 @@ class CastedSparseEmbeddingSignSGD(Optimizer):
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, found_inf: Optional[torch.Tensor] = None):
+        """``found_inf``: an optional device scalar; nonzero leaves every row as it is (the
+        update is skipped on the device, with no host synchronisation)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -126,5 +145,5 @@ class CastedSparseEmbeddingSignSGD(Optimizer):
                 # Every rank must join the all-gather; a rank without a gradient adds zeros.
                 grad = torch.zeros_like(local_weights)
             _sign_sgd_sparse_update(grad, local_ids, weights, float(group["lr"]),
-                                    float(group["weight_decay"]), world_size)
+                                    float(group["weight_decay"]), world_size, found_inf)
         return loss

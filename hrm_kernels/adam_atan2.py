@@ -107,10 +107,14 @@ def _adam_atan2_math(p, g, m, v, step_size, wd_alpha, one_minus_beta1, one_minus
 
 @triton.jit
 def _adam_atan2_kernel(
-    PTRS, NUMELS, CHUNKS,
+    PTRS, NUMELS, CHUNKS, FOUND_INF,
     step_size, wd_alpha, one_minus_beta1, one_minus_beta2, bc2_sqrt,
     DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
+    if HAS_FOUND_INF:  # a skipped step (non-finite loss) changes nothing
+        if tl.load(FOUND_INF) != 0:
+            return
     # CHUNKS[pid] = tensor index << 32 | chunk index; PTRS[4 t + k] = data pointer of p, g, m, v.
     info = tl.load(CHUNKS + tl.program_id(0))
     t = (info >> 32).to(tl.int32)
@@ -221,15 +225,15 @@ class _LaunchTables:
 
 def _launch_fused(tables: _LaunchTables, device: torch.device, dtype: torch.dtype, ptrs: tuple,
                   numels: tuple, aligned: bool, step_size: float, wd_alpha: float, beta1: float,
-                  beta2: float, bc2_sqrt: float) -> None:
+                  beta2: float, bc2_sqrt: float, found_inf: Optional[torch.Tensor] = None) -> None:
     ptr_table, numel_table, chunk_table, n_chunks = tables.get(device, ptrs, numels, LAUNCH["chunk"])
     if n_chunks == 0:  # only empty tensors
         return
     _adam_atan2_kernel[(n_chunks,)](
-        ptr_table, numel_table, chunk_table,
+        ptr_table, numel_table, chunk_table, found_inf if found_inf is not None else numel_table,
         float(step_size), float(wd_alpha), float(1.0 - beta1), float(1.0 - beta2), float(bc2_sqrt),
         DTYPE=_TRITON_DTYPES[dtype], CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], ALIGNED=aligned,
-        num_warps=LAUNCH["num_warps"],
+        HAS_FOUND_INF=found_inf is not None, num_warps=LAUNCH["num_warps"],
     )
 
 
@@ -336,9 +340,14 @@ class AdamATan2(torch.optim.Optimizer):
                 state["step"] = int(step)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, found_inf: Optional[torch.Tensor] = None):
         """One update of every parameter that has a gradient (others, and their state, are left
-        alone). Returns ``closure()``'s loss when a closure is given."""
+        alone). Returns ``closure()``'s loss when a closure is given.
+
+        ``found_inf``: an optional scalar tensor (e.g. ``~torch.isfinite(loss)``); when it is
+        nonzero the parameters and moments are left unchanged. The fused kernel reads it on the
+        device, so skipping needs no host synchronisation; the eager fallback reads it on the host.
+        The step counts advance either way (a skipped step is meant to end training)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -357,11 +366,11 @@ class AdamATan2(torch.optim.Optimizer):
                                        "dense gradient, e.g. nn.Embedding(sparse=False)")
                 with_grad.append((p, g))
             self._update_group(with_grad, float(lr), float(betas[0]), float(betas[1]),
-                               float(weight_decay))
+                               float(weight_decay), found_inf)
         return loss
 
     def _update_group(self, with_grad: list, lr: float, beta1: float, beta2: float,
-                      weight_decay: float) -> None:
+                      weight_decay: float, found_inf: Optional[torch.Tensor] = None) -> None:
         # Bucket by what one launch can share: device, dtype, step count (bias corrections).
         # This loop runs every step on the host: kept to plain attribute and dict accesses.
         buckets: dict = {}
@@ -378,31 +387,39 @@ class AdamATan2(torch.optim.Optimizer):
             if bucket is None:
                 bucket = buckets[key] = []
             bucket.append((p, g, state["exp_avg"], state["exp_avg_sq"]))
+        skip_on_host = None  # the eager fallback reads found_inf on the host, at most once
         for (device, dtype, step), quads in buckets.items():
             scalars = dict(step_size=lr / (1.0 - beta1 ** step), wd_alpha=1.0 - lr * weight_decay,
                            beta1=beta1, beta2=beta2, bc2_sqrt=math.sqrt(1.0 - beta2 ** step))
-            if dtype not in _TRITON_DTYPES or not use_triton(device):
-                adam_atan2_eager(*map(list, zip(*quads)), **scalars)
-                continue
-            ptrs, numels, others, bits = [], [], [], 0
-            for quad in quads:
-                p, g, m, v = quad
-                if (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
-                        and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype):
-                    pp, gp, mp, vp = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
-                    ptrs += (pp, gp, mp, vp)
-                    bits |= pp | gp | mp | vp
-                    numels.append(p.numel())
-                else:  # e.g. a transposed parameter: the eager path handles any layout
-                    others.append(quad)
-            if numels:
-                if device.type == "cuda" and device.index is not None and \
-                        device.index != torch.cuda.current_device():
-                    with torch.cuda.device(device):
-                        _launch_fused(self._tables, device, dtype, tuple(ptrs), tuple(numels),
-                                      bits % 16 == 0, **scalars)
-                else:
-                    _launch_fused(self._tables, device, dtype, tuple(ptrs), tuple(numels),
-                                  bits % 16 == 0, **scalars)
-            if others:
-                adam_atan2_eager(*map(list, zip(*others)), **scalars)
+            if dtype in _TRITON_DTYPES and use_triton(device):
+                quads = self._launch_bucket(device, dtype, quads, scalars, found_inf)
+            if quads:
+                if found_inf is not None and skip_on_host is None:
+                    skip_on_host = bool(found_inf)
+                if not skip_on_host:
+                    adam_atan2_eager(*map(list, zip(*quads)), **scalars)
+
+    def _launch_bucket(self, device: torch.device, dtype: torch.dtype, quads: list, scalars: dict,
+                       found_inf: Optional[torch.Tensor]) -> list:
+        """One fused launch for the bucket's contiguous (p, g, m, v); returns the others (e.g. a
+        transposed parameter), which the eager path handles in any layout."""
+        ptrs, numels, others, bits = [], [], [], 0
+        for quad in quads:
+            p, g, m, v = quad
+            if (p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous()
+                    and g.dtype == dtype and m.dtype == dtype and v.dtype == dtype):
+                pp, gp, mp, vp = p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr()
+                ptrs += (pp, gp, mp, vp)
+                bits |= pp | gp | mp | vp
+                numels.append(p.numel())
+            else:
+                others.append(quad)
+        if numels:
+            flag = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1)
+            args = (self._tables, device, dtype, tuple(ptrs), tuple(numels), bits % 16 == 0)
+            if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    _launch_fused(*args, **scalars, found_inf=flag)
+            else:
+                _launch_fused(*args, **scalars, found_inf=flag)
+        return others

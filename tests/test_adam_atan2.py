@@ -212,6 +212,31 @@ def test_step_does_not_synchronize():
     assert opt.state[params[0]]["step"] == 4
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+def test_found_inf_skips_the_update(case):
+    """A nonzero ``found_inf`` leaves parameters and moments as they are (the trainer passes
+    ``~isfinite(loss)`` so that a bad step needs no host check before the update); zero updates."""
+    backend, device = case
+    a = torch.nn.Parameter(torch.randn(37, device=device))
+    b = torch.nn.Parameter(torch.randn(20, 6, device=device).t())  # non-contiguous: eager path
+    opt = AdamATan2([a, b], lr=1e-2, weight_decay=0.5)
+    with use_backend(backend):
+        for p in (a, b):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        before = [t.detach().clone() for p in (a, b) for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+        for p in (a, b):
+            p.grad = torch.full_like(p, float("nan"))
+        opt.step(found_inf=torch.tensor(True, device=device))
+        after = [t for p in (a, b) for t in (p, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+        assert all(torch.equal(x, y) for x, y in zip(before, after))
+        for p in (a, b):
+            p.grad = torch.randn_like(p)
+        opt.step(found_inf=torch.tensor(0.0, device=device))
+    assert not torch.equal(a, before[0]) and not torch.equal(b, before[3])
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
 def test_loads_original_package_state_with_tensor_steps():
     """adam_atan2.AdamATan2 keeps ``step`` as a float32 tensor: accepted, converted at load."""
     p = torch.nn.Parameter(torch.randn(10))

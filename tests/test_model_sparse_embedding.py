@@ -105,3 +105,17 @@ def test_gradients_are_gathered_across_ranks(tmp_path):
     assert torch.allclose(got, want, atol=1e-6)
     # id 5 is on both ranks: its update uses the sum over both, not either rank's own gradient
     assert not torch.allclose(want[5], _expected_update(before, ids[:3], grads[:3], 0.1, 0.5)[5])
+
+
+def test_found_inf_skips_the_update_on_the_device():
+    emb = CastedSparseEmbedding(10, 4, batch_size=4, init_std=1.0, cast_to=torch.float32)
+    emb.train()
+    ids = torch.tensor([5, 0, 5, 9], dtype=torch.int32)
+    (emb(ids) * torch.randn(4, 4)).sum().backward()
+    before = emb.weights.clone()
+    opt = CastedSparseEmbeddingSignSGD(emb, lr=0.1, weight_decay=0.1)
+    opt.step(found_inf=torch.tensor(1.0))
+    assert torch.equal(emb.weights, before)
+    opt.step(found_inf=torch.tensor(0.0))
+    want = _expected_update(before, ids.long(), emb.local_weights.grad, 0.1, 0.1)
+    assert torch.allclose(emb.weights, want, atol=1e-7) and not torch.equal(emb.weights, before)
