@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 if __package__ in (None, ""):
     # Run as a script (python train/pretrain.py): make the repository importable.
@@ -37,6 +37,10 @@ from train.config_utils import ConfigError, compose, exit_with, parse_cli, to_co
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+    def __init__(self, message: str, step: Optional[int] = None):
+        super().__init__(message)
+        self.step = step
 
 
 # ============================================================================================
@@ -282,8 +286,8 @@ def lr_at(cfg: dict, base_lr: float, step: int, total_steps: int) -> float:
 def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo):
     """One optimizer step on this rank's share of the global batch.
 
-    Returns (summed metric tensor, metric keys, lr): metric sums over all ranks (every rank gets
-    them, so every rank sees a non-finite loss and stops together)."""
+    Returns the step's PendingMetrics: metric sums over all ranks (every rank gets them, so every
+    rank sees a non-finite loss and stops together), read later without stalling the GPU."""
     state.step += 1
     gbs = cfg["global_batch_size"]
     if hasattr(state.head, "set_step"):
@@ -314,21 +318,43 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
     values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys] + [loss.detach().float().reshape(())])
     if info.world_size > 1:
         dist.all_reduce(values)
-    values = values.cpu()
-    if not math.isfinite(float(values[-1])):
-        # Do not apply this step: the weights in memory stay the last good ones.
-        for opt in state.optimizers:
-            opt.zero_grad(set_to_none=True)
-        raise TrainingDiverged(f"loss became {float(values[-1])} at step {state.step}")
-
+    # A non-finite loss (the same on every rank after the all-reduce) skips the update on the
+    # device: no host synchronisation here. The host sees it when it reads these metrics, one
+    # step later (PendingMetrics), and stops training then.
+    found_inf = ~torch.isfinite(values[-1])
     lr_this_step = 0.0
     for opt, base_lr in zip(state.optimizers, state.base_lrs):
         lr_this_step = lr_at(cfg, base_lr, state.step, state.total_steps)
         for group in opt.param_groups:
             group["lr"] = lr_this_step
-        opt.step()
+        opt.step(found_inf=found_inf)
         opt.zero_grad(set_to_none=True)
-    return values[:-1], keys, lr_this_step
+    return PendingMetrics(state.step, values, keys, lr_this_step)
+
+
+class PendingMetrics:
+    """A step's summed metrics on their way to the host: the copy is queued behind the step's
+    kernels (pinned memory, non-blocking) so the host can start the next step before reading them."""
+
+    def __init__(self, step: int, values: torch.Tensor, keys: list[str], lr: float):
+        self.step, self.keys, self.lr = step, keys, lr
+        self.event = None
+        if values.is_cuda:
+            self.values = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.values.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.values = values
+
+    def read(self) -> torch.Tensor:
+        """The metric sums (the last entry is the summed loss); raises TrainingDiverged if the loss
+        was not finite (that step's update was skipped on the device)."""
+        if self.event is not None:
+            self.event.synchronize()
+        if not math.isfinite(float(self.values[-1])):
+            raise TrainingDiverged(f"loss became {float(self.values[-1])} at step {self.step}", step=self.step)
+        return self.values[:-1]
 
 
 def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
@@ -629,6 +655,42 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     time_stop = False
     t_start = time.time()
     bar_values: dict[str, str] = {}  # progress-bar values kept between logs
+    pending: Optional[PendingMetrics] = None  # the last step's metrics, not read yet
+
+    def report(metrics: PendingMetrics) -> None:
+        """Read one step's metrics (every rank: a non-finite loss stops all of them), log them."""
+        nonlocal t_last, step_last
+        try:
+            values = metrics.read()
+        except TrainingDiverged as e:
+            where = (f"last good checkpoint: {last_saved} (step {saved_step})" if last_saved is not None
+                     else "no checkpoint was written before it")
+            raise TrainingDiverged(f"{e}; training stopped, {where}. Try a lower lr, more lr_warmup_steps "
+                                   f"or a more negative arch.gate_init_bias.", step=e.step) from None
+        if not info.is_main:
+            return
+        if metrics.step % cfg["log_interval"] == 0 or metrics.step == stop_at:
+            m = reduce_train_metrics(values, metrics.keys, gbs)
+            m["train/lr"] = metrics.lr
+            logger.log(m, step=metrics.step)
+            if bar is not None:
+                now = time.time()
+                rate = (metrics.step - step_last) * gbs / max(now - t_last, 1e-9)
+                t_last, step_last = now, metrics.step
+                if m.get("train/count", 1) > 0:  # accuracy is over sequences that halted
+                    bar_values["acc"] = f"{m.get('train/accuracy', float('nan')):.3f}"
+                bar.set_postfix(loss=f"{m.get('train/lm_loss', float('nan')):.3f}",
+                                ex_s=f"{rate:.0f}", refresh=False, **bar_values)
+        if bar is not None:
+            bar.update(1)
+
+    def flush() -> None:
+        """Read the pending metrics: before anything that evaluates, saves or ends the run."""
+        nonlocal pending
+        if pending is not None:
+            last, pending = pending, None
+            report(last)
+
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
@@ -644,40 +706,24 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                     with torch.device(info.device):
                         fresh = head.initial_carry(batch)
                     state.carry = load_carry_state(fresh, state.carry[1])
-                try:
-                    values, keys, lr = train_step(cfg, state, batch, info)
-                except TrainingDiverged as e:
-                    where = (f"last good checkpoint: {last_saved} (step {saved_step})" if last_saved is not None
-                             else "no checkpoint was written before it")
-                    raise TrainingDiverged(f"{e}; training stopped, {where}. Try a lower lr, more "
-                                           f"lr_warmup_steps or a more negative arch.gate_init_bias.") from None
-                if info.is_main:
-                    if state.step % cfg["log_interval"] == 0 or state.step == stop_at:
-                        m = reduce_train_metrics(values, keys, gbs)
-                        m["train/lr"] = lr
-                        logger.log(m, step=state.step)
-                        if bar is not None:
-                            now = time.time()
-                            rate = (state.step - step_last) * gbs / max(now - t_last, 1e-9)
-                            t_last, step_last = now, state.step
-                            if m.get("train/count", 1) > 0:  # accuracy is over sequences that halted
-                                bar_values["acc"] = f"{m.get('train/accuracy', float('nan')):.3f}"
-                            bar.set_postfix(loss=f"{m.get('train/lm_loss', float('nan')):.3f}",
-                                            ex_s=f"{rate:.0f}", refresh=False, **bar_values)
-                    if bar is not None:
-                        bar.update(1)
+                current = train_step(cfg, state, batch, info)
+                if pending is not None:  # the previous step's metrics: this step is queued already
+                    report(pending)
+                pending = current
                 if state.step >= stop_at and max_steps is not None and state.step < total_steps:
                     stopped = True
                     break
                 if time_limit is not None and state.step < total_steps and _time_is_up(t_start, time_limit, info):
                     stopped = time_stop = True
                     break
+            flush()
             if stopped:
                 break
             # One iteration (eval_interval epochs) done: evaluate, checkpoint.
             last_eval = run_eval()
             if cfg["checkpoint_every_eval"]:
                 checkpoint_now()
+        flush()
         if time_stop:
             if info.is_main:
                 (bar.write if bar is not None else print)(
@@ -690,7 +736,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             bar = None
         if info.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)
-            logger.summary({"diverged_at_step": state.step})
+            logger.summary({"diverged_at_step": e.step if e.step is not None else state.step})
             logger.finish()
         raise
     finally:
