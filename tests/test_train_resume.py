@@ -196,3 +196,11 @@ def test_max_train_minutes_stops_evaluates_and_checkpoints(tiny_data, tmp_path, 
     step = load(latest)["step"]
     assert 1 <= step < 16 and latest.name == f"step_{step}.pt"
     assert any(k.endswith("exact_accuracy") for k in metrics)
+
+
+def test_final_accuracy_line_names_the_evaluation_step(tiny_data, tmp_path, monkeypatch, capsys):
+    """A max_steps stop does not evaluate: the last line repeats the epoch-end evaluation and says so."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=10"])  # evaluations at step 8 only
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("held-out exact accuracy")]
+    assert line and line[-1].endswith("(step 10, from the evaluation at step 8)")

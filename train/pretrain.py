@@ -619,6 +619,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     last_saved: Path | None = resume_from
     saved_step = state.step if resume_from is not None else -1
     last_eval: dict = {}
+    last_eval_step = -1
     gbs = cfg["global_batch_size"]
     t_last, step_last = time.time(), state.step
 
@@ -630,9 +631,10 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         saved_step = state.step
 
     def run_eval() -> dict:
-        nonlocal last_eval
+        nonlocal last_eval, last_eval_step
         if eval_ds is None:
             return {}
+        last_eval_step = state.step
         metrics, outputs = evaluate(cfg, state, eval_ds, info, return_keys=cfg.get("eval_save_outputs") or (),
                                     progress=bool(cfg["progress"]))
         if outputs:
@@ -746,7 +748,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         if last_eval:
             ex = {k: v for k, v in last_eval.items() if k.endswith("/exact_accuracy")}
             for k, v in sorted(ex.items()):
-                print(f"held-out exact accuracy ({k.split('/')[0]}): {100 * v:.1f}%")
+                stale = f", from the evaluation at step {last_eval_step}" if last_eval_step != state.step else ""
+                print(f"held-out exact accuracy ({k.split('/')[0]}): {100 * v:.1f}% (step {state.step}{stale})")
             logger.summary({f"final/{k}": v for k, v in last_eval.items()})
         print(f"checkpoint: {last_saved}", flush=True)
         logger.finish()
