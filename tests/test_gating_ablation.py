@@ -155,6 +155,19 @@ def test_gpu_commands_differ_only_in_arch(tmp_path):
     assert "data_path=" + str(REPO / "data" / "gating_ablation" / "sudoku-hard-1k-aug-1000") in lines[0]
 
 
+def test_two_gpus_per_arm_run_data_parallel(tmp_path):
+    """--gpus 0+1,2+3: each arm is a 2-rank torchrun on its own pair, same global batch."""
+    res = subprocess.run([sys.executable, str(RUN), "ablation", "--out", str(tmp_path), "--dry-run",
+                          "--gpus", "0+1,2+3"], env=subprocess_env(), stdout=subprocess.PIPE, text=True,
+                         timeout=60, check=True)
+    lines = [line for line in res.stdout.splitlines() if "train/pretrain.py" in line]
+    assert len(lines) == 2
+    for line, gpus in zip(lines, ("0,1", "2,3")):
+        assert line.startswith(f"CUDA_VISIBLE_DEVICES={gpus} python3 -m torch.distributed.run --standalone "
+                               "--nproc-per-node=2 train/pretrain.py")
+        assert "global_batch_size=768" in line
+
+
 def _write_run(path: Path, losses: dict[int, float], t0: float = 1000.0, segments: list[float] | None = None,
                times: dict[int, float] | None = None) -> Path:
     """A synthetic run directory: train/lm_loss per step (one second apart unless ``times``)."""

@@ -215,10 +215,20 @@ class Arm:
     extra: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
+        """The trainer command: plain python on one GPU, torchrun (data-parallel, same global
+        batch) when ``gpu`` lists several, e.g. "0,1"."""
         ov = list(self.overrides) + [f"run_name={self.name}", f"checkpoint_path={self.run_dir}"]
         if self.minutes is not None:
             ov.append(f"max_train_minutes={self.minutes:.3f}")
-        return [sys.executable, "train/pretrain.py", *merge_overrides(ov)]
+        ranks = len(self.gpu.split(",")) if self.gpu else 1
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                    if ranks > 1 else [sys.executable])
+        return [*launcher, "train/pretrain.py", *merge_overrides(ov)]
+
+    def shown(self) -> str:
+        """The command as a shell line, GPUs included."""
+        gpus = f"CUDA_VISIBLE_DEVICES={self.gpu} " if self.gpu is not None else ""
+        return gpus + shlex.join(["python3", *self.command()[1:]])
 
 
 def merge_overrides(overrides: list[str]) -> list[str]:
@@ -255,11 +265,10 @@ def start(arm: Arm, threads: int, out: Path) -> None:
     with open(arm.run_dir / "segments.jsonl", "a") as f:
         f.write(json.dumps(segment) + "\n")
     cmd = arm.command()
-    gpu_note = f"CUDA_VISIBLE_DEVICES={arm.gpu} " if arm.gpu is not None else ""
     with open(arm.out_dir / "command.txt", "a") as f:
-        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} mode={arm.mode}\n{gpu_note}{shlex.join(cmd)}\n")
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} mode={arm.mode}\n{arm.shown()}\n")
     log(f"{arm.name}: start{' (resuming from step %d)' % resumed_from if resumed_from is not None else ''}: "
-        f"{gpu_note}{shlex.join(cmd[1:])}", out)
+        f"{arm.shown()}", out)
     logf = open(arm.out_dir / "train.log", "a")
     arm.proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(arm.gpu, threads), stdout=logf,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -479,7 +488,9 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, default=560.0,
                    help="seconds after the start by which every trainer is stopped (default 560: the GPU "
                         "machine allows 600 s per command, and stopping and the analysis take up to ~30 s)")
-    p.add_argument("--gpus", default="0,1", help="GPU ids for the two arms (default 0,1; 0,0 shares one GPU)")
+    p.add_argument("--gpus", default="0,1",
+                   help="GPU ids for the two arms (default 0,1; 0,0 shares one GPU; 0+1,2+3 gives each arm two "
+                        "GPUs, data-parallel through torchrun with the same global batch)")
     p.add_argument("--workers", type=int, default=None, help="dataset generator processes (default: all cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra trainer override for every run of this command (repeatable)")
@@ -490,9 +501,10 @@ def parse_args(argv=None):
     args.steps = DEFAULT_STEPS[args.profile] if args.steps is None else args.steps
     if args.scenario1_minutes is None:
         args.scenario1_minutes = DEFAULT_SCENARIO1_MINUTES[args.profile]
-    args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    # One entry per arm; "+" joins the GPUs of a data-parallel arm ("0+1,2+3": two GPUs each).
+    args.gpus = [",".join(g.strip() for g in arm.split("+")) for arm in args.gpus.split(",") if arm.strip()]
     if len(args.gpus) != 2:
-        p.error(f"--gpus needs two ids, e.g. 0,1 (got {args.gpus})")
+        p.error(f"--gpus needs one entry per arm, e.g. 0,1 or 0+1,2+3 (got {args.gpus})")
     if args.smoke:
         args.gpus = [None, None]  # device=cpu; CUDA_VISIBLE_DEVICES left as it is
     if args.minutes <= 0 or args.steps <= 0 or args.scenario1_minutes <= 0:
@@ -532,7 +544,7 @@ def main(argv=None) -> int:
             arms.append(scenario1_arm(args, args.gpus[-1] if args.mode == "checks" else args.gpus[0]))
         print(f"python -m hrm.data.sudoku --output-dir {args.data} {shlex.join(DATA_ARGS[args.profile])}")
         for a in arms:
-            print(("" if a.gpu is None else f"CUDA_VISIBLE_DEVICES={a.gpu} ") + shlex.join(a.command()[1:]))
+            print(a.shown())
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     try:
@@ -541,10 +553,11 @@ def main(argv=None) -> int:
         if not args.smoke:
             if not gpus:
                 raise UsageError("no GPU found (nvidia-smi lists none); for a CPU run of the pipeline add --smoke")
-            if needs_two and len(gpus) < 2 and args.gpus[0] != args.gpus[1]:
-                raise UsageError(f"mode {args.mode} runs two trainers at once, one per GPU, but only {len(gpus)} GPU "
-                                 f"is visible; pass --gpus 0,0 to share it (then the arms' timings are not "
-                                 f"those of a whole GPU each)")
+            wanted = {g for arm in args.gpus for g in arm.split(",")}
+            if needs_two and len(gpus) < len(wanted):
+                raise UsageError(f"mode {args.mode} asks for GPUs {','.join(sorted(wanted))} but only {len(gpus)} "
+                                 f"are visible; pass --gpus 0,1 (one each) or 0,0 to share one (then the arms' "
+                                 f"timings are not those of a whole GPU each)")
         log(f"run.py {' '.join(sys.argv[1:] if argv is None else argv)} | profile {args.profile} | "
             f"commit {git_commit()} | GPUs: {'; '.join(gpus) or 'none'} | cores {os.cpu_count()}", args.out)
         if args.mode == "continue":
