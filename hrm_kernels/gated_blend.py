@@ -94,6 +94,37 @@ def _mm(a, b, acc, EMU_BF16: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _source(kind: tl.constexpr, OWN, OTHER, INJ):
+    """The [M, D] source of gate kind ``kind``: 0 own, 1 other, 2 inj."""
+    if kind == 0:
+        return OWN
+    elif kind == 1:
+        return OTHER
+    else:
+        return INJ
+
+
+@triton.jit
+def _load_gate_weights(W2, B2, gcols, c_mask, r_idx, r_mask, R, act: tl.constexpr, EMU_BF16: tl.constexpr):
+    """The gate layer's weights for logit columns ``gcols`` (``kind * D + cols``): W2's rows
+    transposed, [BLOCK_R, BLOCK_D] in the activation dtype, and b2 [BLOCK_D] (cast like the
+    reference casts its weights, then fp32)."""
+    w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None], mask=r_mask[:, None] & c_mask[None, :],
+                        other=0.0), act, EMU_BF16)
+    b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+    return w2t, b2
+
+
+@triton.jit
+def _gate(z, w2t, b2, EMU_BF16: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+          BLOCK_D: tl.constexpr):
+    """Gate logits ``z @ w2t + b2`` and gates ``sigmoid(logits)``, [BLOCK_M, BLOCK_D] fp32 each."""
+    logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
+    logit += b2[None, :]
+    return logit, tl.sigmoid(logit)
+
+
+@triton.jit
 def _stats_update(g, logit, x, valid, s_mean, s_low, s_high, s_contrib, s_sat):
     # Row sums only (cheap inside a warp); the cross-row reduction happens once per program.
     g = tl.where(valid, g, 0.0)
@@ -135,12 +166,7 @@ def _gated_blend_hidden_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for kind in tl.static_range(3):
         if kind < 2 or HAS_INJ:
-            if kind == 0:
-                SRC = OWN
-            elif kind == 1:
-                SRC = OTHER
-            else:
-                SRC = INJ
+            SRC = _source(kind, OWN, OTHER, INJ)
             for d0 in range(0, D, BLOCK_K):
                 cols = d0 + tl.arange(0, BLOCK_K)
                 c_mask = cols < D
@@ -189,20 +215,9 @@ def _gated_blend_forward_kernel(
     i0, i1, i2, i3, i4 = zero_m, zero_m, zero_m, zero_m, zero_m
     for kind in tl.static_range(3):
         if kind < 2 or HAS_INJ:
-            if kind == 0:
-                SRC = OWN
-            elif kind == 1:
-                SRC = OTHER
-            else:
-                SRC = INJ
-            gcols = kind * D + cols
-            w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
-                                mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
-            b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
-            logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
-            logit += b2[None, :]
-            g = tl.sigmoid(logit)
-            x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
+            w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
+            logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
+            x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
             out += g * x
             if WITH_STATS:
                 if kind == 0:
@@ -253,20 +268,9 @@ def _gated_blend_backward_dpre_kernel(
         dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
         for kind in tl.static_range(3):
             if kind < 2 or HAS_INJ:
-                if kind == 0:
-                    SRC = OWN
-                elif kind == 1:
-                    SRC = OTHER
-                else:
-                    SRC = INJ
-                gcols = kind * D + cols
-                w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None],
-                              mask=r_mask[:, None] & c_mask[None, :], other=0.0), act, EMU_BF16)
-                b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
-                logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
-                logit += b2[None, :]
-                g = tl.sigmoid(logit)
-                x = tl.load(SRC + off, mask=mask, other=0.0).to(tl.float32)
+                w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
+                logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
+                x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
                 dl = dout * x * g * (1.0 - g)
                 if HAS_SAT:
                     dl += _saturation_grad(logit, mask, tl.load(SAT + kind))
@@ -308,9 +312,8 @@ def _gated_blend_backward_kernel(
     r_mask = r_idx < R
     gcols = kind * D + cols
     rc_mask = r_mask[:, None] & c_mask[None, :]
-    w2t = _cast(tl.load(W2 + gcols[None, :] * R + r_idx[:, None], mask=rc_mask, other=0.0), act, EMU_BF16)
+    w2t, b2 = _load_gate_weights(W2, B2, gcols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
     w1 = _cast(tl.load(W1 + r_idx[:, None] * (3 * D) + gcols[None, :], mask=rc_mask, other=0.0), act, EMU_BF16)
-    b2 = _cast(tl.load(B2 + gcols, mask=c_mask, other=0.0), act, EMU_BF16).to(tl.float32)
     if HAS_SAT:
         coef = tl.load(SAT + kind)
 
@@ -331,9 +334,7 @@ def _gated_blend_backward_kernel(
         off = rows[:, None] * D + cols[None, :]
         dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(SRC + off, mask=mask, other=0.0)
-        logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
-        logit += b2[None, :]
-        g = tl.sigmoid(logit)
+        logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
         xf = x.to(tl.float32)
         dl = dout * xf * g * (1.0 - g)
         if HAS_SAT:
