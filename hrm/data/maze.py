@@ -12,7 +12,6 @@ make loops; S and G are placed so that the shortest path is at least `--min-path
 
 from __future__ import annotations
 
-import argparse
 import random
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from typing import Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import write_build_info, SplitWriter, add_common_args, dihedral_transform, finish_build, write_identifiers, write_writer_split
+from .common import SplitWriter, builder_parser, dihedral_transform, finish_build, write_writer_split
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5  # token ids (character index + 1)
@@ -203,17 +202,12 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, num_train: int = 1000
             # The reference's maze set: one example per puzzle, identifier 0, group = maze + its copies.
             w.add_group([[(dihedral_transform(inp, t), dihedral_transform(lab, t))] for t in tids], [0] * len(tids))
         write_writer_split(output_dir, split, w, vocab_size=len(CHARSET) + 1, num_puzzle_identifiers=1)
-    write_identifiers(output_dir, ["<blank>"])
     print(f"Shortest path lengths: mean {np.mean(lengths):.1f}, min {min(lengths)}, max {max(lengths)}")
-    write_build_info(output_dir, "hrm.data.maze", params)
-    finish_build(output_dir, validate)
-    print(f"Built in {time.time() - t0:.1f}s")
+    finish_build(output_dir, "hrm.data.maze", params, ["<blank>"], validate, started=t0)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hrm.data.maze", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULT_OUTPUT)
+    p = builder_parser("hrm.data.maze", __doc__, DEFAULT_OUTPUT)
     p.add_argument("--num-train", type=int, default=1000, help="training mazes (default 1000)")
     p.add_argument("--num-test", type=int, default=1000, help="test mazes (default 1000)")
     p.add_argument("--min-path-length", type=int, default=110,

@@ -14,7 +14,6 @@ puzzle identifier 0.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import itertools
 import os
@@ -23,8 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .common import (SplitWriter, finish_build, read_build_info, write_build_info, write_identifiers,
-                     write_writer_split)
+from .common import SplitWriter, builder_parser, finish_build, read_build_info, write_writer_split
 
 DEFAULT_OUTPUT = "data/quickstart-sudoku4"
 SIDE = 4
@@ -112,14 +110,7 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, test_grids: int = 48,
         for q, a in _make_puzzles(ids, per_grid, grids, rng, min_clues, max_clues):
             w.add_group([[(q + 1, a + 1)]], [0])
         write_writer_split(output_dir, split, w, vocab_size=VOCAB_SIZE, num_puzzle_identifiers=1)
-    write_identifiers(output_dir, ["<blank>"])
-    write_build_info(output_dir, "hrm.data.quickstart", params)
-    if not quiet:
-        finish_build(output_dir, validate)
-        print(f"Built in {time.time() - t0:.1f}s")
-    elif validate:
-        from .puzzle_dataset import validate_dataset
-        validate_dataset(output_dir)
+    finish_build(output_dir, "hrm.data.quickstart", params, ["<blank>"], validate, started=t0, quiet=quiet)
     return output_dir
 
 
@@ -137,16 +128,12 @@ def ensure_built(output_dir: str = DEFAULT_OUTPUT, **kwargs) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hrm.data.quickstart", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default=DEFAULT_OUTPUT, help=f"default: {DEFAULT_OUTPUT}")
-    p.add_argument("--seed", type=int, default=0)
+    p = builder_parser("hrm.data.quickstart", __doc__, DEFAULT_OUTPUT)
     p.add_argument("--test-grids", type=int, default=48, help="solution grids held out for test (of 288)")
     p.add_argument("--train-per-grid", type=int, default=48, help="puzzles per training grid")
     p.add_argument("--test-per-grid", type=int, default=8, help="puzzles per held-out grid")
     p.add_argument("--min-clues", type=int, default=9, help="fewest clues kept (default 9; 16 cells)")
     p.add_argument("--max-clues", type=int, default=11, help="most clues kept (default 11)")
-    p.add_argument("--no-validate", action="store_true")
     a = p.parse_args(argv)
     build(a.output_dir, a.seed, a.test_grids, a.train_per_grid, a.test_per_grid, a.min_clues, a.max_clues,
           not a.no_validate)

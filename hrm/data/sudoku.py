@@ -11,7 +11,6 @@ only puzzles whose solver effort reaches `--min-rating`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import random
@@ -22,7 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import write_build_info, SplitWriter, add_common_args, finish_build, write_identifiers, write_writer_split
+from .common import SplitWriter, builder_parser, finish_build, write_writer_split
 
 DEFAULT_OUTPUT = "data/sudoku-gen-1k-aug-1000"
 # Target clue counts; "hard"/"extreme" remove clues until none can go (minimal puzzles, ~20-26
@@ -310,16 +309,11 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, source_csv: Optional[
         train = [train[i] for i in idx]
     write_sudoku_split(output_dir, "train", train, num_aug, np_rng)
     write_sudoku_split(output_dir, "test", test, 0, np_rng)
-    write_identifiers(output_dir, ["<blank>"])
-    write_build_info(output_dir, "hrm.data.sudoku", params)
-    finish_build(output_dir, validate)
-    print(f"Built in {time.time() - t0:.1f}s")
+    finish_build(output_dir, "hrm.data.sudoku", params, ["<blank>"], validate, started=t0)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m hrm.data.sudoku", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, DEFAULT_OUTPUT)
+    p = builder_parser("hrm.data.sudoku", __doc__, DEFAULT_OUTPUT)
     p.add_argument("--source-csv", help="CSV (source,question,answer,rating) of training puzzles, or a "
                                         "directory holding train.csv and test.csv; default: generate")
     p.add_argument("--test-csv", help="CSV of test puzzles (default: test.csv beside --source-csv, else "
