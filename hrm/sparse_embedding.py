@@ -76,13 +76,13 @@ def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, w
     group = starts.cumsum(0) - 1  # group index of every sorted entry
     grad = all_grad.new_zeros(n, all_grad.shape[1]).index_add_(0, group, all_grad[order])
     ids = torch.zeros_like(sorted_ids).scatter_(0, group, sorted_ids)
-    used = (torch.arange(n, device=ids.device) <= group[-1]).unsqueeze(-1)
-    ids = torch.where(used.squeeze(-1), ids, ids[0])
+    used = torch.arange(n, device=ids.device) <= group[-1]  # the first k groups
+    ids = torch.where(used, ids, ids[0])
     rows = weights[ids]
     new_rows = rows * (1.0 - lr * weight_decay) - lr * torch.sign(grad).to(rows.dtype)
     if found_inf is not None:
         new_rows = torch.where(found_inf.to(torch.bool), rows, new_rows)
-    weights[ids] = torch.where(used, new_rows, new_rows[:1])
+    weights[ids] = torch.where(used[:, None], new_rows, new_rows[:1])
 
 
 class CastedSparseEmbeddingSignSGD(Optimizer):

@@ -388,11 +388,13 @@ class AdamATan2(torch.optim.Optimizer):
                 bucket = buckets[key] = []
             bucket.append((p, g, state["exp_avg"], state["exp_avg_sq"]))
         skip_on_host = None  # the eager fallback reads found_inf on the host, at most once
+        flag = None if found_inf is None else found_inf.reshape(1).to(torch.float32)  # the kernel's view
         for (device, dtype, step), quads in buckets.items():
             scalars = dict(step_size=lr / (1.0 - beta1 ** step), wd_alpha=1.0 - lr * weight_decay,
                            beta1=beta1, beta2=beta2, bc2_sqrt=math.sqrt(1.0 - beta2 ** step))
             if dtype in _TRITON_DTYPES and use_triton(device):
-                quads = self._launch_bucket(device, dtype, quads, scalars, found_inf)
+                quads = self._launch_bucket(device, dtype, quads, scalars,
+                                            None if flag is None else flag.to(device))
             if quads:
                 if found_inf is not None and skip_on_host is None:
                     skip_on_host = bool(found_inf)
@@ -402,7 +404,8 @@ class AdamATan2(torch.optim.Optimizer):
     def _launch_bucket(self, device: torch.device, dtype: torch.dtype, quads: list, scalars: dict,
                        found_inf: Optional[torch.Tensor]) -> list:
         """One fused launch for the bucket's contiguous (p, g, m, v); returns the others (e.g. a
-        transposed parameter), which the eager path handles in any layout."""
+        transposed parameter), which the eager path handles in any layout. ``found_inf``: a
+        float32 [1] tensor on ``device``, or None."""
         ptrs, numels, others, bits = [], [], [], 0
         for quad in quads:
             p, g, m, v = quad
@@ -415,11 +418,10 @@ class AdamATan2(torch.optim.Optimizer):
             else:
                 others.append(quad)
         if numels:
-            flag = None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1)
             args = (self._tables, device, dtype, tuple(ptrs), tuple(numels), bits % 16 == 0)
             if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
-                    _launch_fused(*args, **scalars, found_inf=flag)
+                    _launch_fused(*args, **scalars, found_inf=found_inf)
             else:
-                _launch_fused(*args, **scalars, found_inf=flag)
+                _launch_fused(*args, **scalars, found_inf=found_inf)
         return others
