@@ -67,7 +67,7 @@ def test_qk_slice_of_qkv(backend):
 
 def test_position_zero_is_identity_and_angle_matches():
     cos, sin = _tables(4, 2)
-    x = torch.tensor([[[[1.0, 0.0]]] * 4])  # [1, 4, 1, 2]: the unit vector at every position
+    x = torch.tensor([[[[1.0, 0.0]]] * 4], device=DEVICE)  # [1, 4, 1, 2]: the unit vector at every position
     with use_backend("triton"):
         out = rope(x, cos, sin)
     # A pair rotates by angle p (inv_freq 1 for the first pair): (cos p, sin p).

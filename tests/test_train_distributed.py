@@ -62,3 +62,30 @@ def test_two_gloo_ranks_match_one_process(single_process, tmp_path, grad_sync, c
     line = [l for l in single_stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     line2 = [l for l in multi.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     assert line and line == line2
+
+
+def _stop_clock_rank(rank: int, init_file: str, answers) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from train.distributed import DistInfo
+    from train.pretrain import StopClock
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Rank 0's clock has run out, rank 1's has not: rank 0 decides for both.
+        t_start = 0.0 if rank == 0 else time.time()
+        clock = StopClock(t_start, 1.0, DistInfo(rank=rank, world_size=2))
+        answers[rank] = [clock() for _ in range(3)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_stop_clock_ranks_agree_one_step_late(tmp_path):
+    """Every rank stops after the same step: the answer read is rank 0's of the previous call."""
+    import torch.multiprocessing as mp
+
+    answers = mp.Manager().dict()
+    mp.spawn(_stop_clock_rank, args=(str(tmp_path / "init"), answers), nprocs=2, join=True)
+    assert answers[0] == answers[1] == [False, True, True]

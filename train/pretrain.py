@@ -432,15 +432,36 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
     return result, outputs
 
 
-def _time_is_up(t_start: float, minutes: float, info: distributed.DistInfo) -> bool:
-    """Rank 0's clock decides, so that every rank stops after the same step (one broadcast; a
-    single process asks its own clock and never waits for the GPU)."""
-    up = time.time() - t_start > 60.0 * minutes
-    if info.world_size == 1:
-        return up
-    flag = torch.tensor([float(up)], device=info.device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+class StopClock:
+    """Whether ``max_train_minutes`` is up. Rank 0's clock decides, so that every rank stops after
+    the same step. A single process asks its own clock. Several ranks: each step queues a broadcast
+    of rank 0's answer and its copy to pinned host memory behind that step's kernels, and the host
+    reads the previous step's answer, which has long arrived; so the check never waits for the
+    step in flight, and all ranks stop one step after rank 0's clock ran out."""
+
+    def __init__(self, t_start: float, minutes: float, info: distributed.DistInfo):
+        self.t_start, self.minutes, self.info = t_start, minutes, info
+        self.previous = None  # (host flag, event) of the last call's broadcast
+
+    def __call__(self) -> bool:
+        up = time.time() - self.t_start > 60.0 * self.minutes
+        if self.info.world_size == 1:
+            return up
+        flag = torch.full((1,), float(up), device=self.info.device)
+        dist.broadcast(flag, src=0)
+        event = None
+        if flag.is_cuda:
+            host = torch.empty(1, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flag = host
+        previous, self.previous = self.previous, (flag, event)
+        if previous is None:
+            return False
+        if previous[1] is not None:
+            previous[1].synchronize()
+        return bool(previous[0][0] > 0)
 
 
 def reduce_train_metrics(values: torch.Tensor, keys: list[str], gbs: int) -> dict:
@@ -655,7 +676,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
 
     time_limit = cfg.get("max_train_minutes")
     time_stop = False
-    t_start = time.time()
+    time_is_up = StopClock(time.time(), time_limit or 0.0, info)
     bar_values: dict[str, str] = {}  # progress-bar values kept between logs
     pending: Optional[PendingMetrics] = None  # the last step's metrics, not read yet
 
@@ -715,7 +736,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                 if state.step >= stop_at and max_steps is not None and state.step < total_steps:
                     stopped = True
                     break
-                if time_limit is not None and state.step < total_steps and _time_is_up(t_start, time_limit, info):
+                if time_limit is not None and state.step < total_steps and time_is_up():
                     stopped = time_stop = True
                     break
             flush()
