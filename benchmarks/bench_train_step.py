@@ -64,7 +64,8 @@ def classify(name: str) -> str:
         return "other"
     if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn")):
         return "attention"
-    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma")):
+    # Our matmul kernels with a fused epilogue count as matmuls (their epilogue time included).
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "sm90_", "wgmma", "_linear_swiglu")):
         return "matmul"
     return "other"
 

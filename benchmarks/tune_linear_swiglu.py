@@ -42,7 +42,7 @@ def main() -> None:
               f"cuBLAS + swiglu {t_unfused:.1f} us", flush=True)
         rows = []
         for use_tma, configs in ((False, TILED), (True, TMA)):
-            mod.USE_TMA = use_tma
+            mod.USE_TMA = mod.TMA_STORES_GATE_UP = use_tma
             for cfg in configs:
                 setattr(mod, "TMA_CONFIG" if use_tma else "CUDA_CONFIG", cfg)
                 try:

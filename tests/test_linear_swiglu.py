@@ -39,6 +39,7 @@ def kernel(request, monkeypatch):
     lets it run; otherwise the tiled one, which the shapes below also cover)."""
     module = importlib.import_module("hrm_kernels.linear_swiglu")
     monkeypatch.setattr(module, "USE_TMA", request.param == "tma")
+    monkeypatch.setattr(module, "TMA_STORES_GATE_UP", request.param == "tma")
     chosen = Kernel(request.param)
     launch = module._launch_tma
 
@@ -146,6 +147,7 @@ def test_tma_kernel_runs_where_aligned(monkeypatch):
     calls = []
     launch = module._launch_tma
     monkeypatch.setattr(module, "USE_TMA", True)
+    monkeypatch.setattr(module, "TMA_STORES_GATE_UP", True)
     monkeypatch.setattr(module, "_launch_tma", lambda *a, **k: calls.append(a[0].shape) or launch(*a, **k))
     for (lead, k, inter), expect in [(SHAPES[0], True), (SHAPES[2], False), (SHAPES[3], False)]:
         calls.clear()
@@ -154,3 +156,24 @@ def test_tma_kernel_runs_where_aligned(monkeypatch):
             out = linear_swiglu(x, weight)
         torch.testing.assert_close(out, linear_swiglu_reference(x, weight), atol=2e-3, rtol=2e-3)
         assert bool(calls) == expect, (lead, k, inter)
+
+
+def test_default_tma_only_for_launches_without_gate_up(monkeypatch):
+    """As shipped: the TMA kernel runs the no-grad launches (measured faster there), the training
+    forward that keeps gate_up for the backward stays on the tiled kernel (measured faster there)."""
+    if CUDA and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA kernel needs compute capability 9.0 or newer")
+    module = importlib.import_module("hrm_kernels.linear_swiglu")
+    assert module.USE_TMA and not module.TMA_STORES_GATE_UP
+    stored = []
+    launch = module._launch_tma
+    monkeypatch.setattr(module, "_launch_tma", lambda *a, **k: stored.append(a[4]) or launch(*a, **k))
+    x, weight, dout = _make(*SHAPES[0], torch.float16)
+    with use_backend("triton"):
+        with torch.no_grad():
+            no_grad = linear_swiglu(x, weight)
+        trained = _run(linear_swiglu, x, weight, dout)[0]
+    want = linear_swiglu_reference(x.double(), weight.double())
+    for out in (no_grad, trained):
+        torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
+    assert stored == [False]  # one TMA launch, the no-grad one, storing nothing
