@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import linear_swiglu, rms_norm, rope, rope_reference, swiglu
+from hrm_kernels import rms_norm, rope, rope_reference, swiglu
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -158,11 +158,7 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.down_proj(swiglu(self.gate_up_proj(x)))
-        # Passes without gradients (HRM's no-grad cycles, the continue-target pass, evaluation):
-        # the projection and SwiGLU in one kernel, the [..., 2I] gate_up never in memory.
-        return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):

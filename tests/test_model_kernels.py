@@ -34,7 +34,9 @@ def _run(kernels, state, batch, compile_backend=None):
     loss.backward()
     grads = {n: p.grad for n, p in head.named_parameters()}
     grads["puzzle_rows"] = model.inner.puzzle_emb.local_weights.grad
-    return loss, metrics, outputs, grads
+    # On the CPU for the comparisons (the reference run too, whatever DEVICE is).
+    cpu = lambda d: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in d.items()}  # noqa: E731
+    return loss.detach().cpu(), cpu(metrics), cpu(outputs), cpu(grads)
 
 
 @pytest.fixture(scope="module")
