@@ -70,12 +70,15 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _measure(step, state, steps: int) -> dict:
-    """Time ``state = step(state)``: the first call (compilation included), then the median of
-    ``steps`` timed calls after warm-up, then the profiler's GPU-time split over 3 calls."""
+def _measure(step, state, steps: int, prepare=None) -> dict:
+    """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
+    it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
+    over 3 calls."""
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if prepare is not None:
+        prepare()
     state = step(state)
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
@@ -105,15 +108,7 @@ def _measure(step, state, steps: int) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split}
 
 
-def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10) -> dict:
-    """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
-    backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
-    gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs."""
-    torch.manual_seed(0)
-    head, step_model, opt, emb_opt = build(shape, gated, provider)
-    batch = make_batch(shape, 0)
-    gbs = SHAPES[shape]["batch_size"]
-
+def _train_step(step_model, opt, emb_opt, batch: dict, gbs: int):
     def train_step(carry):
         for group in opt.param_groups:
             group["lr"] = 1e-4
@@ -126,6 +121,43 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
         emb_opt.zero_grad(set_to_none=True)
         return carry
 
+    return train_step
+
+
+def _compile_kernels_ahead(head, opt, emb_opt, batch: dict, gbs: int, report: dict) -> None:
+    """The trainer's ``precompile_kernels`` dry run: a training step and an evaluation segment on
+    copies, inside ``hrm_kernels.compile_ahead`` (their Triton kernels compile, on a thread pool)."""
+    import copy
+
+    from hrm_kernels import compile_ahead
+
+    h, o, e = copy.deepcopy((head, opt, emb_opt))
+    h.train()
+    with compile_ahead() as done:
+        _train_step(h, o, e, batch, gbs)(h.initial_carry(batch))
+        h.eval()
+        with torch.inference_mode():
+            h(carry=h.initial_carry(batch), batch=batch, return_keys=())
+    report.update(precompiled_kernels=done.kernels, precompile_s=done.seconds)
+
+
+def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10,
+        precompile: bool = False) -> dict:
+    """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
+    backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
+    gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs.
+    ``precompile``: fused providers run the trainer's ``precompile_kernels`` dry run first, inside
+    the first step's time."""
+    torch.manual_seed(0)
+    head, step_model, opt, emb_opt = build(shape, gated, provider)
+    batch = make_batch(shape, 0)
+    gbs = SHAPES[shape]["batch_size"]
+    train_step = _train_step(step_model, opt, emb_opt, batch, gbs)
+    report: dict = {}
+    prepare = None
+    if precompile and provider.startswith("fused"):
+        prepare = lambda: _compile_kernels_ahead(head, opt, emb_opt, batch, gbs, report)  # noqa: E731
+
     def eval_batch(_):  # as train/pretrain.py's evaluate: halt_max_steps segments, one host check
         with torch.inference_mode():
             carry = head.initial_carry(batch)
@@ -135,12 +167,13 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
 
     if mode == "eval":
         head.eval()
-        result = _measure(eval_batch, None, steps=max(3, steps // 3))
+        result = _measure(eval_batch, None, steps=max(3, steps // 3), prepare=prepare)
     else:
-        result = _measure(train_step, head.initial_carry(batch), steps)
+        result = _measure(train_step, head.initial_carry(batch), steps, prepare=prepare)
     tokens = gbs * SHAPES[shape]["seq_len"]
-    return {"shape": shape, "gated": gated, "provider": provider, "mode": mode,
-            "tokens_per_s": tokens / result["ms"] * 1e3, **result}
+    name = provider + (" (precompile)" if prepare is not None else "")
+    return {"shape": shape, "gated": gated, "provider": name, "mode": mode,
+            "tokens_per_s": tokens / result["ms"] * 1e3, **result, **report}
 
 
 def markdown(rows: list[dict]) -> str:
@@ -161,12 +194,15 @@ def main(argv=None) -> str:
     parser.add_argument("--providers", nargs="*", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--mode", nargs="*", default=["train"], choices=["train", "eval"],
                         help="train: one optimizer step; eval: one evaluation batch (16 segments, no gradients)")
+    parser.add_argument("--precompile", action="store_true",
+                        help="fused providers: compile their Triton kernels ahead, on a thread pool (the trainer's "
+                             "precompile_kernels), inside the first step's time")
     args = parser.parse_args(argv)
     rows = []
     for shape in args.shape:
         for gated in args.gated:
             for mode, provider in itertools.product(args.mode, args.providers):
-                r = run(shape, bool(gated), provider, mode)
+                r = run(shape, bool(gated), provider, mode, precompile=args.precompile)
                 print(r, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()

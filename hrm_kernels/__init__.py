@@ -7,6 +7,7 @@ chosen by ``HRM_KERNELS_BACKEND`` / ``use_backend`` (see ``hrm_kernels.backend``
 
 from hrm_kernels.adam_atan2 import AdamATan2
 from hrm_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
+from hrm_kernels.compile_ahead import compile_ahead
 from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
 from hrm_kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
@@ -17,7 +18,7 @@ from hrm_kernels.swiglu import swiglu, swiglu_reference
 __version__ = "0.1.0"
 
 __all__ = [
-    "BACKENDS", "get_backend", "set_backend", "use_backend",
+    "BACKENDS", "get_backend", "set_backend", "use_backend", "compile_ahead",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference", "linear_swiglu", "linear_swiglu_reference",
     "rope", "rope_reference",

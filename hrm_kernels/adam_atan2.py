@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels.backend import use_triton
+from hrm_kernels.compile_ahead import launch
 
 # One program per CHUNK elements, processed BLOCK at a time. Swept on H100 with the HRM parameter
 # list (benchmarks/bench_adam_atan2.py --sweep): 1024/1024/4 warps 263 us, 8192/1024 274 us,
@@ -168,7 +169,7 @@ def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(y32)
     n, block = y32.numel(), 1024
     if n:
-        _atan2_kernel[(triton.cdiv(n, block),)](y32, x32, out, n, BLOCK=block, num_warps=4)
+        launch(_atan2_kernel, (triton.cdiv(n, block),), y32, x32, out, n, BLOCK=block, num_warps=4)
     return out
 
 
@@ -229,7 +230,7 @@ def _launch_fused(tables: _LaunchTables, device: torch.device, dtype: torch.dtyp
     ptr_table, numel_table, chunk_table, n_chunks = tables.get(device, ptrs, numels, LAUNCH["chunk"])
     if n_chunks == 0:  # only empty tensors
         return
-    _adam_atan2_kernel[(n_chunks,)](
+    launch(_adam_atan2_kernel, (n_chunks,),
         ptr_table, numel_table, chunk_table, found_inf if found_inf is not None else numel_table,
         float(step_size), float(wd_alpha), float(1.0 - beta1), float(1.0 - beta2), float(bc2_sqrt),
         DTYPE=_TRITON_DTYPES[dtype], CHUNK=LAUNCH["chunk"], BLOCK=LAUNCH["block"], ALIGNED=aligned,

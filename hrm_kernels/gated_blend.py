@@ -37,6 +37,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
+from hrm_kernels.compile_ahead import launch
 
 STATS_COLUMNS = ("mean", "frac_low", "frac_high", "contribution", "saturation")
 GATE_KINDS = ("own", "other", "inj")
@@ -419,14 +420,14 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     inj_arg = inj if inj is not None else own
     cfg = cfgs["hidden"]
     if n_rows > 0:
-        _gated_blend_hidden_kernel[(triton.cdiv(n_rows, cfg["BLOCK_M"]),)](
+        launch(_gated_blend_hidden_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),),
             own, other, inj_arg, w1, b1, pre1, z, n_rows, d, r, HAS_INJ=inj is not None, **flags, **cfg)
     cfg = cfgs["fwd"]
     grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(n_rows, cfg["BLOCK_M"]))
     partial = torch.empty((grid[0] * grid[1] if with_stats else 1, 16), dtype=torch.float32,
                           device=own.device)
     if n_rows > 0:
-        _gated_blend_forward_kernel[grid](
+        launch(_gated_blend_forward_kernel, grid,
             own, other, inj_arg, w2, b2, z, out, partial, n_rows, d, r,
             HAS_INJ=inj is not None, WITH_STATS=with_stats, **flags, **cfg)
     if not with_stats:
@@ -466,7 +467,7 @@ def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
     n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
     dpre1 = torch.empty_like(pre1)
     db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dout.device)
-    _gated_blend_backward_dpre_kernel[(n_tiles,)](
+    launch(_gated_blend_backward_dpre_kernel, (n_tiles,),
         dout, own, other, inj if inj is not None else own, w2, b2, pre1, z,
         coef if coef is not None else db1_partial, dpre1, db1_partial, n_rows, d, r,
         HAS_INJ=inj is not None, HAS_SAT=coef is not None, **flags, **cfg)
@@ -491,7 +492,7 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     dw1_partial = torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
     dw2_partial = torch.empty((n_splits, width, r), dtype=torch.float32, device=dev)
     db2_partial = torch.empty((n_splits, width), dtype=torch.float32, device=dev)
-    _gated_blend_backward_kernel[(n_chunks, n_splits)](
+    launch(_gated_blend_backward_kernel, (n_chunks, n_splits),
         dout, own, other, inj if inj is not None else own, w1, w2, b2, z, dpre1,
         coef if coef is not None else db2_partial,
         d_own, d_other, d_inj if inj is not None else d_own, dw1_partial, dw2_partial, db2_partial,

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import check_float, check_same
 from hrm_kernels.backend import use_triton
+from hrm_kernels.compile_ahead import launch
 from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
 
 
@@ -176,7 +177,7 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
     gate_desc, up_desc = (TensorDescriptor.from_tensor(h, [block_m, block_n]) for h in halves)
     num_tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n)
     programs = min(num_tiles, num_programs_for(x.device.type, x.device.index))
-    _linear_swiglu_tma_kernel[(programs,)](
+    launch(_linear_swiglu_tma_kernel, (programs,),
         x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, n_rows, k, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
         STORE_GATE_UP=store_gate_up, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -203,10 +204,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
         block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
         block_k = min(block_k, max(16, triton.next_power_of_2(k)))
         grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n),)
-        _linear_swiglu_kernel[grid](
+        launch(_linear_swiglu_kernel, grid,
             x, weight, out, gate_up, n_rows, k, inter, x.stride(0), weight.stride(0), out.stride(0),
             gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-            EVEN_K=k % block_k == 0, STORE_GATE_UP=store_gate_up, 
+            EVEN_K=k % block_k == 0, STORE_GATE_UP=store_gate_up,
             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=num_warps, num_stages=num_stages)
     return out, gate_up

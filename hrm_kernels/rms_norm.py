@@ -28,6 +28,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for, row_tile, warps_for
 from hrm_kernels.backend import use_triton
+from hrm_kernels.compile_ahead import launch
 
 MAX_WIDTH = 65536
 
@@ -112,7 +113,7 @@ def rms_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: 
     if n_rows == 0:
         return y, rstd
     block_m, block_n, num_warps = _launch_config(n_cols)
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+    launch(_rms_norm_forward_kernel, (triton.cdiv(n_rows, block_m),),
         x, residual if residual is not None else x, weight if weight is not None else x, y, rstd,
         n_rows, n_cols, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         float(eps),
@@ -136,7 +137,7 @@ def rms_norm_backward(dy: torch.Tensor, src: torch.Tensor, residual: Optional[to
     else:
         n_programs, dw_partial = n_blocks, dh
     if n_rows > 0:
-        _rms_norm_backward_kernel[(n_programs,)](
+        launch(_rms_norm_backward_kernel, (n_programs,),
             dy, src, residual if residual is not None else src, weight if weight is not None else src,
             rstd, dh, dw_partial,
             n_rows, n_cols, dy.stride(0), src.stride(0),

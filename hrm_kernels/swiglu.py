@@ -18,6 +18,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import as_rows, check_float, row_tile, warps_for
 from hrm_kernels.backend import use_triton
+from hrm_kernels.compile_ahead import launch
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n_rows, n_cols), dtype=gate_up.dtype, device=gate_up.device)
     if out.numel():
         grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
-        _swiglu_forward_kernel[grid](gate_up, out, n_rows, n_cols, gate_up.stride(0), out.stride(0),
+        launch(_swiglu_forward_kernel, grid, gate_up, out, n_rows, n_cols, gate_up.stride(0), out.stride(0),
                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
@@ -77,7 +78,7 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     dgate_up = torch.empty((n_rows, 2 * n_cols), dtype=gate_up.dtype, device=gate_up.device)
     if dout.numel():
         grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
-        _swiglu_backward_kernel[grid](dout, gate_up, dgate_up, n_rows, n_cols, dout.stride(0),
+        launch(_swiglu_backward_kernel, grid, dout, gate_up, dgate_up, n_rows, n_cols, dout.stride(0),
                                       gate_up.stride(0), dgate_up.stride(0),
                                       BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return dgate_up

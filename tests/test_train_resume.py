@@ -204,3 +204,49 @@ def test_final_accuracy_line_names_the_evaluation_step(tiny_data, tmp_path, monk
     run(common(tiny_data, tmp_path / "run") + ["max_steps=10"])  # evaluations at step 8 only
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("held-out exact accuracy")]
     assert line and line[-1].endswith("(step 10, from the evaluation at step 8)")
+
+
+def test_precompile_dry_run_leaves_the_run_unchanged(tiny_data, tmp_path, monkeypatch, capsys):
+    """precompile_kernels runs a throwaway training step and evaluation segment before the first
+    step (on CUDA only their kernels compile; here they run): the model, the optimizer state and
+    the RNG streams must be left as they were, so the whole run is the one without it."""
+    import train.pretrain as pretrain
+
+    seen = {}
+    real_dry_run, real_step = pretrain.compile_kernels_ahead, pretrain.train_step
+
+    def dry_run(cfg, state, batch, info):
+        rng, weights = torch.get_rng_state(), {k: v.clone() for k, v in state.head.state_dict().items()}
+        real_dry_run(cfg, state, batch, info)
+        seen["rng kept"] = torch.equal(torch.get_rng_state(), rng)
+        seen["weights kept"] = all(torch.equal(v, weights[k]) for k, v in state.head.state_dict().items())
+
+    def step(cfg, state, batch, info):  # the dry step draws random numbers (ACT exploration)
+        rng = torch.get_rng_state()
+        out = real_step(cfg, state, batch, info)
+        seen.setdefault("dry step drew", not torch.equal(torch.get_rng_state(), rng))
+        return out
+
+    monkeypatch.chdir(tmp_path)
+    args = common(tiny_data, tmp_path / "plain") + ["arch=hrm_v1_gated", "max_steps=6"]
+    plain = run(args)
+    monkeypatch.setattr(pretrain, "compile_kernels_ahead", dry_run)
+    monkeypatch.setattr(pretrain, "train_step", step)
+    dry = run([a.replace("plain", "dry") for a in args] + ["precompile_kernels=true"])
+    assert "precompile_kernels: 0 Triton kernel variants compiled ahead" in capsys.readouterr().out
+    assert seen == {"dry step drew": True, "rng kept": True, "weights kept": True}
+    a, b = load(tmp_path / "plain" / "step_6.pt"), load(tmp_path / "dry" / "step_6.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for p in sa["state"]:
+            for name, t in sa["state"][p].items():
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t, sb["state"][p][name]), (p, name)
+    assert plain == dry
+
+
+def test_precompile_setting_is_checked(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="precompile_kernels must be auto, true or false"):
+        run(common(tiny_data, tmp_path / "bad") + ["precompile_kernels=sometimes"])

@@ -107,6 +107,8 @@ def check_config(cfg: dict, world_size: int) -> None:
     need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
+    need(cfg.get("precompile_kernels", False) in ("auto", True, False),
+         f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
@@ -355,6 +357,44 @@ class PendingMetrics:
         if not math.isfinite(float(self.values[-1])):
             raise TrainingDiverged(f"loss became {float(self.values[-1])} at step {self.step}", step=self.step)
         return self.values[:-1]
+
+
+def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo) -> None:
+    """Compile the Triton kernels of a training step and of an evaluation segment all at once,
+    on a thread pool (``hrm_kernels.compile_ahead``), instead of one after another inside the first
+    step and the first evaluation. It is a dry run of ``train_step`` and one evaluation segment on
+    throwaway copies of the model and optimizers (their kernels only compile, so the copies fill
+    with garbage); the RNG states are restored afterwards, so the real run is the same as without
+    it. Every rank runs it (the dry step's all-reduces pair up across ranks)."""
+    import copy
+
+    from hrm_kernels import compile_ahead
+
+    rng = checkpointing.capture_rng_state()
+    head, optimizers = copy.deepcopy((state.head, state.optimizers))
+    dry = TrainState(head=head, forward=head, optimizers=optimizers, base_lrs=state.base_lrs, carry=None,
+                     step=state.step, total_steps=state.total_steps)
+    head.train()
+    with compile_ahead() as done:
+        train_step(cfg, dry, batch, info)
+        head.eval()
+        with torch.inference_mode(), torch.device(info.device):
+            head(carry=head.initial_carry(batch), batch=batch, return_keys=())
+    del dry, head, optimizers
+    checkpointing.restore_rng_state(rng)
+    if info.is_main:
+        print(f"precompile_kernels: {done.kernels} Triton kernel variants compiled ahead in {done.seconds:.1f} s",
+              flush=True)
+
+
+def resolve_precompile(flag: Any, kernels: str) -> bool:
+    """``precompile_kernels``: auto = wherever Triton kernels compile (CUDA, not the interpreter)
+    and the model uses them (``arch.kernels`` not eager)."""
+    if flag == "auto":
+        from hrm_kernels.compile_ahead import available
+
+        return kernels != "eager" and available()
+    return bool(flag)
 
 
 def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
@@ -714,6 +754,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             last, pending = pending, None
             report(last)
 
+    precompile = resolve_precompile(cfg.get("precompile_kernels", False), str(cfg["arch"].get("kernels", "auto")))
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
@@ -729,6 +770,9 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                     with torch.device(info.device):
                         fresh = head.initial_carry(batch)
                     state.carry = load_carry_state(fresh, state.carry[1])
+                if precompile:
+                    compile_kernels_ahead(cfg, state, batch, info)
+                    precompile = False
                 current = train_step(cfg, state, batch, info)
                 if pending is not None:  # the previous step's metrics: this step is queued already
                     report(pending)
