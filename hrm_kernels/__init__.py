@@ -7,10 +7,10 @@ chosen by ``HRM_KERNELS_BACKEND`` / ``use_backend`` (see ``hrm_kernels.backend``
 
 from hrm_kernels.adam_atan2 import AdamATan2
 from hrm_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
-from hrm_kernels.compile_ahead import compile_ahead
 from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
 from hrm_kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
+from hrm_kernels.precompile import compile_ahead
 from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
 from hrm_kernels.rope import rope, rope_reference
 from hrm_kernels.swiglu import swiglu, swiglu_reference

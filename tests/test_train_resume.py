@@ -250,3 +250,18 @@ def test_precompile_setting_is_checked(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(Exception, match="precompile_kernels must be auto, true or false"):
         run(common(tiny_data, tmp_path / "bad") + ["precompile_kernels=sometimes"])
+
+
+def test_precompile_failure_warns_and_trains_on(tiny_data, tmp_path, monkeypatch, capsys):
+    """A dry run that breaks (say, a Triton without what it needs) costs a warning, not the run."""
+    import hrm_kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no AsyncCompileMode here")
+
+    monkeypatch.setattr(hrm_kernels, "compile_ahead", broken)
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=2", "precompile_kernels=true"])
+    err = capsys.readouterr().err
+    assert "warning: precompile_kernels failed (RuntimeError: no AsyncCompileMode here)" in err
+    assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step_2.pt"

@@ -375,13 +375,21 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
     dry = TrainState(head=head, forward=head, optimizers=optimizers, base_lrs=state.base_lrs, carry=None,
                      step=state.step, total_steps=state.total_steps)
     head.train()
-    with compile_ahead() as done:
-        train_step(cfg, dry, batch, info)
-        head.eval()
-        with torch.inference_mode(), torch.device(info.device):
-            head(carry=head.initial_carry(batch), batch=batch, return_keys=())
-    del dry, head, optimizers
-    checkpointing.restore_rng_state(rng)
+    try:
+        with compile_ahead() as done:
+            train_step(cfg, dry, batch, info)
+            head.eval()
+            with torch.inference_mode(), torch.device(info.device):
+                head(carry=head.initial_carry(batch), batch=batch, return_keys=())
+    except Exception as e:  # the real step compiles whatever is missing, one kernel after another
+        if info.is_main:
+            print(f"warning: precompile_kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                  "kernels compile during the first step instead (set precompile_kernels=false to skip the attempt)",
+                  file=sys.stderr, flush=True)
+        return
+    finally:
+        del dry, head, optimizers
+        checkpointing.restore_rng_state(rng)
     if info.is_main:
         print(f"precompile_kernels: {done.kernels} Triton kernel variants compiled ahead in {done.seconds:.1f} s",
               flush=True)
@@ -391,7 +399,7 @@ def resolve_precompile(flag: Any, kernels: str) -> bool:
     """``precompile_kernels``: auto = wherever Triton kernels compile (CUDA, not the interpreter)
     and the model uses them (``arch.kernels`` not eager)."""
     if flag == "auto":
-        from hrm_kernels.compile_ahead import available
+        from hrm_kernels.precompile import available
 
         return kernels != "eager" and available()
     return bool(flag)

@@ -1,0 +1,81 @@
+"""hrm_kernels.precompile.compile_ahead: launches become queued compilations inside the block (on every thread), real
+launches outside it; without CUDA the block only runs its body."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import hrm_kernels.precompile as ca
+from hrm_kernels import compile_ahead, rms_norm, rms_norm_reference, use_backend
+from tests.conftest import CUDA
+
+triton_async = pytest.importorskip("triton.runtime._async_compile")
+
+
+class FakeKernel:
+    """Records how it was called, and which AsyncCompileMode Triton would have seen then."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append(("launch", grid, args, kwargs, None))
+
+    def warmup(self, *args, grid, **kwargs):
+        self.calls.append(("warmup", grid, args, kwargs, triton_async.active_mode.get()))
+
+
+def test_launch_outside_the_block_launches():
+    kernel = FakeKernel()
+    ca.launch(kernel, (3,), 1, 2, BLOCK=4)
+    assert kernel.calls == [("launch", (3,), (1, 2), {"BLOCK": 4}, None)]
+
+
+def test_launch_inside_queues_a_compilation_on_every_thread(monkeypatch):
+    """The backward's kernels are launched from autograd's threads: they must see the mode too,
+    and the launching thread's own context must be left as it was."""
+    mode = object()
+    monkeypatch.setattr(ca, "_active", mode)
+    kernel = FakeKernel()
+    token = triton_async.active_mode.set(mode)  # the block's own thread, as AsyncCompileMode sets it
+    try:
+        ca.launch(kernel, (5,), "x", BLOCK=8)
+    finally:
+        triton_async.active_mode.reset(token)
+    after = []
+    worker = threading.Thread(target=lambda: (ca.launch(kernel, (7,), "y"),
+                                              after.append(triton_async.active_mode.get())))
+    worker.start()
+    worker.join()
+    assert kernel.calls == [("warmup", (5,), ("x",), {"BLOCK": 8}, mode), ("warmup", (7,), ("y",), {}, mode)]
+    assert after == [None]
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU behaviour: nothing to compile ahead")
+def test_without_cuda_the_block_runs_its_body():
+    x, h = torch.randn(5, 37), torch.randn(5, 37)
+    with use_backend("triton"), compile_ahead() as done:
+        out = rms_norm(x, residual=h)
+    torch.testing.assert_close(out, rms_norm_reference(x, residual=h), atol=1e-5, rtol=1e-5)
+    assert (done.kernels, done.seconds) == (0, 0.0) and not ca.available() and ca._active is None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (real Triton compilation)")
+def test_cuda_kernels_compile_ahead_then_run(tmp_path, monkeypatch):
+    """With an empty Triton cache: the block compiles (the variants show up in its count), its
+    outputs are not computed, and the same call afterwards runs the compiled kernels."""
+    from hrm_kernels.rms_norm import _rms_norm_forward_kernel
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    _rms_norm_forward_kernel.device_caches.clear()  # compiled variants already loaded by other tests
+    x = torch.randn(333, 123, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn_like(x)
+    with use_backend("triton"), compile_ahead() as done:
+        rms_norm(x, residual=h)
+    assert done.kernels >= 1 and done.seconds > 0
+    with use_backend("triton"):
+        out = rms_norm(x, residual=h)
+    torch.testing.assert_close(out.float(), rms_norm_reference(x.float(), residual=h.float()), atol=3e-2, rtol=3e-2)
