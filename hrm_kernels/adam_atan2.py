@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels.backend import use_triton
-from hrm_kernels.compile_ahead import launch
+from hrm_kernels.precompile import launch
 
 # One program per CHUNK elements, processed BLOCK at a time. Swept on H100 with the HRM parameter
 # list (benchmarks/bench_adam_atan2.py --sweep): 1024/1024/4 warps 263 us, 8192/1024 274 us,

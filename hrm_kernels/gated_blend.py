@@ -37,7 +37,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
-from hrm_kernels.compile_ahead import launch
+from hrm_kernels.precompile import launch
 
 STATS_COLUMNS = ("mean", "frac_low", "frac_high", "contribution", "saturation")
 GATE_KINDS = ("own", "other", "inj")

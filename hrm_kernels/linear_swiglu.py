@@ -29,7 +29,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import check_float, check_same
 from hrm_kernels.backend import use_triton
-from hrm_kernels.compile_ahead import launch
+from hrm_kernels.precompile import launch
 from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import as_rows, check_float, row_tile, warps_for
 from hrm_kernels.backend import use_triton
-from hrm_kernels.compile_ahead import launch
+from hrm_kernels.precompile import launch
 
 
 @triton.jit
