@@ -265,3 +265,30 @@ def test_precompile_failure_warns_and_trains_on(tiny_data, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "warning: precompile_kernels failed (RuntimeError: no AsyncCompileMode here)" in err
     assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step_2.pt"
+
+
+def test_checkpoint_keep_last_rotates_and_still_resumes(tiny_data, tmp_path, monkeypatch):
+    """checkpoint_keep_last=2: after three evaluations only the newest two checkpoints remain, and
+    the run resumes from the newest one."""
+    monkeypatch.chdir(tmp_path)
+    args = common(tiny_data, tmp_path / "run") + ["epochs=3", "checkpoint_keep_last=2"]
+    run(args + ["max_steps=20"])
+    kept = [p.name for p in checkpointing.list_checkpoints(tmp_path / "run")]
+    assert kept == ["step_16.pt", "step_20.pt"]  # evaluations after steps 8 and 16, the stop at 20
+    run(args)
+    assert [p.name for p in checkpointing.list_checkpoints(tmp_path / "run")] == ["step_20.pt", "step_24.pt"]
+    assert load(tmp_path / "run" / "step_24.pt")["step"] == 24
+
+
+def test_keep_last_removes_the_other_ranks_files_too(tmp_path):
+    for step in (1, 2, 3):
+        checkpointing.atomic_torch_save({"step": step}, tmp_path / f"step_{step}.rank1.pt")
+        checkpointing.save_training_state(tmp_path, step, {"step": step}, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest", "step_2.pt", "step_2.rank1.pt", "step_3.pt", "step_3.rank1.pt"]
+
+
+def test_checkpoint_keep_last_is_checked(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="checkpoint_keep_last must be null"):
+        run(common(tiny_data, tmp_path / "bad") + ["checkpoint_keep_last=0"])

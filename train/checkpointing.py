@@ -123,16 +123,19 @@ def checkpoint_file(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def save_training_state(run_dir: str | os.PathLike, step: int, state: dict, keep_last: int | None = None) -> Path:
-    """Write ``state`` as ``step_<step>.pt`` atomically, then point ``latest`` at it."""
+    """Write ``state`` as ``step_<step>.pt`` atomically, then point ``latest`` at it. With
+    ``keep_last=K``, delete all but the newest K checkpoints (and their ``.rank<N>.pt`` files)."""
     path = checkpoint_file(run_dir, step)
     atomic_torch_save({"format": FORMAT, "version": VERSION, **state}, path)
     atomic_write_bytes(Path(run_dir) / "latest", (path.name + "\n").encode())
     if keep_last is not None and keep_last > 0:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            try:
-                old.unlink()
-            except OSError:
-                pass
+            # with the other ranks' files of that step (RNG, data position, carry)
+            for f in [old, *old.parent.glob(f"{old.stem}.rank*.pt")]:
+                try:
+                    f.unlink()
+                except OSError:
+                    pass
     return path
 
 

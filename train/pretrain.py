@@ -107,6 +107,9 @@ def check_config(cfg: dict, world_size: int) -> None:
     need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
+    keep = cfg.get("checkpoint_keep_last")
+    need(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1),
+         f"checkpoint_keep_last must be null (keep every checkpoint) or a whole number >= 1, got {keep!r}")
     need(cfg.get("precompile_kernels", False) in ("auto", True, False),
          f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
@@ -545,7 +548,7 @@ def save_checkpoint(cfg: dict, state: TrainState, train_ds, info: distributed.Di
             "world_size": info.world_size, "rank0": mine,
             "config": cfg, "wandb_id": wandb_id,
         }
-        path = checkpointing.save_training_state(run_dir, state.step, payload)
+        path = checkpointing.save_training_state(run_dir, state.step, payload, keep_last=cfg.get("checkpoint_keep_last"))
     if info.world_size > 1:
         dist.barrier()
     return path
