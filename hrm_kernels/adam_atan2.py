@@ -325,6 +325,12 @@ class AdamATan2(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
         self._tables = _LaunchTables()
 
+    def __setstate__(self, state: dict) -> None:
+        # Optimizer.__getstate__ keeps defaults, state and param_groups only: a copy (deepcopy,
+        # pickle) needs its own launch tables.
+        super().__setstate__(state)
+        self._tables = _LaunchTables()
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

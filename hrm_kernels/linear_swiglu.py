@@ -21,6 +21,8 @@ but the last L and H steps of a segment, and the whole continue-target pass).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 
 import torch
@@ -139,13 +141,25 @@ USE_TMA = True
 TMA_STORES_GATE_UP = False
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_has_tma() -> bool:
+    """Host tensor descriptors and ``tl.range(warp_specialize=, flatten=)`` (Triton 3.4 or newer)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    params = inspect.signature(tl.range.__init__).parameters
+    return "warp_specialize" in params and "flatten" in params
+
+
 def _tma_ok(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool) -> bool:
     from hrm_kernels.backend import triton_interpreting
 
-    if not USE_TMA or (store_gate_up and not TMA_STORES_GATE_UP):
+    if not USE_TMA or (store_gate_up and not TMA_STORES_GATE_UP) or not _triton_has_tma():
         return False
     if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] < 9:
+        # Hopper and datacenter Blackwell: TMA and the ~144 KB of shared memory TMA_CONFIG takes.
+        if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
             return False
     elif not triton_interpreting():
         return False

@@ -35,7 +35,8 @@ import triton
 from hrm_kernels.backend import triton_interpreting
 
 # The AsyncCompileMode of the open compile_ahead block. A module global, not a context variable:
-# the backward's kernels are launched from autograd's device threads, which must see it too.
+# the backward's kernels are launched from autograd's device threads, which must see it too. So
+# while a block is open, launches from *any* thread only compile: run nothing else meanwhile.
 _active: Optional["triton.AsyncCompileMode"] = None
 
 

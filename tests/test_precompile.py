@@ -73,9 +73,32 @@ def test_cuda_kernels_compile_ahead_then_run(tmp_path, monkeypatch):
     _rms_norm_forward_kernel.device_caches.clear()  # compiled variants already loaded by other tests
     x = torch.randn(333, 123, device="cuda", dtype=torch.bfloat16)
     h = torch.randn_like(x)
+    def loaded():  # compiled variants this kernel holds in memory
+        return sum(len(caches[0]) for caches in _rms_norm_forward_kernel.device_caches.values())
+
     with use_backend("triton"), compile_ahead() as done:
         rms_norm(x, residual=h)
     assert done.kernels >= 1 and done.seconds > 0
+    compiled = loaded()
     with use_backend("triton"):
         out = rms_norm(x, residual=h)
+    assert loaded() == compiled >= 1  # the real call compiled nothing more
     torch.testing.assert_close(out.float(), rms_norm_reference(x.float(), residual=h.float()), atol=3e-2, rtol=3e-2)
+
+
+def test_trainer_dry_run_failure_on_several_ranks_stops(monkeypatch):
+    """With several ranks a failed dry run may have left the collectives out of step: it must stop
+    the run (one process only warns; tests/test_train_resume.py)."""
+    import hrm_kernels
+    from train.distributed import DistInfo
+    from train.pretrain import TrainState, compile_kernels_ahead
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(hrm_kernels, "compile_ahead", broken)
+    head = torch.nn.Linear(3, 3)
+    state = TrainState(head=head, forward=head, optimizers=[torch.optim.SGD(head.parameters(), lr=0.1)],
+                       base_lrs=[0.1], carry=None, step=0, total_steps=1)
+    with pytest.raises(RuntimeError, match="precompile_kernels failed on this rank"):
+        compile_kernels_ahead({}, state, {}, DistInfo(rank=1, world_size=2))

@@ -374,21 +374,26 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
     from hrm_kernels import compile_ahead
 
     rng = checkpointing.capture_rng_state()
-    head, optimizers = copy.deepcopy((state.head, state.optimizers))
-    dry = TrainState(head=head, forward=head, optimizers=optimizers, base_lrs=state.base_lrs, carry=None,
-                     step=state.step, total_steps=state.total_steps)
-    head.train()
+    head = optimizers = dry = None
     try:
+        head, optimizers = copy.deepcopy((state.head, state.optimizers))
+        dry = TrainState(head=head, forward=head, optimizers=optimizers, base_lrs=state.base_lrs, carry=None,
+                         step=state.step, total_steps=state.total_steps)
+        head.train()
         with compile_ahead() as done:
             train_step(cfg, dry, batch, info)
             head.eval()
             with torch.inference_mode(), torch.device(info.device):
                 head(carry=head.initial_carry(batch), batch=batch, return_keys=())
-    except Exception as e:  # the real step compiles whatever is missing, one kernel after another
-        if info.is_main:
-            print(f"warning: precompile_kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-                  "kernels compile during the first step instead (set precompile_kernels=false to skip the attempt)",
-                  file=sys.stderr, flush=True)
+    except Exception as e:
+        if info.world_size > 1:
+            # This rank may have stopped between the dry step's collectives while the others did
+            # not: their next collectives would pair up wrongly. There is no safe way on.
+            raise RuntimeError("precompile_kernels failed on this rank; set precompile_kernels=false") from e
+        # One process: the real step compiles whatever is missing, one kernel after another.
+        print(f"warning: precompile_kernels failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+              "kernels compile during the first step instead (set precompile_kernels=false to skip the attempt)",
+              file=sys.stderr, flush=True)
         return
     finally:
         del dry, head, optimizers
@@ -398,13 +403,13 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
               flush=True)
 
 
-def resolve_precompile(flag: Any, kernels: str) -> bool:
-    """``precompile_kernels``: auto = wherever Triton kernels compile (CUDA, not the interpreter)
-    and the model uses them (``arch.kernels`` not eager)."""
+def resolve_precompile(flag: Any, kernels: str, device: torch.device) -> bool:
+    """``precompile_kernels``: auto = where Triton kernels compile (a CUDA device, not the
+    interpreter) and the model uses them (``arch.kernels`` not eager)."""
     if flag == "auto":
         from hrm_kernels.precompile import available
 
-        return kernels != "eager" and available()
+        return kernels != "eager" and device.type == "cuda" and available()
     return bool(flag)
 
 
@@ -765,7 +770,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             last, pending = pending, None
             report(last)
 
-    precompile = resolve_precompile(cfg.get("precompile_kernels", False), str(cfg["arch"].get("kernels", "auto")))
+    precompile = resolve_precompile(cfg.get("precompile_kernels", False), str(cfg["arch"].get("kernels", "auto")),
+                                    info.device)
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
