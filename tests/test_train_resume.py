@@ -30,6 +30,17 @@ def load(path):
     return checkpointing.load_file(path)
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two checkpoints' weights and optimizer states, bit for bit."""
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizers"], b["optimizers"]):
+        for p in sa["state"]:
+            for name, t in sa["state"][p].items():
+                if isinstance(t, torch.Tensor):
+                    assert torch.equal(t, sb["state"][p][name]), (p, name)
+
+
 def test_resume_is_exact(tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     full = run(common(tiny_data, tmp_path / "full"))
@@ -41,13 +52,7 @@ def test_resume_is_exact(tiny_data, tmp_path, monkeypatch):
     a, b = load(tmp_path / "full" / "step_16.pt"), load(tmp_path / "split" / "step_16.pt")
     assert a["step"] == b["step"] == 16
     assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizers"], b["optimizers"]):
-        for p in sa["state"]:
-            for name, t in sa["state"][p].items():
-                if isinstance(t, torch.Tensor):
-                    assert torch.equal(t, sb["state"][p][name]), (p, name)
+    assert_same_training_state(a, b)
     assert full == resumed  # same evaluation metrics at the end
     # Reference key names, no torch.compile prefix.
     assert "model.inner.lm_head.weight" in a["model"] and not any("_orig_mod" in k for k in a["model"])
@@ -245,13 +250,7 @@ def test_precompile_dry_run_leaves_the_run_unchanged(tiny_data, tmp_path, monkey
     assert "precompile_kernels: 0 Triton kernel variants compiled ahead" in capsys.readouterr().out
     assert seen == {"dry step drew": True, "rng kept": True, "weights kept": True}
     a, b = load(tmp_path / "plain" / "step_6.pt"), load(tmp_path / "dry" / "step_6.pt")
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    for sa, sb in zip(a["optimizers"], b["optimizers"]):
-        for p in sa["state"]:
-            for name, t in sa["state"][p].items():
-                if isinstance(t, torch.Tensor):
-                    assert torch.equal(t, sb["state"][p][name]), (p, name)
+    assert_same_training_state(a, b)
     assert plain == dry
 
 
