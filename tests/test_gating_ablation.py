@@ -49,11 +49,25 @@ def smoke(tmp_path_factory):
         assert procs[0].poll() is None and time.time() < deadline, procs[0].communicate()[0]
         time.sleep(0.2)
     procs.append(subprocess.Popen([sys.executable, str(RUN), "compare_paths", "--out", str(out_c), "--steps", "6",
-                                   *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                   "--archive", str(root / "compare.tgz"), *common], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=240)[0] for p in procs]
     for p, text in zip(procs, logs):
         assert p.returncode == 0, text
-    return {"ablation": out_a / "ablation", "compare": out_c / "compare_paths", "logs": logs}
+    return {"ablation": out_a / "ablation", "compare": out_c / "compare_paths", "logs": logs,
+            "compare_out": out_c, "compare_archive": root / "compare.tgz"}
+
+
+def test_archive_holds_the_whole_output(smoke):
+    """--archive packs every file of --out (the deep report folders too), the finished log included."""
+    import tarfile
+
+    out = smoke["compare_out"]
+    with tarfile.open(smoke["compare_archive"]) as tar:
+        packed = {m.name for m in tar.getmembers() if m.isfile()}
+        run_info = tar.extractfile("run_info.txt").read().decode()
+    assert packed == {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert "compare_paths/report/summary.md" in packed and run_info.rstrip().endswith("done")
 
 
 def test_ablation_files_and_fairness(smoke):

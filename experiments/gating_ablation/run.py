@@ -494,6 +494,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="dataset generator processes (default: all cores)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra trainer override for every run of this command (repeatable)")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="also pack --out into this .tar.gz when the command ends (a transfer that takes "
+                        "only a few files or shallow folders, such as the GPU machine's $OUT, gets all of it)")
     p.add_argument("--dry-run", action="store_true", help="print the trainer commands and exit")
     args = p.parse_args(argv)
     args.profile = "smoke" if args.smoke else "gpu"
@@ -513,6 +516,10 @@ def parse_args(argv=None):
         if "=" not in s:
             p.error(f"--set takes KEY=VALUE, got {s!r}")
     args.out = args.out.resolve()
+    if args.archive is not None:
+        args.archive = args.archive.resolve()
+        if args.archive == args.out or args.out in args.archive.parents:
+            p.error("--archive must lie outside --out (it packs --out)")
     args.work = args.work.resolve()
     args.ckpt = args.work / "checkpoints" / "gating_ablation"
     args.deadline_at = T0 + args.deadline
@@ -530,6 +537,14 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.data = args.work / "data" / "gating_ablation" / DATA_NAME[args.profile]
+    try:
+        return run_mode(args, argv)
+    finally:
+        if args.archive is not None and args.out.is_dir():
+            pack(args.out, args.archive)
+
+
+def run_mode(args, argv) -> int:
     if args.dry_run:
         arms = []
         if args.mode in ("ablation", "continue"):
@@ -588,6 +603,19 @@ def main(argv=None) -> int:
         return 1
     log("done", args.out)
     return 0
+
+
+def pack(folder: Path, archive: Path) -> None:
+    """``folder``'s contents as a .tar.gz (written to a temporary name, then renamed)."""
+    import tarfile
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    partial.replace(archive)
+    log(f"packed {folder} into {archive} ({archive.stat().st_size / 1e6:.1f} MB)")
 
 
 def git_commit() -> str:
