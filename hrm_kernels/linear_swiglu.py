@@ -15,8 +15,10 @@ backward kernel::
 
     dx = dgate_up @ weight,   dweight = dgate_up.T @ x
 
-This matters in HRM because most of a training step's forward passes run without gradients (all
-but the last L and H steps of a segment, and the whole continue-target pass).
+Most of an HRM training step's forward passes run without gradients (all but the last L and H
+steps of a segment, and the whole continue-target pass), where the persistent TMA kernel beats
+cuBLAS + ``swiglu`` (benchmarks/RESULTS.md). The model does not use this op yet: routing its
+no-grad passes through it did not shorten the measured step.
 """
 
 from __future__ import annotations
@@ -227,8 +229,10 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     return out, gate_up
 
 
-def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor):
-    dgate_up = swiglu_backward(dout.contiguous(), gate_up)
+def _backward(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor,
+              swiglu_bwd=swiglu_backward):
+    """(dx, dweight); ``swiglu_bwd``: the SwiGLU backward launch (its custom op under torch.compile)."""
+    dgate_up = swiglu_bwd(dout.contiguous(), gate_up)
     return dgate_up @ weight, dgate_up.t() @ x
 
 
@@ -273,9 +277,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _train_backward(ctx, dout, _dgate_up):
-    x, weight, gate_up = ctx.saved_tensors
-    dgate_up = torch.ops.hrm_kernels.swiglu_bwd(dout.contiguous(), gate_up)
-    return dgate_up @ weight, dgate_up.t() @ x
+    return _backward(dout, *ctx.saved_tensors, swiglu_bwd=torch.ops.hrm_kernels.swiglu_bwd)
 
 
 _linear_swiglu_train_op.register_autograd(_train_backward, setup_context=_setup_context)

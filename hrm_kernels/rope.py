@@ -71,8 +71,8 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         block_m = max(1, min(16, 4096 // block_n))
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
         launch(_rope_kernel, grid, x, cos, sin, out, n_rows, seq, n_cols, x.stride(0), x.stride(1), heads * head_dim,
-                           HALF=head_dim // 2, BACKWARD=backward, BLOCK_M=block_m, BLOCK_N=block_n,
-                           num_warps=warps_for(block_m * block_n))
+               HALF=head_dim // 2, BACKWARD=backward, BLOCK_M=block_m, BLOCK_N=block_n,
+               num_warps=warps_for(block_m * block_n))
     return out
 
 

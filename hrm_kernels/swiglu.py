@@ -68,7 +68,7 @@ def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
         launch(_swiglu_forward_kernel, grid, gate_up, out, n_rows, n_cols, gate_up.stride(0), out.stride(0),
-                                     BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+               BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
 
@@ -79,8 +79,7 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     if dout.numel():
         grid, block_m, block_n, num_warps = _launch_config(n_rows, n_cols)
         launch(_swiglu_backward_kernel, grid, dout, gate_up, dgate_up, n_rows, n_cols, dout.stride(0),
-                                      gate_up.stride(0), dgate_up.stride(0),
-                                      BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+               gate_up.stride(0), dgate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     return dgate_up
 
 
