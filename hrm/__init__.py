@@ -16,7 +16,9 @@ Public API
     halt_max_steps=16, halt_exploration_prob=0.1, rms_norm_eps=1e-5, forward_dtype="bfloat16",
     use_gating=False, gate_hidden_ratio=0.25, gate_init_bias=-2.2, kernels="auto"
     (auto|triton|eager; auto defers to hrm_kernels' own choice / HRM_KERNELS_BACKEND),
-    attn_backend="auto" (auto|flash|sdpa), gate_reg_weight=0.0 (off), gate_reg_warmup_steps=0``.
+    attn_backend="auto" (auto|flash|sdpa), gate_reg_weight=0.0 (off), gate_reg_warmup_steps=0,
+    cuda_graphs=True`` (on CUDA and outside torch.compile, each segment's no-gradient recurrence
+    replays as a CUDA graph captured on the first call per batch shape; see ``hrm.cuda_graphs``).
     ``name`` (the reference's class path string), ``causal`` (must be false; the reference trainer passes it) and ``loss`` (``{"loss_type": ...}``, the
     reference's ``arch.loss``) are accepted; any other unknown key is an error naming it.
     ``hrm_v1_gated`` = the same defaults with ``use_gating=True``.

@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import gated_blend, use_backend
+from hrm_kernels import gated_blend, get_backend, use_backend
+from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
+from hrm.cuda_graphs import GraphCache, storage_key
 from hrm.layers import Block, CastedEmbedding, CastedLinear, RotaryEmbedding, trunc_normal_
 from hrm.sparse_embedding import CastedSparseEmbedding
 
@@ -123,6 +125,7 @@ class HRMInner(nn.Module):
         with torch.no_grad():  # Q-learning head starts at "don't halt" with a small, equal value
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5.0)
+        self.graphs = GraphCache()  # CUDA graphs of the no-gradient recurrence (config.cuda_graphs)
 
     # --------------------------------------------------------------------------- pieces
 
@@ -156,27 +159,56 @@ class HRMInner(nn.Module):
 
     # --------------------------------------------------------------------------- segment
 
+    def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
+        """The first ``steps`` module calls of a segment's H_cycles * L_cycles L-calls and
+        H_cycles H-calls, in order (each L-call, then an H-call after every L_cycles of them),
+        without gate stats. Returns (z_H, z_L)."""
+        cfg, cos_sin = self.config, self._cos_sin()
+        calls = 0
+        for _ in range(cfg.H_cycles):
+            for _ in range(cfg.L_cycles):
+                if calls == steps:
+                    return z_H, z_L
+                z_L, _ = self.L_level(z_L, z_H, x, cos_sin)
+                calls += 1
+            if calls == steps:
+                return z_H, z_L
+            z_H, _ = self.H_level(z_H, z_L, None, cos_sin)
+            calls += 1
+        return z_H, z_L
+
+    def _no_grad_recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
+        """``recurrence`` without gradients; through a CUDA graph where ``config.cuda_graphs`` allows."""
+        with torch.no_grad():
+            if steps == 0 or not self._use_graphs(x):
+                return self.recurrence(z_H, z_L, x, steps)
+            key = (steps, x.shape, x.dtype, x.device, get_backend(), storage_key(self.parameters()),
+                   storage_key(self.buffers()))
+            z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
+                                       (z_H, z_L, x.detach()))
+            return z_H, z_L
+
+    def _use_graphs(self, x: torch.Tensor) -> bool:
+        return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
+                and not compiling_ahead() and not torch.cuda.is_current_stream_capturing())
+
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
         [2, 3, 5] (L, H x own/other/inj x STATS_COLUMNS) from the with-grad step when gated and
-        ``gate_stats``, else None."""
+        ``gate_stats``, else None. Without gradients and without stats the whole recurrence is one
+        no-gradient run; else its last L- and H-calls run outside it."""
         cfg = self.config
-        cos_sin = self._cos_sin()
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
+        all_calls = cfg.H_cycles * (cfg.L_cycles + 1)
 
-        with torch.no_grad():
-            z_H, z_L = carry.z_H, carry.z_L
-            for h_step in range(cfg.H_cycles):
-                last_h = h_step == cfg.H_cycles - 1
-                for l_step in range(cfg.L_cycles):
-                    if not (last_h and l_step == cfg.L_cycles - 1):
-                        z_L, _ = self.L_level(z_L, z_H, x, cos_sin)
-                if not last_h:
-                    z_H, _ = self.H_level(z_H, z_L, None, cos_sin)
-
-        z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=want_stats)
-        z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=want_stats)
+        if not torch.is_grad_enabled() and not want_stats:
+            z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
+        else:
+            z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls - 2)
+            cos_sin = self._cos_sin()
+            z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=want_stats)
+            z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=want_stats)
 
         new_carry = HRMInnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
         logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]

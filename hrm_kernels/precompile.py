@@ -59,6 +59,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         _async_compile.active_mode.reset(token)
 
 
+def compiling_ahead() -> bool:
+    """Whether a ``compile_ahead`` block is open (its launches compile and run nothing)."""
+    return _active is not None
+
+
 def available() -> bool:
     """Whether compile_ahead compiles anything here: CUDA, real Triton (not its interpreter), and
     a Triton with ``AsyncCompileMode`` (3.4 or newer)."""

@@ -1,0 +1,124 @@
+"""CUDA graphs of the no-gradient recurrence (``HRMConfig.cuda_graphs``): the same kernels replayed,
+so the same numbers as launching them one by one, through training steps with optimizer updates,
+evaluation under inference_mode, a new batch shape and moved parameters."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from hrm import ACTLossHead, HRM
+from hrm.cuda_graphs import GraphCache
+from hrm_kernels import AdamATan2
+from tests.conftest import requires_cuda
+from tests.test_model_spec import BATCH, make_batch, randomize_, tiny_config
+
+
+def _record_calls(inner):
+    """Replace the modules' forward with a recorder that returns its ``own`` input unchanged."""
+    calls = []
+
+    def recorder(name):
+        def forward(own, other, inj, cos_sin, stats=False):
+            calls.append(name)
+            return own, None
+        return forward
+
+    inner.L_level.forward = recorder("L")
+    inner.H_level.forward = recorder("H")
+    return calls
+
+
+@pytest.mark.parametrize("H_cycles, L_cycles", [(2, 2), (3, 1), (1, 3)])
+def test_recurrence_runs_the_first_steps_in_the_reference_order(H_cycles, L_cycles):
+    inner = HRM(tiny_config(H_cycles=H_cycles, L_cycles=L_cycles)).inner
+    calls = _record_calls(inner)
+    order = (["L"] * L_cycles + ["H"]) * H_cycles  # REFERENCE.md: L_cycles L-calls, then an H-call
+    z = torch.zeros(1)
+    for steps in range(len(order) + 1):
+        calls.clear()
+        inner.recurrence(z, z, z, steps)
+        assert calls == order[:steps], steps
+
+
+def test_graph_cache_is_not_copied_or_pickled():
+    cache = GraphCache()
+    cache._graphs["key"] = "a graph"
+    assert len(copy.deepcopy(cache)) == 0
+    assert len(pickle.loads(pickle.dumps(cache))) == 0
+    model = HRM(tiny_config())
+    model.inner.graphs._graphs["key"] = "a graph"
+    assert len(copy.deepcopy(model).inner.graphs) == 0
+
+
+GRAPH_CFG = dict(use_gating=True, puzzle_emb_ndim=32, forward_dtype="bfloat16", kernels="triton",
+                 halt_exploration_prob=0.0)
+
+
+def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
+    """Two optimizer steps (both optimizers' updates land in the parameters the graph reads), then
+    an evaluation segment under inference_mode. Returns every number that came out, on the CPU."""
+    model = HRM(tiny_config(**{**GRAPH_CFG, "use_gating": gated}, cuda_graphs=cuda_graphs)).cuda()
+    model.load_state_dict(state)
+    head = ACTLossHead(model)
+    opt = AdamATan2(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    record = []
+    carry = head.initial_carry(batches[0])
+    torch.manual_seed(0)
+    for batch in batches:
+        head.train()
+        carry, loss, metrics, outputs, _ = head(return_keys=("logits",), carry=carry, batch=batch)
+        loss.backward()
+        record += [loss, outputs["logits"], carry.inner_carry.z_H, carry.inner_carry.z_L]
+        record += [p.grad for p in model.parameters() if p.grad is not None]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    head.eval()
+    with torch.inference_mode():
+        for rows in (BATCH, BATCH - 1):  # the last evaluation batch is often smaller: a new graph
+            small = {k: v[:rows] for k, v in batches[0].items()}
+            c, _, _, out, _ = head(return_keys=("logits",), carry=head.initial_carry(small), batch=small)
+            record += [out["logits"], c.inner_carry.z_H]
+    return [t.detach().float().cpu() for t in record], model
+
+
+@requires_cuda
+@pytest.mark.parametrize("gated", [True, False])
+def test_graphs_give_the_launched_kernels_results(gated):
+    torch.manual_seed(7)
+    model = HRM(tiny_config(**GRAPH_CFG))
+    randomize_(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [{k: v.cuda() for k, v in make_batch(None).items()} for _ in range(2)]
+    launched, _ = _train(False, state, batches, gated)
+    replayed, graphed = _train(True, state, batches, gated)
+    # training: the recurrence minus its with-grad step, the continue-target pass (all of it);
+    # evaluation: the whole recurrence at two batch sizes.
+    assert len(graphed.inner.graphs) == 3
+    assert len(launched) == len(replayed)
+    for i, (a, b) in enumerate(zip(launched, replayed)):
+        # Same kernels, same inputs, same order: the same bits.
+        assert torch.equal(a, b), f"value {i} differs: max |diff| {(a - b).abs().max().item()}"
+
+
+@requires_cuda
+def test_moved_parameters_are_captured_again():
+    torch.manual_seed(3)
+    model = HRM(tiny_config(**GRAPH_CFG)).cuda()
+    randomize_(model)
+    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+    z = model.inner.empty_carry(BATCH, "cuda")
+    x = model.inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+    steps = 4  # of tiny_config's 2 * (2 + 1) calls
+    model.inner._no_grad_recurrence(z.z_H, z.z_L, x, steps)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone() * 1.5  # new storage, new values
+        got = model.inner._no_grad_recurrence(z.z_H, z.z_L, x, steps)
+        want = model.inner.recurrence(z.z_H, z.z_L, x, steps)
+    assert len(model.inner.graphs) == 2
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
