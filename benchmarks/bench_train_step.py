@@ -33,12 +33,12 @@ SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (referen
 PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
 
 
-def build(shape: str, gated: bool, provider: str):
+def build(shape: str, gated: bool, provider: str, cuda_graphs: bool = True):
     from hrm import ACTLossHead, HRM, CastedSparseEmbeddingSignSGD
     from hrm_kernels import AdamATan2
 
     kernels = "eager" if provider.startswith("eager") else "triton"
-    cfg = dict(SHAPES[shape], use_gating=gated, kernels=kernels, attn_backend="sdpa")
+    cfg = dict(SHAPES[shape], use_gating=gated, kernels=kernels, attn_backend="sdpa", cuda_graphs=cuda_graphs)
     with torch.device("cuda"):
         head = ACTLossHead(HRM(cfg), loss_type="stablemax_cross_entropy")
     head.train()
@@ -142,14 +142,15 @@ def _compile_kernels_ahead(head, opt, emb_opt, batch: dict, gbs: int, report: di
 
 
 def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10,
-        precompile: bool = False) -> dict:
+        precompile: bool = False, cuda_graphs: bool = True) -> dict:
     """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
     backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
     gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs.
     ``precompile``: fused providers run the trainer's ``precompile_kernels`` dry run first, inside
-    the first step's time."""
+    the first step's time. ``cuda_graphs``: the model's ``cuda_graphs`` setting (providers without
+    torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do)."""
     torch.manual_seed(0)
-    head, step_model, opt, emb_opt = build(shape, gated, provider)
+    head, step_model, opt, emb_opt = build(shape, gated, provider, cuda_graphs)
     batch = make_batch(shape, 0)
     gbs = SHAPES[shape]["batch_size"]
     train_step = _train_step(step_model, opt, emb_opt, batch, gbs)
@@ -172,6 +173,7 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
         result = _measure(train_step, head.initial_carry(batch), steps, prepare=prepare)
     tokens = gbs * SHAPES[shape]["seq_len"]
     name = provider + (" (precompile)" if prepare is not None else "")
+    name += " (no graphs)" if not cuda_graphs and not provider.endswith("compile") else ""
     return {"shape": shape, "gated": gated, "provider": name, "mode": mode,
             "tokens_per_s": tokens / result["ms"] * 1e3, **result, **report}
 
@@ -197,12 +199,16 @@ def main(argv=None) -> str:
     parser.add_argument("--precompile", action="store_true",
                         help="fused providers: compile their Triton kernels ahead, on a thread pool (the trainer's "
                              "precompile_kernels), inside the first step's time")
+    parser.add_argument("--cuda-graphs", nargs="*", type=int, default=[1],
+                        help="the model's cuda_graphs setting(s) for the providers without torch.compile")
     args = parser.parse_args(argv)
     rows = []
     for shape in args.shape:
         for gated in args.gated:
-            for mode, provider in itertools.product(args.mode, args.providers):
-                r = run(shape, bool(gated), provider, mode, precompile=args.precompile)
+            for mode, provider, graphs in itertools.product(args.mode, args.providers, args.cuda_graphs):
+                if provider.endswith("compile") and graphs != args.cuda_graphs[0]:
+                    continue  # compiled providers never replay graphs: once is enough
+                r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs))
                 print(r, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()

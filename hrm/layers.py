@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import rms_norm, rope, rope_reference, swiglu
+from hrm_kernels import linear_swiglu, rms_norm, rope, rope_reference, swiglu
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -150,7 +150,13 @@ class Attention(nn.Module):
 
 
 class SwiGLUMLP(nn.Module):
-    """``down(silu(gate) * up)`` with ``gate, up`` the halves of one fused projection."""
+    """``down(silu(gate) * up)`` with ``gate, up`` the halves of one fused projection.
+
+    Without gradients (most of a segment) and outside torch.compile, the activation runs in the
+    gate_up matmul's epilogue (``hrm_kernels.linear_swiglu``), so [.., 2I] is never written;
+    set ``FUSED_NO_GRAD = False`` to always use the matmul and the activation kernel."""
+
+    FUSED_NO_GRAD = True
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -158,6 +164,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 

@@ -17,8 +17,7 @@ backward kernel::
 
 Most of an HRM training step's forward passes run without gradients (all but the last L and H
 steps of a segment, and the whole continue-target pass), where the persistent TMA kernel beats
-cuBLAS + ``swiglu`` (benchmarks/RESULTS.md). The model does not use this op yet: routing its
-no-grad passes through it did not shorten the measured step.
+cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there.
 """
 
 from __future__ import annotations

@@ -89,7 +89,7 @@ def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
 @pytest.mark.parametrize("gated", [True, False])
 def test_graphs_give_the_launched_kernels_results(gated):
     torch.manual_seed(7)
-    model = HRM(tiny_config(**GRAPH_CFG))
+    model = HRM(tiny_config(**{**GRAPH_CFG, "use_gating": gated}))
     randomize_(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [{k: v.cuda() for k, v in make_batch(None).items()} for _ in range(2)]
