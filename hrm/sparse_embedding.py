@@ -38,6 +38,16 @@ class CastedSparseEmbedding(nn.Module):
                              persistent=False)
         self.register_buffer("local_ids", torch.zeros(batch_size, dtype=torch.int32), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # Module.to()/.cuda()/.double() store fn(buffer) outside no_grad: for the local_weights
+        # leaf that is a copy with a grad_fn, whose .grad autograd never fills, so the puzzle
+        # embedding would silently stop learning. Keep it a leaf that requires grad.
+        super()._apply(fn, recurse)
+        local = self._buffers["local_weights"]
+        if not (local.is_leaf and local.requires_grad):
+            self._buffers["local_weights"] = local.detach().requires_grad_(True)
+        return self
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.weights[ids].to(self.cast_to)

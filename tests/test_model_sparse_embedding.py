@@ -119,3 +119,30 @@ def test_found_inf_skips_the_update_on_the_device():
     opt.step(found_inf=torch.tensor(0.0))
     want = _expected_update(before, ids.long(), emb.local_weights.grad, 0.1, 0.1)
     assert torch.allclose(emb.weights, want, atol=1e-7) and not torch.equal(emb.weights, before)
+
+
+def test_moved_embedding_keeps_its_rows_a_leaf():
+    """``.to(...)`` after construction (here a dtype change; ``.cuda()`` is the same code path): the
+    per-batch rows stay a leaf, so the loss still reaches them (a copy with a grad_fn would leave
+    .grad None, and the embedding would never be updated)."""
+    emb = CastedSparseEmbedding(10, 6, batch_size=4, init_std=1.0, cast_to=torch.float64).double()
+    emb.train()
+    (emb(torch.tensor([1, 5, 5, 9], dtype=torch.int32)) ** 2).sum().backward()
+    assert emb.local_weights.is_leaf and emb.local_weights.dtype == torch.float64
+    assert emb.local_weights.grad is not None and emb.local_weights.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_model_moved_to_cuda_trains_its_puzzle_embedding():
+    model = HRM(tiny_config(puzzle_emb_ndim=32)).cuda()
+    head = ACTLossHead(model)
+    head.train()
+    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+    _, loss, _, _, _ = head(carry=head.initial_carry(batch), batch=batch)
+    loss.backward()
+    rows = model.inner.puzzle_emb.local_weights
+    assert rows.is_leaf and rows.grad is not None and rows.grad.abs().sum() > 0
+    opt = CastedSparseEmbeddingSignSGD(model.inner.puzzle_emb, lr=0.1, weight_decay=0.0)
+    before = model.inner.puzzle_emb.weights.clone()
+    opt.step()
+    assert not torch.equal(model.inner.puzzle_emb.weights, before)
