@@ -36,16 +36,22 @@ def single_process(arc_data, tmp_path_factory):
 
 # ddp: gradients summed by DistributedDataParallel buckets during the backward; flat: one
 # all-reduce after it. On CUDA the trainer compiles DDP(model) (compile=auto): covered on CPU too.
-@pytest.mark.parametrize("grad_sync,compile", [("ddp", "false"), ("flat", "false"), ("ddp", "true")])
-def test_two_gloo_ranks_match_one_process(single_process, tmp_path, grad_sync, compile):
+# precompile_kernels=true: every rank's dry run (with its gradient all-reduce) must leave the
+# collectives in step and the run unchanged.
+@pytest.mark.parametrize("grad_sync,compile,extra", [("ddp", "false", ()), ("flat", "false", ()),
+                                                     ("ddp", "true", ()),
+                                                     ("flat", "false", ("precompile_kernels=true",))])
+def test_two_gloo_ranks_match_one_process(single_process, tmp_path, grad_sync, compile, extra):
     args, single_stdout, one = single_process
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            PRETRAIN, *args, f"grad_sync={grad_sync}", f"compile={compile}",
+                            PRETRAIN, *args, f"grad_sync={grad_sync}", f"compile={compile}", *extra,
                             f"checkpoint_path={tmp_path / 'two'}"],
                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert f"x2 ranks (grad_sync={grad_sync}), compile={compile == 'true'}" in multi.stdout
     assert "torch.compile failed" not in multi.stderr
+    if extra:
+        assert "precompile_kernels: 0 Triton kernel variants compiled ahead" in multi.stdout
 
     a = checkpointing.load_file(checkpointing.latest_checkpoint(one))
     b = checkpointing.load_file(checkpointing.latest_checkpoint(tmp_path / "two"))
