@@ -17,7 +17,10 @@ same kernels, with the same arguments, from one host call.
 ``fn`` must be a pure function of its tensor inputs and of tensors whose storage stays put (module
 parameters updated in place by the optimizer, buffers): the graph reads those addresses at replay.
 The key must therefore name everything that changes what ``fn`` launches (shapes, dtypes, kernel
-backend) and the parameters' storage (``storage_key``). No host synchronisation and no RNG inside.
+backend) and the parameters' storage (``storage_key``). No host synchronisation, no RNG and no
+autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
+change the kernels (``hrm.layers.SwiGLUMLP.FUSED_NO_GRAD`` is in HRM's key; others such as
+``hrm_kernels.linear_swiglu.USE_TMA`` are not) need ``graphs.clear()`` when flipped after a capture.
 """
 
 from __future__ import annotations
@@ -27,31 +30,30 @@ from typing import Callable, Hashable, Iterable, Sequence
 import torch
 
 
-def storage_key(tensors: Iterable[torch.Tensor]) -> tuple[int, ...]:
-    """The addresses a captured graph reads: a graph must be captured again once they move
-    (``module.to(...)``, parameters replaced)."""
-    return tuple(t.data_ptr() for t in tensors)
+def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What a captured graph reads of these tensors (address, dtype, shape): a graph must be
+    captured again once they move or change (``module.to(...)``, parameters replaced)."""
+    return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
 
 
 class GraphCache:
-    """CUDA graphs keyed by the caller. Not copied by ``copy.deepcopy`` nor pickled: a copy of a
-    module starts with an empty cache (its graphs would read the original's parameters)."""
+    """CUDA graphs keyed by the caller, at most ``max_graphs`` (the oldest goes first). Not copied
+    by ``copy.deepcopy`` nor pickled: a copy of a module starts with an empty cache (its graphs
+    would read the original's parameters). One stream at a time: the static buffers are shared."""
 
-    def __init__(self):
+    def __init__(self, max_graphs: int = 16):
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
         self._pool = None
+        self.max_graphs = max_graphs
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def __deepcopy__(self, memo) -> "GraphCache":
-        return GraphCache()
+        return GraphCache(self.max_graphs)
 
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+    def __reduce__(self):
+        return GraphCache, (self.max_graphs,)
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -61,6 +63,8 @@ class GraphCache:
         """``fn(*inputs)`` (a tuple of tensors) through the graph captured for ``key``."""
         entry = self._graphs.get(key)
         if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
             entry = self._graphs[key] = self._capture(fn, inputs)
         graph, static_inputs, static_outputs = entry
         with torch.no_grad():

@@ -164,7 +164,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self.gate_up_proj.bias is None):
             return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
         return self.down_proj(swiglu(self.gate_up_proj(x)))
 

@@ -27,7 +27,7 @@ from hrm_kernels import gated_blend, get_backend, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GraphCache, storage_key
-from hrm.layers import Block, CastedEmbedding, CastedLinear, RotaryEmbedding, trunc_normal_
+from hrm.layers import Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP, trunc_normal_
 from hrm.sparse_embedding import CastedSparseEmbedding
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
@@ -182,15 +182,21 @@ class HRMInner(nn.Module):
         with torch.no_grad():
             if steps == 0 or not self._use_graphs(x):
                 return self.recurrence(z_H, z_L, x, steps)
-            key = (steps, x.shape, x.dtype, x.device, get_backend(), storage_key(self.parameters()),
-                   storage_key(self.buffers()))
+            key = (steps, x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(),
+                   SwiGLUMLP.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
             z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
                                        (z_H, z_L, x.detach()))
             return z_H, z_L
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
         return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
-                and not compiling_ahead() and not torch.cuda.is_current_stream_capturing())
+                and not compiling_ahead() and not torch.cuda.is_current_stream_capturing()
+                and not torch.is_autocast_enabled("cuda")  # its weight-cast cache lives outside graphs
+                and not getattr(self, "_is_replica", False))  # nn.DataParallel: new copies every call
+
+    def _apply(self, fn, recurse=True):
+        self.graphs.clear()  # moved or converted: the graphs read the old storage
+        return super()._apply(fn, recurse)
 
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is

@@ -18,13 +18,14 @@ from tests.test_model_spec import BATCH, make_batch, randomize_, tiny_config
 
 
 def _record_calls(inner):
-    """Replace the modules' forward with a recorder that returns its ``own`` input unchanged."""
+    """Replace the modules' forward with a recorder that returns ``2 own + 3 other + 5 inj``
+    (scalars), so that both the order of the calls and their arguments show in the result."""
     calls = []
 
     def recorder(name):
         def forward(own, other, inj, cos_sin, stats=False):
             calls.append(name)
-            return own, None
+            return 2 * own + 3 * other + (0.0 if inj is None else 5 * inj), None
         return forward
 
     inner.L_level.forward = recorder("L")
@@ -32,26 +33,45 @@ def _record_calls(inner):
     return calls
 
 
+def _reference_order(H_cycles, L_cycles, z_H, z_L, x, steps):
+    """REFERENCE.md's segment with the recorder's arithmetic: L(z_L, z_H, x) L_cycles times, then
+    H(z_H, z_L), H_cycles times over; stopped after ``steps`` calls."""
+    order, calls = [], 0
+    for _ in range(H_cycles):
+        for _ in range(L_cycles):
+            if calls < steps:
+                z_L, calls = 2 * z_L + 3 * z_H + 5 * x, calls + 1
+                order.append("L")
+        if calls < steps:
+            z_H, calls = 2 * z_H + 3 * z_L, calls + 1
+            order.append("H")
+    return order, z_H, z_L
+
+
 @pytest.mark.parametrize("H_cycles, L_cycles", [(2, 2), (3, 1), (1, 3)])
 def test_recurrence_runs_the_first_steps_in_the_reference_order(H_cycles, L_cycles):
     inner = HRM(tiny_config(H_cycles=H_cycles, L_cycles=L_cycles)).inner
     calls = _record_calls(inner)
-    order = (["L"] * L_cycles + ["H"]) * H_cycles  # REFERENCE.md: L_cycles L-calls, then an H-call
-    z = torch.zeros(1)
-    for steps in range(len(order) + 1):
+    z_H, z_L, x = (torch.tensor(v, dtype=torch.float64) for v in (100.0, 1.0, 0.25))
+    for steps in range(H_cycles * (L_cycles + 1) + 1):
         calls.clear()
-        inner.recurrence(z, z, z, steps)
-        assert calls == order[:steps], steps
+        got_H, got_L = inner.recurrence(z_H, z_L, x, steps)
+        order, want_H, want_L = _reference_order(H_cycles, L_cycles, z_H, z_L, x, steps)
+        assert calls == order, steps
+        assert (got_H.item(), got_L.item()) == (want_H.item(), want_L.item()), steps
 
 
 def test_graph_cache_is_not_copied_or_pickled():
     cache = GraphCache()
     cache._graphs["key"] = "a graph"
     assert len(copy.deepcopy(cache)) == 0
-    assert len(pickle.loads(pickle.dumps(cache))) == 0
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert len(pickle.loads(pickle.dumps(cache, protocol=protocol))) == 0
     model = HRM(tiny_config())
     model.inner.graphs._graphs["key"] = "a graph"
     assert len(copy.deepcopy(model).inner.graphs) == 0
+    model.float()  # moved or converted: the graphs would read the old storage
+    assert len(model.inner.graphs) == 0
 
 
 GRAPH_CFG = dict(use_gating=True, puzzle_emb_ndim=32, forward_dtype="bfloat16", kernels="triton",
@@ -93,8 +113,9 @@ def test_graphs_give_the_launched_kernels_results(gated):
     randomize_(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [{k: v.cuda() for k, v in make_batch(None).items()} for _ in range(2)]
-    launched, _ = _train(False, state, batches, gated)
+    launched, plain = _train(False, state, batches, gated)
     replayed, graphed = _train(True, state, batches, gated)
+    assert len(plain.inner.graphs) == 0
     # training: the recurrence minus its with-grad step, the continue-target pass (all of it);
     # evaluation: the whole recurrence at two batch sizes.
     assert len(graphed.inner.graphs) == 3
