@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The test suite on a GPU machine, in a few minutes: the test files split over parallel pytest
+# processes (the GPU tests are slow mostly on the host: Triton and torch.compile compilation), each
+# with its own log, failures named (-rfE) and the slowest tests listed. Logs go to $OUT if set
+# (the device tool's output folder), else to ./gpu-test-logs.
+#
+#   bash tests/run_gpu.sh [processes]      # default 4
+#
+# Exits non-zero if any group failed or timed out (each group has TEST_TIMEOUT seconds, default 480).
+set -u
+cd "$(dirname "$0")/.."
+procs=${1:-4}
+logs=${OUT:-gpu-test-logs}
+mkdir -p "$logs"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for a machine without an index
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl
+  export PYTHONPATH=$PWD/.whl/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+files=$(ls tests/test_*.py | sort)
+pids=()
+for i in $(seq 0 $((procs - 1))); do
+  group=$(echo "$files" | awk -v n="$procs" -v i="$i" 'NR % n == i')
+  [ -n "$group" ] || continue
+  # shellcheck disable=SC2086
+  timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -rfE -p no:cacheprovider --durations=8 $group \
+    > "$logs/tests_$i.log" 2>&1 &
+  pids+=($!)
+done
+status=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}"; rc=$?
+  [ "$rc" -eq 0 ] || status=1
+  [ "$rc" -eq 124 ] && echo "--- group $i TIMED OUT after ${TEST_TIMEOUT:-480} s (raise TEST_TIMEOUT or the process count)"
+  echo "--- group $i (exit $rc): $(tail -n 1 "$logs/tests_$i.log")"
+  grep -E "^(FAILED|ERROR) " "$logs/tests_$i.log" || true
+done
+exit $status
