@@ -87,6 +87,7 @@ def _worker(rank, world_size, init_file, result_file):
         CastedSparseEmbeddingSignSGD(emb, lr=0.1, weight_decay=0.5).step()  # world_size read from dist
         if rank == 0:
             torch.save(emb.weights, result_file)
+        dist.barrier()  # both ranks done before teardown (gloo aborted a rank leaving early once in CI)
     finally:
         dist.destroy_process_group()
 

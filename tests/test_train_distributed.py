@@ -84,6 +84,7 @@ def _stop_clock_rank(rank: int, init_file: str, answers) -> None:
         t_start = 0.0 if rank == 0 else time.time()
         clock = StopClock(t_start, 1.0, DistInfo(rank=rank, world_size=2))
         answers[rank] = [clock() for _ in range(3)]
+        dist.barrier()  # both ranks done before teardown (see test_model_sparse_embedding)
     finally:
         dist.destroy_process_group()
 
