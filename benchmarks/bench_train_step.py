@@ -7,6 +7,7 @@ warm-up), tokens/s, time to the first finished step (compilation included), peak
 where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
+        [--cuda-graphs 1 0] [--precompile] [--kernels 20]
 
 ``--mode eval`` times one evaluation batch instead: ACT segments without gradients until every
 row halts (16 segments in eval mode), as ``train/pretrain.py``'s ``evaluate`` runs them.
@@ -101,11 +102,16 @@ def _measure(step, state, steps: int, prepare=None) -> dict:
             state = step(state)
         torch.cuda.synchronize()
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []  # (ms per call of step, launches per call, class, name)
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None)
-        split[classify(e.key)] += (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
+        ms = (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
+        split[classify(e.key)] += ms
+        if ms > 0:
+            kernels.append((ms, e.count // 3, classify(e.key), e.key))
     return {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split,
+            "kernels": sorted(kernels, reverse=True)}
 
 
 def _train_step(step_model, opt, emb_opt, batch: dict, gbs: int):
@@ -199,6 +205,8 @@ def main(argv=None) -> str:
     parser.add_argument("--precompile", action="store_true",
                         help="fused providers: compile their Triton kernels ahead, on a thread pool (the trainer's "
                              "precompile_kernels), inside the first step's time")
+    parser.add_argument("--kernels", type=int, default=0, metavar="N",
+                        help="also print each run's N largest kernels by GPU time (profiler)")
     parser.add_argument("--cuda-graphs", nargs="*", type=int, default=[1],
                         help="the model's cuda_graphs setting(s) for the providers without torch.compile")
     args = parser.parse_args(argv)
@@ -209,11 +217,15 @@ def main(argv=None) -> str:
                 if provider.endswith("compile") and graphs != args.cuda_graphs[0]:
                     continue  # compiled providers never replay graphs: once is enough
                 r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs))
-                print(r, flush=True)
+                print({k: v for k, v in r.items() if k != "kernels"}, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
     table = markdown(rows)
+    for r in rows if args.kernels else ():
+        print(f"\nlargest kernels, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (GPU ms per call):")
+        for ms, count, kind, name in r["kernels"][:args.kernels]:
+            print(f"{ms:8.2f} {count:5d}x {kind:9s} {name[:110]}")
     print(table)
     return table
 
