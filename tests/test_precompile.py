@@ -102,3 +102,17 @@ def test_trainer_dry_run_failure_on_several_ranks_stops(monkeypatch):
                        base_lrs=[0.1], carry=None, step=0, total_steps=1)
     with pytest.raises(RuntimeError, match="precompile_kernels failed on this rank"):
         compile_kernels_ahead({}, state, {}, DistInfo(rank=1, world_size=2))
+
+
+def test_auto_means_one_cuda_process_whose_model_uses_triton(monkeypatch):
+    from train.pretrain import resolve_precompile
+
+    monkeypatch.setattr(ca, "available", lambda: True)  # as on a CUDA machine with Triton >= 3.4
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precompile("auto", "auto", cuda, world_size=1)
+    assert not resolve_precompile("auto", "auto", cuda, world_size=2)  # torchrun: opt in with true
+    assert not resolve_precompile("auto", "eager", cuda, world_size=1)
+    assert not resolve_precompile("auto", "triton", cpu, world_size=1)
+    monkeypatch.setattr(ca, "available", lambda: False)
+    assert not resolve_precompile("auto", "auto", cuda, world_size=1)
+    assert resolve_precompile(True, "eager", cpu, world_size=4) and not resolve_precompile(False, "auto", cuda)

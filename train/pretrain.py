@@ -110,7 +110,7 @@ def check_config(cfg: dict, world_size: int) -> None:
     keep = cfg.get("checkpoint_keep_last")
     need(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1),
          f"checkpoint_keep_last must be null (keep every checkpoint) or a whole number >= 1, got {keep!r}")
-    need(cfg.get("precompile_kernels", False) in ("auto", True, False),
+    need(cfg.get("precompile_kernels", "auto") in ("auto", True, False),
          f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
@@ -403,13 +403,14 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
               flush=True)
 
 
-def resolve_precompile(flag: Any, kernels: str, device: torch.device) -> bool:
-    """``precompile_kernels``: auto = where Triton kernels compile (a CUDA device, not the
-    interpreter) and the model uses them (``arch.kernels`` not eager)."""
+def resolve_precompile(flag: Any, kernels: str, device: torch.device, world_size: int = 1) -> bool:
+    """``precompile_kernels``: auto = one process (the dry run under NCCL has not been timed on
+    GPUs; ``true`` opts in), where Triton kernels compile (a CUDA device, not the interpreter) and
+    the model uses them (``arch.kernels`` not eager)."""
     if flag == "auto":
         from hrm_kernels.precompile import available
 
-        return kernels != "eager" and device.type == "cuda" and available()
+        return world_size == 1 and kernels != "eager" and device.type == "cuda" and available()
     return bool(flag)
 
 
@@ -770,8 +771,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             last, pending = pending, None
             report(last)
 
-    precompile = resolve_precompile(cfg.get("precompile_kernels", False), str(cfg["arch"].get("kernels", "auto")),
-                                    info.device)
+    precompile = resolve_precompile(cfg.get("precompile_kernels", "auto"), str(cfg["arch"].get("kernels", "auto")),
+                                    info.device, info.world_size)
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
