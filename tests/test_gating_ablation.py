@@ -39,7 +39,9 @@ def smoke(tmp_path_factory):
     alongside its trainers."""
     root = tmp_path_factory.mktemp("gating")
     work, out_a, out_c = root / "work", root / "ablation_out", root / "compare_out"
-    env = subprocess_env()
+    # On the CPU even on a GPU machine: the arms' step counts must not depend on how long a CUDA
+    # compilation takes inside the one-minute budget.
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")
     common = ["--smoke", "--work", str(work)]
     procs = [subprocess.Popen([sys.executable, str(RUN), "ablation", "--out", str(out_a), "--max-steps", "10",
                                "--minutes", "1", *common], env=env, stdout=subprocess.PIPE,

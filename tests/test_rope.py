@@ -78,13 +78,16 @@ def test_position_zero_is_identity_and_angle_matches():
 def test_clear_errors():
     cos, sin = _tables(8, 6)
     with pytest.raises(ValueError, match="need x \\[batch, seq, heads, head_dim\\]"):
-        rope(torch.randn(2, 8, 6), cos, sin)
+        rope(torch.randn(2, 8, 6, device=DEVICE), cos, sin)
     with pytest.raises(ValueError, match="positions >= seq"):
-        rope(torch.randn(1, 9, 2, 6), cos, sin)
+        rope(torch.randn(1, 9, 2, 6, device=DEVICE), cos, sin)
     with pytest.raises(ValueError, match="cos must be a float32"):
-        rope(torch.randn(1, 8, 2, 6), cos.double(), sin)
+        rope(torch.randn(1, 8, 2, 6, device=DEVICE), cos.double(), sin)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
-        rope(torch.ones(1, 8, 2, 6, dtype=torch.int64), cos, sin)
+        rope(torch.ones(1, 8, 2, 6, dtype=torch.int64, device=DEVICE), cos, sin)
+    if CUDA:
+        with pytest.raises(ValueError, match="cos is on cuda:0 but x is on cpu"):
+            rope(torch.randn(1, 8, 2, 6), cos, sin)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
