@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import linear_swiglu, rms_norm, rope, rope_reference, swiglu
+from hrm_kernels import linear_swiglu, rms_norm, rope, rope_attention, rope_reference, swiglu
+from hrm_kernels.rope_attention import MAX_FUSED_SEQ
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -110,7 +111,14 @@ class Attention(nn.Module):
     """Bidirectional multi-head attention with one fused qkv projection.
 
     ``backend``: ``flash`` (FlashAttention, CUDA + fp16/bf16 only), ``sdpa``
-    (``F.scaled_dot_product_attention``) or ``auto`` (flash when it can run, else sdpa)."""
+    (``F.scaled_dot_product_attention``) or ``auto`` (flash when it can run, else sdpa).
+
+    Without gradients (most of a segment) and outside torch.compile, sequences up to
+    ``hrm_kernels.rope_attention.MAX_FUSED_SEQ`` run RoPE and attention as one kernel
+    (``hrm_kernels.rope_attention``) unless ``backend == "flash"``; set ``FUSED_NO_GRAD = False``
+    to always use the separate RoPE pass and SDPA/FlashAttention."""
+
+    FUSED_NO_GRAD = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -136,6 +144,10 @@ class Attention(nn.Module):
     def forward(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         batch, seq, hidden = h.shape
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
+        if (self.FUSED_NO_GRAD and self.backend != "flash" and seq <= MAX_FUSED_SEQ and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            out = rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None)))
+            return self.o_proj(out.view(batch, seq, hidden))
         q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
         if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
             q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)

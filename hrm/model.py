@@ -27,7 +27,7 @@ from hrm_kernels import gated_blend, get_backend, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GraphCache, storage_key
-from hrm.layers import Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP, trunc_normal_
+from hrm.layers import Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP, trunc_normal_
 from hrm.sparse_embedding import CastedSparseEmbedding
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
@@ -183,7 +183,7 @@ class HRMInner(nn.Module):
             if steps == 0 or not self._use_graphs(x):
                 return self.recurrence(z_H, z_L, x, steps)
             key = (steps, x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(),
-                   SwiGLUMLP.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
+                   SwiGLUMLP.FUSED_NO_GRAD, Attention.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
             z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
                                        (z_H, z_L, x.detach()))
             return z_H, z_L

@@ -1,0 +1,136 @@
+"""RoPE + bidirectional attention from a fused qkv tensor, forward without gradients (the model's
+no-grad passes): triton (``rope_attention``, one kernel) vs eager (``rope_reference`` + SDPA) vs
+torch.compile of that eager code; plus the path the model took before (the ``rope`` kernel +
+SDPA, i.e. cuDNN attention) in a second table. Bytes: qkv read once and the output written once,
+4 x [B, S, H, Dh]; FLOPs: 4 B H S^2 Dh (the two matmuls, unpadded).
+
+    python benchmarks/bench_rope_attention.py [--sweep]   # markdown tables; --sweep: tile configs
+    python -m pytest benchmarks/bench_rope_attention.py   # pytest-benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+
+import pytest
+import torch
+
+from benchmarks.common import PROVIDERS, Case, bench_case, environment, gpu_us, markdown_table, median_us, run_cases
+from hrm_kernels import rope_attention, rope_attention_reference, use_backend
+
+kernel_module = importlib.import_module("hrm_kernels.rope_attention")
+
+# (batch, seq, heads, head_dim): HRM's Sudoku (768 x 81 tokens + 1 puzzle token) and ARC shapes.
+SHAPES = [(768, 82, 8, 64), (96, 901, 8, 64)]
+
+
+def _tables(seq, head_dim):
+    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cuda") / head_dim))
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device="cuda"), inv)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _triton(qkv, cos, sin):
+    with use_backend("triton"), torch.no_grad():
+        return rope_attention(qkv, cos, sin)
+
+
+def _rope_kernel_then_sdpa(qkv, cos, sin):
+    with use_backend("triton"), torch.no_grad():
+        return kernel_module._composed(qkv, cos, sin)
+
+
+def _eager(qkv, cos, sin):
+    with torch.no_grad():
+        return rope_attention_reference(qkv, cos, sin)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    return torch.compile(_eager, dynamic=False)
+
+
+def _inputs(shape, dtype=torch.bfloat16):
+    b, s, h, d = shape
+    return torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype), *_tables(s, d)
+
+
+def cases() -> list[Case]:
+    out = []
+    for shape in SHAPES:
+        b, s, h, d = shape
+        args = _inputs(shape)
+        fns = {"triton": functools.partial(_triton, *args), "eager": functools.partial(_eager, *args),
+               "compile": functools.partial(_compiled(), *args)}
+        out.append(Case("rope_attention", "x".join(map(str, shape)), "fwd", 4 * b * s * h * d * 2, fns,
+                        flops=4 * b * h * s * s * d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def all_cases():
+    return {c.id: c for c in cases()}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case_id", ["rope_attention-" + "x".join(map(str, s)) + "-fwd" for s in SHAPES])
+def test_rope_attention(benchmark, all_cases, case_id, provider):
+    bench_case(benchmark, all_cases[case_id], provider)
+
+
+def against_model_path() -> str:
+    """The kernel against what the model ran before it (rope kernel + SDPA), same process."""
+    lines = ["| shape | fused wall / GPU us | rope kernel + SDPA wall / GPU us | speed-up wall / GPU |",
+             "|---|---:|---:|---:|"]
+    for shape in SHAPES:
+        args = _inputs(shape)
+        fused, before = functools.partial(_triton, *args), functools.partial(_rope_kernel_then_sdpa, *args)
+        fw, fg, bw, bg = median_us(fused), gpu_us(fused), median_us(before), gpu_us(before)
+        lines.append(f"| {'x'.join(map(str, shape))} | {fw:.1f} / {fg:.1f} | {bw:.1f} / {bg:.1f} "
+                     f"| {bw / fw:.2f}x / {bg / fg:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep() -> str:
+    """GPU time per (BLOCK_M, BLOCK_N, num_warps, num_stages) at each shape."""
+    configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (1, 2, 3)]
+    lines = ["| shape | BLOCK_M | BLOCK_N | warps | stages | GPU us |", "|---|---:|---:|---:|---:|---:|"]
+    saved = dict(kernel_module.CUDA_CONFIGS)
+    try:
+        for shape in SHAPES:
+            args = _inputs(shape)
+            key = "short" if shape[1] <= 128 else "long"
+            results = []
+            for cfg in configs:
+                kernel_module.CUDA_CONFIGS[key] = cfg
+                try:
+                    results.append((gpu_us(functools.partial(_triton, *args)), cfg))
+                except Exception as e:  # out of shared memory or registers for this tile
+                    print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
+            for us, cfg in sorted(results)[:6]:
+                lines.append(f"| {'x'.join(map(str, shape))} | {' | '.join(map(str, cfg))} | {us:.1f} |")
+    finally:
+        kernel_module.CUDA_CONFIGS.clear()
+        kernel_module.CUDA_CONFIGS.update(saved)
+    return "\n".join(lines) + "\n"
+
+
+def main(do_sweep: bool = False) -> str:
+    parts = []
+    if do_sweep:
+        parts.append("#### Tile sweep (fastest six per shape)\n\n" + sweep())
+    parts.append(markdown_table(run_cases(cases(), "rope_attention"),
+                                "RoPE + attention from qkv (no gradient), bf16"))
+    parts.append(f"Against the model's previous no-grad path ({environment()}):\n\n" + against_model_path())
+    table = "\n".join(parts)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    main(parser.parse_args().sweep)

@@ -1,0 +1,149 @@
+"""RoPE + attention from a fused qkv tensor: the no-gradient kernel against float64 (with and
+without rotation, odd sequence lengths and head sizes, several key blocks), the gradient path,
+the model's use, and clear errors."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrm_kernels import rope_attention, rope_attention_reference, use_backend
+from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.test_rope import _tables
+from tests.tolerance import assert_close_to_reference
+
+# The module (its name is shadowed by the function in the package namespace).
+rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
+
+# bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (batch, seq, heads, head_dim): a sequence longer than one key block on the CPU (16) and on the
+# GPU (HRM's Sudoku 82 in one block, 150 in several), odd lengths, a head_dim whose half (20) is
+# not a power of two, a single position.
+SHAPES = [(2, 37, 3, 40), (1, 5, 2, 64), (3, 1, 1, 16), (2, 82, 2, 64)] + ([(2, 150, 3, 64)] if CUDA else [])
+
+
+def _reference64(qkv, cos, sin):
+    """float64 throughout, so only the kernel's roundings are measured."""
+    return rope_attention_reference(qkv.double(), None if cos is None else cos.double(),
+                                    None if sin is None else sin.double())
+
+
+@pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_matches_float64(shape, dtype, rotate):
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
+    cos, sin = _tables(s + 3, d) if rotate else (None, None)
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, cos, sin)
+    assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
+    eager = rope_attention_reference(qkv, cos, sin)
+    assert_close_to_reference(f"{dtype} {shape} rotate={rotate}", got, eager, _reference64(qkv, cos, sin))
+
+
+def test_kernel_is_not_the_reference():
+    """The no-grad call really launches the kernel (a test of it must not silently test SDPA)."""
+    calls = []
+    launch = rope_attention_module._launch
+
+    def spy(*args):
+        calls.append(1)
+        return launch(*args)
+
+    qkv = torch.randn(1, 9, 6, 16, device=DEVICE, dtype=torch.float16)
+    cos, sin = _tables(9, 16)
+    with use_backend("triton"), torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rope_attention_module, "_launch", spy)
+        rope_attention(qkv, cos, sin)
+    assert calls == [1]
+
+
+def test_strided_qkv_view_and_rotation_matter():
+    """A [B, S, 3H, Dh] view of a projection with padding columns (rows not packed): the kernel
+    reads it in place. Rotation changes the result (the test would catch a kernel ignoring it)."""
+    b, s, h, d = 2, 11, 2, 16
+    wide = torch.randn(b, s, 3 * h * d + 8, device=DEVICE, dtype=torch.float16)
+    qkv = wide[..., : 3 * h * d].view(b, s, 3 * h, d)
+    assert not qkv.is_contiguous()
+    cos, sin = _tables(s, d)
+    with use_backend("triton"), torch.no_grad():
+        rotated = rope_attention(qkv, cos, sin)
+        plain = rope_attention(qkv, None, None)
+    ref = _reference64(qkv, cos, sin)
+    assert_close_to_reference("strided", rotated, rope_attention_reference(qkv, cos, sin), ref)
+    assert (plain.double() - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_gradient_path(backend):
+    """With a gradient, the op is rope + SDPA: gradients of qkv against float64."""
+    b, s, h, d = 2, 13, 2, 24
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=torch.float32)
+    cos, sin = _tables(s + 1, d)
+    dout = torch.randn(b, s, h, d, device=DEVICE)
+
+    def grad(fn, x, c, t):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x, c, t)
+        out.backward(dout.to(x.dtype))
+        return out.detach(), x.grad
+
+    with use_backend(backend):
+        got = grad(rope_attention, qkv, cos, sin)
+    eager = grad(rope_attention_reference, qkv, cos, sin)
+    ref = grad(rope_attention_reference, qkv.double(), cos.double(), sin.double())
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert_close_to_reference(f"{backend} {name}", g, e, r)
+
+
+def test_model_attention_uses_it_without_grad():
+    """hrm.layers.Attention: the no-grad forward (fused kernel) equals the grad forward (rope +
+    SDPA) up to rounding, with RoPE and without."""
+    from hrm.layers import Attention, RotaryEmbedding
+
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    attn = Attention(48, 3, backend="sdpa").to(DEVICE)
+    h = torch.randn(2, 10, 48, device=DEVICE, dtype=dtype)
+    cos_sin = RotaryEmbedding(16, 12, 10000.0).to(DEVICE)()
+    for tables in (cos_sin, None):
+        with use_backend("triton"):
+            with torch.no_grad():
+                fused = attn(h, tables)
+            with torch.enable_grad():
+                composed = attn(h.requires_grad_(), tables).detach()
+        h = h.detach()
+        torch.testing.assert_close(fused, composed, atol=2e-2, rtol=2e-2)
+
+
+def test_clear_errors():
+    cos, sin = _tables(8, 6)
+    with pytest.raises(ValueError, match="need \\[batch, seq, 3 \\* heads, head_dim\\]"):
+        rope_attention(torch.randn(1, 8, 4, 6, device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="pass both cos and sin"):
+        rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos, None)
+    with pytest.raises(ValueError, match="positions >= seq"):
+        rope_attention(torch.randn(1, 9, 3, 6, device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="cos must be a float32"):
+        rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos.double(), sin)
+    with pytest.raises(TypeError, match="qkv has dtype torch.int64"):
+        rope_attention(torch.ones(1, 8, 3, 6, dtype=torch.int64, device=DEVICE), cos, sin)
+
+
+@requires_cuda
+def test_sudoku_shape_bf16_matches_sdpa():
+    """HRM's Sudoku shape (768 x 82 tokens, 8 heads of 64) in bf16 against float64, and against
+    SDPA's own bf16 error."""
+    qkv = torch.randn(768, 82, 24, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(82, 64)
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, cos, sin)
+    ref = _reference64(qkv[:64], cos, sin)
+    q, k, v = rope_attention_module._split(qkv[:64])
+    from hrm_kernels import rope_reference
+
+    sdpa = F.scaled_dot_product_attention(rope_reference(q, cos, sin).transpose(1, 2),
+                                          rope_reference(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
+    assert_close_to_reference("sudoku bf16", got[:64], sdpa.transpose(1, 2), ref)
