@@ -96,9 +96,9 @@ def against_model_path() -> str:
 
 
 def sweep() -> str:
-    """GPU time per (BLOCK_M, num_warps) at the shapes the kernel takes (seq <= MAX_FUSED_SEQ)."""
-    configs = [(bm, w) for bm in (16, 32, 64, 128) for w in (2, 4, 8)]
-    lines = ["| shape | BLOCK_M | warps | GPU us |", "|---|---:|---:|---:|"]
+    """GPU time per (BLOCK_M, BLOCK_N, num_warps, num_stages) at the shapes the kernel takes (seq <= MAX_FUSED_SEQ)."""
+    configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+    lines = ["| shape | BLOCK_M | BLOCK_N | warps | stages | GPU us |", "|---|---:|---:|---:|---:|---:|"]
     saved = kernel_module.CUDA_CONFIG
     try:
         for shape in [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]:

@@ -9,15 +9,13 @@ tables or both ``None`` (no rotation). Result: [batch, seq, heads, head_dim] in 
     q', k' = rope(q), rope(k)                 rotation in fp32, rounded to qkv's dtype (hrm_kernels.rope)
     out    = softmax(q' k'^T / sqrt(head_dim)) v      per batch and head; no mask, no dropout
 
-The kernel is for short sequences (HRM's Sudoku: 82 tokens), all keys in one tile: each program
-owns BLOCK_M queries of one (batch, head), loads them, every key and value at once, and runs a
-plain softmax; up to ``MAX_FUSED_SEQ``. Longer sequences take the composed path below. Rotating a
-tile needs the halves (x1, x2) of head_dim, so q and k are loaded as two half-width tiles and the
-score is ``q1' k1'^T + q2' k2'^T``.
+The kernel is flash-attention's forward: each program owns BLOCK_M queries of one (batch, head)
+and walks the keys BLOCK_N at a time with an online softmax. Rotating a tile needs the halves
+(x1, x2) of head_dim, so q and k are loaded as two half-width tiles and the score is
+``q1' k1'^T + q2' k2'^T``. It runs sequences up to ``MAX_FUSED_SEQ`` (HRM's Sudoku: 82 tokens).
 
 Gradients: when one is needed (``qkv.requires_grad`` under grad mode), under torch.compile, and for
-sequences longer than ``MAX_FUSED_SEQ``, the op
-runs as ``hrm_kernels.rope`` + ``F.scaled_dot_product_attention`` (whose backward is cuDNN's or
+sequences longer than ``MAX_FUSED_SEQ``, the op runs as ``hrm_kernels.rope`` + ``F.scaled_dot_product_attention`` (whose backward is cuDNN's or
 FlashAttention's), the same math; the kernel is the no-gradient forward, which is most of an HRM
 segment (all but its last L and H steps, the whole continue-target pass, all of evaluation).
 """
@@ -63,10 +61,8 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, seq_len, n_heads, stride_b, strid
                            qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
                            ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            INPUT_PRECISION: tl.constexpr):
-    """Program (batch * head, query block): BLOCK_M queries against all seq_len <= BLOCK_N keys,
-    every load issued before any math (one memory latency per program, not one per phase).
-    ``qk_scale`` = log2(e) / sqrt(head_dim): the softmax runs in base 2. HALF_P, HEAD_P: HALF and
-    2 * HALF rounded up to a power of two >= 16 (tl.dot)."""
+    """Program (batch * head, query block). ``qk_scale`` = log2(e) / sqrt(head_dim): the softmax runs
+    in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a power of two >= 16 (tl.dot)."""
     bh = tl.program_id(0)
     batch, head = bh // n_heads, bh % n_heads
     base = QKV + batch.to(tl.int64) * stride_b
@@ -74,32 +70,44 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, seq_len, n_heads, stride_b, strid
     d = tl.arange(0, HALF_P)
     d_ok = d < HALF
     dv = tl.arange(0, HEAD_P)
+    dv_ok = dv < head_dim
+
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
-    keys = tl.arange(0, BLOCK_N)
-    key_ok = keys < seq_len
-
     q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
-    k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
-    v_ptrs = base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :]
-    v = tl.load(v_ptrs, mask=key_ok[:, None] & (dv < head_dim)[None, :], other=0.0)
 
-    s = tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
-    s = tl.dot(q2, tl.trans(k2), s, input_precision=INPUT_PRECISION)
-    s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
-    p = tl.exp2(s - tl.max(s, axis=1)[:, None])
-    out = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / tl.sum(p, axis=1)[:, None]
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_P), dtype=tl.float32)
+    for start in range(0, seq_len, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < seq_len
+        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok,
+                               HALF, ROPE)
+        s = tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
+        s = tl.dot(q2, tl.trans(k2), s, input_precision=INPUT_PRECISION)
+        s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_ptrs = base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
     o_ptrs = OUT + batch.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os + (head * head_dim + dv)[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dv < head_dim)[None, :])
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
 
 
-# Sequences up to this length run in the kernel (all keys in one tile); longer ones run as
-# hrm_kernels.rope + SDPA, which at HRM's ARC length (901) was 2x faster than an online-softmax
-# version of this kernel (benchmarks/RESULTS.md).
+# Sequences up to this length run in the kernel; longer ones run as hrm_kernels.rope + SDPA, which
+# at HRM's ARC length (901) was 2x faster than this kernel on an H100 (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
-# (BLOCK_M, num_warps) on CUDA; BLOCK_N is the sequence rounded up to a power of two.
-# See benchmarks/bench_rope_attention.py --sweep.
-CUDA_CONFIG = (64, 4)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
+# Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
+# program per SM (registers), and a one-tile version that issues every load up front was slower.
+CUDA_CONFIG = (128, 32, 4, 1)
 
 
 def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
@@ -110,9 +118,12 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     if out.numel() == 0:
         return out
-    block_m, num_warps = CUDA_CONFIG if qkv.is_cuda else (16, 4)  # the interpreter: small tiles
-    block_n = max(16, triton.next_power_of_2(seq))
-    block_m = min(block_m, block_n)
+    if qkv.is_cuda:
+        block_m, block_n, num_warps, num_stages = CUDA_CONFIG
+    else:  # the interpreter: small tiles keep it quick
+        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+    block_m = min(block_m, max(16, triton.next_power_of_2(seq)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(seq)))
     half = head_dim // 2
     rotate = cos is not None
     grid = (batch * heads, triton.cdiv(seq, block_m))
@@ -120,7 +131,8 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), math.log2(math.e) / math.sqrt(head_dim),
            HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), HEAD_P=max(16, triton.next_power_of_2(head_dim)),
            ROPE=rotate, BLOCK_M=block_m, BLOCK_N=block_n,
-           INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", num_warps=num_warps)
+           INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+           num_warps=num_warps, num_stages=num_stages)
     return out
 
 
