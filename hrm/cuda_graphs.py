@@ -21,7 +21,7 @@ parameters updated in place by the optimizer, buffers): the graph reads those ad
 The key must therefore name everything that changes what ``fn`` launches (shapes, dtypes, kernel
 backend) and the parameters' storage (``storage_key``). No host synchronisation, no RNG and no
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
-change the kernels (``FUSED_NO_GRAD`` of ``hrm.layers.SwiGLUMLP`` and ``Attention`` are in HRM's key; others such as
+change the kernels (``FUSED_NO_GRAD`` of ``hrm.layers.SwiGLUMLP``, ``Attention`` and ``Block`` are in HRM's key; others such as
 ``hrm_kernels.linear_swiglu.USE_TMA`` are not) need ``graphs.clear()`` when flipped after a capture.
 """
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import linear_swiglu, rms_norm, rope, rope_attention, rope_reference, swiglu
+from hrm_kernels import linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_reference, swiglu
 from hrm_kernels.rope_attention import MAX_FUSED_SEQ
 
 def _import_flash_attn():
@@ -142,12 +142,15 @@ class Attention(nn.Module):
         return ok
 
     def forward(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        return self.o_proj(self.heads(h, cos_sin))
+
+    def heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
         batch, seq, hidden = h.shape
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
         if (self.FUSED_NO_GRAD and self.backend != "flash" and seq <= MAX_FUSED_SEQ and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
-            out = rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None)))
-            return self.o_proj(out.view(batch, seq, hidden))
+            return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).view(batch, seq, hidden)
         q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
         if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
             q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
@@ -158,7 +161,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=False).transpose(1, 2)
-        return self.o_proj(out.reshape(batch, seq, hidden))
+        return out.reshape(batch, seq, hidden)
 
 
 class SwiGLUMLP(nn.Module):
@@ -176,15 +179,25 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up``: [..., intermediate_size], the down projection's input."""
         if (self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and self.gate_up_proj.bias is None):
-            return self.down_proj(linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype)))
-        return self.down_proj(swiglu(self.gate_up_proj(x)))
+            return linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype))
+        return swiglu(self.gate_up_proj(x))
 
 
 class Block(nn.Module):
     """Post-norm transformer block: ``h = norm(h + attn(h)); h = norm(h + mlp(h))`` (weightless
-    RMSNorm, the add fused into the norm)."""
+    RMSNorm, the add fused into the norm).
+
+    With ``FUSED_NO_GRAD`` (off by default until measured faster on a GPU), the no-gradient passes
+    outside torch.compile run each output projection with its add+RMSNorm as the matmul's
+    epilogue (``hrm_kernels.linear_add_rms_norm``)."""
+
+    FUSED_NO_GRAD = False
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
@@ -194,5 +207,10 @@ class Block(nn.Module):
         self.mlp = SwiGLUMLP(hidden_size, intermediate_size)
 
     def forward(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
+        attn, mlp = self.self_attn, self.mlp
+        if (self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and attn.o_proj.bias is None and mlp.down_proj.bias is None):
+            h = linear_add_rms_norm(attn.heads(h, cos_sin), attn.o_proj.weight.to(h.dtype), h, self.eps)
+            return linear_add_rms_norm(mlp.hidden(h), mlp.down_proj.weight.to(h.dtype), h, self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)

@@ -183,7 +183,7 @@ class HRMInner(nn.Module):
             if steps == 0 or not self._use_graphs(x):
                 return self.recurrence(z_H, z_L, x, steps)
             key = (steps, x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(),
-                   SwiGLUMLP.FUSED_NO_GRAD, Attention.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
+                   SwiGLUMLP.FUSED_NO_GRAD, Attention.FUSED_NO_GRAD, Block.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
             z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
                                        (z_H, z_L, x.detach()))
             return z_H, z_L

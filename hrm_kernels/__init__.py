@@ -8,6 +8,7 @@ chosen by ``HRM_KERNELS_BACKEND`` / ``use_backend`` (see ``hrm_kernels.backend``
 from hrm_kernels.adam_atan2 import AdamATan2
 from hrm_kernels.backend import BACKENDS, get_backend, set_backend, use_backend
 from hrm_kernels.gated_blend import gated_blend, gated_blend_reference
+from hrm_kernels.linear_add_rms_norm import linear_add_rms_norm, linear_add_rms_norm_reference
 from hrm_kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
 from hrm_kernels.precompile import compile_ahead
@@ -22,7 +23,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "compile_ahead",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference", "linear_swiglu", "linear_swiglu_reference",
-    "rope", "rope_reference", "rope_attention", "rope_attention_reference",
+    "linear_add_rms_norm", "linear_add_rms_norm_reference", "rope", "rope_reference", "rope_attention", "rope_attention_reference",
     "RMSNorm", "SwiGLU",
     "AdamATan2",
 ]
