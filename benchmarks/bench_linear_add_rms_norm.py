@@ -10,7 +10,6 @@ written once; FLOPs: 2 M N K.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 
@@ -18,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import PROVIDERS, Case, bench_case, environment, gpu_us, markdown_table, median_us, run_cases
+from benchmarks.common import (PROVIDERS, Case, bench_case, fused_op_report, gpu_us, median_us, sweep_flag_main,
+                               tile_sweep)
 from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, rms_norm, use_backend
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
@@ -96,38 +96,14 @@ def sweep(shapes=SHAPES[:2], configs=None) -> str:
     """GPU time per (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     configs = configs or [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 64, 4, 4),
                           (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
-    lines = ["| M x K x N | config | GPU us |", "|---|---|---:|"]
-    saved = kernel_module.CUDA_CONFIG
-    try:
-        for shape in shapes:
-            args = _inputs(*shape)
-            results = []
-            for cfg in configs:
-                kernel_module.CUDA_CONFIG = cfg
-                try:
-                    results.append((gpu_us(functools.partial(_triton, *args)), cfg))
-                except Exception as e:  # out of shared memory or registers for this tile
-                    print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
-            for us, cfg in sorted(results):
-                lines.append(f"| {_label(shape)} | {cfg} | {us:.1f} |")
-    finally:
-        kernel_module.CUDA_CONFIG = saved
-    return "\n".join(lines) + "\n"
+    return tile_sweep(kernel_module, "CUDA_CONFIG", configs, shapes,
+                      lambda shape: functools.partial(_triton, *_inputs(*shape)))
 
 
 def main(do_sweep: bool = False) -> str:
-    parts = []
-    if do_sweep:
-        parts.append("#### Tile sweep\n\n" + sweep())
-    parts.append(markdown_table(run_cases(cases(), "linear_add_rms_norm"),
-                                "Output projection + add + RMSNorm (no gradient), bf16"))
-    parts.append(f"Against the model's unfused path ({environment()}):\n\n" + against_model_path())
-    table = "\n".join(parts)
-    print(table)
-    return table
+    return fused_op_report("Output projection + add + RMSNorm (no gradient), bf16", "linear_add_rms_norm", cases(), against_model_path,
+                           "the model's unfused path (cuBLAS + rms_norm kernel)", sweep if do_sweep else None)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    main(parser.parse_args().sweep)
+    sweep_flag_main(main, __doc__)

@@ -11,14 +11,14 @@ SDPA, i.e. cuDNN attention) in a second table. Bytes: qkv read once and the outp
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib
 
 import pytest
 import torch
 
-from benchmarks.common import PROVIDERS, Case, bench_case, environment, gpu_us, markdown_table, median_us, run_cases
+from benchmarks.common import (PROVIDERS, Case, bench_case, fused_op_report, gpu_us, median_us, sweep_flag_main,
+                               tile_sweep)
 from hrm_kernels import rope_attention, rope_attention_reference, use_backend
 
 kernel_module = importlib.import_module("hrm_kernels.rope_attention")
@@ -96,40 +96,18 @@ def against_model_path() -> str:
 
 
 def sweep() -> str:
-    """GPU time per (BLOCK_M, BLOCK_N, num_warps, num_stages) at the shapes the kernel takes (seq <= MAX_FUSED_SEQ)."""
+    """GPU time per (BLOCK_M, BLOCK_N, num_warps, num_stages) at the shapes the kernel takes
+    (seq <= MAX_FUSED_SEQ); the fastest eight."""
     configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
-    lines = ["| shape | BLOCK_M | BLOCK_N | warps | stages | GPU us |", "|---|---:|---:|---:|---:|---:|"]
-    saved = kernel_module.CUDA_CONFIG
-    try:
-        for shape in [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]:
-            args = _inputs(shape)
-            results = []
-            for cfg in configs:
-                kernel_module.CUDA_CONFIG = cfg
-                try:
-                    results.append((gpu_us(functools.partial(_triton, *args)), cfg))
-                except Exception as e:  # out of shared memory or registers for this tile
-                    print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
-            for us, cfg in sorted(results)[:8]:
-                lines.append(f"| {'x'.join(map(str, shape))} | {' | '.join(map(str, cfg))} | {us:.1f} |")
-    finally:
-        kernel_module.CUDA_CONFIG = saved
-    return "\n".join(lines) + "\n"
+    shapes = [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]
+    return tile_sweep(kernel_module, "CUDA_CONFIG", configs, shapes,
+                      lambda shape: functools.partial(_triton, *_inputs(shape)), keep=8)
 
 
 def main(do_sweep: bool = False) -> str:
-    parts = []
-    if do_sweep:
-        parts.append("#### Tile sweep (fastest six per shape)\n\n" + sweep())
-    parts.append(markdown_table(run_cases(cases(), "rope_attention"),
-                                "RoPE + attention from qkv (no gradient), bf16"))
-    parts.append(f"Against the model's previous no-grad path ({environment()}):\n\n" + against_model_path())
-    table = "\n".join(parts)
-    print(table)
-    return table
+    return fused_op_report("RoPE + attention from qkv (no gradient), bf16", "rope_attention", cases(), against_model_path,
+                           "the model's previous no-grad path (rope kernel + SDPA)", sweep if do_sweep else None)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
-    main(parser.parse_args().sweep)
+    sweep_flag_main(main, __doc__)

@@ -131,6 +131,50 @@ def markdown_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tile_sweep(module, attr: str, configs: list, shapes: list, make_call: Callable[[tuple], Callable[[], object]],
+               keep: int | None = None) -> str:
+    """Markdown rows of GPU time per tile configuration: ``module.<attr>`` set to each config in
+    turn (restored afterwards), ``make_call(shape)`` the callable timed; fastest first, ``keep`` per shape."""
+    lines = ["| shape | config | GPU us |", "|---|---|---:|"]
+    saved = getattr(module, attr)
+    try:
+        for shape in shapes:
+            call = make_call(shape)
+            results = []
+            for cfg in configs:
+                setattr(module, attr, cfg)
+                try:
+                    results.append((gpu_us(call), cfg))
+                except Exception as e:  # out of shared memory or registers for this tile
+                    print(f"{shape} {cfg}: {type(e).__name__}", flush=True)
+            for us, cfg in sorted(results)[:keep]:
+                lines.append(f"| {'x'.join(map(str, shape))} | {cfg} | {us:.1f} |")
+    finally:
+        setattr(module, attr, saved)
+    return "\n".join(lines) + "\n"
+
+
+def fused_op_report(title: str, op: str, cases: list[Case], against: Callable[[], str], against_what: str,
+                    sweep: Callable[[], str] | None = None) -> str:
+    """The markdown for a fused op's benchmark script: an optional tile sweep, the standard table,
+    then the op against the model's unfused path (``against()``); printed and returned."""
+    parts = ["#### Tile sweep\n\n" + sweep()] if sweep is not None else []
+    parts.append(markdown_table(run_cases(cases, op), title))
+    parts.append(f"Against {against_what} ({environment()}):\n\n" + against())
+    text = "\n".join(parts)
+    print(text)
+    return text
+
+
+def sweep_flag_main(main: Callable[[bool], object], doc: str | None) -> None:
+    """``python bench_<op>.py [--sweep]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--sweep", action="store_true", help="also time the tile configurations")
+    main(parser.parse_args().sweep)
+
+
 def bench_case(benchmark, case: Case, provider: str) -> None:
     """pytest-benchmark body: time ``provider`` (10 calls per round, synchronised) and attach the
     CUDA-event median and effective bandwidth as extra info."""

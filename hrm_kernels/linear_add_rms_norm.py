@@ -28,7 +28,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import check_float, check_same
 from hrm_kernels.backend import use_triton
-from hrm_kernels.linear_swiglu import _triton_has_tma
+from hrm_kernels.linear_swiglu import tma_available
 from hrm_kernels.precompile import launch
 from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
 
@@ -72,20 +72,9 @@ CUDA_CONFIG = (128, 128, 64, 8, 3)
 
 
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Hopper/datacenter Blackwell (TMA) or the interpreter, Triton with host descriptors, and
-    16-byte aligned rows."""
-    from hrm_kernels.backend import triton_interpreting
-
-    if not _triton_has_tma():
-        return False
-    if x.is_cuda:
-        if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
-            return False
-    elif not triton_interpreting():
-        return False
-    item = x.element_size()
-    return ((x.shape[1] * item) % 16 == 0 and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
-            and x.stride(0) == x.shape[1] and weight.stride(0) == weight.shape[1])
+    """TMA available, 16-byte aligned rows."""
+    return (tma_available(x.device) and (x.shape[1] * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+            and weight.data_ptr() % 16 == 0 and x.stride(0) == x.shape[1] and weight.stride(0) == weight.shape[1])
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: float) -> torch.Tensor:

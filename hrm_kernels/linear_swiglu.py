@@ -153,16 +153,20 @@ def _triton_has_tma() -> bool:
     return "warp_specialize" in params and "flatten" in params
 
 
-def _tma_ok(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool) -> bool:
+def tma_available(device: torch.device) -> bool:
+    """TMA-descriptor kernels can run on ``device``: Triton with host descriptors, and Hopper or
+    datacenter Blackwell (TMA and ~150 KB of shared memory) or the interpreter on the CPU."""
     from hrm_kernels.backend import triton_interpreting
 
-    if not USE_TMA or (store_gate_up and not TMA_STORES_GATE_UP) or not _triton_has_tma():
+    if not _triton_has_tma():
         return False
-    if x.is_cuda:
-        # Hopper and datacenter Blackwell: TMA and the ~144 KB of shared memory TMA_CONFIG takes.
-        if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
-            return False
-    elif not triton_interpreting():
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return triton_interpreting()
+
+
+def _tma_ok(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool) -> bool:
+    if not USE_TMA or (store_gate_up and not TMA_STORES_GATE_UP) or not tma_available(x.device):
         return False
     item = x.element_size()
     inter, k = weight.shape[0] // 2, weight.shape[1]
