@@ -104,6 +104,20 @@ def test_trainer_dry_run_failure_on_several_ranks_stops(monkeypatch):
         compile_kernels_ahead({}, state, {}, DistInfo(rank=1, world_size=2))
 
 
+def test_compile_auto_means_cuda_with_the_eager_kernels(monkeypatch):
+    from hrm_kernels import backend
+    from train.pretrain import resolve_compile
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert resolve_compile("auto", cuda, "eager")
+    assert not resolve_compile("auto", cuda, "auto") and not resolve_compile("auto", cuda, "triton")
+    assert not resolve_compile("auto", cpu, "eager") and not resolve_compile("auto", cpu, "auto")
+    monkeypatch.setattr(backend, "triton_available", lambda: False)  # auto kernels fall back to eager
+    assert resolve_compile("auto", cuda, "auto")
+    assert resolve_compile(True, cpu, "auto") and not resolve_compile(False, cuda, "eager")
+
+
 def test_auto_means_one_cuda_process_whose_model_uses_triton(monkeypatch):
     from train.pretrain import resolve_precompile
 

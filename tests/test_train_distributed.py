@@ -35,7 +35,8 @@ def single_process(arc_data, tmp_path_factory):
 
 
 # ddp: gradients summed by DistributedDataParallel buckets during the backward; flat: one
-# all-reduce after it. On CUDA the trainer compiles DDP(model) (compile=auto): covered on CPU too.
+# all-reduce after it. compile=true compiles DDP(model) (what compile=auto does on CUDA with the eager
+# kernels): covered on CPU too.
 # precompile_kernels=true: every rank's dry run (with its gradient all-reduce) must leave the
 # collectives in step and the run unchanged.
 @pytest.mark.parametrize("grad_sync,compile,extra", [("ddp", "false", ()), ("flat", "false", ()),

@@ -174,7 +174,8 @@ def run(argv: Sequence[str]) -> dict:
         except RuntimeError as e:
             raise ConfigError(f"{ckpt}: {e}") from None
         step = _step_of(ckpt)
-        forward = torch.compile(head, dynamic=False) if resolve_compile(cfg["compile"], info.device) else head
+        forward = torch.compile(head, dynamic=False) if resolve_compile(
+            cfg["compile"], info.device, str(cfg["arch"].get("kernels", "auto"))) else head
         state = TrainState(head=head, forward=forward, optimizers=[], base_lrs=[], carry=None, step=step, total_steps=0)
 
         voting = own["arc_voting"]
