@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrm_kernels import linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_reference, swiglu
-from hrm_kernels.rope_attention import MAX_FUSED_SEQ
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -113,10 +112,10 @@ class Attention(nn.Module):
     ``backend``: ``flash`` (FlashAttention, CUDA + fp16/bf16 only), ``sdpa``
     (``F.scaled_dot_product_attention``) or ``auto`` (flash when it can run, else sdpa).
 
-    Without gradients (most of a segment) and outside torch.compile, sequences up to
-    ``hrm_kernels.rope_attention.MAX_FUSED_SEQ`` run RoPE and attention as one kernel
-    (``hrm_kernels.rope_attention``) unless ``backend == "flash"``; set ``FUSED_NO_GRAD = False``
-    to always use the separate RoPE pass and SDPA/FlashAttention."""
+    Without gradients (most of a segment), outside torch.compile and where SDPA would run (not
+    FlashAttention, which was not measured against it), ``hrm_kernels.rope_attention`` runs RoPE
+    and attention as one kernel (sequences up to its ``MAX_FUSED_SEQ``; longer ones as the RoPE
+    kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass."""
 
     FUSED_NO_GRAD = True
 
@@ -148,7 +147,7 @@ class Attention(nn.Module):
         """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
         batch, seq, hidden = h.shape
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
-        if (self.FUSED_NO_GRAD and self.backend != "flash" and seq <= MAX_FUSED_SEQ and not torch.is_grad_enabled()
+        if (self.FUSED_NO_GRAD and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).view(batch, seq, hidden)
         q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]

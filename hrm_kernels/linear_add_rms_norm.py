@@ -36,8 +36,10 @@ from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
 @triton.jit
 def _linear_add_rms_norm_kernel(x_desc, w_desc, RES, OUT, M, N, K, stride_res, stride_out, eps,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                NUM_PROGRAMS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), NUM_PROGRAMS):
+                                INPUT_PRECISION: tl.constexpr):
+    # A persistent grid (one program per SM at most); the program count is a runtime value, so
+    # each row count does not compile its own variant.
+    for tile in tl.range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
         off_m = tile * BLOCK_M
         rows = off_m + tl.arange(0, BLOCK_M)
         row_ok = rows < M
@@ -99,7 +101,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: 
     programs = min(triton.cdiv(n_rows, block_m), num_programs_for(x.device.type, x.device.index))
     launch(_linear_add_rms_norm_kernel, (programs,), x_desc, w_desc, residual, out, n_rows, n, k,
            residual.stride(0), out.stride(0), float(eps), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-           NUM_PROGRAMS=programs, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+           INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return out
 

@@ -18,10 +18,11 @@ rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
 # bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-# (batch, seq, heads, head_dim): a sequence longer than one key block on the CPU (16) and on the
-# GPU (HRM's Sudoku 82 in one block, 150 in several), odd lengths, a head_dim whose half (20) is
-# not a power of two, a single position.
-SHAPES = [(2, 37, 3, 40), (1, 5, 2, 64), (3, 1, 1, 16), (2, 82, 2, 64)] + ([(2, 150, 3, 64)] if CUDA else [])
+# (batch, seq, heads, head_dim): sequences over several key blocks (16 on the CPU, 32 on the GPU)
+# and query blocks, odd lengths, a head_dim whose half (20) is not a power of two, a single
+# position, HRM's Sudoku length (82) and the longest the kernel takes (MAX_FUSED_SEQ = 128).
+SHAPES = [(2, 37, 3, 40), (1, 5, 2, 64), (3, 1, 1, 16), (2, 82, 2, 64)] + (
+    [(2, 128, 3, 64), (2, 127, 3, 40)] if CUDA else [])
 
 
 def _reference64(qkv, cos, sin):
@@ -33,19 +34,21 @@ def _reference64(qkv, cos, sin):
 @pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernel_matches_float64(shape, dtype, rotate):
+def test_kernel_matches_float64(shape, dtype, rotate, monkeypatch):
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 3, d) if rotate else (None, None)
+    calls = _spy(monkeypatch)
     with use_backend("triton"), torch.no_grad():
         got = rope_attention(qkv, cos, sin)
+    assert calls == [1], "the kernel did not run"
     assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
     eager = rope_attention_reference(qkv, cos, sin)
     assert_close_to_reference(f"{dtype} {shape} rotate={rotate}", got, eager, _reference64(qkv, cos, sin))
 
 
-def test_kernel_is_not_the_reference():
-    """The no-grad call really launches the kernel (a test of it must not silently test SDPA)."""
+def _spy(monkeypatch):
+    """Count the kernel's launches (``rope_attention`` looks ``_launch`` up at call time)."""
     calls = []
     launch = rope_attention_module._launch
 
@@ -53,12 +56,20 @@ def test_kernel_is_not_the_reference():
         calls.append(1)
         return launch(*args)
 
+    monkeypatch.setattr(rope_attention_module, "_launch", spy)
+    return calls
+
+
+def test_longer_sequences_take_rope_and_sdpa(monkeypatch):
+    """Above MAX_FUSED_SEQ the op runs as rope + SDPA, with the same result."""
+    monkeypatch.setattr(rope_attention_module, "MAX_FUSED_SEQ", 8)
     qkv = torch.randn(1, 9, 6, 16, device=DEVICE, dtype=torch.float16)
     cos, sin = _tables(9, 16)
-    with use_backend("triton"), torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rope_attention_module, "_launch", spy)
-        rope_attention(qkv, cos, sin)
-    assert calls == [1]
+    calls = _spy(monkeypatch)
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, cos, sin)
+    assert calls == []
+    assert_close_to_reference("seq 9 > 8", got, rope_attention_reference(qkv, cos, sin), _reference64(qkv, cos, sin))
 
 
 def test_strided_qkv_view_and_rotation_matter():
@@ -99,10 +110,12 @@ def test_gradient_path(backend):
         assert_close_to_reference(f"{backend} {name}", g, e, r)
 
 
-def test_model_attention_uses_it_without_grad():
+def test_model_attention_uses_it_without_grad(monkeypatch):
     """hrm.layers.Attention: the no-grad forward (fused kernel) equals the grad forward (rope +
     SDPA) up to rounding, with RoPE and without."""
     from hrm.layers import Attention, RotaryEmbedding
+
+    calls = _spy(monkeypatch)
 
     dtype = torch.bfloat16 if CUDA else torch.float16
     attn = Attention(48, 3, backend="sdpa").to(DEVICE)
@@ -116,6 +129,7 @@ def test_model_attention_uses_it_without_grad():
                 composed = attn(h.requires_grad_(), tables).detach()
         h = h.detach()
         torch.testing.assert_close(fused, composed, atol=2e-2, rtol=2e-2)
+    assert calls == [1, 1]  # the two no-grad calls, not the two with a gradient
 
 
 def test_clear_errors():
