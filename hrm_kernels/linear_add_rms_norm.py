@@ -92,6 +92,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: 
         return out
     if x.is_cuda:
         block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
+        if x.element_size() == 4:  # fp32 operand tiles are twice as large: keep within shared memory
+            num_stages = min(num_stages, 2)
     else:  # the interpreter: small tiles keep it quick
         block_m, block_n, block_k, num_warps, num_stages = 16, 32, 32, 4, 1
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
