@@ -262,3 +262,37 @@ def test_cuda_full_size_bf16(rows, wdtype, inj):
 @pytest.mark.parametrize("shape,r", [((1000, 40), 10), ((777, 520), 100), ((300, 1024), 256)], ids=str)
 def test_cuda_other_shapes(dtype, shape, r):
     _check("triton", _make(shape, r, dtype, device="cuda"), with_stats=True)
+
+
+@pytest.mark.parametrize("with_inj", [True, False], ids=["inj", "inj_none"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,r", [((5, 40), 10), ((37, 24), 33), ((70, 40), 10)], ids=str)
+def test_no_grad_kernel_matches_float64(shape, r, dtype, with_inj, monkeypatch):
+    """FUSED_NO_GRAD: the one-kernel forward without gradients against float64 and against the
+    two-kernel forward (same roundings: the same numbers up to accumulation order); several row
+    programs and D-chunks (70 rows, D=40 over 16-wide chunks on the CPU); weights in fp32 as the
+    model passes them."""
+    import importlib
+
+    from hrm_kernels import precompile
+
+    module = importlib.import_module("hrm_kernels.gated_blend")
+    inputs = _make(shape, r, dtype, wdtype=torch.float32, inj=with_inj)
+    calls = []
+
+    def spy(kernel, *args, **kwargs):
+        calls.append(kernel)
+        precompile.launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(module, "launch", spy)
+    with use_backend("triton"), torch.no_grad():
+        monkeypatch.setattr(module, "FUSED_NO_GRAD", False)
+        two_kernels = gated_blend(*inputs)
+        monkeypatch.setattr(module, "FUSED_NO_GRAD", True)
+        calls.clear()
+        got = gated_blend(*inputs)
+    assert calls == [module._gated_blend_no_grad_kernel], "the one-kernel forward did not run"
+    ref = gated_blend_reference(*_to64(inputs))
+    assert got.dtype == dtype and got.shape == inputs[0].shape
+    assert_close_to_reference(f"no-grad {dtype} {shape}", got, gated_blend_reference(*inputs), ref)
+    torch.testing.assert_close(got, two_kernels, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
