@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_reference, swiglu
+from hrm_kernels import linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv, rope_reference, swiglu
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -115,9 +115,14 @@ class Attention(nn.Module):
     Without gradients (most of a segment), outside torch.compile and where SDPA would run (not
     FlashAttention, which was not measured against it), ``hrm_kernels.rope_attention`` runs RoPE
     and attention as one kernel (sequences up to its ``MAX_FUSED_SEQ``; longer ones as the RoPE
-    kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass."""
+    kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass.
+
+    ``ROPE_QKV`` (off until measured on a GPU): with gradients, RoPE through
+    ``hrm_kernels.rope_qkv``, whose backward writes the qkv gradient in one pass instead of
+    autograd's concatenation, zero-filled slice gradients and their sum."""
 
     FUSED_NO_GRAD = True
+    ROPE_QKV = False
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -150,9 +155,12 @@ class Attention(nn.Module):
         if (self.FUSED_NO_GRAD and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).view(batch, seq, hidden)
-        q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
-        if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
-            q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
+        if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
+            q, k, v = rope_qkv(qkv, *cos_sin)  # the backward writes qkv's gradient in one pass
+        else:
+            q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
+            if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
+                q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
         if self._use_flash(q):
             out = _flash_attn_func(q, k, v, causal=False)
             if isinstance(out, tuple):  # FlashAttention 3 also returns the log-sum-exp

@@ -1,0 +1,127 @@
+"""RoPE on the q and k of a fused qkv projection, with a backward that writes the qkv gradient in
+one pass.
+
+Shapes: ``qkv``: [batch, seq, 3 * heads, head_dim] (q, k, v heads stacked on dim 2), ``cos``/``sin``:
+[positions >= seq, head_dim] fp32 tables. Returns ``(q', k', v)``, each [batch, seq, heads,
+head_dim]: ``q', k' = rope(q), rope(k)`` (``hrm_kernels.rope``'s math, one launch for both) and
+``v`` a view of qkv. Backward, for the three incoming gradients (any strides, as attention's
+backward returns them)::
+
+    dqkv = [rope_backward(dq) | rope_backward(dk) | dv]        one kernel, [batch, seq, 3 * heads, head_dim]
+
+Slicing q and k out of qkv and rotating them with autograd's own views costs, per attention
+backward, a concatenation of dq and dk, a zero-filled qkv-sized gradient for the slice, another
+for the split that gives v, and their sum: about five qkv-sized passes that this op replaces.
+Under torch.compile (and on the eager backend) it is the plain composition, which Inductor fuses.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hrm_kernels._utils import check_float, check_same
+from hrm_kernels.backend import use_triton
+from hrm_kernels.precompile import launch
+from hrm_kernels.rope import _launch as _rope_launch
+from hrm_kernels.rope import rope_reference
+
+
+@triton.jit
+def _rope_qkv_grad_kernel(DQ, DK, DV, COS, SIN, DQKV, n_rows, seq_len, n_heads,
+                          sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
+                          HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program (row block, section * heads + head): one head's [BLOCK_M, head_dim] slice of dqkv
+    from dq (section 0) or dk (1), rotated back, or from dv (2), copied."""
+    head_col = tl.program_id(1)
+    section, head = head_col // n_heads, head_col % n_heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HALF_P)
+    mask = (rows < n_rows)[:, None] & (d < HALF)[None, :]
+    batch, pos = (rows // seq_len).to(tl.int64), (rows % seq_len).to(tl.int64)
+    if section == 0:
+        src = DQ + (batch * sq_b + pos * sq_s + head * sq_h)[:, None] + d[None, :]
+    elif section == 1:
+        src = DK + (batch * sk_b + pos * sk_s + head * sk_h)[:, None] + d[None, :]
+    else:
+        src = DV + (batch * sv_b + pos * sv_s + head * sv_h)[:, None] + d[None, :]
+    g1 = tl.load(src, mask=mask, other=0.0)
+    g2 = tl.load(src + HALF, mask=mask, other=0.0)
+    if section < 2:  # the rotation's transpose: (g1 c1 + g2 s2, g2 c2 - g1 s1), fp32 math
+        t = pos[:, None] * (2 * HALF) + d[None, :]
+        c1 = tl.load(COS + t, mask=mask, other=0.0)
+        c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
+        s1 = tl.load(SIN + t, mask=mask, other=0.0)
+        s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
+        f1, f2 = g1.to(tl.float32), g2.to(tl.float32)
+        g1, g2 = f1 * c1 + f2 * s2, f2 * c2 - f1 * s1
+    out = DQKV + rows.to(tl.int64)[:, None] * (3 * n_heads * 2 * HALF) + (head_col * 2 * HALF + d)[None, :]
+    tl.store(out, g1.to(DQKV.dtype.element_ty), mask=mask)
+    tl.store(out + HALF, g2.to(DQKV.dtype.element_ty), mask=mask)
+
+
+def _grad_launch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+    batch, seq, heads, head_dim = dv.shape
+    dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+    dqkv = torch.empty((batch, seq, 3 * heads, head_dim), dtype=dv.dtype, device=dv.device)
+    n_rows = batch * seq
+    if dqkv.numel():
+        half = head_dim // 2
+        half_p = triton.next_power_of_2(half)
+        block_m = max(1, min(64, 4096 // half_p)) if dv.is_cuda else 16
+        launch(_rope_qkv_grad_kernel, (triton.cdiv(n_rows, block_m), 3 * heads),
+               dq, dk, dv, cos, sin, dqkv, n_rows, seq, heads, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+               HALF=half, HALF_P=half_p, BLOCK_M=block_m, num_warps=4)
+    return dqkv
+
+
+class RopeQKVFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        heads = qkv.shape[2] // 3
+        ctx.save_for_backward(cos, sin)
+        ctx.dtype = qkv.dtype
+        qk = _rope_launch(qkv[:, :, :2 * heads], cos, sin, backward=False)
+        q, k = qk.split(heads, dim=2)
+        return q, k, qkv[:, :, 2 * heads:]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq, dk, dv):
+        cos, sin = ctx.saved_tensors
+        present = next(g for g in (dq, dk, dv) if g is not None)
+        dq, dk, dv = (g if g is not None else torch.zeros_like(present) for g in (dq, dk, dv))
+        return _grad_launch(dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), cos, sin), None, None
+
+
+def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The plain composition (split, ``rope_reference`` on q and k); also the fallback."""
+    q, k, v = qkv.split(qkv.shape[2] // 3, dim=2)
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin), v
+
+
+def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(rope(q), rope(k), v)`` from qkv [batch, seq, 3 * heads, head_dim] (contiguous last
+    dimension); cos, sin: [positions >= seq, head_dim] float32. Gradients flow to qkv, written in
+    one pass (see the module docstring)."""
+    op = "rope_qkv"
+    check_float("qkv", qkv, op)
+    if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1:
+        raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}; need [batch, seq, 3 * heads, head_dim] with an "
+                         "even, contiguous head_dim (q, k and v heads stacked on dim 2)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_same(op, "qkv", qkv, name, t, shape=False, dtype=False)
+        if t.dtype != torch.float32 or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if cos.shape != sin.shape or cos.shape[1] != qkv.shape[-1] or cos.shape[0] < qkv.shape[1]:
+        raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for qkv "
+                         f"{tuple(qkv.shape)}; need [positions >= seq, head_dim] tables")
+    if not use_triton(qkv.device) or torch.compiler.is_compiling():
+        return rope_qkv_reference(qkv, cos, sin)
+    return RopeQKVFunction.apply(qkv, cos.contiguous(), sin.contiguous())
