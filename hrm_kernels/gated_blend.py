@@ -154,6 +154,29 @@ def _store_stats(P, s_mean, s_low, s_high, s_contrib, s_sat):
 
 
 @triton.jit
+def _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act: tl.constexpr,
+                HAS_INJ: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """pre1 = [own|other|inj] @ W1^T + b1 for rows ``rows`` (int64), rounded to the activation dtype:
+    a GEMM whose k-loop walks the present sources in turn (the concatenation is never formed;
+    inj=None skips its slice)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for kind in tl.static_range(3):
+        if kind < 2 or HAS_INJ:
+            SRC = _source(kind, OWN, OTHER, INJ)
+            for d0 in range(0, D, BLOCK_K):
+                cols = d0 + tl.arange(0, BLOCK_K)
+                c_mask = cols < D
+                x = tl.load(SRC + rows[:, None] * D + cols[None, :],
+                            mask=row_mask[:, None] & c_mask[None, :], other=0.0)
+                w1t = _cast(tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
+                                    mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
+                acc = _mm(x, w1t, acc, EMU_BF16, PREC)
+    b1 = _cast(tl.load(B1 + r_idx, mask=r_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+    return _cast(acc + b1[None, :], act, EMU_BF16)
+
+
+@triton.jit
 def _gated_blend_hidden_kernel(
     OWN, OTHER, INJ, W1, B1, PRE1, Z,
     n_rows, D, R,
@@ -170,22 +193,10 @@ def _gated_blend_hidden_kernel(
     rows = rows.to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
     r_mask = r_idx < R
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for kind in tl.static_range(3):
-        if kind < 2 or HAS_INJ:
-            SRC = _source(kind, OWN, OTHER, INJ)
-            for d0 in range(0, D, BLOCK_K):
-                cols = d0 + tl.arange(0, BLOCK_K)
-                c_mask = cols < D
-                x = tl.load(SRC + rows[:, None] * D + cols[None, :],
-                            mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-                w1t = _cast(tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
-                                    mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
-                acc = _mm(x, w1t, acc, EMU_BF16, PREC)
-    b1 = _cast(tl.load(B1 + r_idx, mask=r_mask, other=0.0), act, EMU_BF16).to(tl.float32)
+    pre = _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act, HAS_INJ, EMU_BF16, PREC,
+                      BLOCK_M, BLOCK_K, BLOCK_R)
     hr_mask = row_mask[:, None] & r_mask[None, :]
     hr_off = rows[:, None] * R + r_idx[None, :]
-    pre = _cast(acc + b1[None, :], act, EMU_BF16)
     tl.store(PRE1 + hr_off, pre, mask=hr_mask)
     pre = pre.to(tl.float32)
     tl.store(Z + hr_off, _cast(pre * tl.sigmoid(pre), act, EMU_BF16), mask=hr_mask)
@@ -259,20 +270,8 @@ def _gated_blend_no_grad_kernel(
     rows = rows.to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
     r_mask = r_idx < R
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for kind in tl.static_range(3):
-        if kind < 2 or HAS_INJ:
-            SRC = _source(kind, OWN, OTHER, INJ)
-            for d0 in range(0, D, BLOCK_K):
-                cols = d0 + tl.arange(0, BLOCK_K)
-                c_mask = cols < D
-                x = tl.load(SRC + rows[:, None] * D + cols[None, :],
-                            mask=row_mask[:, None] & c_mask[None, :], other=0.0)
-                w1t = _cast(tl.load(W1 + r_idx[None, :] * (3 * D) + (kind * D + cols)[:, None],
-                                    mask=c_mask[:, None] & r_mask[None, :], other=0.0), act, EMU_BF16)
-                acc = _mm(x, w1t, acc, EMU_BF16, PREC)
-    b1 = _cast(tl.load(B1 + r_idx, mask=r_mask, other=0.0), act, EMU_BF16).to(tl.float32)
-    pre = _cast(acc + b1[None, :], act, EMU_BF16).to(tl.float32)  # rounded as pre1 is stored
+    pre = _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act, HAS_INJ, EMU_BF16, PREC,
+                      BLOCK_M, BLOCK_K, BLOCK_R).to(tl.float32)
     z = _cast(pre * tl.sigmoid(pre), act, EMU_BF16)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)

@@ -128,22 +128,28 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return (xf * c + _rotate_half(xf) * s).to(x.dtype)
 
 
+def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """cos and sin: float32 [positions >= seq, head_dim] tables on x's device, for x [batch, seq, ..., head_dim]."""
+    for name, t in (("cos", cos), ("sin", sin)):
+        check_same(op, x_name, x, name, t, shape=False, dtype=False)
+        if t.dtype != torch.float32 or t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if cos.shape != sin.shape or cos.shape[1] != x.shape[-1] or cos.shape[0] < x.shape[1]:
+        raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for {x_name} "
+                         f"{tuple(x.shape)}; need [positions >= seq, head_dim] tables")
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; cos, sin: [positions, head_dim] float32
     with positions >= seq (row p rotates sequence position p). Returns a contiguous tensor shaped
     like x in x's dtype; gradients flow to x (the tables are constants)."""
     op = "rope"
     check_float("x", x, op)
-    for name, t in (("cos", cos), ("sin", sin)):
-        check_same(op, "x", x, name, t, shape=False, dtype=False)
-        if t.dtype != torch.float32 or t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if x.dim() != 4 or x.shape[-1] % 2 or cos.shape != sin.shape or cos.shape[1] != x.shape[-1] \
-            or cos.shape[0] < x.shape[1]:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)} and cos/sin {tuple(cos.shape)}/{tuple(sin.shape)}; "
-                         "need x [batch, seq, heads, head_dim] with an even head_dim and tables "
-                         "[positions >= seq, head_dim]")
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)}; need x [batch, seq, heads, head_dim] with an "
+                         "even head_dim")
+    check_tables(op, "x", x, cos, sin)
     if not use_triton(x.device):
         return rope_reference(x, cos, sin)
     cos, sin = cos.contiguous(), sin.contiguous()

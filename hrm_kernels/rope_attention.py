@@ -30,10 +30,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float, check_same
+from hrm_kernels._utils import check_float
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
-from hrm_kernels.rope import rope, rope_reference
+from hrm_kernels.rope import check_tables, rope, rope_reference
 
 
 @triton.jit
@@ -177,14 +177,7 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin, or neither (no rotation)")
     if cos is not None:
-        for name, t in (("cos", cos), ("sin", sin)):
-            check_same(op, "qkv", qkv, name, t, shape=False, dtype=False)
-            if t.dtype != torch.float32 or t.dim() != 2:
-                raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
-                                 f"{tuple(t.shape)}")
-        if cos.shape != sin.shape or cos.shape[1] != qkv.shape[-1] or cos.shape[0] < qkv.shape[1]:
-            raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for qkv "
-                             f"{tuple(qkv.shape)}; need [positions >= seq, head_dim] tables")
+        check_tables(op, "qkv", qkv, cos, sin)
         cos, sin = cos.contiguous(), sin.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)

@@ -23,11 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float, check_same
+from hrm_kernels._utils import check_float
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import _launch as _rope_launch
-from hrm_kernels.rope import rope_reference
+from hrm_kernels.rope import check_tables, rope_reference
 
 
 @triton.jit
@@ -114,14 +114,7 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1:
         raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}; need [batch, seq, 3 * heads, head_dim] with an "
                          "even, contiguous head_dim (q, k and v heads stacked on dim 2)")
-    for name, t in (("cos", cos), ("sin", sin)):
-        check_same(op, "qkv", qkv, name, t, shape=False, dtype=False)
-        if t.dtype != torch.float32 or t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
-                             f"{tuple(t.shape)}")
-    if cos.shape != sin.shape or cos.shape[1] != qkv.shape[-1] or cos.shape[0] < qkv.shape[1]:
-        raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for qkv "
-                         f"{tuple(qkv.shape)}; need [positions >= seq, head_dim] tables")
+    check_tables(op, "qkv", qkv, cos, sin)
     if not use_triton(qkv.device) or torch.compiler.is_compiling():
         return rope_qkv_reference(qkv, cos, sin)
     return RopeQKVFunction.apply(qkv, cos.contiguous(), sin.contiguous())

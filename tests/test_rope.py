@@ -77,7 +77,7 @@ def test_position_zero_is_identity_and_angle_matches():
 
 def test_clear_errors():
     cos, sin = _tables(8, 6)
-    with pytest.raises(ValueError, match="need x \\[batch, seq, heads, head_dim\\]"):
+    with pytest.raises(ValueError, match="need x \\[batch, seq, heads, head_dim\\] with an even head_dim"):
         rope(torch.randn(2, 8, 6, device=DEVICE), cos, sin)
     with pytest.raises(ValueError, match="positions >= seq"):
         rope(torch.randn(1, 9, 2, 6, device=DEVICE), cos, sin)
