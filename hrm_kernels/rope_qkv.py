@@ -48,16 +48,16 @@ def _rope_qkv_grad_kernel(DQ, DK, DV, COS, SIN, DQKV, n_rows, seq_len, n_heads,
         src = DK + (batch * sk_b + pos * sk_s + head * sk_h)[:, None] + d[None, :]
     else:
         src = DV + (batch * sv_b + pos * sv_s + head * sv_h)[:, None] + d[None, :]
-    g1 = tl.load(src, mask=mask, other=0.0)
-    g2 = tl.load(src + HALF, mask=mask, other=0.0)
-    if section < 2:  # the rotation's transpose: (g1 c1 + g2 s2, g2 c2 - g1 s1), fp32 math
+    # fp32 from the load on: a variable keeps one type across the run-time branch below
+    g1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    g2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    if section < 2:  # the rotation's transpose: (g1 c1 + g2 s2, g2 c2 - g1 s1)
         t = pos[:, None] * (2 * HALF) + d[None, :]
         c1 = tl.load(COS + t, mask=mask, other=0.0)
         c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
         s1 = tl.load(SIN + t, mask=mask, other=0.0)
         s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
-        f1, f2 = g1.to(tl.float32), g2.to(tl.float32)
-        g1, g2 = f1 * c1 + f2 * s2, f2 * c2 - f1 * s1
+        g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
     out = DQKV + rows.to(tl.int64)[:, None] * (3 * n_heads * 2 * HALF) + (head_col * 2 * HALF + d)[None, :]
     tl.store(out, g1.to(DQKV.dtype.element_ty), mask=mask)
     tl.store(out + HALF, g2.to(DQKV.dtype.element_ty), mask=mask)
@@ -92,9 +92,7 @@ class RopeQKVFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq, dk, dv):
-        cos, sin = ctx.saved_tensors
-        present = next(g for g in (dq, dk, dv) if g is not None)
-        dq, dk, dv = (g if g is not None else torch.zeros_like(present) for g in (dq, dk, dv))
+        cos, sin = ctx.saved_tensors  # an unused output's gradient arrives as zeros (autograd's default)
         return _grad_launch(dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), cos, sin), None, None
 
 

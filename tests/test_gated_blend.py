@@ -266,11 +266,11 @@ def test_cuda_other_shapes(dtype, shape, r):
 
 @pytest.mark.parametrize("with_inj", [True, False], ids=["inj", "inj_none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,r", [((5, 40), 10), ((37, 24), 33), ((70, 40), 10)], ids=str)
+@pytest.mark.parametrize("shape,r", [((5, 40), 10), ((37, 150), 33), ((70, 40), 10)], ids=str)
 def test_no_grad_kernel_matches_float64(shape, r, dtype, with_inj, monkeypatch):
     """FUSED_NO_GRAD: the one-kernel forward without gradients against float64 and against the
     two-kernel forward (same roundings: the same numbers up to accumulation order); several row
-    programs and D-chunks (70 rows, D=40 over 16-wide chunks on the CPU); weights in fp32 as the
+    programs and D-chunks (70 rows; D=150 over three 64-wide chunks); weights in fp32 as the
     model passes them."""
     import importlib
 
@@ -295,4 +295,9 @@ def test_no_grad_kernel_matches_float64(shape, r, dtype, with_inj, monkeypatch):
     ref = gated_blend_reference(*_to64(inputs))
     assert got.dtype == dtype and got.shape == inputs[0].shape
     assert_close_to_reference(f"no-grad {dtype} {shape}", got, gated_blend_reference(*inputs), ref)
-    torch.testing.assert_close(got, two_kernels, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    # The same roundings at the same points and the same tiles along D and R: bit for bit on the
+    # CPU; on a GPU the two kernels' tl.dot tiles may accumulate in another order.
+    if CUDA:
+        torch.testing.assert_close(got, two_kernels, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
+    else:
+        assert torch.equal(got, two_kernels)

@@ -113,8 +113,8 @@ def test_compile_auto_means_cuda_with_the_eager_kernels(monkeypatch):
     assert resolve_compile("auto", cuda, "eager")
     assert not resolve_compile("auto", cuda, "auto") and not resolve_compile("auto", cuda, "triton")
     assert not resolve_compile("auto", cpu, "eager") and not resolve_compile("auto", cpu, "auto")
-    monkeypatch.setattr(backend, "triton_available", lambda: False)  # auto kernels fall back to eager
-    assert resolve_compile("auto", cuda, "auto")
+    monkeypatch.setattr(backend, "triton_available", lambda: False)  # Inductor needs Triton on CUDA too
+    assert not resolve_compile("auto", cuda, "auto") and not resolve_compile("auto", cuda, "eager")
     assert resolve_compile(True, cpu, "auto") and not resolve_compile(False, cuda, "eager")
 
 

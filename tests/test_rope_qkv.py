@@ -2,6 +2,8 @@
 through attention (gradients arriving transposed, as SDPA's backward gives them), unused
 outputs, the model's attention with and without it, clear errors."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,15 +68,19 @@ def test_model_attention_same_gradients():
     attn = Attention(48, 3, backend="sdpa").to(DEVICE)
     h = torch.randn(2, 10, 48, device=DEVICE)
     cos_sin = RotaryEmbedding(16, 12, 10000.0).to(DEVICE)()
-    results = []
+    module = importlib.import_module("hrm_kernels.rope_qkv")
+    results, launches = [], []
+    grad_launch = module._grad_launch
     for flag in (False, True):
         attn.zero_grad()
         x = h.clone().requires_grad_()
         with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
             mp.setattr(Attention, "ROPE_QKV", flag)
+            mp.setattr(module, "_grad_launch", lambda *a: (launches.append(flag), grad_launch(*a))[1])
             out = attn(x, cos_sin)
             out.square().sum().backward()
         results.append((out.detach(), x.grad, attn.qkv_proj.weight.grad.clone()))
+    assert launches == [True]  # the one-pass backward ran with the switch on, and only then
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

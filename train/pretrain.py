@@ -208,12 +208,13 @@ def resolve_compile(flag: Any, device: torch.device, kernels: str = "auto") -> b
     vs 89.4 ms without), costs ~25 s more before the first step (42.7 vs 17.3 s), and turns off
     what only runs without it: the CUDA graphs of the no-grad recurrence (2.5x at 32 sequences
     per GPU), ``linear_swiglu`` and ``rope_attention`` in the no-grad passes. On CPU the compile
-    time exceeds the gain of short runs and needs a C++ toolchain."""
+    time exceeds the gain of short runs and needs a C++ toolchain. Without Triton, no compile."""
     if flag == "auto":
-        from hrm_kernels.backend import triton_can_run
+        from hrm_kernels.backend import triton_available, triton_can_run
 
         fused = kernels != "eager" and triton_can_run(device)
-        return device.type == "cuda" and not fused
+        # Inductor generates Triton code for CUDA: without Triton it cannot compile there either.
+        return device.type == "cuda" and triton_available() and not fused
     return bool(flag)
 
 

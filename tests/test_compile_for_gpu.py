@@ -1,0 +1,79 @@
+"""The kernels that have not yet run on a GPU, compiled for an H100 (sm_90) on this machine.
+
+The interpreter that runs the kernel tests on a CPU executes Python; it does not type-check the
+way Triton's compiler does (a variable changing dtype across a run-time branch, for one, passes
+there and fails to compile for the GPU). Here each kernel goes through the real compiler, down to
+a cubin, for bf16, fp16 and fp32 operands, in a subprocess without TRITON_INTERPRET (set for the
+test session before the kernels were imported). No GPU is needed; Triton's bundled ptxas is.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CUDA
+from train.testing import REPO, subprocess_env
+
+SCRIPT = r'''
+import importlib, sys
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("SKIP", e); sys.exit(0)
+
+def module(name):
+    return importlib.import_module("hrm_kernels." + name)
+
+def compile_for_sm90(fn, types, consts, num_warps, num_stages):
+    names = fn.arg_names
+    signature = {n: types.get(n, "i32") for n in names}
+    signature.update({n: "constexpr" for n in consts})
+    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+failures = 0
+for dt in ("bf16", "fp16", "fp32"):
+    prec = "ieee" if dt == "fp32" else "tf32"
+    cases = {
+        "rope_attention": (module("rope_attention")._rope_attention_kernel,
+                           {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "qk_scale": "fp32"},
+                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, BLOCK_M=128, BLOCK_N=32, INPUT_PRECISION=prec),
+                           4, 1),
+        "rope_qkv backward": (module("rope_qkv")._rope_qkv_grad_kernel,
+                              {"DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, "DQKV": "*" + dt, "COS": "*fp32",
+                               "SIN": "*fp32"},
+                              dict(HALF=32, HALF_P=32, BLOCK_M=64), 4, 3),
+        "gated_blend no-grad": (module("gated_blend")._gated_blend_no_grad_kernel,
+                                {**{n: "*" + dt for n in ("OWN", "OTHER", "INJ", "OUT")},
+                                 **{n: "*fp32" for n in ("W1", "B1", "W2", "B2")}},
+                                dict(HAS_INJ=True, EMU_BF16=False, PREC=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_D=32,
+                                     BLOCK_R=128), 4, 2),
+        "linear_add_rms_norm": (module("linear_add_rms_norm")._linear_add_rms_norm_kernel,
+                                {"x_desc": f"tensordesc<{dt}[128,64]>", "w_desc": f"tensordesc<{dt}[128,64]>",
+                                 "RES": "*" + dt, "OUT": "*" + dt, "eps": "fp32"},
+                                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=prec), 8,
+                                2 if dt == "fp32" else 3),
+    }
+    for name, (fn, types, consts, warps, stages) in cases.items():
+        try:
+            compile_for_sm90(fn, types, consts, warps, stages)
+            print("ok", name, dt)
+        except Exception as e:
+            failures += 1
+            print("FAILED", name, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+sys.exit(1 if failures else 0)
+'''
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the kernel tests compile these kernels for it")
+def test_new_kernels_compile_for_sm90():
+    env = subprocess_env()  # drops TRITON_INTERPRET: the real compiler
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.stdout.startswith("SKIP"):
+        pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("ok ") == 12, proc.stdout
