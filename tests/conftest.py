@@ -22,3 +22,17 @@ def _fresh_seed(request):
     """A different, reproducible seed per test: fresh random inputs, never the same ones."""
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
     yield
+
+
+def record_calls(monkeypatch, module, name: str) -> list:
+    """Replace ``module.<name>`` by a wrapper that appends its first argument (or True) to the
+    returned list on each call, then calls the original: tests check that a kernel really ran."""
+    original = getattr(module, name)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[0] if args and callable(args[0]) else True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

@@ -7,7 +7,7 @@ import torch
 from hrm_kernels import use_backend
 from hrm_kernels.gated_blend import (SATURATION_LOGIT, STATS_COLUMNS, gate_logits_reference,
                                      gated_blend, gated_blend_reference)
-from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.tolerance import assert_close_to_reference
 
 NAMES = ("own", "other", "inj", "w1", "b1", "w2", "b2")
@@ -274,17 +274,9 @@ def test_no_grad_kernel_matches_float64(shape, r, dtype, with_inj, monkeypatch):
     model passes them."""
     import importlib
 
-    from hrm_kernels import precompile
-
     module = importlib.import_module("hrm_kernels.gated_blend")
     inputs = _make(shape, r, dtype, wdtype=torch.float32, inj=with_inj)
-    calls = []
-
-    def spy(kernel, *args, **kwargs):
-        calls.append(kernel)
-        precompile.launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(module, "launch", spy)
+    calls = record_calls(monkeypatch, module, "launch")
     with use_backend("triton"), torch.no_grad():
         monkeypatch.setattr(module, "FUSED_NO_GRAD", False)
         two_kernels = gated_blend(*inputs)

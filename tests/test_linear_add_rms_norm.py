@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, use_backend
-from tests.conftest import CUDA, DEVICE
+from tests.conftest import CUDA, DEVICE, record_calls
 from tests.tolerance import assert_close_to_reference
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
@@ -29,15 +29,7 @@ def _inputs(m, k, n, dtype):
 
 
 def _spy(monkeypatch):
-    calls = []
-    launch = kernel_module._launch
-
-    def spy(*args):
-        calls.append(1)
-        return launch(*args)
-
-    monkeypatch.setattr(kernel_module, "_launch", spy)
-    return calls
+    return record_calls(monkeypatch, kernel_module, "_launch")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -50,7 +42,7 @@ def test_kernel_matches_float64(shape, dtype, monkeypatch):
     with use_backend("triton"), torch.no_grad():
         got = linear_add_rms_norm(x, weight, residual, eps=1e-5)
     if kernel_module.tma_available(DEVICE):
-        assert calls == [1], "the fused kernel did not run"
+        assert calls == [True], "the fused kernel did not run"
     assert got.shape == residual.shape and got.dtype == dtype
     eager = linear_add_rms_norm_reference(x, weight, residual)
     ref = linear_add_rms_norm_reference(x.double(), weight.double(), residual.double())
@@ -71,7 +63,7 @@ def test_leading_dims_and_unaligned_fallback(monkeypatch):
         with use_backend("triton"), torch.no_grad():
             got = linear_add_rms_norm(x, weight, residual)
         if kernel_module.tma_available(DEVICE):
-            assert calls == ([1] if fused else [])
+            assert calls == ([True] if fused else [])
         ref = linear_add_rms_norm_reference(x.double(), weight.double(), residual.double())
         assert_close_to_reference(f"k={k}", got, linear_add_rms_norm_reference(x, weight, residual), ref)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_kernels import rope_attention, rope_attention_reference, use_backend
-from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.test_rope import _tables
 from tests.tolerance import assert_close_to_reference
 
@@ -41,23 +41,15 @@ def test_kernel_matches_float64(shape, dtype, rotate, monkeypatch):
     calls = _spy(monkeypatch)
     with use_backend("triton"), torch.no_grad():
         got = rope_attention(qkv, cos, sin)
-    assert calls == [1], "the kernel did not run"
+    assert calls == [True], "the kernel did not run"
     assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
     eager = rope_attention_reference(qkv, cos, sin)
     assert_close_to_reference(f"{dtype} {shape} rotate={rotate}", got, eager, _reference64(qkv, cos, sin))
 
 
 def _spy(monkeypatch):
-    """Count the kernel's launches (``rope_attention`` looks ``_launch`` up at call time)."""
-    calls = []
-    launch = rope_attention_module._launch
-
-    def spy(*args):
-        calls.append(1)
-        return launch(*args)
-
-    monkeypatch.setattr(rope_attention_module, "_launch", spy)
-    return calls
+    """The kernel's launches (``rope_attention`` looks ``_launch`` up at call time)."""
+    return record_calls(monkeypatch, rope_attention_module, "_launch")
 
 
 def test_longer_sequences_take_rope_and_sdpa(monkeypatch):
@@ -129,7 +121,7 @@ def test_model_attention_uses_it_without_grad(monkeypatch):
                 composed = attn(h.requires_grad_(), tables).detach()
         h = h.detach()
         torch.testing.assert_close(fused, composed, atol=2e-2, rtol=2e-2)
-    assert calls == [1, 1]  # the two no-grad calls, not the two with a gradient
+    assert calls == [True, True]  # the two no-grad calls, not the two with a gradient
 
 
 def test_clear_errors():
