@@ -17,8 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (PROVIDERS, Case, bench_case, fused_op_report, gpu_us, median_us, sweep_flag_main,
-                               tile_sweep)
+from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
 from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, rms_norm, use_backend
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
@@ -81,15 +80,12 @@ def test_linear_add_rms_norm(benchmark, all_cases, case_id, provider):
 
 def against_model_path(shapes=SHAPES) -> str:
     """The kernel against the model's unfused path (cuBLAS matmul + rms_norm kernel), same process."""
-    lines = ["| M x K x N | fused wall / GPU us | TFLOP/s (GPU) | cuBLAS + rms_norm wall / GPU us | speed-up wall / GPU |",
-             "|---|---:|---:|---:|---:|"]
+    cases = []
     for m, k, n in shapes:
         args = _inputs(m, k, n)
-        fused, before = functools.partial(_triton, *args), functools.partial(_cublas_then_rms_norm, *args)
-        fw, fg, bw, bg = median_us(fused), gpu_us(fused), median_us(before), gpu_us(before)
-        lines.append(f"| {_label((m, k, n))} | {fw:.1f} / {fg:.1f} | {2 * m * n * k / fg / 1e6:.0f} "
-                     f"| {bw:.1f} / {bg:.1f} | {bw / fw:.2f}x / {bg / fg:.2f}x |")
-    return "\n".join(lines) + "\n"
+        cases.append((_label((m, k, n)), functools.partial(_triton, *args),
+                      functools.partial(_cublas_then_rms_norm, *args), 2 * m * n * k))
+    return against_unfused(cases, "cuBLAS + rms_norm")
 
 
 def sweep(shapes=SHAPES[:2], configs=None) -> str:

@@ -17,8 +17,7 @@ import importlib
 import pytest
 import torch
 
-from benchmarks.common import (PROVIDERS, Case, bench_case, fused_op_report, gpu_us, median_us, sweep_flag_main,
-                               tile_sweep)
+from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
 from hrm_kernels import rope_attention, rope_attention_reference, use_backend
 
 kernel_module = importlib.import_module("hrm_kernels.rope_attention")
@@ -28,10 +27,10 @@ SHAPES = [(768, 82, 8, 64), (96, 901, 8, 64)]
 
 
 def _tables(seq, head_dim):
-    inv = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cuda") / head_dim))
-    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device="cuda"), inv)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    """The model's own tables (hrm.layers.RotaryEmbedding, base 10000)."""
+    from hrm.layers import RotaryEmbedding
+
+    return RotaryEmbedding(head_dim, seq, 10000.0).cuda()()
 
 
 def _triton(qkv, cos, sin):
@@ -84,15 +83,12 @@ def test_rope_attention(benchmark, all_cases, case_id, provider):
 
 def against_model_path() -> str:
     """The kernel against what the model ran before it (rope kernel + SDPA), same process."""
-    lines = ["| shape | fused wall / GPU us | rope kernel + SDPA wall / GPU us | speed-up wall / GPU |",
-             "|---|---:|---:|---:|"]
-    for shape in SHAPES:
-        args = _inputs(shape)
-        fused, before = functools.partial(_triton, *args), functools.partial(_rope_kernel_then_sdpa, *args)
-        fw, fg, bw, bg = median_us(fused), gpu_us(fused), median_us(before), gpu_us(before)
-        lines.append(f"| {'x'.join(map(str, shape))} | {fw:.1f} / {fg:.1f} | {bw:.1f} / {bg:.1f} "
-                     f"| {bw / fw:.2f}x / {bg / fg:.2f}x |")
-    return "\n".join(lines) + "\n"
+    cases = []
+    for b, s, h, d in SHAPES:
+        args = _inputs((b, s, h, d))
+        cases.append(("x".join(map(str, (b, s, h, d))), functools.partial(_triton, *args),
+                      functools.partial(_rope_kernel_then_sdpa, *args), 4 * b * h * s * s * d))
+    return against_unfused(cases, "rope kernel + SDPA")
 
 
 def sweep() -> str:

@@ -154,6 +154,18 @@ def tile_sweep(module, attr: str, configs: list, shapes: list, make_call: Callab
     return "\n".join(lines) + "\n"
 
 
+def against_unfused(cases: list[tuple[str, Callable[[], object], Callable[[], object], int]], unfused_name: str) -> str:
+    """A fused kernel against the path the model takes without it, same process: ``cases`` holds
+    (shape label, fused call, unfused call, FLOPs of the call) tuples."""
+    lines = [f"| shape | fused wall / GPU us | TFLOP/s (GPU) | {unfused_name} wall / GPU us | speed-up wall / GPU |",
+             "|---|---:|---:|---:|---:|"]
+    for label, fused, unfused, flops in cases:
+        fw, fg, bw, bg = median_us(fused), gpu_us(fused), median_us(unfused), gpu_us(unfused)
+        lines.append(f"| {label} | {fw:.1f} / {fg:.1f} | {flops / fg / 1e6:.0f} | {bw:.1f} / {bg:.1f} "
+                     f"| {bw / fw:.2f}x / {bg / fg:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def fused_op_report(title: str, op: str, cases: list[Case], against: Callable[[], str], against_what: str,
                     sweep: Callable[[], str] | None = None) -> str:
     """The markdown for a fused op's benchmark script: an optional tile sweep, the standard table,

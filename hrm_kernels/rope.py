@@ -25,6 +25,20 @@ from hrm_kernels.precompile import launch
 
 
 @triton.jit
+def rotate_halves(x1, x2, COS, SIN, t, mask, HALF: tl.constexpr, BACKWARD: tl.constexpr):
+    """The pairs (x1, x2) (fp32) rotated by the tables at offsets ``t`` of their first halves:
+    (x1 c1 - x2 s1, x2 c2 + x1 s2), or its transpose (x1 c1 + x2 s2, x2 c2 - x1 s1) when BACKWARD.
+    Shared by every kernel that rotates (``rope``, ``rope_attention``, ``rope_qkv``'s backward)."""
+    c1 = tl.load(COS + t, mask=mask, other=0.0)
+    c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
+    s1 = tl.load(SIN + t, mask=mask, other=0.0)
+    s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
+    if BACKWARD:
+        return x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
 def _rope_kernel(X, COS, SIN, OUT, n_rows, seq_len, n_cols, stride_x_b, stride_x_s, stride_out,
                  HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One [BLOCK_M rows (positions), BLOCK_N columns] tile of the first halves; columns run over
@@ -37,17 +51,7 @@ def _rope_kernel(X, COS, SIN, OUT, n_rows, seq_len, n_cols, stride_x_b, stride_x
     x_off = (batch.to(tl.int64) * stride_x_b + pos.to(tl.int64) * stride_x_s)[:, None] + (head * 2 * HALF + j)[None, :]
     x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-    t_off = pos[:, None] * (2 * HALF) + j[None, :]
-    c1 = tl.load(COS + t_off, mask=mask, other=0.0)
-    c2 = tl.load(COS + t_off + HALF, mask=mask, other=0.0)
-    s1 = tl.load(SIN + t_off, mask=mask, other=0.0)
-    s2 = tl.load(SIN + t_off + HALF, mask=mask, other=0.0)
-    if BACKWARD:
-        y1 = x1 * c1 + x2 * s2
-        y2 = x2 * c2 - x1 * s1
-    else:
-        y1 = x1 * c1 - x2 * s1
-        y2 = x2 * c2 + x1 * s2
+    y1, y2 = rotate_halves(x1, x2, COS, SIN, pos[:, None] * (2 * HALF) + j[None, :], mask, HALF, BACKWARD)
     o_off = rows.to(tl.int64)[:, None] * stride_out + (head * 2 * HALF + j)[None, :]
     tl.store(OUT + o_off, y1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + o_off + HALF, y2.to(OUT.dtype.element_ty), mask=mask)

@@ -33,7 +33,8 @@ import triton.language as tl
 from hrm_kernels._utils import check_float
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
-from hrm_kernels.rope import check_tables, rope, rope_reference
+from hrm_kernels.rope import check_tables, rope, rotate_halves
+from hrm_kernels.rope_qkv import rope_qkv_reference
 
 
 @triton.jit
@@ -46,13 +47,9 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: t
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
     if ROPE:
-        t = rows[:, None] * (2 * HALF) + d[None, :]
-        c1 = tl.load(COS + t, mask=mask, other=0.0)
-        c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
-        s1 = tl.load(SIN + t, mask=mask, other=0.0)
-        s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        x1, x2 = (f1 * c1 - f2 * s1).to(x1.dtype), (f2 * c2 + f1 * s2).to(x2.dtype)
+        r1, r2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows[:, None] * (2 * HALF) + d[None, :],
+                               mask, HALF, False)
+        x1, x2 = r1.to(x1.dtype), r2.to(x2.dtype)
     return x1, x2
 
 
@@ -143,9 +140,7 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def rope_attention_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
     """HRM's eager math (``rope_reference`` on q and k, then ``F.scaled_dot_product_attention``); also
     the CPU fallback. Same shapes and dtypes as ``rope_attention``."""
-    q, k, v = _split(qkv)
-    if cos is not None:
-        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    q, k, v = _split(qkv) if cos is None else rope_qkv_reference(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
 

@@ -27,7 +27,7 @@ from hrm_kernels._utils import check_float
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import _launch as _rope_launch
-from hrm_kernels.rope import check_tables, rope_reference
+from hrm_kernels.rope import check_tables, rotate_halves, rope_reference
 
 
 @triton.jit
@@ -51,13 +51,8 @@ def _rope_qkv_grad_kernel(DQ, DK, DV, COS, SIN, DQKV, n_rows, seq_len, n_heads,
     # fp32 from the load on: a variable keeps one type across the run-time branch below
     g1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     g2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    if section < 2:  # the rotation's transpose: (g1 c1 + g2 s2, g2 c2 - g1 s1)
-        t = pos[:, None] * (2 * HALF) + d[None, :]
-        c1 = tl.load(COS + t, mask=mask, other=0.0)
-        c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
-        s1 = tl.load(SIN + t, mask=mask, other=0.0)
-        s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
-        g1, g2 = g1 * c1 + g2 * s2, g2 * c2 - g1 * s1
+    if section < 2:  # the rotation's transpose
+        g1, g2 = rotate_halves(g1, g2, COS, SIN, pos[:, None] * (2 * HALF) + d[None, :], mask, HALF, True)
     out = DQKV + rows.to(tl.int64)[:, None] * (3 * n_heads * 2 * HALF) + (head_col * 2 * HALF + d)[None, :]
     tl.store(out, g1.to(DQKV.dtype.element_ty), mask=mask)
     tl.store(out + HALF, g2.to(DQKV.dtype.element_ty), mask=mask)
