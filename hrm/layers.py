@@ -117,12 +117,12 @@ class Attention(nn.Module):
     and attention as one kernel (sequences up to its ``MAX_FUSED_SEQ``; longer ones as the RoPE
     kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass.
 
-    ``ROPE_QKV`` (off until measured on a GPU): with gradients, RoPE through
-    ``hrm_kernels.rope_qkv``, whose backward writes the qkv gradient in one pass instead of
-    autograd's concatenation, zero-filled slice gradients and their sum."""
+    ``ROPE_QKV``: with gradients, RoPE through ``hrm_kernels.rope_qkv``, whose backward writes
+    the qkv gradient in one pass instead of autograd's concatenation, zero-filled slice gradients
+    and their sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md)."""
 
     FUSED_NO_GRAD = True
-    ROPE_QKV = False
+    ROPE_QKV = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -200,9 +200,10 @@ class Block(nn.Module):
     """Post-norm transformer block: ``h = norm(h + attn(h)); h = norm(h + mlp(h))`` (weightless
     RMSNorm, the add fused into the norm).
 
-    With ``FUSED_NO_GRAD`` (off by default until measured faster on a GPU), the no-gradient passes
-    outside torch.compile run each output projection with its add+RMSNorm as the matmul's
-    epilogue (``hrm_kernels.linear_add_rms_norm``)."""
+    With ``FUSED_NO_GRAD`` the no-gradient passes outside torch.compile run each output projection
+    with its add+RMSNorm as the matmul's epilogue (``hrm_kernels.linear_add_rms_norm``). Off: on an
+    H100 it made the Sudoku training step slower (96.3 vs 88.7 ms), because its matmul runs well
+    below cuBLAS's (benchmarks/RESULTS.md)."""
 
     FUSED_NO_GRAD = False
 
