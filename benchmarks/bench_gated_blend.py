@@ -185,10 +185,10 @@ def stats_overhead(rows=SHAPES["sudoku"]) -> str:
 SWEEP = {
     "hidden": [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=st)
                for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-                                     (64, 64, 4, 3), (128, 32, 4, 4)]],
+                                     (64, 64, 4, 3), (128, 32, 4, 4), (256, 64, 8, 2), (256, 32, 8, 3)]],
     "fwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=1)
             for bm, bd, w in [(128, 64, 8), (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 128, 4),
-                              (128, 128, 8), (64, 32, 2)]],
+                              (128, 128, 8), (64, 32, 2), (256, 32, 8), (256, 64, 8)]],
     "dpre": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
              for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
                                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 2, 2)]],
@@ -199,10 +199,11 @@ SWEEP = {
 }
 
 
-def sweep(rows=SHAPES["sudoku"]) -> dict:
-    """Time each kernel under a few launch configurations (bf16 weights, inj given); returns the
-    fastest configuration of each (checked against the default configuration's results)."""
-    leaves, dout = make_inputs(rows)
+def sweep(rows=SHAPES["sudoku"], wdtype=torch.float32) -> dict:
+    """Time each kernel under a few launch configurations (inj given; fp32 weights as the model
+    passes its parameters, or ``wdtype``); returns the fastest configuration of each (checked
+    against the default configuration's results)."""
+    leaves, dout = make_inputs(rows, wdtype=wdtype)
     own, other, inj, w1, b1, w2, b2 = [t.detach() if t is not None else None for t in leaves]
     flags = gb._dot_flags(own.dtype)
     out, _, pre1, z = gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)
