@@ -7,15 +7,20 @@ warm-up), tokens/s, time to the first finished step (compilation included), peak
 where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
-        [--cuda-graphs 1 0] [--precompile] [--kernels 20]
+        [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1,blend_no_grad=1]
 
 ``--mode eval`` times one evaluation batch instead: ACT segments without gradients until every
 row halts (16 segments in eval mode), as ``train/pretrain.py``'s ``evaluate`` runs them.
+
+``--switches`` times every provider under each listed setting of the model's fusion switches
+(``SWITCHES``; ``default`` leaves them as they are), in one process: the A/B that decides a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import itertools
 import sys
 import time
@@ -32,6 +37,34 @@ SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (referen
     "arc": dict(batch_size=96, seq_len=900, vocab_size=12, num_puzzle_identifiers=960 * 1000 + 1),
 }
 PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
+# The model's fusion switches: name -> (module, class or None for a module global, attribute).
+SWITCHES = {
+    "rope_attention": ("hrm.layers", "Attention", "FUSED_NO_GRAD"),  # RoPE + attention, no-grad
+    "rope_qkv": ("hrm.layers", "Attention", "ROPE_QKV"),  # RoPE with a one-pass dqkv backward
+    "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
+    "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
+    "blend_no_grad": ("hrm_kernels.gated_blend", None, "FUSED_NO_GRAD"),  # one-kernel gated_blend, no-grad
+}
+
+
+@contextlib.contextmanager
+def switches(setting: str):
+    """``setting``: ``default`` or ``name=0|1[,name=0|1...]`` over ``SWITCHES``; restored on exit."""
+    changes = []
+    for item in ([] if setting == "default" else setting.split(",")):
+        name, _, value = item.partition("=")
+        if name not in SWITCHES or value not in ("0", "1"):
+            raise SystemExit(f"--switches: {item!r} is not name=0|1 with name one of {', '.join(SWITCHES)}")
+        module, cls, attr = SWITCHES[name]
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        changes.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value == "1")
+    try:
+        yield
+    finally:
+        for owner, attr, old in reversed(changes):
+            setattr(owner, attr, old)
 
 
 def build(shape: str, gated: bool, provider: str, cuda_graphs: bool = True):
@@ -209,14 +242,21 @@ def main(argv=None) -> str:
                         help="also print each run's N largest kernels by GPU time (profiler)")
     parser.add_argument("--cuda-graphs", nargs="*", type=int, default=[1],
                         help="the model's cuda_graphs setting(s) for the providers without torch.compile")
+    parser.add_argument("--switches", nargs="*", default=["default"],
+                        help=f"fusion switch settings to compare: default, or name=0|1[,name=0|1] with names "
+                             f"{', '.join(SWITCHES)}")
     args = parser.parse_args(argv)
     rows = []
     for shape in args.shape:
         for gated in args.gated:
-            for mode, provider, graphs in itertools.product(args.mode, args.providers, args.cuda_graphs):
+            for mode, provider, graphs, setting in itertools.product(args.mode, args.providers, args.cuda_graphs,
+                                                                     args.switches):
                 if provider.endswith("compile") and graphs != args.cuda_graphs[0]:
                     continue  # compiled providers never replay graphs: once is enough
-                r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs))
+                with switches(setting):
+                    r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs))
+                if setting != "default":
+                    r["provider"] += f" [{setting}]"
                 print({k: v for k, v in r.items() if k != "kernels"}, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
