@@ -97,7 +97,7 @@ def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, strid
 @triton.jit
 def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, M, K, I,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                              GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                              GROUP_M: tl.constexpr,
                               STORE_GATE_UP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                               WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
     """The same tiles as ``_linear_swiglu_kernel``, for Hopper and later: a persistent grid (one
@@ -106,7 +106,7 @@ def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_
     halves of W, ``gate_desc``/``up_desc`` the two halves of the stored gate_up."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
     num_tiles = num_m * num_n
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN,
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
@@ -198,7 +198,7 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
     programs = min(num_tiles, num_programs_for(x.device.type, x.device.index))
     launch(_linear_swiglu_tma_kernel, (programs,),
         x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, n_rows, k, inter,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, NUM_PROGRAMS=programs,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
         STORE_GATE_UP=store_gate_up, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         WARP_SPECIALIZE=warp_specialize, FLATTEN=flatten, num_warps=num_warps, num_stages=num_stages)
 
