@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for
+from hrm_kernels._utils import check_float, check_same, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
 from hrm_kernels.precompile import launch
 
@@ -622,13 +622,35 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(own, other, inj, w1, b1, w2, b2, pre1, z)
 
 
-def _backward(ctx, dout, dstats, _dpre1, _dz):
+def _grads(ctx, dout, dstats, backward=gated_blend_backward):
+    """The gradients of (own, other, inj, w1, b1, w2, b2, with_stats) from ``ctx`` as
+    ``_setup_context`` fills it; ``backward``: the launcher, or its custom op under torch.compile."""
     own, other, inj, w1, b1, w2, b2, pre1, z = ctx.saved_tensors
     # only the saturation column is differentiable; the other stats are monitoring values
     sat = dstats[:, 4].contiguous() if ctx.with_stats and dstats is not None else None
-    d_own, d_other, d_inj, dw1, db1, dw2, db2 = torch.ops.hrm_kernels.gated_blend_bwd(
-        dout.contiguous(), sat, own, other, inj, w1, b1, w2, b2, pre1, z)
+    d_own, d_other, d_inj, dw1, db1, dw2, db2 = backward(dout.contiguous(), sat, own, other, inj, w1, b1, w2, b2,
+                                                         pre1, z)
     return d_own, d_other, (d_inj if ctx.has_inj else None), dw1, db1, dw2, db2, None
+
+
+def _backward(ctx, dout, dstats, _dpre1, _dz):
+    return _grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd)
+
+
+class GatedBlendFunction(torch.autograd.Function):
+    """Eager-mode entry: launches the kernels directly. The custom ops' dispatch (used under
+    torch.compile) costs host time that, at HRM's sizes, the op's wall time shows."""
+
+    @staticmethod
+    def forward(ctx, own, other, inj, w1, b1, w2, b2, with_stats):
+        out, stats, pre1, z = gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats)
+        _setup_context(ctx, (own, other, inj, w1, b1, w2, b2, with_stats), (out, stats, pre1, z))
+        ctx.mark_non_differentiable(pre1, z)
+        return out, stats, pre1, z
+
+    @staticmethod
+    def backward(ctx, dout, dstats, _dpre1, _dz):
+        return _grads(ctx, dout, dstats)
 
 
 _gated_blend_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -714,8 +736,8 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
         out = gated_blend_no_grad(_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
                                   w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous())
         return out.view(own.shape)
-    out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(
-        _rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
-        w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
+    forward = torch.ops.hrm_kernels.gated_blend_fwd if torch.compiler.is_compiling() else GatedBlendFunction.apply
+    out, stats_t, _, _ = forward(_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
+                                 w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
     out = out.view(own.shape)
     return (out, stats_t) if stats else out
