@@ -102,8 +102,13 @@ def _check_stats(tag, got, eager, ref64, inputs):
         eager_terms = _stat_terms(eager_logits[k], srcf)
         mat = torch.stack((g.mean(), (g < 0.1).double().mean(), (g > 0.9).double().mean(),
                            terms[1].mean(), terms[2].mean()))
-        # the reference's stats (fp32 sums of the float64 gates) are these
-        torch.testing.assert_close(ref64[k].double(), mat, rtol=1e-5, atol=1e-6)
+        # the reference's stats (fp32 sums of the float64 gates) are these; its fractions compare
+        # the gates after rounding them to fp32, so a gate within fp32 rounding of a threshold
+        # may count on either side
+        torch.testing.assert_close(ref64[k].double()[[0, 3, 4]], mat[[0, 3, 4]], rtol=1e-5, atol=1e-6)
+        for c, t in ((1, 0.1), (2, 0.9)):
+            at_threshold = ((g - t).abs() <= 1e-7).double().mean().item()
+            assert abs(ref64[k, c].item() - mat[c].item()) <= at_threshold + 1e-7, (tag, k, c)
         # A mean's error is at most the mean elementwise error; eager's own can cancel by luck,
         # so the bound uses the mean of eager's elementwise errors.
         for c, t, te in zip((0, 3, 4), terms, eager_terms):

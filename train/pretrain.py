@@ -412,9 +412,10 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
 
 
 def resolve_precompile(flag: Any, kernels: str, device: torch.device, world_size: int = 1) -> bool:
-    """``precompile_kernels``: auto = one process (the dry run under NCCL has not been timed on
-    GPUs; ``true`` opts in), where Triton kernels compile (a CUDA device, not the interpreter) and
-    the model uses them (``arch.kernels`` not eager)."""
+    """``precompile_kernels``: auto = one process, where Triton kernels compile (a CUDA device, not
+    the interpreter) and the model uses them (``arch.kernels`` not eager). Under torchrun ``true``
+    opts in (2 H100s, NCCL, empty Triton cache: first step 31.5 s after launch instead of 35.8 s);
+    not the default there because a rank whose dry run fails must stop the whole run."""
     if flag == "auto":
         from hrm_kernels.precompile import available
 
