@@ -47,23 +47,30 @@ SWITCHES = {
 }
 
 
-@contextlib.contextmanager
-def switches(setting: str):
-    """``setting``: ``default`` or ``name=0|1[,name=0|1...]`` over ``SWITCHES``; restored on exit."""
-    changes = []
+def parse_switches(setting: str) -> list[tuple[object, str, bool]]:
+    """``setting``: ``default`` or ``name=0|1[,name=0|1...]`` over ``SWITCHES``, as (owner, attribute,
+    value) triples; a wrong item stops with the valid names before anything is changed."""
+    parsed = []
     for item in ([] if setting == "default" else setting.split(",")):
         name, _, value = item.partition("=")
         if name not in SWITCHES or value not in ("0", "1"):
             raise SystemExit(f"--switches: {item!r} is not name=0|1 with name one of {', '.join(SWITCHES)}")
         module, cls, attr = SWITCHES[name]
         owner = importlib.import_module(module)
-        owner = getattr(owner, cls) if cls else owner
-        changes.append((owner, attr, getattr(owner, attr)))
-        setattr(owner, attr, value == "1")
+        parsed.append((getattr(owner, cls) if cls else owner, attr, value == "1"))
+    return parsed
+
+
+@contextlib.contextmanager
+def switches(setting: str):
+    """The switches of ``setting`` (see ``parse_switches``) set inside the block, restored on exit."""
+    changes = [(owner, attr, getattr(owner, attr), value) for owner, attr, value in parse_switches(setting)]
     try:
+        for owner, attr, _, value in changes:
+            setattr(owner, attr, value)
         yield
     finally:
-        for owner, attr, old in reversed(changes):
+        for owner, attr, old, _ in reversed(changes):
             setattr(owner, attr, old)
 
 
@@ -246,6 +253,8 @@ def main(argv=None) -> str:
                         help=f"fusion switch settings to compare: default, or name=0|1[,name=0|1] with names "
                              f"{', '.join(SWITCHES)}")
     args = parser.parse_args(argv)
+    for setting in args.switches:  # every setting checked before the first run
+        parse_switches(setting)
     rows = []
     for shape in args.shape:
         for gated in args.gated:

@@ -117,9 +117,11 @@ class Attention(nn.Module):
     and attention as one kernel (sequences up to its ``MAX_FUSED_SEQ``; longer ones as the RoPE
     kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass.
 
-    ``ROPE_QKV``: with gradients, RoPE through ``hrm_kernels.rope_qkv``, whose backward writes
-    the qkv gradient in one pass instead of autograd's concatenation, zero-filled slice gradients
-    and their sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md)."""
+    ``ROPE_QKV``: wherever RoPE runs apart from the attention (the gradient path; without
+    gradients too where FlashAttention or a long sequence keeps ``rope_attention`` out) and outside
+    torch.compile, RoPE goes through ``hrm_kernels.rope_qkv``, whose backward writes the qkv
+    gradient in one pass instead of autograd's concatenation, zero-filled slice gradients and their
+    sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md)."""
 
     FUSED_NO_GRAD = True
     ROPE_QKV = True

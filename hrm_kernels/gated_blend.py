@@ -437,7 +437,7 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torc
             # 333 us)
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), num_warps=4, num_stages=4),
             "fwd": dict(BLOCK_M=block_m, BLOCK_D=min(32, block_d), num_warps=4, num_stages=1),
-            # not yet run on a GPU: the hidden kernel's tiles, the forward kernel's D-chunk
+            # FUSED_NO_GRAD only (off): the hidden kernel's tiles, the forward kernel's D-chunk
             "no_grad": dict(BLOCK_M=min(64, block_m), BLOCK_K=block_d, BLOCK_D=min(32, block_d), num_warps=4,
                             num_stages=2),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
@@ -649,6 +649,7 @@ class GatedBlendFunction(torch.autograd.Function):
         return out, stats, pre1, z
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward (the custom op has none either)
     def backward(ctx, dout, dstats, _dpre1, _dz):
         return _grads(ctx, dout, dstats)
 

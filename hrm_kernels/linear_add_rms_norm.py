@@ -75,6 +75,15 @@ def _linear_add_rms_norm_kernel(x_desc, w_desc, RES, OUT, M, N, K, stride_res, s
 CUDA_CONFIG = (128, 256, 64, 8, 3)
 
 
+def tile_config(on_cuda: bool, element_size: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): ``CUDA_CONFIG`` on CUDA, with at most 2
+    stages for 4-byte operands (twice the shared memory per stage); small tiles in the interpreter."""
+    if not on_cuda:
+        return 16, 32, 32, 4, 1
+    block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
+    return block_m, block_n, block_k, num_warps, min(num_stages, 2) if element_size == 4 else num_stages
+
+
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """TMA available, 16-byte aligned rows."""
     return (tma_available(x.device) and (x.shape[1] * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
@@ -92,12 +101,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: 
     out = torch.empty((n_rows, n), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    if x.is_cuda:
-        block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
-        if x.element_size() == 4:  # fp32 operand tiles are twice as large: keep within shared memory
-            num_stages = min(num_stages, 2)
-    else:  # the interpreter: small tiles keep it quick
-        block_m, block_n, block_k, num_warps, num_stages = 16, 32, 32, 4, 1
+    block_m, block_n, block_k, num_warps, num_stages = tile_config(x.is_cuda, x.element_size())
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])

@@ -175,6 +175,28 @@ def _tma_ok(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool) -> bool:
             and weight.data_ptr() % 16 == 0 and x.stride(0) == k)
 
 
+def tiled_config(on_cuda: bool, element_size: int) -> tuple:
+    """The tiled kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): ``CUDA_CONFIG`` on CUDA,
+    with at most 3 stages for 4-byte operands (4 stages of fp32 tiles need 295 KB of shared memory,
+    Hopper has 227 KB); small tiles in the interpreter."""
+    if not on_cuda:
+        return 16, 32, 32, 4, 1
+    block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
+    return block_m, block_n, block_k, num_warps, min(num_stages, 3) if element_size == 4 else num_stages
+
+
+def tma_config(on_cuda: bool, element_size: int) -> tuple:
+    """The TMA kernel's (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, warp_specialize, flatten):
+    ``TMA_CONFIG`` on CUDA, with at most 2 stages for 4-byte operands (their tiles are twice as
+    large: 3 stages need 295 KB of shared memory, Hopper has 227 KB); small tiles in the interpreter."""
+    if not on_cuda:
+        return 16, 32, 32, 4, 1, False, False
+    block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = TMA_CONFIG
+    if element_size == 4:
+        num_stages = min(num_stages, 2)
+    return block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten
+
+
 def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -182,10 +204,7 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
 
     n_rows, k = x.shape
     inter = out.shape[1]
-    if x.is_cuda:
-        block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = TMA_CONFIG
-    else:
-        block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = 16, 32, 32, 4, 1, False, False
+    block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = tma_config(x.is_cuda, x.element_size())
     block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
@@ -216,10 +235,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     if out.numel() and _tma_ok(x, weight, store_gate_up):
         _launch_tma(x, weight, out, gate_up, store_gate_up)
     elif out.numel():
-        if x.is_cuda:
-            block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
-        else:  # the interpreter: small tiles keep it quick
-            block_m, block_n, block_k, num_warps, num_stages = 16, 32, 32, 4, 1
+        block_m, block_n, block_k, num_warps, num_stages = tiled_config(x.is_cuda, x.element_size())
         block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
         block_k = min(block_k, max(16, triton.next_power_of_2(k)))
         grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n),)

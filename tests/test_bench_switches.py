@@ -26,13 +26,18 @@ def test_switch_set_and_restored(name):
     assert getattr(owner, attr) is before
 
 
-def test_default_changes_nothing_and_bad_names_are_named():
+def test_combined_setting_and_bad_items():
+    """A comma-separated setting sets each switch; a bad item (wrong value or unknown name) stops
+    before anything is changed, naming the item and the valid names."""
     values = {name: getattr(*_owner(name)) for name in SWITCHES}
     with switches("default"):
         assert {name: getattr(*_owner(name)) for name in SWITCHES} == values
-    with pytest.raises(SystemExit, match="rope_qkv"):
-        with switches("rope_qkv=2"):
-            pass
-    with pytest.raises(SystemExit, match="not name=0"):
-        with switches("no_such_switch=1"):
-            pass
+    with switches("rope_qkv=0,blend_no_grad=1"):
+        assert getattr(*_owner("rope_qkv")) is False and getattr(*_owner("blend_no_grad")) is True
+    assert {name: getattr(*_owner(name)) for name in SWITCHES} == values
+    for bad in ("rope_qkv=0,rope_qkv=2", "rope_qkv=0,no_such_switch=1"):
+        with pytest.raises(SystemExit) as err:
+            with switches(bad):
+                pass
+        assert repr(bad.split(",")[1]) in str(err.value) and "block_no_grad" in str(err.value)
+        assert {name: getattr(*_owner(name)) for name in SWITCHES} == values, bad

@@ -1,4 +1,5 @@
-"""Kernels compiled for an H100 (sm_90) on this machine: those last changed without a GPU at hand.
+"""Kernels compiled for an H100 (sm_90) on this machine, with the tiles their launchers pick: those
+last changed without a GPU at hand, and those whose fp32 tiles must fit the card's shared memory.
 
 The interpreter that runs the kernel tests on a CPU executes Python; it does not type-check the
 way Triton's compiler does (a variable changing dtype across a run-time branch, for one, passes
@@ -27,16 +28,26 @@ except ImportError as e:
 def module(name):
     return importlib.import_module("hrm_kernels." + name)
 
+H100_SHARED = 232448  # bytes of shared memory one program may use on an H100
+
 def compile_for_sm90(fn, types, consts, num_warps, num_stages):
     names = fn.arg_names
     signature = {n: types.get(n, "i32") for n in names}
     signature.update({n: "constexpr" for n in consts})
     src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    if compiled.metadata.shared > H100_SHARED:  # compiles, but fails to launch on the card
+        raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, an H100 has {H100_SHARED}")
 
 failures = 0
 for dt in ("bf16", "fp16", "fp32"):
     prec = "ieee" if dt == "fp32" else "tf32"
+    size = 4 if dt == "fp32" else 2
+    # the tiles and stages each launcher uses on CUDA for this dtype
+    ln_m, ln_n, ln_k, ln_w, ln_s = module("linear_add_rms_norm").tile_config(True, size)
+    ls_m, ls_n, ls_k, ls_w, ls_s, ls_ws, ls_fl = module("linear_swiglu").tma_config(True, size)
+    lt_m, lt_n, lt_k, lt_w, lt_s = module("linear_swiglu").tiled_config(True, size)
     cases = {
         "rope_attention": (module("rope_attention")._rope_attention_kernel,
                            {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "qk_scale": "fp32"},
@@ -55,16 +66,20 @@ for dt in ("bf16", "fp16", "fp32"):
                                 dict(HAS_INJ=True, EMU_BF16=False, PREC=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_D=32,
                                      BLOCK_R=128), 4, 2),
         "linear_add_rms_norm": (module("linear_add_rms_norm")._linear_add_rms_norm_kernel,
-                                {"x_desc": f"tensordesc<{dt}[128,64]>", "w_desc": f"tensordesc<{dt}[128,64]>",
+                                {"x_desc": f"tensordesc<{dt}[{ln_m},{ln_k}]>", "w_desc": f"tensordesc<{dt}[{ln_n},{ln_k}]>",
                                  "RES": "*" + dt, "OUT": "*" + dt, "eps": "fp32"},
-                                dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION=prec), 8,
-                                2 if dt == "fp32" else 3),
+                                dict(BLOCK_M=ln_m, BLOCK_N=ln_n, BLOCK_K=ln_k, INPUT_PRECISION=prec), ln_w, ln_s),
         "linear_swiglu (TMA, runtime program count)": (
             module("linear_swiglu")._linear_swiglu_tma_kernel,
-            {**{n: f"tensordesc<{dt}[128,64]>" for n in ("x_desc", "wg_desc", "wu_desc")},
-             **{n: f"tensordesc<{dt}[128,128]>" for n in ("out_desc", "gate_desc", "up_desc")}},
-            dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, STORE_GATE_UP=False, INPUT_PRECISION=prec,
-                 WARP_SPECIALIZE=False, FLATTEN=False), 8, 2 if dt == "fp32" else 3),
+            {**{n: f"tensordesc<{dt}[{ls_m},{ls_k}]>" for n in ("x_desc",)},
+             **{n: f"tensordesc<{dt}[{ls_n},{ls_k}]>" for n in ("wg_desc", "wu_desc")},
+             **{n: f"tensordesc<{dt}[{ls_m},{ls_n}]>" for n in ("out_desc", "gate_desc", "up_desc")}},
+            dict(BLOCK_M=ls_m, BLOCK_N=ls_n, BLOCK_K=ls_k, GROUP_M=8, STORE_GATE_UP=False, INPUT_PRECISION=prec,
+                 WARP_SPECIALIZE=ls_ws, FLATTEN=ls_fl), ls_w, ls_s),
+        "linear_swiglu (tiled, storing gate_up)": (
+            module("linear_swiglu")._linear_swiglu_kernel, {n: "*" + dt for n in ("X", "W", "OUT", "GATE_UP")},
+            dict(BLOCK_M=lt_m, BLOCK_N=lt_n, BLOCK_K=lt_k, GROUP_M=8, EVEN_K=True, STORE_GATE_UP=True,
+                 INPUT_PRECISION=prec), lt_w, lt_s),
     }
     for name, (fn, types, consts, warps, stages) in cases.items():
         try:
@@ -78,11 +93,11 @@ sys.exit(1 if failures else 0)
 
 
 @pytest.mark.skipif(CUDA, reason="with a GPU the kernel tests compile these kernels for it")
-def test_new_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90_within_shared_memory():
     env = subprocess_env()  # drops TRITON_INTERPRET: the real compiler
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=600)
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == 18, proc.stdout
+    assert proc.stdout.count("ok ") == 21, proc.stdout
