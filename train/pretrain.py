@@ -15,6 +15,7 @@ errors, a stop on non-finite loss.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -114,6 +115,16 @@ def check_config(cfg: dict, world_size: int) -> None:
          f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
+    accum = cfg.get("grad_accum_steps", 1)
+    need(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+         f"grad_accum_steps must be a whole number >= 1, got {accum!r}")
+    local = gbs // world_size
+    if gbs % world_size == 0 and local % accum != 0:
+        fits = [d for d in range(1, local + 1) if local % d == 0]
+        near = sorted(fits, key=lambda d: abs(d - accum))[:2]
+        raise ConfigError(f"grad_accum_steps={accum} must divide the per-rank batch ({gbs} / {world_size} ranks = "
+                          f"{local} rows) into equal micro-batches; use e.g. grad_accum_steps="
+                          f"{' or '.join(str(d) for d in sorted(near))}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
     mt = cfg.get("max_train_minutes")
     need(mt is None or (isinstance(mt, (int, float)) and mt > 0), f"max_train_minutes must be null or > 0, got {mt!r}")
@@ -296,20 +307,25 @@ def lr_at(cfg: dict, base_lr: float, step: int, total_steps: int) -> float:
                                        total_steps=total_steps, min_ratio=cfg["lr_min_ratio"])
 
 
-def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo):
-    """One optimizer step on this rank's share of the global batch.
+def map_tree(fn, *trees):
+    """``fn`` over the tensors of same-structured dataclass / dict / tensor trees (a carry, a
+    batch), the structure kept; other leaves are taken from the first tree."""
+    first = trees[0]
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return type(first)(**{f.name: map_tree(fn, *(getattr(t, f.name) for t in trees))
+                              for f in dataclasses.fields(first)})
+    if isinstance(first, dict):
+        return {k: map_tree(fn, *(t[k] for t in trees)) for k in first}
+    if isinstance(first, torch.Tensor):
+        return fn(*trees)
+    return first
 
-    Returns the step's PendingMetrics: metric sums over all ranks (every rank gets them, so every
-    rank sees a non-finite loss and stops together), read later without stalling the GPU."""
-    state.step += 1
-    gbs = cfg["global_batch_size"]
-    if hasattr(state.head, "set_step"):
-        state.head.set_step(state.step)
-    if state.carry is None:
-        with torch.device(info.device):
-            state.carry = state.head.initial_carry(batch)
+
+def _forward_backward(cfg: dict, state: TrainState, carry, batch: dict, info: distributed.DistInfo):
+    """Forward of ``batch`` from ``carry``, backward of loss / global_batch_size (gradients add up
+    in ``.grad``). Returns (new carry, loss, metrics)."""
     try:
-        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+        carry, loss, metrics, _, _ = state.forward(carry=carry, batch=batch, return_keys=())
     except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported,
             torch._dynamo.exc.InternalTorchDynamoError) as e:
         eager = state.module if state.module is not None else state.head
@@ -321,9 +337,57 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
             print(f"warning: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                   "continuing without it (set compile=false to skip the attempt)", file=sys.stderr, flush=True)
         state.forward = eager
-        state.carry, loss, metrics, _, _ = state.forward(carry=state.carry, batch=batch, return_keys=())
+        carry, loss, metrics, _, _ = state.forward(carry=carry, batch=batch, return_keys=())
     state.compiled_ok = True
-    ((1.0 / gbs) * loss).backward()
+    ((1.0 / cfg["global_batch_size"]) * loss).backward()
+    return carry, loss, metrics
+
+
+def _accumulate(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo, steps: int):
+    """``_forward_backward`` over ``steps`` equal row slices of the batch and of the carry, in order
+    (rows are independent: the result is the whole batch's up to rounding, ACT exploration draws
+    aside). The puzzle embedding fills the slice's rows of its per-batch buffers, so its sparse
+    optimizer sees the whole batch; under DDP only the last backward all-reduces."""
+    from hrm.sparse_embedding import CastedSparseEmbedding
+
+    rows = next(iter(batch.values())).shape[0] // steps
+    embeddings = [m for m in state.head.modules() if isinstance(m, CastedSparseEmbedding)]
+    carries, loss, metrics = [], None, {}
+    try:
+        for i in range(steps):
+            part = slice(i * rows, (i + 1) * rows)
+            for emb in embeddings:
+                emb.rows = part
+            sync = not state.ddp or i == steps - 1
+            with (contextlib.nullcontext() if sync else state.module.no_sync()):
+                carry, part_loss, part_metrics = _forward_backward(
+                    cfg, state, map_tree(lambda t: t[part], state.carry), {k: v[part] for k, v in batch.items()}, info)
+            carries.append(carry)
+            loss = part_loss.detach() if loss is None else loss + part_loss.detach()
+            metrics = {k: v.detach() + metrics[k] if k in metrics else v.detach() for k, v in part_metrics.items()}
+    finally:
+        for emb in embeddings:
+            emb.rows = None
+    return map_tree(lambda *parts: torch.cat(parts), *carries), loss, metrics
+
+
+def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo):
+    """One optimizer step on this rank's share of the global batch (in ``grad_accum_steps``
+    micro-batches).
+
+    Returns the step's PendingMetrics: metric sums over all ranks (every rank gets them, so every
+    rank sees a non-finite loss and stops together), read later without stalling the GPU."""
+    state.step += 1
+    if hasattr(state.head, "set_step"):
+        state.head.set_step(state.step)
+    if state.carry is None:
+        with torch.device(info.device):
+            state.carry = state.head.initial_carry(batch)
+    accum = cfg.get("grad_accum_steps", 1)
+    if accum == 1:
+        state.carry, loss, metrics = _forward_backward(cfg, state, state.carry, batch, info)
+    else:
+        state.carry, loss, metrics = _accumulate(cfg, state, batch, info, accum)
     if not state.ddp:  # DDP has summed the gradients during the backward already
         distributed.all_reduce_gradients(state.head.parameters(), info)
 

@@ -1,0 +1,60 @@
+"""Gradient accumulation (``grad_accum_steps``): a step in micro-batches trains as the whole batch
+does (rows are independent in HRM; ACT exploration off so both runs draw nothing at random), the
+puzzle embedding's sparse update included; a count that does not divide the batch is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train import checkpointing
+from train.config_utils import ConfigError, compose, to_container
+from train.pretrain import check_config, run
+from train.testing import QUIET, TINY_ARCH, build_tiny_sudoku4
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return build_tiny_sudoku4(tmp_path_factory.mktemp("data") / "sudoku4")
+
+
+def _train(data, out, accum):
+    run([f"data_path={data}", *TINY_ARCH, *QUIET, "global_batch_size=32", "epochs=1", "eval_interval=1", "lr=3e-3",
+         "lr_warmup_steps=2", "max_steps=5", "arch.halt_exploration_prob=0", "arch.puzzle_emb_ndim=32",
+         f"grad_accum_steps={accum}", f"checkpoint_path={out}", "device=cpu"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return checkpointing.load_file(out / "step_5.pt"), {r["step"]: r for r in records if "train/lm_loss" in r}
+
+
+def test_micro_batches_train_as_the_whole_batch(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    whole, whole_log = _train(tiny_data, tmp_path / "whole", 1)
+    for accum in (2, 4):
+        parts, parts_log = _train(tiny_data, tmp_path / f"accum{accum}", accum)
+        assert parts_log.keys() == whole_log.keys() == set(range(1, 6))
+        for step, rec in whole_log.items():
+            for key in ("train/lm_loss", "train/q_halt_loss", "train/accuracy", "train/steps"):
+                assert parts_log[step][key] == pytest.approx(rec[key], rel=1e-4, abs=1e-6), (accum, step, key)
+        assert whole["model"].keys() == parts["model"].keys()
+        for name, w in whole["model"].items():
+            # fp32 on the CPU: only the matmuls' summation order differs with the row count
+            torch.testing.assert_close(parts["model"][name], w, rtol=1e-4, atol=1e-5, msg=f"{accum} {name}")
+        # the puzzle embedding (zero at initialisation) was trained, so its sparse update was compared
+        (emb,) = [k for k in whole["model"] if k.endswith("puzzle_emb.weights")]
+        assert whole["model"][emb].abs().sum() > 0
+
+
+def _cfg(**over):
+    return {**to_container(compose(["global_batch_size=32"])), **over}
+
+
+def test_accumulation_must_divide_the_rank_batch():
+    with pytest.raises(ConfigError, match="grad_accum_steps=3 must divide the per-rank batch .* 16 rows.*"
+                                          "grad_accum_steps=2 or 4"):
+        check_config(_cfg(grad_accum_steps=3), world_size=2)
+    for bad in (0, "2", True, 1.5):
+        with pytest.raises(ConfigError, match="grad_accum_steps must be a whole number >= 1"):
+            check_config(_cfg(grad_accum_steps=bad), world_size=1)
+    check_config(_cfg(grad_accum_steps=8), world_size=2)
