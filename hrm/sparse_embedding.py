@@ -37,10 +37,12 @@ class CastedSparseEmbedding(nn.Module):
         self.register_buffer("local_weights", torch.zeros(batch_size, embedding_dim, requires_grad=True),
                              persistent=False)
         self.register_buffer("local_ids", torch.zeros(batch_size, dtype=torch.int32), persistent=False)
-        # Set by the trainer around each micro-batch of a gradient-accumulation step (a slice of
-        # the per-rank batch's rows): the forward fills those rows of the buffers, whose gradient
-        # rows then add up to the whole batch's for the sparse optimizer. None: the whole batch.
-        self.rows: Optional[slice] = None
+        # Set by the trainer around each micro-batch of a gradient-accumulation step: the rows of
+        # the per-rank batch it holds (int64 [micro-batch] tensor; a tensor, so torch.compile
+        # reuses one graph for every micro-batch). The forward fills those rows of the buffers,
+        # whose gradient rows then add up to the whole batch's for the sparse optimizer. None:
+        # the whole batch.
+        self.row_index: Optional[torch.Tensor] = None
 
     def _apply(self, fn, recurse=True):
         # Module.to()/.cuda()/.double() store fn(buffer) outside no_grad: for the local_weights
@@ -55,17 +57,23 @@ class CastedSparseEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.weights[ids].to(self.cast_to)
-        rows = self.rows if self.rows is not None else slice(None)  # the buffer rows this batch fills
-        size = len(range(*rows.indices(self.local_weights.shape[0])))
+        index = self.row_index
+        size = self.local_weights.shape[0] if index is None else index.shape[0]
         if ids.shape[0] != size:
-            part = "" if self.rows is None else f" and this micro-batch is its rows {rows.start}:{rows.stop}"
+            part = "" if index is None else f" and this micro-batch fills {size} of its rows"
             raise ValueError(f"puzzle embedding: a training batch has {ids.shape[0]} rows but the model was "
                              f"built with batch_size={self.local_weights.shape[0]} (the per-rank batch){part}; "
                              "training batches must be full")
         with torch.no_grad():
-            self.local_weights[rows].copy_(self.weights[ids])
-            self.local_ids[rows].copy_(ids)
-        return (self.local_weights if self.rows is None else self.local_weights[rows]).to(self.cast_to)
+            if index is None:
+                self.local_weights.copy_(self.weights[ids])
+                self.local_ids.copy_(ids)
+            else:
+                self.local_weights.index_copy_(0, index, self.weights[ids])
+                self.local_ids.index_copy_(0, index, ids.to(self.local_ids.dtype))
+        if index is None:
+            return self.local_weights.to(self.cast_to)
+        return self.local_weights.index_select(0, index).to(self.cast_to)
 
 
 def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,

@@ -58,3 +58,41 @@ def test_accumulation_must_divide_the_rank_batch():
         with pytest.raises(ConfigError, match="grad_accum_steps must be a whole number >= 1"):
             check_config(_cfg(grad_accum_steps=bad), world_size=1)
     check_config(_cfg(grad_accum_steps=8), world_size=2)
+
+
+def test_one_compiled_graph_for_every_micro_batch(monkeypatch):
+    """The embedding's micro-batch rows are a tensor, so torch.compile (dynamo; guards do not
+    depend on the backend) reuses the first micro-batch's graph for the others instead of
+    recompiling per position (with more than 8 positions, the rest would silently run eager)."""
+    from hrm import ACTLossHead, HRM
+    from hrm.sparse_embedding import CastedSparseEmbedding
+    from tests.test_model_spec import make_batch, tiny_config
+
+    torch.manual_seed(0)
+    head = ACTLossHead(HRM(tiny_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)))
+    head.train()
+    (emb,) = [m for m in head.modules() if isinstance(m, CastedSparseEmbedding)]
+    batch = make_batch(None, ignore_some=False)
+    n = next(iter(batch.values())).shape[0]  # micro-batches of one row each
+    carry = head.initial_carry(batch)
+    torch._dynamo.reset()
+    compiled = torch.compile(head, backend="eager")
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
+    for i in range(n):
+        part = slice(i, i + 1)
+        emb.row_index = torch.arange(part.start, part.stop)
+        _, loss, _, _, _ = compiled(carry=train_map(carry, part), batch={k: v[part] for k, v in batch.items()},
+                                    return_keys=())
+        loss.backward()
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # from the second on
+    emb.row_index = None
+    torch._dynamo.reset()
+    # every micro-batch's row of the embedding got its gradient, and its id
+    assert (emb.local_weights.grad.abs().sum(-1) > 0).all()
+    assert torch.equal(emb.local_ids.long(), batch["puzzle_identifiers"].long())
+
+
+def train_map(carry, part):
+    from train.pretrain import map_tree
+
+    return map_tree(lambda t: t[part], carry)

@@ -338,7 +338,6 @@ def _forward_backward(cfg: dict, state: TrainState, carry, batch: dict, info: di
                   "continuing without it (set compile=false to skip the attempt)", file=sys.stderr, flush=True)
         state.forward = eager
         carry, loss, metrics, _, _ = state.forward(carry=carry, batch=batch, return_keys=())
-    state.compiled_ok = True
     ((1.0 / cfg["global_batch_size"]) * loss).backward()
     return carry, loss, metrics
 
@@ -352,23 +351,24 @@ def _accumulate(cfg: dict, state: TrainState, batch: dict, info: distributed.Dis
 
     rows = next(iter(batch.values())).shape[0] // steps
     embeddings = [m for m in state.head.modules() if isinstance(m, CastedSparseEmbedding)]
-    carries, loss, metrics = [], None, {}
+    new_carry = map_tree(torch.empty_like, state.carry)  # filled slice by slice
+    loss, metrics = None, {}
     try:
         for i in range(steps):
             part = slice(i * rows, (i + 1) * rows)
             for emb in embeddings:
-                emb.rows = part
+                emb.row_index = torch.arange(part.start, part.stop, device=emb.local_ids.device)
             sync = not state.ddp or i == steps - 1
             with (contextlib.nullcontext() if sync else state.module.no_sync()):
                 carry, part_loss, part_metrics = _forward_backward(
                     cfg, state, map_tree(lambda t: t[part], state.carry), {k: v[part] for k, v in batch.items()}, info)
-            carries.append(carry)
+            map_tree(lambda whole, new: whole[part].copy_(new), new_carry, carry)
             loss = part_loss.detach() if loss is None else loss + part_loss.detach()
             metrics = {k: v.detach() + metrics[k] if k in metrics else v.detach() for k, v in part_metrics.items()}
     finally:
         for emb in embeddings:
-            emb.rows = None
-    return map_tree(lambda *parts: torch.cat(parts), *carries), loss, metrics
+            emb.row_index = None
+    return new_carry, loss, metrics
 
 
 def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo):
@@ -388,6 +388,7 @@ def train_step(cfg: dict, state: TrainState, batch: dict, info: distributed.Dist
         state.carry, loss, metrics = _forward_backward(cfg, state, state.carry, batch, info)
     else:
         state.carry, loss, metrics = _accumulate(cfg, state, batch, info, accum)
+    state.compiled_ok = True  # a whole step ran (compiled, or eager after a failed compile)
     if not state.ddp:  # DDP has summed the gradients during the backward already
         distributed.all_reduce_gradients(state.head.parameters(), info)
 
