@@ -7,7 +7,7 @@ warm-up), tokens/s, time to the first finished step (compilation included), peak
 where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
-        [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1,blend_no_grad=1]
+        [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1]
 
 ``--mode eval`` times one evaluation batch instead: ACT segments without gradients until every
 row halts (16 segments in eval mode), as ``train/pretrain.py``'s ``evaluate`` runs them.
@@ -37,13 +37,12 @@ SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (referen
     "arc": dict(batch_size=96, seq_len=900, vocab_size=12, num_puzzle_identifiers=960 * 1000 + 1),
 }
 PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
-# The model's fusion switches: name -> (module, class or None for a module global, attribute).
+# The model's fusion switches: name -> (module, class, attribute).
 SWITCHES = {
     "rope_attention": ("hrm.layers", "Attention", "FUSED_NO_GRAD"),  # RoPE + attention, no-grad
     "rope_qkv": ("hrm.layers", "Attention", "ROPE_QKV"),  # RoPE with a one-pass dqkv backward
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
-    "blend_no_grad": ("hrm_kernels.gated_blend", None, "FUSED_NO_GRAD"),  # one-kernel gated_blend, no-grad
 }
 
 
@@ -56,8 +55,7 @@ def parse_switches(setting: str) -> list[tuple[object, str, bool]]:
         if name not in SWITCHES or value not in ("0", "1"):
             raise SystemExit(f"--switches: {item!r} is not name=0|1 with name one of {', '.join(SWITCHES)}")
         module, cls, attr = SWITCHES[name]
-        owner = importlib.import_module(module)
-        parsed.append((getattr(owner, cls) if cls else owner, attr, value == "1"))
+        parsed.append((getattr(importlib.import_module(module), cls), attr, value == "1"))
     return parsed
 
 

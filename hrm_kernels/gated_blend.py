@@ -57,8 +57,6 @@ MAX_FUSED_R = 256
 #   (b) one program per (D-chunk, BLOCK_M rows): per kind the logits z @ W2_chunk^T + b2,
 #   g = sigmoid, out += g * src; with stats, 16 fp32 partial sums per program. 2 GEMMs, reads
 #   the sources twice, writes out.
-# forward without gradients or stats, with FUSED_NO_GRAD: (a) and (b) in one program per BLOCK_M
-#   rows, z kept on chip, pre1 and z never written; the blend re-reads the rows from L2.
 # backward phase 1 (_dpre), one program per BLOCK_M rows: recompute the logits from z, d_logit
 #   = dout * src * g * (1 - g) (+ the saturation term), d_z = d_logit @ W2, d_pre1 = d_z *
 #   silu'(pre1) -> [M, R]; db1 partial per program. 2 GEMMs, reads dout and the sources.
@@ -71,11 +69,6 @@ MAX_FUSED_R = 256
 
 _SAT_L = tl.constexpr(SATURATION_LOGIT)
 
-# Without gradients and without stats, one kernel (``_gated_blend_no_grad_kernel``) instead of the
-# hidden and forward kernels. Off: slower on an H100 (M=62976, bf16: 409 vs 326 us with inj, 263 vs
-# 221 without; the blend's second read of the rows and the R-wide z per program cost more than
-# the [M, R] round trip they save).
-FUSED_NO_GRAD = False
 
 
 # ----------------------------------------------------------------------------------- kernels
@@ -255,41 +248,6 @@ def _gated_blend_forward_kernel(
 
 
 @triton.jit
-def _gated_blend_no_grad_kernel(
-    OWN, OTHER, INJ, W1, B1, W2, B2, OUT,
-    n_rows, D, R,
-    HAS_INJ: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """The forward without gradients in one program per BLOCK_M rows: the hidden layer (as in
-    ``_gated_blend_hidden_kernel``, but z stays on chip: nothing is kept for a backward), then each
-    D-chunk's gates and blend (as in ``_gated_blend_forward_kernel``). The blend re-reads the rows
-    the hidden layer has just read, from L2, where the two-kernel forward reads them from memory twice."""
-    pid = tl.program_id(0)
-    act = OUT.dtype.element_ty
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < n_rows
-    rows = rows.to(tl.int64)
-    r_idx = tl.arange(0, BLOCK_R)
-    r_mask = r_idx < R
-    pre = _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act, HAS_INJ, EMU_BF16, PREC,
-                      BLOCK_M, BLOCK_K, BLOCK_R).to(tl.float32)
-    z = _cast(pre * tl.sigmoid(pre), act, EMU_BF16)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        c_mask = cols < D
-        mask = row_mask[:, None] & c_mask[None, :]
-        off = rows[:, None] * D + cols[None, :]
-        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for kind in tl.static_range(3):
-            if kind < 2 or HAS_INJ:
-                w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
-                logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
-                out += g * tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
-
-
-@triton.jit
 def _saturation_grad(logit, valid, coef):
     # d/dlogit of coef * relu(|logit| - L)^2 (coef already holds 1/(M*D) and the incoming grad)
     e = tl.maximum(logit - _SAT_L, 0.0) + tl.minimum(logit + _SAT_L, 0.0)
@@ -423,7 +381,6 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torc
         cfg = {
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d),
             "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d),
-            "no_grad": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
@@ -437,9 +394,6 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torc
             # 333 us)
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), num_warps=4, num_stages=4),
             "fwd": dict(BLOCK_M=block_m, BLOCK_D=min(32, block_d), num_warps=4, num_stages=1),
-            # FUSED_NO_GRAD only (off): the hidden kernel's tiles, the forward kernel's D-chunk
-            "no_grad": dict(BLOCK_M=min(64, block_m), BLOCK_K=block_d, BLOCK_D=min(32, block_d), num_warps=4,
-                            num_stages=2),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
@@ -496,20 +450,6 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     if inj is None:
         stats[2] = 0.0
     return out, stats, pre1, z
-
-
-def gated_blend_no_grad(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
-                        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-    """own, other, inj: [M, D] contiguous; weights contiguous. out [M, D] from one kernel, keeping
-    nothing for a backward (``FUSED_NO_GRAD``)."""
-    n_rows, d = own.shape
-    out = torch.empty_like(own)
-    if n_rows > 0:
-        cfg = _launch_configs(n_rows, d, w1.shape[0], own.device, own.dtype)["no_grad"]
-        launch(_gated_blend_no_grad_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),),
-               own, other, inj if inj is not None else own, w1, b1, w2, b2, out, n_rows, d, w1.shape[0],
-               HAS_INJ=inj is not None, **_dot_flags(own.dtype), **cfg)
-    return out
 
 
 def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: torch.Tensor,
@@ -731,12 +671,6 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
     d, r = _check_args(own, other, inj, w1, b1, w2, b2)
     if not use_triton(own.device) or r > MAX_FUSED_R:
         return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
-    tensors = (own, other, inj, w1, b1, w2, b2)
-    if (FUSED_NO_GRAD and not stats and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))):
-        out = gated_blend_no_grad(_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
-                                  w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous())
-        return out.view(own.shape)
     forward = torch.ops.hrm_kernels.gated_blend_fwd if torch.compiler.is_compiling() else GatedBlendFunction.apply
     out, stats_t, _, _ = forward(_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
                                  w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))

@@ -12,8 +12,7 @@ from benchmarks.bench_train_step import SWITCHES, switches
 
 def _owner(name):
     module, cls, attr = SWITCHES[name]
-    owner = importlib.import_module(module)
-    return (getattr(owner, cls) if cls else owner), attr
+    return getattr(importlib.import_module(module), cls), attr
 
 
 @pytest.mark.parametrize("name", sorted(SWITCHES))
@@ -32,8 +31,8 @@ def test_combined_setting_and_bad_items():
     values = {name: getattr(*_owner(name)) for name in SWITCHES}
     with switches("default"):
         assert {name: getattr(*_owner(name)) for name in SWITCHES} == values
-    with switches("rope_qkv=0,blend_no_grad=1"):
-        assert getattr(*_owner("rope_qkv")) is False and getattr(*_owner("blend_no_grad")) is True
+    with switches("rope_qkv=0,block_no_grad=1"):
+        assert getattr(*_owner("rope_qkv")) is False and getattr(*_owner("block_no_grad")) is True
     assert {name: getattr(*_owner(name)) for name in SWITCHES} == values
     for bad in ("rope_qkv=0,rope_qkv=2", "rope_qkv=0,no_such_switch=1"):
         with pytest.raises(SystemExit) as err:

@@ -60,11 +60,6 @@ for dt in ("bf16", "fp16", "fp32"):
                               {"DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, "DQKV": "*" + dt, "COS": "*fp32",
                                "SIN": "*fp32"},
                               dict(HALF=32, HALF_P=32, BLOCK_M=64), 4, 3),
-        "gated_blend no-grad": (module("gated_blend")._gated_blend_no_grad_kernel,
-                                {**{n: "*" + dt for n in ("OWN", "OTHER", "INJ", "OUT")},
-                                 **{n: "*fp32" for n in ("W1", "B1", "W2", "B2")}},
-                                dict(HAS_INJ=True, EMU_BF16=False, PREC=prec, BLOCK_M=64, BLOCK_K=64, BLOCK_D=32,
-                                     BLOCK_R=128), 4, 2),
         "linear_add_rms_norm": (module("linear_add_rms_norm")._linear_add_rms_norm_kernel,
                                 {"x_desc": f"tensordesc<{dt}[{ln_m},{ln_k}]>", "w_desc": f"tensordesc<{dt}[{ln_n},{ln_k}]>",
                                  "RES": "*" + dt, "OUT": "*" + dt, "eps": "fp32"},
@@ -100,4 +95,4 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == 21, proc.stdout
+    assert proc.stdout.count("ok ") == 18, proc.stdout

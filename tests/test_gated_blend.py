@@ -7,7 +7,7 @@ import torch
 from hrm_kernels import use_backend
 from hrm_kernels.gated_blend import (SATURATION_LOGIT, STATS_COLUMNS, gate_logits_reference,
                                      gated_blend, gated_blend_reference)
-from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
+from tests.conftest import CUDA, DEVICE, requires_cuda
 from tests.tolerance import assert_close_to_reference
 
 NAMES = ("own", "other", "inj", "w1", "b1", "w2", "b2")
@@ -279,34 +279,3 @@ def test_cuda_full_size_bf16(rows, wdtype, inj):
 @pytest.mark.parametrize("shape,r", [((1000, 40), 10), ((777, 520), 100), ((300, 1024), 256)], ids=str)
 def test_cuda_other_shapes(dtype, shape, r):
     _check("triton", _make(shape, r, dtype, device="cuda"), with_stats=True)
-
-
-@pytest.mark.parametrize("with_inj", [True, False], ids=["inj", "inj_none"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,r", [((5, 40), 10), ((37, 150), 33), ((70, 40), 10)], ids=str)
-def test_no_grad_kernel_matches_float64(shape, r, dtype, with_inj, monkeypatch):
-    """FUSED_NO_GRAD: the one-kernel forward without gradients against float64 and against the
-    two-kernel forward (same roundings: the same numbers up to accumulation order); several row
-    programs and D-chunks (70 rows; D=150 over three 64-wide chunks); weights in fp32 as the
-    model passes them."""
-    import importlib
-
-    module = importlib.import_module("hrm_kernels.gated_blend")
-    inputs = _make(shape, r, dtype, wdtype=torch.float32, inj=with_inj)
-    calls = record_calls(monkeypatch, module, "launch")
-    with use_backend("triton"), torch.no_grad():
-        monkeypatch.setattr(module, "FUSED_NO_GRAD", False)
-        two_kernels = gated_blend(*inputs)
-        monkeypatch.setattr(module, "FUSED_NO_GRAD", True)
-        calls.clear()
-        got = gated_blend(*inputs)
-    assert calls == [module._gated_blend_no_grad_kernel], "the one-kernel forward did not run"
-    ref = gated_blend_reference(*_to64(inputs))
-    assert got.dtype == dtype and got.shape == inputs[0].shape
-    assert_close_to_reference(f"no-grad {dtype} {shape}", got, gated_blend_reference(*inputs), ref)
-    # The same roundings at the same points and the same tiles along D and R: bit for bit on the
-    # CPU; on a GPU the two kernels' tl.dot tiles may accumulate in another order.
-    if CUDA:
-        torch.testing.assert_close(got, two_kernels, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=0)
-    else:
-        assert torch.equal(got, two_kernels)
