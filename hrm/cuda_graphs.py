@@ -23,13 +23,25 @@ backend) and the parameters' storage (``storage_key``). No host synchronisation,
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
 change the kernels (``FUSED_NO_GRAD`` of ``hrm.layers.SwiGLUMLP``, ``Attention`` and ``Block`` are in HRM's key; others such as
 ``hrm_kernels.linear_swiglu.USE_TMA`` are not) need ``graphs.clear()`` when flipped after a capture.
+
+``GradGraphCache.run(key, fn, inputs, params)`` does the same for a function with gradients (HRM's
+last L and H calls of a training segment): its forward and its backward (``torch.autograd.grad``
+of the outputs with respect to the inputs that require grad and ``params``) are captured as two
+graphs sharing one private memory pool, in which the forward leaves the activations the backward
+reads. A call replays the forward; autograd's backward replays the backward and hands out copies
+of the gradients. Only one call per graph may await its backward: another forward before it
+(two forwards, then two backwards) launches eagerly instead, so no saved activation is overwritten.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Iterable, Sequence
+import weakref
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
 
 
 def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
@@ -38,37 +50,85 @@ def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t.dtype, t.shape) for t in tensors)
 
 
-class GraphCache:
-    """CUDA graphs keyed by the caller, at most ``max_graphs`` (the oldest goes first). Not copied
-    by ``copy.deepcopy`` nor pickled: a copy of a module starts with an empty cache (its graphs
-    would read the original's parameters). One stream at a time: the static buffers are shared."""
+# Listing a module's parameters walks its module tree (~0.3 ms for HRM, twice per training step,
+# while the GPU waits for the graph's launch). The lists are kept per module and listed again
+# after any parameter, buffer or submodule is registered anywhere (assignment included):
+# nn.Module's global registration hooks count those events.
+_registrations = 0
+_tensor_lists: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+_module.register_module_parameter_registration_hook(_count_registration)
+_module.register_module_buffer_registration_hook(_count_registration)
+_module.register_module_module_registration_hook(_count_registration)
+
+
+def module_tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``module``'s parameters, then its buffers (as ``parameters()`` and ``buffers()`` list
+    them), without walking the module tree again while nothing was registered since."""
+    cached = _tensor_lists.get(module)
+    if cached is None or cached[0] != _registrations:
+        cached = (_registrations, tuple(module.parameters()) + tuple(module.buffers()))
+        _tensor_lists[module] = cached
+    return cached[1]
+
+
+class _Cache:
+    """Graphs keyed by the caller, at most ``max_graphs`` (the oldest goes first). Not copied by
+    ``copy.deepcopy`` nor pickled: a copy of a module starts with an empty cache (its graphs would
+    read the original's parameters). One stream at a time: the static buffers are shared."""
 
     def __init__(self, max_graphs: int = 16):
-        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, tuple, tuple]] = {}
-        self._pool = None
+        self._graphs: dict = {}
         self.max_graphs = max_graphs
 
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __deepcopy__(self, memo) -> "GraphCache":
-        return GraphCache(self.max_graphs)
+    def __deepcopy__(self, memo):
+        return type(self)(self.max_graphs)
 
     def __reduce__(self):
-        return GraphCache, (self.max_graphs,)
+        return type(self), (self.max_graphs,)
 
     def clear(self) -> None:
         self._graphs.clear()
 
-    def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]],
-            inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``fn(*inputs)`` (a tuple of tensors) through the graph captured for ``key``."""
+    def _entry(self, key: Hashable, capture: Callable[[], object]):
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= self.max_graphs:
                 self._graphs.pop(next(iter(self._graphs)))
-            entry = self._graphs[key] = self._capture(fn, inputs)
-        graph, static_inputs, static_outputs = entry
+            entry = self._graphs[key] = capture()
+        return entry
+
+
+def _warm_up(fn: Callable[[], object]) -> None:
+    """Run ``fn`` twice on a side stream (Triton compiles, cuBLAS picks its algorithms)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+class GraphCache(_Cache):
+    """CUDA graphs of gradient-free functions (module docstring)."""
+
+    def __init__(self, max_graphs: int = 16):
+        super().__init__(max_graphs)
+        self._pool = None
+
+    def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]],
+            inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` (a tuple of tensors) through the graph captured for ``key``."""
+        graph, static_inputs, static_outputs = self._entry(key, lambda: self._capture(fn, inputs))
         with torch.no_grad():
             for static, value in zip(static_inputs, inputs):
                 static.copy_(value)
@@ -80,12 +140,7 @@ class GraphCache:
         # writable by later calls made under plain no_grad.
         with torch.inference_mode(False), torch.no_grad():
             static_inputs = tuple(x.detach().clone() for x in inputs)
-            side = torch.cuda.Stream(device=static_inputs[0].device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    fn(*static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
+            _warm_up(lambda: fn(*static_inputs))
             if self._pool is None:  # one memory pool for all graphs: safe because every replay's
                 # outputs are cloned at once, so no graph's static outputs are read after another's
                 self._pool = torch.cuda.graph_pool_handle()
@@ -93,3 +148,93 @@ class GraphCache:
             with torch.cuda.graph(graph, pool=self._pool):
                 static_outputs = tuple(fn(*static_inputs))
         return graph, static_inputs, static_outputs
+
+
+class _GradGraph:
+    """One captured forward/backward pair and its static buffers."""
+
+    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
+                 params: Sequence[torch.Tensor]):
+        self.static_inputs = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
+        wrt = tuple(t for t in self.static_inputs + tuple(params) if t.requires_grad)
+        self.needs_grad = tuple(t.requires_grad for t in tuple(inputs) + tuple(params))
+
+        def forward_backward():
+            outputs = [o for o in fn(*self.static_inputs) if o.requires_grad]
+            torch.autograd.grad(outputs, wrt, [torch.zeros_like(o) for o in outputs], allow_unused=True)
+
+        _warm_up(forward_backward)
+        pool = torch.cuda.graph_pool_handle()  # private: the backward reads what the forward left
+        self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool):
+            outputs = tuple(fn(*self.static_inputs))
+        self.output_needs_grad = tuple(o.requires_grad for o in outputs)
+        self.static_grad_outputs = tuple(torch.zeros_like(o) if o.requires_grad else None for o in outputs)
+        with torch.cuda.graph(self.backward_graph, pool=pool):
+            self.static_grads = torch.autograd.grad([o for o in outputs if o.requires_grad], wrt,
+                                                    [g for g in self.static_grad_outputs if g is not None],
+                                                    allow_unused=True)
+        self.static_outputs = tuple(o.detach() for o in outputs)
+        self.replays = 0  # forward replays so far
+        self.awaiting: Optional[int] = None  # the replay whose backward may still come
+
+
+class _Release:
+    """Held by a replay's autograd context: once that call's graph is gone (its backward ran, or
+    its outputs were dropped), the entry may replay its forward again."""
+
+    def __init__(self, entry: _GradGraph, replay: int):
+        self.entry, self.replay = entry, replay
+
+    def __del__(self):
+        if self.entry.awaiting == self.replay:
+            self.entry.awaiting = None
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, entry: _GradGraph, n_inputs: int, *tensors: torch.Tensor):
+        for static, value in zip(entry.static_inputs, tensors[:n_inputs]):
+            static.copy_(value)
+        entry.forward_graph.replay()
+        entry.replays += 1
+        entry.awaiting = ctx.replay = entry.replays
+        ctx.entry, ctx.release = entry, _Release(entry, entry.replays)
+        outputs = tuple(o.clone() for o in entry.static_outputs)  # the next replay overwrites them
+        ctx.mark_non_differentiable(*(o for o, g in zip(outputs, entry.output_needs_grad) if not g))
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs: torch.Tensor):
+        entry = ctx.entry
+        if entry.replays != ctx.replay:
+            raise RuntimeError("this call's CUDA graph activations were overwritten by a later forward (a second "
+                               "backward with retain_graph=True after another forward); run it with "
+                               "cuda_graphs=False")
+        for static, grad in zip(entry.static_grad_outputs, grad_outputs):
+            if static is not None:
+                static.copy_(grad)
+        entry.backward_graph.replay()
+        entry.awaiting = None
+        grads = iter(entry.static_grads)
+        # copies: autograd may keep a returned gradient as .grad, which the next replay would overwrite
+        out = [None if not needed or (g := next(grads)) is None else g.clone() for needed in entry.needs_grad]
+        return (None, None, *out)
+
+
+class GradGraphCache(_Cache):
+    """CUDA graphs of fixed-shape functions with gradients (module docstring): one forward and one
+    backward graph per key, each key with its own memory pool (the activations stay in it)."""
+
+    def __init__(self, max_graphs: int = 2):
+        super().__init__(max_graphs)
+
+    def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
+            params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` (a tuple of tensors, differentiable in the inputs that require grad and in
+        ``params``, the tensors requiring grad that ``fn`` reads) through the graphs of ``key``."""
+        entry = self._entry(key, lambda: _GradGraph(fn, inputs, params))
+        if entry.awaiting is not None:  # an earlier call's backward may still read the activations
+            return tuple(fn(*inputs))
+        return _Replay.apply(entry, len(inputs), *inputs, *params)

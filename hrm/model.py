@@ -26,7 +26,7 @@ from torch import nn
 from hrm_kernels import gated_blend, get_backend, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
-from hrm.cuda_graphs import GraphCache, storage_key
+from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
 from hrm.layers import Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP, trunc_normal_
 from hrm.sparse_embedding import CastedSparseEmbedding
 
@@ -95,7 +95,14 @@ class ReasoningModule(nn.Module):
 
 
 class HRMInner(nn.Module):
-    """The recurrent core: embeddings, L and H modules, output heads and the carry's reset states."""
+    """The recurrent core: embeddings, L and H modules, output heads and the carry's reset states.
+
+    With ``config.cuda_graphs`` (CUDA, outside torch.compile) the no-gradient recurrence replays as
+    CUDA graphs, and with ``GRAPH_GRAD_CALLS`` also the with-gradient last L and H calls, forward
+    and backward (``hrm.cuda_graphs.GradGraphCache``): hundreds of launches from Python fewer per
+    step, which is what a step costs when the batch is small."""
+
+    GRAPH_GRAD_CALLS = True
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -126,6 +133,7 @@ class HRMInner(nn.Module):
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5.0)
         self.graphs = GraphCache()  # CUDA graphs of the no-gradient recurrence (config.cuda_graphs)
+        self.grad_graphs = GradGraphCache()  # and of the with-gradient L and H calls (GRAPH_GRAD_CALLS)
 
     # --------------------------------------------------------------------------- pieces
 
@@ -182,11 +190,35 @@ class HRMInner(nn.Module):
         with torch.no_grad():
             if steps == 0 or not self._use_graphs(x):
                 return self.recurrence(z_H, z_L, x, steps)
-            key = (steps, x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(),
-                   SwiGLUMLP.FUSED_NO_GRAD, Attention.FUSED_NO_GRAD, Block.FUSED_NO_GRAD, storage_key(self.parameters()), storage_key(self.buffers()))
+            key = (steps, *self._graph_key(z_H, z_L, x))
             z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
                                        (z_H, z_L, x.detach()))
             return z_H, z_L
+
+    def _graph_key(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple:
+        """What a captured graph depends on besides the values: shapes, dtypes, device, kernels,
+        the model's fusion switches and where its parameters and buffers live."""
+        return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
+                Attention.FUSED_NO_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(module_tensors(self)))
+
+    def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):
+        """The segment's last L and H calls, with gradients: ``(z_H, z_L)``, plus their gate stats
+        ``(l_stats, h_stats)`` when ``stats``; through CUDA graphs where ``GRAPH_GRAD_CALLS`` and
+        ``config.cuda_graphs`` allow."""
+        cos_sin = self._cos_sin()
+
+        def calls(z_H, z_L, x):
+            z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=stats)
+            z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=stats)
+            return (z_H, z_L, l_stats, h_stats) if stats else (z_H, z_L)
+
+        inputs = (z_H.detach(), z_L.detach(), x)
+        if not (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)):
+            return calls(*inputs)
+        params = tuple(p for level in (self.L_level, self.H_level) for p in module_tensors(level) if p.requires_grad)
+        key = ("grad", stats, x.requires_grad, *self._graph_key(z_H, z_L, x),
+               tuple(p.requires_grad for p in module_tensors(self)))
+        return self.grad_graphs.run(key, calls, inputs, params)
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
         return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
@@ -196,6 +228,7 @@ class HRMInner(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self.graphs.clear()  # moved or converted: the graphs read the old storage
+        self.grad_graphs.clear()
         return super()._apply(fn, recurse)
 
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
@@ -212,14 +245,12 @@ class HRMInner(nn.Module):
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
         else:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls - 2)
-            cos_sin = self._cos_sin()
-            z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=want_stats)
-            z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=want_stats)
+            z_H, z_L, *gate_stats = self._grad_calls(z_H, z_L, x, want_stats)
 
         new_carry = HRMInnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
         logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
         q = self.q_head(z_H[:, 0]).to(torch.float32)
-        stats = torch.stack((l_stats, h_stats)) if want_stats else None
+        stats = torch.stack(gate_stats) if want_stats else None
         return new_carry, logits, (q[..., 0], q[..., 1]), stats
 
 

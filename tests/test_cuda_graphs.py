@@ -1,6 +1,7 @@
-"""CUDA graphs of the no-gradient recurrence (``HRMConfig.cuda_graphs``): the same kernels replayed,
-so the same numbers as launching them one by one, through training steps with optimizer updates,
-evaluation under inference_mode, a new batch shape and moved parameters."""
+"""CUDA graphs of the no-gradient recurrence and of the with-gradient L and H calls
+(``HRMConfig.cuda_graphs``, ``HRMInner.GRAPH_GRAD_CALLS``): the same kernels replayed, so the same
+numbers as launching them one by one, through training steps with optimizer updates, gradient
+accumulation, evaluation under inference_mode, a new batch shape and moved parameters."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from hrm import ACTLossHead, HRM
-from hrm.cuda_graphs import GraphCache
+from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
+from hrm.model import HRMInner
 from hrm_kernels import AdamATan2
 from tests.conftest import requires_cuda
 from tests.test_model_spec import BATCH, make_batch, randomize_, tiny_config
@@ -61,17 +63,46 @@ def test_recurrence_runs_the_first_steps_in_the_reference_order(H_cycles, L_cycl
         assert (got_H.item(), got_L.item()) == (want_H.item(), want_L.item()), steps
 
 
-def test_graph_cache_is_not_copied_or_pickled():
-    cache = GraphCache()
+@pytest.mark.parametrize("cache_type", [GraphCache, GradGraphCache])
+def test_graph_cache_is_not_copied_or_pickled(cache_type):
+    cache = cache_type(max_graphs=5)
     cache._graphs["key"] = "a graph"
-    assert len(copy.deepcopy(cache)) == 0
+    assert len(copy.deepcopy(cache)) == 0 and copy.deepcopy(cache).max_graphs == 5
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        assert len(pickle.loads(pickle.dumps(cache, protocol=protocol))) == 0
+        restored = pickle.loads(pickle.dumps(cache, protocol=protocol))
+        assert type(restored) is cache_type and len(restored) == 0
     model = HRM(tiny_config())
     model.inner.graphs._graphs["key"] = "a graph"
-    assert len(copy.deepcopy(model).inner.graphs) == 0
+    model.inner.grad_graphs._graphs["key"] = "a graph"
+    assert len(copy.deepcopy(model).inner.graphs) == len(copy.deepcopy(model).inner.grad_graphs) == 0
     model.float()  # moved or converted: the graphs would read the old storage
-    assert len(model.inner.graphs) == 0
+    assert len(model.inner.graphs) == len(model.inner.grad_graphs) == 0
+
+
+def test_module_tensors_follow_registrations():
+    """The cached parameter/buffer list (the graphs' storage key) is listed again after a
+    parameter, buffer or submodule is assigned, and the key follows storage changes."""
+    model = HRM(tiny_config())
+    inner = model.inner
+
+    def listed():
+        return list(inner.parameters()) + list(inner.buffers())
+
+    first = module_tensors(inner)
+    assert module_tensors(inner) is first and [id(t) for t in first] == [id(t) for t in listed()]
+    key = storage_key(first)
+    layer = inner.L_level.layers[0].self_attn.o_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone())  # a new parameter object
+    assert [id(t) for t in module_tensors(inner)] == [id(t) for t in listed()]
+    assert storage_key(module_tensors(inner)) != key
+    inner.H_level.layers[0].mlp = copy.deepcopy(inner.H_level.layers[0].mlp)  # a new submodule
+    assert [id(t) for t in module_tensors(inner)] == [id(t) for t in listed()]
+    inner.register_buffer("extra", torch.ones(3))
+    assert any(t is inner.extra for t in module_tensors(inner))
+    assert [id(t) for t in module_tensors(inner)] == [id(t) for t in listed()]
+    key = storage_key(module_tensors(inner))
+    inner.q_head.bias.data = inner.q_head.bias.data.clone()  # same object, new storage
+    assert storage_key(module_tensors(inner)) != key
 
 
 GRAPH_CFG = dict(use_gating=True, puzzle_emb_ndim=32, forward_dtype="bfloat16", kernels="triton",
@@ -115,10 +146,11 @@ def test_graphs_give_the_launched_kernels_results(gated):
     batches = [{k: v.cuda() for k, v in make_batch(None).items()} for _ in range(2)]
     launched, plain = _train(False, state, batches, gated)
     replayed, graphed = _train(True, state, batches, gated)
-    assert len(plain.inner.graphs) == 0
+    assert len(plain.inner.graphs) == len(plain.inner.grad_graphs) == 0
     # training: the recurrence minus its with-grad step, the continue-target pass (all of it);
-    # evaluation: the whole recurrence at two batch sizes.
+    # evaluation: the whole recurrence at two batch sizes. The with-grad calls: one pair.
     assert len(graphed.inner.graphs) == 3
+    assert len(graphed.inner.grad_graphs) == 1
     assert len(launched) == len(replayed)
     for i, (a, b) in enumerate(zip(launched, replayed)):
         # Same kernels, same inputs, same order: the same bits.
@@ -143,3 +175,68 @@ def test_moved_parameters_are_captured_again():
     assert len(model.inner.graphs) == 2
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def _grad_call_setup(seed: int = 5):
+    torch.manual_seed(seed)
+    model = HRM(tiny_config(**GRAPH_CFG)).cuda()
+    randomize_(model)
+    inner = model.inner
+    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+    z = inner.empty_carry(BATCH, "cuda")
+    z_H, z_L = torch.randn_like(z.z_H), torch.randn_like(z.z_L)
+    return inner, batch, z_H, z_L
+
+
+def _grad_call_loss(inner, batch, z_H, z_L, scale: float):
+    """The with-grad L and H calls on ``scale * z``, a loss of both outputs and the gate stats."""
+    x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+    h, l, l_stats, h_stats = inner._grad_calls(scale * z_H, scale * z_L, x, stats=True)
+    return (h.float().square().mean() + (l.float() * h.float()).mean() + l_stats[:, -1].sum()
+            + h_stats[:, -1].sum() + h_stats[:, 0].sum())
+
+
+@requires_cuda
+def test_grad_graphs_accumulate_like_launched_kernels(monkeypatch):
+    """Gradient accumulation through the with-grad graphs: forward/backward twice (replays), then
+    two forwards before two backwards (the second runs eagerly: the first's activations are still
+    needed), gradients summed in .grad as launching the kernels sums them."""
+    inner, batch, z_H, z_L = _grad_call_setup()
+    named = [(n, p) for n, p in inner.named_parameters() if n.startswith(("L_level.", "H_level.", "embed_tokens."))]
+    params = [p for _, p in named]
+
+    def run():
+        for p in params:
+            p.grad = None
+        for scale in (1.0, 0.5):
+            _grad_call_loss(inner, batch, z_H, z_L, scale).backward()
+        first = _grad_call_loss(inner, batch, z_H, z_L, 2.0)
+        second = _grad_call_loss(inner, batch, z_H, z_L, -1.0)
+        second.backward()
+        first.backward()
+        return [p.grad.clone() for p in params]
+
+    monkeypatch.setattr(HRMInner, "GRAPH_GRAD_CALLS", False)
+    launched = run()
+    assert len(inner.grad_graphs) == 0
+    monkeypatch.setattr(HRMInner, "GRAPH_GRAD_CALLS", True)
+    graphed = run()
+    assert len(inner.grad_graphs) == 1
+    entry = next(iter(inner.grad_graphs._graphs.values()))
+    assert entry.replays == 3 and entry.awaiting is None  # the eager call left no replay behind
+    for (name, _), a, b in zip(named, launched, graphed):
+        assert a.abs().sum() > 0, name
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item()}"
+
+
+@requires_cuda
+def test_grad_graph_refuses_a_stale_second_backward():
+    """backward(retain_graph=True) twice is fine until another forward has replayed the graph;
+    then the activations are the newer call's, and the old call's second backward must fail."""
+    inner, batch, z_H, z_L = _grad_call_setup()
+    loss = _grad_call_loss(inner, batch, z_H, z_L, 1.0)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)  # nothing replayed in between: same activations
+    _grad_call_loss(inner, batch, z_H, z_L, 0.5).backward()
+    with pytest.raises(RuntimeError, match="overwritten by a later forward"):
+        loss.backward()
