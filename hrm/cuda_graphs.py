@@ -35,6 +35,7 @@ of the gradients. Only one call per graph may await its backward: another forwar
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable, Hashable, Iterable, Optional, Sequence
 
@@ -150,24 +151,63 @@ class GraphCache(_Cache):
         return graph, static_inputs, static_outputs
 
 
+def parameter_slots(module: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """(owner, name) of each of ``module``'s parameters, listed again after any registration."""
+    cached = _slot_lists.get(module)
+    if cached is None or cached[0] != _registrations:
+        slots = tuple((m, n) for m in module.modules() for n, p in m._parameters.items() if p is not None)
+        cached = _slot_lists[module] = (_registrations, slots)
+    return cached[1]
+
+
+_slot_lists: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _parameters_as(slots: Sequence[tuple[nn.Module, str]], tensors: Sequence[torch.Tensor]):
+    """The modules read ``tensors`` in place of their parameters inside the block."""
+    originals = [m._parameters[n] for m, n in slots]
+    try:
+        for (m, n), t in zip(slots, tensors):
+            m._parameters[n] = t
+        yield
+    finally:
+        for (m, n), t in zip(slots, originals):
+            m._parameters[n] = t
+
+
 class _GradGraph:
-    """One captured forward/backward pair and its static buffers."""
+    """One captured forward/backward pair and its static buffers.
+
+    The graphs differentiate with respect to views of the parameters made on the capture stream,
+    not the parameters themselves: autograd would otherwise synchronise with the stream of each
+    parameter's gradient accumulator, which DDP creates (and keeps) on the default stream, and a
+    capture must not touch that stream. The views share the parameters' storage, so replays read
+    the current values; the replay's autograd node hands the gradients to the parameters."""
 
     def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
-                 params: Sequence[torch.Tensor]):
+                 slots: Sequence[tuple[nn.Module, str]]):
         self.static_inputs = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
-        wrt = tuple(t for t in self.static_inputs + tuple(params) if t.requires_grad)
+        params = [m._parameters[n] for m, n in slots]
         self.needs_grad = tuple(t.requires_grad for t in tuple(inputs) + tuple(params))
 
+        def call():
+            views = [p.view_as(p) for p in params]
+            with _parameters_as(slots, views):
+                outputs = tuple(fn(*self.static_inputs))
+            wrt = [t for t in self.static_inputs + tuple(views) if t.requires_grad]
+            return outputs, wrt
+
         def forward_backward():
-            outputs = [o for o in fn(*self.static_inputs) if o.requires_grad]
+            outputs, wrt = call()
+            outputs = [o for o in outputs if o.requires_grad]
             torch.autograd.grad(outputs, wrt, [torch.zeros_like(o) for o in outputs], allow_unused=True)
 
         _warm_up(forward_backward)
         pool = torch.cuda.graph_pool_handle()  # private: the backward reads what the forward left
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, pool=pool):
-            outputs = tuple(fn(*self.static_inputs))
+            outputs, wrt = call()
         self.output_needs_grad = tuple(o.requires_grad for o in outputs)
         self.static_grad_outputs = tuple(torch.zeros_like(o) if o.requires_grad else None for o in outputs)
         with torch.cuda.graph(self.backward_graph, pool=pool):
@@ -231,10 +271,12 @@ class GradGraphCache(_Cache):
         super().__init__(max_graphs)
 
     def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
-            params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            modules: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         """``fn(*inputs)`` (a tuple of tensors, differentiable in the inputs that require grad and in
-        ``params``, the tensors requiring grad that ``fn`` reads) through the graphs of ``key``."""
-        entry = self._entry(key, lambda: _GradGraph(fn, inputs, params))
+        the parameters of ``modules``, all that ``fn`` reads) through the graphs of ``key``, which
+        must name the parameters' ``requires_grad`` flags."""
+        slots = tuple(slot for module in modules for slot in parameter_slots(module))
+        entry = self._entry(key, lambda: _GradGraph(fn, inputs, slots))
         if entry.awaiting is not None:  # an earlier call's backward may still read the activations
             return tuple(fn(*inputs))
-        return _Replay.apply(entry, len(inputs), *inputs, *params)
+        return _Replay.apply(entry, len(inputs), *inputs, *(m._parameters[n] for m, n in slots))

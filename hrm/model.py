@@ -215,10 +215,9 @@ class HRMInner(nn.Module):
         inputs = (z_H.detach(), z_L.detach(), x)
         if not (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)):
             return calls(*inputs)
-        params = tuple(p for level in (self.L_level, self.H_level) for p in module_tensors(level) if p.requires_grad)
         key = ("grad", stats, x.requires_grad, *self._graph_key(z_H, z_L, x),
                tuple(p.requires_grad for p in module_tensors(self)))
-        return self.grad_graphs.run(key, calls, inputs, params)
+        return self.grad_graphs.run(key, calls, inputs, (self.L_level, self.H_level))
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
         return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()

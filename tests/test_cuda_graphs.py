@@ -200,10 +200,13 @@ def _grad_call_loss(inner, batch, z_H, z_L, scale: float):
 def test_grad_graphs_accumulate_like_launched_kernels(monkeypatch):
     """Gradient accumulation through the with-grad graphs: forward/backward twice (replays), then
     two forwards before two backwards (the second runs eagerly: the first's activations are still
-    needed), gradients summed in .grad as launching the kernels sums them."""
+    needed), gradients summed in .grad as launching the kernels sums them. The parameters' gradient
+    accumulators are held from the default stream, as DDP holds them (a capture that synchronised
+    with their stream failed under DDP)."""
     inner, batch, z_H, z_L = _grad_call_setup()
     named = [(n, p) for n, p in inner.named_parameters() if n.startswith(("L_level.", "H_level.", "embed_tokens."))]
     params = [p for _, p in named]
+    accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in inner.parameters()]  # noqa: F841
 
     def run():
         for p in params:
