@@ -18,7 +18,8 @@ Public API
     (auto|triton|eager; auto defers to hrm_kernels' own choice / HRM_KERNELS_BACKEND),
     attn_backend="auto" (auto|flash|sdpa), gate_reg_weight=0.0 (off), gate_reg_warmup_steps=0,
     cuda_graphs=True`` (on CUDA and outside torch.compile, each segment's no-gradient recurrence
-    replays as a CUDA graph captured on the first call per batch shape; see ``hrm.cuda_graphs``).
+    and its with-gradient last L and H calls, forward and backward, replay as CUDA graphs captured
+    on the first call per batch shape; see ``hrm.cuda_graphs``).
     ``name`` (the reference's class path string), ``causal`` (must be false; the reference trainer passes it) and ``loss`` (``{"loss_type": ...}``, the
     reference's ``arch.loss``) are accepted; any other unknown key is an error naming it.
     ``hrm_v1_gated`` = the same defaults with ``use_gating=True``.

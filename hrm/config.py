@@ -55,7 +55,7 @@ class HRMConfig(BaseModel):
 
     kernels: Literal["auto", "triton", "eager"] = "auto"
     attn_backend: Literal["auto", "flash", "sdpa"] = "auto"
-    cuda_graphs: bool = True  # replay the no-gradient recurrence as CUDA graphs (CUDA, no torch.compile)
+    cuda_graphs: bool = True  # replay the recurrence (and the with-grad calls' backward) as CUDA graphs (CUDA, no torch.compile)
 
     # Accepted from the reference's hydra group.
     name: Optional[str] = None
