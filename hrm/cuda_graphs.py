@@ -52,11 +52,14 @@ def storage_key(tensors: Iterable[torch.Tensor]) -> tuple:
 
 
 # Listing a module's parameters walks its module tree (~0.3 ms for HRM, twice per training step,
-# while the GPU waits for the graph's launch). The lists are kept per module and listed again
-# after any parameter, buffer or submodule is registered anywhere (assignment included):
-# nn.Module's global registration hooks count those events.
+# while the GPU waits for the graph's launch). Where they live (module, table, name) is kept per
+# module and listed again after any parameter, buffer or submodule is registered anywhere
+# (assignment included; nn.Module's global registration hooks count those events); the tensors
+# themselves are read from the modules' tables at each call, so values replaced in place of the
+# old ones (``_apply``: ``.to()``, ``.double()``, ``to_empty()``) are seen. Owners are held by weak
+# reference: the cache keeps no module alive.
 _registrations = 0
-_tensor_lists: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple]]" = weakref.WeakKeyDictionary()
+_slot_lists: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def _count_registration(*_args) -> None:
@@ -69,14 +72,27 @@ _module.register_module_buffer_registration_hook(_count_registration)
 _module.register_module_module_registration_hook(_count_registration)
 
 
-def module_tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
-    """``module``'s parameters, then its buffers (as ``parameters()`` and ``buffers()`` list
-    them), without walking the module tree again while nothing was registered since."""
-    cached = _tensor_lists.get(module)
+def _slots(module: nn.Module) -> tuple[tuple, tuple]:
+    """(weak owner, name) of ``module``'s parameters and of its buffers, in ``named_modules`` order."""
+    cached = _slot_lists.get(module)
     if cached is None or cached[0] != _registrations:
-        cached = (_registrations, tuple(module.parameters()) + tuple(module.buffers()))
-        _tensor_lists[module] = cached
-    return cached[1]
+        modules = list(module.modules())
+        cached = (_registrations,
+                  tuple((weakref.ref(m), n) for m in modules for n, t in m._parameters.items() if t is not None),
+                  tuple((weakref.ref(m), n) for m in modules for n, t in m._buffers.items() if t is not None))
+        _slot_lists[module] = cached
+    return cached[1], cached[2]
+
+
+def parameter_slots(module: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
+    """(owner, name) of each of ``module``'s parameters (a parameter shared by two modules twice)."""
+    return tuple((ref(), n) for ref, n in _slots(module)[0])
+
+
+def module_tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``module``'s parameters, then its buffers, as they are now (what a graph reads)."""
+    params, buffers = _slots(module)
+    return (tuple(ref()._parameters[n] for ref, n in params) + tuple(ref()._buffers[n] for ref, n in buffers))
 
 
 class _Cache:
@@ -151,18 +167,6 @@ class GraphCache(_Cache):
         return graph, static_inputs, static_outputs
 
 
-def parameter_slots(module: nn.Module) -> tuple[tuple[nn.Module, str], ...]:
-    """(owner, name) of each of ``module``'s parameters, listed again after any registration."""
-    cached = _slot_lists.get(module)
-    if cached is None or cached[0] != _registrations:
-        slots = tuple((m, n) for m in module.modules() for n, p in m._parameters.items() if p is not None)
-        cached = _slot_lists[module] = (_registrations, slots)
-    return cached[1]
-
-
-_slot_lists: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple]]" = weakref.WeakKeyDictionary()
-
-
 @contextlib.contextmanager
 def _parameters_as(slots: Sequence[tuple[nn.Module, str]], tensors: Sequence[torch.Tensor]):
     """The modules read ``tensors`` in place of their parameters inside the block."""
@@ -183,20 +187,19 @@ class _GradGraph:
     not the parameters themselves: autograd would otherwise synchronise with the stream of each
     parameter's gradient accumulator, which DDP creates (and keeps) on the default stream, and a
     capture must not touch that stream. The views share the parameters' storage, so replays read
-    the current values; the replay's autograd node hands the gradients to the parameters."""
+    the current values; the replay's autograd node hands the gradients to the parameters that
+    ``fn`` uses (``used``; the others get none, as eagerly, so DDP's unused-parameter search works)."""
 
     def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
                  slots: Sequence[tuple[nn.Module, str]]):
         self.static_inputs = tuple(x.detach().clone().requires_grad_(x.requires_grad) for x in inputs)
         params = [m._parameters[n] for m, n in slots]
-        self.needs_grad = tuple(t.requires_grad for t in tuple(inputs) + tuple(params))
 
         def call():
             views = [p.view_as(p) for p in params]
             with _parameters_as(slots, views):
                 outputs = tuple(fn(*self.static_inputs))
-            wrt = [t for t in self.static_inputs + tuple(views) if t.requires_grad]
-            return outputs, wrt
+            return outputs, [t for t in self.static_inputs + tuple(views) if t.requires_grad]
 
         def forward_backward():
             outputs, wrt = call()
@@ -211,9 +214,14 @@ class _GradGraph:
         self.output_needs_grad = tuple(o.requires_grad for o in outputs)
         self.static_grad_outputs = tuple(torch.zeros_like(o) if o.requires_grad else None for o in outputs)
         with torch.cuda.graph(self.backward_graph, pool=pool):
-            self.static_grads = torch.autograd.grad([o for o in outputs if o.requires_grad], wrt,
-                                                    [g for g in self.static_grad_outputs if g is not None],
-                                                    allow_unused=True)
+            # without retain_graph: the backward frees (and reuses) the activations it has read, so
+            # each forward replay supports exactly one backward replay
+            grads = torch.autograd.grad([o for o in outputs if o.requires_grad], wrt,
+                                        [g for g in self.static_grad_outputs if g is not None], allow_unused=True)
+        grads = iter(grads)
+        grad_of = [next(grads) if t.requires_grad else None for t in tuple(inputs) + tuple(params)]
+        self.used = tuple(g is not None for g in grad_of[len(inputs):])
+        self.static_grads = tuple(grad_of[:len(inputs)]) + tuple(g for g in grad_of[len(inputs):] if g is not None)
         self.static_outputs = tuple(o.detach() for o in outputs)
         self.replays = 0  # forward replays so far
         self.awaiting: Optional[int] = None  # the replay whose backward may still come
@@ -248,19 +256,16 @@ class _Replay(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs: torch.Tensor):
         entry = ctx.entry
-        if entry.replays != ctx.replay:
-            raise RuntimeError("this call's CUDA graph activations were overwritten by a later forward (a second "
-                               "backward with retain_graph=True after another forward); run it with "
-                               "cuda_graphs=False")
+        if entry.awaiting != ctx.replay:
+            raise RuntimeError("a CUDA-graphed call was differentiated twice (backward with retain_graph=True): its "
+                               "graph keeps the activations for one backward; run it with cuda_graphs=False")
         for static, grad in zip(entry.static_grad_outputs, grad_outputs):
             if static is not None:
                 static.copy_(grad)
         entry.backward_graph.replay()
         entry.awaiting = None
-        grads = iter(entry.static_grads)
         # copies: autograd may keep a returned gradient as .grad, which the next replay would overwrite
-        out = [None if not needed or (g := next(grads)) is None else g.clone() for needed in entry.needs_grad]
-        return (None, None, *out)
+        return (None, None, *(None if g is None else g.clone() for g in entry.static_grads))
 
 
 class GradGraphCache(_Cache):
@@ -274,9 +279,15 @@ class GradGraphCache(_Cache):
             modules: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
         """``fn(*inputs)`` (a tuple of tensors, differentiable in the inputs that require grad and in
         the parameters of ``modules``, all that ``fn`` reads) through the graphs of ``key``, which
-        must name the parameters' ``requires_grad`` flags."""
+        must name everything that changes what they launch, the inputs' and parameters'
+        ``requires_grad`` flags included. Unlike the launched kernels, a replay's backward reads the
+        parameters as they are when it runs (no version-counter check against in-place changes
+        made between forward and backward), and each call supports one backward."""
         slots = tuple(slot for module in modules for slot in parameter_slots(module))
+        params = [m._parameters[n] for m, n in slots]
+        if not any(t.requires_grad for t in (*inputs, *params)):  # nothing to differentiate
+            return tuple(fn(*inputs))
         entry = self._entry(key, lambda: _GradGraph(fn, inputs, slots))
         if entry.awaiting is not None:  # an earlier call's backward may still read the activations
             return tuple(fn(*inputs))
-        return _Replay.apply(entry, len(inputs), *inputs, *(m._parameters[n] for m, n in slots))
+        return _Replay.apply(entry, len(inputs), *inputs, *(p for p, used in zip(params, entry.used) if used))

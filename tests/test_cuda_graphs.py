@@ -89,7 +89,7 @@ def test_module_tensors_follow_registrations():
         return list(inner.parameters()) + list(inner.buffers())
 
     first = module_tensors(inner)
-    assert module_tensors(inner) is first and [id(t) for t in first] == [id(t) for t in listed()]
+    assert [id(t) for t in first] == [id(t) for t in listed()]
     key = storage_key(first)
     layer = inner.L_level.layers[0].self_attn.o_proj
     layer.weight = torch.nn.Parameter(layer.weight.detach().clone())  # a new parameter object
@@ -233,13 +233,51 @@ def test_grad_graphs_accumulate_like_launched_kernels(monkeypatch):
 
 
 @requires_cuda
-def test_grad_graph_refuses_a_stale_second_backward():
-    """backward(retain_graph=True) twice is fine until another forward has replayed the graph;
-    then the activations are the newer call's, and the old call's second backward must fail."""
+def test_grad_graph_refuses_a_second_backward():
+    """Each replay keeps its activations for one backward (the backward graph reuses them): a
+    second backward of the same call (retain_graph=True) must fail, before and after another
+    call has replayed the graph, not return wrong gradients."""
     inner, batch, z_H, z_L = _grad_call_setup()
     loss = _grad_call_loss(inner, batch, z_H, z_L, 1.0)
     loss.backward(retain_graph=True)
-    loss.backward(retain_graph=True)  # nothing replayed in between: same activations
-    _grad_call_loss(inner, batch, z_H, z_L, 0.5).backward()
-    with pytest.raises(RuntimeError, match="overwritten by a later forward"):
+    with pytest.raises(RuntimeError, match="differentiated twice"):
+        loss.backward(retain_graph=True)
+    _grad_call_loss(inner, batch, z_H, z_L, 0.5).backward()  # the graph replays again afterwards
+    with pytest.raises(RuntimeError, match="differentiated twice"):
         loss.backward()
+
+
+@requires_cuda
+def test_grad_graphs_skip_what_needs_no_gradient(monkeypatch):
+    """Frozen L/H modules and embeddings under grad mode: nothing to differentiate, so no capture
+    (autograd.grad of nothing fails); anomaly mode (host checks inside the backward): no capture."""
+    inner, batch, z_H, z_L = _grad_call_setup()
+    inner.requires_grad_(False)
+    x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+    h, l = inner._grad_calls(z_H, z_L, x, stats=False)
+    assert not h.requires_grad and len(inner.grad_graphs) == 0
+    inner.requires_grad_(True)
+    with torch.autograd.detect_anomaly():
+        _grad_call_loss(inner, batch, z_H, z_L, 1.0).backward()
+    assert len(inner.grad_graphs) == 0
+    _grad_call_loss(inner, batch, z_H, z_L, 1.0).backward()
+    assert len(inner.grad_graphs) == 1
+
+
+def test_module_tensors_see_values_replaced_by_apply():
+    """``_apply`` (``.double()``) swaps tensors into the modules' tables without a registration:
+    the listed tensors are the new ones, and the cache holds no module alive."""
+    import gc
+    import weakref
+
+    model = HRM(tiny_config())
+    module_tensors(model.inner)
+    model.double()
+    assert [id(t) for t in module_tensors(model.inner)] == [id(t) for t in (*model.inner.parameters(), *model.inner.buffers())]
+    assert all(t.dtype == torch.float64 for t in module_tensors(model.inner) if t.is_floating_point())
+    linear = torch.nn.Linear(3, 4)
+    module_tensors(linear)
+    ref = weakref.ref(linear)
+    del linear
+    gc.collect()
+    assert ref() is None
