@@ -253,7 +253,8 @@ def test_grad_graphs_skip_what_needs_no_gradient(monkeypatch):
     (autograd.grad of nothing fails); anomaly mode (host checks inside the backward): no capture."""
     inner, batch, z_H, z_L = _grad_call_setup()
     inner.requires_grad_(False)
-    x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+    # detached: the puzzle embedding's training buffer requires grad even with frozen parameters
+    x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"]).detach()
     h, l = inner._grad_calls(z_H, z_L, x, stats=False)
     assert not h.requires_grad and len(inner.grad_graphs) == 0
     inner.requires_grad_(True)
