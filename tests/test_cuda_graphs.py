@@ -282,3 +282,38 @@ def test_module_tensors_see_values_replaced_by_apply():
     del linear
     gc.collect()
     assert ref() is None
+
+
+@requires_cuda
+def test_grad_graph_cache_on_a_toy_module():
+    """GradGraphCache on its own: gradients of inputs and parameters as eagerly, an input that needs
+    no gradient gets none, a parameter the function does not use gets no gradient (as eagerly),
+    an output that needs none is returned non-differentiable, and new input values are read."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).cuda()
+    spare = torch.nn.Linear(2, 2).cuda()  # registered beside, never used
+    holder = torch.nn.ModuleList([net, spare])
+
+    def fn(a, b):
+        h = net(a) * b[:, :1]
+        return h, h.sum(1).detach()
+
+    cache = GradGraphCache()
+    for step in range(3):
+        a = torch.randn(4, 7, device="cuda", requires_grad=True)
+        b = torch.randn(4, 2, device="cuda")
+        holder.zero_grad(set_to_none=True)
+        out, aux = cache.run("k", fn, (a, b), (holder,))
+        assert not aux.requires_grad
+        (out.square().sum() + aux.sum()).backward()
+        got = [a.grad] + [p.grad for p in net.parameters()]
+        assert all(p.grad is None for p in spare.parameters())
+        a2 = a.detach().clone().requires_grad_()
+        holder.zero_grad(set_to_none=True)
+        out2, _ = fn(a2, b)
+        out2.square().sum().backward()
+        want = [a2.grad] + [p.grad for p in net.parameters()]
+        assert torch.allclose(out, out2, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got, want):
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), (step, (g - w).abs().max().item())
+    assert len(cache) == 1
