@@ -197,9 +197,12 @@ class HRMInner(nn.Module):
 
     def _graph_key(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple:
         """What a captured graph depends on besides the values: shapes, dtypes, device, kernels,
-        the model's fusion switches and where its parameters and buffers live."""
+        the model's fusion switches, where its parameters and buffers live and which of them
+        require grad."""
+        tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
-                Attention.FUSED_NO_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(module_tensors(self)))
+                Attention.FUSED_NO_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(tensors),
+                tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):
         """The segment's last L and H calls, with gradients: ``(z_H, z_L)``, plus their gate stats
@@ -216,8 +219,7 @@ class HRMInner(nn.Module):
         if not (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)
                 and not torch.is_anomaly_enabled()):  # anomaly mode checks values on the host
             return calls(*inputs)
-        key = ("grad", stats, x.requires_grad, *self._graph_key(z_H, z_L, x),
-               tuple(p.requires_grad for p in module_tensors(self)))
+        key = ("grad", stats, x.requires_grad, *self._graph_key(z_H, z_L, x))
         return self.grad_graphs.run(key, calls, inputs, (self.L_level, self.H_level))
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
