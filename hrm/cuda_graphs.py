@@ -270,9 +270,11 @@ class _Replay(torch.autograd.Function):
 
 class GradGraphCache(_Cache):
     """CUDA graphs of fixed-shape functions with gradients (module docstring): one forward and one
-    backward graph per key, each key with its own memory pool (the activations stay in it)."""
+    backward graph per key, each key with its own memory pool (the activations stay in it). One key
+    by default: a training run has one batch shape, and a pool the size of a step's activations
+    should not outlive it (a new shape drops the old graphs and their memory)."""
 
-    def __init__(self, max_graphs: int = 2):
+    def __init__(self, max_graphs: int = 1):
         super().__init__(max_graphs)
 
     def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
