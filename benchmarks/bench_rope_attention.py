@@ -53,6 +53,23 @@ def _compiled():
     return torch.compile(_eager, dynamic=False)
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_reference():
+    return torch.compile(rope_attention_reference, dynamic=False)
+
+
+def _fwd_bwd(fn, qkv, cos, sin, dout, backend="triton"):
+    """Forward with a gradient, then qkv's gradient for ``dout`` (qkv is a leaf that requires grad)."""
+    with use_backend(backend), torch.enable_grad():
+        return torch.autograd.grad(fn(qkv, cos, sin), qkv, dout)[0]
+
+
+def _grad_inputs(shape):
+    qkv, cos, sin = _inputs(shape)
+    b, s, h, d = shape
+    return qkv.requires_grad_(), cos, sin, torch.randn(b, s, h, d, device="cuda", dtype=qkv.dtype)
+
+
 def _inputs(shape, dtype=torch.bfloat16):
     b, s, h, d = shape
     return torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype), *_tables(s, d)
@@ -67,6 +84,12 @@ def cases() -> list[Case]:
                "compile": functools.partial(_compiled(), *args)}
         out.append(Case("rope_attention", "x".join(map(str, shape)), "fwd", 4 * b * s * h * d * 2, fns,
                         flops=4 * b * h * s * s * d))
+        args = _grad_inputs(shape)
+        fns = {"triton": functools.partial(_fwd_bwd, rope_attention, *args),
+               "eager": functools.partial(_fwd_bwd, rope_attention_reference, *args),
+               "compile": functools.partial(_fwd_bwd, _compiled_reference(), *args)}
+        out.append(Case("rope_attention", "x".join(map(str, shape)), "fwd+bwd", 12 * b * s * h * d * 2, fns,
+                        flops=14 * b * h * s * s * d))
     return out
 
 
@@ -76,33 +99,44 @@ def all_cases():
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case_id", ["rope_attention-" + "x".join(map(str, s)) + "-fwd" for s in SHAPES])
+@pytest.mark.parametrize("case_id", ["rope_attention-" + "x".join(map(str, s)) + "-" + mode
+                                     for s in SHAPES for mode in ("fwd", "fwd+bwd")])
 def test_rope_attention(benchmark, all_cases, case_id, provider):
     bench_case(benchmark, all_cases[case_id], provider)
 
 
 def against_model_path() -> str:
-    """The kernel against what the model ran before it (rope kernel + SDPA), same process."""
+    """The kernels against the unfused path (rope kernel + SDPA; with a gradient rope_qkv + SDPA,
+    what the model's gradient path ran before the fused backward), same process."""
     cases = []
     for b, s, h, d in SHAPES:
+        label = "x".join(map(str, (b, s, h, d)))
         args = _inputs((b, s, h, d))
-        cases.append(("x".join(map(str, (b, s, h, d))), functools.partial(_triton, *args),
+        cases.append((label + " fwd", functools.partial(_triton, *args),
                       functools.partial(_rope_kernel_then_sdpa, *args), 4 * b * h * s * s * d))
-    return against_unfused(cases, "rope kernel + SDPA")
+        args = _grad_inputs((b, s, h, d))
+        cases.append((label + " fwd+bwd", functools.partial(_fwd_bwd, rope_attention, *args),
+                      functools.partial(_fwd_bwd, kernel_module._composed, *args), 14 * b * h * s * s * d))
+    return against_unfused(cases, "rope(_qkv) + SDPA")
 
 
 def sweep() -> str:
-    """GPU time per (BLOCK_M, BLOCK_N, num_warps, num_stages) at the shapes the kernel takes
-    (seq <= MAX_FUSED_SEQ); the fastest eight."""
+    """GPU time per tile configuration at the shapes the kernels take (seq <= MAX_FUSED_SEQ): the
+    forward's (BLOCK_M, BLOCK_N, num_warps, num_stages), fastest eight; then fwd+bwd per backward
+    (BLOCK_N, num_warps, num_stages, JOIN_HALVES)."""
     configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
     shapes = [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]
-    return tile_sweep(kernel_module, "CUDA_CONFIG", configs, shapes,
-                      lambda shape: functools.partial(_triton, *_inputs(shape)), keep=8)
+    forward = tile_sweep(kernel_module, "CUDA_CONFIG", configs, shapes,
+                         lambda shape: functools.partial(_triton, *_inputs(shape)), keep=8)
+    configs = [(bn, w, st, join) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2) for join in (False, True)]
+    backward = tile_sweep(kernel_module, "CUDA_BACKWARD_CONFIG", configs, shapes,
+                          lambda shape: functools.partial(_fwd_bwd, rope_attention, *_grad_inputs(shape)))
+    return forward + "\nForward + backward, by the backward's tile:\n\n" + backward
 
 
 def main(do_sweep: bool = False) -> str:
-    return fused_op_report("RoPE + attention from qkv (no gradient), bf16", "rope_attention", cases(), against_model_path,
-                           "the model's previous no-grad path (rope kernel + SDPA)", sweep if do_sweep else None)
+    return fused_op_report("RoPE + attention from qkv, bf16", "rope_attention", cases(), against_model_path,
+                           "the unfused path (rope kernel or rope_qkv, then SDPA)", sweep if do_sweep else None)
 
 
 if __name__ == "__main__":

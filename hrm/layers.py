@@ -112,18 +112,20 @@ class Attention(nn.Module):
     ``backend``: ``flash`` (FlashAttention, CUDA + fp16/bf16 only), ``sdpa``
     (``F.scaled_dot_product_attention``) or ``auto`` (flash when it can run, else sdpa).
 
-    Without gradients (most of a segment), outside torch.compile and where SDPA would run (not
-    FlashAttention, which was not measured against it), ``hrm_kernels.rope_attention`` runs RoPE
-    and attention as one kernel (sequences up to its ``MAX_FUSED_SEQ``; longer ones as the RoPE
-    kernel + SDPA); set ``FUSED_NO_GRAD = False`` to always use the separate RoPE pass.
+    Outside torch.compile and where SDPA would run (not FlashAttention, which was not measured
+    against it), ``hrm_kernels.rope_attention`` runs RoPE and attention as one kernel, and with a
+    gradient its backward as one kernel that writes the qkv gradient (sequences up to its
+    ``MAX_FUSED_SEQ``; longer ones as the RoPE kernel + SDPA). ``FUSED_NO_GRAD`` / ``FUSED_GRAD``
+    switch it off without / with gradients (then RoPE runs as its own pass).
 
-    ``ROPE_QKV``: wherever RoPE runs apart from the attention (the gradient path; without
-    gradients too where FlashAttention or a long sequence keeps ``rope_attention`` out) and outside
+    ``ROPE_QKV``: wherever RoPE runs apart from the attention (FlashAttention, long sequences, the
+    switches above off) and outside
     torch.compile, RoPE goes through ``hrm_kernels.rope_qkv``, whose backward writes the qkv
     gradient in one pass instead of autograd's concatenation, zero-filled slice gradients and their
     sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md)."""
 
     FUSED_NO_GRAD = True
+    FUSED_GRAD = True
     ROPE_QKV = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
@@ -154,8 +156,8 @@ class Attention(nn.Module):
         """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
         batch, seq, hidden = h.shape
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
-        if (self.FUSED_NO_GRAD and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+        if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
+                and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
             return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).view(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
             q, k, v = rope_qkv(qkv, *cos_sin)  # the backward writes qkv's gradient in one pass

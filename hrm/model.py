@@ -201,7 +201,7 @@ class HRMInner(nn.Module):
         require grad."""
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
-                Attention.FUSED_NO_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(tensors),
+                Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):

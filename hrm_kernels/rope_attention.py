@@ -14,10 +14,19 @@ and walks the keys BLOCK_N at a time with an online softmax. Rotating a tile nee
 (x1, x2) of head_dim, so q and k are loaded as two half-width tiles and the score is
 ``q1' k1'^T + q2' k2'^T``. It runs sequences up to ``MAX_FUSED_SEQ`` (HRM's Sudoku: 82 tokens).
 
-Gradients: when one is needed (``qkv.requires_grad`` under grad mode), under torch.compile, and for
-sequences longer than ``MAX_FUSED_SEQ``, the op runs as ``hrm_kernels.rope`` + ``F.scaled_dot_product_attention`` (whose backward is cuDNN's or
-FlashAttention's), the same math; the kernel is the no-gradient forward, which is most of an HRM
-segment (all but its last L and H steps, the whole continue-target pass, all of evaluation).
+Gradients (``qkv.requires_grad`` under grad mode), for sequences up to ``MAX_FUSED_SEQ``: the
+forward kernel also writes each query's log-sum-exp, and one backward kernel per (batch, head)
+holds every query at once (one query block), walks the keys BLOCK_N at a time and writes the
+whole qkv gradient, RoPE's transpose applied to dq and dk, with no atomics (FlashAttention-2's
+backward with a single query block)::
+
+    p  = softmax(s)                     recomputed from q', k' and the saved log-sum-exp
+    dv = p^T do;   dp = do v^T;   ds = p * (dp - rowsum(do * out))
+    dq = rope^T(ds k' / sqrt(head_dim));   dk = rope^T(ds^T q' / sqrt(head_dim))
+
+Under torch.compile and for longer sequences the op runs as
+``hrm_kernels.rope_qkv`` + ``F.scaled_dot_product_attention`` (cuDNN's or FlashAttention's
+backward), the same math.
 """
 
 from __future__ import annotations
@@ -33,8 +42,8 @@ import triton.language as tl
 from hrm_kernels._utils import check_float
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
-from hrm_kernels.rope import check_tables, rope, rotate_halves
-from hrm_kernels.rope_qkv import rope_qkv_reference
+from hrm_kernels.rope import check_tables, rotate_halves
+from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
 
 
 @triton.jit
@@ -54,12 +63,14 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: t
 
 
 @triton.jit
-def _rope_attention_kernel(QKV, COS, SIN, OUT, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
+def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
                            qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
-                           ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           INPUT_PRECISION: tl.constexpr):
+                           ROPE: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Program (batch * head, query block). ``qk_scale`` = log2(e) / sqrt(head_dim): the softmax runs
-    in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a power of two >= 16 (tl.dot)."""
+    in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a power of two >= 16 (tl.dot).
+    STORE_LSE: also write each query's log2-sum-exp2 of its scaled scores to LSE [batch * heads, seq]
+    (fp32), what the backward recomputes the probabilities from."""
     bh = tl.program_id(0)
     batch, head = bh // n_heads, bh % n_heads
     base = QKV + batch.to(tl.int64) * stride_b
@@ -96,6 +107,93 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, seq_len, n_heads, stride_b, strid
     out = acc / l_i[:, None]
     o_ptrs = OUT + batch.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os + (head * head_dim + dv)[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
+    if STORE_LSE:
+        tl.store(LSE + bh.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len, n_heads, stride_b, stride_s,
+                                    stride_ob, stride_os, stride_gb, stride_gs, stride_db, stride_ds, qk_scale,
+                                    sm_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
+                                    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Program (batch * head): every query of the sequence in one [BLOCK_M >= seq_len] block; the keys
+    BLOCK_N at a time. Writes dq, dk, dv of this head into DQKV ([batch, seq, 3 * heads, head_dim]
+    layout), dq and dk rotated back. ``sm_scale`` = 1 / sqrt(head_dim). JOIN_HALVES: the products over
+    head_dim run on the halves interleaved into one [.., 2 * HALF_P] operand (a dot product does not
+    depend on the order of its terms, as long as both sides use the same one) instead of one dot per half."""
+    bh = tl.program_id(0)
+    batch, head = bh // n_heads, bh % n_heads
+    base = QKV + batch.to(tl.int64) * stride_b
+    grad_base = DQKV + batch.to(tl.int64) * stride_db
+    head_dim = 2 * HALF
+    d = tl.arange(0, HALF_P)
+    d_ok = d < HALF
+    dv = tl.arange(0, HEAD_P)
+    dv_ok = dv < head_dim
+
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_len
+    q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
+    row_mask = row_ok[:, None] & dv_ok[None, :]
+    o = tl.load(OUT + batch.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os
+                + (head * head_dim + dv)[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DOUT + batch.to(tl.int64) * stride_gb + rows.to(tl.int64)[:, None] * stride_gs
+                 + (head * head_dim + dv)[None, :], mask=row_mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(do * out) = rowsum(p * dp)
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + rows, mask=row_ok, other=0.0)
+
+    dq1 = tl.zeros((BLOCK_M, HALF_P), dtype=tl.float32)
+    dq2 = tl.zeros((BLOCK_M, HALF_P), dtype=tl.float32)
+    if JOIN_HALVES:
+        q = tl.reshape(tl.join(q1, q2), (BLOCK_M, 2 * HALF_P))
+        dq = tl.zeros((BLOCK_M, 2 * HALF_P), dtype=tl.float32)
+    for start in range(0, seq_len, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < seq_len
+        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok,
+                               HALF, ROPE)
+        v_mask = key_ok[:, None] & dv_ok[None, :]
+        v = tl.load(base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :],
+                    mask=v_mask, other=0.0)
+        if JOIN_HALVES:
+            k = tl.reshape(tl.join(k1, k2), (BLOCK_N, 2 * HALF_P))
+            s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        else:
+            s = tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=INPUT_PRECISION)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        grad_v = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q1.dtype)
+        if JOIN_HALVES:
+            dq = tl.dot(ds, k, dq, input_precision=INPUT_PRECISION)
+            dk1, dk2 = tl.split(tl.reshape(tl.dot(tl.trans(ds), q, input_precision=INPUT_PRECISION) * sm_scale,
+                                           (BLOCK_N, HALF_P, 2)))
+        else:
+            dq1 = tl.dot(ds, k1, dq1, input_precision=INPUT_PRECISION)
+            dq2 = tl.dot(ds, k2, dq2, input_precision=INPUT_PRECISION)
+            dk1 = tl.dot(tl.trans(ds), q1, input_precision=INPUT_PRECISION) * sm_scale
+            dk2 = tl.dot(tl.trans(ds), q2, input_precision=INPUT_PRECISION) * sm_scale
+        k_mask = key_ok[:, None] & d_ok[None, :]
+        if ROPE:
+            dk1, dk2 = rotate_halves(dk1, dk2, COS, SIN, keys[:, None] * (2 * HALF) + d[None, :], k_mask, HALF, True)
+        k_ptrs = grad_base + keys.to(tl.int64)[:, None] * stride_ds + ((n_heads + head) * head_dim + d)[None, :]
+        tl.store(k_ptrs, dk1.to(DQKV.dtype.element_ty), mask=k_mask)
+        tl.store(k_ptrs + HALF, dk2.to(DQKV.dtype.element_ty), mask=k_mask)
+        tl.store(grad_base + keys.to(tl.int64)[:, None] * stride_ds + ((2 * n_heads + head) * head_dim + dv)[None, :],
+                 grad_v.to(DQKV.dtype.element_ty), mask=v_mask)
+
+    if JOIN_HALVES:
+        dq1, dq2 = tl.split(tl.reshape(dq, (BLOCK_M, HALF_P, 2)))
+    dq1, dq2 = dq1 * sm_scale, dq2 * sm_scale
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    if ROPE:
+        dq1, dq2 = rotate_halves(dq1, dq2, COS, SIN, rows[:, None] * (2 * HALF) + d[None, :], q_mask, HALF, True)
+    q_ptrs = grad_base + rows.to(tl.int64)[:, None] * stride_ds + (head * head_dim + d)[None, :]
+    tl.store(q_ptrs, dq1.to(DQKV.dtype.element_ty), mask=q_mask)
+    tl.store(q_ptrs + HALF, dq2.to(DQKV.dtype.element_ty), mask=q_mask)
 
 
 # Sequences up to this length run in the kernel; longer ones run as hrm_kernels.rope + SDPA, which
@@ -107,30 +205,79 @@ MAX_FUSED_SEQ = 128
 CUDA_CONFIG = (128, 32, 4, 1)
 
 
-def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
+# The backward's (BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; its query block is the whole sequence.
+# H100, 768 x 82 x 8 x 64 bf16, fwd+bwd GPU time: 675 us; one dot per half 753 us; 2 stages 693 us;
+# 64 keys 707 us; 8 warps 775-1107 us (registers). rope_qkv + SDPA (cuDNN): 852 us.
+CUDA_BACKWARD_CONFIG = (32, 4, 1, True)
+
+JOIN_ON_CPU = False  # the interpreter's choice (tests run both)
+
+
+def _meta(qkv: torch.Tensor, cos: Optional[torch.Tensor]) -> dict:
+    """The kernels' shared compile-time arguments."""
+    half = qkv.shape[-1] // 2
+    return dict(HALF=half, HALF_P=max(16, triton.next_power_of_2(half)),
+                HEAD_P=max(16, triton.next_power_of_2(2 * half)), ROPE=cos is not None,
+                INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+
+
+def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+            with_lse: bool = False):
+    """The forward kernel: ``out`` [batch, seq, heads, head_dim], or ``(out, lse)`` with ``with_lse``
+    (lse: [batch * heads, seq] fp32, base 2, for the backward). qkv's last two dims must be packed."""
     batch, seq, three_heads, head_dim = qkv.shape
     heads = three_heads // 3
-    if qkv.stride(-1) != 1 or qkv.stride(-2) != head_dim:
-        qkv = qkv.contiguous()
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
-    if out.numel() == 0:
+    lse = torch.empty((batch * heads, seq), dtype=torch.float32, device=qkv.device) if with_lse else out
+    if out.numel():
+        if qkv.is_cuda:
+            block_m, block_n, num_warps, num_stages = CUDA_CONFIG
+        else:  # the interpreter: small tiles keep it quick
+            block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+        block_m = min(block_m, max(16, triton.next_power_of_2(seq)))
+        block_n = min(block_n, max(16, triton.next_power_of_2(seq)))
+        grid = (batch * heads, triton.cdiv(seq, block_m))
+        launch(_rope_attention_kernel, grid, qkv, qkv if cos is None else cos, qkv if sin is None else sin, out, lse,
+               seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+               math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, BLOCK_M=block_m, BLOCK_N=block_n,
+               num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
+    return (out, lse) if with_lse else out
+
+
+def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
+                     out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
+    """dqkv [batch, seq, 3 * heads, head_dim] (qkv's dtype) from the forward's saved tensors and the
+    output's gradient; one program per (batch, head), sequences up to MAX_FUSED_SEQ."""
+    batch, seq, three_heads, head_dim = qkv.shape
+    heads = three_heads // 3
+    if dout.dtype != qkv.dtype or dout.stride(-1) != 1 or dout.stride(-2) != head_dim:
+        dout = dout.to(qkv.dtype).contiguous()
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    if dqkv.numel():
+        block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else (16, 4, 1, JOIN_ON_CPU)
+        block_m = max(16, triton.next_power_of_2(seq))
+        launch(_rope_attention_backward_kernel, (batch * heads,), qkv, qkv if cos is None else cos,
+               qkv if sin is None else sin, out, dout, lse, dqkv, seq, heads, qkv.stride(0), qkv.stride(1),
+               out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
+               math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim), BLOCK_M=block_m,
+               BLOCK_N=min(block_n, block_m), JOIN_HALVES=join, num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
+    return dqkv
+
+
+class RopeAttentionFunction(torch.autograd.Function):
+    """The fused forward (with log-sum-exp) and backward; qkv's last two dims packed."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        out, lse = _launch(qkv, cos, sin, with_lse=True)
+        ctx.save_for_backward(qkv, cos, sin, out, lse)
         return out
-    if qkv.is_cuda:
-        block_m, block_n, num_warps, num_stages = CUDA_CONFIG
-    else:  # the interpreter: small tiles keep it quick
-        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
-    block_m = min(block_m, max(16, triton.next_power_of_2(seq)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(seq)))
-    half = head_dim // 2
-    rotate = cos is not None
-    grid = (batch * heads, triton.cdiv(seq, block_m))
-    launch(_rope_attention_kernel, grid, qkv, cos if rotate else qkv, sin if rotate else qkv, out, seq, heads,
-           qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), math.log2(math.e) / math.sqrt(head_dim),
-           HALF=half, HALF_P=max(16, triton.next_power_of_2(half)), HEAD_P=max(16, triton.next_power_of_2(head_dim)),
-           ROPE=rotate, BLOCK_M=block_m, BLOCK_N=block_n,
-           INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-           num_warps=num_warps, num_stages=num_stages)
-    return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        qkv, cos, sin, out, lse = ctx.saved_tensors
+        return _backward_launch(qkv, cos, sin, out, lse, dout), None, None
 
 
 def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,11 +293,8 @@ def rope_attention_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin
 
 
 def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
-    """The differentiable path: ``hrm_kernels.rope`` over q and k in one strided pass, then SDPA."""
-    heads = qkv.shape[2] // 3
-    q, k, v = _split(qkv)
-    if cos is not None:
-        q, k = rope(qkv[:, :, :2 * heads], cos, sin).split(heads, dim=2)
+    """RoPE (``hrm_kernels.rope_qkv``: one pass forward, and one for the qkv gradient), then SDPA."""
+    q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
@@ -161,8 +305,8 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
 
     qkv: [batch, seq, 3 * heads, head_dim] with a contiguous last dimension (q, k, v heads in that
     order); cos, sin: [positions >= seq, head_dim] float32 tables, or both None for no rotation.
-    Returns [batch, seq, heads, head_dim] in qkv's dtype. Gradients flow to qkv (through rope + SDPA;
-    see the module docstring).
+    Returns [batch, seq, heads, head_dim] in qkv's dtype. Gradients flow to qkv (the fused backward
+    up to ``MAX_FUSED_SEQ``, else rope_qkv + SDPA; see the module docstring).
     """
     op = "rope_attention"
     check_float("qkv", qkv, op)
@@ -176,7 +320,10 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
         cos, sin = cos.contiguous(), sin.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
-    if ((torch.is_grad_enabled() and qkv.requires_grad) or torch.compiler.is_compiling()
-            or qkv.shape[1] > MAX_FUSED_SEQ):
+    if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ:
         return _composed(qkv, cos, sin)
+    if qkv.stride(-1) != 1 or qkv.stride(-2) != qkv.shape[-1]:
+        qkv = qkv.contiguous()
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return RopeAttentionFunction.apply(qkv, cos, sin)
     return _launch(qkv, cos, sin)

@@ -48,11 +48,19 @@ for dt in ("bf16", "fp16", "fp32"):
     ln_m, ln_n, ln_k, ln_w, ln_s = module("linear_add_rms_norm").tile_config(True, size)
     ls_m, ls_n, ls_k, ls_w, ls_s, ls_ws, ls_fl = module("linear_swiglu").tma_config(True, size)
     lt_m, lt_n, lt_k, lt_w, lt_s = module("linear_swiglu").tiled_config(True, size)
+    ra_n, ra_w, ra_s, ra_join = module("rope_attention").CUDA_BACKWARD_CONFIG
     cases = {
         "rope_attention": (module("rope_attention")._rope_attention_kernel,
-                           {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "qk_scale": "fp32"},
-                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, BLOCK_M=128, BLOCK_N=32, INPUT_PRECISION=prec),
-                           4, 1),
+                           {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "LSE": "*fp32",
+                            "qk_scale": "fp32"},
+                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, STORE_LSE=True, BLOCK_M=128, BLOCK_N=32,
+                                INPUT_PRECISION=prec), 4, 1),
+        "rope_attention backward": (
+            module("rope_attention")._rope_attention_backward_kernel,
+            {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "DOUT": "*" + dt, "LSE": "*fp32",
+             "DQKV": "*" + dt, "qk_scale": "fp32", "sm_scale": "fp32"},
+            dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, BLOCK_M=128, BLOCK_N=ra_n, JOIN_HALVES=ra_join,
+                 INPUT_PRECISION=prec), ra_w, ra_s),
         "rope (its rotation now a shared helper)": (module("rope")._rope_kernel,
                                                     {"X": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt},
                                                     dict(HALF=32, BACKWARD=True, BLOCK_M=16, BLOCK_N=256), 8, 3),
@@ -95,4 +103,4 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == 18, proc.stdout
+    assert proc.stdout.count("ok ") == 21, proc.stdout  # 7 kernels x 3 dtypes

@@ -80,33 +80,113 @@ def test_strided_qkv_view_and_rotation_matter():
     assert (plain.double() - ref).abs().max() > 1e-2
 
 
+def _out_and_grad(fn, qkv, cos, sin, dout):
+    """fn's output and qkv's gradient for the output gradient ``dout``."""
+    x = qkv.detach().clone().requires_grad_()
+    out = fn(x, cos, sin)
+    out.backward(dout.to(x.dtype))
+    return out.detach(), x.grad
+
+
+def _tables64(cos, sin):
+    return (None, None) if cos is None else (cos.double(), sin.double())
+
+
+@pytest.mark.parametrize("join", [False, True], ids=["halves", "joined"])
+@pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_fused_backward_matches_float64(shape, dtype, rotate, join, monkeypatch):
+    """With a gradient: the forward kernel (with log-sum-exp) and the one-kernel backward (both ways
+    of taking products over head_dim, JOIN_HALVES); output and the whole qkv gradient (q, k rotated
+    back, v) against float64, on fresh non-zero inputs."""
+    monkeypatch.setattr(rope_attention_module, "JOIN_ON_CPU", join)
+    monkeypatch.setattr(rope_attention_module, "CUDA_BACKWARD_CONFIG",
+                        rope_attention_module.CUDA_BACKWARD_CONFIG[:3] + (join,))
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
+    cos, sin = _tables(s + 3, d) if rotate else (None, None)
+    dout = torch.randn(b, s, h, d, device=DEVICE)
+    backward = record_calls(monkeypatch, rope_attention_module, "_backward_launch")
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
+    assert backward == [True], "the fused backward did not run"
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention_reference, qkv.double(), *_tables64(cos, sin), dout)
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert g.dtype == dtype
+        assert_close_to_reference(f"{dtype} {shape} rotate={rotate} {name}", g, e, r)
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_gradient_path(backend):
-    """With a gradient, the op is rope + SDPA: gradients of qkv against float64."""
+def test_gradient_path_of_longer_sequences(backend, monkeypatch):
+    """Above MAX_FUSED_SEQ (and on the eager backend) gradients go through rope_qkv + SDPA: qkv's
+    gradient against float64, and the fused backward does not run."""
+    monkeypatch.setattr(rope_attention_module, "MAX_FUSED_SEQ", 8)
+    backward = record_calls(monkeypatch, rope_attention_module, "_backward_launch")
     b, s, h, d = 2, 13, 2, 24
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=torch.float32)
     cos, sin = _tables(s + 1, d)
     dout = torch.randn(b, s, h, d, device=DEVICE)
-
-    def grad(fn, x, c, t):
-        x = x.detach().clone().requires_grad_()
-        out = fn(x, c, t)
-        out.backward(dout.to(x.dtype))
-        return out.detach(), x.grad
-
     with use_backend(backend):
-        got = grad(rope_attention, qkv, cos, sin)
-    eager = grad(rope_attention_reference, qkv, cos, sin)
-    ref = grad(rope_attention_reference, qkv.double(), cos.double(), sin.double())
+        got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
+    assert backward == []
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention_reference, qkv.double(), cos.double(), sin.double(), dout)
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
         assert_close_to_reference(f"{backend} {name}", g, e, r)
 
 
-def test_model_attention_uses_it_without_grad(monkeypatch):
-    """hrm.layers.Attention: the no-grad forward (fused kernel) equals the grad forward (rope +
-    SDPA) up to rounding, with RoPE and without."""
+def test_fused_backward_of_a_strided_view():
+    """qkv as a view with padding columns (the kernel reads it in place): its gradient has qkv's
+    shape and matches float64."""
+    b, s, h, d = 2, 11, 2, 16
+    wide = torch.randn(b, s, 3 * h * d + 8, device=DEVICE, dtype=torch.float32)
+    cos, sin = _tables(s, d)
+    dout = torch.randn(b, s, h, d, device=DEVICE)
+
+    def grad_of_wide(fn, w, c, t):
+        w = w.detach().clone().requires_grad_()
+        out = fn(w[..., : 3 * h * d].view(b, s, 3 * h, d), c, t)
+        out.backward(dout.to(w.dtype))
+        return w.grad
+
+    with use_backend("triton"):
+        got = grad_of_wide(rope_attention, wide, cos, sin)
+    eager = grad_of_wide(rope_attention_reference, wide, cos, sin)
+    ref = grad_of_wide(rope_attention_reference, wide.double(), cos.double(), sin.double())
+    assert (got[..., 3 * h * d:] == 0).all()
+    assert_close_to_reference("strided grad", got, eager, ref)
+
+
+def test_model_attention_fused_gradient_equals_the_composed_one():
+    """hrm.layers.Attention with a gradient: the fused path (FUSED_GRAD) and rope_qkv + SDPA give the
+    same output and gradients (input and both projection weights), up to rounding."""
     from hrm.layers import Attention, RotaryEmbedding
 
+    dtype = torch.bfloat16 if CUDA else torch.float16
+    attn = Attention(48, 3, backend="sdpa").to(DEVICE)
+    h = torch.randn(2, 10, 48, device=DEVICE, dtype=dtype)
+    dout = torch.randn(2, 10, 48, device=DEVICE, dtype=dtype)
+    cos_sin = RotaryEmbedding(16, 12, 10000.0).to(DEVICE)()
+    results = []
+    for fused in (True, False):
+        attn.zero_grad(set_to_none=True)
+        x = h.clone().requires_grad_()
+        with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(Attention, "FUSED_GRAD", fused)
+            attn(x, cos_sin).backward(dout)
+        results.append([x.grad, attn.qkv_proj.weight.grad, attn.o_proj.weight.grad])
+    for name, a, b in zip(("dh", "dW_qkv", "dW_o"), *results):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=name)
+
+
+def test_model_attention_uses_it_without_grad(monkeypatch):
+    """hrm.layers.Attention: the no-grad forward (fused kernel) equals the grad forward through rope +
+    SDPA (``FUSED_GRAD`` off) up to rounding, with RoPE and without."""
+    from hrm.layers import Attention, RotaryEmbedding
+
+    monkeypatch.setattr(Attention, "FUSED_GRAD", False)
     calls = _spy(monkeypatch)
 
     dtype = torch.bfloat16 if CUDA else torch.float16
@@ -136,6 +216,21 @@ def test_clear_errors():
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos.double(), sin)
     with pytest.raises(TypeError, match="qkv has dtype torch.int64"):
         rope_attention(torch.ones(1, 8, 3, 6, dtype=torch.int64, device=DEVICE), cos, sin)
+
+
+@requires_cuda
+def test_sudoku_shape_bf16_gradient_matches_sdpa():
+    """HRM's Sudoku shape in bf16 with a gradient: the fused backward's qkv gradient against float64,
+    bounded by SDPA's (cuDNN's) own bf16 error through rope_qkv."""
+    qkv = torch.randn(768, 82, 24, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(82, 64)
+    dout = torch.randn(768, 82, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
+        sdpa = _out_and_grad(rope_attention_module._composed, qkv[:64], cos, sin, dout[:64])
+    ref = _out_and_grad(rope_attention_reference, qkv[:64].double(), cos.double(), sin.double(), dout[:64])
+    for name, g, e, r in zip(("out", "dqkv"), got, sdpa, ref):
+        assert_close_to_reference(f"sudoku bf16 {name}", g[:64], e, r)
 
 
 @requires_cuda

@@ -62,7 +62,8 @@ def test_unused_outputs_get_zero_gradient(used):
 
 
 def test_model_attention_same_gradients():
-    """hrm.layers.Attention with ROPE_QKV: the same output and input/weight gradients as without."""
+    """hrm.layers.Attention with ROPE_QKV (the path with a gradient when rope_attention's fused one,
+    FUSED_GRAD, is off): the same output and input/weight gradients as without."""
     from hrm.layers import Attention, RotaryEmbedding
 
     attn = Attention(48, 3, backend="sdpa").to(DEVICE)
@@ -75,6 +76,7 @@ def test_model_attention_same_gradients():
         x = h.clone().requires_grad_()
         with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
             mp.setattr(Attention, "ROPE_QKV", flag)
+            mp.setattr(Attention, "FUSED_GRAD", False)
             calls = record_calls(mp, module, "_grad_launch")
             out = attn(x, cos_sin)
             out.square().sum().backward()
