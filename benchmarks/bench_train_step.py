@@ -45,6 +45,7 @@ SWITCHES = {
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
+    "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
 }
 
 

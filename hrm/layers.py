@@ -6,6 +6,7 @@ activation go through ``hrm_kernels`` (fused Triton kernels or their eager fallb
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -64,10 +65,35 @@ class CastedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(trunc_normal_(torch.empty(out_features, in_features), std=in_features ** -0.5))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._weight_cast: Optional[torch.Tensor] = None  # set inside hoisted_weight_casts
+
+    def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``: without gradients inside ``hoisted_weight_casts``, the cast made
+        there once; else a fresh cast."""
+        cast = self._weight_cast
+        if cast is not None and cast.dtype == dtype and not torch.is_grad_enabled():
+            return cast
+        return self.weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return F.linear(x, self.weight_as(x.dtype), bias)
+
+
+@contextlib.contextmanager
+def hoisted_weight_casts(modules: list[nn.Module], dtype: torch.dtype):
+    """Inside the block, the ``CastedLinear`` layers under ``modules`` used without gradients take
+    their weights in ``dtype`` from one cast made on entry, instead of casting at every call: a
+    recurrence that calls the same blocks several times casts each weight once (same values)."""
+    linears = [m for module in modules for m in module.modules() if isinstance(m, CastedLinear)]
+    try:
+        with torch.no_grad():
+            for m in linears:
+                m._weight_cast = m.weight.to(dtype)
+        yield
+    finally:
+        for m in linears:
+            m._weight_cast = None
 
 
 class CastedEmbedding(nn.Module):
@@ -158,7 +184,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
         if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
                 and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
-            return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).view(batch, seq, hidden)
+            return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).reshape(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
             q, k, v = rope_qkv(qkv, *cos_sin)  # the backward writes qkv's gradient in one pass
         else:
@@ -196,7 +222,7 @@ class SwiGLUMLP(nn.Module):
         """``silu(gate) * up``: [..., intermediate_size], the down projection's input."""
         if (self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and self.gate_up_proj.bias is None):
-            return linear_swiglu(x, self.gate_up_proj.weight.to(x.dtype))
+            return linear_swiglu(x, self.gate_up_proj.weight_as(x.dtype))
         return swiglu(self.gate_up_proj(x))
 
 
@@ -222,7 +248,7 @@ class Block(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         if (self.FUSED_NO_GRAD and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and attn.o_proj.bias is None and mlp.down_proj.bias is None):
-            h = linear_add_rms_norm(attn.heads(h, cos_sin), attn.o_proj.weight.to(h.dtype), h, self.eps)
-            return linear_add_rms_norm(mlp.hidden(h), mlp.down_proj.weight.to(h.dtype), h, self.eps)
+            h = linear_add_rms_norm(attn.heads(h, cos_sin), attn.o_proj.weight_as(h.dtype), h, self.eps)
+            return linear_add_rms_norm(mlp.hidden(h), mlp.down_proj.weight_as(h.dtype), h, self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)

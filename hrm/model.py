@@ -27,7 +27,8 @@ from hrm_kernels import gated_blend, get_backend, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
-from hrm.layers import Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP, trunc_normal_
+from hrm.layers import (Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP,
+                        hoisted_weight_casts, trunc_normal_)
 from hrm.sparse_embedding import CastedSparseEmbedding
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
@@ -103,6 +104,7 @@ class HRMInner(nn.Module):
     step, which is what a step costs when the batch is small."""
 
     GRAPH_GRAD_CALLS = True
+    HOIST_WEIGHT_CASTS = True
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -170,7 +172,16 @@ class HRMInner(nn.Module):
     def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
         """The first ``steps`` module calls of a segment's H_cycles * L_cycles L-calls and
         H_cycles H-calls, in order (each L-call, then an H-call after every L_cycles of them),
-        without gate stats. Returns (z_H, z_L)."""
+        without gate stats. Returns (z_H, z_L). Without gradients and with ``HOIST_WEIGHT_CASTS``, the
+        blocks' weights are cast to the forward dtype once for all the calls, not once per call
+        (outside torch.compile, which fuses the casts itself)."""
+        if (self.HOIST_WEIGHT_CASTS and not torch.is_grad_enabled() and steps > 1
+                and not torch.compiler.is_compiling()):
+            with hoisted_weight_casts([self.L_level.layers, self.H_level.layers], self.forward_dtype):
+                return self._recurrence(z_H, z_L, x, steps)
+        return self._recurrence(z_H, z_L, x, steps)
+
+    def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
         cfg, cos_sin = self.config, self._cos_sin()
         calls = 0
         for _ in range(cfg.H_cycles):
@@ -201,7 +212,8 @@ class HRMInner(nn.Module):
         require grad."""
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
-                Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD, storage_key(tensors),
+                Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD,
+                self.HOIST_WEIGHT_CASTS, storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):

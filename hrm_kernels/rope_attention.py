@@ -63,6 +63,16 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: t
 
 
 @triton.jit
+def _head_columns(n_heads, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr):
+    """This program's (batch, head) from its first grid index, and the column ranges of a half
+    (d, d_ok) and of a whole head (dv, dv_ok), padded to the powers of two tl.dot needs."""
+    bh = tl.program_id(0)
+    d = tl.arange(0, HALF_P)
+    dv = tl.arange(0, HEAD_P)
+    return bh, bh // n_heads, bh % n_heads, d, d < HALF, dv, dv < 2 * HALF
+
+
+@triton.jit
 def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
                            qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
                            ROPE: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -71,14 +81,9 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
     in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a power of two >= 16 (tl.dot).
     STORE_LSE: also write each query's log2-sum-exp2 of its scaled scores to LSE [batch * heads, seq]
     (fp32), what the backward recomputes the probabilities from."""
-    bh = tl.program_id(0)
-    batch, head = bh // n_heads, bh % n_heads
+    bh, batch, head, d, d_ok, dv, dv_ok = _head_columns(n_heads, HALF, HALF_P, HEAD_P)
     base = QKV + batch.to(tl.int64) * stride_b
     head_dim = 2 * HALF
-    d = tl.arange(0, HALF_P)
-    d_ok = d < HALF
-    dv = tl.arange(0, HEAD_P)
-    dv_ok = dv < head_dim
 
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
@@ -122,15 +127,10 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     layout), dq and dk rotated back. ``sm_scale`` = 1 / sqrt(head_dim). JOIN_HALVES: the products over
     head_dim run on the halves interleaved into one [.., 2 * HALF_P] operand (a dot product does not
     depend on the order of its terms, as long as both sides use the same one) instead of one dot per half."""
-    bh = tl.program_id(0)
-    batch, head = bh // n_heads, bh % n_heads
+    bh, batch, head, d, d_ok, dv, dv_ok = _head_columns(n_heads, HALF, HALF_P, HEAD_P)
     base = QKV + batch.to(tl.int64) * stride_b
     grad_base = DQKV + batch.to(tl.int64) * stride_db
     head_dim = 2 * HALF
-    d = tl.arange(0, HALF_P)
-    d_ok = d < HALF
-    dv = tl.arange(0, HEAD_P)
-    dv_ok = dv < head_dim
 
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
@@ -293,10 +293,13 @@ def rope_attention_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin
 
 
 def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
-    """RoPE (``hrm_kernels.rope_qkv``: one pass forward, and one for the qkv gradient), then SDPA."""
+    """RoPE (``hrm_kernels.rope_qkv``: one pass forward, and one for the qkv gradient), then SDPA.
+    The result is contiguous like the kernel's (free for the SDPA backends that write [B, S, H, D])."""
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()
 
 
 def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,

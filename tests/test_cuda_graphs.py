@@ -10,11 +10,13 @@ import pickle
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hrm import ACTLossHead, HRM
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
+from hrm.layers import CastedLinear, hoisted_weight_casts
 from hrm.model import HRMInner
-from hrm_kernels import AdamATan2
+from hrm_kernels import AdamATan2, use_backend
 from tests.conftest import requires_cuda
 from tests.test_model_spec import BATCH, make_batch, randomize_, tiny_config
 
@@ -317,3 +319,57 @@ def test_grad_graph_cache_on_a_toy_module():
         for g, w in zip(got, want):
             assert torch.allclose(g, w, rtol=1e-5, atol=1e-6), (step, (g - w).abs().max().item())
     assert len(cache) == 1
+
+
+class _CountWeightCasts(TorchDispatchMode):
+    """Counts casts of the given weights (by storage) to bfloat16."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.pointers = {w.data_ptr() for w in weights}
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.pointers
+                and kwargs.get("dtype") == torch.bfloat16):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated, monkeypatch):
+    """HOIST_WEIGHT_CASTS: a bf16 recurrence without gradients casts each block weight once instead of
+    once per module call, and gives the same bits; with gradients nothing is hoisted."""
+    torch.manual_seed(3)
+    cfg = tiny_config(use_gating=gated, forward_dtype="bfloat16")
+    inner = HRM(cfg).inner
+    randomize_(inner)
+    batch = make_batch(None)
+    x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"]).detach()
+    z_H, z_L = (torch.randn_like(x) for _ in range(2))
+    steps = cfg["H_cycles"] * (cfg["L_cycles"] + 1)
+    per_call = {"L": 4 * cfg["L_layers"], "H": 4 * cfg["H_layers"]}  # qkv, o, gate_up, down per block
+    block_weights = [m.weight for level in (inner.L_level, inner.H_level) for m in level.layers.modules()
+                     if isinstance(m, CastedLinear)]
+    assert len(block_weights) == per_call["L"] + per_call["H"]
+    results, casts = {}, {}
+    for hoist in (False, True):
+        monkeypatch.setattr(HRMInner, "HOIST_WEIGHT_CASTS", hoist)
+        with use_backend("eager"), torch.no_grad(), _CountWeightCasts(block_weights) as counter:  # (bf16 dots: not the interpreter)
+            results[hoist] = inner.recurrence(z_H, z_L, x, steps)
+        casts[hoist] = counter.count
+    assert casts[False] == cfg["H_cycles"] * (cfg["L_cycles"] * per_call["L"] + per_call["H"])
+    assert casts[True] == per_call["L"] + per_call["H"]
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    with use_backend("eager"), torch.enable_grad(), _CountWeightCasts(block_weights) as counter:  # autograd: each use its cast
+        inner.recurrence(z_H, z_L, x, steps)
+    assert counter.count == casts[False]
+    linear = inner.L_level.layers[0].self_attn.qkv_proj
+    with hoisted_weight_casts([inner.L_level.layers], torch.bfloat16), torch.no_grad():
+        assert linear.weight_as(torch.bfloat16) is linear._weight_cast
+        with torch.enable_grad():  # a use with gradients casts afresh, tracked by autograd
+            assert linear.weight_as(torch.bfloat16).grad_fn is not None
+        assert linear.weight_as(torch.float16) is not linear._weight_cast  # another dtype: its own cast
+    assert all(m._weight_cast is None for m in inner.modules() if hasattr(m, "_weight_cast"))

@@ -52,6 +52,21 @@ def _spy(monkeypatch):
     return record_calls(monkeypatch, rope_attention_module, "_launch")
 
 
+def test_longer_sequences_with_a_gradient_from_a_strided_qkv(monkeypatch):
+    """Above MAX_FUSED_SEQ, a qkv whose last dimension is strided (rope_qkv needs it packed) and an
+    SDPA backend that returns a strided result: the op still gives contiguous output and gradients."""
+    monkeypatch.setattr(rope_attention_module, "MAX_FUSED_SEQ", 4)
+    base = torch.randn(1, 9, 6, 16, 2, device=DEVICE, requires_grad=True)
+    cos, sin = _tables(9, 16)
+    with use_backend("triton"), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        out = rope_attention(base[..., 0], cos, sin)
+        assert out.is_contiguous()
+        out.square().sum().backward()
+    ref = rope_attention_reference(base[..., 0].detach().double(), cos.double(), sin.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert base.grad[..., 0].abs().sum() > 0 and (base.grad[..., 1] == 0).all()
+
+
 def test_longer_sequences_take_rope_and_sdpa(monkeypatch):
     """Above MAX_FUSED_SEQ the op runs as rope + SDPA, with the same result."""
     monkeypatch.setattr(rope_attention_module, "MAX_FUSED_SEQ", 8)
@@ -137,7 +152,7 @@ def test_gradient_path_of_longer_sequences(backend, monkeypatch):
         assert_close_to_reference(f"{backend} {name}", g, e, r)
 
 
-def test_fused_backward_of_a_strided_view():
+def test_fused_backward_of_a_strided_view(monkeypatch):
     """qkv as a view with padding columns (the kernel reads it in place): its gradient has qkv's
     shape and matches float64."""
     b, s, h, d = 2, 11, 2, 16
@@ -151,8 +166,10 @@ def test_fused_backward_of_a_strided_view():
         out.backward(dout.to(w.dtype))
         return w.grad
 
+    backward = record_calls(monkeypatch, rope_attention_module, "_backward_launch")
     with use_backend("triton"):
         got = grad_of_wide(rope_attention, wide, cos, sin)
+    assert backward == [True]
     eager = grad_of_wide(rope_attention_reference, wide, cos, sin)
     ref = grad_of_wide(rope_attention_reference, wide.double(), cos.double(), sin.double())
     assert (got[..., 3 * h * d:] == 0).all()
@@ -169,14 +186,17 @@ def test_model_attention_fused_gradient_equals_the_composed_one():
     h = torch.randn(2, 10, 48, device=DEVICE, dtype=dtype)
     dout = torch.randn(2, 10, 48, device=DEVICE, dtype=dtype)
     cos_sin = RotaryEmbedding(16, 12, 10000.0).to(DEVICE)()
-    results = []
+    results, launches = [], []
     for fused in (True, False):
         attn.zero_grad(set_to_none=True)
         x = h.clone().requires_grad_()
         with use_backend("triton"), pytest.MonkeyPatch.context() as mp:
             mp.setattr(Attention, "FUSED_GRAD", fused)
+            calls = record_calls(mp, rope_attention_module, "_backward_launch")
             attn(x, cos_sin).backward(dout)
+        launches.append(len(calls))
         results.append([x.grad, attn.qkv_proj.weight.grad, attn.o_proj.weight.grad])
+    assert launches == [1, 0]
     for name, a, b in zip(("dh", "dW_qkv", "dW_o"), *results):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2, msg=name)
 
