@@ -196,8 +196,9 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     tl.store(q_ptrs + HALF, dq2.to(DQKV.dtype.element_ty), mask=q_mask)
 
 
-# Sequences up to this length run in the kernel; longer ones run as hrm_kernels.rope + SDPA, which
-# at HRM's ARC length (901) was 2x faster than this kernel on an H100 (benchmarks/RESULTS.md).
+# Sequences up to this length run in the kernels (the backward holds them in one query block); longer
+# ones run as rope_qkv + SDPA, which at HRM's ARC length (901) was 2x faster than the forward kernel
+# on an H100 (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one

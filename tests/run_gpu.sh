@@ -23,7 +23,7 @@ groups=$(python3 - "$procs" <<'PY'
 import glob, sys
 seconds = {"test_gated_blend": 330, "test_train_distributed": 230, "test_train_resume": 170,
            "test_model_kernels": 170, "test_train_cli": 130, "test_linear_swiglu": 100,
-           "test_train_eval": 100, "test_gating_ablation": 60, "test_rope_attention": 60,
+           "test_train_eval": 100, "test_gating_ablation": 60, "test_rope_attention": 240,
            "test_cuda_graphs": 40, "test_swiglu": 40, "test_rope": 30}
 procs = int(sys.argv[1])
 load, groups = [0.0] * procs, [[] for _ in range(procs)]
