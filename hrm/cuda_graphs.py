@@ -21,8 +21,9 @@ parameters updated in place by the optimizer, buffers): the graph reads those ad
 The key must therefore name everything that changes what ``fn`` launches (shapes, dtypes, kernel
 backend) and the parameters' storage (``storage_key``). No host synchronisation, no RNG and no
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
-change the kernels (``FUSED_NO_GRAD`` of ``hrm.layers.SwiGLUMLP``, ``Attention`` and ``Block`` are in HRM's key; others such as
-``hrm_kernels.linear_swiglu.USE_TMA`` are not) need ``graphs.clear()`` when flipped after a capture.
+change the kernels are in HRM's key where the model owns them (``hrm.model.HRMInner._graph_key``:
+the ``FUSED_*``, ``ROPE_QKV`` and ``HOIST_WEIGHT_CASTS`` switches); kernel-module ones such as
+``hrm_kernels.linear_swiglu.USE_TMA`` are not and need ``graphs.clear()`` when flipped after a capture.
 
 ``GradGraphCache.run(key, fn, inputs, params)`` does the same for a function with gradients (HRM's
 last L and H calls of a training segment): its forward and its backward (``torch.autograd.grad``

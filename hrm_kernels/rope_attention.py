@@ -211,7 +211,7 @@ CUDA_CONFIG = (128, 32, 4, 1)
 # 64 keys 707 us; 8 warps 775-1107 us (registers). rope_qkv + SDPA (cuDNN): 852 us.
 CUDA_BACKWARD_CONFIG = (32, 4, 1, True)
 
-JOIN_ON_CPU = False  # the interpreter's choice (tests run both)
+INTERPRETER_BACKWARD_CONFIG = (16, 4, 1, False)  # the same, for CPU tensors (small tiles keep it quick)
 
 
 def _meta(qkv: torch.Tensor, cos: Optional[torch.Tensor]) -> dict:
@@ -255,7 +255,7 @@ def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Option
         dout = dout.to(qkv.dtype).contiguous()
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
-        block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else (16, 4, 1, JOIN_ON_CPU)
+        block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else INTERPRETER_BACKWARD_CONFIG
         block_m = max(16, triton.next_power_of_2(seq))
         launch(_rope_attention_backward_kernel, (batch * heads,), qkv, qkv if cos is None else cos,
                qkv if sin is None else sin, out, dout, lse, dqkv, seq, heads, qkv.stride(0), qkv.stride(1),

@@ -118,9 +118,8 @@ def test_fused_backward_matches_float64(shape, dtype, rotate, join, monkeypatch)
     """With a gradient: the forward kernel (with log-sum-exp) and the one-kernel backward (both ways
     of taking products over head_dim, JOIN_HALVES); output and the whole qkv gradient (q, k rotated
     back, v) against float64, on fresh non-zero inputs."""
-    monkeypatch.setattr(rope_attention_module, "JOIN_ON_CPU", join)
-    monkeypatch.setattr(rope_attention_module, "CUDA_BACKWARD_CONFIG",
-                        rope_attention_module.CUDA_BACKWARD_CONFIG[:3] + (join,))
+    for name in ("CUDA_BACKWARD_CONFIG", "INTERPRETER_BACKWARD_CONFIG"):
+        monkeypatch.setattr(rope_attention_module, name, getattr(rope_attention_module, name)[:3] + (join,))
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 3, d) if rotate else (None, None)
