@@ -2,7 +2,9 @@
 continue-target pass), backward, both optimizers; bf16, default ``hrm_v1`` sizes.
 
 Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs), ``fused``
-(hrm_kernels' Triton kernels), ``fused+compile``. Reports ms/step (median of timed steps after
+(hrm_kernels' Triton kernels), ``fused+compile``. The eager providers do the reference's work:
+their continue-target pass computes every position (``q_target_first_position=0``) unless
+``--switches`` names that switch. Reports ms/step (median of timed steps after
 warm-up), tokens/s, time to the first finished step (compilation included), peak memory, and
 where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
 
@@ -46,7 +48,9 @@ SWITCHES = {
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
+    "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
 }
+REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
 
 
 def parse_switches(setting: str) -> list[tuple[object, str, bool]]:
@@ -189,13 +193,21 @@ def _compile_kernels_ahead(head, opt, emb_opt, batch: dict, gbs: int, report: di
 
 
 def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10,
-        precompile: bool = False, cuda_graphs: bool = True) -> dict:
+        precompile: bool = False, cuda_graphs: bool = True, setting: str = "default") -> dict:
     """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
     backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
     gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs.
     ``precompile``: fused providers run the trainer's ``precompile_kernels`` dry run first, inside
     the first step's time. ``cuda_graphs``: the model's ``cuda_graphs`` setting (providers without
-    torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do)."""
+    torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do).
+    ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``."""
+    if provider.startswith("eager") and "q_target_first_position" not in setting:
+        setting = REFERENCE_WORK if setting == "default" else f"{REFERENCE_WORK},{setting}"
+    with switches(setting):
+        return _run(shape, gated, provider, mode, steps, precompile, cuda_graphs)
+
+
+def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:
     torch.manual_seed(0)
     head, step_model, opt, emb_opt = build(shape, gated, provider, cuda_graphs)
     batch = make_batch(shape, 0)
@@ -263,8 +275,8 @@ def main(argv=None) -> str:
                                                                      args.switches):
                 if provider.endswith("compile") and graphs != args.cuda_graphs[0]:
                     continue  # compiled providers never replay graphs: once is enough
-                with switches(setting):
-                    r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs))
+                r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs),
+                        setting=setting)
                 if setting != "default":
                     r["provider"] += f" [{setting}]"
                 print({k: v for k, v in r.items() if k != "kernels"}, flush=True)

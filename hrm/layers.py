@@ -191,14 +191,31 @@ class Attention(nn.Module):
             q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
             if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
                 q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
+        return self._attend(q, k, v).reshape(batch, seq, hidden)
+
+    def first_query_heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``heads(h, cos_sin)[:, :1]``, position 0's query against every key: [batch, 1, hidden].
+        Keys and values are projected (and keys rotated) for every position, the query for
+        position 0 alone."""
+        batch, seq, hidden = h.shape
+        weight, bias = self.qkv_proj.weight_as(h.dtype), self.qkv_proj.bias
+        bias = None if bias is None else bias.to(h.dtype)
+        q = F.linear(h[:, :1], weight[:hidden], None if bias is None else bias[:hidden])
+        kv = F.linear(h, weight[hidden:], None if bias is None else bias[hidden:])
+        q = q.view(batch, 1, self.num_heads, self.head_dim)
+        k, v = kv.view(batch, seq, 2 * self.num_heads, self.head_dim).split(self.num_heads, dim=2)
+        if cos_sin is not None:
+            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)  # q at position 0, k at all
+        return self._attend(q, k, v).reshape(batch, 1, hidden)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention, bidirectional: q [batch, queries, heads, head_dim], k and v [batch,
+        keys, heads, head_dim] -> [batch, queries, heads, head_dim]."""
         if self._use_flash(q):
             out = _flash_attn_func(q, k, v, causal=False)
-            if isinstance(out, tuple):  # FlashAttention 3 also returns the log-sum-exp
-                out = out[0]
-        else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=False).transpose(1, 2)
-        return out.reshape(batch, seq, hidden)
+            return out[0] if isinstance(out, tuple) else out  # FlashAttention 3 also returns the log-sum-exp
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              is_causal=False).transpose(1, 2)
 
 
 class SwiGLUMLP(nn.Module):
@@ -252,3 +269,10 @@ class Block(nn.Module):
             return linear_add_rms_norm(mlp.hidden(h), mlp.down_proj.weight_as(h.dtype), h, self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)
+
+    def first_position(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
+        """``forward(h, cos_sin)[:, :1]`` computed for position 0 alone (its attention still reads
+        every position's keys and values): [batch, 1, hidden]."""
+        attn = self.self_attn
+        h0 = rms_norm(h[:, :1], residual=attn.o_proj(attn.first_query_heads(h, cos_sin)), eps=self.eps)
+        return rms_norm(h0, residual=self.mlp(h0), eps=self.eps)

@@ -81,8 +81,9 @@ class ReasoningModule(nn.Module):
                                if config.use_gating else None)
 
     def forward(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], cos_sin,
-                stats: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns (new state, gate stats [3, 5] or None)."""
+                stats: bool = False, first_position: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns (new state, gate stats [3, 5] or None). ``first_position``: the state at
+        position 0 alone, [batch, 1, hidden] (the last block computes nothing else)."""
         gate_stats = None
         if self.gating_network is None:
             h = own + (other if inj is None else other + inj)
@@ -90,8 +91,11 @@ class ReasoningModule(nn.Module):
             h, gate_stats = self.gating_network.blend(own, other, inj, stats=True)
         else:
             h = self.gating_network.blend(own, other, inj, stats=False)
-        for layer in self.layers:
+        last = len(self.layers) - 1 if first_position else len(self.layers)
+        for layer in self.layers[:last]:
             h = layer(h, cos_sin)
+        if first_position:
+            h = self.layers[last].first_position(h, cos_sin) if last >= 0 else h[:, :1]
         return h, gate_stats
 
 
@@ -105,6 +109,7 @@ class HRMInner(nn.Module):
 
     GRAPH_GRAD_CALLS = True
     HOIST_WEIGHT_CASTS = True
+    Q_TARGET_FIRST_POSITION = True  # see ``q_values``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -169,20 +174,25 @@ class HRMInner(nn.Module):
 
     # --------------------------------------------------------------------------- segment
 
-    def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
+    def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
+                   first_position: bool = False):
         """The first ``steps`` module calls of a segment's H_cycles * L_cycles L-calls and
         H_cycles H-calls, in order (each L-call, then an H-call after every L_cycles of them),
-        without gate stats. Returns (z_H, z_L). Without gradients and with ``HOIST_WEIGHT_CASTS``, the
+        without gate stats. Returns (z_H, z_L); with ``first_position`` (all the calls), the
+        last H-call computes z_H at position 0 alone ([batch, 1, hidden]). Without gradients and with ``HOIST_WEIGHT_CASTS``, the
         blocks' weights are cast to the forward dtype once for all the calls, not once per call
         (outside torch.compile, which fuses the casts itself)."""
         if (self.HOIST_WEIGHT_CASTS and not torch.is_grad_enabled() and steps > 1
                 and not torch.compiler.is_compiling()):
             with hoisted_weight_casts([self.L_level.layers, self.H_level.layers], self.forward_dtype):
-                return self._recurrence(z_H, z_L, x, steps)
-        return self._recurrence(z_H, z_L, x, steps)
+                return self._recurrence(z_H, z_L, x, steps, first_position)
+        return self._recurrence(z_H, z_L, x, steps, first_position)
 
-    def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
+    def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
+                    first_position: bool = False):
         cfg, cos_sin = self.config, self._cos_sin()
+        if first_position and steps != cfg.H_cycles * (cfg.L_cycles + 1):
+            raise ValueError(f"first_position needs all {cfg.H_cycles * (cfg.L_cycles + 1)} module calls, got {steps}")
         calls = 0
         for _ in range(cfg.H_cycles):
             for _ in range(cfg.L_cycles):
@@ -192,7 +202,7 @@ class HRMInner(nn.Module):
                 calls += 1
             if calls == steps:
                 return z_H, z_L
-            z_H, _ = self.H_level(z_H, z_L, None, cos_sin)
+            z_H, _ = self.H_level(z_H, z_L, None, cos_sin, first_position=first_position and calls == steps - 1)
             calls += 1
         return z_H, z_L
 
@@ -205,6 +215,27 @@ class HRMInner(nn.Module):
             z_H, z_L = self.graphs.run(key, lambda h, l, e: self.recurrence(h, l, e, steps),
                                        (z_H, z_L, x.detach()))
             return z_H, z_L
+
+    def q_values(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward(carry, batch)``'s (q_halt, q_continue), [batch] fp32 each, without gradients:
+        what the ACT continue target reads. With ``Q_TARGET_FIRST_POSITION`` the segment's last
+        H block runs for position 0 alone, the only position the Q head reads (its attention
+        still uses every position's keys and values), and no logits are made: the same math with
+        about one block of the segment's 24 less (rounding may differ: the matmuls have other
+        shapes). Off, the whole ``forward`` runs, as the reference does."""
+        with torch.no_grad():
+            if not self.Q_TARGET_FIRST_POSITION:
+                return self(carry, batch, gate_stats=False)[2]
+            x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+            steps = self.config.H_cycles * (self.config.L_cycles + 1)
+            run = lambda h, l, e: self.recurrence(h, l, e, steps, first_position=True)[:1]  # noqa: E731
+            if self._use_graphs(x):
+                (z_H0,) = self.graphs.run((steps, "first_position", *self._graph_key(carry.z_H, carry.z_L, x)),
+                                          run, (carry.z_H, carry.z_L, x))
+            else:
+                (z_H0,) = run(carry.z_H, carry.z_L, x)
+            q = self.q_head(z_H0[:, 0]).to(torch.float32)
+            return q[..., 0], q[..., 1]
 
     def _graph_key(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple:
         """What a captured graph depends on besides the values: shapes, dtypes, device, kernels,
@@ -333,7 +364,7 @@ class HRM(nn.Module):
                 min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
                 halted = halted & (steps >= min_steps)
                 # Q-learning target: the next segment's Q values (bootstrapped, no gradient).
-                _, _, (next_halt, next_continue), _ = self.inner(inner_carry, current_data, gate_stats=False)
+                next_halt, next_continue = self.inner.q_values(inner_carry, current_data)
                 outputs["target_q_continue"] = torch.sigmoid(
                     torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
 

@@ -27,8 +27,8 @@ def _record_calls(inner):
     calls = []
 
     def recorder(name):
-        def forward(own, other, inj, cos_sin, stats=False):
-            calls.append(name)
+        def forward(own, other, inj, cos_sin, stats=False, first_position=False):
+            calls.append(name + ("0" if first_position else ""))
             return 2 * own + 3 * other + (0.0 if inj is None else 5 * inj), None
         return forward
 
@@ -63,6 +63,11 @@ def test_recurrence_runs_the_first_steps_in_the_reference_order(H_cycles, L_cycl
         order, want_H, want_L = _reference_order(H_cycles, L_cycles, z_H, z_L, x, steps)
         assert calls == order, steps
         assert (got_H.item(), got_L.item()) == (want_H.item(), want_L.item()), steps
+    calls.clear()  # the continue target's recurrence: the last H-call at position 0 alone
+    inner.recurrence(z_H, z_L, x, H_cycles * (L_cycles + 1), first_position=True)
+    assert calls == order[:-1] + ["H0"]
+    with pytest.raises(ValueError, match="first_position needs all"):
+        inner.recurrence(z_H, z_L, x, H_cycles * (L_cycles + 1) - 1, first_position=True)
 
 
 @pytest.mark.parametrize("cache_type", [GraphCache, GradGraphCache])
@@ -123,9 +128,10 @@ def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
     torch.manual_seed(0)
     for batch in batches:
         head.train()
-        carry, loss, metrics, outputs, _ = head(return_keys=("logits",), carry=carry, batch=batch)
+        carry, loss, metrics, outputs, _ = head(return_keys=("logits", "target_q_continue"), carry=carry,
+                                                batch=batch)
         loss.backward()
-        record += [loss, outputs["logits"], carry.inner_carry.z_H, carry.inner_carry.z_L]
+        record += [loss, outputs["logits"], outputs["target_q_continue"], carry.inner_carry.z_H, carry.inner_carry.z_L]
         record += [p.grad for p in model.parameters() if p.grad is not None]
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,9 +155,10 @@ def test_graphs_give_the_launched_kernels_results(gated):
     launched, plain = _train(False, state, batches, gated)
     replayed, graphed = _train(True, state, batches, gated)
     assert len(plain.inner.graphs) == len(plain.inner.grad_graphs) == 0
-    # training: the recurrence minus its with-grad step, the continue-target pass (all of it);
-    # evaluation: the whole recurrence at two batch sizes. The with-grad calls: one pair.
-    assert len(graphed.inner.graphs) == 3
+    # training: the recurrence minus its with-grad step, the continue-target pass (all of it, the
+    # last H block at position 0 alone); evaluation: the whole recurrence at two batch sizes.
+    # The with-grad calls: one pair.
+    assert len(graphed.inner.graphs) == 4
     assert len(graphed.inner.grad_graphs) == 1
     assert len(launched) == len(replayed)
     for i, (a, b) in enumerate(zip(launched, replayed)):
