@@ -88,8 +88,8 @@ def hoisted_weight_casts(modules: list[nn.Module], dtype: torch.dtype):
     linears = [m for module in modules for m in module.modules() if isinstance(m, CastedLinear)]
     try:
         with torch.no_grad():
-            for m in linears:
-                m._weight_cast = m.weight.to(dtype)
+            for m in linears:  # detached: a weight already in ``dtype`` would come back as the
+                m._weight_cast = m.weight.detach().to(dtype)  # Parameter and be registered as one
         yield
     finally:
         for m in linears:

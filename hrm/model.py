@@ -91,12 +91,10 @@ class ReasoningModule(nn.Module):
             h, gate_stats = self.gating_network.blend(own, other, inj, stats=True)
         else:
             h = self.gating_network.blend(own, other, inj, stats=False)
-        last = len(self.layers) - 1 if first_position else len(self.layers)
-        for layer in self.layers[:last]:
-            h = layer(h, cos_sin)
-        if first_position:
-            h = self.layers[last].first_position(h, cos_sin) if last >= 0 else h[:, :1]
-        return h, gate_stats
+        last = len(self.layers) - 1  # (no slicing: a new ModuleList per call would recompile torch.compile's graphs)
+        for i, layer in enumerate(self.layers):
+            h = layer.first_position(h, cos_sin) if first_position and i == last else layer(h, cos_sin)
+        return (h[:, :1] if first_position and last < 0 else h), gate_stats
 
 
 class HRMInner(nn.Module):

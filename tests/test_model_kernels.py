@@ -133,3 +133,29 @@ def test_bfloat16_activations_with_fp32_parameters(kernels):
     assert all(p.dtype == torch.float32 and p.grad is not None and torch.isfinite(p.grad).all()
                for p in head.parameters())
     assert torch.isfinite(loss) and metrics["gate/L/own_mean"].dtype == torch.float32
+
+
+
+def test_act_steps_compile_once():
+    """Training segments register no module, parameter or buffer (the count that ``hrm.cuda_graphs``
+    and torch.compile's guards read: a ModuleList sliced inside forward registers its modules
+    anew every call, and on an H100 made every compiled step recompile until torch.compile gave
+    up), and consecutive segments of a compiled model reuse its graph."""
+    import hrm.cuda_graphs
+
+    torch._dynamo.reset()
+    model = HRM(tiny_config(**FUSED, kernels="eager"))
+    model.train()
+    batch = make_batch(None)
+    carry = model.initial_carry(batch)
+    before = hrm.cuda_graphs._registrations
+    carry, _ = model(carry, batch)
+    assert hrm.cuda_graphs._registrations == before
+    compiled = torch.compile(model, backend="eager")
+    before = hrm.cuda_graphs._registrations  # (the wrapper registers the model as its submodule)
+    carry, _ = compiled(carry, batch)  # first call: compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            carry, outputs = compiled(carry, batch)
+    assert hrm.cuda_graphs._registrations == before
+    assert torch.isfinite(outputs["target_q_continue"]).all()
