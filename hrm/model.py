@@ -177,9 +177,9 @@ class HRMInner(nn.Module):
         """The first ``steps`` module calls of a segment's H_cycles * L_cycles L-calls and
         H_cycles H-calls, in order (each L-call, then an H-call after every L_cycles of them),
         without gate stats. Returns (z_H, z_L); with ``first_position`` (all the calls), the
-        last H-call computes z_H at position 0 alone ([batch, 1, hidden]). Without gradients and with ``HOIST_WEIGHT_CASTS``, the
-        blocks' weights are cast to the forward dtype once for all the calls, not once per call
-        (outside torch.compile, which fuses the casts itself)."""
+        last H-call computes z_H at position 0 alone ([batch, 1, hidden]). Without gradients and
+        with ``HOIST_WEIGHT_CASTS``, the blocks' weights are cast to the forward dtype once for all
+        the calls, not once per call (outside torch.compile, which fuses the casts itself)."""
         if (self.HOIST_WEIGHT_CASTS and not torch.is_grad_enabled() and steps > 1
                 and not torch.compiler.is_compiling()):
             with hoisted_weight_casts([self.L_level.layers, self.H_level.layers], self.forward_dtype):
