@@ -122,9 +122,10 @@ def against_model_path() -> str:
 
 def sweep() -> str:
     """GPU time per tile configuration at the shapes the kernels take (seq <= MAX_FUSED_SEQ): the
-    forward's (BLOCK_M, BLOCK_N, num_warps, num_stages), fastest eight; then fwd+bwd per backward
+    forward's (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES), fastest eight; then fwd+bwd per backward
     (BLOCK_N, num_warps, num_stages, JOIN_HALVES)."""
-    configs = [(bm, bn, w, st) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+    configs = [(bm, bn, w, st, join) for bm in (32, 64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)
+               for join in (False, True)]
     shapes = [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]
     forward = tile_sweep(kernel_module, "CUDA_CONFIG", configs, shapes,
                          lambda shape: functools.partial(_triton, *_inputs(shape)), keep=8)

@@ -63,31 +63,36 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: t
 
 
 @triton.jit
-def _head_columns(n_heads, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr):
-    """This program's (batch, head) from its first grid index, and the column ranges of a half
-    (d, d_ok) and of a whole head (dv, dv_ok), padded to the powers of two tl.dot needs."""
-    bh = tl.program_id(0)
+def _head_columns(bh, n_heads, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr):
+    """(batch, head) of the flat index ``bh`` = batch * n_heads + head, and the column ranges of a
+    half (d, d_ok) and of a whole head (dv, dv_ok), padded to the powers of two tl.dot needs."""
     d = tl.arange(0, HALF_P)
     dv = tl.arange(0, HEAD_P)
-    return bh, bh // n_heads, bh % n_heads, d, d < HALF, dv, dv < 2 * HALF
+    return bh // n_heads, bh % n_heads, d, d < HALF, dv, dv < 2 * HALF
 
 
 @triton.jit
 def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
                            qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
                            ROPE: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Program (batch * head, query block). ``qk_scale`` = log2(e) / sqrt(head_dim): the softmax runs
-    in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a power of two >= 16 (tl.dot).
-    STORE_LSE: also write each query's log2-sum-exp2 of its scaled scores to LSE [batch * heads, seq]
-    (fp32), what the backward recomputes the probabilities from."""
-    bh, batch, head, d, d_ok, dv, dv_ok = _head_columns(n_heads, HALF, HALF_P, HEAD_P)
+                           BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Program (batch * head) * query blocks + query block: the query blocks of one head run side by
+    side, so its keys and values are read from L2 after the first. ``qk_scale`` = log2(e) /
+    sqrt(head_dim): the softmax runs in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a
+    power of two >= 16 (tl.dot). STORE_LSE: also write each query's log2-sum-exp2 of its scaled
+    scores to LSE [batch * heads, seq] (fp32), what the backward recomputes the probabilities from.
+    JOIN_HALVES: q.k over the halves interleaved into one operand, as in the backward."""
+    query_blocks = tl.cdiv(seq_len, BLOCK_M)
+    bh = tl.program_id(0) // query_blocks
+    batch, head, d, d_ok, dv, dv_ok = _head_columns(bh, n_heads, HALF, HALF_P, HEAD_P)
     base = QKV + batch.to(tl.int64) * stride_b
     head_dim = 2 * HALF
 
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
     q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
+    if JOIN_HALVES:
+        q = tl.reshape(tl.join(q1, q2), (BLOCK_M, 2 * HALF_P))
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -97,8 +102,11 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
         key_ok = keys < seq_len
         k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok,
                                HALF, ROPE)
-        s = tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
-        s = tl.dot(q2, tl.trans(k2), s, input_precision=INPUT_PRECISION)
+        if JOIN_HALVES:
+            s = tl.dot(q, tl.trans(tl.reshape(tl.join(k1, k2), (BLOCK_N, 2 * HALF_P))), input_precision=INPUT_PRECISION)
+        else:
+            s = tl.dot(q1, tl.trans(k1), input_precision=INPUT_PRECISION)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=INPUT_PRECISION)
         s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -127,7 +135,8 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     layout), dq and dk rotated back. ``sm_scale`` = 1 / sqrt(head_dim). JOIN_HALVES: the products over
     head_dim run on the halves interleaved into one [.., 2 * HALF_P] operand (a dot product does not
     depend on the order of its terms, as long as both sides use the same one) instead of one dot per half."""
-    bh, batch, head, d, d_ok, dv, dv_ok = _head_columns(n_heads, HALF, HALF_P, HEAD_P)
+    bh = tl.program_id(0)
+    batch, head, d, d_ok, dv, dv_ok = _head_columns(bh, n_heads, HALF, HALF_P, HEAD_P)
     base = QKV + batch.to(tl.int64) * stride_b
     grad_base = DQKV + batch.to(tl.int64) * stride_db
     head_dim = 2 * HALF
@@ -200,10 +209,11 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 # ones run as rope_qkv + SDPA, which at HRM's ARC length (901) was 2x faster than the forward kernel
 # on an H100 (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
-CUDA_CONFIG = (128, 32, 4, 1)
+CUDA_CONFIG = (128, 32, 4, 1, False)
+INTERPRETER_CONFIG = (16, 16, 4, 1, False)  # the same, for CPU tensors (small tiles keep it quick)
 
 
 # The backward's (BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; its query block is the whole sequence.
@@ -231,17 +241,14 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch * heads, seq), dtype=torch.float32, device=qkv.device) if with_lse else out
     if out.numel():
-        if qkv.is_cuda:
-            block_m, block_n, num_warps, num_stages = CUDA_CONFIG
-        else:  # the interpreter: small tiles keep it quick
-            block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+        block_m, block_n, num_warps, num_stages, join = CUDA_CONFIG if qkv.is_cuda else INTERPRETER_CONFIG
         block_m = min(block_m, max(16, triton.next_power_of_2(seq)))
         block_n = min(block_n, max(16, triton.next_power_of_2(seq)))
-        grid = (batch * heads, triton.cdiv(seq, block_m))
+        grid = (batch * heads * triton.cdiv(seq, block_m),)
         launch(_rope_attention_kernel, grid, qkv, qkv if cos is None else cos, qkv if sin is None else sin, out, lse,
                seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, BLOCK_M=block_m, BLOCK_N=block_n,
-               num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
+               JOIN_HALVES=join, num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
     return (out, lse) if with_lse else out
 
 

@@ -49,12 +49,13 @@ for dt in ("bf16", "fp16", "fp32"):
     ls_m, ls_n, ls_k, ls_w, ls_s, ls_ws, ls_fl = module("linear_swiglu").tma_config(True, size)
     lt_m, lt_n, lt_k, lt_w, lt_s = module("linear_swiglu").tiled_config(True, size)
     ra_n, ra_w, ra_s, ra_join = module("rope_attention").CUDA_BACKWARD_CONFIG
+    rf_m, rf_n, rf_w, rf_s, rf_join = module("rope_attention").CUDA_CONFIG
     cases = {
         "rope_attention": (module("rope_attention")._rope_attention_kernel,
                            {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "LSE": "*fp32",
                             "qk_scale": "fp32"},
-                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, STORE_LSE=True, BLOCK_M=128, BLOCK_N=32,
-                                INPUT_PRECISION=prec), 4, 1),
+                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, STORE_LSE=True, BLOCK_M=rf_m, BLOCK_N=rf_n,
+                                JOIN_HALVES=rf_join, INPUT_PRECISION=prec), rf_w, rf_s),
         "rope_attention backward": (
             module("rope_attention")._rope_attention_backward_kernel,
             {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "DOUT": "*" + dt, "LSE": "*fp32",

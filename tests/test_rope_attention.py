@@ -31,10 +31,15 @@ def _reference64(qkv, cos, sin):
                                     None if sin is None else sin.double())
 
 
+# The forward's q.k both ways in the interpreter; on the GPU the way CUDA_CONFIG takes.
+@pytest.mark.parametrize("join", [rope_attention_module.CUDA_CONFIG[4]] if CUDA else [False, True],
+                         ids=lambda join: "joined" if join else "halves")
 @pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernel_matches_float64(shape, dtype, rotate, monkeypatch):
+def test_kernel_matches_float64(shape, dtype, rotate, join, monkeypatch):
+    for name in ("CUDA_CONFIG", "INTERPRETER_CONFIG"):
+        monkeypatch.setattr(rope_attention_module, name, getattr(rope_attention_module, name)[:4] + (join,))
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 3, d) if rotate else (None, None)
