@@ -201,10 +201,14 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
     the first step's time. ``cuda_graphs``: the model's ``cuda_graphs`` setting (providers without
     torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do).
     ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``."""
-    if provider.startswith("eager") and "q_target_first_position" not in setting:
+    reference_work = provider.startswith("eager") and "q_target_first_position" not in setting
+    if reference_work:
         setting = REFERENCE_WORK if setting == "default" else f"{REFERENCE_WORK},{setting}"
     with switches(setting):
-        return _run(shape, gated, provider, mode, steps, precompile, cuda_graphs)
+        result = _run(shape, gated, provider, mode, steps, precompile, cuda_graphs)
+    if reference_work and mode == "train":
+        result["provider"] += " (reference work)"
+    return result
 
 
 def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:

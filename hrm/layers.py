@@ -198,11 +198,9 @@ class Attention(nn.Module):
         Keys and values are projected (and keys rotated) for every position, the query for
         position 0 alone."""
         batch, seq, hidden = h.shape
-        weight, bias = self.qkv_proj.weight_as(h.dtype), self.qkv_proj.bias
-        bias = None if bias is None else bias.to(h.dtype)
-        q = F.linear(h[:, :1], weight[:hidden], None if bias is None else bias[:hidden])
-        kv = F.linear(h, weight[hidden:], None if bias is None else bias[hidden:])
-        q = q.view(batch, 1, self.num_heads, self.head_dim)
+        weight = self.qkv_proj.weight_as(h.dtype)  # (no bias: the projection has none)
+        q = F.linear(h[:, :1], weight[:hidden]).view(batch, 1, self.num_heads, self.head_dim)
+        kv = F.linear(h, weight[hidden:])
         k, v = kv.view(batch, seq, 2 * self.num_heads, self.head_dim).split(self.num_heads, dim=2)
         if cos_sin is not None:
             q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)  # q at position 0, k at all

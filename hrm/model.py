@@ -220,7 +220,10 @@ class HRMInner(nn.Module):
         H block runs for position 0 alone, the only position the Q head reads (its attention
         still uses every position's keys and values), and no logits are made: the same math with
         about one block of the segment's 24 less (rounding may differ: the matmuls have other
-        shapes). Off, the whole ``forward`` runs, as the reference does."""
+        shapes). Off, the whole ``forward`` runs, as the reference does. With CUDA graphs this pass
+        has a graph of its own (ungated, evaluation's whole-recurrence graph no longer serves it:
+        one more set of static buffers). Called as a method, it bypasses ``HRMInner.__call__`` (its
+        hooks; a ``torch.compile`` of ``inner`` alone would not cover it)."""
         with torch.no_grad():
             if not self.Q_TARGET_FIRST_POSITION:
                 return self(carry, batch, gate_stats=False)[2]

@@ -212,7 +212,9 @@ MAX_FUSED_SEQ = 128
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
-CUDA_CONFIG = (128, 32, 4, 1, False)
+# Session 9 sweep (H100, 768 x 82 x 8 x 64 bf16, forward GPU time): (128, 32, 4, 1) joined 158.9 us,
+# halves 170.5; (64, 64, 4, 1, joined) 183.6; 2 stages 228-234; query blocks of 32 317-594.
+CUDA_CONFIG = (128, 32, 4, 1, True)
 INTERPRETER_CONFIG = (16, 16, 4, 1, False)  # the same, for CPU tensors (small tiles keep it quick)
 
 

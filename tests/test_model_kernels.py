@@ -140,13 +140,14 @@ def test_act_steps_compile_once():
     """Training segments register no module, parameter or buffer (the count that ``hrm.cuda_graphs``
     and torch.compile's guards read: a ModuleList sliced inside forward registers its modules
     anew every call, and on an H100 made every compiled step recompile until torch.compile gave
-    up), and consecutive segments of a compiled model reuse its graph."""
+    up), and consecutive segments of a compiled model reuse its graph. On the CPU that slicing
+    recompiles nothing (no guard there reads the count): the count is what catches it."""
     import hrm.cuda_graphs
 
     torch._dynamo.reset()
-    model = HRM(tiny_config(**FUSED, kernels="eager"))
+    model = HRM(tiny_config(**FUSED, kernels="eager")).to(DEVICE)
     model.train()
-    batch = make_batch(None)
+    batch = {k: v.to(DEVICE) for k, v in make_batch(None).items()}
     carry = model.initial_carry(batch)
     before = hrm.cuda_graphs._registrations
     carry, _ = model(carry, batch)

@@ -13,6 +13,7 @@ from hrm.layers import Block, RotaryEmbedding
 from hrm.model import HRMInner
 from hrm_kernels import use_backend
 from hrm_kernels.backend import triton_can_run
+from tests.conftest import requires_cuda
 from tests.test_model_spec import (CASES, assert_close, make_batch, randomize_, spec_attention, spec_mlp,
                                    spec_rmsnorm, tiny_config)
 
@@ -98,3 +99,31 @@ def test_q_values_leave_out_the_other_positions_work(monkeypatch):
     B, S, D, I, V = 3, cfg.total_seq_len, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     others = 2 * B * (S - 1) * D * (D + D + 2 * I + I)  # q, o, gate_up, down of positions 1..S-1
     assert full - trimmed == others + 2 * B * S * D * V  # ... and the logits
+
+
+@requires_cuda
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_q_values_in_bfloat16_on_the_gpu(gated, monkeypatch):
+    """bf16, Triton kernels, CUDA graphs (the training configuration), 257 sequences: the trimmed
+    pass against the whole segment. Different matmul shapes round differently, and the Q head reads
+    a bf16 hidden state: within 4 bf16 roundings (eps 2^-7) of the largest |q|."""
+    torch.manual_seed(9)
+    model = HRM(tiny_config(use_gating=gated, puzzle_emb_ndim=32, forward_dtype="bfloat16", kernels="triton",
+                            batch_size=257, hidden_size=128, num_heads=2, seq_len=81)).cuda()
+    randomize_(model)
+    inner = model.inner
+    g = torch.Generator().manual_seed(0)
+    batch = {"inputs": torch.randint(0, 12, (257, 81), generator=g).cuda(),
+             "puzzle_identifiers": torch.randint(0, 7, (257,), generator=g).cuda()}
+    carry = inner.empty_carry(257)
+    carry.z_H.copy_(torch.randn_like(carry.z_H))
+    carry.z_L.copy_(torch.randn_like(carry.z_L))
+    with torch.no_grad():
+        got = inner.q_values(carry, batch)
+        monkeypatch.setattr(HRMInner, "Q_TARGET_FIRST_POSITION", False)
+        want = inner.q_values(carry, batch)
+    for name, g_, w in zip(("q_halt", "q_continue"), got, want):
+        bound = 4 * 2.0 ** -7 * w.abs().max().item()
+        err = (g_ - w).abs().max().item()
+        assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e}"
+        assert w.abs().max() > 0.5  # the Q head is not trivial
