@@ -31,15 +31,26 @@ def _reference64(qkv, cos, sin):
                                     None if sin is None else sin.double())
 
 
-# The forward's q.k both ways in the interpreter; on the GPU the way CUDA_CONFIG takes.
-@pytest.mark.parametrize("join", [rope_attention_module.CUDA_CONFIG[4]] if CUDA else [False, True],
-                         ids=lambda join: "joined" if join else "halves")
+def _joins(cuda_config: str):
+    """JOIN_HALVES values to test: both in the interpreter; on the GPU the one ``cuda_config`` (the
+    name of a config tuple ending in it) picks (each compiles its own kernels: the other doubled
+    this file's GPU time to ~450 s)."""
+    join = [getattr(rope_attention_module, cuda_config)[-1]] if CUDA else [False, True]
+    return pytest.mark.parametrize("join", join, ids=lambda join: "joined" if join else "halves")
+
+
+def _set_join(monkeypatch, configs: tuple[str, str], join: bool) -> None:
+    """Set the last field (JOIN_HALVES) of the CUDA and interpreter config tuples named ``configs``."""
+    for name in configs:
+        monkeypatch.setattr(rope_attention_module, name, getattr(rope_attention_module, name)[:-1] + (join,))
+
+
+@_joins("CUDA_CONFIG")  # the forward's q.k over the halves apart or interleaved
 @pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_kernel_matches_float64(shape, dtype, rotate, join, monkeypatch):
-    for name in ("CUDA_CONFIG", "INTERPRETER_CONFIG"):
-        monkeypatch.setattr(rope_attention_module, name, getattr(rope_attention_module, name)[:4] + (join,))
+    _set_join(monkeypatch, ("CUDA_CONFIG", "INTERPRETER_CONFIG"), join)
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 3, d) if rotate else (None, None)
@@ -112,10 +123,7 @@ def _tables64(cos, sin):
     return (None, None) if cos is None else (cos.double(), sin.double())
 
 
-# Both ways of taking the head_dim products in the interpreter; on the GPU the one CUDA_BACKWARD_CONFIG
-# picks (each case compiles its own kernels: the other doubled this file's GPU time to ~450 s).
-@pytest.mark.parametrize("join", [rope_attention_module.CUDA_BACKWARD_CONFIG[3]] if CUDA else [False, True],
-                         ids=lambda join: "joined" if join else "halves")
+@_joins("CUDA_BACKWARD_CONFIG")
 @pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -123,8 +131,7 @@ def test_fused_backward_matches_float64(shape, dtype, rotate, join, monkeypatch)
     """With a gradient: the forward kernel (with log-sum-exp) and the one-kernel backward (both ways
     of taking products over head_dim, JOIN_HALVES); output and the whole qkv gradient (q, k rotated
     back, v) against float64, on fresh non-zero inputs."""
-    for name in ("CUDA_BACKWARD_CONFIG", "INTERPRETER_BACKWARD_CONFIG"):
-        monkeypatch.setattr(rope_attention_module, name, getattr(rope_attention_module, name)[:3] + (join,))
+    _set_join(monkeypatch, ("CUDA_BACKWARD_CONFIG", "INTERPRETER_BACKWARD_CONFIG"), join)
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 3, d) if rotate else (None, None)
