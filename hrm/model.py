@@ -167,6 +167,11 @@ class HRMInner(nn.Module):
         return HRMInnerCarry(z_H=torch.where(flag, self.H_init, carry.z_H),
                              z_L=torch.where(flag, self.L_init, carry.z_L))
 
+    @property
+    def segment_calls(self) -> int:
+        """Module calls in one segment: H_cycles * L_cycles L-calls and H_cycles H-calls."""
+        return self.config.H_cycles * (self.config.L_cycles + 1)
+
     def _cos_sin(self):
         return self.rotary_emb() if self.config.pos_encodings == "rope" else None
 
@@ -189,8 +194,8 @@ class HRMInner(nn.Module):
     def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
                     first_position: bool = False):
         cfg, cos_sin = self.config, self._cos_sin()
-        if first_position and steps != cfg.H_cycles * (cfg.L_cycles + 1):
-            raise ValueError(f"first_position needs all {cfg.H_cycles * (cfg.L_cycles + 1)} module calls, got {steps}")
+        if first_position and steps != self.segment_calls:
+            raise ValueError(f"first_position needs all {self.segment_calls} module calls, got {steps}")
         calls = 0
         for _ in range(cfg.H_cycles):
             for _ in range(cfg.L_cycles):
@@ -228,7 +233,7 @@ class HRMInner(nn.Module):
             if not self.Q_TARGET_FIRST_POSITION:
                 return self(carry, batch, gate_stats=False)[2]
             x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
-            steps = self.config.H_cycles * (self.config.L_cycles + 1)
+            steps = self.segment_calls
             run = lambda h, l, e: self.recurrence(h, l, e, steps, first_position=True)[:1]  # noqa: E731
             if self._use_graphs(x):
                 (z_H0,) = self.graphs.run((steps, "first_position", *self._graph_key(carry.z_H, carry.z_L, x)),
@@ -285,7 +290,7 @@ class HRMInner(nn.Module):
         cfg = self.config
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
-        all_calls = cfg.H_cycles * (cfg.L_cycles + 1)
+        all_calls = self.segment_calls
 
         if not torch.is_grad_enabled() and not want_stats:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
