@@ -39,7 +39,7 @@ SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (referen
     "arc": dict(batch_size=96, seq_len=900, vocab_size=12, num_puzzle_identifiers=960 * 1000 + 1),
 }
 PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
-# The model's fusion switches: name -> (module, class, attribute).
+# The model's fusion switches: name -> (module, class or None for a module attribute, attribute).
 SWITCHES = {
     "rope_attention": ("hrm.layers", "Attention", "FUSED_NO_GRAD"),  # RoPE + attention, no-grad
     "rope_attention_grad": ("hrm.layers", "Attention", "FUSED_GRAD"),  # ... and its fused backward
@@ -49,6 +49,7 @@ SWITCHES = {
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
+    "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
 
@@ -62,7 +63,8 @@ def parse_switches(setting: str) -> list[tuple[object, str, bool]]:
         if name not in SWITCHES or value not in ("0", "1"):
             raise SystemExit(f"--switches: {item!r} is not name=0|1 with name one of {', '.join(SWITCHES)}")
         module, cls, attr = SWITCHES[name]
-        parsed.append((getattr(importlib.import_module(module), cls), attr, value == "1"))
+        owner = importlib.import_module(module)
+        parsed.append((getattr(owner, cls) if cls else owner, attr, value == "1"))
     return parsed
 
 

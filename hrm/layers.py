@@ -75,6 +75,12 @@ class CastedLinear(nn.Module):
             return cast
         return self.weight.to(dtype)
 
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight for a kernel that casts at use (``gated_blend``): without gradients inside
+        ``hoisted_weight_casts``, the cast made there once; else the parameter itself."""
+        cast = self._weight_cast
+        return cast if cast is not None and not torch.is_grad_enabled() else self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight_as(x.dtype), bias)

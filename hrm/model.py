@@ -64,7 +64,8 @@ class GatingNetwork(nn.Module):
 
     def blend(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], stats: bool):
         first, second = self.gate_proj[0], self.gate_proj[2]
-        return gated_blend(own, other, inj, first.weight, first.bias, second.weight, second.bias, stats=stats)
+        return gated_blend(own, other, inj, first.kernel_weight(), first.bias, second.kernel_weight(), second.bias,
+                           stats=stats)
 
 
 class ReasoningModule(nn.Module):
@@ -184,10 +185,11 @@ class HRMInner(nn.Module):
         without gate stats. Returns (z_H, z_L); with ``first_position`` (all the calls), the
         last H-call computes z_H at position 0 alone ([batch, 1, hidden]). Without gradients and
         with ``HOIST_WEIGHT_CASTS``, the blocks' weights are cast to the forward dtype once for all
-        the calls, not once per call (outside torch.compile, which fuses the casts itself)."""
+        the calls, not once per call, and so are the gate MLPs' (outside torch.compile, which
+        fuses the casts itself)."""
         if (self.HOIST_WEIGHT_CASTS and not torch.is_grad_enabled() and steps > 1
                 and not torch.compiler.is_compiling()):
-            with hoisted_weight_casts([self.L_level.layers, self.H_level.layers], self.forward_dtype):
+            with hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype):
                 return self._recurrence(z_H, z_L, x, steps, first_position)
         return self._recurrence(z_H, z_L, x, steps, first_position)
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hrm_kernels._math import fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import check_float, check_same, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
 from hrm_kernels.precompile import launch
@@ -118,12 +119,13 @@ def _load_gate_weights(W2, B2, gcols, c_mask, r_idx, r_mask, R, act: tl.constexp
 
 
 @triton.jit
-def _gate(z, w2t, b2, EMU_BF16: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
-          BLOCK_D: tl.constexpr):
-    """Gate logits ``z @ w2t + b2`` and gates ``sigmoid(logits)``, [BLOCK_M, BLOCK_D] fp32 each."""
+def _gate(z, w2t, b2, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gate logits ``z @ w2t + b2`` and gates ``sigmoid(logits)``, [BLOCK_M, BLOCK_D] fp32 each
+    (FAST_SIGMOID: the one-instruction sigmoid of ``hrm_kernels._math``)."""
     logit = _mm(z, w2t, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), EMU_BF16, PREC)
     logit += b2[None, :]
-    return logit, tl.sigmoid(logit)
+    return logit, sigmoid(logit, FAST_SIGMOID)
 
 
 @triton.jit
@@ -202,7 +204,7 @@ def _gated_blend_forward_kernel(
     OWN, OTHER, INJ, W2, B2, Z, OUT, STATS,
     n_rows, D, R,
     HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_D] tile of out: per kind the logits z @ W2_chunk^T + b2, the gate and
     its share of the blend. The D-chunk index is the fast grid axis: programs that share rows
@@ -229,7 +231,7 @@ def _gated_blend_forward_kernel(
     for kind in tl.static_range(3):
         if kind < 2 or HAS_INJ:
             w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
-            logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
+            logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, FAST_SIGMOID, BLOCK_M, BLOCK_D)
             x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
             out += g * x
             if WITH_STATS:
@@ -259,7 +261,7 @@ def _gated_blend_backward_dpre_kernel(
     DOUT, OWN, OTHER, INJ, W2, B2, PRE1, Z, SAT, DPRE1, DB1_PARTIAL,
     n_rows, D, R,
     HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     act = DPRE1.dtype.element_ty
@@ -282,7 +284,7 @@ def _gated_blend_backward_dpre_kernel(
         for kind in tl.static_range(3):
             if kind < 2 or HAS_INJ:
                 w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
-                logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
+                logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, FAST_SIGMOID, BLOCK_M, BLOCK_D)
                 x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
                 dl = dout * x * g * (1.0 - g)
                 if HAS_SAT:
@@ -300,7 +302,7 @@ def _gated_blend_backward_kernel(
     DOUT, OWN, OTHER, INJ, W1, W2, B2, Z, DPRE1, SAT,
     DOWN, DOTHER, DINJ, DW1_PARTIAL, DW2_PARTIAL, DB2_PARTIAL,
     n_rows, D, R, width, rows_per_split,
-    HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
+    HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # program (chunk, split): chunk = kind * cdiv(D, BLOCK_D) + D-chunk; the chunk index varies
@@ -347,7 +349,7 @@ def _gated_blend_backward_kernel(
         off = rows[:, None] * D + cols[None, :]
         dout = tl.load(DOUT + off, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(SRC + off, mask=mask, other=0.0)
-        logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, BLOCK_M, BLOCK_D)
+        logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, FAST_SIGMOID, BLOCK_M, BLOCK_D)
         xf = x.to(tl.float32)
         dl = dout * xf * g * (1.0 - g)
         if HAS_SAT:
@@ -419,6 +421,11 @@ def _dot_flags(dtype: torch.dtype) -> dict:
                 PREC="ieee" if dtype == torch.float32 else "tf32")
 
 
+def _gate_flags(dtype: torch.dtype) -> dict:
+    """Flags of the kernels that compute gates: the dot flags and FAST_SIGMOID."""
+    return dict(_dot_flags(dtype), FAST_SIGMOID=fast_sigmoid_for(dtype))
+
+
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                         with_stats: bool):
@@ -443,7 +450,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     if n_rows > 0:
         launch(_gated_blend_forward_kernel, grid,
             own, other, inj_arg, w2, b2, z, out, partial, n_rows, d, r,
-            HAS_INJ=inj is not None, WITH_STATS=with_stats, **flags, **cfg)
+            HAS_INJ=inj is not None, WITH_STATS=with_stats, **_gate_flags(own.dtype), **cfg)
     if not with_stats:
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
     stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
@@ -468,7 +475,7 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
                 torch.zeros_like(w2), torch.zeros_like(b2))
     cfgs = _launch_configs(n_rows, d, r, dev, act)
     coef = sat.float() / float(n_rows * d) if sat is not None else None
-    flags = _dot_flags(act)
+    flags = _gate_flags(act)
 
     dpre1, db1_partial = _backward_dpre(cfgs["dpre"], flags, dout, coef, own, other, inj, w2, b2, pre1, z)
     return _backward_main(cfgs["bwd"], flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1,

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hrm_kernels._math import fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import check_float, check_same
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
@@ -40,7 +41,7 @@ from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
 def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, stride_out, stride_gu,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STORE_GATE_UP: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr):
+                          INPUT_PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
     # Grouped tile order: GROUP_M row-blocks sweep all column blocks before moving on, so the
     # x rows of a group stay in L2 while every column block reads them.
     pid = tl.program_id(0)
@@ -90,7 +91,7 @@ def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, strid
         tl.store(gu_ptrs, gate, mask=mask)
         tl.store(gu_ptrs + I, up, mask=mask)
     gate32 = gate.to(tl.float32)
-    out = gate32 * tl.sigmoid(gate32) * up.to(tl.float32)
+    out = gate32 * sigmoid(gate32, FAST_SIGMOID) * up.to(tl.float32)
     tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -99,7 +100,7 @@ def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr,
                               STORE_GATE_UP: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                              WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+                              FAST_SIGMOID: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
     """The same tiles as ``_linear_swiglu_kernel``, for Hopper and later: a persistent grid (one
     program per SM walks the tiles), operands through TMA descriptors (bounds handled by the
     hardware: zero fill on load, clipping on store). ``wg_desc``/``wu_desc`` view the gate and up
@@ -125,7 +126,7 @@ def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_
             gate_desc.store([off_m, off_n], gate)
             up_desc.store([off_m, off_n], up)
         gate32 = gate.to(tl.float32)
-        out_desc.store([off_m, off_n], (gate32 * tl.sigmoid(gate32) * up.to(tl.float32)).to(out_desc.dtype))
+        out_desc.store([off_m, off_n], (gate32 * sigmoid(gate32, FAST_SIGMOID) * up.to(tl.float32)).to(out_desc.dtype))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA; tuned on an H100 at HRM's sizes.
@@ -219,7 +220,7 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
         x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, n_rows, k, inter,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
         STORE_GATE_UP=store_gate_up, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        WARP_SPECIALIZE=warp_specialize, FLATTEN=flatten, num_warps=num_warps, num_stages=num_stages)
+        FAST_SIGMOID=fast_sigmoid_for(x.dtype), WARP_SPECIALIZE=warp_specialize, FLATTEN=flatten, num_warps=num_warps, num_stages=num_stages)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
@@ -244,7 +245,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
             gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
             EVEN_K=k % block_k == 0, STORE_GATE_UP=store_gate_up,
             INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=num_warps, num_stages=num_stages)
+            FAST_SIGMOID=fast_sigmoid_for(x.dtype), num_warps=num_warps, num_stages=num_stages)
     return out, gate_up
 
 

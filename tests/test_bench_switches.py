@@ -12,7 +12,8 @@ from benchmarks.bench_train_step import SWITCHES, switches
 
 def _owner(name):
     module, cls, attr = SWITCHES[name]
-    return getattr(importlib.import_module(module), cls), attr
+    owner = importlib.import_module(module)
+    return (getattr(owner, cls) if cls else owner), attr
 
 
 @pytest.mark.parametrize("name", sorted(SWITCHES))

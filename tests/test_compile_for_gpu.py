@@ -79,11 +79,11 @@ for dt in ("bf16", "fp16", "fp32"):
              **{n: f"tensordesc<{dt}[{ls_n},{ls_k}]>" for n in ("wg_desc", "wu_desc")},
              **{n: f"tensordesc<{dt}[{ls_m},{ls_n}]>" for n in ("out_desc", "gate_desc", "up_desc")}},
             dict(BLOCK_M=ls_m, BLOCK_N=ls_n, BLOCK_K=ls_k, GROUP_M=8, STORE_GATE_UP=False, INPUT_PRECISION=prec,
-                 WARP_SPECIALIZE=ls_ws, FLATTEN=ls_fl), ls_w, ls_s),
+                 FAST_SIGMOID=dt != "fp32", WARP_SPECIALIZE=ls_ws, FLATTEN=ls_fl), ls_w, ls_s),
         "linear_swiglu (tiled, storing gate_up)": (
             module("linear_swiglu")._linear_swiglu_kernel, {n: "*" + dt for n in ("X", "W", "OUT", "GATE_UP")},
             dict(BLOCK_M=lt_m, BLOCK_N=lt_n, BLOCK_K=lt_k, GROUP_M=8, EVEN_K=True, STORE_GATE_UP=True,
-                 INPUT_PRECISION=prec), lt_w, lt_s),
+                 INPUT_PRECISION=prec, FAST_SIGMOID=dt != "fp32"), lt_w, lt_s),
     }
     for name, (fn, types, consts, warps, stages) in cases.items():
         try:

@@ -347,8 +347,8 @@ class _CountWeightCasts(TorchDispatchMode):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated, monkeypatch):
-    """HOIST_WEIGHT_CASTS: a bf16 recurrence without gradients casts each block weight once instead of
-    once per module call, and gives the same bits; with gradients nothing is hoisted."""
+    """HOIST_WEIGHT_CASTS: a bf16 recurrence without gradients casts each block (and gate MLP) weight
+    once instead of once per module call, and gives the same bits; with gradients nothing is hoisted."""
     torch.manual_seed(3)
     cfg = tiny_config(use_gating=gated, forward_dtype="bfloat16")
     inner = HRM(cfg).inner
@@ -357,8 +357,10 @@ def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated,
     x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"]).detach()
     z_H, z_L = (torch.randn_like(x) for _ in range(2))
     steps = cfg["H_cycles"] * (cfg["L_cycles"] + 1)
-    per_call = {"L": 4 * cfg["L_layers"], "H": 4 * cfg["H_layers"]}  # qkv, o, gate_up, down per block
-    block_weights = [m.weight for level in (inner.L_level, inner.H_level) for m in level.layers.modules()
+    gate = 2 if gated else 0  # the gate MLP's two linears
+    # qkv, o, gate_up, down per block
+    per_call = {"L": 4 * cfg["L_layers"] + gate, "H": 4 * cfg["H_layers"] + gate}
+    block_weights = [m.weight for level in (inner.L_level, inner.H_level) for m in level.modules()
                      if isinstance(m, CastedLinear)]
     assert len(block_weights) == per_call["L"] + per_call["H"]
     results, casts = {}, {}
