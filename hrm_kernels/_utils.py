@@ -42,6 +42,17 @@ def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t2
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid sizes, in plain Python: ``triton.cdiv`` is a function that
+    kernels can call too and costs microseconds per host call, a dozen of which add up per op."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (0 for n = 0), as ``triton.next_power_of_2``, in plain Python."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 @functools.lru_cache(maxsize=None)
 def num_programs_for(device_type: str, index: int | None) -> int:
     """Programs that keep the device busy in a persistent grid: the SM count on CUDA."""
@@ -53,9 +64,7 @@ def num_programs_for(device_type: str, index: int | None) -> int:
 def row_tile(n_cols: int, elements_per_tile: int = 4096, max_rows: int = 64) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for row-wise kernels: the whole row in one tile, several rows per
     program when rows are short so that each program moves a useful amount of memory."""
-    import triton
-
-    block_n = triton.next_power_of_2(max(n_cols, 1))
+    block_n = next_power_of_2(max(n_cols, 1))
     block_m = max(1, min(max_rows, elements_per_tile // block_n))
     return block_m, block_n
 

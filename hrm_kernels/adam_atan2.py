@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hrm_kernels._utils import cdiv
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 
@@ -169,7 +170,7 @@ def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(y32)
     n, block = y32.numel(), 1024
     if n:
-        launch(_atan2_kernel, (triton.cdiv(n, block),), y32, x32, out, n, BLOCK=block, num_warps=4)
+        launch(_atan2_kernel, (cdiv(n, block),), y32, x32, out, n, BLOCK=block, num_warps=4)
     return out
 
 
@@ -202,7 +203,7 @@ class _LaunchTables:
     @staticmethod
     def _chunk_list(numels: tuple, chunk: int) -> torch.Tensor:
         """tensor index << 32 | chunk index, one entry per chunk, tensors in order."""
-        counts = torch.tensor([triton.cdiv(n, chunk) for n in numels], dtype=torch.int64)
+        counts = torch.tensor([cdiv(n, chunk) for n in numels], dtype=torch.int64)
         tensor_index = torch.repeat_interleave(torch.arange(len(numels)), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return (tensor_index << 32) | (torch.arange(int(counts.sum())) - first)

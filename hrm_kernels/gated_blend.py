@@ -28,6 +28,7 @@ monitoring values). With ``inj=None`` the injection gate is never computed and r
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels._math import fast_sigmoid_for, sigmoid
-from hrm_kernels._utils import check_float, check_same, num_programs_for
+from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
 from hrm_kernels.precompile import launch
 
@@ -376,10 +377,20 @@ _config_override: dict = {}
 
 
 def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torch.dtype) -> dict:
-    block_r = max(16, triton.next_power_of_2(r))
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
-    if device.type != "cuda":  # the interpreter: few, small programs
-        block_m = max(16, min(32, triton.next_power_of_2(max(n_rows, 1))))
+    """{kernel: launch settings}: a fresh copy of the shape class's defaults, ``_config_override``
+    applied."""
+    cfg = {name: dict(c) for name, c in _default_configs(n_rows, d, r, device.type, act).items()}
+    for name, over in _config_override.items():
+        cfg[name] = {**cfg[name], **over}
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)  # computed once per shape: this runs twice per fwd+bwd
+def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.dtype) -> dict:
+    block_r = max(16, next_power_of_2(r))
+    block_d = max(16, min(64, next_power_of_2(d)))
+    if device_type != "cuda":  # the interpreter: few, small programs
+        block_m = max(16, min(32, next_power_of_2(max(n_rows, 1))))
         cfg = {
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d),
             "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d),
@@ -403,14 +414,12 @@ def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torc
         # Tuned for 2-byte activations and R <= 128. Wider [*, R] tiles (fp32, or R up to 256)
         # need proportionally more shared memory: halve the rows and drop a pipeline stage per
         # doubling (on the H100, fp32 at R=100 and fp16 at R=256 overflowed the 227 KiB otherwise).
-        width = torch.tensor([], dtype=act).element_size() * block_r
+        width = act.itemsize * block_r
         while width > 256:
             width //= 2
             for c in cfg.values():
                 c["BLOCK_M"] = max(16, c["BLOCK_M"] // 2)
                 c["num_stages"] = max(1, c["num_stages"] - 1)
-    for name, over in _config_override.items():
-        cfg[name] = {**cfg[name], **over}
     for c in cfg.values():
         c["BLOCK_R"] = block_r
     return cfg
@@ -441,10 +450,10 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     inj_arg = inj if inj is not None else own
     cfg = cfgs["hidden"]
     if n_rows > 0:
-        launch(_gated_blend_hidden_kernel, (triton.cdiv(n_rows, cfg["BLOCK_M"]),),
+        launch(_gated_blend_hidden_kernel, (cdiv(n_rows, cfg["BLOCK_M"]),),
             own, other, inj_arg, w1, b1, pre1, z, n_rows, d, r, HAS_INJ=inj is not None, **flags, **cfg)
     cfg = cfgs["fwd"]
-    grid = (triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(n_rows, cfg["BLOCK_M"]))
+    grid = (cdiv(d, cfg["BLOCK_D"]), cdiv(n_rows, cfg["BLOCK_M"]))
     partial = torch.empty((grid[0] * grid[1] if with_stats else 1, 16), dtype=torch.float32,
                           device=own.device)
     if n_rows > 0:
@@ -485,7 +494,7 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
 def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
     n_rows, d = dout.shape
     r = pre1.shape[1]
-    n_tiles = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
     dpre1 = torch.empty_like(pre1)
     db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dout.device)
     launch(_gated_blend_backward_dpre_kernel, (n_tiles,),
@@ -504,12 +513,12 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     width = kinds * d
     cfg = dict(cfg)
     per_sm = cfg.pop("programs_per_sm")
-    n_chunks = kinds * triton.cdiv(d, cfg["BLOCK_D"])
-    n_row_blocks = triton.cdiv(n_rows, cfg["BLOCK_M"])
+    n_chunks = kinds * cdiv(d, cfg["BLOCK_D"])
+    n_row_blocks = cdiv(n_rows, cfg["BLOCK_M"])
     want = max(1, round(per_sm * num_programs_for(dev.type, dev.index) / n_chunks))
-    blocks_per_split = triton.cdiv(n_row_blocks, min(n_row_blocks, want))
+    blocks_per_split = cdiv(n_row_blocks, min(n_row_blocks, want))
     rows_per_split = blocks_per_split * cfg["BLOCK_M"]
-    n_splits = triton.cdiv(n_rows, rows_per_split)
+    n_splits = cdiv(n_rows, rows_per_split)
     dw1_partial = torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
     dw2_partial = torch.empty((n_splits, width, r), dtype=torch.float32, device=dev)
     db2_partial = torch.empty((n_splits, width), dtype=torch.float32, device=dev)

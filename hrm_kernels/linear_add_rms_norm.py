@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float, check_same
+from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.linear_swiglu import tma_available
 from hrm_kernels.precompile import launch
@@ -102,11 +102,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, eps: 
     if out.numel() == 0:
         return out
     block_m, block_n, block_k, num_warps, num_stages = tile_config(x.is_cuda, x.element_size())
-    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    block_n = min(block_n, max(16, next_power_of_2(n)))
+    block_k = min(block_k, max(16, next_power_of_2(k)))
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    programs = min(triton.cdiv(n_rows, block_m), num_programs_for(x.device.type, x.device.index))
+    programs = min(cdiv(n_rows, block_m), num_programs_for(x.device.type, x.device.index))
     launch(_linear_add_rms_norm_kernel, (programs,), x_desc, w_desc, residual, out, n_rows, n, k,
            residual.stride(0), out.stride(0), float(eps), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
            INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels._math import fast_sigmoid_for, sigmoid
-from hrm_kernels._utils import check_float, check_same
+from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
@@ -206,15 +206,15 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
     n_rows, k = x.shape
     inter = out.shape[1]
     block_m, block_n, block_k, num_warps, num_stages, warp_specialize, flatten = tma_config(x.is_cuda, x.element_size())
-    block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
-    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
+    block_n = min(block_n, max(16, next_power_of_2(inter)))
+    block_k = min(block_k, max(16, next_power_of_2(k)))
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
     wg_desc = TensorDescriptor.from_tensor(weight[:inter], [block_n, block_k])
     wu_desc = TensorDescriptor.from_tensor(weight[inter:], [block_n, block_k])
     out_desc = TensorDescriptor.from_tensor(out, [block_m, block_n])
     halves = (gate_up[:, :inter], gate_up[:, inter:]) if store_gate_up else (out, out)
     gate_desc, up_desc = (TensorDescriptor.from_tensor(h, [block_m, block_n]) for h in halves)
-    num_tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n)
+    num_tiles = cdiv(n_rows, block_m) * cdiv(inter, block_n)
     programs = min(num_tiles, num_programs_for(x.device.type, x.device.index))
     launch(_linear_swiglu_tma_kernel, (programs,),
         x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, n_rows, k, inter,
@@ -237,9 +237,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
         _launch_tma(x, weight, out, gate_up, store_gate_up)
     elif out.numel():
         block_m, block_n, block_k, num_warps, num_stages = tiled_config(x.is_cuda, x.element_size())
-        block_n = min(block_n, max(16, triton.next_power_of_2(inter)))
-        block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-        grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n),)
+        block_n = min(block_n, max(16, next_power_of_2(inter)))
+        block_k = min(block_k, max(16, next_power_of_2(k)))
+        grid = (cdiv(n_rows, block_m) * cdiv(inter, block_n),)
         launch(_linear_swiglu_kernel, grid,
             x, weight, out, gate_up, n_rows, k, inter, x.stride(0), weight.stride(0), out.stride(0),
             gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,

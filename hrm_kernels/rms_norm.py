@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import as_rows, check_float, check_same, num_programs_for, row_tile, warps_for
+from hrm_kernels._utils import as_rows, cdiv, check_float, check_same, num_programs_for, row_tile, warps_for
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 
@@ -113,7 +113,7 @@ def rms_norm_forward(x: torch.Tensor, residual: Optional[torch.Tensor], weight: 
     if n_rows == 0:
         return y, rstd
     block_m, block_n, num_warps = _launch_config(n_cols)
-    launch(_rms_norm_forward_kernel, (triton.cdiv(n_rows, block_m),),
+    launch(_rms_norm_forward_kernel, (cdiv(n_rows, block_m),),
         x, residual if residual is not None else x, weight if weight is not None else x, y, rstd,
         n_rows, n_cols, x.stride(0), residual.stride(0) if residual is not None else 0, y.stride(0),
         float(eps),
@@ -130,7 +130,7 @@ def rms_norm_backward(dy: torch.Tensor, src: torch.Tensor, residual: Optional[to
     n_rows, n_cols = dy.shape
     dh = torch.empty((n_rows, n_cols), dtype=src.dtype, device=dy.device)
     block_m, block_n, num_warps = _launch_config(n_cols)
-    n_blocks = triton.cdiv(n_rows, block_m)
+    n_blocks = cdiv(n_rows, block_m)
     if weight is not None:  # persistent grid: one fp32 dweight partial row per program
         n_programs = max(1, min(n_blocks, 2 * num_programs_for(dy.device.type, dy.device.index)))
         dw_partial = torch.empty((n_programs, n_cols), dtype=torch.float32, device=dy.device)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float, check_same, warps_for
+from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, warps_for
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 
@@ -71,9 +71,9 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     out = torch.empty((batch, seq, heads, head_dim), dtype=x.dtype, device=x.device)
     n_rows, n_cols = batch * seq, heads * head_dim // 2
     if out.numel():
-        block_n = min(triton.next_power_of_2(n_cols), 1024)
+        block_n = min(next_power_of_2(n_cols), 1024)
         block_m = max(1, min(16, 4096 // block_n))
-        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+        grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         launch(_rope_kernel, grid, x, cos, sin, out, n_rows, seq, n_cols, x.stride(0), x.stride(1), heads * head_dim,
                HALF=head_dim // 2, BACKWARD=backward, BLOCK_M=block_m, BLOCK_N=block_n,
                num_warps=warps_for(block_m * block_n))

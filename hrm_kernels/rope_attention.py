@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float
+from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import check_tables, rotate_halves
@@ -229,8 +229,8 @@ INTERPRETER_BACKWARD_CONFIG = (16, 4, 1, False)  # the same, for CPU tensors (sm
 def _meta(qkv: torch.Tensor, cos: Optional[torch.Tensor]) -> dict:
     """The kernels' shared compile-time arguments."""
     half = qkv.shape[-1] // 2
-    return dict(HALF=half, HALF_P=max(16, triton.next_power_of_2(half)),
-                HEAD_P=max(16, triton.next_power_of_2(2 * half)), ROPE=cos is not None,
+    return dict(HALF=half, HALF_P=max(16, next_power_of_2(half)),
+                HEAD_P=max(16, next_power_of_2(2 * half)), ROPE=cos is not None,
                 INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
 
 
@@ -244,9 +244,9 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
     lse = torch.empty((batch * heads, seq), dtype=torch.float32, device=qkv.device) if with_lse else out
     if out.numel():
         block_m, block_n, num_warps, num_stages, join = CUDA_CONFIG if qkv.is_cuda else INTERPRETER_CONFIG
-        block_m = min(block_m, max(16, triton.next_power_of_2(seq)))
-        block_n = min(block_n, max(16, triton.next_power_of_2(seq)))
-        grid = (batch * heads * triton.cdiv(seq, block_m),)
+        block_m = min(block_m, max(16, next_power_of_2(seq)))
+        block_n = min(block_n, max(16, next_power_of_2(seq)))
+        grid = (batch * heads * cdiv(seq, block_m),)
         launch(_rope_attention_kernel, grid, qkv, qkv if cos is None else cos, qkv if sin is None else sin, out, lse,
                seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
                math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -265,7 +265,7 @@ def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Option
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
         block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else INTERPRETER_BACKWARD_CONFIG
-        block_m = max(16, triton.next_power_of_2(seq))
+        block_m = max(16, next_power_of_2(seq))
         launch(_rope_attention_backward_kernel, (batch * heads,), qkv, qkv if cos is None else cos,
                qkv if sin is None else sin, out, dout, lse, dqkv, seq, heads, qkv.stride(0), qkv.stride(1),
                out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),

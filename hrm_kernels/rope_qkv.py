@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import check_float
+from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import _launch as _rope_launch
@@ -66,9 +66,9 @@ def _grad_launch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torc
     n_rows = batch * seq
     if dqkv.numel():
         half = head_dim // 2
-        half_p = triton.next_power_of_2(half)
+        half_p = next_power_of_2(half)
         block_m = max(1, min(64, 4096 // half_p)) if dv.is_cuda else 16
-        launch(_rope_qkv_grad_kernel, (triton.cdiv(n_rows, block_m), 3 * heads),
+        launch(_rope_qkv_grad_kernel, (cdiv(n_rows, block_m), 3 * heads),
                dq, dk, dv, cos, sin, dqkv, n_rows, seq, heads, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
                HALF=half, HALF_P=half_p, BLOCK_M=block_m, num_warps=4)
     return dqkv

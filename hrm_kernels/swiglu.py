@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import as_rows, check_float, row_tile, warps_for
+from hrm_kernels._utils import as_rows, cdiv, check_float, row_tile, warps_for
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 
@@ -57,7 +57,7 @@ def _swiglu_backward_kernel(DOUT, GU, DGU, n_rows, n_cols, stride_dout, stride_g
 
 def _launch_config(n_rows: int, n_cols: int):
     block_m, block_n = row_tile(min(n_cols, 2048), elements_per_tile=4096)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n))
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
     return grid, block_m, block_n, warps_for(block_m * block_n)
 
 
