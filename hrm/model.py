@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import gated_blend, get_backend, use_backend
+from hrm_kernels import _math, gated_blend, get_backend, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
@@ -252,7 +252,7 @@ class HRMInner(nn.Module):
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD,
-                self.HOIST_WEIGHT_CASTS, storage_key(tensors),
+                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):

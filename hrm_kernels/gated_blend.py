@@ -20,7 +20,9 @@ columns ``STATS_COLUMNS``:
   its gradient pushes saturated gates back towards the middle without vanishing as they saturate.
 
 Fused Triton kernels (forward and backward, see the layout notes below) run on CUDA tensors and
-under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math.
+under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math. With
+bf16/fp16 activations on CUDA the gates' sigmoid is ``hrm_kernels._math``'s one-instruction
+``tanh.approx`` form (absolute error under 2^-12, below the bf16 rounding of the blend).
 
 Only ``saturation`` is differentiable (gradients given to the other columns are ignored: they are
 monitoring values). With ``inj=None`` the injection gate is never computed and row 2 is zeros.
