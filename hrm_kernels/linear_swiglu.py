@@ -7,6 +7,10 @@ projection, rows ``I..2I-1`` the up projection), result [..., I] in ``x``'s dtyp
     gate_up = x @ weight.T                        (rounded to x's dtype, as F.linear would)
     out     = silu(gate) * up,   gate, up = gate_up.chunk(2, -1)
 
+With bf16/fp16 on CUDA the epilogue's sigmoid is ``hrm_kernels._math``'s one-instruction
+``tanh.approx`` form (absolute error under 2^-12); the backward differentiates the stored
+``gate_up`` with the exact sigmoid, as the reference does.
+
 Each program computes one [BLOCK_M, BLOCK_N] tile of ``out`` from two fp32 accumulators (the
 gate and up columns of the same tile), so the [M, 2I] ``gate_up`` never has to be written and read
 back. When a gradient is needed, the kernel also stores ``gate_up`` (the backward needs it), which
