@@ -3,7 +3,9 @@ launches outside it; without CUDA the block only runs its body."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -54,6 +56,32 @@ def test_launch_inside_queues_a_compilation_on_every_thread(monkeypatch):
     assert after == [None]
 
 
+def test_each_compilation_also_builds_its_launcher_on_the_pool():
+    """The pool's workers compile, then build the compiled kernel's launcher (Triton 3.6 runs a C
+    compiler for it), so the first real launch on the main thread finds it built. A failed
+    compilation builds nothing and reaches AsyncCompileMode as the future's error."""
+    built = []
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-compile")
+    executor = ca._CompileAndBuildLauncher(pool, build=lambda k: built.append((k, threading.current_thread().name)))
+    kernel = object()
+    assert executor.submit(lambda x: (x, kernel), 7).result() == (7, kernel)
+    assert built == [((7, kernel), built[0][1])] and built[0][1].startswith("test-compile")
+
+    def broken():
+        raise ValueError("compile error")
+
+    with pytest.raises(ValueError, match="compile error"):
+        executor.submit(broken).result()
+    assert len(built) == 1
+    executor.shutdown()
+    with pytest.raises(RuntimeError):  # shut down: the pool takes no more work
+        executor.submit(lambda: None)
+
+
+def test_launcher_build_is_best_effort():
+    ca._build_launcher(object())  # no src/metadata: nothing built, nothing raised
+
+
 @pytest.mark.skipif(CUDA, reason="the CPU behaviour: nothing to compile ahead")
 def test_without_cuda_the_block_runs_its_body():
     x, h = torch.randn(5, 37), torch.randn(5, 37)
@@ -80,7 +108,13 @@ def test_cuda_kernels_compile_ahead_then_run(tmp_path, monkeypatch):
         rms_norm(x, residual=h)
     assert done.kernels >= 1 and done.seconds > 0
     compiled = loaded()
-    with use_backend("triton"):
+
+    def no_compiler(*args, **kwargs):  # Triton 3.6 builds a launcher with the C compiler at first launch
+        raise AssertionError(f"the first launch after compile_ahead ran {args}")
+
+    with use_backend("triton"), monkeypatch.context() as m:
+        m.setattr(subprocess, "check_call", no_compiler)
+        m.setattr(subprocess, "run", no_compiler)
         out = rms_norm(x, residual=h)
     assert loaded() == compiled >= 1  # the real call compiled nothing more
     torch.testing.assert_close(out.float(), rms_norm_reference(x.float(), residual=h.float()), atol=3e-2, rtol=3e-2)
