@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv, rope_reference, swiglu
+from hrm_kernels import (linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv, rope_reference, swiglu,
+                         swiglu_linear)
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -74,12 +75,6 @@ class CastedLinear(nn.Module):
         if cast is not None and cast.dtype == dtype and not torch.is_grad_enabled():
             return cast
         return self.weight.to(dtype)
-
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight for a kernel that casts at use (``gated_blend``): without gradients inside
-        ``hoisted_weight_casts``, the cast made there once; else the parameter itself."""
-        cast = self._weight_cast
-        return cast if cast is not None and not torch.is_grad_enabled() else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
@@ -227,7 +222,9 @@ class SwiGLUMLP(nn.Module):
 
     Without gradients (most of a segment) and outside torch.compile, the activation runs in the
     gate_up matmul's epilogue (``hrm_kernels.linear_swiglu``), so [.., 2I] is never written;
-    set ``FUSED_NO_GRAD = False`` to always use the matmul and the activation kernel."""
+    set ``FUSED_NO_GRAD = False`` to always use the matmul and the activation kernel. With
+    gradients, the activation and the down projection run as ``hrm_kernels.swiglu_linear``, whose
+    backward computes the SwiGLU gradient in the down projection's input-gradient matmul."""
 
     FUSED_NO_GRAD = True
 
@@ -237,6 +234,8 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = CastedLinear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.down_proj.bias is None:
+            return swiglu_linear(self.gate_up_proj(x), self.down_proj.weight_as(x.dtype))
         return self.down_proj(self.hidden(x))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:

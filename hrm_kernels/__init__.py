@@ -17,6 +17,7 @@ from hrm_kernels.rope import rope, rope_reference
 from hrm_kernels.rope_attention import rope_attention, rope_attention_reference
 from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
 from hrm_kernels.swiglu import swiglu, swiglu_reference
+from hrm_kernels.swiglu_linear import swiglu_linear, swiglu_linear_reference
 
 __version__ = "0.1.0"
 
@@ -25,7 +26,7 @@ __all__ = [
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference", "linear_swiglu", "linear_swiglu_reference",
     "linear_add_rms_norm", "linear_add_rms_norm_reference", "rope", "rope_reference", "rope_attention", "rope_attention_reference",
-    "rope_qkv", "rope_qkv_reference",
+    "rope_qkv", "rope_qkv_reference", "swiglu_linear", "swiglu_linear_reference",
     "RMSNorm", "SwiGLU",
     "AdamATan2",
 ]

@@ -1,0 +1,171 @@
+"""The MLP's second half: SwiGLU, then the down projection, with the SwiGLU backward as the
+epilogue of the down projection's input-gradient matmul.
+
+Shapes: ``gate_up``: [..., 2I] (HRM's layout: gate columns, then up columns), ``weight``: [N, I]
+(``nn.Linear`` layout), result [..., N], all in one float dtype. With ``s = sigmoid(gate)``::
+
+    act   = silu(gate) * up                     (hrm_kernels.swiglu)
+    y     = act @ weight.T                      (cuBLAS)
+  backward, from dy [..., N]:
+    dact  = dy @ weight                         rounded to the dtype, as the unfused matmul writes it
+    dgate = dact * up * s * (1 + gate * (1 - s))
+    dup   = dact * gate * s
+    dweight = dy.T @ act                        (cuBLAS)
+
+Unfused, ``dact`` [M, I] is written by one matmul and read back by the SwiGLU backward kernel. Here
+each program computes [BLOCK_M, BLOCK_N] tiles of ``dact`` and turns them into the matching tiles
+of dgate and dup before anything leaves the chip (a persistent grid, operands and the gate/up
+tiles through TMA descriptors: Hopper or datacenter Blackwell, or the interpreter). Elsewhere, for
+rows not 16-byte aligned, and under torch.compile the op runs as ``F.linear(swiglu(gate_up),
+weight)`` with ``hrm_kernels.swiglu``'s kernels, the same math.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
+from hrm_kernels.backend import use_triton
+from hrm_kernels.linear_swiglu import tma_available
+from hrm_kernels.precompile import launch
+from hrm_kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_reference
+
+
+@triton.jit
+def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, M, K, I,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One program per SM walks the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (GROUP_M
+    row blocks sweep every column block, so their dy rows stay in L2). ``w_desc`` views the weight
+    [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight needs no transpose); ``gate_desc`` /
+    ``up_desc`` and ``dgate_desc`` / ``dup_desc`` view the two halves of gate_up and of its gradient."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M
+        off_n = ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            acc = tl.dot(dy_desc.load([off_m, k * BLOCK_K]), w_desc.load([k * BLOCK_K, off_n]), acc,
+                         input_precision=INPUT_PRECISION)
+        dact = acc.to(dgate_desc.dtype).to(tl.float32)  # the unfused matmul's rounding
+        gate = gate_desc.load([off_m, off_n]).to(tl.float32)
+        up = up_desc.load([off_m, off_n]).to(tl.float32)
+        s = tl.sigmoid(gate)
+        dgate_desc.store([off_m, off_n], (dact * up * s * (1.0 + gate * (1.0 - s))).to(dgate_desc.dtype))
+        dup_desc.store([off_m, off_n], (dact * gate * s).to(dup_desc.dtype))
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA: linear_swiglu's TMA tile, which this
+# kernel's shape (K = hidden 512, tiles of [M, I]) shares.
+CUDA_CONFIG = (128, 128, 64, 8, 3)
+GROUP_M = 8
+# Fuse wherever the kernel can run; off: cuBLAS for dact, then the SwiGLU backward kernel.
+FUSED_BACKWARD = True
+
+
+def tile_config(on_cuda: bool, element_size: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): ``CUDA_CONFIG`` on CUDA, at most 2 stages
+    for 4-byte operands (twice the shared memory per stage); small tiles in the interpreter."""
+    if not on_cuda:
+        return 16, 32, 32, 4, 1
+    block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
+    return block_m, block_n, block_k, num_warps, min(num_stages, 2) if element_size == 4 else num_stages
+
+
+def _kernel_ok(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """TMA: 16-byte aligned bases and row strides (the up half starts I columns in)."""
+    item = dy.element_size()
+    n, inter = weight.shape
+    return (FUSED_BACKWARD and tma_available(dy.device) and (n * item) % 16 == 0 and (inter * item) % 16 == 0
+            and all(t.data_ptr() % 16 == 0 for t in (dy, weight, gate_up)))
+
+
+def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """dgate_up [M, 2I] from dy [M, N], weight [N, I], gate_up [M, 2I] (all row-contiguous)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n_rows, n = dy.shape
+    inter = weight.shape[1]
+    dgate_up = torch.empty_like(gate_up)
+    if dgate_up.numel() == 0:
+        return dgate_up
+    block_m, block_n, block_k, num_warps, num_stages = tile_config(dy.is_cuda, dy.element_size())
+    block_n = min(block_n, max(16, next_power_of_2(inter)))
+    block_k = min(block_k, max(16, next_power_of_2(n)))
+    dy_desc = TensorDescriptor.from_tensor(dy, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [block_k, block_n])
+    gate_desc, up_desc, dgate_desc, dup_desc = (
+        TensorDescriptor.from_tensor(half, [block_m, block_n])
+        for half in (gate_up[:, :inter], gate_up[:, inter:], dgate_up[:, :inter], dgate_up[:, inter:]))
+    tiles = cdiv(n_rows, block_m) * cdiv(inter, block_n)
+    launch(_swiglu_linear_backward_kernel, (min(tiles, num_programs_for(dy.device.type, dy.device.index)),),
+           dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, n_rows, n, inter,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+           INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
+           num_warps=num_warps, num_stages=num_stages)
+    return dgate_up
+
+
+def swiglu_linear_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """dgate_up [M, 2I] (the fused kernel where it runs, else cuBLAS + the SwiGLU backward kernel).
+    dy: [M, N], weight: [N, I], gate_up: [M, 2I], one dtype."""
+    dy = dy.contiguous()
+    if _kernel_ok(dy, weight, gate_up):
+        return _fused_backward(dy, weight, gate_up)
+    return swiglu_backward(dy @ weight, gate_up)
+
+
+class SwiGLULinearFunction(torch.autograd.Function):
+    """gate_up: [M, 2I] and weight: [N, I], both row-contiguous."""
+
+    @staticmethod
+    def forward(ctx, gate_up, weight):
+        act = swiglu_forward(gate_up)
+        ctx.save_for_backward(gate_up, weight, act)
+        return act @ weight.t()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        gate_up, weight, act = ctx.saved_tensors
+        dgate_up = swiglu_linear_backward(dy, weight, gate_up) if ctx.needs_input_grad[0] else None
+        dweight = dy.t() @ act if ctx.needs_input_grad[1] else None
+        return dgate_up, dweight
+
+
+def swiglu_linear_reference(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """HRM's eager math: ``F.linear(swiglu(gate_up), weight)`` in gate_up's dtype; also the CPU
+    fallback."""
+    return F.linear(swiglu_reference(gate_up), weight)
+
+
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(silu(gate) * up) @ weight.T`` with ``gate, up = gate_up.chunk(2, -1)``.
+
+    gate_up: [..., 2I]; weight: [N, I] in gate_up's dtype (cast fp32 parameters at use). Returns
+    [..., N]. Gradients flow to both; the gate_up gradient comes from the fused kernel (module
+    docstring) where it runs.
+    """
+    op = "swiglu_linear"
+    check_float("gate_up", gate_up, op)
+    check_float("weight", weight, op)
+    check_same(op, "gate_up", gate_up, "weight", weight, shape=False)
+    if weight.dim() != 2 or gate_up.dim() == 0 or gate_up.shape[-1] != 2 * weight.shape[1]:
+        raise ValueError(f"{op}: gate_up has shape {tuple(gate_up.shape)} and weight {tuple(weight.shape)}; "
+                         "need gate_up [..., 2I] (gate columns, then up columns) and weight [N, I]")
+    if not use_triton(gate_up.device):
+        return swiglu_linear_reference(gate_up, weight)
+    needs_grad = torch.is_grad_enabled() and (gate_up.requires_grad or weight.requires_grad)
+    if not needs_grad or torch.compiler.is_compiling():
+        return F.linear(swiglu(gate_up), weight)
+    rows = gate_up.reshape(math.prod(gate_up.shape[:-1]), gate_up.shape[-1]).contiguous()
+    out = SwiGLULinearFunction.apply(rows, weight.contiguous())
+    return out.view(*gate_up.shape[:-1], weight.shape[0])

@@ -1,0 +1,120 @@
+"""SwiGLU + down projection with the SwiGLU backward in the input-gradient matmul's epilogue:
+output and both gradients against float64 on odd shapes, the fused kernel and the unfused path."""
+
+import importlib
+
+import pytest
+import torch
+
+from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend
+from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.tolerance import assert_close_to_reference
+
+module = importlib.import_module("hrm_kernels.swiglu_linear")
+
+# The interpreter's tl.dot works in fp16/fp32 only (GPU.md); bf16 is covered on the GPU.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# (leading dims, I, N): the kernel needs 16-byte rows (I and N multiples of 8 in half precision,
+# of 4 in fp32). The first three run it: partial row, column (I=40 < 2 tiles) and K (N=72) tiles,
+# one row; the last two are misaligned (I=37, N=50) and take the unfused path.
+SHAPES = [((37,), 40, 24), ((2, 35), 48, 72), ((1,), 16, 64), ((37,), 37, 24), ((3, 1, 4), 8, 50)]
+
+
+@pytest.fixture
+def fused_launches(monkeypatch):
+    """How many times the fused backward kernel was launched."""
+    count = [0]
+    launch = module._fused_backward
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_fused_backward", counted)
+    return count
+
+
+def _make(lead, inter, n, dtype, device=DEVICE):
+    gate_up = torch.randn(*lead, 2 * inter, device=device, dtype=dtype) * 2
+    weight = (torch.randn(n, inter, device=device) / inter ** 0.5).to(dtype)
+    dy = torch.randn(*lead, n, device=device, dtype=dtype)
+    return gate_up, weight, dy
+
+
+def _run(fn, gate_up, weight, dy):
+    gate_up, weight = gate_up.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    out = fn(gate_up, weight)
+    out.backward(dy)
+    return out.detach(), gate_up.grad, weight.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,inter,n", SHAPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_against_float64(lead, inter, n, dtype, fused, fused_launches, monkeypatch):
+    monkeypatch.setattr(module, "FUSED_BACKWARD", fused)
+    gate_up, weight, dy = _make(lead, inter, n, dtype)
+    with use_backend("triton"):
+        got = _run(swiglu_linear, gate_up, weight, dy)
+    eager = _run(swiglu_linear_reference, gate_up, weight, dy)
+    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
+    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
+        assert g.dtype == dtype
+        assert_close_to_reference(f"{dtype} {lead} I={inter} N={n} {name}", g, e, r)
+    item = gate_up.element_size()
+    aligned = (inter * item) % 16 == 0 and (n * item) % 16 == 0
+    assert fused_launches[0] == (1 if fused and aligned else 0)
+
+
+def test_no_grad_and_weight_only_gradient(fused_launches):
+    gate_up, weight, dy = _make((5, 7), 24, 16, torch.float32)
+    with use_backend("triton"):
+        with torch.no_grad():
+            out = swiglu_linear(gate_up, weight)
+        w = weight.clone().requires_grad_()
+        swiglu_linear(gate_up, w).backward(dy)  # gate_up needs no gradient: no fused launch
+    ref = swiglu_linear_reference(gate_up.double(), weight.double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    ref_w = weight.double().clone().requires_grad_()
+    swiglu_linear_reference(gate_up.double(), ref_w).backward(dy.double())
+    torch.testing.assert_close(w.grad.double(), ref_w.grad, atol=1e-4, rtol=1e-4)
+    assert fused_launches[0] == 0
+
+
+@pytest.mark.parametrize("gate_up_shape,weight_shape,match", [
+    ((4, 10), (6, 4), "need gate_up"),   # 2I = 10 but weight has I = 4
+    ((4, 9), (6, 4), "need gate_up"),
+    ((4, 8), (6,), "need gate_up"),
+])
+def test_bad_shapes_name_the_problem(gate_up_shape, weight_shape, match):
+    with pytest.raises(ValueError, match=match):
+        swiglu_linear(torch.randn(*gate_up_shape), torch.randn(*weight_shape))
+
+
+def test_dtype_mismatch_is_an_error():
+    with pytest.raises((TypeError, ValueError)):
+        swiglu_linear(torch.randn(4, 8), torch.randn(6, 4, dtype=torch.float64))
+
+
+@requires_cuda
+def test_compile_fullgraph_matches_eager():
+    gate_up, weight, dy = _make((3, 41), 64, 32, torch.bfloat16)
+    compiled = torch.compile(swiglu_linear, fullgraph=True)
+    with use_backend("triton"):
+        got = _run(compiled, gate_up, weight, dy)
+        eager = _run(swiglu_linear, gate_up, weight, dy)
+    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
+    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
+        assert_close_to_reference(f"compiled {name}", g, e, r)
+
+
+@requires_cuda
+def test_hrm_size_bf16():
+    """HRM's MLP at a few thousand rows: hidden 512, I = 1536, bf16, the fused kernel's CUDA tiles."""
+    gate_up, weight, dy = _make((4, 1001), 1536, 512, torch.bfloat16)
+    with use_backend("triton"):
+        got = _run(swiglu_linear, gate_up, weight, dy)
+    eager = _run(swiglu_linear_reference, gate_up, weight, dy)
+    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
+    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
+        assert_close_to_reference(f"HRM size {name}", g, e, r)
