@@ -37,13 +37,17 @@ from hrm_kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_r
 
 
 @triton.jit
-def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, M, K, I,
-                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   GROUP_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One program per SM walks the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (GROUP_M
-    row blocks sweep every column block, so their dy rows stay in L2). ``w_desc`` views the weight
-    [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight needs no transpose); ``gate_desc`` /
-    ``up_desc`` and ``dgate_desc`` / ``dup_desc`` view the two halves of gate_up and of its gradient."""
+def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, GU, DGU, M, K, I,
+                                   stride_gu, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA_EPILOGUE: tl.constexpr,
+                                   INPUT_PRECISION: tl.constexpr):
+    """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (GROUP_M row blocks
+    sweep every column block, so their dy rows stay in L2); with one program per tile the loop
+    runs once. ``w_desc`` views the weight [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight
+    needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
+    descriptors of the halves of gate_up and its gradient (TMA_EPILOGUE), or through pointers
+    (GU, DGU: [M, 2I] with row stride ``stride_gu``; registers only, leaving shared memory to the
+    mainloop)."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         group = tile // (GROUP_M * num_n)
@@ -55,29 +59,45 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             acc = tl.dot(dy_desc.load([off_m, k * BLOCK_K]), w_desc.load([k * BLOCK_K, off_n]), acc,
                          input_precision=INPUT_PRECISION)
-        dact = acc.to(dgate_desc.dtype).to(tl.float32)  # the unfused matmul's rounding
-        gate = gate_desc.load([off_m, off_n]).to(tl.float32)
-        up = up_desc.load([off_m, off_n]).to(tl.float32)
+        dact = acc.to(DGU.dtype.element_ty).to(tl.float32)  # the unfused matmul's rounding
+        if TMA_EPILOGUE:
+            gate = gate_desc.load([off_m, off_n]).to(tl.float32)
+            up = up_desc.load([off_m, off_n]).to(tl.float32)
+        else:
+            rows = off_m + tl.arange(0, BLOCK_M)
+            cols = off_n + tl.arange(0, BLOCK_N)
+            mask = (rows < M)[:, None] & (cols < I)[None, :]
+            offsets = rows.to(tl.int64)[:, None] * stride_gu + cols[None, :]
+            gate = tl.load(GU + offsets, mask=mask, other=0.0).to(tl.float32)
+            up = tl.load(GU + offsets + I, mask=mask, other=0.0).to(tl.float32)
         s = tl.sigmoid(gate)
-        dgate_desc.store([off_m, off_n], (dact * up * s * (1.0 + gate * (1.0 - s))).to(dgate_desc.dtype))
-        dup_desc.store([off_m, off_n], (dact * gate * s).to(dup_desc.dtype))
+        dgate = (dact * up * s * (1.0 + gate * (1.0 - s))).to(DGU.dtype.element_ty)
+        dup = (dact * gate * s).to(DGU.dtype.element_ty)
+        if TMA_EPILOGUE:
+            dgate_desc.store([off_m, off_n], dgate)
+            dup_desc.store([off_m, off_n], dup)
+        else:
+            tl.store(DGU + offsets, dgate, mask=mask)
+            tl.store(DGU + offsets + I, dup, mask=mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA: linear_swiglu's TMA tile, which this
-# kernel's shape (K = hidden 512, tiles of [M, I]) shares.
-CUDA_CONFIG = (128, 128, 64, 8, 3)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA_EPILOGUE, programs per SM or 0 for one
+# per tile) on CUDA.
+CUDA_CONFIG = (128, 128, 64, 8, 3, True, 1)
 GROUP_M = 8
 # Fuse wherever the kernel can run; off: cuBLAS for dact, then the SwiGLU backward kernel.
 FUSED_BACKWARD = True
 
 
 def tile_config(on_cuda: bool, element_size: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): ``CUDA_CONFIG`` on CUDA, at most 2 stages
-    for 4-byte operands (twice the shared memory per stage); small tiles in the interpreter."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA_EPILOGUE, programs per SM): ``CUDA_CONFIG``
+    on CUDA, at most 2 stages for 4-byte operands (twice the shared memory per stage); small tiles
+    in the interpreter."""
     if not on_cuda:
-        return 16, 32, 32, 4, 1
-    block_m, block_n, block_k, num_warps, num_stages = CUDA_CONFIG
-    return block_m, block_n, block_k, num_warps, min(num_stages, 2) if element_size == 4 else num_stages
+        return 16, 32, 32, 4, 1, True, 0
+    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm = CUDA_CONFIG
+    return (block_m, block_n, block_k, num_warps, min(num_stages, 2) if element_size == 4 else num_stages,
+            tma_epilogue, per_sm)
 
 
 def _kernel_ok(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -89,15 +109,16 @@ def _kernel_ok(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) ->
 
 
 def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
-    """dgate_up [M, 2I] from dy [M, N], weight [N, I], gate_up [M, 2I] (all row-contiguous)."""
+    """dgate_up [M, 2I] from dy [M, N], weight [N, I], gate_up [M, 2I] (all contiguous)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     n_rows, n = dy.shape
     inter = weight.shape[1]
-    dgate_up = torch.empty_like(gate_up)
+    dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dgate_up.numel() == 0:
         return dgate_up
-    block_m, block_n, block_k, num_warps, num_stages = tile_config(dy.is_cuda, dy.element_size())
+    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm = tile_config(
+        dy.is_cuda, dy.element_size())
     block_n = min(block_n, max(16, next_power_of_2(inter)))
     block_k = min(block_k, max(16, next_power_of_2(n)))
     dy_desc = TensorDescriptor.from_tensor(dy, [block_m, block_k])
@@ -106,10 +127,11 @@ def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
         TensorDescriptor.from_tensor(half, [block_m, block_n])
         for half in (gate_up[:, :inter], gate_up[:, inter:], dgate_up[:, :inter], dgate_up[:, inter:]))
     tiles = cdiv(n_rows, block_m) * cdiv(inter, block_n)
-    launch(_swiglu_linear_backward_kernel, (min(tiles, num_programs_for(dy.device.type, dy.device.index)),),
-           dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, n_rows, n, inter,
-           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-           INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
+    programs = min(tiles, per_sm * num_programs_for(dy.device.type, dy.device.index)) if per_sm else tiles
+    launch(_swiglu_linear_backward_kernel, (programs,),
+           dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, gate_up, dgate_up, n_rows, n, inter,
+           gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
+           TMA_EPILOGUE=tma_epilogue, INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return dgate_up
 
@@ -117,7 +139,7 @@ def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
 def swiglu_linear_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """dgate_up [M, 2I] (the fused kernel where it runs, else cuBLAS + the SwiGLU backward kernel).
     dy: [M, N], weight: [N, I], gate_up: [M, 2I], one dtype."""
-    dy = dy.contiguous()
+    dy, weight, gate_up = dy.contiguous(), weight.contiguous(), gate_up.contiguous()
     if _kernel_ok(dy, weight, gate_up):
         return _fused_backward(dy, weight, gate_up)
     return swiglu_backward(dy @ weight, gate_up)

@@ -48,11 +48,21 @@ def _run(fn, gate_up, weight, dy):
     return out.detach(), gate_up.grad, weight.grad
 
 
+# The kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or a
+# persistent grid (a few programs per "SM", each walking several tiles).
+VARIANTS = {"tma-epilogue": (True, 0), "pointer-epilogue": (False, 0), "persistent": (False, 1),
+            "unfused": None}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,inter,n", SHAPES)
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_against_float64(lead, inter, n, dtype, fused, fused_launches, monkeypatch):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_against_float64(lead, inter, n, dtype, variant, fused_launches, monkeypatch):
+    fused = VARIANTS[variant] is not None
     monkeypatch.setattr(module, "FUSED_BACKWARD", fused)
+    if fused:
+        tiles = module.tile_config(CUDA, dtype.itemsize)[:5]
+        monkeypatch.setattr(module, "tile_config", lambda on_cuda, size: (*tiles, *VARIANTS[variant]))
     gate_up, weight, dy = _make(lead, inter, n, dtype)
     with use_backend("triton"):
         got = _run(swiglu_linear, gate_up, weight, dy)
