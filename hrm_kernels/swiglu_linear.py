@@ -14,8 +14,9 @@ Shapes: ``gate_up``: [..., 2I] (HRM's layout: gate columns, then up columns), ``
 
 Unfused, ``dact`` [M, I] is written by one matmul and read back by the SwiGLU backward kernel. Here
 each program computes [BLOCK_M, BLOCK_N] tiles of ``dact`` and turns them into the matching tiles
-of dgate and dup before anything leaves the chip (a persistent grid, operands and the gate/up
-tiles through TMA descriptors: Hopper or datacenter Blackwell, or the interpreter). Elsewhere, for
+of dgate and dup before anything leaves the chip (operands through TMA descriptors: Hopper or
+datacenter Blackwell, or the interpreter). Off by default (``FUSED_BACKWARD``): on an H100 it is
+not faster than the unfused pair (benchmarks/RESULTS.md). Elsewhere, for
 rows not 16-byte aligned, and under torch.compile the op runs as ``F.linear(swiglu(gate_up),
 weight)`` with ``hrm_kernels.swiglu``'s kernels, the same math.
 """
@@ -40,16 +41,17 @@ from hrm_kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_r
 def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, GU, DGU, M, K, I,
                                    stride_gu, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA_EPILOGUE: tl.constexpr,
-                                   INPUT_PRECISION: tl.constexpr):
+                                   WARP_SPECIALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (GROUP_M row blocks
     sweep every column block, so their dy rows stay in L2); with one program per tile the loop
     runs once. ``w_desc`` views the weight [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight
     needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
     descriptors of the halves of gate_up and its gradient (TMA_EPILOGUE), or through pointers
     (GU, DGU: [M, 2I] with row stride ``stride_gu``; registers only, leaving shared memory to the
-    mainloop)."""
+    mainloop). WARP_SPECIALIZE: Triton's producer/consumer warp groups over the tile loop (its
+    loads for the next tile overlap this tile's epilogue; for persistent grids)."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
         group = tile // (GROUP_M * num_n)
         first_m = group * GROUP_M
         group_rows = tl.minimum(num_m - first_m, GROUP_M)
@@ -82,22 +84,28 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA_EPILOGUE, programs per SM or 0 for one
-# per tile) on CUDA.
-CUDA_CONFIG = (128, 128, 64, 8, 3, True, 1)
+# per tile, WARP_SPECIALIZE) on CUDA. H100, bf16, M=62976, N=512, I=1536 (12 tiles swept,
+# benchmarks/RESULTS.md): this one 496.7 us GPU, cuBLAS + the SwiGLU backward kernel 480.3 us; the
+# persistent TMA-epilogue tile of linear_swiglu 558.1 us.
+CUDA_CONFIG = (64, 128, 64, 4, 4, False, 0, False)
 GROUP_M = 8
-# Fuse wherever the kernel can run; off: cuBLAS for dact, then the SwiGLU backward kernel.
-FUSED_BACKWARD = True
+# Fuse wherever the kernel can run; off: cuBLAS for dact, then the SwiGLU backward kernel. Off by
+# default: on an H100 the fused kernel moves its 838 MB at 1.7 TB/s (the mainloop and the
+# memory-bound epilogue take turns), and the unfused pair is 3% faster; in the Sudoku training
+# step on / off measured 79.0, 79.5 / 79.6, 79.2 ms. Kept for GPUs and Triton versions where
+# the epilogue overlaps the mainloop.
+FUSED_BACKWARD = False
 
 
 def tile_config(on_cuda: bool, element_size: int) -> tuple:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA_EPILOGUE, programs per SM): ``CUDA_CONFIG``
-    on CUDA, at most 2 stages for 4-byte operands (twice the shared memory per stage); small tiles
-    in the interpreter."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, TMA_EPILOGUE, programs per SM,
+    WARP_SPECIALIZE): ``CUDA_CONFIG`` on CUDA, at most 2 stages for 4-byte operands (twice the
+    shared memory per stage); small tiles in the interpreter."""
     if not on_cuda:
-        return 16, 32, 32, 4, 1, True, 0
-    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm = CUDA_CONFIG
+        return 16, 32, 32, 4, 1, True, 0, False
+    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm, warp_specialize = CUDA_CONFIG
     return (block_m, block_n, block_k, num_warps, min(num_stages, 2) if element_size == 4 else num_stages,
-            tma_epilogue, per_sm)
+            tma_epilogue, per_sm, warp_specialize)
 
 
 def _kernel_ok(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -117,7 +125,7 @@ def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
     dgate_up = torch.empty(gate_up.shape, dtype=gate_up.dtype, device=gate_up.device)
     if dgate_up.numel() == 0:
         return dgate_up
-    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm = tile_config(
+    block_m, block_n, block_k, num_warps, num_stages, tma_epilogue, per_sm, warp_specialize = tile_config(
         dy.is_cuda, dy.element_size())
     block_n = min(block_n, max(16, next_power_of_2(inter)))
     block_k = min(block_k, max(16, next_power_of_2(n)))
@@ -131,7 +139,7 @@ def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
     launch(_swiglu_linear_backward_kernel, (programs,),
            dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, gate_up, dgate_up, n_rows, n, inter,
            gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-           TMA_EPILOGUE=tma_epilogue, INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
+           TMA_EPILOGUE=tma_epilogue, WARP_SPECIALIZE=warp_specialize, INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
            num_warps=num_warps, num_stages=num_stages)
     return dgate_up
 

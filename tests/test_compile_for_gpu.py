@@ -48,7 +48,7 @@ for dt in ("bf16", "fp16", "fp32"):
     ln_m, ln_n, ln_k, ln_w, ln_s = module("linear_add_rms_norm").tile_config(True, size)
     ls_m, ls_n, ls_k, ls_w, ls_s, ls_ws, ls_fl = module("linear_swiglu").tma_config(True, size)
     lt_m, lt_n, lt_k, lt_w, lt_s = module("linear_swiglu").tiled_config(True, size)
-    sl_m, sl_n, sl_k, sl_w, sl_s = module("swiglu_linear").tile_config(True, size)
+    sl_m, sl_n, sl_k, sl_w, sl_s, sl_tma, _, sl_ws = module("swiglu_linear").tile_config(True, size)
     ra_n, ra_w, ra_s, ra_join = module("rope_attention").CUDA_BACKWARD_CONFIG
     rf_m, rf_n, rf_w, rf_s, rf_join = module("rope_attention").CUDA_CONFIG
     cases = {
@@ -88,8 +88,10 @@ for dt in ("bf16", "fp16", "fp32"):
         "swiglu_linear backward (TMA)": (
             module("swiglu_linear")._swiglu_linear_backward_kernel,
             {"dy_desc": f"tensordesc<{dt}[{sl_m},{sl_k}]>", "w_desc": f"tensordesc<{dt}[{sl_k},{sl_n}]>",
-             **{n: f"tensordesc<{dt}[{sl_m},{sl_n}]>" for n in ("gate_desc", "up_desc", "dgate_desc", "dup_desc")}},
-            dict(BLOCK_M=sl_m, BLOCK_N=sl_n, BLOCK_K=sl_k, GROUP_M=8, INPUT_PRECISION=prec), sl_w, sl_s),
+             **{n: f"tensordesc<{dt}[{sl_m},{sl_n}]>" for n in ("gate_desc", "up_desc", "dgate_desc", "dup_desc")},
+             **{n: "*" + dt for n in ("GU", "DGU")}},
+            dict(BLOCK_M=sl_m, BLOCK_N=sl_n, BLOCK_K=sl_k, GROUP_M=8, TMA_EPILOGUE=sl_tma, WARP_SPECIALIZE=sl_ws,
+                 INPUT_PRECISION=prec), sl_w, sl_s),
     }
     for name, (fn, types, consts, warps, stages) in cases.items():
         try:

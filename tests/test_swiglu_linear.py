@@ -50,7 +50,7 @@ def _run(fn, gate_up, weight, dy):
 
 # The kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or a
 # persistent grid (a few programs per "SM", each walking several tiles).
-VARIANTS = {"tma-epilogue": (True, 0), "pointer-epilogue": (False, 0), "persistent": (False, 1),
+VARIANTS = {"tma-epilogue": (True, 0, False), "pointer-epilogue": (False, 0, False), "persistent": (False, 1, False),
             "unfused": None}
 
 
@@ -119,8 +119,10 @@ def test_compile_fullgraph_matches_eager():
 
 
 @requires_cuda
-def test_hrm_size_bf16():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_hrm_size_bf16(fused, fused_launches, monkeypatch):
     """HRM's MLP at a few thousand rows: hidden 512, I = 1536, bf16, the fused kernel's CUDA tiles."""
+    monkeypatch.setattr(module, "FUSED_BACKWARD", fused)
     gate_up, weight, dy = _make((4, 1001), 1536, 512, torch.bfloat16)
     with use_backend("triton"):
         got = _run(swiglu_linear, gate_up, weight, dy)
@@ -128,3 +130,4 @@ def test_hrm_size_bf16():
     ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
     for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
         assert_close_to_reference(f"HRM size {name}", g, e, r)
+    assert fused_launches[0] == int(fused)
