@@ -328,9 +328,28 @@ def test_checkpoint_keep_last_is_checked(tiny_data, tmp_path, monkeypatch):
 
 def test_precompile_dry_run_with_the_triton_kernels(tiny_data, tmp_path, monkeypatch, capsys):
     """The dry run on copies of the Triton path's optimizers: no failure (the interpreter on the
-    CPU compiles nothing ahead; on CUDA the variants compile on the thread pool)."""
+    CPU compiles nothing ahead; on CUDA the variants compile on the thread pool, and the training
+    steps and evaluation after it meet no kernel variant that it did not prepare)."""
+    import contextlib
+
+    import hrm_kernels
+
     monkeypatch.chdir(tmp_path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded, after_dry_run = [], []  # kernel variants loaded into Triton's in-memory caches
+    if torch.cuda.is_available():
+        from triton import knobs
+
+        monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda *a, **k: loaded.append(k.get("repr")))
+        ahead = hrm_kernels.compile_ahead
+
+        @contextlib.contextmanager
+        def marking_the_end(*args, **kwargs):
+            with ahead(*args, **kwargs) as done:
+                yield done
+            after_dry_run.append(len(loaded))
+
+        monkeypatch.setattr(hrm_kernels, "compile_ahead", marking_the_end)
     run(common(tiny_data, tmp_path / "run") + ["arch.kernels=triton", "max_steps=2", f"device={device}",
                                                "precompile_kernels=true"])
     captured = capsys.readouterr()
@@ -339,3 +358,7 @@ def test_precompile_dry_run_with_the_triton_kernels(tiny_data, tmp_path, monkeyp
     assert compiled is not None, captured.out[-2000:]
     if not torch.cuda.is_available():
         assert int(compiled.group(1)) == 0
+    else:
+        # The hook saw each variant compiled ahead (so it is watching), and nothing after.
+        assert after_dry_run and after_dry_run[0] == int(compiled.group(1)), (after_dry_run, loaded)
+        assert loaded[after_dry_run[0]:] == [], "compiled after the dry run"
