@@ -100,6 +100,18 @@ def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, strid
 
 
 @triton.jit
+def grouped_tile(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row offset, column offset) of tile number ``tile`` of a [num_m, num_n] tile grid walked in
+    grouped order: GROUP_M row blocks sweep every column block before the next group starts, so
+    their rows of the left operand stay in L2 while every column block reads them."""
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return ((first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M,
+            ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N)
+
+
+@triton.jit
 def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_desc, M, K, I,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr,
@@ -113,11 +125,7 @@ def _linear_swiglu_tma_kernel(x_desc, wg_desc, wu_desc, out_desc, gate_desc, up_
     num_tiles = num_m * num_n
     for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M
-        off_n = ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N
+        off_m, off_n = grouped_tile(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):

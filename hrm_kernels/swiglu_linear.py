@@ -32,7 +32,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import use_triton
-from hrm_kernels.linear_swiglu import tma_available
+from hrm_kernels.linear_swiglu import grouped_tile, tma_available
 from hrm_kernels.precompile import launch
 from hrm_kernels.swiglu import swiglu, swiglu_backward, swiglu_forward, swiglu_reference
 
@@ -42,9 +42,8 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
                                    stride_gu, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA_EPILOGUE: tl.constexpr,
                                    WARP_SPECIALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (GROUP_M row blocks
-    sweep every column block, so their dy rows stay in L2); with one program per tile the loop
-    runs once. ``w_desc`` views the weight [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight
+    """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (``grouped_tile``: dy
+    rows stay in L2); with one program per tile the loop runs once. ``w_desc`` views the weight [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight
     needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
     descriptors of the halves of gate_up and its gradient (TMA_EPILOGUE), or through pointers
     (GU, DGU: [M, 2I] with row stride ``stride_gu``; registers only, leaving shared memory to the
@@ -52,11 +51,7 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
     loads for the next tile overlap this tile's epilogue; for persistent grids)."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M
-        off_n = ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N
+        off_m, off_n = grouped_tile(tile, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             acc = tl.dot(dy_desc.load([off_m, k * BLOCK_K]), w_desc.load([k * BLOCK_K, off_n]), acc,

@@ -48,6 +48,14 @@ def _run(fn, gate_up, weight, dy):
     return out.detach(), gate_up.grad, weight.grad
 
 
+def _assert_close(label, got, eager, gate_up, weight, dy):
+    """Output and both gradients within the tolerance of tests/tolerance.py of float64, in the inputs' dtype."""
+    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
+    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
+        assert g.dtype == gate_up.dtype
+        assert_close_to_reference(f"{label} {name}", g, e, r)
+
+
 # The kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or a
 # persistent grid (a few programs per "SM", each walking several tiles).
 VARIANTS = {"tma-epilogue": (True, 0, False), "pointer-epilogue": (False, 0, False), "persistent": (False, 1, False),
@@ -67,10 +75,7 @@ def test_against_float64(lead, inter, n, dtype, variant, fused_launches, monkeyp
     with use_backend("triton"):
         got = _run(swiglu_linear, gate_up, weight, dy)
     eager = _run(swiglu_linear_reference, gate_up, weight, dy)
-    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
-    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
-        assert g.dtype == dtype
-        assert_close_to_reference(f"{dtype} {lead} I={inter} N={n} {name}", g, e, r)
+    _assert_close(f"{dtype} {lead} I={inter} N={n}", got, eager, gate_up, weight, dy)
     item = gate_up.element_size()
     aligned = (inter * item) % 16 == 0 and (n * item) % 16 == 0
     assert fused_launches[0] == (1 if fused and aligned else 0)
@@ -113,9 +118,7 @@ def test_compile_fullgraph_matches_eager():
     with use_backend("triton"):
         got = _run(compiled, gate_up, weight, dy)
         eager = _run(swiglu_linear, gate_up, weight, dy)
-    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
-    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
-        assert_close_to_reference(f"compiled {name}", g, e, r)
+    _assert_close("compiled", got, eager, gate_up, weight, dy)
 
 
 @requires_cuda
@@ -126,8 +129,5 @@ def test_hrm_size_bf16(fused, fused_launches, monkeypatch):
     gate_up, weight, dy = _make((4, 1001), 1536, 512, torch.bfloat16)
     with use_backend("triton"):
         got = _run(swiglu_linear, gate_up, weight, dy)
-    eager = _run(swiglu_linear_reference, gate_up, weight, dy)
-    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
-    for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
-        assert_close_to_reference(f"HRM size {name}", g, e, r)
+    _assert_close("HRM size", got, _run(swiglu_linear_reference, gate_up, weight, dy), gate_up, weight, dy)
     assert fused_launches[0] == int(fused)
