@@ -5,10 +5,10 @@ With empty caches, a first training step compiles each kernel variant it meets o
 Inside ``with compile_ahead():`` every launch of this package's kernels queues that kernel's
 compilation on a thread pool (Triton's ``AsyncCompileMode``) instead of running it; leaving the
 block waits for all of them and puts them in the kernels' caches, so the real run that follows
-starts with every variant compiled. The pool also builds each variant's host launcher: some Triton
-versions (3.6 among them) compile a small C module per kernel signature with the system C compiler at the kernel's
-first launch, on the launching thread (about 0.3 s each, 4.6 s of a gated HRM's first step on an
-H100 host); built on the pool, the first launch finds it in Triton's cache::
+starts with every variant compiled. The pool also builds each variant's host launcher: some
+Triton versions (3.6 among them) compile a small C module per kernel signature with the system C
+compiler at the kernel's first launch, on the launching thread (about 0.3 s each, 4.6 s of a gated
+HRM's first step on an H100 host); built on the pool, the first launch finds it in Triton's cache::
 
     with compile_ahead():
         dry_run_on_copies()   # the same shapes, dtypes and options as the real work
