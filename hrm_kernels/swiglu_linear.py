@@ -43,8 +43,8 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
                                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TMA_EPILOGUE: tl.constexpr,
                                    WARP_SPECIALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (``grouped_tile``: dy
-    rows stay in L2); with one program per tile the loop runs once. ``w_desc`` views the weight [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight
-    needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
+    rows stay in L2); with one program per tile the loop runs once. ``w_desc`` views the weight
+    [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
     descriptors of the halves of gate_up and its gradient (TMA_EPILOGUE), or through pointers
     (GU, DGU: [M, 2I] with row stride ``stride_gu``; registers only, leaving shared memory to the
     mainloop). WARP_SPECIALIZE: Triton's producer/consumer warp groups over the tile loop (its
@@ -134,8 +134,8 @@ def _fused_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tenso
     launch(_swiglu_linear_backward_kernel, (programs,),
            dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, gate_up, dgate_up, n_rows, n, inter,
            gate_up.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M,
-           TMA_EPILOGUE=tma_epilogue, WARP_SPECIALIZE=warp_specialize, INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32",
-           num_warps=num_warps, num_stages=num_stages)
+           TMA_EPILOGUE=tma_epilogue, WARP_SPECIALIZE=warp_specialize,
+           INPUT_PRECISION="ieee" if dy.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return dgate_up
 
 
