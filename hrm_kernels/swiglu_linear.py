@@ -44,10 +44,10 @@ def _swiglu_linear_backward_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_de
                                    WARP_SPECIALIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Programs walk the [BLOCK_M, BLOCK_N] tiles of [M, I] in grouped order (``grouped_tile``: dy
     rows stay in L2); with one program per tile the loop runs once. ``w_desc`` views the weight
-    [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight needs no transpose). The epilogue reads gate/up and writes dgate/dup through the TMA
-    descriptors of the halves of gate_up and its gradient (TMA_EPILOGUE), or through pointers
-    (GU, DGU: [M, 2I] with row stride ``stride_gu``; registers only, leaving shared memory to the
-    mainloop). WARP_SPECIALIZE: Triton's producer/consumer warp groups over the tile loop (its
+    [K, I] in [BLOCK_K, BLOCK_N] tiles (dact = dy @ weight needs no transpose). The epilogue reads
+    gate/up and writes dgate/dup through the TMA descriptors of the halves of gate_up and its
+    gradient (TMA_EPILOGUE), or through pointers (GU, DGU: [M, 2I] with row stride ``stride_gu``;
+    registers only, leaving shared memory to the mainloop). WARP_SPECIALIZE: Triton's producer/consumer warp groups over the tile loop (its
     loads for the next tile overlap this tile's epilogue; for persistent grids)."""
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), warp_specialize=WARP_SPECIALIZE):
