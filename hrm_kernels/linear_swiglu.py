@@ -42,22 +42,25 @@ from hrm_kernels.swiglu import swiglu_backward, swiglu_reference
 
 
 @triton.jit
+def grouped_tile(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row offset, column offset) of tile number ``tile`` of a [num_m, num_n] tile grid walked in
+    grouped order: GROUP_M row blocks sweep every column block before the next group starts, so
+    their rows of the left operand stay in L2 while every column block reads them."""
+    group = tile // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return ((first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M,
+            ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N)
+
+
+@triton.jit
 def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, stride_out, stride_gu,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, STORE_GATE_UP: tl.constexpr,
                           INPUT_PRECISION: tl.constexpr, FAST_SIGMOID: tl.constexpr):
-    # Grouped tile order: GROUP_M row-blocks sweep all column blocks before moving on, so the
-    # x rows of a group stay in L2 while every column block reads them.
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N)
-    group = pid // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_rows
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    off_m, off_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(I, BLOCK_N), BLOCK_M, BLOCK_N, GROUP_M)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    cols = off_n + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < I
     # Clamp out-of-range rows/cols to valid addresses (their results are never stored), so the
@@ -97,18 +100,6 @@ def _linear_swiglu_kernel(X, W, OUT, GATE_UP, M, K, I, stride_x, stride_w, strid
     gate32 = gate.to(tl.float32)
     out = gate32 * sigmoid(gate32, FAST_SIGMOID) * up.to(tl.float32)
     tl.store(OUT + rows64[:, None] * stride_out + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def grouped_tile(tile, num_m, num_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row offset, column offset) of tile number ``tile`` of a [num_m, num_n] tile grid walked in
-    grouped order: GROUP_M row blocks sweep every column block before the next group starts, so
-    their rows of the left operand stay in L2 while every column block reads them."""
-    group = tile // (GROUP_M * num_n)
-    first_m = group * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    return ((first_m + (tile % (GROUP_M * num_n)) % group_rows) * BLOCK_M,
-            ((tile % (GROUP_M * num_n)) // group_rows) * BLOCK_N)
 
 
 @triton.jit
