@@ -213,7 +213,7 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.float32) -> dict:
     own, other, inj, w1, b1, w2, b2 = [t.detach() if t is not None else None for t in leaves]
     flags = gb._gate_flags(own.dtype)
     out, _, pre1, z = gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)
-    cfgs = gb._launch_configs(rows, D, R, own.device, own.dtype)
+    cfgs = gb._launch_configs(rows, D, R, own.device, own.dtype, w1.dtype)
     dpre1, db1p = gb._backward_dpre(cfgs["dpre"], flags, dout, None, own, other, inj, w2, b2, pre1, z)
 
     def main_bwd(cfg):

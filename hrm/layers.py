@@ -181,8 +181,13 @@ class Attention(nn.Module):
 
     def heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
-        batch, seq, hidden = h.shape
-        qkv = self.qkv_proj(h).view(batch, seq, 3 * self.num_heads, self.head_dim)
+        return self.heads_from_qkv(self.qkv_proj(h), cos_sin)
+
+    def heads_from_qkv(self, qkv: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``heads`` from the qkv projection [batch, seq, 3 * hidden]: [batch, seq, hidden]."""
+        batch, seq, three_hidden = qkv.shape
+        hidden = three_hidden // 3
+        qkv = qkv.view(batch, seq, 3 * self.num_heads, self.head_dim)
         if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
                 and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
             return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).reshape(batch, seq, hidden)
@@ -246,6 +251,36 @@ class SwiGLUMLP(nn.Module):
         return swiglu(self.gate_up_proj(x))
 
 
+class _LinearKeepInput(torch.autograd.Function):
+    """``(x @ w^T, x)``: a linear layer that also hands its input on, for the residual branch that
+    reads the same ``x``. Its backward sums the two gradients of ``x`` inside the input-gradient
+    matmul, ``dx = dx_kept + dy @ w`` (cuBLAS's accumulating epilogue), instead of autograd's
+    separate add of two [.., in] tensors. x: [..., in], w: [out, in] in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w), x
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dx_kept: Optional[torch.Tensor]):
+        x, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ w if dx_kept is None else torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
+            dx = dx.view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+        return dx, dw
+
+
+def linear_keep_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.linear(x, w), x)`` whose backward adds the gradient reaching the returned ``x`` inside
+    the matmul that computes ``dy @ w`` (``_LinearKeepInput``)."""
+    return _LinearKeepInput.apply(x, w)
+
+
 class Block(nn.Module):
     """Post-norm transformer block: ``h = norm(h + attn(h)); h = norm(h + mlp(h))`` (weightless
     RMSNorm, the add fused into the norm).
@@ -256,6 +291,10 @@ class Block(nn.Module):
     below cuBLAS's (benchmarks/RESULTS.md)."""
 
     FUSED_NO_GRAD = False
+    # With gradients, outside torch.compile: each sublayer's input projection hands its input on to
+    # the residual add (``linear_keep_input``), so the backward adds the residual branch's gradient
+    # in the projection's input-gradient matmul instead of one [.., hidden] add per sublayer.
+    FUSED_GRAD_RESIDUAL = True
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
@@ -270,6 +309,13 @@ class Block(nn.Module):
                 and attn.o_proj.bias is None and mlp.down_proj.bias is None):
             h = linear_add_rms_norm(attn.heads(h, cos_sin), attn.o_proj.weight_as(h.dtype), h, self.eps)
             return linear_add_rms_norm(mlp.hidden(h), mlp.down_proj.weight_as(h.dtype), h, self.eps)
+        if (self.FUSED_GRAD_RESIDUAL and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and attn.qkv_proj.bias is None and attn.o_proj.bias is None and mlp.gate_up_proj.bias is None
+                and mlp.down_proj.bias is None):
+            qkv, h = linear_keep_input(h, attn.qkv_proj.weight_as(h.dtype))
+            h = rms_norm(h, residual=attn.o_proj(attn.heads_from_qkv(qkv, cos_sin)), eps=self.eps)
+            gate_up, h = linear_keep_input(h, mlp.gate_up_proj.weight_as(h.dtype))
+            return rms_norm(h, residual=swiglu_linear(gate_up, mlp.down_proj.weight_as(h.dtype)), eps=self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)
 

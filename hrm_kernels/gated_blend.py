@@ -378,17 +378,19 @@ def _gated_blend_backward_kernel(
 _config_override: dict = {}
 
 
-def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torch.dtype) -> dict:
-    """{kernel: launch settings}: a fresh copy of the shape class's defaults, ``_config_override``
-    applied."""
-    cfg = {name: dict(c) for name, c in _default_configs(n_rows, d, r, device.type, act).items()}
+def _launch_configs(n_rows: int, d: int, r: int, device: torch.device, act: torch.dtype,
+                    weights: torch.dtype) -> dict:
+    """{kernel: launch settings}: a fresh copy of the shape class's defaults (activation and weight
+    dtypes ``act`` and ``weights``), ``_config_override`` applied."""
+    cfg = {name: dict(c) for name, c in _default_configs(n_rows, d, r, device.type, act, weights).items()}
     for name, over in _config_override.items():
         cfg[name] = {**cfg[name], **over}
     return cfg
 
 
 @functools.lru_cache(maxsize=64)  # computed once per shape: this runs twice per fwd+bwd
-def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.dtype) -> dict:
+def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.dtype,
+                     weights: torch.dtype) -> dict:
     block_r = max(16, next_power_of_2(r))
     block_d = max(16, min(64, next_power_of_2(d)))
     if device_type != "cuda":  # the interpreter: few, small programs
@@ -404,10 +406,12 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
         block_m = max(16, min(128, 16384 // block_r))
         bwd_d = max(16, min(block_d, 8192 // block_r))  # two [BLOCK_D, R] fp32 accumulators
         cfg = {
-            # fastest of the sweep in benchmarks/bench_gated_blend.py (H100, D=512, R=128, fp32
-            # weights as the model passes them; the hidden kernel's 32-wide k-step: forward 308 vs
-            # 333 us)
-            "hidden": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), num_warps=4, num_stages=4),
+            # fastest of the sweep in benchmarks/bench_gated_blend.py (D=512, R=128). The hidden
+            # kernel's k-step: 32 with fp32 weights (H100, forward 308 vs 333 us at 64), 64 with
+            # 2-byte weights, as the model passes them (H200, forward 222.8 vs 237.9 us at 32)
+            "hidden": (dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), num_warps=4, num_stages=4)
+                       if weights.itemsize > 2 else
+                       dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=4, num_stages=3)),
             "fwd": dict(BLOCK_M=block_m, BLOCK_D=min(32, block_d), num_warps=4, num_stages=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
@@ -447,7 +451,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     out = torch.empty_like(own)
     pre1 = own.new_empty((n_rows, r))
     z = own.new_empty((n_rows, r))
-    cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype)
+    cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype, w1.dtype)
     flags = _dot_flags(own.dtype)
     inj_arg = inj if inj is not None else own
     cfg = cfgs["hidden"]
@@ -484,7 +488,7 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
     if n_rows == 0:
         return (d_own, d_other, d_inj, torch.zeros_like(w1), torch.zeros_like(b1),
                 torch.zeros_like(w2), torch.zeros_like(b2))
-    cfgs = _launch_configs(n_rows, d, r, dev, act)
+    cfgs = _launch_configs(n_rows, d, r, dev, act, w1.dtype)
     coef = sat.float() / float(n_rows * d) if sat is not None else None
     flags = _gate_flags(act)
 

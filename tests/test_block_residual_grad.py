@@ -1,0 +1,53 @@
+"""hrm.layers.linear_keep_input and Block.FUSED_GRAD_RESIDUAL: the residual branch's gradient added
+inside the input projection's gradient matmul gives autograd's gradients (odd widths)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrm.layers import Block, RotaryEmbedding, linear_keep_input
+from hrm_kernels import use_backend
+
+
+@pytest.mark.parametrize("use", ["both", "projection", "kept"])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_keep_input_gradients(use, weight_grad):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 37, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(123, 37, dtype=torch.float64, requires_grad=weight_grad)
+    a, b = torch.randn(3, 7, 123, dtype=torch.float64), torch.randn(3, 7, 37, dtype=torch.float64)
+
+    def loss(y, kept):
+        return (((y * a).sum() if use != "kept" else 0) + ((kept.tanh() * b).sum() if use != "projection" else 0))
+
+    y, kept = linear_keep_input(x, w)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=0, atol=0)
+    torch.testing.assert_close(kept, x, rtol=0, atol=0)
+    got = torch.autograd.grad(loss(y, kept), [x, w] if weight_grad else [x])
+    want = torch.autograd.grad(loss(F.linear(x, w), x), [x, w] if weight_grad else [x], allow_unused=True)
+    for g, r in zip(got, want):  # an unused projection: autograd gives None, the Function zeros
+        torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
+
+
+def test_block_fused_residual_gradient_equals_autograd(monkeypatch):
+    """A block's output and every gradient (input and parameters), switch on vs off, float32 on the
+    eager kernels: the same math, the fused path rounding the two-term sum once instead of twice
+    (differences of a few float32 ulps of the gradient's scale)."""
+    torch.manual_seed(1)
+    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa")
+    cos_sin = RotaryEmbedding(20, 16, 10000.0)()
+    h = torch.randn(2, 11, 40, requires_grad=True)
+    dout = torch.randn(2, 11, 40)
+    results = []
+    with use_backend("eager"):
+        for fused in (False, True):
+            monkeypatch.setattr(Block, "FUSED_GRAD_RESIDUAL", fused)
+            out = block(h, cos_sin)
+            results.append((out, torch.autograd.grad(out, [h, *block.parameters()], dout)))
+    (out0, grads0), (out1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)  # the forward is the same computation
+    for (name, _), g1, g0 in zip([("h", h), *block.named_parameters()], grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=0, atol=20 * torch.finfo(torch.float32).eps * g0.abs().max().item(),
+                                   msg=name)
