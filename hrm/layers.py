@@ -255,7 +255,13 @@ class _LinearKeepInput(torch.autograd.Function):
     """``(x @ w^T, x)``: a linear layer that also hands its input on, for the residual branch that
     reads the same ``x``. Its backward sums the two gradients of ``x`` inside the input-gradient
     matmul, ``dx = dx_kept + dy @ w`` (cuBLAS's accumulating epilogue), instead of autograd's
-    separate add of two [.., in] tensors. x: [..., in], w: [out, in] in x's dtype."""
+    separate add of two [.., in] tensors. x: [..., in], w: [out, in] in x's dtype.
+
+    The sum is written into ``dx_kept`` itself (an out-of-place addmm would first copy it: one
+    more pass). That is safe where every other reader of that gradient runs before this node, as
+    in the post-norm block: the kept ``x`` and the sublayer's output meet in one add+RMSNorm, whose
+    backward hands the same tensor to both, and the sublayer's backward, which reads it, must
+    finish before ``dy`` (this projection's output gradient) exists."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor):
@@ -268,7 +274,12 @@ class _LinearKeepInput(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ w if dx_kept is None else torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
+            if dx_kept is None:
+                dx = dy2 @ w
+            elif dx_kept.is_contiguous():
+                dx = dx_kept.view(dy2.shape[0], -1).addmm_(dy2, w)
+            else:
+                dx = torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
             dx = dx.view(x.shape)
         if ctx.needs_input_grad[1]:
             dw = dy2.t() @ x.reshape(-1, x.shape[-1])

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 from hrm.layers import Block, RotaryEmbedding, linear_keep_input
 from hrm_kernels import use_backend
+from hrm_kernels.backend import triton_can_run
 
 
-@pytest.mark.parametrize("use", ["both", "projection", "kept"])
+@pytest.mark.parametrize("use", ["both", "projection", "kept", "kept_strided"])
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_linear_keep_input_gradients(use, weight_grad):
     torch.manual_seed(0)
@@ -20,6 +21,8 @@ def test_linear_keep_input_gradients(use, weight_grad):
     a, b = torch.randn(3, 7, 123, dtype=torch.float64), torch.randn(3, 7, 37, dtype=torch.float64)
 
     def loss(y, kept):
+        if use == "kept_strided":  # the kept input's gradient arrives non-contiguous
+            return (y * a).sum() + (kept.transpose(0, 1).tanh() * b.transpose(0, 1)).sum()
         return (((y * a).sum() if use != "kept" else 0) + ((kept.tanh() * b).sum() if use != "projection" else 0))
 
     y, kept = linear_keep_input(x, w)
@@ -31,17 +34,22 @@ def test_linear_keep_input_gradients(use, weight_grad):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
 
 
-def test_block_fused_residual_gradient_equals_autograd(monkeypatch):
-    """A block's output and every gradient (input and parameters), switch on vs off, float32 on the
-    eager kernels: the same math, the fused path rounding the two-term sum once instead of twice
-    (differences of a few float32 ulps of the gradient's scale)."""
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_block_fused_residual_gradient_equals_autograd(monkeypatch, backend):
+    """A block's output and every gradient (input and parameters), switch on vs off, float32: the
+    same math, the fused path rounding the two-term sum once instead of twice (differences of a
+    few float32 ulps of the gradient's scale). On the Triton kernels the add+RMSNorm's backward
+    hands one tensor to both of its inputs: the in-place sum must not disturb the sublayer's use of it."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "triton" and not triton_can_run(device):
+        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
     torch.manual_seed(1)
-    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa")
-    cos_sin = RotaryEmbedding(20, 16, 10000.0)()
-    h = torch.randn(2, 11, 40, requires_grad=True)
-    dout = torch.randn(2, 11, 40)
+    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa").to(device)
+    cos_sin = RotaryEmbedding(20, 16, 10000.0).to(device)()
+    h = torch.randn(2, 11, 40, device=device, requires_grad=True)
+    dout = torch.randn(2, 11, 40, device=device)
     results = []
-    with use_backend("eager"):
+    with use_backend(backend):
         for fused in (False, True):
             monkeypatch.setattr(Block, "FUSED_GRAD_RESIDUAL", fused)
             out = block(h, cos_sin)
