@@ -299,12 +299,14 @@ class Block(nn.Module):
     With ``FUSED_NO_GRAD`` the no-gradient passes outside torch.compile run each output projection
     with its add+RMSNorm as the matmul's epilogue (``hrm_kernels.linear_add_rms_norm``). Off: on an
     H100 it made the Sudoku training step slower (96.3 vs 88.7 ms), because its matmul runs well
-    below cuBLAS's (benchmarks/RESULTS.md)."""
+    below cuBLAS's (benchmarks/RESULTS.md).
+
+    With ``FUSED_GRAD_RESIDUAL`` (on) the gradient passes outside torch.compile hand each
+    sublayer's input through its input projection (``linear_keep_input``), so the backward adds the
+    residual branch's gradient inside that projection's input-gradient matmul instead of one
+    [.., hidden] add per sublayer (H200, Sudoku training step: 71.7-72.2 vs 72.5-72.8 ms gated)."""
 
     FUSED_NO_GRAD = False
-    # With gradients, outside torch.compile: each sublayer's input projection hands its input on to
-    # the residual add (``linear_keep_input``), so the backward adds the residual branch's gradient
-    # in the projection's input-gradient matmul instead of one [.., hidden] add per sublayer.
     FUSED_GRAD_RESIDUAL = True
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
