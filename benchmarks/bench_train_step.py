@@ -6,7 +6,8 @@ Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs
 their continue-target pass computes every position (``q_target_first_position=0``) unless
 ``--switches`` names that switch. Reports ms/step (median of timed steps after
 warm-up), tokens/s, time to the first finished step (compilation included), peak memory, and
-where the GPU time goes (matrix multiplies, attention, everything else; from the profiler).
+where the GPU time goes (matrix multiplies, attention, everything else, and idle: the time
+between a step's first and last kernel in which none runs; from the profiler).
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
         [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1]
@@ -120,6 +121,17 @@ def classify(name: str) -> str:
     return "other"
 
 
+def idle_us(intervals: list[tuple[float, float]]) -> float:
+    """Time inside [first start, last end] of ``intervals`` (kernel (start, end) times, any order,
+    overlapping allowed) that no interval covers: how long the GPU waited for work."""
+    idle, covered_to = 0.0, None
+    for start, end in sorted(intervals):
+        if covered_to is not None and start > covered_to:
+            idle += start - covered_to
+        covered_to = end if covered_to is None else max(covered_to, end)
+    return idle
+
+
 def _measure(step, state, steps: int, prepare=None) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
     it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
@@ -151,6 +163,8 @@ def _measure(step, state, steps: int, prepare=None) -> dict:
             state = step(state)
         torch.cuda.synchronize()
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    split["idle"] = idle_us([(e.time_range.start, e.time_range.end) for e in prof.events()
+                             if e.device_type == torch.autograd.DeviceType.CUDA]) / 3 / 1e3
     kernels = []  # (ms per call of step, launches per call, class, name)
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None)
@@ -247,12 +261,12 @@ def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [f"### Training step ({environment()})", "",
-             "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other |",
+             "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other / idle |",
              "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['gated']} | {r['mode']} | {r['provider']} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | "
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | "
-                     f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['other']:.1f} |")
+                     f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['other']:.1f} / {r['idle']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
