@@ -163,8 +163,11 @@ def _measure(step, state, steps: int, prepare=None) -> dict:
             state = step(state)
         torch.cuda.synchronize()
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    # idle: over the 3 back-to-back steps (host time between them counts), per step; GPU-side
+    # annotation ranges (optimizer.step's label) are not kernels and would hide gaps
     split["idle"] = idle_us([(e.time_range.start, e.time_range.end) for e in prof.events()
-                             if e.device_type == torch.autograd.DeviceType.CUDA]) / 3 / 1e3
+                             if e.device_type == torch.autograd.DeviceType.CUDA
+                             and not getattr(e, "is_user_annotation", False)]) / 3 / 1e3
     kernels = []  # (ms per call of step, launches per call, class, name)
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None)

@@ -269,14 +269,12 @@ class _LinearKeepInput(torch.autograd.Function):
         return F.linear(x, w), x
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor, dx_kept: Optional[torch.Tensor]):
+    def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
         x, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            if dx_kept is None:
-                dx = dy2 @ w
-            elif dx_kept.is_contiguous():
+            if dx_kept.is_contiguous():  # (autograd hands in zeros when the kept x went unused)
                 dx = dx_kept.view(dy2.shape[0], -1).addmm_(dy2, w)
             else:
                 dx = torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
@@ -288,7 +286,12 @@ class _LinearKeepInput(torch.autograd.Function):
 
 def linear_keep_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, w), x)`` whose backward adds the gradient reaching the returned ``x`` inside
-    the matmul that computes ``dy @ w`` (``_LinearKeepInput``)."""
+    the matmul that computes ``dy @ w`` (``_LinearKeepInput``).
+
+    Precondition: that gradient is written to in place, so nothing that runs later in the backward
+    may read it. ``Block`` guarantees this (its only other reader, the sublayer's backward, runs
+    first); a caller that also feeds the returned ``x`` into a branch whose backward runs after
+    this node, or passes its own gradient tensor for it to ``backward``, gets it overwritten."""
     return _LinearKeepInput.apply(x, w)
 
 
@@ -304,7 +307,11 @@ class Block(nn.Module):
     With ``FUSED_GRAD_RESIDUAL`` (on) the gradient passes outside torch.compile hand each
     sublayer's input through its input projection (``linear_keep_input``), so the backward adds the
     residual branch's gradient inside that projection's input-gradient matmul instead of one
-    [.., hidden] add per sublayer (H200, Sudoku training step: 71.7-72.2 vs 72.5-72.8 ms gated)."""
+    [.., hidden] add per sublayer (H200, Sudoku training step: 71.7-72.2 vs 72.5-72.8 ms gated).
+    That path calls the attention's and MLP's weights directly, not the ``self_attn``/``mlp`` and
+    projection submodules: hooks on those modules do not fire there, and a full backward hook on
+    ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set it False
+    for such instrumentation."""
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
