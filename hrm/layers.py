@@ -177,7 +177,11 @@ class Attention(nn.Module):
         return ok
 
     def forward(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        return self.o_proj(self.heads(h, cos_sin))
+        return self.from_qkv(self.qkv_proj(h), cos_sin)
+
+    def from_qkv(self, qkv: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``forward`` from the qkv projection [batch, seq, 3 * hidden]: [batch, seq, hidden]."""
+        return self.o_proj(self.heads_from_qkv(qkv, cos_sin))
 
     def heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
@@ -240,8 +244,13 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and self.down_proj.bias is None:
-            return swiglu_linear(self.gate_up_proj(x), self.down_proj.weight_as(x.dtype))
+            return self.from_gate_up(self.gate_up_proj(x))
         return self.down_proj(self.hidden(x))
+
+    def from_gate_up(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gradient pass's ``forward`` from the gate_up projection [..., 2I]: [..., hidden]
+        (no down_proj bias)."""
+        return swiglu_linear(gate_up, self.down_proj.weight_as(gate_up.dtype))
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up``: [..., intermediate_size], the down projection's input."""
@@ -333,9 +342,9 @@ class Block(nn.Module):
                 and attn.qkv_proj.bias is None and attn.o_proj.bias is None and mlp.gate_up_proj.bias is None
                 and mlp.down_proj.bias is None):
             qkv, h = linear_keep_input(h, attn.qkv_proj.weight_as(h.dtype))
-            h = rms_norm(h, residual=attn.o_proj(attn.heads_from_qkv(qkv, cos_sin)), eps=self.eps)
+            h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin), eps=self.eps)
             gate_up, h = linear_keep_input(h, mlp.gate_up_proj.weight_as(h.dtype))
-            return rms_norm(h, residual=swiglu_linear(gate_up, mlp.down_proj.weight_as(h.dtype)), eps=self.eps)
+            return rms_norm(h, residual=mlp.from_gate_up(gate_up), eps=self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)
 
