@@ -192,9 +192,15 @@ SWEEP = {
     "hidden": [dict(BLOCK_M=bm, BLOCK_K=bk, num_warps=w, num_stages=st)
                for bm, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 2),
                                      (64, 64, 4, 3), (128, 32, 4, 4), (256, 64, 8, 2), (256, 32, 8, 3)]],
-    "fwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=1)
-            for bm, bd, w in [(128, 64, 8), (128, 64, 4), (64, 64, 4), (128, 32, 4), (64, 128, 4),
-                              (128, 128, 8), (64, 32, 2), (256, 32, 8), (256, 64, 8)]],
+    # the whole forward: the hidden GEMM inside the blend kernel (FUSE_HIDDEN), or the hidden
+    # kernel first (its own configuration, ``hidden``) and one blend program per D-chunk
+    "fwd": [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=w, num_stages=st, D_STAGES=ds, FUSE_HIDDEN=True)
+            for bm, bk, bd, w, st, ds in [(64, 64, 32, 4, 3, 2), (64, 64, 32, 4, 3, 1), (64, 64, 32, 4, 3, 3),
+                                          (64, 64, 64, 4, 3, 2), (64, 64, 64, 8, 3, 2), (128, 64, 32, 8, 3, 2),
+                                          (128, 64, 32, 4, 3, 2), (64, 32, 32, 4, 4, 2), (32, 64, 32, 4, 3, 2),
+                                          (64, 128, 32, 4, 2, 2), (128, 64, 64, 8, 2, 2), (32, 64, 64, 4, 3, 2)]]
+           + [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=1, D_STAGES=1, FUSE_HIDDEN=False)
+              for bm, bd, w in [(128, 32, 4), (128, 64, 8), (64, 64, 4)]],
     "dpre": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
              for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
                                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 2, 2)]],
@@ -206,8 +212,8 @@ SWEEP = {
 
 
 def sweep(rows=SHAPES["sudoku"], wdtype=torch.float32) -> dict:
-    """Time each kernel under a few launch configurations (inj given; fp32 weights as the model
-    passes its parameters, or ``wdtype``); returns the fastest configuration of each (checked
+    """Time each kernel under a few launch configurations (inj given; ``wdtype`` weights: the model
+    passes them in the activations' dtype); returns the fastest configuration of each (checked
     against the default configuration's results)."""
     leaves, dout = make_inputs(rows, wdtype=wdtype)
     own, other, inj, w1, b1, w2, b2 = [t.detach() if t is not None else None for t in leaves]
@@ -223,7 +229,8 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.float32) -> dict:
 
     runs = {
         "hidden": lambda cfg: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)[2:],
-        "fwd": lambda cfg: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)[:1],
+        # as the model's no-gradient calls run it (most of its calls)
+        "fwd": lambda cfg: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False, store_hidden=False)[:1],
         "dpre": lambda cfg: gb._backward_dpre(cfg, flags, dout, None, own, other, inj, w2, b2, pre1, z)[:1],
         "bwd": main_bwd,
     }
@@ -232,7 +239,8 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.float32) -> dict:
         ref = runs[name](cfgs[name])
         results = []
         for cfg in options:
-            gb._config_override = {name: cfg}
+            # the hidden kernel runs only in the two-kernel forward
+            gb._config_override = {name: cfg, **({"fwd": {"FUSE_HIDDEN": False}} if name == "hidden" else {})}
             full = {**cfgs[name], **cfg}
             try:
                 res = runs[name](full)
@@ -266,7 +274,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--shapes", default="sudoku,arc")
-    parser.add_argument("--weights", default="bfloat16,float32", help="weight dtypes")
+    parser.add_argument("--weights", default="bfloat16,float32", help="weight dtypes (the first: --sweep's)")
     parser.add_argument("--passes", default="fwd_bwd,fwd")
     parser.add_argument("--save", help="with --sweep: write the fastest configurations (JSON) here")
     parser.add_argument("--config", help="launch configuration overrides (JSON, as --save writes)")
@@ -276,7 +284,7 @@ if __name__ == "__main__":
         sys.exit("needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64
     if args.sweep:
-        best = sweep()
+        best = sweep(wdtype=getattr(torch, args.weights.split(",")[0]))
         if args.save:
             with open(args.save, "w") as f:
                 json.dump(best, f)

@@ -177,6 +177,23 @@ def _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act: 
 
 
 @triton.jit
+def _hidden(OWN, OTHER, INJ, W1, B1, PRE1, Z, rows, row_mask, r_idx, r_mask, D, R, act: tl.constexpr,
+            HAS_INJ: tl.constexpr, STORE: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """z = silu(pre1), [BLOCK_M, BLOCK_R] in the activation dtype, for rows ``rows`` (int64); with
+    STORE also pre1 and z written to PRE1 and Z ([M, R], what the backward reads)."""
+    pre = _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act, HAS_INJ, EMU_BF16, PREC,
+                      BLOCK_M, BLOCK_K, BLOCK_R)
+    z = _cast(pre.to(tl.float32) * tl.sigmoid(pre.to(tl.float32)), act, EMU_BF16)
+    if STORE:
+        hr_mask = row_mask[:, None] & r_mask[None, :]
+        hr_off = rows[:, None] * R + r_idx[None, :]
+        tl.store(PRE1 + hr_off, pre, mask=hr_mask)
+        tl.store(Z + hr_off, z, mask=hr_mask)
+    return z
+
+
+@triton.jit
 def _gated_blend_hidden_kernel(
     OWN, OTHER, INJ, W1, B1, PRE1, Z,
     n_rows, D, R,
@@ -186,32 +203,29 @@ def _gated_blend_hidden_kernel(
     """pre1 = [own|other|inj] @ W1^T + b1 and z = silu(pre1), [M, R] each: a GEMM whose k-loop
     walks the present sources in turn (the concatenation is never formed; inj=None skips its slice)."""
     # All [M, D] tensors are contiguous rows of width D; W1 is [R, 3D], W2 [3D, R] contiguous.
-    pid = tl.program_id(0)
-    act = Z.dtype.element_ty
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < n_rows
-    rows = rows.to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
-    r_mask = r_idx < R
-    pre = _hidden_pre(OWN, OTHER, INJ, W1, B1, rows, row_mask, r_idx, r_mask, D, act, HAS_INJ, EMU_BF16, PREC,
-                      BLOCK_M, BLOCK_K, BLOCK_R)
-    hr_mask = row_mask[:, None] & r_mask[None, :]
-    hr_off = rows[:, None] * R + r_idx[None, :]
-    tl.store(PRE1 + hr_off, pre, mask=hr_mask)
-    pre = pre.to(tl.float32)
-    tl.store(Z + hr_off, _cast(pre * tl.sigmoid(pre), act, EMU_BF16), mask=hr_mask)
+    _hidden(OWN, OTHER, INJ, W1, B1, PRE1, Z, rows.to(tl.int64), row_mask, r_idx, r_idx < R, D, R,
+            Z.dtype.element_ty, HAS_INJ, True, EMU_BF16, PREC, BLOCK_M, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
 def _gated_blend_forward_kernel(
-    OWN, OTHER, INJ, W2, B2, Z, OUT, STATS,
+    OWN, OTHER, INJ, W1, B1, W2, B2, PRE1, Z, OUT, STATS,
     n_rows, D, R,
-    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
-    FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, FUSE_HIDDEN: tl.constexpr, STORE_HIDDEN: tl.constexpr,
+    EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, D_STAGES: tl.constexpr,
 ):
-    """One [BLOCK_M, BLOCK_D] tile of out: per kind the logits z @ W2_chunk^T + b2, the gate and
-    its share of the blend. The D-chunk index is the fast grid axis: programs that share rows
-    (and their z tile) run together."""
+    """[BLOCK_M, BLOCK_D] tiles of out: per kind the logits z @ W2_chunk^T + b2, the gate and its
+    share of the blend. Program (chunk, row block).
+
+    FUSE_HIDDEN: the program first computes its rows' z itself (the hidden kernel's GEMM; pre1 and z
+    written out only with STORE_HIDDEN, for the backward), then walks every D-chunk (D_STAGES deep
+    pipeline), reading its rows' sources a second time, now from L2; the grid has one chunk column.
+    Else z comes from Z (the hidden kernel's) and each program owns one chunk, the chunk the fast
+    grid axis: programs that share rows (and their z tile) run together."""
     chunk = tl.program_id(0)
     pid_m = tl.program_id(1)
     act = OUT.dtype.element_ty
@@ -220,31 +234,40 @@ def _gated_blend_forward_kernel(
     rows = rows.to(tl.int64)
     r_idx = tl.arange(0, BLOCK_R)
     r_mask = r_idx < R
-    z = tl.load(Z + rows[:, None] * R + r_idx[None, :], mask=row_mask[:, None] & r_mask[None, :],
-                other=0.0)
-    cols = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
-    c_mask = cols < D
-    mask = row_mask[:, None] & c_mask[None, :]
-    off = rows[:, None] * D + cols[None, :]
-    out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if FUSE_HIDDEN:
+        z = _hidden(OWN, OTHER, INJ, W1, B1, PRE1, Z, rows, row_mask, r_idx, r_mask, D, R, act, HAS_INJ,
+                    STORE_HIDDEN, EMU_BF16, PREC, BLOCK_M, BLOCK_K, BLOCK_R)
+        d_begin = 0
+        d_end = D
+    else:
+        z = tl.load(Z + rows[:, None] * R + r_idx[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                    other=0.0)
+        d_begin = chunk * BLOCK_D
+        d_end = d_begin + BLOCK_D
     zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
     o0, o1, o2, o3, o4 = zero_m, zero_m, zero_m, zero_m, zero_m
     t0, t1, t2, t3, t4 = zero_m, zero_m, zero_m, zero_m, zero_m
     i0, i1, i2, i3, i4 = zero_m, zero_m, zero_m, zero_m, zero_m
-    for kind in tl.static_range(3):
-        if kind < 2 or HAS_INJ:
-            w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
-            logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, FAST_SIGMOID, BLOCK_M, BLOCK_D)
-            x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
-            out += g * x
-            if WITH_STATS:
-                if kind == 0:
-                    o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
-                elif kind == 1:
-                    t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
-                else:
-                    i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
-    tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
+    for d0 in tl.range(d_begin, d_end, BLOCK_D, num_stages=D_STAGES):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        c_mask = cols < D
+        mask = row_mask[:, None] & c_mask[None, :]
+        off = rows[:, None] * D + cols[None, :]
+        out = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for kind in tl.static_range(3):
+            if kind < 2 or HAS_INJ:
+                w2t, b2 = _load_gate_weights(W2, B2, kind * D + cols, c_mask, r_idx, r_mask, R, act, EMU_BF16)
+                logit, g = _gate(z, w2t, b2, EMU_BF16, PREC, FAST_SIGMOID, BLOCK_M, BLOCK_D)
+                x = tl.load(_source(kind, OWN, OTHER, INJ) + off, mask=mask, other=0.0).to(tl.float32)
+                out += g * x
+                if WITH_STATS:
+                    if kind == 0:
+                        o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
+                    elif kind == 1:
+                        t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
+                    else:
+                        i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
+        tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
         P = STATS + (pid_m * tl.num_programs(0) + chunk) * 16
         _store_stats(P, o0, o1, o2, o3, o4)
@@ -397,7 +420,7 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
         block_m = max(16, min(32, next_power_of_2(max(n_rows, 1))))
         cfg = {
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d),
-            "fwd": dict(BLOCK_M=block_m, BLOCK_D=block_d),
+            "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d, FUSE_HIDDEN=True, D_STAGES=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
@@ -412,7 +435,10 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             "hidden": (dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), num_warps=4, num_stages=4)
                        if weights.itemsize > 2 else
                        dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=4, num_stages=3)),
-            "fwd": dict(BLOCK_M=block_m, BLOCK_D=min(32, block_d), num_warps=4, num_stages=1),
+            # the forward: the hidden GEMM and the blend in one program per row block (k-step and
+            # num_stages: the GEMM's; D_STAGES: the pipeline over the blend's D-chunks)
+            "fwd": dict(BLOCK_M=min(64, block_m), BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
+                        BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
@@ -443,29 +469,32 @@ def _gate_flags(dtype: torch.dtype) -> dict:
 
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                        with_stats: bool):
+                        with_stats: bool, store_hidden: bool = True):
     """own, other, inj: [M, D] contiguous; weights contiguous. Returns (out [M, D], stats [3, 5]
-    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R])."""
+    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R]). Without
+    ``store_hidden`` (no backward to come) pre1 and z may come back empty, [0, R], unwritten."""
     n_rows, d = own.shape
     r = w1.shape[0]
-    out = torch.empty_like(own)
-    pre1 = own.new_empty((n_rows, r))
-    z = own.new_empty((n_rows, r))
     cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype, w1.dtype)
-    flags = _dot_flags(own.dtype)
-    inj_arg = inj if inj is not None else own
-    cfg = cfgs["hidden"]
-    if n_rows > 0:
-        launch(_gated_blend_hidden_kernel, (cdiv(n_rows, cfg["BLOCK_M"]),),
-            own, other, inj_arg, w1, b1, pre1, z, n_rows, d, r, HAS_INJ=inj is not None, **flags, **cfg)
     cfg = cfgs["fwd"]
-    grid = (cdiv(d, cfg["BLOCK_D"]), cdiv(n_rows, cfg["BLOCK_M"]))
+    fuse = cfg["FUSE_HIDDEN"]
+    store_hidden = store_hidden or not fuse  # the two-kernel path passes z through memory
+    out = torch.empty_like(own)
+    pre1 = own.new_empty((n_rows if store_hidden else 0, r))
+    z = torch.empty_like(pre1)
+    inj_arg = inj if inj is not None else own
+    if n_rows > 0 and not fuse:
+        launch(_gated_blend_hidden_kernel, (cdiv(n_rows, cfgs["hidden"]["BLOCK_M"]),),
+               own, other, inj_arg, w1, b1, pre1, z, n_rows, d, r, HAS_INJ=inj is not None,
+               **_dot_flags(own.dtype), **cfgs["hidden"])
+    grid = (1 if fuse else cdiv(d, cfg["BLOCK_D"]), cdiv(n_rows, cfg["BLOCK_M"]))
     partial = torch.empty((grid[0] * grid[1] if with_stats else 1, 16), dtype=torch.float32,
                           device=own.device)
     if n_rows > 0:
         launch(_gated_blend_forward_kernel, grid,
-            own, other, inj_arg, w2, b2, z, out, partial, n_rows, d, r,
-            HAS_INJ=inj is not None, WITH_STATS=with_stats, **_gate_flags(own.dtype), **cfg)
+               own, other, inj_arg, w1, b1, w2, b2, pre1, z, out, partial, n_rows, d, r,
+               HAS_INJ=inj is not None, WITH_STATS=with_stats, STORE_HIDDEN=store_hidden,
+               **_gate_flags(own.dtype), **cfg)
     if not with_stats:
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
     stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
@@ -693,8 +722,13 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
     d, r = _check_args(own, other, inj, w1, b1, w2, b2)
     if not use_triton(own.device) or r > MAX_FUSED_R:
         return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
-    forward = torch.ops.hrm_kernels.gated_blend_fwd if torch.compiler.is_compiling() else GatedBlendFunction.apply
-    out, stats_t, _, _ = forward(_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
-                                 w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
+    args = (_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
+            w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
+    if torch.compiler.is_compiling():
+        out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+        out, stats_t, _, _ = GatedBlendFunction.apply(*args)
+    else:  # no backward to come: the hidden activations need not reach memory
+        out, stats_t, _, _ = gated_blend_forward(*args, store_hidden=False)
     out = out.view(own.shape)
     return (out, stats_t) if stats else out

@@ -1,6 +1,8 @@
 """Gate MLP + sigmoid blend: outputs, all seven gradients and the stats against float64, both
 backends, inj=None, mixed weight/activation dtypes, 1-D..4-D and odd shapes, compile, errors."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ from hrm_kernels.gated_blend import (SATURATION_LOGIT, STATS_COLUMNS, gate_logit
                                      gated_blend, gated_blend_reference)
 from tests.conftest import CUDA, DEVICE, requires_cuda
 from tests.tolerance import assert_close_to_reference
+
+gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
 
 NAMES = ("own", "other", "inj", "w1", "b1", "w2", "b2")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # bf16: the interpreter multiplies in fp32
@@ -138,6 +142,35 @@ def test_stats_and_saturation_gradient(backend, dtype, inj):
     """stats=True: the stats vs gates materialised in float64, and a gradient given to the
     saturation column flows into every input, as eager autograd says."""
     _check(backend, _make((3, 11, 40), 10, dtype, inj=inj), with_stats=True)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["one_kernel", "hidden_kernel_first"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+def test_forward_paths(monkeypatch, fuse, dtype, inj):
+    """Both forwards (the hidden GEMM inside the blend kernel, or a kernel of its own first) at a
+    width of several D-chunks with a ragged last one (123 = 64 + 59 here), stats included."""
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
+    _check("triton", _make((37, 123), 10, dtype, inj=inj), with_stats=True)
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["one_kernel", "hidden_kernel_first"])
+def test_no_grad_forward_skips_hidden_store(monkeypatch, fuse):
+    """Without gradients the call skips autograd and, in the one-kernel forward, writing the gate
+    MLP's hidden activations; the output and stats are the with-gradient call's, bit for bit."""
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
+    inputs = _make((5, 7, 123), 10, torch.float16)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with use_backend("triton"):
+        out, stats = gated_blend(*leaves, stats=True)
+        with torch.no_grad():
+            out_ng, stats_ng = gated_blend(*inputs, stats=True)
+    assert out.requires_grad and not out_ng.requires_grad
+    assert torch.equal(out_ng, out.detach()) and torch.equal(stats_ng, stats.detach())
+    rows = [t.reshape(-1, 123) for t in inputs[:3]]
+    with use_backend("triton"):
+        _, _, pre1, z = gb.gated_blend_forward(*rows, *inputs[3:], False, store_hidden=False)
+    assert pre1.shape == z.shape == ((0, 10) if fuse else (35, 10))
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
