@@ -60,9 +60,9 @@ MAX_FUSED_R = 256
 #   K*D inputs, [BLOCK_M, R] fp32 accumulator), z = silu(pre1), both written ([M, R], small) only
 #   when a backward will read them; (b) for each D-chunk in turn (a software pipeline): per kind
 #   the logits z @ W2_chunk^T + b2, g = sigmoid, out += g * src. 2 GEMMs, reads the sources twice
-#   (the second time mostly from L2), writes out. With stats (16 fp32 partial sums per program),
-#   (a) runs as a kernel of its own and (b) as one program per (D-chunk, BLOCK_M rows) instead:
-#   the stats' accumulators across the chunk loop made the one-kernel form slower.
+#   (the second time mostly from L2), writes out; with stats, 16 fp32 partial sums per program.
+#   (FUSE_HIDDEN off: (a) as a kernel of its own, then (b) as one program per (D-chunk, BLOCK_M
+#   rows), z read back from memory.)
 # backward phase 1 (_dpre), one program per BLOCK_M rows: recompute the logits from z, d_logit
 #   = dout * src * g * (1 - g) (+ the saturation term), d_z = d_logit @ W2, d_pre1 = d_z *
 #   silu'(pre1) -> [M, R]; db1 partial per program. 2 GEMMs, reads dout and the sources.
@@ -423,7 +423,6 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
         cfg = {
             "hidden": dict(BLOCK_M=block_m, BLOCK_K=block_d),
             "fwd": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d, FUSE_HIDDEN=True, D_STAGES=1),
-            "fwd_stats": dict(BLOCK_M=block_m, BLOCK_K=block_d, BLOCK_D=block_d, FUSE_HIDDEN=True, D_STAGES=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
@@ -440,14 +439,11 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
                        dict(BLOCK_M=block_m, BLOCK_K=block_d, num_warps=4, num_stages=3)),
             # the forward: the hidden GEMM and the blend in one program per row block (k-step and
             # num_stages: the GEMM's; D_STAGES: the pipeline over the blend's D-chunks). H200, bf16
-            # weights, no-grad forward: 186.6 us; the hidden kernel first, then a program per
-            # (row block, D-chunk) of 128 x 32: 226.3 us; 64 rows 195-211 us; 64-wide chunks 267-313 us
+            # weights, no-grad forward: 177-187 us; the hidden kernel first, then a program per
+            # (row block, D-chunk) of 128 x 32: 218-226 us; 64 rows 195-211 us; 64-wide chunks
+            # 267-313 us. With stats: 333 us one-kernel, 404 us two-kernel (two H200s, 2026-11-28)
             "fwd": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
                         BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
-            # with stats: the hidden kernel first and a program per (row block, D-chunk): the 15 stats
-            # accumulators across the one-kernel forward's chunk loop cost 333 vs 179 us (H200)
-            "fwd_stats": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d), BLOCK_D=min(32, block_d),
-                              FUSE_HIDDEN=False, D_STAGES=1, num_warps=4, num_stages=1),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
@@ -485,7 +481,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     n_rows, d = own.shape
     r = w1.shape[0]
     cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype, w1.dtype)
-    cfg = cfgs["fwd_stats" if with_stats else "fwd"]
+    cfg = cfgs["fwd"]
     fuse = cfg["FUSE_HIDDEN"]
     store_hidden = store_hidden or not fuse  # the two-kernel path passes z through memory
     out = torch.empty_like(own)

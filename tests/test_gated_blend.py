@@ -150,7 +150,7 @@ def test_stats_and_saturation_gradient(backend, dtype, inj):
 def test_forward_paths(monkeypatch, fuse, dtype, inj):
     """Both forwards (the hidden GEMM inside the blend kernel, or a kernel of its own first) at a
     width of several D-chunks with a ragged last one (123 = 64 + 59 here), stats included."""
-    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}, "fwd_stats": {"FUSE_HIDDEN": fuse}})
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
     _check("triton", _make((37, 123), 10, dtype, inj=inj), with_stats=True)
 
 
@@ -158,7 +158,7 @@ def test_forward_paths(monkeypatch, fuse, dtype, inj):
 def test_no_grad_forward_skips_hidden_store(monkeypatch, fuse):
     """Without gradients the call skips autograd and, in the one-kernel forward, writing the gate
     MLP's hidden activations; the output and stats are the with-gradient call's, bit for bit."""
-    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}, "fwd_stats": {"FUSE_HIDDEN": fuse}})
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
     inputs = _make((5, 7, 123), 10, torch.float16)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
