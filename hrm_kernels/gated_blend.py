@@ -35,6 +35,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
@@ -46,23 +47,29 @@ from hrm_kernels.precompile import launch
 STATS_COLUMNS = ("mean", "frac_low", "frac_high", "contribution", "saturation")
 GATE_KINDS = ("own", "other", "inj")
 SATURATION_LOGIT = math.log(9.0)  # logit(0.9) = -logit(0.1)
+# Widest D the fused kernels take with stats=True: each row's two gate counts share one int32.
+# Wider gates run the eager math.
+MAX_STATS_D = 2**15 - 1
 
 # Widest gate hidden size R the fused kernels take: the [BLOCK_M, R] hidden tile lives in
 # registers and shared memory. Wider gate MLPs run the eager math (same results, no fusion).
-# H100 checks: bf16/fp16 up to R=128 and fp32 at R=100 pass; R=256 in fp16 overflowed shared
-# memory before the tile-shrinking rule in _launch_configs and has not been re-run since.
+# GPU checks of the two-kernel forward (H100): bf16/fp16 up to R=128 and fp32 at R=100 pass; R=256
+# in fp16 overflowed shared memory before the tile-shrinking rule in _launch_configs. The
+# one-kernel forward has run on the GPU at R=10..128 only (tests/test_gated_blend.py).
 MAX_FUSED_R = 256
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
 #
 # forward, one program per BLOCK_M rows: (a) pre1 = [own|other|inj] @ W1^T + b1 (k-loop over the
-#   K*D inputs, [BLOCK_M, R] fp32 accumulator), z = silu(pre1), both written ([M, R], small) only
-#   when a backward will read them; (b) for each D-chunk in turn (a software pipeline): per kind
-#   the logits z @ W2_chunk^T + b2, g = sigmoid, out += g * src. 2 GEMMs, reads the sources twice
-#   (the second time mostly from L2), writes out; with stats, 16 fp32 partial sums per program.
-#   (FUSE_HIDDEN off: (a) as a kernel of its own, then (b) as one program per (D-chunk, BLOCK_M
-#   rows), z read back from memory.)
+#   K*D inputs, [BLOCK_M, R] fp32 accumulator), z = silu(pre1), both written ([M, R], small)
+#   unless the caller says no backward will read them (eager calls without gradients, compiled
+#   ones that need none); (b) for each D-chunk in turn (a software pipeline): per kind the logits
+#   z @ W2_chunk^T + b2, g = sigmoid, out += g * src. 2 GEMMs, reads the sources twice (the second
+#   time mostly from L2), writes out; with stats, per-row sums (4 per kind) in registers, then
+#   15 fp32 sums per program (a row of 16 floats in the partials). (FUSE_HIDDEN off: (a) as a
+#   kernel of its own, always storing z, then (b) as one program per (D-chunk, BLOCK_M rows), z
+#   read back from memory.)
 # backward phase 1 (_dpre), one program per BLOCK_M rows: recompute the logits from z, d_logit
 #   = dout * src * g * (1 - g) (+ the saturation term), d_z = d_logit @ W2, d_pre1 = d_z *
 #   silu'(pre1) -> [M, R]; db1 partial per program. 2 GEMMs, reads dout and the sources.
@@ -134,25 +141,33 @@ def _gate(z, w2t, b2, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: 
 
 
 @triton.jit
-def _stats_update(g, logit, x, valid, s_mean, s_low, s_high, s_contrib, s_sat):
-    # Row sums only (cheap inside a warp); the cross-row reduction happens once per program.
-    g = tl.where(valid, g, 0.0)
+def _stats_update(g, x, logit, c_valid, s_mean, s_count, s_contrib, s_sat, EVEN_D: tl.constexpr):
+    """Adds one [BLOCK_M, BLOCK_D] tile's row sums to the per-row stats: gate sum,
+    the two counts packed in one int32 (below 0.1 + 2^16 * above 0.9: exact while D < 2^15,
+    ``MAX_STATS_D``), |g x| and the saturation term. Four reductions inside a warp per kind and
+    tile; rows past the end are dropped once, at the end (``_store_stats``); columns past D here,
+    unless EVEN_D."""
+    if not EVEN_D:
+        g = tl.where(c_valid[None, :], g, 0.0)
+        logit = tl.where(c_valid[None, :], logit, 0.0)  # |0| < logit(0.9): counts and saturation 0
     s_mean += tl.sum(g, 1)
-    s_low += tl.sum(tl.where(valid & (g < 0.1), 1.0, 0.0), 1)
-    s_high += tl.sum(tl.where(g > 0.9, 1.0, 0.0), 1)
-    s_contrib += tl.sum(tl.abs(g * x), 1)
-    e = tl.where(valid, tl.maximum(tl.abs(logit) - _SAT_L, 0.0), 0.0)
+    # g < 0.1 <=> logit < -logit(0.9); g > 0.9 <=> logit > logit(0.9)
+    s_count += tl.sum(tl.where(logit < -_SAT_L, 1, tl.where(logit > _SAT_L, 65536, 0)), 1)
+    s_contrib += tl.sum(g * tl.abs(x), 1)  # |g x| = g |x| (g > 0): one FMA an element; x is 0 past D
+    e = tl.maximum(tl.abs(logit) - _SAT_L, 0.0)
     s_sat += tl.sum(e * e, 1)
-    return s_mean, s_low, s_high, s_contrib, s_sat
+    return s_mean, s_count, s_contrib, s_sat
 
 
 @triton.jit
-def _store_stats(P, s_mean, s_low, s_high, s_contrib, s_sat):
-    tl.store(P + 0, tl.sum(s_mean, 0))
-    tl.store(P + 1, tl.sum(s_low, 0))
-    tl.store(P + 2, tl.sum(s_high, 0))
-    tl.store(P + 3, tl.sum(s_contrib, 0))
-    tl.store(P + 4, tl.sum(s_sat, 0))
+def _store_stats(P, row_mask, s_mean, s_count, s_contrib, s_sat):
+    """The program's five sums of one gate kind at P[0:5] (STATS_COLUMNS order)."""
+    s_count = tl.where(row_mask, s_count, 0)
+    tl.store(P + 0, tl.sum(tl.where(row_mask, s_mean, 0.0), 0))
+    tl.store(P + 1, tl.sum((s_count & 0xFFFF).to(tl.float32), 0))
+    tl.store(P + 2, tl.sum((s_count >> 16).to(tl.float32), 0))
+    tl.store(P + 3, tl.sum(tl.where(row_mask, s_contrib, 0.0), 0))
+    tl.store(P + 4, tl.sum(tl.where(row_mask, s_sat, 0.0), 0))
 
 
 @triton.jit
@@ -217,7 +232,7 @@ def _gated_blend_forward_kernel(
     OWN, OTHER, INJ, W1, B1, W2, B2, PRE1, Z, OUT, STATS,
     n_rows, D, R,
     HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, FUSE_HIDDEN: tl.constexpr, STORE_HIDDEN: tl.constexpr,
-    EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr,
+    EVEN_D: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, D_STAGES: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_D] tiles of out: per kind the logits z @ W2_chunk^T + b2, the gate and its
@@ -247,9 +262,10 @@ def _gated_blend_forward_kernel(
         d_begin = chunk * BLOCK_D
         d_end = d_begin + BLOCK_D
     zero_m = tl.zeros([BLOCK_M], dtype=tl.float32)
-    o0, o1, o2, o3, o4 = zero_m, zero_m, zero_m, zero_m, zero_m
-    t0, t1, t2, t3, t4 = zero_m, zero_m, zero_m, zero_m, zero_m
-    i0, i1, i2, i3, i4 = zero_m, zero_m, zero_m, zero_m, zero_m
+    zero_c = tl.zeros([BLOCK_M], dtype=tl.int32)
+    o0, o1, o2, o3 = zero_m, zero_c, zero_m, zero_m
+    t0, t1, t2, t3 = zero_m, zero_c, zero_m, zero_m
+    i0, i1, i2, i3 = zero_m, zero_c, zero_m, zero_m
     for d0 in tl.range(d_begin, d_end, BLOCK_D, num_stages=D_STAGES):
         cols = d0 + tl.arange(0, BLOCK_D)
         c_mask = cols < D
@@ -264,17 +280,17 @@ def _gated_blend_forward_kernel(
                 out += g * x
                 if WITH_STATS:
                     if kind == 0:
-                        o0, o1, o2, o3, o4 = _stats_update(g, logit, x, mask, o0, o1, o2, o3, o4)
+                        o0, o1, o2, o3 = _stats_update(g, x, logit, c_mask, o0, o1, o2, o3, EVEN_D)
                     elif kind == 1:
-                        t0, t1, t2, t3, t4 = _stats_update(g, logit, x, mask, t0, t1, t2, t3, t4)
+                        t0, t1, t2, t3 = _stats_update(g, x, logit, c_mask, t0, t1, t2, t3, EVEN_D)
                     else:
-                        i0, i1, i2, i3, i4 = _stats_update(g, logit, x, mask, i0, i1, i2, i3, i4)
+                        i0, i1, i2, i3 = _stats_update(g, x, logit, c_mask, i0, i1, i2, i3, EVEN_D)
         tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
         P = STATS + (pid_m * tl.num_programs(0) + chunk) * 16
-        _store_stats(P, o0, o1, o2, o3, o4)
-        _store_stats(P + 5, t0, t1, t2, t3, t4)
-        _store_stats(P + 10, i0, i1, i2, i3, i4)
+        _store_stats(P, row_mask, o0, o1, o2, o3)
+        _store_stats(P + 5, row_mask, t0, t1, t2, t3)
+        _store_stats(P + 10, row_mask, i0, i1, i2, i3)
 
 
 @triton.jit
@@ -426,6 +442,7 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
+        cfg["fwd_stats"] = dict(cfg["fwd"])
     else:
         # the [BLOCK_M, R] fp32 hidden accumulator bounds BLOCK_M; 128 x 128 at the hot shape
         block_m = max(16, min(128, 16384 // block_r))
@@ -444,6 +461,9 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             # 267-313 us. With stats: 333 us one-kernel, 404 us two-kernel (two H200s, 2026-11-28)
             "fwd": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
                         BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
+            # the forward with stats=True (the model's with-gradient calls)
+            "fwd_stats": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
+                              BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
@@ -457,6 +477,8 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             for c in cfg.values():
                 c["BLOCK_M"] = max(16, c["BLOCK_M"] // 2)
                 c["num_stages"] = max(1, c["num_stages"] - 1)
+                if "D_STAGES" in c:
+                    c["D_STAGES"] = max(1, c["D_STAGES"] - 1)
     for c in cfg.values():
         c["BLOCK_R"] = block_r
     return cfg
@@ -476,16 +498,16 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                         with_stats: bool, store_hidden: bool = True):
     """own, other, inj: [M, D] contiguous; weights contiguous. Returns (out [M, D], stats [3, 5]
-    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R]). Without
-    ``store_hidden`` (no backward to come) pre1 and z may come back empty, [0, R], unwritten."""
+    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R]); without
+    ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
     n_rows, d = own.shape
     r = w1.shape[0]
     cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype, w1.dtype)
-    cfg = cfgs["fwd"]
+    cfg = cfgs["fwd_stats" if with_stats else "fwd"]
     fuse = cfg["FUSE_HIDDEN"]
-    store_hidden = store_hidden or not fuse  # the two-kernel path passes z through memory
+    store = store_hidden or not fuse  # the two-kernel forward passes z through memory
     out = torch.empty_like(own)
-    pre1 = own.new_empty((n_rows if store_hidden else 0, r))
+    pre1 = own.new_empty((n_rows if store else 0, r))
     z = torch.empty_like(pre1)
     inj_arg = inj if inj is not None else own
     if n_rows > 0 and not fuse:
@@ -498,8 +520,11 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     if n_rows > 0:
         launch(_gated_blend_forward_kernel, grid,
                own, other, inj_arg, w1, b1, w2, b2, pre1, z, out, partial, n_rows, d, r,
-               HAS_INJ=inj is not None, WITH_STATS=with_stats, STORE_HIDDEN=store_hidden,
+               HAS_INJ=inj is not None, WITH_STATS=with_stats, STORE_HIDDEN=store,
+               EVEN_D=d % cfg["BLOCK_D"] == 0,
                **_gate_flags(own.dtype), **cfg)
+    if not store_hidden and store:
+        pre1, z = own.new_empty((0, r)), own.new_empty((0, r))
     if not with_stats:
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
     stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
@@ -583,13 +608,14 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
 @torch.library.custom_op("hrm_kernels::gated_blend_fwd", mutates_args=())
 def _gated_blend_fwd_op(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                        with_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats)
+                        with_stats: bool, store_hidden: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden)
 
 
 @_gated_blend_fwd_op.register_fake
-def _(own, other, inj, w1, b1, w2, b2, with_stats):
-    hidden = own.new_empty((own.shape[0], w1.shape[0]))
+def _(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden=True):
+    hidden = own.new_empty((own.shape[0] if store_hidden else 0, w1.shape[0]))
     stats = own.new_empty((3, 5) if with_stats else (0,), dtype=torch.float32)
     return torch.empty_like(own), stats, hidden, torch.empty_like(hidden)
 
@@ -611,11 +637,14 @@ def _(dout, sat, own, other, inj, w1, b1, w2, b2, pre1, z):
 
 
 def _setup_context(ctx, inputs, output):
-    own, other, inj, w1, b1, w2, b2, with_stats = inputs
+    own, other, inj, w1, b1, w2, b2, with_stats = inputs[:8]  # the custom op's: store_hidden too
     _, _, pre1, z = output
     ctx.with_stats = with_stats
     ctx.has_inj = inj is not None
     ctx.save_for_backward(own, other, inj, w1, b1, w2, b2, pre1, z)
+    # None, not zeros, for outputs no gradient reaches: stats only logged must not switch on the
+    # backward's saturation term (a zeros [3, 5] would, and costs a full pass of work)
+    ctx.set_materialize_grads(False)
 
 
 def _grads(ctx, dout, dstats, backward=gated_blend_backward):
@@ -624,13 +653,15 @@ def _grads(ctx, dout, dstats, backward=gated_blend_backward):
     own, other, inj, w1, b1, w2, b2, pre1, z = ctx.saved_tensors
     # only the saturation column is differentiable; the other stats are monitoring values
     sat = dstats[:, 4].contiguous() if ctx.with_stats and dstats is not None else None
+    if dout is None:  # a gradient reached the stats only
+        dout = torch.zeros_like(own)
     d_own, d_other, d_inj, dw1, db1, dw2, db2 = backward(dout.contiguous(), sat, own, other, inj, w1, b1, w2, b2,
                                                          pre1, z)
     return d_own, d_other, (d_inj if ctx.has_inj else None), dw1, db1, dw2, db2, None
 
 
 def _backward(ctx, dout, dstats, _dpre1, _dz):
-    return _grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd)
+    return *_grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd), None  # store_hidden
 
 
 class GatedBlendFunction(torch.autograd.Function):
@@ -725,15 +756,16 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
     """Gated blend of three sources (see the module docstring). Returns ``out`` [..., D], or
     ``(out, stats)`` with ``stats`` [3, 5] float32 when ``stats=True``."""
     d, r = _check_args(own, other, inj, w1, b1, w2, b2)
-    if not use_triton(own.device) or r > MAX_FUSED_R:
+    if not use_triton(own.device) or r > MAX_FUSED_R or (stats and d > MAX_STATS_D):
         return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
     args = (_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
-    if torch.compiler.is_compiling():
-        out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7]):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
+    if torch.compiler.is_compiling():  # no backward to come: the hidden activations stay on chip
+        out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args, store_hidden=needs_grad)
+    elif needs_grad or forward_ad._current_level >= 0:  # forward AD: the Function says it has no jvp
         out, stats_t, _, _ = GatedBlendFunction.apply(*args)
-    else:  # no backward to come: the hidden activations need not reach memory
+    else:
         out, stats_t, _, _ = gated_blend_forward(*args, store_hidden=False)
     out = out.view(own.shape)
     return (out, stats_t) if stats else out

@@ -144,33 +144,101 @@ def test_stats_and_saturation_gradient(backend, dtype, inj):
     _check(backend, _make((3, 11, 40), 10, dtype, inj=inj), with_stats=True)
 
 
+def _spy_launches(monkeypatch) -> list:
+    """Replace the module's ``launch`` by a wrapper that records (kernel name, constexpr kwargs)."""
+    calls = []
+
+    def spy(kernel, grid, *args, **kwargs):
+        calls.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs))
+        return launch(kernel, grid, *args, **kwargs)
+
+    launch = gb.launch
+    monkeypatch.setattr(gb, "launch", spy)
+    return calls
+
+
+def _forward_launches(calls) -> dict:
+    return {name: kw for name, kw in calls if name.startswith("_gated_blend_") and "backward" not in name}
+
+
 @pytest.mark.parametrize("fuse", [True, False], ids=["one_kernel", "hidden_kernel_first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-def test_forward_paths(monkeypatch, fuse, dtype, inj):
-    """Both forwards (the hidden GEMM inside the blend kernel, or a kernel of its own first) at a
-    width of several D-chunks with a ragged last one (123 = 64 + 59 here), stats included."""
-    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
-    _check("triton", _make((37, 123), 10, dtype, inj=inj), with_stats=True)
+@pytest.mark.parametrize("d", [123, 128])
+def test_forward_paths(monkeypatch, fuse, dtype, inj, d):
+    """Both forwards (the hidden GEMM inside the blend kernel, or a kernel of its own first), stats
+    included, at a width of several D-chunks: 123 leaves a ragged last chunk (stats mask its
+    columns), 128 does not (EVEN_D: no column masks)."""
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}, "fwd_stats": {"FUSE_HIDDEN": fuse}})
+    calls = _spy_launches(monkeypatch)
+    _check("triton", _make((37, d), 10, dtype, inj=inj), with_stats=True)
+    launched = _forward_launches(calls)
+    assert ("_gated_blend_hidden_kernel" in launched) == (not fuse)
+    blend = launched["_gated_blend_forward_kernel"]
+    assert blend["FUSE_HIDDEN"] == fuse and blend["WITH_STATS"]
+    assert blend["EVEN_D"] == (d % blend["BLOCK_D"] == 0) and blend["BLOCK_D"] < d
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["one_kernel", "hidden_kernel_first"])
 def test_no_grad_forward_skips_hidden_store(monkeypatch, fuse):
-    """Without gradients the call skips autograd and, in the one-kernel forward, writing the gate
-    MLP's hidden activations; the output and stats are the with-gradient call's, bit for bit."""
-    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}})
+    """Calls no backward follows (no_grad, inference_mode, inputs that need no gradient) skip
+    autograd and ask the launcher not to store the gate MLP's hidden activations (the one-kernel
+    forward then never writes them); the output and stats are the with-gradient call's, bit for
+    bit. A gradient wanted by one weight only, or forward-mode AD, takes the autograd path."""
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": fuse}, "fwd_stats": {"FUSE_HIDDEN": fuse}})
+    stores = []
+    forward = gb.gated_blend_forward
+
+    def spy(*args, store_hidden=True):
+        stores.append(store_hidden)
+        res = forward(*args, store_hidden=store_hidden)
+        assert res[2].shape == res[3].shape == ((35, 10) if store_hidden else (0, 10))
+        return res
+
+    monkeypatch.setattr(gb, "gated_blend_forward", spy)
+    calls = _spy_launches(monkeypatch)
     inputs = _make((5, 7, 123), 10, torch.float16)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
         out, stats = gated_blend(*leaves, stats=True)
+        out_grad = gated_blend(*leaves)  # without stats: the launch configuration may differ
+        assert out.requires_grad and stores == [True, True]
         with torch.no_grad():
             out_ng, stats_ng = gated_blend(*inputs, stats=True)
-    assert out.requires_grad and not out_ng.requires_grad
+        with torch.inference_mode():
+            out_inf = gated_blend(*inputs)
+        out_plain = gated_blend(*inputs)  # nothing requires grad
+        assert stores == [True, True, False, False, False] and not out_ng.requires_grad
+        assert [kw["STORE_HIDDEN"] for _, kw in calls if "STORE_HIDDEN" in kw] == [True, True] + [not fuse] * 3
+        w2_only = [t.detach().requires_grad_(i == 5) if t is not None else None for i, t in enumerate(inputs)]
+        (gated_blend(*w2_only) * torch.randn(5, 7, 123, dtype=torch.float16)).sum().backward()
+        assert stores[-1] and w2_only[5].grad is not None and w2_only[0].grad is None
+        with torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(inputs[0], torch.randn_like(inputs[0]))
+            with pytest.raises(NotImplementedError):  # a tangent is never dropped silently
+                gated_blend(dual, *inputs[1:])
     assert torch.equal(out_ng, out.detach()) and torch.equal(stats_ng, stats.detach())
-    rows = [t.reshape(-1, 123) for t in inputs[:3]]
+    assert torch.equal(out_inf, out_grad.detach()) and torch.equal(out_plain, out_grad.detach())
+
+
+def test_stats_gradient_only_where_it_flows(monkeypatch):
+    """Stats that are only logged leave the backward without its saturation term (autograd hands
+    the op None for them, not zeros); a gradient reaching the stats alone (none through the
+    output) gives the reference's gradients."""
+    calls = _spy_launches(monkeypatch)
+    inputs = _make((4, 9, 40), 10, torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
-        _, _, pre1, z = gb.gated_blend_forward(*rows, *inputs[3:], False, store_hidden=False)
-    assert pre1.shape == z.shape == ((0, 10) if fuse else (35, 10))
+        out, stats = gated_blend(*leaves, stats=True)
+        out.sum().backward()
+        assert [kw["HAS_SAT"] for _, kw in calls if "HAS_SAT" in kw] == [False, False]
+        calls.clear()
+        got = torch.autograd.grad(gated_blend(*leaves, stats=True)[1][:, 4].sum(), leaves)
+        assert [kw["HAS_SAT"] for _, kw in calls if "HAS_SAT" in kw] == [True, True]
+    ref64 = [t.detach().double().requires_grad_() for t in inputs]
+    want = torch.autograd.grad(gated_blend_reference(*ref64, stats=True)[1][:, 4].sum(), ref64)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -311,4 +379,10 @@ def test_cuda_full_size_bf16(rows, wdtype, inj):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape,r", [((1000, 40), 10), ((777, 520), 100), ((300, 1024), 256)], ids=str)
 def test_cuda_other_shapes(dtype, shape, r):
-    _check("triton", _make(shape, r, dtype, device="cuda"), with_stats=True)
+    inputs = _make(shape, r, dtype, device="cuda")
+    _check("triton", inputs, with_stats=True)
+    # the no-gradient forward (no hidden store) compiles and runs at these tiles too, bit for bit
+    with torch.no_grad():
+        out_ng = gated_blend(*inputs)
+    out = gated_blend(*[t.detach().requires_grad_() for t in inputs])
+    assert torch.equal(out_ng, out.detach())
