@@ -6,6 +6,11 @@ way Triton's compiler does (a variable changing dtype across a run-time branch, 
 there and fails to compile for the GPU). Here each kernel goes through the real compiler, down to
 a cubin, for bf16, fp16 and fp32 operands, in a subprocess without TRITON_INTERPRET (set for the
 test session before the kernels were imported). No GPU is needed; Triton's bundled ptxas is.
+
+Pointer arguments, and the integer sizes a kernel lists as aligned, are declared divisible by 16,
+as Triton specializes them at a real launch (PyTorch's allocations, D=512, R=128): without that the
+compiler cannot prove its async copies aligned, does not software-pipeline the loads, and the
+shared memory checked would be a single stage's.
 """
 
 import subprocess
@@ -30,15 +35,52 @@ def module(name):
 
 H100_SHARED = 232448  # bytes of shared memory one program may use on an H100
 
-def compile_for_sm90(fn, types, consts, num_warps, num_stages):
+def compile_for_sm90(fn, types, consts, num_warps, num_stages, aligned=()):
     names = fn.arg_names
     signature = {n: types.get(n, "i32") for n in names}
     signature.update({n: "constexpr" for n in consts})
-    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in aligned}
+    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     if compiled.metadata.shared > H100_SHARED:  # compiles, but fails to launch on the card
         raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, an H100 has {H100_SHARED}")
+
+import torch
+TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+gb = module("gated_blend")
+
+def gated_blend_cases(dt):
+    """The forward (with stats and the hidden store, as with-gradient calls run it; without either,
+    as no-gradient calls do) and both backward kernels, at the launchers' CUDA configurations for
+    D=512 and R=128 (the model's, weights in the activations' dtype) and for fp32 weights."""
+    prec = "ieee" if dt == "fp32" else "tf32"
+    flags = dict(EMU_BF16=False, PREC=prec)
+    gate = dict(flags, FAST_SIGMOID=dt != "fp32")
+    out = {}
+    for wdt in sorted({dt, "fp32"}):
+        cfgs = gb._default_configs(62976, 512, 128, "cuda", TORCH[dt], TORCH[wdt])
+        weights = {n: "*" + wdt for n in ("W1", "B1", "W2", "B2")}
+        acts = {n: "*" + dt for n in ("OWN", "OTHER", "INJ", "PRE1", "Z", "OUT", "DOUT", "DPRE1", "DOWN", "DOTHER", "DINJ")}
+        f32 = {n: "*fp32" for n in ("STATS", "SAT", "DB1_PARTIAL", "DW1_PARTIAL", "DW2_PARTIAL", "DB2_PARTIAL")}
+        types = {**acts, **weights, **f32}
+        for stats in (True, False):
+            c = dict(cfgs["fwd_stats" if stats else "fwd"])
+            w, st = c.pop("num_warps"), c.pop("num_stages")
+            out[f"gated_blend forward{' with stats' if stats else ''} ({wdt} weights)"] = (
+                gb._gated_blend_forward_kernel, types,
+                dict(HAS_INJ=True, WITH_STATS=stats, STORE_HIDDEN=stats, EVEN_D=True, **gate, **c), w, st, ("D", "R"))
+        c = dict(cfgs["dpre"])
+        w, st = c.pop("num_warps"), c.pop("num_stages")
+        out[f"gated_blend backward d_pre1 ({wdt} weights)"] = (
+            gb._gated_blend_backward_dpre_kernel, types, dict(HAS_INJ=True, HAS_SAT=True, **gate, **c), w, st, ("D", "R"))
+        c = dict(cfgs["bwd"])
+        w, st = c.pop("num_warps"), c.pop("num_stages")
+        c.pop("programs_per_sm")
+        out[f"gated_blend backward ({wdt} weights)"] = (
+            gb._gated_blend_backward_kernel, types, dict(HAS_SAT=True, **gate, **c), w, st, ("D", "R", "width"))
+    return out
 
 failures = 0
 for dt in ("bf16", "fp16", "fp32"):
@@ -92,10 +134,11 @@ for dt in ("bf16", "fp16", "fp32"):
              **{n: "*" + dt for n in ("GU", "DGU")}},
             dict(BLOCK_M=sl_m, BLOCK_N=sl_n, BLOCK_K=sl_k, GROUP_M=8, TMA_EPILOGUE=sl_tma, WARP_SPECIALIZE=sl_ws,
                  INPUT_PRECISION=prec), sl_w, sl_s),
+        **gated_blend_cases(dt),
     }
-    for name, (fn, types, consts, warps, stages) in cases.items():
+    for name, case in cases.items():
         try:
-            compile_for_sm90(fn, types, consts, warps, stages)
+            compile_for_sm90(*case)
             print("ok", name, dt)
         except Exception as e:
             failures += 1
@@ -112,4 +155,5 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == 24, proc.stdout  # 8 kernels x 3 dtypes
+    # 8 kernels x 3 dtypes, and gated_blend's 4 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
+    assert proc.stdout.count("ok ") == 24 + 4 * (2 + 2 + 1), proc.stdout
