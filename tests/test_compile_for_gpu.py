@@ -8,9 +8,8 @@ a cubin, for bf16, fp16 and fp32 operands, in a subprocess without TRITON_INTERP
 test session before the kernels were imported). No GPU is needed; Triton's bundled ptxas is.
 
 Pointer arguments, and the integer sizes a kernel lists as aligned, are declared divisible by 16,
-as Triton specializes them at a real launch (PyTorch's allocations, D=512, R=128): without that the
-compiler cannot prove its async copies aligned, does not software-pipeline the loads, and the
-shared memory checked would be a single stage's.
+as Triton specializes them at a real launch (``benchmarks.sass.compile_for_sm90``): without that the
+compiler does not software-pipeline the loads, and the shared memory checked would be one stage's.
 """
 
 import subprocess
@@ -29,21 +28,13 @@ try:
     from triton.compiler import ASTSource
 except ImportError as e:
     print("SKIP", e); sys.exit(0)
+from benchmarks.sass import H100_SHARED, compile_for_sm90 as compile_kernel
 
 def module(name):
     return importlib.import_module("hrm_kernels." + name)
 
-H100_SHARED = 232448  # bytes of shared memory one program may use on an H100
-
 def compile_for_sm90(fn, types, consts, num_warps, num_stages, aligned=()):
-    names = fn.arg_names
-    signature = {n: types.get(n, "i32") for n in names}
-    signature.update({n: "constexpr" for n in consts})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if signature[n].startswith("*") or n in aligned}
-    src = ASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()}, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    compiled = compile_kernel(fn, types, consts, num_warps, num_stages, aligned)
     if compiled.metadata.shared > H100_SHARED:  # compiles, but fails to launch on the card
         raise RuntimeError(f"needs {compiled.metadata.shared} bytes of shared memory, an H100 has {H100_SHARED}")
 
