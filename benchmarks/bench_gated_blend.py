@@ -208,9 +208,9 @@ SWEEP = {
                                           (256, 64, 32, 8, 3, 2), (256, 64, 16, 8, 3, 2), (256, 32, 32, 8, 3, 2)]]
            + [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=1, D_STAGES=1, FUSE_HIDDEN=False)
               for bm, bd, w in [(128, 32, 4), (128, 64, 8), (64, 64, 4)]],
-    # the forward with stats (the model's with-gradient calls): the per-row sums add registers,
-    # so more warps per row block (ptxas, sm_90: 128 rows x 4 warps spill ~2 KiB a thread; 64
-    # rows x 8 warps none)
+    # the forward with stats (the model's with-gradient calls): the per-row sums add registers
+    # (`python benchmarks/sass.py`: 128 rows x 4 warps spill 144 bytes a thread; 64 rows x 8 warps
+    # and 128 x 8 none)
     "fwd_stats": [dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd, num_warps=w, num_stages=st, D_STAGES=ds, FUSE_HIDDEN=True)
                   for bm, bk, bd, w, st, ds in [(128, 64, 32, 4, 3, 2), (128, 64, 32, 8, 3, 2), (64, 64, 32, 4, 3, 2),
                                                 (64, 64, 32, 8, 3, 2), (64, 64, 16, 8, 3, 2), (128, 64, 16, 8, 3, 2),

@@ -268,7 +268,13 @@ class HRMInner(nn.Module):
         def calls(z_H, z_L, x):
             z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=stats)
             z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=stats)
-            return (z_H, z_L, l_stats, h_stats) if stats else (z_H, z_L)
+            if not stats:
+                return z_H, z_L
+            if not self.config.gate_reg_weight:
+                # only logged: without a gradient the gate kernels' backward skips the saturation
+                # term (a CUDA graph records a backward for every output that requires grad)
+                l_stats, h_stats = l_stats.detach(), h_stats.detach()
+            return z_H, z_L, l_stats, h_stats
 
         inputs = (z_H.detach(), z_L.detach(), x)
         if not (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)

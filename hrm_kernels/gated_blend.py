@@ -147,9 +147,8 @@ def _stats_update(g, x, logit, c_valid, s_mean, s_count, s_contrib, s_sat, EVEN_
     ``MAX_STATS_D``), |g x| and the saturation term. Four reductions inside a warp per kind and
     tile; rows past the end are dropped once, at the end (``_store_stats``); columns past D here,
     unless EVEN_D."""
-    if not EVEN_D:
-        g = tl.where(c_valid[None, :], g, 0.0)
-        logit = tl.where(c_valid[None, :], logit, 0.0)  # |0| < logit(0.9): counts and saturation 0
+    if not EVEN_D:  # past D the logit is exactly 0 (W2 and b2 load as 0): counts and saturation
+        g = tl.where(c_valid[None, :], g, 0.0)  # see nothing there; the gate, sigmoid(0), is masked
     s_mean += tl.sum(g, 1)
     # g < 0.1 <=> logit < -logit(0.9); g > 0.9 <=> logit > logit(0.9)
     s_count += tl.sum(tl.where(logit < -_SAT_L, 1, tl.where(logit > _SAT_L, 65536, 0)), 1)
@@ -477,8 +476,6 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             for c in cfg.values():
                 c["BLOCK_M"] = max(16, c["BLOCK_M"] // 2)
                 c["num_stages"] = max(1, c["num_stages"] - 1)
-                if "D_STAGES" in c:
-                    c["D_STAGES"] = max(1, c["D_STAGES"] - 1)
     for c in cfg.values():
         c["BLOCK_R"] = block_r
     return cfg
@@ -502,6 +499,9 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
     n_rows, d = own.shape
     r = w1.shape[0]
+    if with_stats and d > MAX_STATS_D:
+        raise ValueError(f"gated_blend: stats count each row's gates in 16 bits, so D={d} must be at most "
+                         f"{MAX_STATS_D} with stats=True; gated_blend() runs wider gates eagerly")
     cfgs = _launch_configs(n_rows, d, r, own.device, own.dtype, w1.dtype)
     cfg = cfgs["fwd_stats" if with_stats else "fwd"]
     fuse = cfg["FUSE_HIDDEN"]

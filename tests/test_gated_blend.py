@@ -366,6 +366,51 @@ def test_torch_compile_fullgraph(backend, inj):
         torch.testing.assert_close(g, rg, atol=1e-4, rtol=1e-4)
 
 
+def test_torch_compile_no_grad_skips_hidden_store(monkeypatch):
+    """Compiled calls that need no gradient ask the custom op not to store the gate MLP's hidden
+    activations (its fake says [0, R] then, as the kernel returns); the output is the eager call's."""
+    monkeypatch.setattr(gb, "_config_override", {"fwd": {"FUSE_HIDDEN": True}, "fwd_stats": {"FUSE_HIDDEN": True}})
+    calls = _spy_launches(monkeypatch)
+    inputs = _make((6, 40), 10, torch.float32)
+    with use_backend("triton"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda *a: gated_blend(*a, stats=True), fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            out, stats = compiled(*inputs)
+        want_out, want_stats = gated_blend(*inputs, stats=True)
+    assert [kw["STORE_HIDDEN"] for _, kw in calls if "STORE_HIDDEN" in kw][0] is False
+    torch.testing.assert_close(out, want_out, atol=0, rtol=0)
+    torch.testing.assert_close(stats, want_stats, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("store_hidden", [True, False])
+def test_custom_op_opcheck(store_hidden):
+    """torch.library's checks of the forward op (schema, fake tensor shapes against the real
+    kernel's, autograd registration) with and without the hidden store."""
+    own, other, inj, w1, b1, w2, b2 = _make((7, 40), 10, torch.float32)
+    args = (own, other, inj, w1.requires_grad_(), b1, w2, b2, True, store_hidden)
+    with use_backend("triton"):
+        torch.library.opcheck(torch.ops.hrm_kernels.gated_blend_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_stats_wider_than_the_count_field_run_eagerly(monkeypatch):
+    """Stats pack each row's two gate counts into 16 bits each: wider gates (here the limit lowered
+    to 30, D=40) take the eager math, and the launcher refuses them outright."""
+    monkeypatch.setattr(gb, "MAX_STATS_D", 30)
+    calls = _spy_launches(monkeypatch)
+    inputs = _make((5, 40), 10, torch.float32)
+    with use_backend("triton"):
+        out, stats = gated_blend(*inputs, stats=True)
+        assert calls == []
+        gated_blend(*inputs)  # without stats the kernels still run
+        assert calls
+        with pytest.raises(ValueError, match="D=40 must be at most 30"):
+            gb.gated_blend_forward(*inputs, True)
+    want_out, want_stats = gated_blend_reference(*inputs, stats=True)
+    assert torch.equal(out, want_out) and torch.equal(stats, want_stats)
+
+
 @requires_cuda
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)

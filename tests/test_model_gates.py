@@ -120,6 +120,18 @@ def test_gate_regulariser_value_and_warmup():
     assert _reg_head(weight=0.3, warmup=0, bias=-2.2).gate_reg_weight_at(0) == 0.3
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.2])
+def test_gate_stats_carry_a_gradient_only_for_the_regulariser(weight):
+    """Stats that are only logged come out detached, so the gate kernels' backward skips the
+    saturation term (CUDA graphs record a backward for every output that requires grad)."""
+    model = HRM(tiny_config(use_gating=True, gate_reg_weight=weight))
+    model.train()
+    batch = make_batch(None)
+    _, outputs = model(model.initial_carry(batch), batch)
+    assert outputs["gate_stats"].shape == (2, 3, 5)
+    assert outputs["gate_stats"].requires_grad == (weight > 0)
+
+
 def test_gate_regulariser_is_off_by_default():
     head = ACTLossHead(HRM(tiny_config(use_gating=True)))
     batch = make_batch(None)
