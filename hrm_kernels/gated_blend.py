@@ -441,7 +441,6 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d),
             "bwd": dict(BLOCK_M=16, BLOCK_D=block_d, programs_per_sm=1),
         }
-        cfg["fwd_stats"] = dict(cfg["fwd"])
     else:
         # the [BLOCK_M, R] fp32 hidden accumulator bounds BLOCK_M; 128 x 128 at the hot shape
         block_m = max(16, min(128, 16384 // block_r))
@@ -460,13 +459,14 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             # 267-313 us. With stats: 333 us one-kernel, 404 us two-kernel (two H200s, 2026-11-28)
             "fwd": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
                         BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
-            # the forward with stats=True (the model's with-gradient calls)
-            "fwd_stats": dict(BLOCK_M=block_m, BLOCK_K=min(32, block_d) if weights.itemsize > 2 else block_d,
-                              BLOCK_D=min(32, block_d), FUSE_HIDDEN=True, D_STAGES=2, num_warps=4, num_stages=3),
             "dpre": dict(BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8, num_stages=2),
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
         }
+    # the forward with stats=True (the model's with-gradient calls): its own entry, for the sweep to
+    # tune; the same tiles until a GPU sweep says otherwise (session 14 had no GPU)
+    cfg["fwd_stats"] = dict(cfg["fwd"])
+    if device_type == "cuda":
         # Tuned for 2-byte activations and R <= 128. Wider [*, R] tiles (fp32, or R up to 256)
         # need proportionally more shared memory: halve the rows and drop a pipeline stage per
         # doubling (on the H100, fp32 at R=100 and fp16 at R=256 overflowed the 227 KiB otherwise).
@@ -761,11 +761,11 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
     args = (_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
-    if torch.compiler.is_compiling():  # no backward to come: the hidden activations stay on chip
+    if torch.compiler.is_compiling():  # the hidden activations reach memory only for a backward
         out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args, store_hidden=needs_grad)
     elif needs_grad or forward_ad._current_level >= 0:  # forward AD: the Function says it has no jvp
         out, stats_t, _, _ = GatedBlendFunction.apply(*args)
-    else:
+    else:  # no backward to come: no autograd, and the hidden activations stay on chip
         out, stats_t, _, _ = gated_blend_forward(*args, store_hidden=False)
     out = out.view(own.shape)
     return (out, stats_t) if stats else out
