@@ -24,14 +24,16 @@ def _fresh_seed(request):
     yield
 
 
-def record_calls(monkeypatch, module, name: str) -> list:
+def record_calls(monkeypatch, module, name: str, with_kwargs: bool = False) -> list:
     """Replace ``module.<name>`` by a wrapper that appends its first argument (or True) to the
-    returned list on each call, then calls the original: tests check that a kernel really ran."""
+    returned list on each call, then calls the original: tests check that a kernel really ran.
+    ``with_kwargs``: append ``(first argument, keyword arguments)`` instead."""
     original = getattr(module, name)
     calls = []
 
     def wrapper(*args, **kwargs):
-        calls.append(args[0] if args and callable(args[0]) else True)
+        first = args[0] if args and callable(args[0]) else True
+        calls.append((first, kwargs) if with_kwargs else first)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, wrapper)

@@ -9,7 +9,7 @@ import torch
 from hrm_kernels import use_backend
 from hrm_kernels.gated_blend import (SATURATION_LOGIT, STATS_COLUMNS, gate_logits_reference,
                                      gated_blend, gated_blend_reference)
-from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.tolerance import assert_close_to_reference
 
 gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
@@ -145,20 +145,13 @@ def test_stats_and_saturation_gradient(backend, dtype, inj):
 
 
 def _spy_launches(monkeypatch) -> list:
-    """Replace the module's ``launch`` by a wrapper that records (kernel name, constexpr kwargs)."""
-    calls = []
-
-    def spy(kernel, grid, *args, **kwargs):
-        calls.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, kwargs))
-        return launch(kernel, grid, *args, **kwargs)
-
-    launch = gb.launch
-    monkeypatch.setattr(gb, "launch", spy)
-    return calls
+    """(kernel, launch keyword arguments) of each kernel launch of the module, recorded."""
+    return record_calls(monkeypatch, gb, "launch", with_kwargs=True)
 
 
 def _forward_launches(calls) -> dict:
-    return {name: kw for name, kw in calls if name.startswith("_gated_blend_") and "backward" not in name}
+    named = ((kernel.fn.__name__, kw) for kernel, kw in calls)
+    return {name: kw for name, kw in named if name.startswith("_gated_blend_") and "backward" not in name}
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["one_kernel", "hidden_kernel_first"])
