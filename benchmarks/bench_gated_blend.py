@@ -219,6 +219,9 @@ SWEEP = {
     "dpre": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
              for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
                                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 2, 2)]],
+    "dpre_dlogit": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
+                    for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
+                                          (128, 32, 8, 3), (64, 64, 8, 2)]],
     "bwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
             for bm, bd, w, st, p in [(32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (16, 64, 4, 2, 2),
                                      (32, 32, 4, 2, 4), (32, 64, 4, 3, 2), (16, 32, 2, 2, 4),
@@ -236,7 +239,7 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
     flags = gb._gate_flags(own.dtype)
     out, _, pre1, z = gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)
     cfgs = gb._launch_configs(rows, D, R, own.device, own.dtype, w1.dtype)
-    dpre1, db1p = gb._backward_dpre(cfgs["dpre"], flags, dout, None, own, other, inj, w2, b2, pre1, z)
+    dpre1, db1p, _ = gb._backward_dpre(cfgs["dpre"], flags, dout, None, own, other, inj, w2, b2, pre1, z)
 
     def main_bwd(cfg):
         grads = [torch.empty_like(own), torch.empty_like(other), torch.empty_like(inj)]
@@ -251,6 +254,9 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
         "fwd_stats": lambda cfg: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, True)[:2],
         "dpre": lambda cfg: gb._backward_dpre(cfg, flags, dout, None, own, other, inj, w2, b2, pre1, z)[:1],
         "bwd": main_bwd,
+        # the cuBLAS backward's d_pre1 kernel (also writing d_logit and dout * g)
+        "dpre_dlogit": lambda cfg: gb._backward_dpre(cfg, flags, dout, None, own, other, inj, w2, b2, pre1, z,
+                                                     dsrc=[torch.empty_like(own) for _ in range(3)])[:1],
     }
     best = {}
     for name, options in SWEEP.items():
