@@ -19,6 +19,7 @@ launch configurations of each kernel), or ``pytest benchmarks/bench_gated_blend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import json
@@ -55,7 +56,7 @@ _compiled = {}
 
 
 def provider_fn(provider: str):
-    if provider == "triton":
+    if provider in ("triton", "triton-cublas-bwd"):
         def fn(*a, stats=False):
             with use_backend("triton"):
                 return gated_blend(*a, stats=stats)
@@ -76,10 +77,11 @@ def step_fn(provider: str, leaves, dout, backward: bool, stats: bool = False):
     def step():
         for t in live:
             t.grad = None
-        res = fn(*leaves, stats=stats)
-        out = res[0] if stats else res
-        if backward:
-            out.backward(dout)
+        with cublas_backward(provider == "triton-cublas-bwd"):
+            res = fn(*leaves, stats=stats)
+            out = res[0] if stats else res
+            if backward:
+                out.backward(dout)
         return out
 
     if not backward:
@@ -89,6 +91,18 @@ def step_fn(provider: str, leaves, dout, backward: bool, stats: bool = False):
             return res
         return fwd
     return step
+
+
+@contextlib.contextmanager
+def cublas_backward(on: bool):
+    """``gated_blend.CUBLAS_BACKWARD`` set to ``on`` inside the block (provider
+    ``triton-cublas-bwd``: the backward's second half as matmuls)."""
+    before = gb.CUBLAS_BACKWARD
+    gb.CUBLAS_BACKWARD = on
+    try:
+        yield
+    finally:
+        gb.CUBLAS_BACKWARD = before
 
 
 def counts(rows: int, inj: str, backward: bool) -> tuple[float, float]:
@@ -111,11 +125,13 @@ def peak_memory_mb(fn) -> float:
 # ------------------------------------------------------------------------ pytest-benchmark
 
 
-@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
+@pytest.mark.parametrize("provider", ["triton", "triton-cublas-bwd", "eager", "compile"])
 @pytest.mark.parametrize("backward", [True, False], ids=["fwd_bwd", "fwd"])
 @pytest.mark.parametrize("inj", ["tensor", "none", "zeros"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gated_blend(benchmark, shape, inj, backward, provider):
+    if provider == "triton-cublas-bwd" and not backward:
+        pytest.skip("without a backward the same as triton")
     rows = SHAPES[shape]
     leaves, dout = make_inputs(rows, inj)
     fn = step_fn(provider, leaves, dout, backward)
@@ -160,7 +176,7 @@ def table(shapes=("sudoku", "arc"), wdtypes=(torch.bfloat16, torch.float32), pas
         leaves, dout = make_inputs(rows, inj, wdtype)
         nbytes, flop = counts(rows, inj, backward)
         times, gpu, peaks = {}, {}, {}
-        for provider in ("eager", "compile", "triton"):
+        for provider in ("eager", "compile", "triton") + (("triton-cublas-bwd",) if backward else ()):
             fn = step_fn(provider, leaves, dout, backward)
             fn()
             times[provider] = bench_us(fn)

@@ -15,6 +15,7 @@ where a module's input is ``own + other + inj`` (ungated) or ``gated_blend(own, 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,6 +31,11 @@ from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_
 from hrm.layers import (Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP,
                         hoisted_weight_casts, trunc_normal_)
 from hrm.sparse_embedding import CastedSparseEmbedding
+
+# the kernel modules whose switches change what a captured graph records (the package exports
+# functions under the same names)
+_gated_blend_module = importlib.import_module("hrm_kernels.gated_blend")
+_swiglu_linear_module = importlib.import_module("hrm_kernels.swiglu_linear")
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
 
@@ -256,7 +262,8 @@ class HRMInner(nn.Module):
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD,
                 Block.FUSED_GRAD_RESIDUAL, Block.RESIDUAL_IN_MATMUL,
-                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, storage_key(tensors),
+                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _gated_blend_module.CUBLAS_BACKWARD,
+                _swiglu_linear_module.FUSED_BACKWARD, storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):
