@@ -603,13 +603,23 @@ def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z, dsr
     return dpre1, db1_partial, (dlogit if write else None)
 
 
+def _gradients(d_own, d_other, d_inj, dw1, db1, dw2, db2, w1, b1, w2, b2, has_inj: bool):
+    """The seven gradients, weights' in their own dtypes; without inj the weight gradients cover
+    two kinds and the injection's slices of W1's inputs and W2's outputs get exactly zero."""
+    if not has_inj:
+        r, d = dw1.shape[0], dw1.shape[1] // 2
+        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
+        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
+        db2 = torch.cat((db2, db2.new_zeros(d)))
+    return d_own, d_other, d_inj, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)
+
+
 def _backward_cublas(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, pre1, z, d_own, d_other, d_inj):
     """The backward as the d_pre1 kernel (which also writes d_logit and dout * g_k) and matmuls
     (cuBLAS on CUDA): d_src_k += d_pre1 @ W1[:, kD:(k+1)D] in place, dW2 = d_logit^T @ z, dW1 =
     d_pre1^T @ [own|other|inj]. One GEMM pass fewer than the fused kernels (the logits are not
     recomputed a second time), at the price of d_logit [M, kinds * D] through memory."""
-    n_rows, d = dout.shape
-    r = w1.shape[0]
+    d = dout.shape[1]
     sources = [own, other] + ([inj] if inj is not None else [])
     dsrcs = [d_own, d_other] + ([d_inj] if inj is not None else [])
     dpre1, db1_partial, dlogit = _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z,
@@ -620,12 +630,7 @@ def _backward_cublas(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, pr
     dw2 = dlogit.t() @ z  # [kinds * D, R]
     dw1 = torch.cat([dpre1.t() @ x for x in sources], dim=1)  # [R, kinds * D]
     db2 = dlogit.sum(0, dtype=torch.float32)
-    if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
-        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
-        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
-        db2 = torch.cat((db2, db2.new_zeros(d)))
-    return (d_own, d_other, d_inj, dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype),
-            dw2.to(w2.dtype), db2.to(b2.dtype))
+    return _gradients(d_own, d_other, d_inj, dw1, db1_partial.sum(0), dw2, db2, w1, b1, w2, b2, inj is not None)
 
 
 def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1, db1_partial,
@@ -653,12 +658,7 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
         n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
 
     dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
-    if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
-        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
-        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
-        db2 = torch.cat((db2, db2.new_zeros(d)))
-    return (d_own, d_other, d_inj, dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype),
-            dw2.to(w2.dtype), db2.to(b2.dtype))
+    return _gradients(d_own, d_other, d_inj, dw1, db1_partial.sum(0), dw2, db2, w1, b1, w2, b2, inj is not None)
 
 
 # ------------------------------------------------------------------ torch.library registration

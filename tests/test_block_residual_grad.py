@@ -38,6 +38,19 @@ def test_linear_keep_input_gradients(use, weight_grad):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
 
 
+def _small_block(backend: str, seed: int, requires_grad: bool):
+    """(block, cos_sin, h, dout): a float32 block at odd widths (hidden 40, 2 heads, MLP 76) on
+    CUDA when present, its RoPE tables, an input [2, 11, 40] and an output gradient."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "triton" and not triton_can_run(device):
+        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    torch.manual_seed(seed)
+    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa").to(device)
+    cos_sin = RotaryEmbedding(20, 16, 10000.0).to(device)()
+    h = torch.randn(2, 11, 40, device=device, requires_grad=requires_grad)
+    return block, cos_sin, h, torch.randn(2, 11, 40, device=device)
+
+
 @pytest.mark.parametrize("input_also_used", [False, True])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_block_fused_residual_gradient_equals_autograd(monkeypatch, backend, input_also_used):
@@ -46,14 +59,8 @@ def test_block_fused_residual_gradient_equals_autograd(monkeypatch, backend, inp
     few float32 ulps of the gradient's scale). On the Triton kernels the add+RMSNorm's backward
     hands one tensor to both of its inputs: the in-place sum must not disturb the sublayer's use of it.
     ``input_also_used``: the block's input feeds another branch too (its gradients meet autograd's sum)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "triton" and not triton_can_run(device):
-        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
-    torch.manual_seed(1)
-    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa").to(device)
-    cos_sin = RotaryEmbedding(20, 16, 10000.0).to(device)()
-    h = torch.randn(2, 11, 40, device=device, requires_grad=True)
-    dout, c = torch.randn(2, 11, 40, device=device), torch.randn(2, 11, 40, device=device)
+    block, cos_sin, h, dout = _small_block(backend, seed=1, requires_grad=True)
+    c = torch.randn_like(dout)
     calls = []
     monkeypatch.setattr(layers, "linear_keep_input", lambda x, w: calls.append(1) or linear_keep_input(x, w))
     results = []
@@ -94,14 +101,7 @@ def test_block_residual_in_matmul_equals_switch_off(monkeypatch, backend, mode):
     block's, float32, odd widths; the residual is added inside the two output projections'
     matmuls (``linear_add`` runs twice). The same math with the sum rounded at another point:
     differences of a few float32 ulps of each tensor's scale."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "triton" and not triton_can_run(device):
-        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
-    torch.manual_seed(3)
-    block = Block(hidden_size=40, num_heads=2, intermediate_size=76, eps=1e-5, attn_backend="sdpa").to(device)
-    cos_sin = RotaryEmbedding(20, 16, 10000.0).to(device)()
-    h = torch.randn(2, 11, 40, device=device, requires_grad=mode != "no_grad")
-    dout = torch.randn(2, 11, 40, device=device)
+    block, cos_sin, h, dout = _small_block(backend, seed=3, requires_grad=mode != "no_grad")
     monkeypatch.setattr(Block, "FUSED_GRAD_RESIDUAL", mode == "grad")
     calls = []
     monkeypatch.setattr(layers, "linear_add", lambda x, w, r: calls.append(1) or linear_add(x, w, r))
