@@ -53,7 +53,7 @@ def _to64(inputs):
     return [t.double() if t is not None else None for t in inputs]
 
 
-def _check(backend, inputs, with_stats=False, rows_factor=True):
+def _check(backend, inputs, with_stats=False):
     """The kernel (backend) vs eager at the same precision vs float64, on outputs, every gradient
     (in its input's dtype) and the stats."""
     own = inputs[0]
@@ -64,7 +64,6 @@ def _check(backend, inputs, with_stats=False, rows_factor=True):
     eager = _run(gated_blend_reference, inputs, dout, sat_w)
     ref = _run(gated_blend_reference, _to64(inputs), dout.double(),
                sat_w.double() if sat_w is not None else None)
-    n_rows = own.numel() // own.shape[-1]
     tag = f"{backend} {own.dtype} {tuple(own.shape)}"
     assert got[0].dtype == own.dtype
     assert_close_to_reference(f"{tag} out", got[0], eager[0], ref[0])
@@ -73,9 +72,9 @@ def _check(backend, inputs, with_stats=False, rows_factor=True):
             assert g is None
             continue
         assert g.dtype == inp.dtype, f"{tag} d{name}: dtype {g.dtype} != {inp.dtype}"
-        # weight gradients sum over rows in another order: allow for the row count
-        factor = 3.0 + (n_rows / 64 if name.startswith(("w", "b")) and rows_factor else 0)
-        assert_close_to_reference(f"{tag} d{name}", g, e, r, factor=factor)
+        # (weight gradients too: eager's error already holds its sum over the same rows; the
+        # kernels' stayed within 1.7x of it from 64 to 4096 rows, both backward paths, interpreter)
+        assert_close_to_reference(f"{tag} d{name}", g, e, r)
     if with_stats:
         _check_stats(tag, got[1], eager[1], ref[1], inputs)
     return got

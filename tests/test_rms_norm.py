@@ -45,10 +45,10 @@ def _check(backend, shape, dtype, has_residual, has_weight, device=DEVICE, make=
             assert g is None
             continue
         assert g.dtype == e.dtype, f"{name}: dtype {g.dtype} != {e.dtype}"
-        # dweight sums over rows in a different order: allow for the row count
-        factor = 3.0 if name != "dweight" else 3.0 + x.numel() / shape[-1] / 64
+        # (dweight too: the kernel reduces it in fp32, eager in the activations' dtype; its error
+        # stayed within 1.5x of eager's from 64 to 16384 rows in fp32 and far below it in bf16/fp16)
         scale = dx_scale if name in ("dx", "dresidual") else None
-        assert_close_to_reference(f"{backend} {dtype} {shape} {name}", g, e, r, factor=factor, scale=scale)
+        assert_close_to_reference(f"{backend} {dtype} {shape} {name}", g, e, r, scale=scale)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
