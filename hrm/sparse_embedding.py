@@ -147,6 +147,16 @@ class CastedSparseEmbeddingSignSGD(Optimizer):
                              "(local_weights requiring grad, local_ids [B], weights [N, D])")
         return local_weights, local_ids, weights
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads the hyper-parameters and state, but keeps each group's ``world_size``: how many
+        ranks this process gathers from is where it runs now, not state (a run written on 2
+        ranks and resumed on 1 would wait for a process group that does not exist; one resumed
+        on more ranks would update only each rank's own rows)."""
+        sizes = [group["world_size"] for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, size in zip(self.param_groups, sizes):
+            group["world_size"] = size
+
     def _world_size(self, group) -> int:
         if group["world_size"] is not None:
             return int(group["world_size"])

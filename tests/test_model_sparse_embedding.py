@@ -147,3 +147,23 @@ def test_model_moved_to_cuda_trains_its_puzzle_embedding():
     before = model.inner.puzzle_emb.weights.clone()
     opt.step()
     assert not torch.equal(model.inner.puzzle_emb.weights, before)
+
+
+@pytest.mark.parametrize("saved,now", [(2, 1), (1, 2), (2, None)])
+def test_load_state_dict_keeps_this_process_world_size(saved, now):
+    """A checkpoint written on ``saved`` ranks and resumed on ``now`` (None: read from
+    torch.distributed): the hyper-parameters come back, the world size stays where the process
+    runs. Then a step on one process updates as a one-process optimizer does."""
+    emb = CastedSparseEmbedding(10, 4, batch_size=4, init_std=1.0, cast_to=torch.float32)
+    state = CastedSparseEmbeddingSignSGD(emb, lr=0.3, weight_decay=0.2, world_size=saved).state_dict()
+    opt = CastedSparseEmbeddingSignSGD(emb, lr=0.0, weight_decay=0.0, world_size=now)
+    opt.load_state_dict(state)
+    assert [(g["lr"], g["weight_decay"], g["world_size"]) for g in opt.param_groups] == [(0.3, 0.2, now)]
+    if now == 2:
+        return  # a two-rank step needs a process group (test_gradients_are_gathered_across_ranks)
+    emb.train()
+    ids = torch.tensor([3, 7, 3, 1], dtype=torch.int32)
+    (emb(ids) * torch.randn(4, 4)).sum().backward()
+    before = emb.weights.clone()
+    opt.step()  # saved=2 would all-gather here without a process group
+    assert torch.allclose(emb.weights, _expected_update(before, ids.long(), emb.local_weights.grad, 0.3, 0.2), atol=1e-7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,26 @@ def test_two_gloo_ranks_match_one_process(single_process, tmp_path, grad_sync, c
     line = [l for l in single_stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     line2 = [l for l in multi.stdout.splitlines() if l.startswith(f"eval @ step {step}")]
     assert line and line == line2
+
+
+def test_resume_on_another_rank_count(single_process, tmp_path):
+    """The one-process run resumed on 2 gloo ranks, then that checkpoint on one process again:
+    both continue from the saved step. (The puzzle embedding's optimizer gathers over the ranks it
+    runs on now: restored from a 2-rank checkpoint, one process waited for a process group that
+    did not exist; see test_model_sparse_embedding for the other direction's update.)"""
+    args, _, one = single_process
+    run = tmp_path / "run"
+    shutil.copytree(one, run)
+    step = checkpointing.load_file(checkpointing.latest_checkpoint(run))["step"]
+    for launcher, stop in ((["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], step + 2),
+                           ([], step + 4)):
+        proc = subprocess.run([sys.executable, *launcher, PRETRAIN, *args, "epochs=6", f"checkpoint_path={run}",
+                               f"max_steps={stop}"],
+                              cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "resuming on" in proc.stdout  # the rank count changed, and the run said so
+        saved = checkpointing.load_file(checkpointing.latest_checkpoint(run))
+        assert saved["step"] == stop and saved["world_size"] == (2 if launcher else 1)
 
 
 def _stop_clock_rank(rank: int, init_file: str, answers) -> None:
