@@ -92,7 +92,10 @@ def test_resume_on_another_rank_count(single_process, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "resuming on" in proc.stdout  # the rank count changed, and the run said so
         saved = checkpointing.load_file(checkpointing.latest_checkpoint(run))
-        assert saved["step"] == stop and saved["world_size"] == (2 if launcher else 1)
+        ranks = 2 if launcher else 1
+        assert saved["step"] == stop and saved["world_size"] == ranks
+        # the embedding's optimizer ran with the ranks of this run, not those it was restored from
+        assert [g["world_size"] for g in saved["optimizers"][0]["param_groups"]] == [ranks]
 
 
 def _stop_clock_rank(rank: int, init_file: str, answers) -> None:

@@ -12,7 +12,7 @@ A checkpoint file is a ``torch.save`` dict::
 
     {"format": "hrm-train-state", "version": 1,
      "model": state_dict (keys as the reference: ``model.inner....``, no ``_orig_mod.``),
-     "optimizers": {"puzzle_emb": ..., "main": ...},
+     "optimizers": [puzzle-embedding optimizer (when the model has one), AdamATan2] state_dicts,
      "step": int, "total_steps": int,
      "rng": {"python", "numpy", "torch", "cuda"}   (per rank, list indexed by rank),
      "data": {...}                                  (train loader position, per rank),
