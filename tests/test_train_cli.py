@@ -252,6 +252,36 @@ def test_error_malformed_dataset(tiny_data, tmp_path, monkeypatch):
     assert "dataset.json" in msg and "seq_len" in msg
 
 
+def test_error_checkpoint_path_is_a_file(tmp_path, monkeypatch):
+    """A checkpoint file given as checkpoint_path (evaluate.py's checkpoint= takes one) names both fixes."""
+    ckpt = tmp_path / "run" / "step_4.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"not read")
+    msg = _error_of([f"checkpoint_path={ckpt}"], tmp_path, monkeypatch)
+    assert f"checkpoint_path={ckpt} is a file" in msg
+    assert f"checkpoint_path={ckpt.parent};" in msg and f"init_from={ckpt}" in msg
+
+
+def test_error_init_from_not_a_file(tmp_path, monkeypatch):
+    msg = _error_of(["init_from=checkpoints/nope/step_9.pt"], tmp_path, monkeypatch)
+    assert msg.startswith("init_from=checkpoints/nope/step_9.pt does not exist: it takes one checkpoint file")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "step_7.pt").write_bytes(b"not read")
+    msg = _error_of([f"init_from={run_dir}"], tmp_path, monkeypatch)
+    assert f"init_from={run_dir} is a directory" in msg and f"e.g. init_from={run_dir / 'step_7.pt'}" in msg
+
+
+def test_checkpoint_path_without_a_checkpoint_says_a_new_run_starts(tmp_path, monkeypatch, capsys):
+    """A mistyped run directory is not resumed: the run says it starts anew (fresh runs may name
+    their output directory this way, so it is a note, not an error)."""
+    monkeypatch.chdir(tmp_path)
+    resolve_config(["checkpoint_path=checkpoints/p/typo"])
+    assert "note: checkpoint_path=checkpoints/p/typo holds no checkpoint: a new run starts there" in capsys.readouterr().out
+    resolve_config([])  # the default directory: no note
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_cli_error_is_one_line_and_exit_2(tmp_path):
     out = subprocess.run([sys.executable, PRETRAIN, "arch.hiden_size=64"], cwd=tmp_path, env=subprocess_env(),
                          capture_output=True, text=True, timeout=120)

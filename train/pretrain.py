@@ -113,6 +113,17 @@ def check_config(cfg: dict, world_size: int) -> None:
          f"checkpoint_keep_last must be null (keep every checkpoint) or a whole number >= 1, got {keep!r}")
     need(cfg.get("precompile_kernels", "auto") in ("auto", True, False),
          f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
+    run_dir = cfg.get("checkpoint_path")
+    if run_dir and Path(run_dir).is_file():
+        raise ConfigError(f"checkpoint_path={run_dir} is a file, but names a run directory: to resume that run use "
+                          f"checkpoint_path={Path(run_dir).parent}; to start a new run from these weights use "
+                          f"init_from={run_dir}")
+    init = cfg.get("init_from")
+    if init and not Path(init).is_file():
+        latest = checkpointing.latest_checkpoint(init) if Path(init).is_dir() else None
+        hint = f"e.g. init_from={latest}" if latest else "e.g. init_from=checkpoints/<project>/<run>/step_<N>.pt"
+        raise ConfigError(f"init_from={init} " + ("is a directory" if Path(init).is_dir() else "does not exist")
+                          + f": it takes one checkpoint file, {hint}")
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
     accum = cfg.get("grad_accum_steps", 1)
@@ -917,6 +928,11 @@ def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretra
     """Compose the config; when resuming from a run directory, merge it onto the run's saved config."""
     cfg = compose(overrides, config_name)
     ckpt_dir = cfg.get("checkpoint_path")
+    given = any(o.split("=", 1)[0].lstrip("+") == "checkpoint_path" for o in overrides)
+    if (given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None
+            and os.environ.get("RANK", "0") == "0"):
+        print(f"note: checkpoint_path={ckpt_dir} holds no checkpoint: a new run starts there (to resume, name the "
+              "directory that holds the run's step_<N>.pt files)", flush=True)
     if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
         saved_yaml = Path(ckpt_dir) / "all_config.yaml"
         if saved_yaml.is_file():
