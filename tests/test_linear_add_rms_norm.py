@@ -9,6 +9,7 @@ import torch
 
 from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls
+from tests.reference64 import assert_float32_math, linear_add_rms_norm64, rms_norm64, rope_attention64, swiglu_linear64
 from tests.tolerance import assert_close_to_reference
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
@@ -45,7 +46,7 @@ def test_kernel_matches_float64(shape, dtype, monkeypatch):
         assert calls == [True], "the fused kernel did not run"
     assert got.shape == residual.shape and got.dtype == dtype
     eager = linear_add_rms_norm_reference(x, weight, residual)
-    ref = linear_add_rms_norm_reference(x.double(), weight.double(), residual.double())
+    ref = linear_add_rms_norm64(x, weight, residual)
     assert_close_to_reference(f"{dtype} {shape}", got, eager, ref)
     # Unit RMS per row, up to the output rounding: the norm really ran over whole rows.
     rms = got.double().square().mean(-1).sqrt()
@@ -64,7 +65,7 @@ def test_leading_dims_and_unaligned_fallback(monkeypatch):
             got = linear_add_rms_norm(x, weight, residual)
         if kernel_module.tma_available(DEVICE):
             assert calls == ([True] if fused else [])
-        ref = linear_add_rms_norm_reference(x.double(), weight.double(), residual.double())
+        ref = linear_add_rms_norm64(x, weight, residual)
         assert_close_to_reference(f"k={k}", got, linear_add_rms_norm_reference(x, weight, residual), ref)
 
 
@@ -83,13 +84,28 @@ def test_gradients(backend):
     with use_backend(backend):
         got = run(linear_add_rms_norm, x, weight, residual)
     eager = run(linear_add_rms_norm_reference, x, weight, residual)
-    ref = run(linear_add_rms_norm_reference, x.double(), weight.double(), residual.double())
+    ref = run(linear_add_rms_norm64, x.double(), weight.double(), residual.double())
     for name, g, e, r in zip(("out", "dx", "dweight", "dresidual"), got, eager, ref):
         assert_close_to_reference(f"{backend} {name}", g, e, r)
+        assert_float32_math(name, e, r)
+
+
+def _block64(block, h, cos, sin):
+    """hrm.layers.Block in float64 from its definition: h = norm(h + o_proj(attention(rope(qkv_proj(h)))))
+    then h = norm(h + down_proj(swiglu(gate_up_proj(h)))), weightless RMSNorm with the block's eps."""
+    attn, mlp = block.self_attn, block.mlp
+    b, s, hidden = h.shape
+    h = h.double()
+    qkv = (h @ attn.qkv_proj.weight.double().T).view(b, s, 3 * attn.num_heads, attn.head_dim)
+    heads = rope_attention64(qkv, cos, sin).reshape(b, s, hidden)
+    h = rms_norm64(h, residual=heads @ attn.o_proj.weight.double().T, eps=block.eps)
+    return rms_norm64(h, residual=swiglu_linear64(h @ mlp.gate_up_proj.weight.double().T, mlp.down_proj.weight),
+                      eps=block.eps)
 
 
 def test_model_block_fused_equals_unfused(monkeypatch):
-    """hrm.layers.Block with FUSED_NO_GRAD: the same output as the unfused block, up to rounding."""
+    """hrm.layers.Block with FUSED_NO_GRAD, and without: both within tolerance.py's bound of the
+    block in float64, set by the eager-backend unfused block at the same precision."""
     from hrm.layers import Block, RotaryEmbedding
 
     dtype = torch.bfloat16 if CUDA else torch.float16
@@ -97,14 +113,20 @@ def test_model_block_fused_equals_unfused(monkeypatch):
     h = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
     cos_sin = RotaryEmbedding(16, 9, 10000.0).to(DEVICE)()
     calls = _spy(monkeypatch)
-    with use_backend("triton"), torch.no_grad():
+    with torch.no_grad():
         monkeypatch.setattr(Block, "FUSED_NO_GRAD", False)
-        plain = block(h, cos_sin)
-        monkeypatch.setattr(Block, "FUSED_NO_GRAD", True)
-        fused = block(h, cos_sin)
+        with use_backend("eager"):
+            eager = block(h, cos_sin)
+        with use_backend("triton"):
+            plain = block(h, cos_sin)
+            monkeypatch.setattr(Block, "FUSED_NO_GRAD", True)
+            fused = block(h, cos_sin)
+        ref = _block64(block, h, *cos_sin)
     if kernel_module.tma_available(DEVICE):
         assert len(calls) == 2
-    torch.testing.assert_close(fused, plain, atol=3e-2, rtol=3e-2)
+    for name, got in (("unfused", plain), ("fused", fused)):
+        assert got.dtype == dtype
+        assert_close_to_reference(f"block {name}", got, eager, ref)
 
 
 def test_clear_errors():

@@ -8,6 +8,7 @@ import torch
 
 from hrm_kernels import rope, rope_reference, use_backend
 from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.reference64 import assert_float32_math, rope64
 from tests.tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -35,10 +36,12 @@ def _check(backend, x, cos, sin):
     with use_backend(backend):
         got = _run(rope, x, cos, sin, dout)
     eager = _run(rope_reference, x, cos, sin, dout)
-    ref = _run(rope_reference, x.double(), cos.double(), sin.double(), dout.double())
+    ref = _run(rope64, x.double(), cos, sin, dout.double())
     for name, g, e, r in zip(("out", "dx"), got, eager, ref):
         assert g.dtype == x.dtype and g.shape == x.shape
         assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} {name}", g, e, r)
+        if x.dtype == torch.float32:
+            assert_float32_math(f"{x.dtype} {tuple(x.shape)} {name}", e, r)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -103,10 +106,11 @@ def test_torch_compile_fullgraph(backend):
         torch._dynamo.reset()
         out = torch.compile(f, fullgraph=True, backend=compile_backend)(x)
         (grad,) = torch.autograd.grad(out.square().sum(), x)
-    ref = rope_reference(x * 1.5, cos, sin)
-    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+    leaf = x.detach().double().requires_grad_()
+    ref = rope64(leaf * 1.5, cos, sin)
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), leaf)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-5, rtol=1e-5)
 
 
 def test_double_backward_of_the_custom_op():

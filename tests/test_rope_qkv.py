@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from hrm_kernels import rope_qkv, rope_qkv_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls
+from tests.reference64 import assert_float32_math, rope_qkv64
 from tests.test_rope import _tables
 from tests.tolerance import assert_close_to_reference
 
@@ -39,10 +40,12 @@ def test_through_attention_matches_float64(backend, dtype, shape):
     with use_backend(backend):
         got = _attention_grad(rope_qkv, qkv, cos, sin, weight)
     eager = _attention_grad(rope_qkv_reference, qkv, cos, sin, weight)
-    ref = _attention_grad(rope_qkv_reference, qkv.double(), cos.double(), sin.double(), weight.double())
+    ref = _attention_grad(rope_qkv64, qkv.double(), cos, sin, weight.double())
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
         assert g.dtype == dtype
         assert_close_to_reference(f"{backend} {dtype} {shape} {name}", g, e, r)
+        if dtype == torch.float32:
+            assert_float32_math(f"{dtype} {shape} {name}", e, r)
 
 
 @pytest.mark.parametrize("used", [(0,), (1, 2), (2,)], ids=["q_only", "k_v", "v_only"])
@@ -50,7 +53,7 @@ def test_unused_outputs_get_zero_gradient(used):
     qkv = torch.randn(2, 6, 6, 8, device=DEVICE)
     cos, sin = _tables(6, 8)
     grads = []
-    for fn in (rope_qkv, rope_qkv_reference):
+    for fn in (rope_qkv, rope_qkv64):
         x = qkv.clone().requires_grad_()
         with use_backend("triton"):
             outs = fn(x, cos, sin)

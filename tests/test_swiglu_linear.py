@@ -8,6 +8,7 @@ import torch
 
 from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend
 from tests.conftest import CUDA, DEVICE, requires_cuda
+from tests.reference64 import assert_float32_math, swiglu_linear64
 from tests.tolerance import assert_close_to_reference
 
 module = importlib.import_module("hrm_kernels.swiglu_linear")
@@ -50,10 +51,12 @@ def _run(fn, gate_up, weight, dy):
 
 def _assert_close(label, got, eager, gate_up, weight, dy):
     """Output and both gradients within the tolerance of tests/tolerance.py of float64, in the inputs' dtype."""
-    ref = _run(swiglu_linear_reference, gate_up.double(), weight.double(), dy.double())
+    ref = _run(swiglu_linear64, gate_up.double(), weight.double(), dy.double())
     for name, g, e, r in zip(("out", "dgate_up", "dweight"), got, eager, ref):
         assert g.dtype == gate_up.dtype
         assert_close_to_reference(f"{label} {name}", g, e, r)
+        if gate_up.dtype == torch.float32:
+            assert_float32_math(f"{label} {name}", e, r)
 
 
 # The kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or a
@@ -81,6 +84,17 @@ def test_against_float64(lead, inter, n, dtype, variant, fused_launches, monkeyp
     assert fused_launches[0] == (1 if fused and aligned else 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,inter,n", SHAPES)
+def test_eager_backend_against_float64(lead, inter, n, dtype):
+    """The eager backend (the CPU fallback: ``swiglu_linear_reference``) against the float64 formula."""
+    gate_up, weight, dy = _make(lead, inter, n, dtype)
+    with use_backend("eager"):
+        got = _run(swiglu_linear, gate_up, weight, dy)
+    _assert_close(f"eager {dtype} {lead} I={inter} N={n}", got, _run(swiglu_linear_reference, gate_up, weight, dy),
+                  gate_up, weight, dy)
+
+
 def test_no_grad_and_weight_only_gradient(fused_launches):
     gate_up, weight, dy = _make((5, 7), 24, 16, torch.float32)
     with use_backend("triton"):
@@ -88,10 +102,10 @@ def test_no_grad_and_weight_only_gradient(fused_launches):
             out = swiglu_linear(gate_up, weight)
         w = weight.clone().requires_grad_()
         swiglu_linear(gate_up, w).backward(dy)  # gate_up needs no gradient: no fused launch
-    ref = swiglu_linear_reference(gate_up.double(), weight.double())
+    ref = swiglu_linear64(gate_up, weight)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     ref_w = weight.double().clone().requires_grad_()
-    swiglu_linear_reference(gate_up.double(), ref_w).backward(dy.double())
+    swiglu_linear64(gate_up, ref_w).backward(dy.double())
     torch.testing.assert_close(w.grad.double(), ref_w.grad, atol=1e-4, rtol=1e-4)
     assert fused_launches[0] == 0
 
@@ -107,7 +121,9 @@ def test_bad_shapes_name_the_problem(gate_up_shape, weight_shape, match):
 
 
 def test_dtype_mismatch_is_an_error():
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but gate_up has dtype torch.float32"):
+        swiglu_linear(torch.randn(4, 8), torch.randn(6, 4, dtype=torch.float16))
+    with pytest.raises(TypeError, match="weight has dtype torch.float64; supported are float32, float16 and bfloat16"):
         swiglu_linear(torch.randn(4, 8), torch.randn(6, 4, dtype=torch.float64))
 
 
