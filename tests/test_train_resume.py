@@ -76,6 +76,23 @@ def test_resume_by_guide_command_uses_saved_config(tiny_data, tmp_path, monkeypa
     assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step_6.pt"
 
 
+def test_resume_says_when_the_chosen_arch_is_not_the_runs(tiny_data, tmp_path, monkeypatch, capsys):
+    """``arch=hrm_v1`` on a gated run's resume: the saved arch is kept, and the run says which
+    chosen fields were not applied (explicit ``arch.<field>=`` overrides apply and are not listed)."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["arch=hrm_v1_gated", "max_steps=2"])
+    from train.pretrain import resolve_config
+
+    capsys.readouterr()
+    tiny = [o for o in common(tiny_data, tmp_path / "run") if o.startswith("arch.")]
+    cfg = resolve_config(["arch=hrm_v1", *tiny, f"checkpoint_path={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert cfg.arch.use_gating and "note: resuming keeps the run's saved arch" in out
+    assert "use_gating: True kept, not False" in out and "hidden_size" not in out
+    resolve_config(["arch=hrm_v1_gated", *tiny, f"checkpoint_path={tmp_path / 'run'}"])
+    assert "note:" not in capsys.readouterr().out  # the run's own arch: nothing to say
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_resume_on_cuda_drifts_no_more_than_a_rerun(tiny_data, tmp_path, monkeypatch):
     """Two uninterrupted CUDA runs give the drift of the GPU's summation order (zero where it is

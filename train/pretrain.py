@@ -57,6 +57,20 @@ def _override_key(override: str) -> str:
     return key.lstrip("+~")
 
 
+def _note_ignored_group(group: str, cfg: DictConfig, saved: dict, overrides: Sequence[str]) -> None:
+    """On resume, say so when a group choice (``arch=...``) asks for other fields than the run's
+    (rank 0 only): the saved ones are kept, not silently replaced."""
+    chosen, kept = to_container(cfg).get(group), saved.get(group)
+    if not isinstance(chosen, dict) or not isinstance(kept, dict) or os.environ.get("RANK", "0") != "0":
+        return
+    explicit = {_override_key(o)[len(group) + 1:] for o in overrides if _override_key(o).startswith(group + ".")}
+    differ = [f"{k}: {kept[k]!r} kept, not {v!r}" for k, v in chosen.items()
+              if k in kept and k not in explicit and kept[k] != v]
+    if differ:
+        print(f"note: resuming keeps the run's saved {group} (the checkpoint fixes the model), not the chosen one's "
+              f"fields: {'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}", flush=True)
+
+
 def merge_saved_config(cfg: DictConfig, overrides: Sequence[str], saved: dict) -> DictConfig:
     """On resume, the run's saved config is the base; keys given on the command line win.
 
@@ -70,6 +84,8 @@ def merge_saved_config(cfg: DictConfig, overrides: Sequence[str], saved: dict) -
             merged[key] = OmegaConf.select(cfg, key)
     for ov in overrides:
         key = _override_key(ov)
+        if key in SAFE_GROUPS:
+            _note_ignored_group(key, cfg, saved, overrides)
         if key in SAFE_GROUPS or key.startswith("hydra"):
             continue
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
