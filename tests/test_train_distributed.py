@@ -98,6 +98,15 @@ def test_resume_on_another_rank_count(single_process, tmp_path):
         assert [g["world_size"] for g in saved["optimizers"][0]["param_groups"]] == [ranks]
 
 
+def test_config_error_printed_once_under_torchrun(arc_data, tmp_path):
+    """Every rank finds the same mistake; the message appears once, not once per rank."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           PRETRAIN, f"data_path={arc_data}", *TINY_ARCH, *QUIET, "global_batch_size=7", "device=cpu"],
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: global_batch_size=7 is not divisible by the number of ranks (2)") == 1, proc.stderr
+
+
 def _stop_clock_rank(rank: int, init_file: str, answers) -> None:
     import time
 

@@ -138,5 +138,8 @@ def parse_cli(argv: Sequence[str]) -> tuple[str, list[str], str | None]:
 
 
 def exit_with(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """Print ``error: message`` and exit with ``code``. Under torchrun every rank hits the same
+    config error: one process per machine (LOCAL_RANK 0) prints it, the others exit quietly."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
