@@ -3,7 +3,7 @@
 Reference-exact (``kernels="eager"``, ``attn_backend="sdpa"``, ``forward_dtype="float32"`` computes
 the public sapientinc/HRM function), checkpoint-compatible (``state_dict`` keys identical to the
 reference's), ``torch.compile``-friendly, with gate monitoring and an optional gate regulariser.
-The specification is ``shared/docs/REFERENCE.md``.
+The specification is ``docs/REFERENCE.md``.
 
 Public API
 ----------

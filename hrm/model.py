@@ -1,6 +1,6 @@
 """The Hierarchical Reasoning Model: recurrent core (``HRMInner``) and ACT wrapper (``HRM``).
 
-One ACT segment of the core (REFERENCE.md, "The recurrent core")::
+One ACT segment of the core (docs/REFERENCE.md, "The recurrent core")::
 
     x = embed(inputs, puzzle_ids)
     no grad:  for i < H_cycles, j < L_cycles, except the last (i, j):  z_L = L(z_L, z_H, x)
@@ -334,7 +334,7 @@ class HRM(nn.Module):
 
     ``initial_carry(batch)`` -> every row halted (so the first ``forward`` loads the batch);
     ``forward(carry, batch) -> (carry, outputs)``: one segment for every row (see module docstring
-    and REFERENCE.md "ACT wrapper"). Outputs: ``logits`` [B, seq_len, vocab], ``q_halt_logits``,
+    and docs/REFERENCE.md "ACT wrapper"). Outputs: ``logits`` [B, seq_len, vocab], ``q_halt_logits``,
     ``q_continue_logits`` [B] fp32, ``target_q_continue`` [B] (training with halt_max_steps > 1),
     ``gate_stats`` [2, 3, 5] (gated).
     """

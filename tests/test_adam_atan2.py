@@ -40,7 +40,7 @@ def _small_chunks_in_interpreter(monkeypatch):
 
 
 def reference_update(p, g, m, v, *, lr, beta1, beta2, weight_decay, step):
-    """The update in float64, in place on float64 tensors (the REFERENCE.md formula)."""
+    """The update in float64, in place on float64 tensors (the docs/REFERENCE.md formula)."""
     bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
     p.mul_(1 - lr * weight_decay)
     m.add_((1 - beta1) * (g - m))

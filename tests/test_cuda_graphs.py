@@ -38,7 +38,7 @@ def _record_calls(inner):
 
 
 def _reference_order(H_cycles, L_cycles, z_H, z_L, x, steps):
-    """REFERENCE.md's segment with the recorder's arithmetic: L(z_L, z_H, x) L_cycles times, then
+    """docs/REFERENCE.md's segment with the recorder's arithmetic: L(z_L, z_H, x) L_cycles times, then
     H(z_H, z_L), H_cycles times over; stopped after ``steps`` calls."""
     order, calls = [], 0
     for _ in range(H_cycles):

@@ -23,7 +23,7 @@ needs_triton = pytest.mark.skipif(not triton_can_run(torch.device("cpu")),
 
 def _block_case(hidden, heads, intermediate, seq, rope):
     """A randomized fp32 block, its input, RoPE tables (or None) and the float64 specification of
-    its output at position 0 (REFERENCE.md's block in plain tensor math)."""
+    its output at position 0 (docs/REFERENCE.md's block in plain tensor math)."""
     torch.manual_seed(11)
     block = Block(hidden, heads, intermediate, eps=1e-5, attn_backend="sdpa")
     randomize_(block)

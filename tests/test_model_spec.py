@@ -1,4 +1,4 @@
-"""Parity of ``hrm`` with an independent implementation of REFERENCE.md.
+"""Parity of ``hrm`` with an independent implementation of docs/REFERENCE.md.
 
 ``spec_*`` below is written from the specification alone (plain tensor math on a state dict with
 the reference's key names, explicit softmax attention, explicit gates), never from the model's
@@ -153,7 +153,7 @@ def spec_act(P, cfg, state, batch, training, record=None):
 
 
 def spec_loss(cfg, out, labels, loss_type):
-    """Total loss of REFERENCE.md's loss head (summed over sequences)."""
+    """Total loss of docs/REFERENCE.md's loss head (summed over sequences)."""
     logits = out["logits"]
     valid = labels != IGNORE
     safe = torch.where(valid, labels, 0)

@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate schedule.
 
-The main optimizer is ``hrm_kernels.AdamATan2`` (REFERENCE.md, "Adam-atan2": the ``adam-atan2``
+The main optimizer is ``hrm_kernels.AdamATan2`` (docs/REFERENCE.md, "Adam-atan2": the ``adam-atan2``
 package's update, fused on CUDA, eager PyTorch on CPU), so training never depends on the
 ``adam-atan2`` CUDA extension that often fails to build. The puzzle embeddings use
 ``hrm.CastedSparseEmbeddingSignSGD``.

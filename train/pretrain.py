@@ -5,7 +5,7 @@
     python train/pretrain.py --config-name quickstart          # small built-in task, CPU-friendly
     python train/pretrain.py --cfg job [overrides]              # print the composed config
 
-The loop is the reference trainer's (REFERENCE.md, "Training loop defaults"): ACT carry across
+The loop is the reference trainer's (docs/REFERENCE.md, "Training loop defaults"): ACT carry across
 batches, loss / global_batch_size, gradients summed over ranks, Adam-atan2 for the weights and
 sign-SGD for the puzzle embeddings, warmup + cosine learning rate, an evaluation every
 ``eval_interval`` epochs. Added: checkpoints of the whole training state that resume exactly

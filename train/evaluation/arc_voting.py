@@ -1,4 +1,4 @@
-"""ARC pass@k by voting over augmented copies (REFERENCE.md, "Dataset format").
+"""ARC pass@k by voting over augmented copies (docs/REFERENCE.md, "Dataset format").
 
 Every test input of an ARC puzzle appears once per augmented copy of the puzzle (a dihedral
 transform and a colour permutation). For each copy the model's predicted canvas is cropped at
