@@ -90,8 +90,10 @@ def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, w
         n, d = local_grad.shape
         all_grad = local_grad.new_empty(world_size * n, d)
         all_ids = local_ids.new_empty(world_size * n)
-        dist.all_gather_into_tensor(all_grad, local_grad.contiguous())
-        dist.all_gather_into_tensor(all_ids, local_ids.contiguous())
+        # (torch 2.14 renamed all_gather_into_tensor, which now warns on every call)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(all_grad, local_grad.contiguous())
+        gather(all_ids, local_ids.contiguous())
     n = all_ids.numel()
     if n == 0:
         return
