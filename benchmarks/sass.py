@@ -7,7 +7,7 @@ the spill stack and the SASS instructions of its hottest loop (the one with the 
 instructions), per thread and iteration. Instruction counts are not times: a latency-bound kernel
 hides some of them. ::
 
-    python benchmarks/sass.py        # gated_blend's forward loop at its CUDA configurations
+    python benchmarks/sass.py        # gated_blend's forward and d_pre1 loops at their CUDA configurations
 """
 
 from __future__ import annotations
@@ -104,7 +104,36 @@ def _gated_blend_forward_report() -> str:
             "per thread; the loop: one D-chunk of the blend\n\n" + "\n".join(rows))
 
 
+def _gated_blend_dpre_report() -> str:
+    """The backward's d_pre1 kernel, as the fused backward runs it and as the cuBLAS backward
+    (``CUBLAS_BACKWARD``) runs it, also writing d_logit, dout * g and db2's partials."""
+    import torch
+
+    gb = importlib.import_module("hrm_kernels.gated_blend")
+    kernel = gb._gated_blend_backward_dpre_kernel
+    cfgs = gb._default_configs(62976, 512, 128, "cuda", torch.bfloat16, torch.bfloat16)
+    types = {n: "*bf16" for n in kernel.arg_names}
+    types.update(SAT="*fp32", DB1_PARTIAL="*fp32", DB2_PARTIAL="*fp32", n_rows="i32", D="i32", R="i32", width="i32")
+    rows = ["| form | launch configuration | registers | stack B | shared KiB | loop instructions | top opcodes |",
+            "|---|---|---:|---:|---:|---:|---|"]
+    for write in (False, True):
+        cfg = dict(cfgs["dpre_dlogit" if write else "dpre"])
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        compiled = compile_for_sm90(kernel, types, dict(
+            HAS_INJ=True, HAS_SAT=False, WRITE_DLOGIT=write, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, **cfg),
+            warps, stages, aligned=("D", "R", "width"))
+        res = resources(compiled)
+        n, ops = hottest_loop(compiled)
+        top = ", ".join(f"{op} {c}" for op, c in ops.most_common(6))
+        rows.append(f"| {'cuBLAS backward (writes d_logit)' if write else 'fused backward'} | {cfg} warps={warps} "
+                    f"stages={stages} | {res['registers']} | {res['stack']} | {res['shared'] / 1024:.0f} | {n} | {top} |")
+    return ("gated_blend backward d_pre1 kernel, bf16, D=512, R=128, sm_90, per thread; the loop: one D-chunk of "
+            "the three kinds\n\n" + "\n".join(rows))
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: this compiles for the GPU")
     print(_gated_blend_forward_report())
+    print()
+    print(_gated_blend_dpre_report())
