@@ -87,7 +87,8 @@ def test_longer_sequences_take_rope_and_sdpa(monkeypatch):
     with use_backend("triton"), torch.no_grad():
         got = rope_attention(qkv, cos, sin)
     assert calls == []
-    assert_close_to_reference("seq 9 > 8", got, rope_attention_reference(qkv, cos, sin), rope_attention64(qkv, cos, sin))
+    assert_close_to_reference("seq 9 > 8", got, rope_attention_reference(qkv, cos, sin),
+                              rope_attention64(qkv, cos, sin))
 
 
 def test_strided_qkv_view_and_rotation_matter():
