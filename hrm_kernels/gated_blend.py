@@ -61,7 +61,7 @@ MAX_FUSED_R = 256
 # The backward's second half as cuBLAS matmuls instead of the fused main kernel: the d_pre1 kernel
 # also writes d_logit [M, kinds * D] and dout * g into the source gradients, then d_src += d_pre1 @
 # W1, dW2 = d_logit^T z and dW1 = d_pre1^T [own|other|inj] (``_backward_cublas``). Off until a
-# GPU A/B decides (session 15 had no GPU). Estimate at the Sudoku shape on an H200: ~0.7 GB more
+# GPU A/B decides (session 15 had no GPU). Estimate at the Sudoku shape on an H200: ~0.6 GB more
 # traffic, one M x 3D x R GEMM pass fewer, the three weight/source GEMMs at cuBLAS's rate.
 CUBLAS_BACKWARD = False
 
