@@ -48,7 +48,6 @@ SWITCHES = {
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
     "residual_grad": ("hrm.layers", "Block", "FUSED_GRAD_RESIDUAL"),  # residual gradient added in the input projection's dx matmul
-    "residual_matmul": ("hrm.layers", "Block", "RESIDUAL_IN_MATMUL"),  # residual added in o/down_proj's epilogue (addmm)
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0

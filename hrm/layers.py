@@ -293,15 +293,6 @@ class _LinearKeepInput(torch.autograd.Function):
         return dx, dw
 
 
-def linear_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + F.linear(x, w)`` with the sum made in the matmul's epilogue (``torch.addmm``,
-    cuBLAS's ``beta = 1``): the sum is rounded once, where the two-step form rounds the product
-    and then the sum. x: [..., K], w: [N, K], residual: [..., N] like x's leading dimensions, one
-    dtype; returns [..., N]. Differentiable in all three (the residual's gradient is the output's)."""
-    out = torch.addmm(residual.reshape(-1, w.shape[0]), x.reshape(-1, x.shape[-1]), w.t())
-    return out.view(residual.shape)
-
-
 def linear_keep_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.linear(x, w), x)`` whose backward adds the gradient reaching the returned ``x`` inside
     the matmul that computes ``dy @ w`` (``_LinearKeepInput``).
@@ -329,19 +320,10 @@ class Block(nn.Module):
     That path calls the attention's and MLP's weights directly, not the ``self_attn``/``mlp`` and
     projection submodules: hooks on those modules do not fire there, and a full backward hook on
     ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set it False
-    for such instrumentation.
-
-    With ``RESIDUAL_IN_MATMUL`` each sublayer's output projection adds the residual in its matmul's
-    epilogue (``linear_add``), outside torch.compile and where ``FUSED_NO_GRAD`` does not apply: the
-    norm then reads one [.., hidden] tensor instead of two, two passes over memory instead of three
-    (the matmul reads the residual while it is bound by its arithmetic). The sum is rounded once
-    instead of twice. Off until timed on a GPU (``--switches residual_matmul=1`` of
-    ``benchmarks/bench_train_step.py``); the MLP's gradient path then runs ``swiglu`` + the
-    projection, not ``swiglu_linear``."""
+    for such instrumentation."""
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
-    RESIDUAL_IN_MATMUL = False
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
@@ -360,26 +342,11 @@ class Block(nn.Module):
                 and attn.qkv_proj.bias is None and attn.o_proj.bias is None and mlp.gate_up_proj.bias is None
                 and mlp.down_proj.bias is None):
             qkv, h = linear_keep_input(h, attn.qkv_proj.weight_as(h.dtype))
-            if self._residual_in_matmul():
-                h = self._project_add_norm(attn.heads_from_qkv(qkv, cos_sin), attn.o_proj, h)
-            else:
-                h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin), eps=self.eps)
+            h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin), eps=self.eps)
             gate_up, h = linear_keep_input(h, mlp.gate_up_proj.weight_as(h.dtype))
-            if self._residual_in_matmul():
-                return self._project_add_norm(swiglu(gate_up), mlp.down_proj, h)
             return rms_norm(h, residual=mlp.from_gate_up(gate_up), eps=self.eps)
-        if self._residual_in_matmul() and attn.o_proj.bias is None and mlp.down_proj.bias is None:
-            h = self._project_add_norm(attn.heads(h, cos_sin), attn.o_proj, h)
-            return self._project_add_norm(mlp.hidden(h), mlp.down_proj, h)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)
-
-    def _residual_in_matmul(self) -> bool:
-        return self.RESIDUAL_IN_MATMUL and not torch.compiler.is_compiling()
-
-    def _project_add_norm(self, x: torch.Tensor, proj: CastedLinear, h: torch.Tensor) -> torch.Tensor:
-        """``rms_norm(h + proj(x))`` with the residual added in the projection's matmul (no bias)."""
-        return rms_norm(linear_add(x, proj.weight_as(x.dtype), h), eps=self.eps)
 
     def first_position(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
         """``forward(h, cos_sin)[:, :1]`` computed for position 0 alone (its attention still reads

@@ -277,9 +277,11 @@ def test_checkpoint_path_without_a_checkpoint_says_a_new_run_starts(tmp_path, mo
     their output directory this way, so it is a note, not an error)."""
     monkeypatch.chdir(tmp_path)
     resolve_config(["checkpoint_path=checkpoints/p/typo"])
-    assert "note: checkpoint_path=checkpoints/p/typo holds no checkpoint: a new run starts there" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "note: checkpoint_path=checkpoints/p/typo holds no checkpoint: a new run starts there" in out.err
+    assert "note" not in out.out  # stdout stays clean: --cfg job prints the config there
     resolve_config([])  # the default directory: no note
-    assert "note:" not in capsys.readouterr().out
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_cli_error_is_one_line_and_exit_2(tmp_path):

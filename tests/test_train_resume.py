@@ -85,12 +85,15 @@ def test_resume_says_when_the_chosen_arch_is_not_the_runs(tiny_data, tmp_path, m
 
     capsys.readouterr()
     tiny = [o for o in common(tiny_data, tmp_path / "run") if o.startswith("arch.")]
-    cfg = resolve_config(["arch=hrm_v1", *tiny, f"checkpoint_path={tmp_path / 'run'}"])
-    out = capsys.readouterr().out
+    cfg = resolve_config(["arch=hrm_v1", *tiny, "arch.loss.loss_type=softmax_cross_entropy",
+                          f"checkpoint_path={tmp_path / 'run'}"])
+    out = capsys.readouterr().err
     assert cfg.arch.use_gating and "note: resuming keeps the run's saved arch" in out
     assert "use_gating: True kept, not False" in out and "hidden_size" not in out
+    # a nested field given explicitly is applied, and not reported as kept
+    assert cfg.arch.loss.loss_type == "softmax_cross_entropy" and "loss" not in out
     resolve_config(["arch=hrm_v1_gated", *tiny, f"checkpoint_path={tmp_path / 'run'}"])
-    assert "note:" not in capsys.readouterr().out  # the run's own arch: nothing to say
+    assert "note:" not in capsys.readouterr().err  # the run's own arch: nothing to say
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

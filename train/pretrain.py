@@ -63,12 +63,14 @@ def _note_ignored_group(group: str, cfg: DictConfig, saved: dict, overrides: Seq
     chosen, kept = to_container(cfg).get(group), saved.get(group)
     if not isinstance(chosen, dict) or not isinstance(kept, dict) or os.environ.get("RANK", "0") != "0":
         return
-    explicit = {_override_key(o)[len(group) + 1:] for o in overrides if _override_key(o).startswith(group + ".")}
+    # fields an explicit override touches (arch.loss.loss_type touches loss) are the override's
+    explicit = {_override_key(o)[len(group) + 1:].split(".")[0] for o in overrides
+                if _override_key(o).startswith(group + ".")}
     differ = [f"{k}: {kept[k]!r} kept, not {v!r}" for k, v in chosen.items()
               if k in kept and k not in explicit and kept[k] != v]
     if differ:
         print(f"note: resuming keeps the run's saved {group} (the checkpoint fixes the model), not the chosen one's "
-              f"fields: {'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}", flush=True)
+              f"fields: {'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}", file=sys.stderr, flush=True)
 
 
 def merge_saved_config(cfg: DictConfig, overrides: Sequence[str], saved: dict) -> DictConfig:
@@ -948,7 +950,7 @@ def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretra
     if (given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None
             and os.environ.get("RANK", "0") == "0"):
         print(f"note: checkpoint_path={ckpt_dir} holds no checkpoint: a new run starts there (to resume, name the "
-              "directory that holds the run's step_<N>.pt files)", flush=True)
+              "directory that holds the run's step_<N>.pt files)", file=sys.stderr, flush=True)
     if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
         saved_yaml = Path(ckpt_dir) / "all_config.yaml"
         if saved_yaml.is_file():
