@@ -77,6 +77,14 @@ def hottest_loop(compiled) -> tuple[int, collections.Counter]:
     return len(best[1]), ops
 
 
+def _cost_cells(compiled) -> str:
+    """A report row's cells: registers | stack B | shared KiB | loop instructions | top opcodes."""
+    res = resources(compiled)
+    n, ops = hottest_loop(compiled)
+    top = ", ".join(f"{op} {c}" for op, c in ops.most_common(6))
+    return f"{res['registers']} | {res['stack']} | {res['shared'] / 1024:.0f} | {n} | {top}"
+
+
 def _gated_blend_forward_report() -> str:
     import torch
 
@@ -95,11 +103,7 @@ def _gated_blend_forward_report() -> str:
             compiled = compile_for_sm90(kernel, types, dict(
                 HAS_INJ=True, WITH_STATS=stats, STORE_HIDDEN=stats, EVEN_D=True, EMU_BF16=False, PREC="tf32",
                 FAST_SIGMOID=True, **cfg), warps, stages, aligned=("D", "R"))
-            res = resources(compiled)
-            n, ops = hottest_loop(compiled)
-            top = ", ".join(f"{op} {c}" for op, c in ops.most_common(6))
-            rows.append(f"| {wname} | {stats} | {cfg} warps={warps} stages={stages} | {res['registers']} | "
-                        f"{res['stack']} | {res['shared'] / 1024:.0f} | {n} | {top} |")
+            rows.append(f"| {wname} | {stats} | {cfg} warps={warps} stages={stages} | {_cost_cells(compiled)} |")
     return ("gated_blend forward, bf16 activations, D=512, R=128, sm_90 (Triton " + triton.__version__ + "), "
             "per thread; the loop: one D-chunk of the blend\n\n" + "\n".join(rows))
 
@@ -122,11 +126,8 @@ def _gated_blend_dpre_report() -> str:
         compiled = compile_for_sm90(kernel, types, dict(
             HAS_INJ=True, HAS_SAT=False, WRITE_DLOGIT=write, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, **cfg),
             warps, stages, aligned=("D", "R", "width"))
-        res = resources(compiled)
-        n, ops = hottest_loop(compiled)
-        top = ", ".join(f"{op} {c}" for op, c in ops.most_common(6))
         rows.append(f"| {'cuBLAS backward (writes d_logit)' if write else 'fused backward'} | {cfg} warps={warps} "
-                    f"stages={stages} | {res['registers']} | {res['stack']} | {res['shared'] / 1024:.0f} | {n} | {top} |")
+                    f"stages={stages} | {_cost_cells(compiled)} |")
     return ("gated_blend backward d_pre1 kernel, bf16, D=512, R=128, sm_90, per thread; the loop: one D-chunk of "
             "the three kinds\n\n" + "\n".join(rows))
 

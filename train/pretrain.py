@@ -57,11 +57,17 @@ def _override_key(override: str) -> str:
     return key.lstrip("+~")
 
 
+def _first_rank() -> bool:
+    """Rank 0, or one process (read from torchrun's environment: the config is resolved before
+    the process group starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _note_ignored_group(group: str, cfg: DictConfig, saved: dict, overrides: Sequence[str]) -> None:
     """On resume, say so when a group choice (``arch=...``) asks for other fields than the run's
     (rank 0 only): the saved ones are kept, not silently replaced."""
     chosen, kept = to_container(cfg).get(group), saved.get(group)
-    if not isinstance(chosen, dict) or not isinstance(kept, dict) or os.environ.get("RANK", "0") != "0":
+    if not isinstance(chosen, dict) or not isinstance(kept, dict) or not _first_rank():
         return
     # fields an explicit override touches (arch.loss.loss_type touches loss) are the override's
     explicit = {_override_key(o)[len(group) + 1:].split(".")[0] for o in overrides
@@ -948,7 +954,7 @@ def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretra
     ckpt_dir = cfg.get("checkpoint_path")
     given = any(o.split("=", 1)[0].lstrip("+") == "checkpoint_path" for o in overrides)
     if (given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None
-            and os.environ.get("RANK", "0") == "0"):
+            and _first_rank()):
         print(f"note: checkpoint_path={ckpt_dir} holds no checkpoint: a new run starts there (to resume, name the "
               "directory that holds the run's step_<N>.pt files)", file=sys.stderr, flush=True)
     if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
