@@ -14,9 +14,10 @@ import torch
 ERROR_FACTOR = 3.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 # Whatever eager's error, no bound may exceed this fraction of the values' scale: a bound as large
-# as the signal would pass a kernel returning zeros (bf16 rounds at 2^-9 relative, so 2% is ~10
-# roundings' worth).
-MAX_RELATIVE_BOUND = 0.02
+# as the signal would pass a kernel returning zeros. bf16 rounds at 2^-9 relative, and a gradient
+# computed through a chain of bf16 ops does worse: eager's own bf16 db1 of gated_blend (6 rows, width
+# 40) was 2.1% of its scale off float64 on an H200 (cuBLAS), so 5% (~25 roundings' worth).
+MAX_RELATIVE_BOUND = 0.05
 
 
 def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
