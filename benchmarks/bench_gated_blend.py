@@ -19,7 +19,6 @@ launch configurations of each kernel), or ``pytest benchmarks/bench_gated_blend.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import itertools
 import json
@@ -56,7 +55,7 @@ _compiled = {}
 
 
 def provider_fn(provider: str):
-    if provider in ("triton", "triton-cublas-bwd"):
+    if provider == "triton":
         def fn(*a, stats=False):
             with use_backend("triton"):
                 return gated_blend(*a, stats=stats)
@@ -77,11 +76,10 @@ def step_fn(provider: str, leaves, dout, backward: bool, stats: bool = False):
     def step():
         for t in live:
             t.grad = None
-        with cublas_backward(provider == "triton-cublas-bwd"):
-            res = fn(*leaves, stats=stats)
-            out = res[0] if stats else res
-            if backward:
-                out.backward(dout)
+        res = fn(*leaves, stats=stats)
+        out = res[0] if stats else res
+        if backward:
+            out.backward(dout)
         return out
 
     if not backward:
@@ -91,18 +89,6 @@ def step_fn(provider: str, leaves, dout, backward: bool, stats: bool = False):
             return res
         return fwd
     return step
-
-
-@contextlib.contextmanager
-def cublas_backward(on: bool):
-    """``gated_blend.CUBLAS_BACKWARD`` set to ``on`` inside the block (provider
-    ``triton-cublas-bwd``: the backward's second half as matmuls)."""
-    before = gb.CUBLAS_BACKWARD
-    gb.CUBLAS_BACKWARD = on
-    try:
-        yield
-    finally:
-        gb.CUBLAS_BACKWARD = before
 
 
 def counts(rows: int, inj: str, backward: bool) -> tuple[float, float]:
@@ -125,13 +111,11 @@ def peak_memory_mb(fn) -> float:
 # ------------------------------------------------------------------------ pytest-benchmark
 
 
-@pytest.mark.parametrize("provider", ["triton", "triton-cublas-bwd", "eager", "compile"])
+@pytest.mark.parametrize("provider", ["triton", "eager", "compile"])
 @pytest.mark.parametrize("backward", [True, False], ids=["fwd_bwd", "fwd"])
 @pytest.mark.parametrize("inj", ["tensor", "none", "zeros"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_gated_blend(benchmark, shape, inj, backward, provider):
-    if provider == "triton-cublas-bwd" and not backward:
-        pytest.skip("without a backward the same as triton")
     rows = SHAPES[shape]
     leaves, dout = make_inputs(rows, inj)
     fn = step_fn(provider, leaves, dout, backward)
@@ -176,7 +160,7 @@ def table(shapes=("sudoku", "arc"), wdtypes=(torch.bfloat16, torch.float32), pas
         leaves, dout = make_inputs(rows, inj, wdtype)
         nbytes, flop = counts(rows, inj, backward)
         times, gpu, peaks = {}, {}, {}
-        for provider in ("eager", "compile", "triton") + (("triton-cublas-bwd",) if backward else ()):
+        for provider in ("eager", "compile", "triton"):
             fn = step_fn(provider, leaves, dout, backward)
             fn()
             times[provider] = bench_us(fn)
@@ -231,13 +215,13 @@ SWEEP = {
                   for bm, bk, bd, w, st, ds in [(128, 64, 32, 4, 3, 2), (128, 64, 32, 8, 3, 2), (64, 64, 32, 4, 3, 2),
                                                 (64, 64, 32, 8, 3, 2), (64, 64, 16, 8, 3, 2), (128, 64, 16, 8, 3, 2),
                                                 (64, 64, 64, 8, 3, 2), (64, 64, 32, 8, 3, 3), (32, 64, 32, 4, 3, 2),
-                                                (256, 64, 32, 8, 3, 2), (256, 64, 16, 8, 3, 2)]],
+                                                (256, 64, 32, 8, 3, 2), (256, 64, 16, 8, 3, 2)]]
+                 # the hidden kernel first: the blend kernel keeps its registers for the stats
+                 + [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=1, D_STAGES=1, FUSE_HIDDEN=False)
+                    for bm, bd, w in [(128, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (64, 32, 4)]],
     "dpre": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
              for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
                                    (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 2, 2)]],
-    "dpre_dlogit": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st)
-                    for bm, bd, w, st in [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3),
-                                          (128, 32, 8, 3), (64, 64, 8, 2)]],
     "bwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
             for bm, bd, w, st, p in [(32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (16, 64, 4, 2, 2),
                                      (32, 32, 4, 2, 4), (32, 64, 4, 3, 2), (16, 32, 2, 2, 4),
@@ -270,9 +254,6 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
         "fwd_stats": lambda cfg: gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, True)[:2],
         "dpre": lambda cfg: gb._backward_dpre(cfg, flags, dout, None, own, other, inj, w2, b2, pre1, z)[:1],
         "bwd": main_bwd,
-        # the cuBLAS backward's d_pre1 kernel (also writing d_logit and dout * g)
-        "dpre_dlogit": lambda cfg: gb._backward_dpre(cfg, flags, dout, None, own, other, inj, w2, b2, pre1, z,
-                                                     dsrc=[torch.empty_like(own) for _ in range(3)])[:1],
     }
     best = {}
     for name, options in SWEEP.items():

@@ -109,25 +109,21 @@ def _gated_blend_forward_report() -> str:
 
 
 def _gated_blend_dpre_report() -> str:
-    """The backward's d_pre1 kernel, as the fused backward runs it and as the cuBLAS backward
-    (``CUBLAS_BACKWARD``) runs it, also writing d_logit, dout * g and db2's partials."""
+    """The backward's d_pre1 kernel."""
     import torch
 
     gb = importlib.import_module("hrm_kernels.gated_blend")
     kernel = gb._gated_blend_backward_dpre_kernel
-    cfgs = gb._default_configs(62976, 512, 128, "cuda", torch.bfloat16, torch.bfloat16)
+    cfg = dict(gb._default_configs(62976, 512, 128, "cuda", torch.bfloat16, torch.bfloat16)["dpre"])
     types = {n: "*bf16" for n in kernel.arg_names}
-    types.update(SAT="*fp32", DB1_PARTIAL="*fp32", DB2_PARTIAL="*fp32", n_rows="i32", D="i32", R="i32", width="i32")
-    rows = ["| form | launch configuration | registers | stack B | shared KiB | loop instructions | top opcodes |",
-            "|---|---|---:|---:|---:|---:|---|"]
-    for write in (False, True):
-        cfg = dict(cfgs["dpre_dlogit" if write else "dpre"])
-        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-        compiled = compile_for_sm90(kernel, types, dict(
-            HAS_INJ=True, HAS_SAT=False, WRITE_DLOGIT=write, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, **cfg),
-            warps, stages, aligned=("D", "R", "width"))
-        rows.append(f"| {'cuBLAS backward (writes d_logit)' if write else 'fused backward'} | {cfg} warps={warps} "
-                    f"stages={stages} | {_cost_cells(compiled)} |")
+    types.update(SAT="*fp32", DB1_PARTIAL="*fp32", n_rows="i32", D="i32", R="i32")
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    compiled = compile_for_sm90(kernel, types, dict(
+        HAS_INJ=True, HAS_SAT=False, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, **cfg),
+        warps, stages, aligned=("D", "R"))
+    rows = ["| launch configuration | registers | stack B | shared KiB | loop instructions | top opcodes |",
+            "|---|---:|---:|---:|---:|---|",
+            f"| {cfg} warps={warps} stages={stages} | {_cost_cells(compiled)} |"]
     return ("gated_blend backward d_pre1 kernel, bf16, D=512, R=128, sm_90, per thread; the loop: one D-chunk of "
             "the three kinds\n\n" + "\n".join(rows))
 

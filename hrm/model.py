@@ -262,8 +262,8 @@ class HRMInner(nn.Module):
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD,
                 Block.FUSED_GRAD_RESIDUAL,
-                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _gated_blend_module.CUBLAS_BACKWARD,
-                _swiglu_linear_module.FUSED_BACKWARD, storage_key(tensors),
+                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
+                storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):

@@ -58,13 +58,6 @@ MAX_STATS_D = 2**15 - 1
 # one-kernel forward has run on the GPU at R=10..128 only (tests/test_gated_blend.py).
 MAX_FUSED_R = 256
 
-# The backward's second half as cuBLAS matmuls instead of the fused main kernel: the d_pre1 kernel
-# also writes d_logit [M, kinds * D] and dout * g into the source gradients, then d_src += d_pre1 @
-# W1, dW2 = d_logit^T z and dW1 = d_pre1^T [own|other|inj] (``_backward_cublas``). Off until a
-# GPU A/B decides (session 15 had no GPU). Estimate at the Sudoku shape on an H200: ~0.6 GB more
-# traffic, one M x 3D x R GEMM pass fewer, the three weight/source GEMMs at cuBLAS's rate.
-CUBLAS_BACKWARD = False
-
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
 #
@@ -86,10 +79,8 @@ CUBLAS_BACKWARD = False
 #   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
 #   sources, writes their gradients.
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
-# CUBLAS_BACKWARD (off) replaces phase 2: phase 1 also writes d_logit [M, K*D] and dout * g into
-#   the source gradients; then matmuls: d_src += d_pre1 @ W1_kind (in place), dW2 = d_logit^T @ z,
-#   dW1 = d_pre1^T @ src per kind (db2: d_logit's column sums, in phase 1). 3 GEMMs instead of 4
-#   (the logits are not recomputed again), d_logit written and read once.
+# (Tried and measured slower, session 16, H200: phase 2 as cuBLAS matmuls over a d_logit [M, K*D]
+#   written by phase 1, 1099 against 880 us fwd+bwd at the Sudoku shape; benchmarks/RESULTS.md.)
 
 _SAT_L = tl.constexpr(SATURATION_LOGIT)
 
@@ -313,16 +304,11 @@ def _saturation_grad(logit, valid, coef):
 @triton.jit
 def _gated_blend_backward_dpre_kernel(
     DOUT, OWN, OTHER, INJ, W2, B2, PRE1, Z, SAT, DPRE1, DB1_PARTIAL,
-    DLOGIT, DOWN, DOTHER, DINJ, DB2_PARTIAL,
-    n_rows, D, R, width,
-    HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, WRITE_DLOGIT: tl.constexpr, EMU_BF16: tl.constexpr,
-    PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    n_rows, D, R,
+    HAS_INJ: tl.constexpr, HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr,
+    FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """d_pre1 [M, R] and a db1 partial per program. WRITE_DLOGIT (the cuBLAS backward): also the
-    gate logits' gradient DLOGIT [M, width] (width = D * kinds present, kind-major columns) as the
-    dz matmul rounds it, the first term of each source's gradient, dout * g_k, into DOWN, DOTHER,
-    DINJ, and d_logit's column sums (db2's partial per program) into DB2_PARTIAL [programs, width]."""
+    """d_pre1 [M, R] and a db1 partial per program."""
     pid = tl.program_id(0)
     act = DPRE1.dtype.element_ty
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -349,19 +335,7 @@ def _gated_blend_backward_dpre_kernel(
                 dl = dout * x * g * (1.0 - g)
                 if HAS_SAT:
                     dl += _saturation_grad(logit, mask, tl.load(SAT + kind))
-                dl = _cast(dl, act, EMU_BF16)
-                dz = _mm(dl, tl.trans(w2t), dz, EMU_BF16, PREC)
-                if WRITE_DLOGIT:  # (rows past the end hold zeros: dout loads as 0 there)
-                    tl.store(DLOGIT + rows[:, None] * width + (kind * D + cols)[None, :], dl, mask=mask)
-                    tl.store(_source(kind, DOWN, DOTHER, DINJ) + off, _cast(dout * g, act, EMU_BF16), mask=mask)
-                    # db2's partial, d_logit's column sums, on the tensor cores: [BLOCK_D, 16] =
-                    # dl^T @ ones, every column the same; column 0 stored (tl.sum over the rows,
-                    # which the warps share, nearly doubled the loop's SASS)
-                    ones = _cast(tl.full([BLOCK_M, 16], 1.0, tl.float32), act, EMU_BF16)
-                    sums = _mm(tl.trans(dl), ones, tl.zeros([BLOCK_D, 16], dtype=tl.float32), EMU_BF16, PREC)
-                    j = tl.arange(0, 16)
-                    tl.store(DB2_PARTIAL + pid * width + (kind * D + cols)[:, None] + j[None, :], sums,
-                             mask=c_mask[:, None] & (j == 0)[None, :])
+                dz = _mm(_cast(dl, act, EMU_BF16), tl.trans(w2t), dz, EMU_BF16, PREC)
     pre = tl.load(PRE1 + hr_off, mask=hr_mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(pre)
     dpre = _cast(dz * s * (1.0 + pre * (1.0 - s)), act, EMU_BF16)
@@ -495,9 +469,6 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
     # the forward with stats=True (the model's with-gradient calls): its own entry, for the sweep to
     # tune; the same tiles until a GPU sweep says otherwise (session 14 had no GPU)
     cfg["fwd_stats"] = dict(cfg["fwd"])
-    # the d_pre1 kernel of the cuBLAS backward (it also writes d_logit and dout * g): untimed;
-    # 32-wide chunks compile without spills (sm_90, 64-wide: 88 bytes a thread)
-    cfg["dpre_dlogit"] = dict(cfg["dpre"], BLOCK_D=min(32, cfg["dpre"]["BLOCK_D"]))
     if device_type == "cuda":
         # Tuned for 2-byte activations and R <= 128. Wider [*, R] tiles (fp32, or R up to 256)
         # need proportionally more shared memory: halve the rows and drop a pipeline stage per
@@ -583,65 +554,23 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
     coef = sat.float() / float(n_rows * d) if sat is not None else None
     flags = _gate_flags(act)
 
-    if CUBLAS_BACKWARD:
-        return _backward_cublas(cfgs["dpre_dlogit"], flags, dout, coef, own, other, inj, w1, b1, w2, b2, pre1, z,
-                                d_own, d_other, d_inj)
-    dpre1, db1_partial, _ = _backward_dpre(cfgs["dpre"], flags, dout, coef, own, other, inj, w2, b2, pre1, z)
+    dpre1, db1_partial = _backward_dpre(cfgs["dpre"], flags, dout, coef, own, other, inj, w2, b2, pre1, z)
     return _backward_main(cfgs["bwd"], flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1,
                           db1_partial, d_own, d_other, d_inj)
 
 
-def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z, dsrc=None):
-    """(d_pre1 [M, R], db1 partials [programs, R], None). ``dsrc``: (d_own, d_other, d_inj) to
-    receive dout * g_k, for the cuBLAS backward, which gets (d_logit [M, kinds * D], db2 partials
-    [programs, kinds * D]) in the third place."""
+def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
+    """(d_pre1 [M, R], db1 partials [programs, R])."""
     n_rows, d = dout.shape
     r = pre1.shape[1]
     n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
-    width = (3 if inj is not None else 2) * d
     dpre1 = torch.empty_like(pre1)
     db1_partial = torch.empty((n_tiles, r), dtype=torch.float32, device=dout.device)
-    write = dsrc is not None
-    dlogit = dout.new_empty((n_rows, width) if write else (0,))
-    db2_partial = torch.empty((n_tiles, width) if write else (0,), dtype=torch.float32, device=dout.device)
-    d_own, d_other, d_inj = dsrc if write else (dpre1, dpre1, dpre1)
     launch(_gated_blend_backward_dpre_kernel, (n_tiles,),
         dout, own, other, inj if inj is not None else own, w2, b2, pre1, z,
-        coef if coef is not None else db1_partial, dpre1, db1_partial,
-        dlogit if write else dpre1, d_own, d_other, d_inj if inj is not None else d_own,
-        db2_partial if write else db1_partial, n_rows, d, r, width,
-        HAS_INJ=inj is not None, HAS_SAT=coef is not None, WRITE_DLOGIT=write, **flags, **cfg)
-    return dpre1, db1_partial, ((dlogit, db2_partial) if write else None)
-
-
-def _gradients(d_own, d_other, d_inj, dw1, db1, dw2, db2, w1, b1, w2, b2, has_inj: bool):
-    """The seven gradients, weights' in their own dtypes; without inj the weight gradients cover
-    two kinds and the injection's slices of W1's inputs and W2's outputs get exactly zero."""
-    if not has_inj:
-        r, d = dw1.shape[0], dw1.shape[1] // 2
-        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
-        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
-        db2 = torch.cat((db2, db2.new_zeros(d)))
-    return d_own, d_other, d_inj, dw1.to(w1.dtype), db1.to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)
-
-
-def _backward_cublas(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, pre1, z, d_own, d_other, d_inj):
-    """The backward as the d_pre1 kernel (which also writes d_logit and dout * g_k) and matmuls
-    (cuBLAS on CUDA): d_src_k += d_pre1 @ W1[:, kD:(k+1)D] in place, dW2 = d_logit^T @ z, dW1 =
-    d_pre1^T @ [own|other|inj]. One GEMM pass fewer than the fused kernels (the logits are not
-    recomputed a second time), at the price of d_logit [M, kinds * D] through memory."""
-    d = dout.shape[1]
-    sources = [own, other] + ([inj] if inj is not None else [])
-    dsrcs = [d_own, d_other] + ([d_inj] if inj is not None else [])
-    dpre1, db1_partial, (dlogit, db2_partial) = _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2,
-                                                               pre1, z, dsrc=(d_own, d_other, d_inj))
-    w1_act = w1.to(dout.dtype)  # as the kernels cast it at use
-    for k, dsrc in enumerate(dsrcs):
-        dsrc.addmm_(dpre1, w1_act[:, k * d:(k + 1) * d])
-    dw2 = dlogit.t() @ z  # [kinds * D, R]
-    dw1 = torch.cat([dpre1.t() @ x for x in sources], dim=1)  # [R, kinds * D]
-    db2 = db2_partial.sum(0)
-    return _gradients(d_own, d_other, d_inj, dw1, db1_partial.sum(0), dw2, db2, w1, b1, w2, b2, inj is not None)
+        coef if coef is not None else db1_partial, dpre1, db1_partial, n_rows, d, r,
+        HAS_INJ=inj is not None, HAS_SAT=coef is not None, **flags, **cfg)
+    return dpre1, db1_partial
 
 
 def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1, db1_partial,
@@ -669,7 +598,12 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
         n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
 
     dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
-    return _gradients(d_own, d_other, d_inj, dw1, db1_partial.sum(0), dw2, db2, w1, b1, w2, b2, inj is not None)
+    if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
+        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
+        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
+        db2 = torch.cat((db2, db2.new_zeros(d)))
+    return (d_own, d_other, d_inj, dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype),
+            dw2.to(w2.dtype), db2.to(b2.dtype))
 
 
 # ------------------------------------------------------------------ torch.library registration

@@ -64,12 +64,11 @@ def gated_blend_cases(dt):
                 gb._gated_blend_forward_kernel, types,
                 dict(HAS_INJ=True, WITH_STATS=stats, STORE_HIDDEN=store, EVEN_D=even, **gate, **c), w, st,
                 ("D", "R") if even else ("R",))
-        for write in (False, True):  # the fused backward's first kernel, the cuBLAS backward's
-            c = dict(cfgs["dpre_dlogit" if write else "dpre"])
-            w, st = c.pop("num_warps"), c.pop("num_stages")
-            out[f"gated_blend backward d_pre1 write_dlogit={write} ({wdt} weights)"] = (
-                gb._gated_blend_backward_dpre_kernel, {**types, "DLOGIT": "*" + dt},
-                dict(HAS_INJ=True, HAS_SAT=True, WRITE_DLOGIT=write, **gate, **c), w, st, ("D", "R", "width"))
+        c = dict(cfgs["dpre"])
+        w, st = c.pop("num_warps"), c.pop("num_stages")
+        out[f"gated_blend backward d_pre1 ({wdt} weights)"] = (
+            gb._gated_blend_backward_dpre_kernel, types, dict(HAS_INJ=True, HAS_SAT=True, **gate, **c), w, st,
+            ("D", "R"))
         c = dict(cfgs["bwd"])
         w, st = c.pop("num_warps"), c.pop("num_stages")
         c.pop("programs_per_sm")
@@ -150,5 +149,5 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 8 kernels x 3 dtypes, and gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
-    assert proc.stdout.count("ok ") == 24 + 6 * (2 + 2 + 1), proc.stdout
+    # 8 kernels x 3 dtypes, and gated_blend's 5 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
+    assert proc.stdout.count("ok ") == 24 + 5 * (2 + 2 + 1), proc.stdout

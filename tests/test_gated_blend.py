@@ -254,38 +254,6 @@ def test_stats_gradient_only_where_it_flows(monkeypatch):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def _cublas_backward(monkeypatch) -> list:
-    """CUBLAS_BACKWARD on; the launches of the d_pre1 kernel, recorded (with their keywords)."""
-    monkeypatch.setattr(gb, "CUBLAS_BACKWARD", True)
-    calls = _spy_launches(monkeypatch)
-    return calls
-
-
-def _dpre_writes(calls) -> list:
-    return [kw["WRITE_DLOGIT"] for kernel, kw in calls if kernel.fn.__name__ == "_gated_blend_backward_dpre_kernel"]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("shape,r", SHAPES[1:], ids=str)
-def test_cublas_backward_matches_float64(monkeypatch, dtype, inj, shape, r):
-    """CUBLAS_BACKWARD: the d_pre1 kernel's d_logit, dout * g and db2 partials, then the matmuls,
-    give every gradient (with the saturation term's) within the same bounds as the fused
-    kernels; only the cuBLAS path's d_pre1 kernel ran, not the fused main kernel."""
-    calls = _cublas_backward(monkeypatch)
-    _check("triton", _make(shape, r, dtype, inj=inj), with_stats=True)
-    assert _dpre_writes(calls) == [True]
-    assert not [k for k, _ in calls if k.fn.__name__ == "_gated_blend_backward_kernel"]
-
-
-@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=str)
-def test_cublas_backward_fp32_weights(monkeypatch, act):
-    calls = _cublas_backward(monkeypatch)
-    got = _check("triton", _make((6, 40), 10, act, wdtype=torch.float32), with_stats=True)
-    assert [g.dtype for g in got[2][3:]] == [torch.float32] * 4
-    assert _dpre_writes(calls) == [True]
-
-
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("act", [torch.float16, torch.bfloat16], ids=str)
 def test_fp32_weights_low_precision_activations(backend, act):
@@ -463,15 +431,6 @@ def test_stats_wider_than_the_count_field_run_eagerly(monkeypatch):
 def test_cuda_full_size_bf16(rows, wdtype, inj):
     _check("triton", _make((rows, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj),
            with_stats=True)
-
-
-@requires_cuda
-@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_full_size_bf16_cublas_backward(monkeypatch, wdtype, inj):
-    calls = _cublas_backward(monkeypatch)
-    _check("triton", _make((62976, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj), with_stats=True)
-    assert _dpre_writes(calls) == [True]
 
 
 @requires_cuda
