@@ -40,3 +40,38 @@ def record_calls(monkeypatch, module, name: str, with_kwargs: bool = False) -> l
 
     monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+def pytest_addoption(parser):
+    parser.addoption("--shard", action="append", default=[], metavar="FILE:I/N",
+                     help="run only every N-th test of FILE (a test file's name), starting at the I-th "
+                          "(0-based), in collection order; repeatable; other files' tests are untouched "
+                          "(tests/run_gpu.sh splits its heaviest files over processes with it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    shards = {}
+    for spec in config.getoption("shard"):
+        try:
+            name, part = spec.rsplit(":", 1)
+            index, count = (int(v) for v in part.split("/"))
+            if not 0 <= index < count:
+                raise ValueError
+        except ValueError:
+            raise pytest.UsageError(f"--shard {spec!r}: expected FILE:I/N with 0 <= I < N, e.g. "
+                                    "test_gated_blend.py:0/2") from None
+        shards[name] = (index, count)
+    if not shards:
+        return
+    seen, keep, dropped = {}, [], []
+    for item in items:
+        name = item.path.name
+        if name in shards:
+            index, count = shards[name]
+            position = seen[name] = seen.get(name, -1) + 1
+            if position % count != index:
+                dropped.append(item)
+                continue
+        keep.append(item)
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = keep
