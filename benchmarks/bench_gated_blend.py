@@ -239,7 +239,7 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
     flags = gb._gate_flags(own.dtype)
     out, _, pre1, z = gb.gated_blend_forward(own, other, inj, w1, b1, w2, b2, False)
     cfgs = gb._launch_configs(rows, D, R, own.device, own.dtype, w1.dtype)
-    dpre1, db1p, _ = gb._backward_dpre(cfgs["dpre"], flags, dout, None, own, other, inj, w2, b2, pre1, z)
+    dpre1, db1p = gb._backward_dpre(cfgs["dpre"], flags, dout, None, own, other, inj, w2, b2, pre1, z)
 
     def main_bwd(cfg):
         grads = [torch.empty_like(own), torch.empty_like(other), torch.empty_like(inj)]

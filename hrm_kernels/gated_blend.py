@@ -466,9 +466,11 @@ def _default_configs(n_rows: int, d: int, r: int, device_type: str, act: torch.d
             "bwd": dict(BLOCK_M=min(32, block_m), BLOCK_D=bwd_d, num_warps=4, num_stages=3,
                         programs_per_sm=2),
         }
-    # the forward with stats=True (the model's with-gradient calls): its own entry, for the sweep to
-    # tune; the same tiles until a GPU sweep says otherwise (session 14 had no GPU)
-    cfg["fwd_stats"] = dict(cfg["fwd"])
+    # the forward with stats=True (the model's with-gradient calls): half the rows of the forward's
+    # tile (the per-row sums' registers: at 128 rows x 4 warps it spilled 144 bytes a thread).
+    # Sweep on an H200, Sudoku, bf16 weights (session 16): 281 us against 306 at 128 rows (128 x 8
+    # warps 316, 256 rows 342, the two-kernel forward 392-572); fp32 weights: untimed
+    cfg["fwd_stats"] = dict(cfg["fwd"], BLOCK_M=min(64, cfg["fwd"]["BLOCK_M"]))
     if device_type == "cuda":
         # Tuned for 2-byte activations and R <= 128. Wider [*, R] tiles (fp32, or R up to 256)
         # need proportionally more shared memory: halve the rows and drop a pipeline stage per
