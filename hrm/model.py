@@ -32,9 +32,8 @@ from hrm.layers import (Attention, Block, CastedEmbedding, CastedLinear, RotaryE
                         hoisted_weight_casts, trunc_normal_)
 from hrm.sparse_embedding import CastedSparseEmbedding
 
-# the kernel modules whose switches change what a captured graph records (the package exports
-# functions under the same names)
-_gated_blend_module = importlib.import_module("hrm_kernels.gated_blend")
+# the kernel module whose switch changes what a captured graph records (the package exports a
+# function under the same name)
 _swiglu_linear_module = importlib.import_module("hrm_kernels.swiglu_linear")
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
