@@ -97,13 +97,14 @@ def _gated_blend_forward_report() -> str:
         types = {n: "*bf16" for n in kernel.arg_names}
         types.update({n: "*" + wname for n in ("W1", "B1", "W2", "B2")}, STATS="*fp32", n_rows="i32", D="i32",
                      R="i32")
-        for stats in (False, True):
+        for stats, sat in ((False, False), (True, False), (True, True)):
             cfg = dict(cfgs["fwd_stats" if stats else "fwd"])
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             compiled = compile_for_sm90(kernel, types, dict(
-                HAS_INJ=True, WITH_STATS=stats, STORE_HIDDEN=stats, EVEN_D=True, EMU_BF16=False, PREC="tf32",
-                FAST_SIGMOID=True, **cfg), warps, stages, aligned=("D", "R"))
-            rows.append(f"| {wname} | {stats} | {cfg} warps={warps} stages={stages} | {_cost_cells(compiled)} |")
+                HAS_INJ=True, WITH_STATS=stats, WITH_SAT=sat, STORE_HIDDEN=stats, EVEN_D=True, EMU_BF16=False,
+                PREC="tf32", FAST_SIGMOID=True, **cfg), warps, stages, aligned=("D", "R"))
+            label = "+saturation" if sat else str(stats)
+            rows.append(f"| {wname} | {label} | {cfg} warps={warps} stages={stages} | {_cost_cells(compiled)} |")
     return ("gated_blend forward, bf16 activations, D=512, R=128, sm_90 (Triton " + triton.__version__ + "), "
             "per thread; the loop: one D-chunk of the blend\n\n" + "\n".join(rows))
 

@@ -29,8 +29,9 @@ Public API
     reference). ``initial_carry(batch) -> HRMCarry``; ``forward(carry, batch) -> (carry, outputs)``
     with ``batch = {"inputs", "labels", "puzzle_identifiers"}`` and outputs ``logits``,
     ``q_halt_logits``, ``q_continue_logits``, ``target_q_continue`` (training, halt_max_steps>1)
-    and, when gated, ``gate_stats`` ([2, 3, 5] float32: module L/H x kind own/other/inj x
-    ``hrm_kernels.gated_blend.STATS_COLUMNS``; only the saturation column carries a gradient).
+    and, when gated, ``gate_stats`` ([2, 3, 4] float32: module L/H x kind own/other/inj x
+    ``hrm_kernels.gated_blend.STATS_COLUMNS[:4]``; with ``gate_reg_weight > 0`` [2, 3, 5], the
+    fifth column, saturation, the only one that carries a gradient).
     ``HRMCarry`` fields: ``inner_carry`` (``z_H``, ``z_L``), ``steps``, ``halted``, ``current_data``.
     ``model.puzzle_emb``: the sparse puzzle embedding module (None when ``puzzle_emb_ndim=0``).
     In training the batch must have exactly ``batch_size`` rows (the puzzle embedding's leaf).
@@ -45,8 +46,8 @@ Public API
     ``loss`` is summed over sequences (the trainer scales by 1/global_batch_size before backward).
     ``metrics`` (0-dim tensors, no host sync): the reference's ``count, accuracy, exact_accuracy,
     q_halt_accuracy, steps, lm_loss, q_halt_loss, q_continue_loss``; when gated also
-    ``gate/<L|H>/<own|other|inj>_<mean|frac_low|frac_high|contribution|share|saturation>``
-    (no ``gate/H/inj_*``: H's injection is zeros), ``gate/count`` (= 1 per call, the divisor for
+    ``gate/<L|H>/<own|other|inj>_<mean|frac_low|frac_high|contribution|share>`` (and ``_saturation``
+    when ``gate_reg_weight > 0``; no ``gate/H/inj_*``: H's injection is zeros), ``gate/count`` (= 1 per call, the divisor for
     the ``gate/*`` sums) and ``gate_reg_loss`` (when ``gate_reg_weight > 0``).
     ``return_keys`` may name output keys (``logits``, ``q_halt_logits``, ..., ``preds``) or
     keys of the carry's current data (``inputs``, ``labels``, ``puzzle_identifiers``).

@@ -69,8 +69,9 @@ LOSS_FUNCTIONS = {"stablemax_cross_entropy": stablemax_cross_entropy, "softmax_c
 def gate_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
     """Named monitoring values from ``gate_stats`` [2, 3, 5] (detached, 0-dim fp32).
 
-    ``gate/<m>/<k>_{mean,frac_low,frac_high,contribution,saturation}`` and ``gate/<m>/<k>_share``
-    = that source's contribution / the sum of the module's contributions."""
+    ``gate/<m>/<k>_{mean,frac_low,frac_high,contribution}`` (and ``_saturation`` when the stats carry
+    that column: with the regulariser on) and ``gate/<m>/<k>_share`` = that source's contribution /
+    the sum of the module's contributions."""
     stats = stats.detach()
     out: dict[str, torch.Tensor] = {}
     for mi, module in enumerate(GATE_MODULES):
@@ -78,7 +79,7 @@ def gate_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
         contrib = stats[mi, :len(kinds), _COL["contribution"]]
         share = contrib / contrib.sum().clamp_min(torch.finfo(torch.float32).tiny)
         for ki, kind in enumerate(kinds):
-            for col, name in enumerate(STATS_COLUMNS):
+            for col, name in enumerate(STATS_COLUMNS[:stats.shape[-1]]):
                 out[f"gate/{module}/{kind}_{name}"] = stats[mi, ki, col]
             out[f"gate/{module}/{kind}_share"] = share[ki]
     return out

@@ -67,13 +67,14 @@ class GatingNetwork(nn.Module):
         with torch.no_grad():
             self.gate_proj[2].bias.fill_(init_bias)
 
-    def blend(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], stats: bool):
+    def blend(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], stats: bool,
+              saturation: bool = False):
         # Weights in the activations' dtype, as the reference's CastedLinear uses them (gated_blend
         # also takes fp32 weights, but its bf16-weight kernels are faster: 919 vs 993 us fwd+bwd at
         # the Sudoku shape on an H100, and one set of kernel variants compiles for both passes).
         first, second = self.gate_proj[0], self.gate_proj[2]
         return gated_blend(own, other, inj, first.weight_as(own.dtype), first.bias, second.weight_as(own.dtype),
-                           second.bias, stats=stats)
+                           second.bias, stats=stats, saturation=saturation)
 
 
 class ReasoningModule(nn.Module):
@@ -88,16 +89,19 @@ class ReasoningModule(nn.Module):
         )
         self.gating_network = (GatingNetwork(config.hidden_size, config.gate_hidden_size, config.gate_init_bias)
                                if config.use_gating else None)
+        # the stats' saturation column (a third of their cost in the kernel) only for the regulariser
+        self.gate_saturation = config.gate_reg_weight > 0
 
     def forward(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], cos_sin,
                 stats: bool = False, first_position: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Returns (new state, gate stats [3, 5] or None). ``first_position``: the state at
+        """Returns (new state, gate stats [3, 4] or None; [3, 5] with the regulariser's saturation
+        column when ``gate_reg_weight > 0``). ``first_position``: the state at
         position 0 alone, [batch, 1, hidden] (the last block computes nothing else)."""
         gate_stats = None
         if self.gating_network is None:
             h = own + (other if inj is None else other + inj)
         elif stats:
-            h, gate_stats = self.gating_network.blend(own, other, inj, stats=True)
+            h, gate_stats = self.gating_network.blend(own, other, inj, stats=True, saturation=self.gate_saturation)
         else:
             h = self.gating_network.blend(own, other, inj, stats=False)
         last = len(self.layers) - 1  # (no slicing: a new ModuleList per call would recompile torch.compile's graphs)
@@ -276,10 +280,8 @@ class HRMInner(nn.Module):
             z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=stats)
             if not stats:
                 return z_H, z_L
-            if not self.config.gate_reg_weight:
-                # only logged: without a gradient the gate kernels' backward skips the saturation
-                # term (a CUDA graph records a backward for every output that requires grad)
-                l_stats, h_stats = l_stats.detach(), h_stats.detach()
+            # without the regulariser the stats have no saturation column and need no gradient
+            # (a CUDA graph records a backward for every output that requires grad)
             return z_H, z_L, l_stats, h_stats
 
         inputs = (z_H.detach(), z_L.detach(), x)
@@ -302,7 +304,7 @@ class HRMInner(nn.Module):
 
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
-        [2, 3, 5] (L, H x own/other/inj x STATS_COLUMNS) from the with-grad step when gated and
+        [2, 3, 4 or 5] (L, H x own/other/inj x STATS_COLUMNS, saturation with the regulariser) from the with-grad step when gated and
         ``gate_stats``, else None. Without gradients and without stats the whole recurrence is one
         no-gradient run; else its last L- and H-calls run outside it."""
         cfg = self.config
@@ -335,7 +337,7 @@ class HRM(nn.Module):
     ``forward(carry, batch) -> (carry, outputs)``: one segment for every row (see module docstring
     and docs/REFERENCE.md "ACT wrapper"). Outputs: ``logits`` [B, seq_len, vocab], ``q_halt_logits``,
     ``q_continue_logits`` [B] fp32, ``target_q_continue`` [B] (training with halt_max_steps > 1),
-    ``gate_stats`` [2, 3, 5] (gated).
+    ``gate_stats`` [2, 3, 4] (gated; [2, 3, 5] with ``gate_reg_weight > 0``).
     """
 
     def __init__(self, config: Any):

@@ -9,8 +9,8 @@ Shapes: ``own``, ``other``, ``inj``: [..., D] (``inj=None`` means zeros: the H m
 fp32 while activations are bf16/fp16: they are cast at use (as HRM's ``CastedLinear`` does) and
 their gradients come back in their own dtype.
 
-``stats=True`` also returns a float32 tensor ``[3, 5]``: one row per gate kind (own, other, inj),
-columns ``STATS_COLUMNS``:
+``stats=True`` also returns a float32 tensor ``[3, 4]``: one row per gate kind (own, other, inj),
+columns ``STATS_COLUMNS[:4]``; ``saturation=True`` adds the fifth, ``[3, 5]``:
 
 * ``mean``: mean gate value;
 * ``frac_low``, ``frac_high``: fraction of gates below 0.1 / above 0.9;
@@ -25,7 +25,11 @@ bf16/fp16 activations on CUDA the gates' sigmoid is ``hrm_kernels._math``'s one-
 ``tanh.approx`` form (absolute error under 2^-12, below the bf16 rounding of the blend).
 
 Only ``saturation`` is differentiable (gradients given to the other columns are ignored: they are
-monitoring values). With ``inj=None`` the injection gate is never computed and row 2 is zeros.
+monitoring values; without ``saturation`` the stats tensor does not require grad). It costs a third
+of what the stats add to the forward kernel (SASS of the blend loop, H100/H200: 1185 instructions a
+thread and D-chunk with it, 1013 without, 667 without stats), so it is computed only when asked for:
+the gate regulariser needs it, monitoring does not. With ``inj=None`` the injection gate is never
+computed and row 2 is zeros.
 """
 
 from __future__ import annotations
@@ -143,10 +147,11 @@ def _gate(z, w2t, b2, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: 
 
 
 @triton.jit
-def _stats_update(g, x, logit, c_valid, s_mean, s_count, s_contrib, s_sat, EVEN_D: tl.constexpr):
+def _stats_update(g, x, logit, c_valid, s_mean, s_count, s_contrib, s_sat, EVEN_D: tl.constexpr,
+                  WITH_SAT: tl.constexpr):
     """Adds one [BLOCK_M, BLOCK_D] tile's row sums to the per-row stats: gate sum,
     the two counts packed in one int32 (below 0.1 + 2^16 * above 0.9: exact while D < 2^15,
-    ``MAX_STATS_D``), |g x| and the saturation term. Four reductions inside a warp per kind and
+    ``MAX_STATS_D``), |g x| and (WITH_SAT) the saturation term. Up to four reductions inside a warp per kind and
     tile; rows past the end are dropped once, at the end (``_store_stats``); columns past D here,
     unless EVEN_D."""
     if not EVEN_D:  # past D the logit is exactly 0 (W2 and b2 load as 0): counts and saturation
@@ -155,8 +160,9 @@ def _stats_update(g, x, logit, c_valid, s_mean, s_count, s_contrib, s_sat, EVEN_
     # g < 0.1 <=> logit < -logit(0.9); g > 0.9 <=> logit > logit(0.9)
     s_count += tl.sum(tl.where(logit < -_SAT_L, 1, tl.where(logit > _SAT_L, 65536, 0)), 1)
     s_contrib += tl.sum(g * tl.abs(x), 1)  # |g x| = g |x| (g > 0): one FMA an element; x is 0 past D
-    e = tl.maximum(tl.abs(logit) - _SAT_L, 0.0)
-    s_sat += tl.sum(e * e, 1)
+    if WITH_SAT:
+        e = tl.maximum(tl.abs(logit) - _SAT_L, 0.0)
+        s_sat += tl.sum(e * e, 1)
     return s_mean, s_count, s_contrib, s_sat
 
 
@@ -232,7 +238,8 @@ def _gated_blend_hidden_kernel(
 def _gated_blend_forward_kernel(
     OWN, OTHER, INJ, W1, B1, W2, B2, PRE1, Z, OUT, STATS,
     n_rows, D, R,
-    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, FUSE_HIDDEN: tl.constexpr, STORE_HIDDEN: tl.constexpr,
+    HAS_INJ: tl.constexpr, WITH_STATS: tl.constexpr, WITH_SAT: tl.constexpr, FUSE_HIDDEN: tl.constexpr,
+    STORE_HIDDEN: tl.constexpr,
     EVEN_D: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, D_STAGES: tl.constexpr,
 ):
@@ -281,11 +288,14 @@ def _gated_blend_forward_kernel(
                 out += g * x
                 if WITH_STATS:
                     if kind == 0:
-                        o0, o1, o2, o3 = _stats_update(g, x, logit, c_mask, o0, o1, o2, o3, EVEN_D)
+                        o0, o1, o2, o3 = _stats_update(g, x, logit, c_mask, o0, o1, o2, o3, EVEN_D,
+                                                                    WITH_SAT)
                     elif kind == 1:
-                        t0, t1, t2, t3 = _stats_update(g, x, logit, c_mask, t0, t1, t2, t3, EVEN_D)
+                        t0, t1, t2, t3 = _stats_update(g, x, logit, c_mask, t0, t1, t2, t3, EVEN_D,
+                                                                    WITH_SAT)
                     else:
-                        i0, i1, i2, i3 = _stats_update(g, x, logit, c_mask, i0, i1, i2, i3, EVEN_D)
+                        i0, i1, i2, i3 = _stats_update(g, x, logit, c_mask, i0, i1, i2, i3, EVEN_D,
+                                                                    WITH_SAT)
         tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
         P = STATS + (pid_m * tl.num_programs(0) + chunk) * 16
@@ -498,10 +508,10 @@ def _gate_flags(dtype: torch.dtype) -> dict:
 
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                        with_stats: bool, store_hidden: bool = True):
-    """own, other, inj: [M, D] contiguous; weights contiguous. Returns (out [M, D], stats [3, 5]
-    fp32 (or an empty tensor without stats), pre1 [M, R], z = silu(pre1) [M, R]); without
-    ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
+                        with_stats: bool, store_hidden: bool = True, with_saturation: bool = False):
+    """own, other, inj: [M, D] contiguous; weights contiguous. Returns (out [M, D], stats [3, 4]
+    fp32 ([3, 5] ``with_saturation``; an empty tensor without stats), pre1 [M, R], z = silu(pre1)
+    [M, R]); without ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
     n_rows, d = own.shape
     r = w1.shape[0]
     if with_stats and d > MAX_STATS_D:
@@ -525,14 +535,15 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     if n_rows > 0:
         launch(_gated_blend_forward_kernel, grid,
                own, other, inj_arg, w1, b1, w2, b2, pre1, z, out, partial, n_rows, d, r,
-               HAS_INJ=inj is not None, WITH_STATS=with_stats, STORE_HIDDEN=store,
+               HAS_INJ=inj is not None, WITH_STATS=with_stats, WITH_SAT=with_stats and with_saturation,
+               STORE_HIDDEN=store,
                EVEN_D=d % cfg["BLOCK_D"] == 0,
                **_gate_flags(own.dtype), **cfg)
     if not store_hidden and store:
         pre1, z = own.new_empty((0, r)), own.new_empty((0, r))
     if not with_stats:
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
-    stats = partial[:, :15].sum(0).view(3, 5) / float(n_rows * d)
+    stats = partial[:, :15].sum(0).view(3, 5)[:, :5 if with_saturation else 4] / float(n_rows * d)
     if inj is None:
         stats[2] = 0.0
     return out, stats, pre1, z
@@ -614,15 +625,15 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
 @torch.library.custom_op("hrm_kernels::gated_blend_fwd", mutates_args=())
 def _gated_blend_fwd_op(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                        with_stats: bool, store_hidden: bool = True
+                        with_stats: bool, store_hidden: bool = True, with_saturation: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden)
+    return gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden, with_saturation)
 
 
 @_gated_blend_fwd_op.register_fake
-def _(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden=True):
+def _(own, other, inj, w1, b1, w2, b2, with_stats, store_hidden=True, with_saturation=False):
     hidden = own.new_empty((own.shape[0] if store_hidden else 0, w1.shape[0]))
-    stats = own.new_empty((3, 5) if with_stats else (0,), dtype=torch.float32)
+    stats = own.new_empty((3, 5 if with_saturation else 4) if with_stats else (0,), dtype=torch.float32)
     return torch.empty_like(own), stats, hidden, torch.empty_like(hidden)
 
 
@@ -643,22 +654,27 @@ def _(dout, sat, own, other, inj, w1, b1, w2, b2, pre1, z):
 
 
 def _setup_context(ctx, inputs, output):
-    own, other, inj, w1, b1, w2, b2, with_stats = inputs[:8]  # the custom op's: store_hidden too
-    _, _, pre1, z = output
-    ctx.with_stats = with_stats
+    """``inputs``: the custom op's (own, other, inj, w1, b1, w2, b2, with_stats, store_hidden,
+    with_saturation)."""
+    own, other, inj, w1, b1, w2, b2, with_stats = inputs[:8]
+    with_saturation = len(inputs) > 9 and inputs[9]
+    _, stats, pre1, z = output
+    ctx.with_saturation = with_stats and with_saturation
     ctx.has_inj = inj is not None
     ctx.save_for_backward(own, other, inj, w1, b1, w2, b2, pre1, z)
     # None, not zeros, for outputs no gradient reaches: stats only logged must not switch on the
     # backward's saturation term (a zeros [3, 5] would, and costs a full pass of work)
     ctx.set_materialize_grads(False)
+    # monitoring values only: no gradient path (the saturation column is the differentiable one)
+    ctx.mark_non_differentiable(*([] if ctx.with_saturation else [stats]), pre1, z)
 
 
 def _grads(ctx, dout, dstats, backward=gated_blend_backward):
-    """The gradients of (own, other, inj, w1, b1, w2, b2, with_stats) from ``ctx`` as
+    """The gradients of (own, other, inj, w1, b1, w2, b2) and None for with_stats from ``ctx`` as
     ``_setup_context`` fills it; ``backward``: the launcher, or its custom op under torch.compile."""
     own, other, inj, w1, b1, w2, b2, pre1, z = ctx.saved_tensors
     # only the saturation column is differentiable; the other stats are monitoring values
-    sat = dstats[:, 4].contiguous() if ctx.with_stats and dstats is not None else None
+    sat = dstats[:, 4].contiguous() if ctx.with_saturation and dstats is not None else None
     if dout is None:  # a gradient reached the stats only
         dout = torch.zeros_like(own)
     d_own, d_other, d_inj, dw1, db1, dw2, db2 = backward(dout.contiguous(), sat, own, other, inj, w1, b1, w2, b2,
@@ -667,7 +683,7 @@ def _grads(ctx, dout, dstats, backward=gated_blend_backward):
 
 
 def _backward(ctx, dout, dstats, _dpre1, _dz):
-    return *_grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd), None  # store_hidden
+    return *_grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd), None, None  # store_hidden, with_saturation
 
 
 class GatedBlendFunction(torch.autograd.Function):
@@ -675,16 +691,17 @@ class GatedBlendFunction(torch.autograd.Function):
     torch.compile) costs host time that, at HRM's sizes, the op's wall time shows."""
 
     @staticmethod
-    def forward(ctx, own, other, inj, w1, b1, w2, b2, with_stats):
-        out, stats, pre1, z = gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats)
-        _setup_context(ctx, (own, other, inj, w1, b1, w2, b2, with_stats), (out, stats, pre1, z))
-        ctx.mark_non_differentiable(pre1, z)
+    def forward(ctx, own, other, inj, w1, b1, w2, b2, with_stats, with_saturation):
+        out, stats, pre1, z = gated_blend_forward(own, other, inj, w1, b1, w2, b2, with_stats,
+                                                  with_saturation=with_saturation)
+        _setup_context(ctx, (own, other, inj, w1, b1, w2, b2, with_stats, True, with_saturation),
+                       (out, stats, pre1, z))
         return out, stats, pre1, z
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward (the custom op has none either)
     def backward(ctx, dout, dstats, _dpre1, _dz):
-        return _grads(ctx, dout, dstats)
+        return *_grads(ctx, dout, dstats), None  # with_saturation
 
 
 _gated_blend_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -726,9 +743,10 @@ def gate_logits_reference(own, other, inj, w1, b1, w2, b2) -> torch.Tensor:
     return torch.nn.functional.linear(hidden, w2.to(dtype), b2.to(dtype))
 
 
-def gated_blend_reference(own, other, inj, w1, b1, w2, b2, *, stats: bool = False):
+def gated_blend_reference(own, other, inj, w1, b1, w2, b2, *, stats: bool = False, saturation: bool = False):
     """Eager PyTorch math of ``gated_blend`` (weights cast to the activation dtype at use, as HRM's
     CastedLinear does); the CPU fallback and the test reference."""
+    _check_saturation(stats, saturation)
     z = gate_logits_reference(own, other, inj, w1, b1, w2, b2)
     g_own, g_other, g_inj = torch.sigmoid(z).chunk(3, dim=-1)
     out = g_own * own + g_other * other
@@ -737,18 +755,25 @@ def gated_blend_reference(own, other, inj, w1, b1, w2, b2, *, stats: bool = Fals
     if not stats:
         return out
     rows = []
+    columns = len(STATS_COLUMNS) if saturation else len(STATS_COLUMNS) - 1
     sources = (own, other, inj)
     for k, (g, zk) in enumerate(zip((g_own, g_other, g_inj), z.chunk(3, dim=-1))):
         if sources[k] is None:
-            rows.append(torch.zeros(len(STATS_COLUMNS), dtype=torch.float32, device=own.device))
+            rows.append(torch.zeros(columns, dtype=torch.float32, device=own.device))
             continue
         gf = g.detach().float()
         with torch.no_grad():
             monitor = torch.stack((gf.mean(), (gf < 0.1).float().mean(), (gf > 0.9).float().mean(),
                                    (gf * sources[k].detach().float()).abs().mean()))
-        saturation = torch.relu(zk.float().abs() - SATURATION_LOGIT).square().mean()
-        rows.append(torch.cat((monitor, saturation[None])))
+        if saturation:
+            monitor = torch.cat((monitor, torch.relu(zk.float().abs() - SATURATION_LOGIT).square().mean()[None]))
+        rows.append(monitor)
     return out, torch.stack(rows)
+
+
+def _check_saturation(stats: bool, saturation: bool) -> None:
+    if saturation and not stats:
+        raise ValueError("gated_blend: saturation=True adds a column to the stats; pass stats=True with it")
 
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
@@ -758,20 +783,24 @@ def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
 
 def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                *, stats: bool = False):
+                *, stats: bool = False, saturation: bool = False):
     """Gated blend of three sources (see the module docstring). Returns ``out`` [..., D], or
-    ``(out, stats)`` with ``stats`` [3, 5] float32 when ``stats=True``."""
+    ``(out, stats)`` with ``stats`` [3, 4] float32 when ``stats=True`` ([3, 5], the differentiable
+    saturation column added, with ``saturation=True``)."""
     d, r = _check_args(own, other, inj, w1, b1, w2, b2)
+    _check_saturation(stats, saturation)
     if not use_triton(own.device) or r > MAX_FUSED_R or (stats and d > MAX_STATS_D):
-        return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats)
+        return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats, saturation=saturation)
     args = (_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
+    sat = bool(saturation)
     if torch.compiler.is_compiling():  # the hidden activations reach memory only for a backward
-        out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args, store_hidden=needs_grad)
+        out, stats_t, _, _ = torch.ops.hrm_kernels.gated_blend_fwd(*args, store_hidden=needs_grad,
+                                                                   with_saturation=sat)
     elif needs_grad or forward_ad._current_level >= 0:  # forward AD: the Function says it has no jvp
-        out, stats_t, _, _ = GatedBlendFunction.apply(*args)
+        out, stats_t, _, _ = GatedBlendFunction.apply(*args, sat)
     else:  # no backward to come: no autograd, and the hidden activations stay on chip
-        out, stats_t, _, _ = gated_blend_forward(*args, store_hidden=False)
+        out, stats_t, _, _ = gated_blend_forward(*args, store_hidden=False, with_saturation=sat)
     out = out.view(own.shape)
     return (out, stats_t) if stats else out

@@ -43,7 +43,7 @@ TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 gb = module("gated_blend")
 
 def gated_blend_cases(dt):
-    """The forward in three forms and both backward kernels, at the launchers' CUDA configurations
+    """The forward in four forms and both backward kernels, at the launchers' CUDA configurations
     for D=512 and R=128 (the model's, weights in the activations' dtype) and for fp32 weights."""
     prec = "ieee" if dt == "fp32" else "tf32"
     flags = dict(EMU_BF16=False, PREC=prec)
@@ -55,15 +55,17 @@ def gated_blend_cases(dt):
         acts = {n: "*" + dt for n in ("OWN", "OTHER", "INJ", "PRE1", "Z", "OUT", "DOUT", "DPRE1", "DOWN", "DOTHER", "DINJ")}
         f32 = {n: "*fp32" for n in ("STATS", "SAT", "DB1_PARTIAL", "DW1_PARTIAL", "DW2_PARTIAL", "DB2_PARTIAL")}
         types = {**acts, **weights, **f32}
-        # (stats, hidden store, D a multiple of the chunk): with-gradient calls, no-gradient calls,
-        # no-gradient calls with stats at a ragged width
-        for stats, store, even in ((True, True, True), (False, False, True), (True, False, False)):
+        # (stats, saturation column, hidden store, D a multiple of the chunk): with-gradient calls
+        # (the model's: stats for monitoring; with the regulariser), no-gradient calls, no-gradient
+        # calls with stats at a ragged width
+        for stats, sat, store, even in ((True, False, True, True), (True, True, True, True),
+                                        (False, False, False, True), (True, False, False, False)):
             c = dict(cfgs["fwd_stats" if stats else "fwd"])
             w, st = c.pop("num_warps"), c.pop("num_stages")
-            out[f"gated_blend forward stats={stats} store={store} even_d={even} ({wdt} weights)"] = (
+            out[f"gated_blend forward stats={stats} saturation={sat} store={store} even_d={even} ({wdt} weights)"] = (
                 gb._gated_blend_forward_kernel, types,
-                dict(HAS_INJ=True, WITH_STATS=stats, STORE_HIDDEN=store, EVEN_D=even, **gate, **c), w, st,
-                ("D", "R") if even else ("R",))
+                dict(HAS_INJ=True, WITH_STATS=stats, WITH_SAT=sat, STORE_HIDDEN=store, EVEN_D=even, **gate, **c), w,
+                st, ("D", "R") if even else ("R",))
         c = dict(cfgs["dpre"])
         w, st = c.pop("num_warps"), c.pop("num_stages")
         out[f"gated_blend backward d_pre1 ({wdt} weights)"] = (
@@ -150,4 +152,4 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 8 kernels x 3 dtypes, and gated_blend's 5 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
-    assert proc.stdout.count("ok ") == 24 + 5 * (2 + 2 + 1), proc.stdout
+    assert proc.stdout.count("ok ") == 24 + 6 * (2 + 2 + 1), proc.stdout

@@ -33,16 +33,21 @@ def _make(shape, r, dtype, wdtype=None, device=DEVICE, inj=True):
     return src + ([] if inj else [None]) + weights
 
 
-def _run(fn, inputs, dout, sat_weight=None):
-    """Forward (+ stats when sat_weight is given) and backward of <out, dout> (+ <saturation,
-    sat_weight>); returns (out, stats or None, [grad of each input or None])."""
+def _run(fn, inputs, dout, sat_weight=None, stats=False):
+    """Forward (+ stats with their saturation column when sat_weight is given, + the four monitoring
+    columns alone with ``stats``) and backward of <out, dout> (+ <saturation, sat_weight>); returns
+    (out, stats or None, [grad of each input or None])."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
-    if sat_weight is None:
-        out, stats = fn(*leaves), None
+    if sat_weight is not None:
+        out, stats = fn(*leaves, stats=True, saturation=True)
+        loss = (out * dout).sum() + (stats[:, 4] * sat_weight).sum()
+    elif stats:
+        out, stats = fn(*leaves, stats=True)
+        assert stats.shape == (3, 4)
         loss = (out * dout).sum()
     else:
-        out, stats = fn(*leaves, stats=True)
-        loss = (out * dout).sum() + (stats[:, 4] * sat_weight).sum()
+        out, stats = fn(*leaves), None
+        loss = (out * dout).sum()
     live = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(loss, live))
     return out.detach(), (stats.detach() if stats is not None else None), [
@@ -62,7 +67,7 @@ def _logits64(own, other, inj, w1, b1, w2, b2):
     return (pre * torch.sigmoid(pre)) @ w2.T + b2
 
 
-def _gated_blend64(own, other, inj, w1, b1, w2, b2, stats=False):
+def _gated_blend64(own, other, inj, w1, b1, w2, b2, stats=False, saturation=False):
     """``gated_blend`` in float64 from its definition: g = sigmoid(z), out = sum_k g_k * src_k;
     stats per kind k (row 2 zeros without inj): mean g_k, fraction of g_k below 0.1 and above
     0.9, mean |g_k src_k|, mean relu(|z_k| - ln 9)^2."""
@@ -81,19 +86,22 @@ def _gated_blend64(own, other, inj, w1, b1, w2, b2, stats=False):
         gk, zk = g[..., k * d:(k + 1) * d], z[..., k * d:(k + 1) * d]
         rows.append(torch.stack((gk.mean(), (gk < 0.1).double().mean(), (gk > 0.9).double().mean(),
                                  (gk * src).abs().mean(), torch.relu(zk.abs() - math.log(9.0)).square().mean())))
-    return out, torch.stack(rows)
+    return out, torch.stack(rows)[:, :5 if saturation else 4]
 
 
-def _check(backend, inputs, with_stats=False):
+def _check(backend, inputs, with_stats=False, saturation=True):
     """The kernel (backend) vs eager at the same precision vs float64, on outputs, every gradient
-    (in its input's dtype) and the stats."""
+    (in its input's dtype) and the stats (with the saturation column and a gradient through it,
+    unless ``saturation=False``)."""
     own = inputs[0]
     dout = torch.randn_like(own)
-    sat_w = torch.randn(3, device=own.device) if with_stats else None
+    sat_w = torch.randn(3, device=own.device) if with_stats and saturation else None
+    monitor = with_stats and not saturation
     with use_backend(backend):
-        got = _run(gated_blend, inputs, dout, sat_w)
-    eager = _run(gated_blend_reference, inputs, dout, sat_w)
-    ref = _run(_gated_blend64, _to64(inputs), dout.double(), sat_w.double() if sat_w is not None else None)
+        got = _run(gated_blend, inputs, dout, sat_w, monitor)
+    eager = _run(gated_blend_reference, inputs, dout, sat_w, monitor)
+    ref = _run(_gated_blend64, _to64(inputs), dout.double(), sat_w.double() if sat_w is not None else None,
+               monitor)
     tag = f"{backend} {own.dtype} {tuple(own.shape)}"
     assert got[0].dtype == own.dtype
     assert_close_to_reference(f"{tag} out", got[0], eager[0], ref[0])
@@ -117,9 +125,9 @@ def _stat_terms(logits, src):
 
 
 def _check_stats(tag, got, eager, ref64, inputs):
-    """``got`` [3, 5] against ``ref64`` (``_gated_blend64``'s stats), each column within what the
-    same-precision eager logits' elementwise error allows."""
-    assert got.shape == (3, len(STATS_COLUMNS)) and got.dtype == torch.float32
+    """``got`` [3, 5] or [3, 4] against ``ref64`` (``_gated_blend64``'s stats), each column within
+    what the same-precision eager logits' elementwise error allows."""
+    assert got.shape == ref64.shape == eager.shape and got.shape[1] in (4, 5) and got.dtype == torch.float32
     has_inj = inputs[2] is not None
     d = inputs[0].shape[-1]
     x64 = _to64(inputs)
@@ -136,7 +144,7 @@ def _check_stats(tag, got, eager, ref64, inputs):
         eager_terms = _stat_terms(eager_logits[k], srcf)
         # A mean's error is at most the mean elementwise error; eager's own can cancel by luck,
         # so the bound uses the mean of eager's elementwise errors.
-        for c, t, te in zip((0, 3, 4), terms, eager_terms):
+        for c, t, te in zip((0, 3, 4)[:got.shape[1] - 2], terms, eager_terms):
             err = abs(got[k, c].item() - want[c].item())
             bound = 3.0 * (te - t).abs().mean().item() + 1e-6 * max(1.0, abs(want[c].item()))
             assert err <= bound, f"{tag} stats[{k}, {STATS_COLUMNS[c]}]: error {err:.3e} > {bound:.3e}"
@@ -164,6 +172,29 @@ def test_stats_and_saturation_gradient(backend, dtype, inj):
     _check(backend, _make((3, 11, 40), 10, dtype, inj=inj), with_stats=True)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+def test_stats_without_saturation(monkeypatch, backend, dtype, inj):
+    """stats=True alone: the four monitoring columns against float64, not differentiable, the
+    kernel built without the saturation term (WITH_SAT off), and bit for bit the first four columns
+    of a saturation=True call (the same sums in the same order)."""
+    inputs = _make((3, 11, 123), 10, dtype, inj=inj)
+    calls = _spy_launches(monkeypatch)
+    _check(backend, inputs, with_stats=True, saturation=False)
+    if backend == "triton":
+        assert [kw["WITH_SAT"] for _, kw in calls if "WITH_SAT" in kw] == [False]
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    with use_backend(backend):
+        out, four = gated_blend(*leaves, stats=True)
+        _, five = gated_blend(*leaves, stats=True, saturation=True)
+    assert out.requires_grad and not four.requires_grad and five.requires_grad  # monitoring values only
+    assert four.shape == (3, 4) and five.shape == (3, 5)
+    assert torch.equal(four, five[:, :4])
+    with pytest.raises(ValueError, match="saturation=True .* pass stats=True"):
+        gated_blend(*inputs, saturation=True)
+
+
 def _spy_launches(monkeypatch) -> list:
     """(kernel, launch keyword arguments) of each kernel launch of the module, recorded."""
     return record_calls(monkeypatch, gb, "launch", with_kwargs=True)
@@ -186,6 +217,7 @@ def test_forward_paths(monkeypatch, fuse, dtype, inj, d):
     calls = _spy_launches(monkeypatch)
     _check("triton", _make((37, d), 10, dtype, inj=inj), with_stats=True)
     launched = _forward_launches(calls)
+    assert launched["_gated_blend_forward_kernel"]["WITH_SAT"]
     assert ("_gated_blend_hidden_kernel" in launched) == (not fuse)
     blend = launched["_gated_blend_forward_kernel"]
     assert blend["FUSE_HIDDEN"] == fuse and blend["WITH_STATS"]
@@ -202,9 +234,9 @@ def test_no_grad_forward_skips_hidden_store(monkeypatch, fuse):
     stores = []
     forward = gb.gated_blend_forward
 
-    def spy(*args, store_hidden=True):
+    def spy(*args, store_hidden=True, **kw):
         stores.append(store_hidden)
-        res = forward(*args, store_hidden=store_hidden)
+        res = forward(*args, store_hidden=store_hidden, **kw)
         assert res[2].shape == res[3].shape == ((35, 10) if store_hidden else (0, 10))
         return res
 
@@ -235,21 +267,21 @@ def test_no_grad_forward_skips_hidden_store(monkeypatch, fuse):
 
 
 def test_stats_gradient_only_where_it_flows(monkeypatch):
-    """Stats that are only logged leave the backward without its saturation term (autograd hands
-    the op None for them, not zeros); a gradient reaching the stats alone (none through the
-    output) gives the reference's gradients."""
+    """Stats that are only logged, saturation column included, leave the backward without its
+    saturation term (autograd hands the op None for them, not zeros); a gradient reaching the
+    stats alone (none through the output) gives the reference's gradients."""
     calls = _spy_launches(monkeypatch)
     inputs = _make((4, 9, 40), 10, torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with use_backend("triton"):
-        out, stats = gated_blend(*leaves, stats=True)
+        out, stats = gated_blend(*leaves, stats=True, saturation=True)
         out.sum().backward()
         assert [kw["HAS_SAT"] for _, kw in calls if "HAS_SAT" in kw] == [False, False]
         calls.clear()
-        got = torch.autograd.grad(gated_blend(*leaves, stats=True)[1][:, 4].sum(), leaves)
+        got = torch.autograd.grad(gated_blend(*leaves, stats=True, saturation=True)[1][:, 4].sum(), leaves)
         assert [kw["HAS_SAT"] for _, kw in calls if "HAS_SAT" in kw] == [True, True]
     ref64 = [t.detach().double().requires_grad_() for t in inputs]
-    want = torch.autograd.grad(_gated_blend64(*ref64, stats=True)[1][:, 4].sum(), ref64)
+    want = torch.autograd.grad(_gated_blend64(*ref64, stats=True, saturation=True)[1][:, 4].sum(), ref64)
     for name, g, w in zip(NAMES, got, want):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -312,7 +344,9 @@ def test_returns():
         with use_backend(backend):
             assert isinstance(gated_blend(*inputs), torch.Tensor)
             out, stats = gated_blend(*inputs, stats=True)
-            assert out.shape == (2, 40) and stats.shape == (3, 5) and stats.dtype == torch.float32
+            assert out.shape == (2, 40) and stats.shape == (3, 4) and stats.dtype == torch.float32
+            _, stats = gated_blend(*inputs, stats=True, saturation=True)
+            assert stats.shape == (3, 5) and stats.dtype == torch.float32
 
 
 def test_double_backward_refused():
@@ -351,7 +385,8 @@ def test_clear_errors():
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-def test_torch_compile_fullgraph(backend, inj):
+@pytest.mark.parametrize("saturation", [True, False], ids=["saturation", "monitor"])
+def test_torch_compile_fullgraph(backend, inj, saturation):
     """No graph break (fullgraph=True raises on one): the Triton path is one opaque custom op
     forward and one backward (checked with aot_eager on CPU, which traces what inductor would
     get, without C++ codegen); the eager path through inductor."""
@@ -360,19 +395,23 @@ def test_torch_compile_fullgraph(backend, inj):
     live = [t for t in inputs if t is not None]
 
     def f(*args):
-        out, stats = gated_blend(*args, stats=True)
+        out, stats = gated_blend(*args, stats=True, saturation=saturation)
         return out * 2, stats
 
+    def loss(out, stats):  # without saturation the stats are not differentiable
+        return out.sum() + (stats[:, 4].sum() if saturation else 0.0)
+
     # (inductor's CPU C++ build is slow: once is enough there)
-    compile_backend = "inductor" if CUDA or (backend == "eager" and inj) else "aot_eager"
+    compile_backend = "inductor" if CUDA or (backend == "eager" and inj and saturation) else "aot_eager"
     with use_backend(backend):
         torch._dynamo.reset()
         compiled = torch.compile(f, fullgraph=True, backend=compile_backend)
         out, stats = compiled(*inputs)
-        grads = torch.autograd.grad(out.sum() + stats[:, 4].sum(), live)
+        assert stats.shape == (3, 5 if saturation else 4) and stats.requires_grad == saturation
+        grads = torch.autograd.grad(loss(out, stats), live)
     ref_out, ref_stats = f(*inputs) if backend == "eager" else (
-        lambda o_s: (o_s[0] * 2, o_s[1]))(gated_blend_reference(*inputs, stats=True))
-    ref_grads = torch.autograd.grad(ref_out.sum() + ref_stats[:, 4].sum(), live)
+        lambda o_s: (o_s[0] * 2, o_s[1]))(gated_blend_reference(*inputs, stats=True, saturation=saturation))
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_stats), live)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats, ref_stats, atol=1e-5, rtol=1e-5)
     for g, rg in zip(grads, ref_grads):
@@ -397,11 +436,12 @@ def test_torch_compile_no_grad_skips_hidden_store(monkeypatch):
 
 
 @pytest.mark.parametrize("store_hidden", [True, False])
-def test_custom_op_opcheck(store_hidden):
+@pytest.mark.parametrize("saturation", [True, False], ids=["saturation", "monitor"])
+def test_custom_op_opcheck(store_hidden, saturation):
     """torch.library's checks of the forward op (schema, fake tensor shapes against the real
-    kernel's, autograd registration) with and without the hidden store."""
+    kernel's, autograd registration) with and without the hidden store and the saturation column."""
     own, other, inj, w1, b1, w2, b2 = _make((7, 40), 10, torch.float32)
-    args = (own, other, inj, w1.requires_grad_(), b1, w2, b2, True, store_hidden)
+    args = (own, other, inj, w1.requires_grad_(), b1, w2, b2, True, store_hidden, saturation)
     with use_backend("triton"):
         torch.library.opcheck(torch.ops.hrm_kernels.gated_blend_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

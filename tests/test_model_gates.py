@@ -23,16 +23,16 @@ class BlendRecorder:
         self.calls = []
         real = hrm.model.gated_blend
 
-        def spy(own, other, inj, w1, b1, w2, b2, *, stats=False):
+        def spy(own, other, inj, w1, b1, w2, b2, *, stats=False, saturation=False):
             if stats:
                 self.calls.append(tuple(t.detach().clone() if t is not None else None
                                         for t in (own, other, inj, w1, b1, w2, b2)))
-            return real(own, other, inj, w1, b1, w2, b2, stats=stats)
+            return real(own, other, inj, w1, b1, w2, b2, stats=stats, saturation=saturation)
 
         monkeypatch.setattr(hrm.model, "gated_blend", spy)
 
 
-def materialised_metrics(call, module):
+def materialised_metrics(call, module, saturation):
     own, other, inj, w1, b1, w2, b2 = (t.double() if t is not None else None for t in call)
     src = {"own": own, "other": other, "inj": inj}
     z = F.linear(F.silu(F.linear(torch.cat([own, other, inj if inj is not None else torch.zeros_like(own)], -1),
@@ -47,7 +47,8 @@ def materialised_metrics(call, module):
         out[f"gate/{module}/{kind}_frac_low"] = (g < 0.1).double().mean()
         out[f"gate/{module}/{kind}_frac_high"] = (g > 0.9).double().mean()
         out[f"gate/{module}/{kind}_contribution"] = contrib[kind]
-        out[f"gate/{module}/{kind}_saturation"] = torch.relu(zk.abs() - LN9).square().mean()
+        if saturation:
+            out[f"gate/{module}/{kind}_saturation"] = torch.relu(zk.abs() - LN9).square().mean()
     total = sum(contrib.values())
     for kind in kinds:
         out[f"gate/{module}/{kind}_share"] = contrib[kind] / total
@@ -55,8 +56,11 @@ def materialised_metrics(call, module):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gate_metrics_match_materialised_gates(monkeypatch, training):
-    model = HRM(tiny_config(use_gating=True, puzzle_emb_ndim=32))
+@pytest.mark.parametrize("reg_weight", [0.0, 0.2], ids=["monitor", "regulariser"])
+def test_gate_metrics_match_materialised_gates(monkeypatch, training, reg_weight):
+    """Every gate/* metric against the gates materialised in float64; the saturation metric only
+    with the regulariser on (its column is computed only then)."""
+    model = HRM(tiny_config(use_gating=True, puzzle_emb_ndim=32, gate_reg_weight=reg_weight))
     randomize_(model, scale=1.0)  # spread the gates over (0, 1): some below 0.1, some above 0.9
     with torch.no_grad():
         for level in (model.inner.L_level, model.inner.H_level):
@@ -71,8 +75,9 @@ def test_gate_metrics_match_materialised_gates(monkeypatch, training):
         carry, _, metrics, outputs, _ = head(return_keys=("gate_stats",), carry=carry, batch=batch)
         # exactly one stats call per module per segment: the with-grad step (not the Q-target pass)
         assert len(recorder.calls) == 2
-        assert outputs["gate_stats"].shape == (2, 3, 5)
-        expected = {**materialised_metrics(recorder.calls[0], "L"), **materialised_metrics(recorder.calls[1], "H")}
+        assert outputs["gate_stats"].shape == (2, 3, 5 if reg_weight else 4)
+        expected = {**materialised_metrics(recorder.calls[0], "L", reg_weight > 0),
+                    **materialised_metrics(recorder.calls[1], "H", reg_weight > 0)}
         assert recorder.calls[1][2] is None  # H's injection is zeros: inj=None
         got = {k: v for k, v in metrics.items() if k.startswith("gate/") and k != "gate/count"}
         assert set(got) == set(expected)
@@ -122,13 +127,14 @@ def test_gate_regulariser_value_and_warmup():
 
 @pytest.mark.parametrize("weight", [0.0, 0.2])
 def test_gate_stats_carry_a_gradient_only_for_the_regulariser(weight):
-    """Stats that are only logged come out detached, so the gate kernels' backward skips the
-    saturation term (CUDA graphs record a backward for every output that requires grad)."""
+    """Stats that are only logged have no saturation column and no gradient, so the gate kernels'
+    backward skips the saturation term (CUDA graphs record a backward for every output that
+    requires grad)."""
     model = HRM(tiny_config(use_gating=True, gate_reg_weight=weight))
     model.train()
     batch = make_batch(None)
     _, outputs = model(model.initial_carry(batch), batch)
-    assert outputs["gate_stats"].shape == (2, 3, 5)
+    assert outputs["gate_stats"].shape == (2, 3, 5 if weight > 0 else 4)
     assert outputs["gate_stats"].requires_grad == (weight > 0)
 
 
