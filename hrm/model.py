@@ -304,9 +304,10 @@ class HRMInner(nn.Module):
 
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
-        [2, 3, 4 or 5] (L, H x own/other/inj x STATS_COLUMNS, saturation with the regulariser) from the with-grad step when gated and
-        ``gate_stats``, else None. Without gradients and without stats the whole recurrence is one
-        no-gradient run; else its last L- and H-calls run outside it."""
+        [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
+        regulariser) from the with-grad step when gated and ``gate_stats``, else None. Without
+        gradients and without stats the whole recurrence is one no-gradient run; else its last L-
+        and H-calls run outside it."""
         cfg = self.config
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating

@@ -288,14 +288,11 @@ def _gated_blend_forward_kernel(
                 out += g * x
                 if WITH_STATS:
                     if kind == 0:
-                        o0, o1, o2, o3 = _stats_update(g, x, logit, c_mask, o0, o1, o2, o3, EVEN_D,
-                                                                    WITH_SAT)
+                        o0, o1, o2, o3 = _stats_update(g, x, logit, c_mask, o0, o1, o2, o3, EVEN_D, WITH_SAT)
                     elif kind == 1:
-                        t0, t1, t2, t3 = _stats_update(g, x, logit, c_mask, t0, t1, t2, t3, EVEN_D,
-                                                                    WITH_SAT)
+                        t0, t1, t2, t3 = _stats_update(g, x, logit, c_mask, t0, t1, t2, t3, EVEN_D, WITH_SAT)
                     else:
-                        i0, i1, i2, i3 = _stats_update(g, x, logit, c_mask, i0, i1, i2, i3, EVEN_D,
-                                                                    WITH_SAT)
+                        i0, i1, i2, i3 = _stats_update(g, x, logit, c_mask, i0, i1, i2, i3, EVEN_D, WITH_SAT)
         tl.store(OUT + off, _cast(out, act, EMU_BF16), mask=mask)
     if WITH_STATS:
         P = STATS + (pid_m * tl.num_programs(0) + chunk) * 16
@@ -683,7 +680,8 @@ def _grads(ctx, dout, dstats, backward=gated_blend_backward):
 
 
 def _backward(ctx, dout, dstats, _dpre1, _dz):
-    return *_grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd), None, None  # store_hidden, with_saturation
+    # None for store_hidden and with_saturation
+    return *_grads(ctx, dout, dstats, torch.ops.hrm_kernels.gated_blend_bwd), None, None
 
 
 class GatedBlendFunction(torch.autograd.Function):
