@@ -47,8 +47,9 @@ Public API
     ``metrics`` (0-dim tensors, no host sync): the reference's ``count, accuracy, exact_accuracy,
     q_halt_accuracy, steps, lm_loss, q_halt_loss, q_continue_loss``; when gated also
     ``gate/<L|H>/<own|other|inj>_<mean|frac_low|frac_high|contribution|share>`` (and ``_saturation``
-    when ``gate_reg_weight > 0``; no ``gate/H/inj_*``: H's injection is zeros), ``gate/count`` (= 1 per call, the divisor for
-    the ``gate/*`` sums) and ``gate_reg_loss`` (when ``gate_reg_weight > 0``).
+    when ``gate_reg_weight > 0``; no ``gate/H/inj_*``: H's injection is zeros), ``gate/count``
+    (= 1 per call, the divisor for the ``gate/*`` sums) and ``gate_reg_loss`` (when
+    ``gate_reg_weight > 0``).
     ``return_keys`` may name output keys (``logits``, ``q_halt_logits``, ..., ``preds``) or
     keys of the carry's current data (``inputs``, ``labels``, ``puzzle_identifiers``).
     ``set_step(step)``: tell the head the optimizer step (gate-regulariser warm-up); call it every
