@@ -154,6 +154,8 @@ class Attention(nn.Module):
     FUSED_NO_GRAD = True
     FUSED_GRAD = True
     ROPE_QKV = True
+    # rope_attention reads the tables' first halves only (RotaryEmbedding's tables repeat them).
+    HALF_TABLES = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -194,7 +196,10 @@ class Attention(nn.Module):
         qkv = qkv.view(batch, seq, 3 * self.num_heads, self.head_dim)
         if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
                 and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
-            return rope_attention(qkv, *(cos_sin if cos_sin is not None else (None, None))).reshape(batch, seq, hidden)
+            cos, sin = cos_sin if cos_sin is not None else (None, None)
+            if cos is not None and self.HALF_TABLES:
+                cos, sin = cos[:, : self.head_dim // 2], sin[:, : self.head_dim // 2]
+            return rope_attention(qkv, cos, sin).reshape(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
             q, k, v = rope_qkv(qkv, *cos_sin)  # the backward writes qkv's gradient in one pass
         else:

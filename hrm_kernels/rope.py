@@ -132,16 +132,20 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
     return (xf * c + _rotate_half(xf) * s).to(x.dtype)
 
 
-def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """cos and sin: float32 [positions >= seq, head_dim] tables on x's device, for x [batch, seq, ..., head_dim]."""
+def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 half_width_ok: bool = False) -> None:
+    """cos and sin: float32 [positions >= seq, head_dim] tables on x's device, for x [batch, seq, ..., head_dim];
+    with ``half_width_ok`` also [positions >= seq, head_dim / 2] (the half rotate-half RoPE repeats)."""
     for name, t in (("cos", cos), ("sin", sin)):
         check_same(op, x_name, x, name, t, shape=False, dtype=False)
         if t.dtype != torch.float32 or t.dim() != 2:
             raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
                              f"{tuple(t.shape)}")
-    if cos.shape != sin.shape or cos.shape[1] != x.shape[-1] or cos.shape[0] < x.shape[1]:
+    widths = (x.shape[-1], x.shape[-1] // 2) if half_width_ok else (x.shape[-1],)
+    if cos.shape != sin.shape or cos.shape[1] not in widths or cos.shape[0] < x.shape[1]:
+        need = "[positions >= seq, head_dim]" + (" or [positions >= seq, head_dim / 2]" if half_width_ok else "")
         raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for {x_name} "
-                         f"{tuple(x.shape)}; need [positions >= seq, head_dim] tables")
+                         f"{tuple(x.shape)}; need {need} tables")
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

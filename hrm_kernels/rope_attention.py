@@ -4,7 +4,9 @@ and one write of both) followed by the attention kernel.
 
 Shapes: ``qkv``: [batch, seq, 3 * heads, head_dim] (q heads, then k heads, then v heads, as the
 view of a ``[.., 3 * hidden]`` projection), ``cos``/``sin``: [positions >= seq, head_dim] fp32
-tables or both ``None`` (no rotation). Result: [batch, seq, heads, head_dim] in qkv's dtype::
+tables, or [positions >= seq, head_dim / 2] ones holding the half that rotate-half RoPE repeats
+(what ``hrm.layers.Attention`` passes: one table load per rotated pair instead of two), or both
+``None`` (no rotation). Result: [batch, seq, heads, head_dim] in qkv's dtype::
 
     q', k' = rope(q), rope(k)                 rotation in fp32, rounded to qkv's dtype (hrm_kernels.rope)
     out    = softmax(q' k'^T / sqrt(head_dim)) v      per batch and head; no mask, no dropout
@@ -47,8 +49,31 @@ from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
 
 
 @triton.jit
-def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: tl.constexpr,
-                  ROPE: tl.constexpr):
+def _half_tables(COS, SIN, rows, row_ok, stride_t, d, d_ok):
+    """cos and sin [len(rows), HALF_P] at positions ``rows``: the first (or only) half of each row."""
+    t = rows[:, None] * stride_t + d[None, :]
+    mask = row_ok[:, None] & d_ok[None, :]
+    return tl.load(COS + t, mask=mask, other=0.0), tl.load(SIN + t, mask=mask, other=0.0)
+
+
+@triton.jit
+def _rotate(x1, x2, COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF: tl.constexpr, HALF_TABLES: tl.constexpr,
+            BACKWARD: tl.constexpr):
+    """The fp32 pairs (x1, x2) [len(rows), HALF_P] at positions ``rows`` rotated (or, BACKWARD, by the
+    transpose). HALF_TABLES: the tables hold one half per row (rotate-half RoPE repeats it), so a pair
+    needs one cos and one sin load instead of two of each."""
+    if HALF_TABLES:
+        c, s = _half_tables(COS, SIN, rows, row_ok, stride_t, d, d_ok)
+        if BACKWARD:
+            return x1 * c + x2 * s, x2 * c - x1 * s
+        return x1 * c - x2 * s, x2 * c + x1 * s
+    return rotate_halves(x1, x2, COS, SIN, rows[:, None] * stride_t + d[None, :], row_ok[:, None] & d_ok[None, :],
+                         HALF, BACKWARD)
+
+
+@triton.jit
+def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, stride_t, d, d_ok, HALF: tl.constexpr,
+                  ROPE: tl.constexpr, HALF_TABLES: tl.constexpr):
     """The two halves [len(rows), HALF_P] of one head's vectors at sequence positions ``rows``,
     rotated (fp32 math, rounded back to the input dtype) when ROPE."""
     mask = row_ok[:, None] & d_ok[None, :]
@@ -56,8 +81,8 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, d, d_ok, HALF: t
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
     if ROPE:
-        r1, r2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows[:, None] * (2 * HALF) + d[None, :],
-                               mask, HALF, False)
+        r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF,
+                         HALF_TABLES, False)
         x1, x2 = r1.to(x1.dtype), r2.to(x2.dtype)
     return x1, x2
 
@@ -73,15 +98,19 @@ def _head_columns(bh, n_heads, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P:
 
 @triton.jit
 def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
-                           qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
-                           ROPE: tl.constexpr, STORE_LSE: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                           stride_t, qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
+                           ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, STORE_LSE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr):
     """Program (batch * head) * query blocks + query block: the query blocks of one head run side by
     side, so its keys and values are read from L2 after the first. ``qk_scale`` = log2(e) /
     sqrt(head_dim): the softmax runs in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a
     power of two >= 16 (tl.dot). STORE_LSE: also write each query's log2-sum-exp2 of its scaled
     scores to LSE [batch * heads, seq] (fp32), what the backward recomputes the probabilities from.
-    JOIN_HALVES: q.k over the halves interleaved into one operand, as in the backward."""
+    JOIN_HALVES: q.k over the halves interleaved into one operand, as in the backward. ``stride_t``:
+    the tables' row stride; HALF_TABLES: they hold [positions, HALF] (see ``_rotate``). Each key
+    block's values are loaded before its scores are computed, so their latency hides behind the dot
+    and the softmax (H100, Sudoku shape: 154.6 against 161.7 us)."""
     query_blocks = tl.cdiv(seq_len, BLOCK_M)
     bh = tl.program_id(0) // query_blocks
     batch, head, d, d_ok, dv, dv_ok = _head_columns(bh, n_heads, HALF, HALF_P, HEAD_P)
@@ -90,7 +119,8 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
 
     rows = (tl.program_id(0) % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
-    q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
+    q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, stride_t, d, d_ok, HALF, ROPE,
+                           HALF_TABLES)
     if JOIN_HALVES:
         q = tl.reshape(tl.join(q1, q2), (BLOCK_M, 2 * HALF_P))
 
@@ -100,8 +130,10 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
     for start in range(0, seq_len, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < seq_len
-        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok,
-                               HALF, ROPE)
+        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, stride_t, d,
+                               d_ok, HALF, ROPE, HALF_TABLES)
+        v_ptrs = base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :]
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)  # issued before the scores' dot
         if JOIN_HALVES:
             s = tl.dot(q, tl.trans(tl.reshape(tl.join(k1, k2), (BLOCK_N, 2 * HALF_P))), input_precision=INPUT_PRECISION)
         else:
@@ -112,8 +144,6 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_ptrs = base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :]
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=INPUT_PRECISION)
         m_i = m_new
 
@@ -126,9 +156,9 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
 
 @triton.jit
 def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len, n_heads, stride_b, stride_s,
-                                    stride_ob, stride_os, stride_gb, stride_gs, stride_db, stride_ds, qk_scale,
-                                    sm_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
-                                    ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                    stride_ob, stride_os, stride_gb, stride_gs, stride_db, stride_ds, stride_t,
+                                    qk_scale, sm_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
+                                    ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                     JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Program (batch * head): every query of the sequence in one [BLOCK_M >= seq_len] block; the keys
     BLOCK_N at a time. Writes dq, dk, dv of this head into DQKV ([batch, seq, 3 * heads, head_dim]
@@ -143,7 +173,8 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
-    q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, d, d_ok, HALF, ROPE)
+    q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, stride_t, d, d_ok, HALF, ROPE,
+                           HALF_TABLES)
     row_mask = row_ok[:, None] & dv_ok[None, :]
     o = tl.load(OUT + batch.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_os
                 + (head * head_dim + dv)[None, :], mask=row_mask, other=0.0)
@@ -160,8 +191,8 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     for start in range(0, seq_len, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < seq_len
-        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, d, d_ok,
-                               HALF, ROPE)
+        k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, stride_t, d,
+                               d_ok, HALF, ROPE, HALF_TABLES)
         v_mask = key_ok[:, None] & dv_ok[None, :]
         v = tl.load(base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :],
                     mask=v_mask, other=0.0)
@@ -187,7 +218,7 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
             dk2 = tl.dot(tl.trans(ds), q2, input_precision=INPUT_PRECISION) * sm_scale
         k_mask = key_ok[:, None] & d_ok[None, :]
         if ROPE:
-            dk1, dk2 = rotate_halves(dk1, dk2, COS, SIN, keys[:, None] * (2 * HALF) + d[None, :], k_mask, HALF, True)
+            dk1, dk2 = _rotate(dk1, dk2, COS, SIN, keys, key_ok, stride_t, d, d_ok, HALF, HALF_TABLES, True)
         k_ptrs = grad_base + keys.to(tl.int64)[:, None] * stride_ds + ((n_heads + head) * head_dim + d)[None, :]
         tl.store(k_ptrs, dk1.to(DQKV.dtype.element_ty), mask=k_mask)
         tl.store(k_ptrs + HALF, dk2.to(DQKV.dtype.element_ty), mask=k_mask)
@@ -199,7 +230,7 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     dq1, dq2 = dq1 * sm_scale, dq2 * sm_scale
     q_mask = row_ok[:, None] & d_ok[None, :]
     if ROPE:
-        dq1, dq2 = rotate_halves(dq1, dq2, COS, SIN, rows[:, None] * (2 * HALF) + d[None, :], q_mask, HALF, True)
+        dq1, dq2 = _rotate(dq1, dq2, COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF, HALF_TABLES, True)
     q_ptrs = grad_base + rows.to(tl.int64)[:, None] * stride_ds + (head * head_dim + d)[None, :]
     tl.store(q_ptrs, dq1.to(DQKV.dtype.element_ty), mask=q_mask)
     tl.store(q_ptrs + HALF, dq2.to(DQKV.dtype.element_ty), mask=q_mask)
@@ -221,6 +252,8 @@ INTERPRETER_CONFIG = (16, 16, 4, 1, False)  # the same, for CPU tensors (small t
 # The backward's (BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; its query block is the whole sequence.
 # H100, 768 x 82 x 8 x 64 bf16, fwd+bwd GPU time: 675 us; one dot per half 753 us; 2 stages 693 us;
 # 64 keys 707 us; 8 warps 775-1107 us (registers). rope_qkv + SDPA (cuDNN): 852 us.
+# Session 20 (H100, backward alone): 509 us with full tables, 437 with half-width ones; a persistent
+# kernel over (batch, head) tiles with the next tile's loads pipelined (8 warps, 2 stages): 436.
 CUDA_BACKWARD_CONFIG = (32, 4, 1, True)
 
 INTERPRETER_BACKWARD_CONFIG = (16, 4, 1, False)  # the same, for CPU tensors (small tiles keep it quick)
@@ -231,7 +264,12 @@ def _meta(qkv: torch.Tensor, cos: Optional[torch.Tensor]) -> dict:
     half = qkv.shape[-1] // 2
     return dict(HALF=half, HALF_P=max(16, next_power_of_2(half)),
                 HEAD_P=max(16, next_power_of_2(2 * half)), ROPE=cos is not None,
+                HALF_TABLES=cos is not None and cos.shape[-1] == half,
                 INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
+
+
+def _table_stride(cos: Optional[torch.Tensor]) -> int:
+    return 0 if cos is None else cos.stride(0)
 
 
 def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
@@ -248,7 +286,7 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
         block_n = min(block_n, max(16, next_power_of_2(seq)))
         grid = (batch * heads * cdiv(seq, block_m),)
         launch(_rope_attention_kernel, grid, qkv, qkv if cos is None else cos, qkv if sin is None else sin, out, lse,
-               seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+               seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), _table_stride(cos),
                math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, BLOCK_M=block_m, BLOCK_N=block_n,
                JOIN_HALVES=join, num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
     return (out, lse) if with_lse else out
@@ -269,7 +307,7 @@ def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Option
         launch(_rope_attention_backward_kernel, (batch * heads,), qkv, qkv if cos is None else cos,
                qkv if sin is None else sin, out, dout, lse, dqkv, seq, heads, qkv.stride(0), qkv.stride(1),
                out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1),
-               math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim), BLOCK_M=block_m,
+               _table_stride(cos), math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim), BLOCK_M=block_m,
                BLOCK_N=min(block_n, block_m), JOIN_HALVES=join, num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
     return dqkv
 
@@ -294,9 +332,17 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.split(qkv.shape[2] // 3, dim=2)
 
 
+def full_tables(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]):
+    """Half-width tables ([positions, head_dim / 2]) repeated to the full width; others as they are."""
+    if cos is not None and cos.shape[-1] != qkv.shape[-1]:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    return cos, sin
+
+
 def rope_attention_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
     """HRM's eager math (``rope_reference`` on q and k, then ``F.scaled_dot_product_attention``); also
     the CPU fallback. Same shapes and dtypes as ``rope_attention``."""
+    cos, sin = full_tables(qkv, cos, sin)
     q, k, v = _split(qkv) if cos is None else rope_qkv_reference(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
@@ -307,6 +353,7 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     The result is contiguous like the kernel's (free for the SDPA backends that write [B, S, H, D])."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    cos, sin = full_tables(qkv, cos, sin)
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
@@ -317,7 +364,9 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     """Rotary embedding on q and k, then bidirectional softmax attention (scale 1/sqrt(head_dim)).
 
     qkv: [batch, seq, 3 * heads, head_dim] with a contiguous last dimension (q, k, v heads in that
-    order); cos, sin: [positions >= seq, head_dim] float32 tables, or both None for no rotation.
+    order); cos, sin: [positions >= seq, head_dim] float32 tables, or [positions >= seq, head_dim / 2]
+    ones holding the half that rotate-half RoPE repeats (``cos[:, :head_dim // 2]`` of HRM's tables:
+    half the table loads), or both None for no rotation.
     Returns [batch, seq, heads, head_dim] in qkv's dtype. Gradients flow to qkv (the fused backward
     up to ``MAX_FUSED_SEQ``, else rope_qkv + SDPA; see the module docstring).
     """
@@ -329,8 +378,9 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin, or neither (no rotation)")
     if cos is not None:
-        check_tables(op, "qkv", qkv, cos, sin)
-        cos, sin = cos.contiguous(), sin.contiguous()
+        check_tables(op, "qkv", qkv, cos, sin, half_width_ok=True)
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernels take one row stride, packed columns
+            cos, sin = cos.contiguous(), sin.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
     if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ:

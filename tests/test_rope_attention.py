@@ -139,6 +139,32 @@ def test_fused_backward_matches_float64(shape, dtype, rotate, join, monkeypatch)
         assert_close_to_reference(f"{dtype} {shape} rotate={rotate} {name}", g, e, r)
 
 
+@pytest.mark.parametrize("layout", ["view", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=str)
+def test_half_width_tables_match_float64(shape, dtype, layout, monkeypatch):
+    """[positions, head_dim / 2] tables (the half rotate-half RoPE repeats; as a strided view of the
+    full ones, the model's way, or packed): forward and the whole qkv gradient through the kernels'
+    HALF_TABLES path, against float64 with the full tables."""
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
+    cos, sin = _tables(s + 2, d)
+    half_cos, half_sin = cos[:, : d // 2], sin[:, : d // 2]
+    if layout == "packed":
+        half_cos, half_sin = half_cos.contiguous(), half_sin.contiguous()
+    dout = torch.randn(b, s, h, d, device=DEVICE)
+    meta = []
+    real = rope_attention_module._meta
+    monkeypatch.setattr(rope_attention_module, "_meta", lambda *a: meta.append(real(*a)) or meta[-1])
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, half_cos, half_sin, dout)
+    assert len(meta) == 2 and all(m["HALF_TABLES"] for m in meta), "forward and backward kernels did not both run"
+    eager = _out_and_grad(rope_attention_reference, qkv, half_cos, half_sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert_close_to_reference(f"{dtype} {shape} half tables {name}", g, e, r)
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_gradient_path_of_longer_sequences(backend, monkeypatch):
     """Above MAX_FUSED_SEQ (and on the eager backend) gradients go through rope_qkv + SDPA: qkv's
@@ -151,7 +177,11 @@ def test_gradient_path_of_longer_sequences(backend, monkeypatch):
     dout = torch.randn(b, s, h, d, device=DEVICE)
     with use_backend(backend):
         got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
+        # half-width tables take the same path (repeated to the full width for rope_qkv)
+        half = _out_and_grad(rope_attention, qkv, cos[:, : d // 2], sin[:, : d // 2], dout)
     assert backward == []
+    for g, g_half in zip(got, half):
+        torch.testing.assert_close(g_half, g, atol=0, rtol=0)
     eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
     ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
@@ -266,6 +296,8 @@ def test_clear_errors():
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos, None)
     with pytest.raises(ValueError, match="positions >= seq"):
         rope_attention(torch.randn(1, 9, 3, 6, device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="head_dim / 2\\] tables"):  # neither head_dim nor its half wide
+        rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="cos must be a float32"):
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos.double(), sin)
     with pytest.raises(TypeError, match="qkv has dtype torch.int64"):
