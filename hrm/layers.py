@@ -16,6 +16,7 @@ from torch import nn
 
 from hrm_kernels import (linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv, rope_reference, swiglu,
                          swiglu_linear)
+from hrm_kernels.backend import use_triton
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -154,7 +155,7 @@ class Attention(nn.Module):
     FUSED_NO_GRAD = True
     FUSED_GRAD = True
     ROPE_QKV = True
-    # rope_attention reads the tables' first halves only (RotaryEmbedding's tables repeat them).
+    # The RoPE kernels read the tables' first halves only (``_kernel_tables``).
     HALF_TABLES = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
@@ -196,17 +197,23 @@ class Attention(nn.Module):
         qkv = qkv.view(batch, seq, 3 * self.num_heads, self.head_dim)
         if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
                 and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
-            cos, sin = cos_sin if cos_sin is not None else (None, None)
-            if cos is not None and self.HALF_TABLES:
-                cos, sin = cos[:, : self.head_dim // 2], sin[:, : self.head_dim // 2]
+            cos, sin = self._kernel_tables(cos_sin, qkv.device) if cos_sin is not None else (None, None)
             return rope_attention(qkv, cos, sin).reshape(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
-            q, k, v = rope_qkv(qkv, *cos_sin)  # the backward writes qkv's gradient in one pass
+            q, k, v = rope_qkv(qkv, *self._kernel_tables(cos_sin, qkv.device))  # dqkv written in one pass
         else:
             q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
             if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
                 q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
         return self._attend(q, k, v).reshape(batch, seq, hidden)
+
+    def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
+        """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views;
+        RotaryEmbedding's tables repeat them), one table load per rotated pair instead of two.
+        The eager backend gets the full tables, the reference's work."""
+        if not self.HALF_TABLES or not use_triton(device):
+            return cos_sin
+        return tuple(t[:, : self.head_dim // 2] for t in cos_sin)
 
     def first_query_heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``heads(h, cos_sin)[:, :1]``, position 0's query against every key: [batch, 1, hidden].

@@ -2,7 +2,9 @@
 
 Shapes: ``x``: [batch, seq, heads, head_dim] (any strides with a contiguous last dimension and
 heads packed in a row, e.g. the q and k slices of a fused qkv projection), ``cos``/``sin``:
-[positions >= seq, head_dim] fp32 tables. With ``x = (x1, x2)`` the two halves of head_dim,
+[positions >= seq, head_dim] fp32 tables, or [positions >= seq, head_dim / 2] ones that hold the
+half rotate-half RoPE's tables repeat (c1 = c2, s1 = s2; FlashAttention's rotary convention: one
+table load per rotated pair instead of two). With ``x = (x1, x2)`` the two halves of head_dim,
 ``c = (c1, c2)`` and ``s = (s1, s2)`` likewise::
 
     out = x * cos + rotate_half(x) * sin,  rotate_half(x) = (-x2, x1)
@@ -25,22 +27,28 @@ from hrm_kernels.precompile import launch
 
 
 @triton.jit
-def rotate_halves(x1, x2, COS, SIN, t, mask, HALF: tl.constexpr, BACKWARD: tl.constexpr):
-    """The pairs (x1, x2) (fp32) rotated by the tables at offsets ``t`` of their first halves:
-    (x1 c1 - x2 s1, x2 c2 + x1 s2), or its transpose (x1 c1 + x2 s2, x2 c2 - x1 s1) when BACKWARD.
-    Shared by every kernel that rotates (``rope``, ``rope_attention``, ``rope_qkv``'s backward)."""
+def rotate_halves(x1, x2, COS, SIN, t, mask, HALF: tl.constexpr, BACKWARD: tl.constexpr,
+                  HALF_TABLES: tl.constexpr):
+    """The pairs (x1, x2) (fp32) rotated by the tables at offsets ``t`` of their first halves
+    (position * the tables' row stride + j): (x1 c1 - x2 s1, x2 c2 + x1 s2), or its transpose
+    (x1 c1 + x2 s2, x2 c2 - x1 s1) when BACKWARD. HALF_TABLES: [positions, HALF] tables (c2 = c1,
+    s2 = s1). Shared by every kernel that rotates (``rope``, ``rope_attention``, ``rope_qkv``'s backward)."""
     c1 = tl.load(COS + t, mask=mask, other=0.0)
-    c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
     s1 = tl.load(SIN + t, mask=mask, other=0.0)
-    s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
+    if HALF_TABLES:
+        c2, s2 = c1, s1
+    else:
+        c2 = tl.load(COS + t + HALF, mask=mask, other=0.0)
+        s2 = tl.load(SIN + t + HALF, mask=mask, other=0.0)
     if BACKWARD:
         return x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
     return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
 
 
 @triton.jit
-def _rope_kernel(X, COS, SIN, OUT, n_rows, seq_len, n_cols, stride_x_b, stride_x_s, stride_out,
-                 HALF: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rope_kernel(X, COS, SIN, OUT, n_rows, seq_len, n_cols, stride_x_b, stride_x_s, stride_out, stride_t,
+                 HALF: tl.constexpr, BACKWARD: tl.constexpr, HALF_TABLES: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """One [BLOCK_M rows (positions), BLOCK_N columns] tile of the first halves; columns run over
     (head, j < HALF) pairs, so each program handles the element pairs (j, j + HALF) of whole rows."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -51,7 +59,7 @@ def _rope_kernel(X, COS, SIN, OUT, n_rows, seq_len, n_cols, stride_x_b, stride_x
     x_off = (batch.to(tl.int64) * stride_x_b + pos.to(tl.int64) * stride_x_s)[:, None] + (head * 2 * HALF + j)[None, :]
     x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-    y1, y2 = rotate_halves(x1, x2, COS, SIN, pos[:, None] * (2 * HALF) + j[None, :], mask, HALF, BACKWARD)
+    y1, y2 = rotate_halves(x1, x2, COS, SIN, pos[:, None] * stride_t + j[None, :], mask, HALF, BACKWARD, HALF_TABLES)
     o_off = rows.to(tl.int64)[:, None] * stride_out + (head * 2 * HALF + j)[None, :]
     tl.store(OUT + o_off, y1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + o_off + HALF, y2.to(OUT.dtype.element_ty), mask=mask)
@@ -75,7 +83,8 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
         block_m = max(1, min(16, 4096 // block_n))
         grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
         launch(_rope_kernel, grid, x, cos, sin, out, n_rows, seq, n_cols, x.stride(0), x.stride(1), heads * head_dim,
-               HALF=head_dim // 2, BACKWARD=backward, BLOCK_M=block_m, BLOCK_N=block_n,
+               cos.stride(0), HALF=head_dim // 2, BACKWARD=backward, HALF_TABLES=cos.shape[-1] != head_dim,
+               BLOCK_M=block_m, BLOCK_N=block_n,
                num_warps=warps_for(block_m * block_n))
     return out
 
@@ -124,33 +133,47 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def full_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half-width tables ([positions, head_dim / 2]) repeated to the full width; full ones as they are."""
+    if cos.shape[-1] != head_dim:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+    return cos, sin
+
+
+def packed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tables as the kernels read them: contiguous columns and one row stride for both (a view
+    such as ``cos[:, :head_dim // 2]`` is read in place)."""
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HRM's eager math: rotation in cos's dtype (fp32), result in x's dtype; also the CPU fallback."""
+    cos, sin = full_tables(cos, sin, x.shape[-1])
     seq = x.shape[1]
     xf = x.to(cos.dtype)
     c, s = cos[:seq].unsqueeze(-2), sin[:seq].unsqueeze(-2)
     return (xf * c + _rotate_half(xf) * s).to(x.dtype)
 
 
-def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 half_width_ok: bool = False) -> None:
-    """cos and sin: float32 [positions >= seq, head_dim] tables on x's device, for x [batch, seq, ..., head_dim];
-    with ``half_width_ok`` also [positions >= seq, head_dim / 2] (the half rotate-half RoPE repeats)."""
+def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """cos and sin: float32 [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] tables on
+    x's device, for x [batch, seq, ..., head_dim]."""
     for name, t in (("cos", cos), ("sin", sin)):
         check_same(op, x_name, x, name, t, shape=False, dtype=False)
         if t.dtype != torch.float32 or t.dim() != 2:
             raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
                              f"{tuple(t.shape)}")
-    widths = (x.shape[-1], x.shape[-1] // 2) if half_width_ok else (x.shape[-1],)
-    if cos.shape != sin.shape or cos.shape[1] not in widths or cos.shape[0] < x.shape[1]:
-        need = "[positions >= seq, head_dim]" + (" or [positions >= seq, head_dim / 2]" if half_width_ok else "")
+    if cos.shape != sin.shape or cos.shape[1] not in (x.shape[-1], x.shape[-1] // 2) or cos.shape[0] < x.shape[1]:
         raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for {x_name} "
-                         f"{tuple(x.shape)}; need {need} tables")
+                         f"{tuple(x.shape)}; need [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] "
+                         "tables")
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; cos, sin: [positions, head_dim] float32
-    with positions >= seq (row p rotates sequence position p). Returns a contiguous tensor shaped
+    """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; cos, sin: [positions, head_dim] (or
+    [positions, head_dim / 2], the half the full tables repeat) float32 with positions >= seq (row p rotates sequence position p). Returns a contiguous tensor shaped
     like x in x's dtype; gradients flow to x (the tables are constants)."""
     op = "rope"
     check_float("x", x, op)
@@ -160,7 +183,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_tables(op, "x", x, cos, sin)
     if not use_triton(x.device):
         return rope_reference(x, cos, sin)
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = packed_tables(cos, sin)
     if torch.compiler.is_compiling():
         return torch.ops.hrm_kernels.rope(x, cos, sin, False)
     return RopeFunction.apply(x, cos, sin)

@@ -44,31 +44,8 @@ import triton.language as tl
 from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
-from hrm_kernels.rope import check_tables, rotate_halves
+from hrm_kernels.rope import check_tables, packed_tables, rotate_halves
 from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
-
-
-@triton.jit
-def _half_tables(COS, SIN, rows, row_ok, stride_t, d, d_ok):
-    """cos and sin [len(rows), HALF_P] at positions ``rows``: the first (or only) half of each row."""
-    t = rows[:, None] * stride_t + d[None, :]
-    mask = row_ok[:, None] & d_ok[None, :]
-    return tl.load(COS + t, mask=mask, other=0.0), tl.load(SIN + t, mask=mask, other=0.0)
-
-
-@triton.jit
-def _rotate(x1, x2, COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF: tl.constexpr, HALF_TABLES: tl.constexpr,
-            BACKWARD: tl.constexpr):
-    """The fp32 pairs (x1, x2) [len(rows), HALF_P] at positions ``rows`` rotated (or, BACKWARD, by the
-    transpose). HALF_TABLES: the tables hold one half per row (rotate-half RoPE repeats it), so a pair
-    needs one cos and one sin load instead of two of each."""
-    if HALF_TABLES:
-        c, s = _half_tables(COS, SIN, rows, row_ok, stride_t, d, d_ok)
-        if BACKWARD:
-            return x1 * c + x2 * s, x2 * c - x1 * s
-        return x1 * c - x2 * s, x2 * c + x1 * s
-    return rotate_halves(x1, x2, COS, SIN, rows[:, None] * stride_t + d[None, :], row_ok[:, None] & d_ok[None, :],
-                         HALF, BACKWARD)
 
 
 @triton.jit
@@ -81,8 +58,8 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, stride_t, d, d_o
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
     if ROPE:
-        r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF,
-                         HALF_TABLES, False)
+        r1, r2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows[:, None] * stride_t + d[None, :],
+                               mask, HALF, False, HALF_TABLES)
         x1, x2 = r1.to(x1.dtype), r2.to(x2.dtype)
     return x1, x2
 
@@ -108,7 +85,7 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
     power of two >= 16 (tl.dot). STORE_LSE: also write each query's log2-sum-exp2 of its scaled
     scores to LSE [batch * heads, seq] (fp32), what the backward recomputes the probabilities from.
     JOIN_HALVES: q.k over the halves interleaved into one operand, as in the backward. ``stride_t``:
-    the tables' row stride; HALF_TABLES: they hold [positions, HALF] (see ``_rotate``). Each key
+    the tables' row stride; HALF_TABLES: they are [positions, HALF] (``rotate_halves``). Each key
     block's values are loaded before its scores are computed, so their latency hides behind the dot
     and the softmax (H100, Sudoku shape: 154.6 against 161.7 us)."""
     query_blocks = tl.cdiv(seq_len, BLOCK_M)
@@ -218,7 +195,8 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
             dk2 = tl.dot(tl.trans(ds), q2, input_precision=INPUT_PRECISION) * sm_scale
         k_mask = key_ok[:, None] & d_ok[None, :]
         if ROPE:
-            dk1, dk2 = _rotate(dk1, dk2, COS, SIN, keys, key_ok, stride_t, d, d_ok, HALF, HALF_TABLES, True)
+            dk1, dk2 = rotate_halves(dk1, dk2, COS, SIN, keys[:, None] * stride_t + d[None, :], k_mask, HALF, True,
+                                     HALF_TABLES)
         k_ptrs = grad_base + keys.to(tl.int64)[:, None] * stride_ds + ((n_heads + head) * head_dim + d)[None, :]
         tl.store(k_ptrs, dk1.to(DQKV.dtype.element_ty), mask=k_mask)
         tl.store(k_ptrs + HALF, dk2.to(DQKV.dtype.element_ty), mask=k_mask)
@@ -230,7 +208,8 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
     dq1, dq2 = dq1 * sm_scale, dq2 * sm_scale
     q_mask = row_ok[:, None] & d_ok[None, :]
     if ROPE:
-        dq1, dq2 = _rotate(dq1, dq2, COS, SIN, rows, row_ok, stride_t, d, d_ok, HALF, HALF_TABLES, True)
+        dq1, dq2 = rotate_halves(dq1, dq2, COS, SIN, rows[:, None] * stride_t + d[None, :], q_mask, HALF, True,
+                                 HALF_TABLES)
     q_ptrs = grad_base + rows.to(tl.int64)[:, None] * stride_ds + (head * head_dim + d)[None, :]
     tl.store(q_ptrs, dq1.to(DQKV.dtype.element_ty), mask=q_mask)
     tl.store(q_ptrs + HALF, dq2.to(DQKV.dtype.element_ty), mask=q_mask)
@@ -264,7 +243,7 @@ def _meta(qkv: torch.Tensor, cos: Optional[torch.Tensor]) -> dict:
     half = qkv.shape[-1] // 2
     return dict(HALF=half, HALF_P=max(16, next_power_of_2(half)),
                 HEAD_P=max(16, next_power_of_2(2 * half)), ROPE=cos is not None,
-                HALF_TABLES=cos is not None and cos.shape[-1] == half,
+                HALF_TABLES=cos is not None and cos.shape[-1] != 2 * half,
                 INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32")
 
 
@@ -332,17 +311,9 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.split(qkv.shape[2] // 3, dim=2)
 
 
-def full_tables(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]):
-    """Half-width tables ([positions, head_dim / 2]) repeated to the full width; others as they are."""
-    if cos is not None and cos.shape[-1] != qkv.shape[-1]:
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-    return cos, sin
-
-
 def rope_attention_reference(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor]) -> torch.Tensor:
     """HRM's eager math (``rope_reference`` on q and k, then ``F.scaled_dot_product_attention``); also
     the CPU fallback. Same shapes and dtypes as ``rope_attention``."""
-    cos, sin = full_tables(qkv, cos, sin)
     q, k, v = _split(qkv) if cos is None else rope_qkv_reference(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
@@ -353,7 +324,6 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     The result is contiguous like the kernel's (free for the SDPA backends that write [B, S, H, D])."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    cos, sin = full_tables(qkv, cos, sin)
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
@@ -378,9 +348,8 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin, or neither (no rotation)")
     if cos is not None:
-        check_tables(op, "qkv", qkv, cos, sin, half_width_ok=True)
-        if cos.stride(-1) != 1 or sin.stride() != cos.stride():  # the kernels take one row stride, packed columns
-            cos, sin = cos.contiguous(), sin.contiguous()
+        check_tables(op, "qkv", qkv, cos, sin)
+        cos, sin = packed_tables(cos, sin)
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
     if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ:

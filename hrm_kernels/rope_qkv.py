@@ -2,7 +2,7 @@
 one pass.
 
 Shapes: ``qkv``: [batch, seq, 3 * heads, head_dim] (q, k, v heads stacked on dim 2), ``cos``/``sin``:
-[positions >= seq, head_dim] fp32 tables. Returns ``(q', k', v)``, each [batch, seq, heads,
+[positions >= seq, head_dim] or [positions >= seq, head_dim / 2] fp32 tables (``hrm_kernels.rope``). Returns ``(q', k', v)``, each [batch, seq, heads,
 head_dim]: ``q', k' = rope(q), rope(k)`` (``hrm_kernels.rope``'s math, one launch for both) and
 ``v`` a view of qkv. Backward, for the three incoming gradients (any strides, as attention's
 backward returns them)::
@@ -27,13 +27,13 @@ from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import _launch as _rope_launch
-from hrm_kernels.rope import check_tables, rotate_halves, rope_reference
+from hrm_kernels.rope import check_tables, packed_tables, rotate_halves, rope_reference
 
 
 @triton.jit
 def _rope_qkv_grad_kernel(DQ, DK, DV, COS, SIN, DQKV, n_rows, seq_len, n_heads,
-                          sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h,
-                          HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr):
+                          sq_b, sq_s, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, stride_t,
+                          HALF: tl.constexpr, HALF_P: tl.constexpr, HALF_TABLES: tl.constexpr, BLOCK_M: tl.constexpr):
     """Program (row block, section * heads + head): one head's [BLOCK_M, head_dim] slice of dqkv
     from dq (section 0) or dk (1), rotated back, or from dv (2), copied."""
     head_col = tl.program_id(1)
@@ -52,7 +52,7 @@ def _rope_qkv_grad_kernel(DQ, DK, DV, COS, SIN, DQKV, n_rows, seq_len, n_heads,
     g1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     g2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     if section < 2:  # the rotation's transpose
-        g1, g2 = rotate_halves(g1, g2, COS, SIN, pos[:, None] * (2 * HALF) + d[None, :], mask, HALF, True)
+        g1, g2 = rotate_halves(g1, g2, COS, SIN, pos[:, None] * stride_t + d[None, :], mask, HALF, True, HALF_TABLES)
     out = DQKV + rows.to(tl.int64)[:, None] * (3 * n_heads * 2 * HALF) + (head_col * 2 * HALF + d)[None, :]
     tl.store(out, g1.to(DQKV.dtype.element_ty), mask=mask)
     tl.store(out + HALF, g2.to(DQKV.dtype.element_ty), mask=mask)
@@ -70,7 +70,8 @@ def _grad_launch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torc
         block_m = max(1, min(64, 4096 // half_p)) if dv.is_cuda else 16
         launch(_rope_qkv_grad_kernel, (cdiv(n_rows, block_m), 3 * heads),
                dq, dk, dv, cos, sin, dqkv, n_rows, seq, heads, *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-               HALF=half, HALF_P=half_p, BLOCK_M=block_m, num_warps=4)
+               cos.stride(0), HALF=half, HALF_P=half_p, HALF_TABLES=cos.shape[-1] != head_dim, BLOCK_M=block_m,
+               num_warps=4)
     return dqkv
 
 
@@ -100,8 +101,8 @@ def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(rope(q), rope(k), v)`` from qkv [batch, seq, 3 * heads, head_dim] (contiguous last
-    dimension); cos, sin: [positions >= seq, head_dim] float32. Gradients flow to qkv, written in
-    one pass (see the module docstring)."""
+    dimension); cos, sin: [positions >= seq, head_dim] (or head_dim / 2, see ``hrm_kernels.rope``)
+    float32. Gradients flow to qkv, written in one pass (see the module docstring)."""
     op = "rope_qkv"
     check_float("qkv", qkv, op)
     if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1:
@@ -110,4 +111,4 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     check_tables(op, "qkv", qkv, cos, sin)
     if not use_triton(qkv.device) or torch.compiler.is_compiling():
         return rope_qkv_reference(qkv, cos, sin)
-    return RopeQKVFunction.apply(qkv, cos.contiguous(), sin.contiguous())
+    return RopeQKVFunction.apply(qkv, *packed_tables(cos, sin))

@@ -31,11 +31,18 @@ def _run(fn, x, cos, sin, dout):
     return out.detach(), x.grad
 
 
-def _check(backend, x, cos, sin):
+def half_width(cos, sin):
+    """The tables' first halves as views ([positions, head_dim / 2]; HRM's tables repeat them)."""
+    return tuple(t[:, : t.shape[1] // 2] for t in (cos, sin))
+
+
+def _check(backend, x, cos, sin, tables="full"):
+    """rope's output and gradient against float64 (full tables), given ``tables`` full or half-width."""
     dout = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    given = (cos, sin) if tables == "full" else half_width(cos, sin)
     with use_backend(backend):
-        got = _run(rope, x, cos, sin, dout)
-    eager = _run(rope_reference, x, cos, sin, dout)
+        got = _run(rope, x, *given, dout)
+    eager = _run(rope_reference, x, *given, dout)
     ref = _run(rope64, x.double(), cos, sin, dout.double())
     for name, g, e, r in zip(("out", "dx"), got, eager, ref):
         assert g.dtype == x.dtype and g.shape == x.shape
@@ -44,13 +51,14 @@ def _check(backend, x, cos, sin):
             assert_float32_math(f"{x.dtype} {tuple(x.shape)} {name}", e, r)
 
 
+@pytest.mark.parametrize("tables", ["full", "half"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64(backend, dtype, shape):
+def test_matches_float64(backend, dtype, shape, tables):
     b, s, h, d = shape
     cos, sin = _tables(s + 3, d)  # tables longer than the sequence, as in the model
-    _check(backend, torch.randn(shape, device=DEVICE, dtype=dtype), cos, sin)
+    _check(backend, torch.randn(shape, device=DEVICE, dtype=dtype), cos, sin, tables)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -84,6 +92,8 @@ def test_clear_errors():
         rope(torch.randn(2, 8, 6, device=DEVICE), cos, sin)
     with pytest.raises(ValueError, match="positions >= seq"):
         rope(torch.randn(1, 9, 2, 6, device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="or \\[positions >= seq, head_dim / 2\\] tables"):  # width 2: neither
+        rope(torch.randn(1, 8, 2, 6, device=DEVICE), cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="cos must be a float32"):
         rope(torch.randn(1, 8, 2, 6, device=DEVICE), cos.double(), sin)
     with pytest.raises(TypeError, match="x has dtype torch.int64"):

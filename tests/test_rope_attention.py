@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hrm_kernels import rope_attention, rope_attention_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.reference64 import assert_float32_math, rope_attention64
-from tests.test_rope import _tables
+from tests.test_rope import _tables, half_width
 from tests.tolerance import assert_close_to_reference
 
 # The module (its name is shadowed by the function in the package namespace).
@@ -149,7 +149,7 @@ def test_half_width_tables_match_float64(shape, dtype, layout, monkeypatch):
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 2, d)
-    half_cos, half_sin = cos[:, : d // 2], sin[:, : d // 2]
+    half_cos, half_sin = half_width(cos, sin)
     if layout == "packed":
         half_cos, half_sin = half_cos.contiguous(), half_sin.contiguous()
     dout = torch.randn(b, s, h, d, device=DEVICE)
@@ -178,7 +178,7 @@ def test_gradient_path_of_longer_sequences(backend, monkeypatch):
     with use_backend(backend):
         got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
         # half-width tables take the same path (repeated to the full width for rope_qkv)
-        half = _out_and_grad(rope_attention, qkv, cos[:, : d // 2], sin[:, : d // 2], dout)
+        half = _out_and_grad(rope_attention, qkv, *half_width(cos, sin), dout)
     assert backward == []
     for g, g_half in zip(got, half):
         torch.testing.assert_close(g_half, g, atol=0, rtol=0)
@@ -296,7 +296,7 @@ def test_clear_errors():
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos, None)
     with pytest.raises(ValueError, match="positions >= seq"):
         rope_attention(torch.randn(1, 9, 3, 6, device=DEVICE), cos, sin)
-    with pytest.raises(ValueError, match="head_dim / 2\\] tables"):  # neither head_dim nor its half wide
+    with pytest.raises(ValueError, match="head_dim / 2\\] tables"):  # width 2: neither head_dim nor its half
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos[:, :2], sin[:, :2])
     with pytest.raises(ValueError, match="cos must be a float32"):
         rope_attention(torch.randn(1, 8, 3, 6, device=DEVICE), cos.double(), sin)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hrm_kernels import rope_qkv, rope_qkv_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls
 from tests.reference64 import assert_float32_math, rope_qkv64
-from tests.test_rope import _tables
+from tests.test_rope import _tables, half_width
 from tests.tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bf16 runs in the interpreter too
@@ -29,17 +29,20 @@ def _attention_grad(fn, qkv, cos, sin, weight):
     return out.detach(), qkv.grad
 
 
+@pytest.mark.parametrize("tables", ["full", "half"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_through_attention_matches_float64(backend, dtype, shape):
+def test_through_attention_matches_float64(backend, dtype, shape, tables):
+    """Output and dqkv against float64 (full tables), given full or half-width tables."""
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 2, d)
+    given = (cos, sin) if tables == "full" else half_width(cos, sin)
     weight = torch.randn(b, s, h, d, device=DEVICE)
     with use_backend(backend):
-        got = _attention_grad(rope_qkv, qkv, cos, sin, weight)
-    eager = _attention_grad(rope_qkv_reference, qkv, cos, sin, weight)
+        got = _attention_grad(rope_qkv, qkv, *given, weight)
+    eager = _attention_grad(rope_qkv_reference, qkv, *given, weight)
     ref = _attention_grad(rope_qkv64, qkv.double(), cos, sin, weight.double())
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
         assert g.dtype == dtype
