@@ -33,9 +33,14 @@ def _tables(seq, head_dim):
     return RotaryEmbedding(head_dim, seq, 10000.0).cuda()()
 
 
+def _half(cos, sin):
+    """The tables' first halves, as hrm.layers.Attention passes them to the kernels."""
+    return cos[:, : cos.shape[1] // 2], sin[:, : sin.shape[1] // 2]
+
+
 def _fused(qkv, cos, sin):
     """``rope_attention`` given the tables' first halves, as hrm.layers.Attention passes them."""
-    return rope_attention(qkv, cos[:, : cos.shape[1] // 2], sin[:, : sin.shape[1] // 2])
+    return rope_attention(qkv, *_half(cos, sin))
 
 
 def _triton(qkv, cos, sin):
@@ -43,9 +48,14 @@ def _triton(qkv, cos, sin):
         return _fused(qkv, cos, sin)
 
 
+def _composed(qkv, cos, sin):
+    """The unfused path (rope_qkv + SDPA) given the same half-width tables."""
+    return kernel_module._composed(qkv, *_half(cos, sin))
+
+
 def _rope_kernel_then_sdpa(qkv, cos, sin):
     with use_backend("triton"), torch.no_grad():
-        return kernel_module._composed(qkv, cos, sin)
+        return _composed(qkv, cos, sin)
 
 
 def _eager(qkv, cos, sin):
@@ -121,7 +131,7 @@ def against_model_path() -> str:
                       functools.partial(_rope_kernel_then_sdpa, *args), 4 * b * h * s * s * d))
         args = _grad_inputs((b, s, h, d))
         cases.append((label + " fwd+bwd", functools.partial(_fwd_bwd, _fused, *args),
-                      functools.partial(_fwd_bwd, kernel_module._composed, *args), 14 * b * h * s * s * d))
+                      functools.partial(_fwd_bwd, _composed, *args), 14 * b * h * s * s * d))
     return against_unfused(cases, "rope(_qkv) + SDPA")
 
 

@@ -44,7 +44,7 @@ PROVIDERS = ("eager", "eager+compile", "fused", "fused+compile")
 SWITCHES = {
     "rope_attention": ("hrm.layers", "Attention", "FUSED_NO_GRAD"),  # RoPE + attention, no-grad
     "rope_attention_grad": ("hrm.layers", "Attention", "FUSED_GRAD"),  # ... and its fused backward
-    "rope_half_tables": ("hrm.layers", "Attention", "HALF_TABLES"),  # rope_attention reads half the tables
+    "rope_half_tables": ("hrm.layers", "Attention", "HALF_TABLES"),  # the RoPE kernels read the tables' first halves
     "rope_qkv": ("hrm.layers", "Attention", "ROPE_QKV"),  # RoPE with a one-pass dqkv backward
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad

@@ -204,14 +204,17 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.split(self.num_heads, dim=2)  # each [batch, seq, heads, head_dim]
             if cos_sin is not None:  # q and k rotated together: one strided slice of qkv
-                q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *cos_sin).split(self.num_heads, dim=2)
+                q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *self._kernel_tables(cos_sin, qkv.device)
+                                  ).split(self.num_heads, dim=2)
         return self._attend(q, k, v).reshape(batch, seq, hidden)
 
     def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
-        """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views;
-        RotaryEmbedding's tables repeat them), one table load per rotated pair instead of two.
-        The eager backend gets the full tables, the reference's work."""
-        if not self.HALF_TABLES or not use_triton(device):
+        """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views),
+        one table load per rotated pair instead of two. This relies on the tables repeating their
+        halves, as RotaryEmbedding's do (rotate-half RoPE); tables that do not would rotate
+        differently here than on the eager backend and under torch.compile, which get the full
+        tables (the reference's work)."""
+        if not self.HALF_TABLES or not use_triton(device) or torch.compiler.is_compiling():
             return cos_sin
         return tuple(t[:, : self.head_dim // 2] for t in cos_sin)
 
@@ -225,7 +228,8 @@ class Attention(nn.Module):
         kv = F.linear(h, weight[hidden:])
         k, v = kv.view(batch, seq, 2 * self.num_heads, self.head_dim).split(self.num_heads, dim=2)
         if cos_sin is not None:
-            q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)  # q at position 0, k at all
+            cos, sin = self._kernel_tables(cos_sin, h.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q at position 0, k at all
         return self._attend(q, k, v).reshape(batch, 1, hidden)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

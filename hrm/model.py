@@ -263,8 +263,8 @@ class HRMInner(nn.Module):
         require grad."""
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
-                Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Block.FUSED_NO_GRAD,
-                Block.FUSED_GRAD_RESIDUAL,
+                Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
+                Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))

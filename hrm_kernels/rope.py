@@ -76,6 +76,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     """x: [B, S, H, Dh] (see ``_rows_view``) -> contiguous [B, S, H, Dh]."""
     batch, seq, heads, head_dim = x.shape
     x = _rows_view(x)
+    cos, sin = packed_tables(cos, sin)
     out = torch.empty((batch, seq, heads, head_dim), dtype=x.dtype, device=x.device)
     n_rows, n_cols = batch * seq, heads * head_dim // 2
     if out.numel():
@@ -163,8 +164,8 @@ def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: 
     for name, t in (("cos", cos), ("sin", sin)):
         check_same(op, x_name, x, name, t, shape=False, dtype=False)
         if t.dtype != torch.float32 or t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim] table, got {t.dtype} "
-                             f"{tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim (or head_dim / 2)] table, "
+                             f"got {t.dtype} {tuple(t.shape)}")
     if cos.shape != sin.shape or cos.shape[1] not in (x.shape[-1], x.shape[-1] // 2) or cos.shape[0] < x.shape[1]:
         raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for {x_name} "
                          f"{tuple(x.shape)}; need [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] "
@@ -173,8 +174,9 @@ def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE. x: [batch, seq, heads, head_dim]; cos, sin: [positions, head_dim] (or
-    [positions, head_dim / 2], the half the full tables repeat) float32 with positions >= seq (row p rotates sequence position p). Returns a contiguous tensor shaped
-    like x in x's dtype; gradients flow to x (the tables are constants)."""
+    [positions, head_dim / 2], the half the full tables repeat) float32 with positions >= seq (row
+    p rotates sequence position p). Returns a contiguous tensor shaped like x in x's dtype;
+    gradients flow to x (the tables are constants)."""
     op = "rope"
     check_float("x", x, op)
     if x.dim() != 4 or x.shape[-1] % 2:
@@ -183,7 +185,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     check_tables(op, "x", x, cos, sin)
     if not use_triton(x.device):
         return rope_reference(x, cos, sin)
-    cos, sin = packed_tables(cos, sin)
     if torch.compiler.is_compiling():
         return torch.ops.hrm_kernels.rope(x, cos, sin, False)
     return RopeFunction.apply(x, cos, sin)

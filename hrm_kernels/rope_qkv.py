@@ -2,8 +2,9 @@
 one pass.
 
 Shapes: ``qkv``: [batch, seq, 3 * heads, head_dim] (q, k, v heads stacked on dim 2), ``cos``/``sin``:
-[positions >= seq, head_dim] or [positions >= seq, head_dim / 2] fp32 tables (``hrm_kernels.rope``). Returns ``(q', k', v)``, each [batch, seq, heads,
-head_dim]: ``q', k' = rope(q), rope(k)`` (``hrm_kernels.rope``'s math, one launch for both) and
+[positions >= seq, head_dim] or [positions >= seq, head_dim / 2] fp32 tables (``hrm_kernels.rope``).
+Returns ``(q', k', v)``, each [batch, seq, heads, head_dim]: ``q', k' = rope(q), rope(k)``
+(``hrm_kernels.rope``'s math, one launch for both) and
 ``v`` a view of qkv. Backward, for the three incoming gradients (any strides, as attention's
 backward returns them)::
 
@@ -62,6 +63,7 @@ def _grad_launch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torc
                  sin: torch.Tensor) -> torch.Tensor:
     batch, seq, heads, head_dim = dv.shape
     dq, dk, dv = (g if g.stride(-1) == 1 else g.contiguous() for g in (dq, dk, dv))
+    cos, sin = packed_tables(cos, sin)
     dqkv = torch.empty((batch, seq, 3 * heads, head_dim), dtype=dv.dtype, device=dv.device)
     n_rows = batch * seq
     if dqkv.numel():
@@ -111,4 +113,4 @@ def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     check_tables(op, "qkv", qkv, cos, sin)
     if not use_triton(qkv.device) or torch.compiler.is_compiling():
         return rope_qkv_reference(qkv, cos, sin)
-    return RopeQKVFunction.apply(qkv, *packed_tables(cos, sin))
+    return RopeQKVFunction.apply(qkv, cos, sin)

@@ -105,6 +105,9 @@ for dt in ("bf16", "fp16", "fp32"):
                                                     {"X": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt},
                                                     dict(HALF=32, BACKWARD=True, HALF_TABLES=True, BLOCK_M=16,
                                                          BLOCK_N=256), 8, 3),
+        "rope, full-width tables": (module("rope")._rope_kernel,
+                                    {"X": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt},
+                                    dict(HALF=32, BACKWARD=False, HALF_TABLES=False, BLOCK_M=16, BLOCK_N=256), 8, 3),
         "rope_qkv backward": (module("rope_qkv")._rope_qkv_grad_kernel,
                               {"DQ": "*" + dt, "DK": "*" + dt, "DV": "*" + dt, "DQKV": "*" + dt, "COS": "*fp32",
                                "SIN": "*fp32"},
@@ -152,5 +155,5 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 8 kernels x 3 dtypes, and gated_blend's 5 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
-    assert proc.stdout.count("ok ") == 24 + 6 * (2 + 2 + 1), proc.stdout
+    # 9 kernel forms x 3 dtypes, and gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
+    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1), proc.stdout

@@ -36,10 +36,28 @@ def half_width(cos, sin):
     return tuple(t[:, : t.shape[1] // 2] for t in (cos, sin))
 
 
+def table_layouts(cos, sin) -> dict:
+    """The same rotation as tables in each layout the kernels must read in place or repack: full,
+    the first halves as views (the model's) or packed, full rows of a wider buffer whose extra
+    columns are NaN (a kernel reading past a row shows), cos and sin with different strides."""
+    half = cos.shape[1] // 2
+
+    def wide(t):
+        return torch.cat((t, torch.full_like(t, float("nan"))), dim=1)[:, : 2 * half]
+
+    return {"full": (cos, sin), "half_view": half_width(cos, sin),
+            "half_packed": tuple(t.contiguous() for t in half_width(cos, sin)),
+            "full_strided": (wide(cos), wide(sin)), "mixed_strides": (cos[:, :half], sin[:, :half].contiguous())}
+
+
+LAYOUTS = ["full", "half_view", "half_packed", "full_strided", "mixed_strides"]
+
+
 def _check(backend, x, cos, sin, tables="full"):
-    """rope's output and gradient against float64 (full tables), given ``tables`` full or half-width."""
+    """rope's output and gradient against float64 (full tables), given the tables in the layout
+    ``tables`` (``table_layouts``)."""
     dout = torch.randn(x.shape, device=x.device, dtype=x.dtype)
-    given = (cos, sin) if tables == "full" else half_width(cos, sin)
+    given = table_layouts(cos, sin)[tables]
     with use_backend(backend):
         got = _run(rope, x, *given, dout)
     eager = _run(rope_reference, x, *given, dout)
@@ -51,7 +69,7 @@ def _check(backend, x, cos, sin, tables="full"):
             assert_float32_math(f"{x.dtype} {tuple(x.shape)} {name}", e, r)
 
 
-@pytest.mark.parametrize("tables", ["full", "half"])
+@pytest.mark.parametrize("tables", ["full", "half_view"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -59,6 +77,23 @@ def test_matches_float64(backend, dtype, shape, tables):
     b, s, h, d = shape
     cos, sin = _tables(s + 3, d)  # tables longer than the sequence, as in the model
     _check(backend, torch.randn(shape, device=DEVICE, dtype=dtype), cos, sin, tables)
+
+
+@pytest.mark.parametrize("tables", LAYOUTS)
+def test_table_layouts(tables):
+    """Every table layout (``table_layouts``) through the kernel, forward and backward, odd sizes."""
+    cos, sin = _tables(11, 10)
+    _check("triton", torch.randn(2, 9, 3, 10, device=DEVICE), cos, sin, tables)
+
+
+def test_custom_op_repacks_tables_itself():
+    """The registered op (what torch.compile calls) with cos and sin of different strides: the
+    launcher repacks them, as the public function would."""
+    cos, sin = _tables(7, 8)
+    x = torch.randn(1, 7, 2, 8, device=DEVICE)
+    with use_backend("triton"):
+        got = torch.ops.hrm_kernels.rope(x, cos[:, :4], sin[:, :4].contiguous(), False)
+    torch.testing.assert_close(got.double(), rope64(x.double(), cos, sin), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hrm_kernels import rope_attention, rope_attention_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.reference64 import assert_float32_math, rope_attention64
-from tests.test_rope import _tables, half_width
+from tests.test_rope import LAYOUTS, _tables, half_width, table_layouts
 from tests.tolerance import assert_close_to_reference
 
 # The module (its name is shadowed by the function in the package namespace).
@@ -163,6 +163,20 @@ def test_half_width_tables_match_float64(shape, dtype, layout, monkeypatch):
     ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
         assert_close_to_reference(f"{dtype} {shape} half tables {name}", g, e, r)
+
+
+@pytest.mark.parametrize("tables", LAYOUTS)
+def test_table_layouts(tables):
+    """Every table layout (``tests.test_rope.table_layouts``) through both kernels, against float64."""
+    b, s, h, d = 2, 13, 2, 24
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE)
+    cos, sin = _tables(s + 1, d)
+    dout = torch.randn(b, s, h, d, device=DEVICE)
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *table_layouts(cos, sin)[tables], dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    for name, g, r in zip(("out", "dqkv"), got, ref):
+        torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-5, msg=f"{tables} {name}")
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hrm_kernels import rope_qkv, rope_qkv_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls
 from tests.reference64 import assert_float32_math, rope_qkv64
-from tests.test_rope import _tables, half_width
+from tests.test_rope import LAYOUTS, _tables, table_layouts
 from tests.tolerance import assert_close_to_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no tl.dot: bf16 runs in the interpreter too
@@ -29,16 +29,17 @@ def _attention_grad(fn, qkv, cos, sin, weight):
     return out.detach(), qkv.grad
 
 
-@pytest.mark.parametrize("tables", ["full", "half"])
+@pytest.mark.parametrize("tables", ["full", "half_view"])
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_through_attention_matches_float64(backend, dtype, shape, tables):
-    """Output and dqkv against float64 (full tables), given full or half-width tables."""
+    """Output and dqkv against float64 (full tables), given the tables in the layout ``tables``
+    (``tests.test_rope.table_layouts``)."""
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 2, d)
-    given = (cos, sin) if tables == "full" else half_width(cos, sin)
+    given = table_layouts(cos, sin)[tables]
     weight = torch.randn(b, s, h, d, device=DEVICE)
     with use_backend(backend):
         got = _attention_grad(rope_qkv, qkv, *given, weight)
@@ -49,6 +50,12 @@ def test_through_attention_matches_float64(backend, dtype, shape, tables):
         assert_close_to_reference(f"{backend} {dtype} {shape} {name}", g, e, r)
         if dtype == torch.float32:
             assert_float32_math(f"{dtype} {shape} {name}", e, r)
+
+
+@pytest.mark.parametrize("tables", LAYOUTS)
+def test_table_layouts(tables):
+    """Every table layout through the forward and the one-pass dqkv kernel, odd sizes."""
+    test_through_attention_matches_float64("triton", torch.float32, (2, 7, 3, 10), tables)
 
 
 @pytest.mark.parametrize("used", [(0,), (1, 2), (2,)], ids=["q_only", "k_v", "v_only"])
