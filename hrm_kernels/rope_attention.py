@@ -135,8 +135,8 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, 
 def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len, n_heads, stride_b, stride_s,
                                     stride_ob, stride_os, stride_gb, stride_gs, stride_db, stride_ds, stride_t,
                                     qk_scale, sm_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
-                                    ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                                    ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """Program (batch * head): every query of the sequence in one [BLOCK_M >= seq_len] block; the keys
     BLOCK_N at a time. Writes dq, dk, dv of this head into DQKV ([batch, seq, 3 * heads, head_dim]
     layout), dq and dk rotated back. ``sm_scale`` = 1 / sqrt(head_dim). JOIN_HALVES: the products over
