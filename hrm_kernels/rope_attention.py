@@ -224,6 +224,8 @@ MAX_FUSED_SEQ = 128
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
 # Session 9 sweep (H100, 768 x 82 x 8 x 64 bf16, forward GPU time): (128, 32, 4, 1) joined 158.9 us,
 # halves 170.5; (64, 64, 4, 1, joined) 183.6; 2 stages 228-234; query blocks of 32 317-594.
+# Session 20 (half-width tables, values loaded early): 148.5 us; 2 stages 157.6; 8 warps 176-234;
+# 64-query blocks 180-225; capping registers at 128 (maxnreg, 224 otherwise) 145.3, not adopted.
 CUDA_CONFIG = (128, 32, 4, 1, True)
 INTERPRETER_CONFIG = (16, 16, 4, 1, False)  # the same, for CPU tensors (small tiles keep it quick)
 
