@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
-from hrm_kernels import rope_attention, rope_attention_reference, use_backend
+from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend
 
 kernel_module = importlib.import_module("hrm_kernels.rope_attention")
 
@@ -33,14 +33,9 @@ def _tables(seq, head_dim):
     return RotaryEmbedding(head_dim, seq, 10000.0).cuda()()
 
 
-def _half(cos, sin):
-    """The tables' first halves, as hrm.layers.Attention passes them to the kernels."""
-    return cos[:, : cos.shape[1] // 2], sin[:, : sin.shape[1] // 2]
-
-
 def _fused(qkv, cos, sin):
     """``rope_attention`` given the tables' first halves, as hrm.layers.Attention passes them."""
-    return rope_attention(qkv, *_half(cos, sin))
+    return rope_attention(qkv, *first_halves(cos, sin))
 
 
 def _triton(qkv, cos, sin):
@@ -50,7 +45,7 @@ def _triton(qkv, cos, sin):
 
 def _composed(qkv, cos, sin):
     """The unfused path (rope_qkv + SDPA) given the same half-width tables."""
-    return kernel_module._composed(qkv, *_half(cos, sin))
+    return kernel_module._composed(qkv, *first_halves(cos, sin))
 
 
 def _rope_kernel_then_sdpa(qkv, cos, sin):

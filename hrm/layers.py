@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import (linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv, rope_reference, swiglu,
-                         swiglu_linear)
+from hrm_kernels import (first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv,
+                         rope_reference, swiglu, swiglu_linear)
 from hrm_kernels.backend import use_triton
 
 def _import_flash_attn():
@@ -216,7 +216,7 @@ class Attention(nn.Module):
         tables (the reference's work)."""
         if not self.HALF_TABLES or not use_triton(device) or torch.compiler.is_compiling():
             return cos_sin
-        return tuple(t[:, : self.head_dim // 2] for t in cos_sin)
+        return first_halves(*cos_sin)
 
     def first_query_heads(self, h: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``heads(h, cos_sin)[:, :1]``, position 0's query against every key: [batch, 1, hidden].

@@ -13,7 +13,7 @@ from hrm_kernels.linear_swiglu import linear_swiglu, linear_swiglu_reference
 from hrm_kernels.modules import RMSNorm, SwiGLU
 from hrm_kernels.precompile import compile_ahead
 from hrm_kernels.rms_norm import rms_norm, rms_norm_reference
-from hrm_kernels.rope import rope, rope_reference
+from hrm_kernels.rope import first_halves, rope, rope_reference
 from hrm_kernels.rope_attention import rope_attention, rope_attention_reference
 from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
 from hrm_kernels.swiglu import swiglu, swiglu_reference
@@ -25,7 +25,7 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "compile_ahead",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "gated_blend", "gated_blend_reference", "linear_swiglu", "linear_swiglu_reference",
-    "linear_add_rms_norm", "linear_add_rms_norm_reference", "rope", "rope_reference", "rope_attention", "rope_attention_reference",
+    "linear_add_rms_norm", "linear_add_rms_norm_reference", "first_halves", "rope", "rope_reference", "rope_attention", "rope_attention_reference",
     "rope_qkv", "rope_qkv_reference", "swiglu_linear", "swiglu_linear_reference",
     "RMSNorm", "SwiGLU",
     "AdamATan2",

@@ -141,6 +141,13 @@ def full_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[to
     return cos, sin
 
 
+def first_halves(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half-width tables [positions, head_dim / 2] of full rotate-half ones (views, no copy):
+    exact only for tables that repeat their halves, as RoPE's usual ``cat((freqs, freqs))`` does."""
+    half = cos.shape[1] // 2
+    return cos[:, :half], sin[:, :half]
+
+
 def packed_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The tables as the kernels read them: contiguous columns and one row stride for both (a view
     such as ``cos[:, :head_dim // 2]`` is read in place)."""

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hrm_kernels import rope, rope_reference, use_backend
+from hrm_kernels import first_halves, rope, rope_reference, use_backend
 from tests.conftest import CUDA, DEVICE, requires_cuda
 from tests.reference64 import assert_float32_math, rope64
 from tests.tolerance import assert_close_to_reference
@@ -31,11 +31,6 @@ def _run(fn, x, cos, sin, dout):
     return out.detach(), x.grad
 
 
-def half_width(cos, sin):
-    """The tables' first halves as views ([positions, head_dim / 2]; HRM's tables repeat them)."""
-    return tuple(t[:, : t.shape[1] // 2] for t in (cos, sin))
-
-
 def table_layouts(cos, sin) -> dict:
     """The same rotation as tables in each layout the kernels must read in place or repack: full,
     the first halves as views (the model's) or packed, full rows of a wider buffer whose extra
@@ -45,8 +40,8 @@ def table_layouts(cos, sin) -> dict:
     def wide(t):
         return torch.cat((t, torch.full_like(t, float("nan"))), dim=1)[:, : 2 * half]
 
-    return {"full": (cos, sin), "half_view": half_width(cos, sin),
-            "half_packed": tuple(t.contiguous() for t in half_width(cos, sin)),
+    return {"full": (cos, sin), "half_view": first_halves(cos, sin),
+            "half_packed": tuple(t.contiguous() for t in first_halves(cos, sin)),
             "full_strided": (wide(cos), wide(sin)), "mixed_strides": (cos[:, :half], sin[:, :half].contiguous())}
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hrm_kernels import rope_attention, rope_attention_reference, use_backend
+from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend
 from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.reference64 import assert_float32_math, rope_attention64
-from tests.test_rope import LAYOUTS, _tables, half_width, table_layouts
+from tests.test_rope import LAYOUTS, _tables, table_layouts
 from tests.tolerance import assert_close_to_reference
 
 # The module (its name is shadowed by the function in the package namespace).
@@ -149,7 +149,7 @@ def test_half_width_tables_match_float64(shape, dtype, layout, monkeypatch):
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
     cos, sin = _tables(s + 2, d)
-    half_cos, half_sin = half_width(cos, sin)
+    half_cos, half_sin = first_halves(cos, sin)
     if layout == "packed":
         half_cos, half_sin = half_cos.contiguous(), half_sin.contiguous()
     dout = torch.randn(b, s, h, d, device=DEVICE)
@@ -192,7 +192,7 @@ def test_gradient_path_of_longer_sequences(backend, monkeypatch):
     with use_backend(backend):
         got = _out_and_grad(rope_attention, qkv, cos, sin, dout)
         # half-width tables take the same path (repeated to the full width for rope_qkv)
-        half = _out_and_grad(rope_attention, qkv, *half_width(cos, sin), dout)
+        half = _out_and_grad(rope_attention, qkv, *first_halves(cos, sin), dout)
     assert backward == []
     for g, g_half in zip(got, half):
         torch.testing.assert_close(g_half, g, atol=0, rtol=0)
