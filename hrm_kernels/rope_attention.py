@@ -217,7 +217,9 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 
 # Sequences up to this length run in the kernels (the backward holds them in one query block); longer
 # ones run as rope_qkv + SDPA, which at HRM's ARC length (901) was 2x faster than the forward kernel
-# on an H100 (benchmarks/RESULTS.md).
+# on an H100 (session 5). Session 21 re-swept the forward there (36 tiles, H100, 96 x 901 x 8 x 64
+# bf16): best 822 us (128 queries, 64 keys, 8 warps, 1 stage; 702 without RoPE) against 631 us for
+# rope_qkv + cuDNN (514 for cuDNN alone), so no-gradient calls keep that route too (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
