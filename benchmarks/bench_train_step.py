@@ -54,6 +54,7 @@ SWITCHES = {
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul
+    "gluon_swiglu": ("hrm_kernels.linear_swiglu", None, "USE_GLUON"),  # no-grad gate_up + SwiGLU: warp-specialised Gluon GEMM
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
 

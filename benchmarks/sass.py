@@ -44,6 +44,19 @@ def compile_for_sm90(fn, types: dict, consts: dict, num_warps: int, num_stages: 
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def compile_gluon_for_sm90(fn, args: dict, consts: dict, num_warps: int):
+    """``fn`` (a ``@gluon.jit`` kernel) compiled for sm_90. ``args``: its non-constexpr arguments by
+    name, as they would be launched (host TMA descriptors, which CPU tensors can back, or ints);
+    ``consts``: the constexpr ones."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in consts else mangle_type(args[n]) for n in names}
+    src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+
+
 def _cuobjdump(compiled, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

@@ -21,7 +21,10 @@ backward kernel::
 
 Most of an HRM training step's forward passes run without gradients (all but the last L and H
 steps of a segment, and the whole continue-target pass), where the persistent TMA kernel beats
-cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there.
+cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there. On a
+Hopper GPU with bf16/fp16 those launches can run ``hrm_kernels._gluon_gemm``'s warp-specialised
+GEMM with the same epilogue instead (``USE_GLUON``, off until measured; it computes the sigmoid
+exactly).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hrm_kernels import _gluon_gemm
 from hrm_kernels._math import fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2
 from hrm_kernels.backend import use_triton
@@ -144,6 +148,12 @@ GROUP_M = 8
 TMA_CONFIG = (128, 128, 64, 8, 3, False, False)
 USE_TMA = True
 TMA_STORES_GATE_UP = False
+# USE_GLUON: launches that keep no gate_up run the warp-specialised Gluon GEMM with the SwiGLU
+# epilogue (hrm_kernels._gluon_gemm) where it can run (Hopper, bf16/fp16, K and I multiples of 8).
+# Off until measured in this form: its prototype (session 21, H100, bf16, M=62976, K=512, I=1536,
+# no rounding of gate and up before the activation) took 323 us against 361 for the TMA kernel, but
+# this version, and its effect on the training step, have not run on a GPU yet.
+USE_GLUON = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -236,7 +246,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
     gate_up = torch.empty((n_rows, 2 * inter) if store_gate_up else (0, 2 * inter), dtype=x.dtype,
                           device=x.device)
-    if out.numel() and _tma_ok(x, weight, store_gate_up):
+    if out.numel() and USE_GLUON and not store_gate_up and _gluon_gemm.supported(x, weight, "swiglu"):
+        out = _gluon_gemm.gemm(x, weight, "swiglu")
+    elif out.numel() and _tma_ok(x, weight, store_gate_up):
         _launch_tma(x, weight, out, gate_up, store_gate_up)
     elif out.numel():
         block_m, block_n, block_k, num_warps, num_stages = tiled_config(x.is_cuda, x.element_size())

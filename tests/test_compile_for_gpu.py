@@ -28,7 +28,7 @@ try:
     from triton.compiler import ASTSource
 except ImportError as e:
     print("SKIP", e); sys.exit(0)
-from benchmarks.sass import H100_SHARED, compile_for_sm90 as compile_kernel
+from benchmarks.sass import H100_SHARED, compile_for_sm90 as compile_kernel, compile_gluon_for_sm90 as compile_gluon_kernel, resources
 
 def module(name):
     return importlib.import_module("hrm_kernels." + name)
@@ -143,6 +143,28 @@ for dt in ("bf16", "fp16", "fp32"):
         except Exception as e:
             failures += 1
             print("FAILED", name, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    if dt == "fp32":  # the Gluon GEMM takes 2-byte operands only
+        continue
+    gg = module("_gluon_gemm")
+    if not gg._HAVE_GLUON:  # linear_swiglu keeps its Triton kernels with such a Triton
+        print("NO-GLUON this Triton has no Gluon Hopper API"); continue
+    for epilogue in gg.EPILOGUES:  # at the model's sizes: M = 62976 rows, K = 512, 3072 weight rows
+        x = torch.empty(62976, 512, dtype=TORCH[dt])
+        w = torch.empty(3072, 512, dtype=TORCH[dt])
+        out = torch.empty(62976, 1536 if epilogue == "swiglu" else 3072, dtype=TORCH[dt])
+        x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
+        try:
+            compiled = compile_gluon_kernel(gg._gemm_kernel, dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc,
+                                            M=62976, N_OUT=out.shape[1], K=512),
+                                            dict(STAGES=gg.CONFIGS[epilogue][3], EPILOGUE=gg.EPILOGUES[epilogue],
+                                                 CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon GEMM", epilogue, dt)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon GEMM", epilogue, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
 sys.exit(1 if failures else 0)
 '''
 
@@ -155,5 +177,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 9 kernel forms x 3 dtypes, and gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for fp32)
-    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1), proc.stdout
+    # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
+    # fp32), and the Gluon GEMM's 2 epilogues x 2 dtypes
+    gluon = 0 if "NO-GLUON" in proc.stdout else 2 * 2
+    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

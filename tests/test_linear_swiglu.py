@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from hrm_kernels import linear_swiglu, linear_swiglu_reference, use_backend
+from hrm_kernels import _gluon_gemm, linear_swiglu, linear_swiglu_reference, use_backend
 from tests.conftest import CUDA, DEVICE, requires_cuda
 from tests.reference64 import assert_float32_math, linear_swiglu64
 from tests.tolerance import assert_close_to_reference
@@ -34,13 +34,19 @@ class Kernel:
             assert self.tma_launches > 0, "the TMA kernel did not run"
 
 
-@pytest.fixture(params=["tiles", "tma"])
+GLUON = CUDA and _gluon_gemm.available(torch.device("cuda"))
+requires_gluon = pytest.mark.skipif(not GLUON, reason="the Gluon GEMM runs on a Hopper GPU")
+
+
+@pytest.fixture(params=["tiles", "tma", pytest.param("gluon", marks=requires_gluon)])
 def kernel(request, monkeypatch):
-    """Both Triton kernels: the plain tiled one and the persistent TMA one (where the alignment
-    lets it run; otherwise the tiled one, which the shapes below also cover)."""
+    """The Triton kernels: the plain tiled one and the persistent TMA one (where the alignment lets
+    it run; otherwise the tiled one, which the shapes below also cover); on a Hopper GPU also the
+    Gluon GEMM for the launches without a gradient (TMA and tiles for the others)."""
     module = importlib.import_module("hrm_kernels.linear_swiglu")
-    monkeypatch.setattr(module, "USE_TMA", request.param == "tma")
+    monkeypatch.setattr(module, "USE_TMA", request.param != "tiles")
     monkeypatch.setattr(module, "TMA_STORES_GATE_UP", request.param == "tma")
+    monkeypatch.setattr(module, "USE_GLUON", request.param == "gluon")
     chosen = Kernel(request.param)
     launch = module._launch_tma
 
@@ -155,6 +161,7 @@ def test_tma_kernel_runs_where_aligned(monkeypatch):
     launch = module._launch_tma
     monkeypatch.setattr(module, "USE_TMA", True)
     monkeypatch.setattr(module, "TMA_STORES_GATE_UP", True)
+    monkeypatch.setattr(module, "USE_GLUON", False)
     monkeypatch.setattr(module, "_launch_tma", lambda *a, **k: calls.append(a[0].shape) or launch(*a, **k))
     for (lead, k, inter), expect in [(SHAPES[0], True), (SHAPES[2], False), (SHAPES[3], False)]:
         calls.clear()
@@ -172,6 +179,7 @@ def test_default_tma_only_for_launches_without_gate_up(monkeypatch):
         pytest.skip("the TMA kernel runs on compute capability 9.x and 10.x")
     module = importlib.import_module("hrm_kernels.linear_swiglu")
     assert module.USE_TMA and not module.TMA_STORES_GATE_UP
+    monkeypatch.setattr(module, "USE_GLUON", False)  # on a Hopper GPU the Gluon GEMM takes those (below)
     stored = []
     launch = module._launch_tma
     monkeypatch.setattr(module, "_launch_tma", lambda *a, **k: stored.append(a[4]) or launch(*a, **k))
@@ -184,3 +192,58 @@ def test_default_tma_only_for_launches_without_gate_up(monkeypatch):
     for out in (no_grad, trained):
         torch.testing.assert_close(out.double(), want, atol=2e-3, rtol=2e-3)
     assert stored == [False]  # one TMA launch, the no-grad one, storing nothing
+
+
+# The Gluon GEMM (hrm_kernels._gluon_gemm): Hopper only, no interpreter path (its sm_90 compile is
+# checked on CPU machines by tests/test_compile_for_gpu.py). Odd row counts (partial row tiles),
+# widths that are not multiples of the 64/128-wide tiles, K over several k-steps with a partial
+# last one, and 3 programs (each walks many tiles: the ring of stages wraps and both warpgroups
+# alternate) against one program per SM.
+GLUON_SHAPES = [(1000, 512, 384), (777, 1544, 200), (62976, 512, 1536)]
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,k,inter", GLUON_SHAPES, ids=str)
+def test_gluon_swiglu_matches_float64(rows, k, inter, dtype, programs):
+    x, weight, _ = _make((rows,), k, inter, dtype, device="cuda")
+    got = _gluon_gemm.gemm(x, weight, "swiglu", programs=programs)
+    assert got.dtype == dtype and got.shape == (rows, inter)
+    assert_close_to_reference(f"gluon swiglu {dtype} {rows}x{k}x{inter}", got, linear_swiglu_reference(x, weight),
+                              linear_swiglu64(x.double(), weight.double()))
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,k,n", GLUON_SHAPES, ids=str)
+def test_gluon_plain_gemm_matches_float64(rows, k, n, dtype, programs):
+    x, weight, _ = _make((rows,), k, n, dtype, device="cuda")
+    weight = weight[:n].contiguous()  # [n, k]
+    got = _gluon_gemm.gemm(x, weight, "none", programs=programs)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert_close_to_reference(f"gluon gemm {dtype} {rows}x{k}x{n}", got, x @ weight.t(), x.double() @ weight.double().t())
+
+
+@requires_gluon
+def test_linear_swiglu_runs_the_gluon_gemm_where_it_can(monkeypatch):
+    """With ``USE_GLUON`` on a Hopper GPU: no-gradient launches of 2-byte operands with K and I
+    multiples of 8 go to the Gluon GEMM; fp32, ragged widths and launches that keep gate_up for the
+    backward do not."""
+    module = importlib.import_module("hrm_kernels.linear_swiglu")
+    monkeypatch.setattr(module, "USE_GLUON", True)
+    calls = []
+    gemm = _gluon_gemm.gemm
+    monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[0].shape) or gemm(*a, **k))
+    for dtype, k, inter, grad, expect in [(torch.bfloat16, 64, 48, False, True), (torch.float16, 64, 48, False, True),
+                                          (torch.float32, 64, 48, False, False), (torch.bfloat16, 60, 48, False, False),
+                                          (torch.bfloat16, 64, 44, False, False), (torch.bfloat16, 64, 48, True, False)]:
+        calls.clear()
+        x, weight, _ = _make((2, 35), k, inter, dtype, device="cuda")
+        with use_backend("triton"), torch.set_grad_enabled(grad):
+            out = linear_swiglu(x.requires_grad_(grad), weight)
+        assert_close_to_reference(f"linear_swiglu {dtype} K={k} I={inter} grad={grad}", out.detach(),
+                                  linear_swiglu_reference(x.detach(), weight),
+                                  linear_swiglu64(x.detach().double(), weight.double()))
+        assert bool(calls) == expect, (dtype, k, inter, grad)
