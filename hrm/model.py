@@ -35,6 +35,7 @@ from hrm.sparse_embedding import CastedSparseEmbedding
 # the kernel module whose switch changes what a captured graph records (the package exports a
 # function under the same name)
 _swiglu_linear_module = importlib.import_module("hrm_kernels.swiglu_linear")
+_linear_swiglu_module = importlib.import_module("hrm_kernels.linear_swiglu")
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
 
@@ -266,6 +267,7 @@ class HRMInner(nn.Module):
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
                 Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
+                _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 

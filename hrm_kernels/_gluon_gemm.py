@@ -46,7 +46,7 @@ try:
 
     # the API this file is written against (Triton 3.6-3.8): warp_specialize over (function, args) pairs
     _HAVE_GLUON = (hasattr(gluon, "constexpr_function") and hasattr(gl, "warp_specialize")
-                   and next(iter(inspect.signature(gl.warp_specialize).parameters)) == "functions_and_args")
+                   and next(iter(inspect.signature(gl.warp_specialize).parameters), None) == "functions_and_args")
 except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: the callers keep their Triton kernels
     _HAVE_GLUON = False
 
@@ -60,9 +60,10 @@ CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, th
 
 @functools.lru_cache(maxsize=None)
 def available(device: torch.device) -> bool:
-    """The kernel can run on ``device``: a Hopper GPU (compute capability 9.x) and a Triton with
-    Gluon's Hopper API (3.6 or newer)."""
-    return _HAVE_GLUON and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    """The kernel can run on ``device``: an NVIDIA Hopper GPU (compute capability 9.x; ROCm reports
+    9.x for some AMD GPUs too) and a Triton with Gluon's Hopper API (3.6 or newer)."""
+    return (_HAVE_GLUON and device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] == 9)
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, epilogue: str) -> bool:
@@ -237,14 +238,21 @@ def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilog
             TensorDescriptor.from_tensor(out, [block_m, block_n], shared([block_m, block_n], dtype)))
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None) -> torch.Tensor:
+def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
     ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
-    program many tiles)."""
+    program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write."""
     from hrm_kernels.precompile import launch
 
     n_out = weight.shape[0] // 2 if epilogue == "swiglu" else weight.shape[0]
-    out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    elif out.shape != (x.shape[0], n_out) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"gemm: out must be a contiguous {x.dtype} tensor of shape {(x.shape[0], n_out)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if programs is not None and programs < 1:
+        raise ValueError(f"gemm: programs must be at least 1, got {programs}")
     if out.numel() == 0 or x.shape[1] == 0:
         return out.zero_()
     block_m, block_n, _, stages = CONFIGS[epilogue]

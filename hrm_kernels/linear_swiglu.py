@@ -23,8 +23,8 @@ Most of an HRM training step's forward passes run without gradients (all but the
 steps of a segment, and the whole continue-target pass), where the persistent TMA kernel beats
 cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there. On a
 Hopper GPU with bf16/fp16 those launches can run ``hrm_kernels._gluon_gemm``'s warp-specialised
-GEMM with the same epilogue instead (``USE_GLUON``, off until measured; it computes the sigmoid
-exactly).
+GEMM with the same epilogue instead (``USE_GLUON``, off until measured; its sigmoid is exp and a
+division instead of ``tanh.approx``).
 """
 
 from __future__ import annotations
@@ -152,7 +152,9 @@ TMA_STORES_GATE_UP = False
 # epilogue (hrm_kernels._gluon_gemm) where it can run (Hopper, bf16/fp16, K and I multiples of 8).
 # Off until measured in this form: its prototype (session 21, H100, bf16, M=62976, K=512, I=1536,
 # no rounding of gate and up before the activation) took 323 us against 361 for the TMA kernel, but
-# this version, and its effect on the training step, have not run on a GPU yet.
+# this version, and its effect on the training step, have not run on a GPU yet. Its sigmoid is exp
+# and a division, not tanh.approx: with it on, no-grad launches round differently from the
+# with-gradient ones (within the tests' tolerance of the reference), not bit for bit alike.
 USE_GLUON = False
 
 
@@ -247,7 +249,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     gate_up = torch.empty((n_rows, 2 * inter) if store_gate_up else (0, 2 * inter), dtype=x.dtype,
                           device=x.device)
     if out.numel() and USE_GLUON and not store_gate_up and _gluon_gemm.supported(x, weight, "swiglu"):
-        out = _gluon_gemm.gemm(x, weight, "swiglu")
+        _gluon_gemm.gemm(x, weight, "swiglu", out=out)
     elif out.numel() and _tma_ok(x, weight, store_gate_up):
         _launch_tma(x, weight, out, gate_up, store_gate_up)
     elif out.numel():

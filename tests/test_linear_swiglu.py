@@ -21,17 +21,26 @@ SHAPES = [((37,), 40, 24), ((2, 35), 72, 48), ((37,), 40, 37), ((2, 35), 123, 50
 
 
 class Kernel:
-    """Which Triton kernel a test asks for, and the TMA launches it saw."""
+    """Which Triton kernel a test asks for, and the TMA and Gluon launches it saw."""
 
     def __init__(self, name: str):
-        self.name, self.tma_launches = name, 0
+        self.name, self.tma_launches, self.gluon_launches = name, 0, 0
+
+    @staticmethod
+    def gluon_eligible(backend: str, x: torch.Tensor, inter: int) -> bool:
+        """The Gluon GEMM's condition (for a no-grad launch): 2-byte floats, K and I multiples of 8."""
+        return (backend == "triton" and x.element_size() == 2 and x.shape[-1] % 8 == 0 and inter % 8 == 0
+                and x.numel() > 0 and inter > 0)
 
     def check_ran(self, backend: str, x: torch.Tensor, inter: int) -> None:
-        """With the TMA kernel on and 16-byte rows (its condition), the TMA kernel must have run."""
+        """With the TMA kernel on and 16-byte rows (its condition), the TMA kernel must have run; with
+        the Gluon GEMM on and its condition met, the Gluon GEMM must have (for the no-grad launch)."""
         item = x.element_size()
         aligned = (x.shape[-1] * item) % 16 == 0 and (inter * item) % 16 == 0
         if self.name == "tma" and backend == "triton" and aligned:
             assert self.tma_launches > 0, "the TMA kernel did not run"
+        if self.name == "gluon" and self.gluon_eligible(backend, x, inter):
+            assert self.gluon_launches > 0, "the Gluon GEMM did not run"
 
 
 GLUON = CUDA and _gluon_gemm.available(torch.device("cuda"))
@@ -55,6 +64,13 @@ def kernel(request, monkeypatch):
         return launch(*args, **kwargs)
 
     monkeypatch.setattr(module, "_launch_tma", counted)
+    gemm = _gluon_gemm.gemm
+
+    def counted_gluon(*args, **kwargs):
+        chosen.gluon_launches += 1
+        return gemm(*args, **kwargs)
+
+    monkeypatch.setattr(_gluon_gemm, "gemm", counted_gluon)
     return chosen
 
 
@@ -84,8 +100,11 @@ def _check(backend, x, weight, dout, kernel=None):
         assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} {name}", g, e, r)
         if x.dtype == torch.float32:
             assert_float32_math(f"{x.dtype} {tuple(x.shape)} {name}", e, r)
-    # The no-grad launch skips storing gate_up but computes the same tiles.
-    torch.testing.assert_close(no_grad, got[0], atol=0, rtol=0)
+    if kernel is not None and kernel.name == "gluon" and kernel.gluon_eligible(backend, x, weight.shape[0] // 2):
+        # the Gluon GEMM's sigmoid is exp and a division, the tiled kernel's (with gradients) tanh.approx
+        assert_close_to_reference(f"{backend} {x.dtype} {tuple(x.shape)} no-grad out", no_grad, eager[0], ref[0])
+    else:  # the no-grad launch skips storing gate_up but computes the same tiles
+        torch.testing.assert_close(no_grad, got[0], atol=0, rtol=0)
     if kernel is not None:
         kernel.check_ran(backend, x, weight.shape[0] // 2)
 
@@ -197,9 +216,10 @@ def test_default_tma_only_for_launches_without_gate_up(monkeypatch):
 # The Gluon GEMM (hrm_kernels._gluon_gemm): Hopper only, no interpreter path (its sm_90 compile is
 # checked on CPU machines by tests/test_compile_for_gpu.py). Odd row counts (partial row tiles),
 # widths that are not multiples of the 64/128-wide tiles, K over several k-steps with a partial
-# last one, and 3 programs (each walks many tiles: the ring of stages wraps and both warpgroups
-# alternate) against one program per SM.
-GLUON_SHAPES = [(1000, 512, 384), (777, 1544, 200), (62976, 512, 1536)]
+# last one, K of one and of three k-steps (fewer than the ring's stages: a stage holds steps of
+# different tiles), and 3 programs (each walks many tiles: the ring of stages wraps and both
+# warpgroups alternate) against one program per SM.
+GLUON_SHAPES = [(1000, 512, 384), (777, 1544, 200), (1000, 64, 384), (777, 136, 200), (62976, 512, 1536)]
 
 
 @requires_gluon
@@ -247,3 +267,13 @@ def test_linear_swiglu_runs_the_gluon_gemm_where_it_can(monkeypatch):
                                   linear_swiglu_reference(x.detach(), weight),
                                   linear_swiglu64(x.detach().double(), weight.double()))
         assert bool(calls) == expect, (dtype, k, inter, grad)
+
+
+def test_gluon_gemm_rejects_bad_arguments():
+    """Checked before anything launches (so on any machine): the grid and the output buffer."""
+    x, weight = torch.zeros(4, 16, dtype=torch.bfloat16), torch.zeros(32, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        _gluon_gemm.gemm(x, weight, "swiglu", programs=0)
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.bfloat16 tensor of shape \(4, 16\)"):
+        _gluon_gemm.gemm(x, weight, "swiglu", out=torch.empty(4, 32, dtype=torch.bfloat16))
+    assert not _gluon_gemm.supported(x, weight, "swiglu")  # CPU tensors never take the Gluon path
