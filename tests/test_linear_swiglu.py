@@ -277,3 +277,20 @@ def test_gluon_gemm_rejects_bad_arguments():
     with pytest.raises(ValueError, match=r"out must be a contiguous torch.bfloat16 tensor of shape \(4, 16\)"):
         _gluon_gemm.gemm(x, weight, "swiglu", out=torch.empty(4, 32, dtype=torch.bfloat16))
     assert not _gluon_gemm.supported(x, weight, "swiglu")  # CPU tensors never take the Gluon path
+
+
+@requires_gluon
+def test_gluon_gemm_under_torch_compile(monkeypatch):
+    """The custom op torch.compile calls (no gradient, bf16) reaches the Gluon GEMM too."""
+    module = importlib.import_module("hrm_kernels.linear_swiglu")
+    monkeypatch.setattr(module, "USE_GLUON", True)
+    calls = []
+    gemm = _gluon_gemm.gemm
+    monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[0].shape) or gemm(*a, **k))
+    x, weight, _ = _make((2, 11), 40, 24, torch.bfloat16, device="cuda")
+    torch._dynamo.reset()
+    with use_backend("triton"), torch.no_grad():
+        out = torch.compile(lambda t, w: linear_swiglu(t * 1.5, w), fullgraph=True)(x, weight)
+    assert calls, "the Gluon GEMM did not run under torch.compile"
+    assert_close_to_reference("compiled gluon swiglu", out, linear_swiglu_reference(x * 1.5, weight),
+                              linear_swiglu64((x * 1.5).double(), weight.double()))
