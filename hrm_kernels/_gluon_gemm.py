@@ -168,37 +168,31 @@ if _HAVE_GLUON:
             j += 1
         tma.store_wait(pendings=0)
 
-    # Partition entry points: Gluon passes partition arguments as values, so each epilogue and
-    # warpgroup gets its own function with the constants written in.
-    @gluon.jit
-    def _first_warpgroup_none(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                              ready, empty, order, M, N_OUT, K):
-        _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 0, 0)
+    def _partition_functions(epilogue: int) -> tuple:
+        """The partitions' entry points for one epilogue: (first warpgroup, second warpgroup,
+        producer). Gluon passes partition arguments as values, so the epilogue and the warpgroup
+        are constants written into each function (the epilogue as a captured constexpr)."""
+        EPI = gl.constexpr(epilogue)
 
-    @gluon.jit
-    def _second_warpgroup_none(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                               ready, empty, order, M, N_OUT, K):
-        _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 0, 1)
+        @gluon.jit
+        def first(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
+            _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
+                     EPI, 0)
 
-    @gluon.jit
-    def _producer_none(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                       ready, empty, order, M, N_OUT, K):
-        _produce(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 0)
+        @gluon.jit
+        def second(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
+            _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
+                     EPI, 1)
 
-    @gluon.jit
-    def _first_warpgroup_swiglu(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                                ready, empty, order, M, N_OUT, K):
-        _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 1, 0)
+        @gluon.jit
+        def producer(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
+            _produce(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
+                     EPI)
 
-    @gluon.jit
-    def _second_warpgroup_swiglu(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                                 ready, empty, order, M, N_OUT, K):
-        _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 1, 1)
+        return first, second, producer
 
-    @gluon.jit
-    def _producer_swiglu(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs,
-                         ready, empty, order, M, N_OUT, K):
-        _produce(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K, 1)
+    _first_warpgroup_none, _second_warpgroup_none, _producer_none = _partition_functions(0)
+    _first_warpgroup_swiglu, _second_warpgroup_swiglu, _producer_swiglu = _partition_functions(1)
 
     @gluon.jit
     def _gemm_kernel(x_desc, w_desc, out_desc, M, N_OUT, K, STAGES: gl.constexpr, EPILOGUE: gl.constexpr,

@@ -223,27 +223,22 @@ GLUON_SHAPES = [(1000, 512, 384), (777, 1544, 200), (1000, 64, 384), (777, 136, 
 
 
 @requires_gluon
+@pytest.mark.parametrize("epilogue", ["swiglu", "none"])
 @pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,k,inter", GLUON_SHAPES, ids=str)
-def test_gluon_swiglu_matches_float64(rows, k, inter, dtype, programs):
-    x, weight, _ = _make((rows,), k, inter, dtype, device="cuda")
-    got = _gluon_gemm.gemm(x, weight, "swiglu", programs=programs)
-    assert got.dtype == dtype and got.shape == (rows, inter)
-    assert_close_to_reference(f"gluon swiglu {dtype} {rows}x{k}x{inter}", got, linear_swiglu_reference(x, weight),
-                              linear_swiglu64(x.double(), weight.double()))
-
-
-@requires_gluon
-@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,k,n", GLUON_SHAPES, ids=str)
-def test_gluon_plain_gemm_matches_float64(rows, k, n, dtype, programs):
-    x, weight, _ = _make((rows,), k, n, dtype, device="cuda")
-    weight = weight[:n].contiguous()  # [n, k]
-    got = _gluon_gemm.gemm(x, weight, "none", programs=programs)
-    assert got.dtype == dtype and got.shape == (rows, n)
-    assert_close_to_reference(f"gluon gemm {dtype} {rows}x{k}x{n}", got, x @ weight.t(), x.double() @ weight.double().t())
+@pytest.mark.parametrize("rows,k,width", GLUON_SHAPES, ids=str)
+def test_gluon_gemm_matches_float64(rows, k, width, dtype, programs, epilogue):
+    """SwiGLU: weight [2 * width, k] -> [rows, width]; plain: weight [width, k] -> [rows, width]."""
+    x, weight, _ = _make((rows,), k, width, dtype, device="cuda")
+    if epilogue == "none":
+        weight = weight[:width].contiguous()
+    got = _gluon_gemm.gemm(x, weight, epilogue, programs=programs)
+    assert got.dtype == dtype and got.shape == (rows, width)
+    if epilogue == "swiglu":
+        eager, ref = linear_swiglu_reference(x, weight), linear_swiglu64(x.double(), weight.double())
+    else:
+        eager, ref = x @ weight.t(), x.double() @ weight.double().t()
+    assert_close_to_reference(f"gluon {epilogue} {dtype} {rows}x{k}x{width}", got, eager, ref)
 
 
 @requires_gluon
