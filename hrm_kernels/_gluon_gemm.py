@@ -51,6 +51,7 @@ except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: th
     _HAVE_GLUON = False
 
 EPILOGUES = {"none": 0, "swiglu": 1}
+WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2}  # SwiGLU: a gate row and an up row per output column
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16 (session 21): 4 stages
 # against 3 took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS; SwiGLU at BLOCK_N=64 (two
 # [128, 64] fp32 accumulators a warpgroup) 323 us with 4 stages, 344 with 5.
@@ -66,14 +67,19 @@ def available(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device)[0] == 9)
 
 
+def output_width(weight: torch.Tensor, epilogue: str) -> int:
+    """Columns of ``gemm``'s output for this weight."""
+    return weight.shape[0] // WEIGHT_ROWS_PER_COLUMN[epilogue]
+
+
 def supported(x: torch.Tensor, weight: torch.Tensor, epilogue: str) -> bool:
     """``gemm(x, weight, epilogue)`` can run: Hopper, 2-byte floats of one dtype, 2-D contiguous rows,
     K and the output width multiples of 8, 16-byte aligned pointers."""
     if not (available(x.device) and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
             and x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]):
         return False
-    n_out = weight.shape[0] // 2 if epilogue == "swiglu" else weight.shape[0]
-    return (x.shape[1] % 8 == 0 and n_out % 8 == 0 and weight.shape[0] % (2 if epilogue == "swiglu" else 1) == 0
+    n_out = output_width(weight, epilogue)
+    return (x.shape[1] % 8 == 0 and n_out % 8 == 0 and weight.shape[0] == n_out * WEIGHT_ROWS_PER_COLUMN[epilogue]
             and x.stride(1) == 1 and x.stride(0) == x.shape[1] and weight.is_contiguous()
             and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
@@ -239,7 +245,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs
     program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write."""
     from hrm_kernels.precompile import launch
 
-    n_out = weight.shape[0] // 2 if epilogue == "swiglu" else weight.shape[0]
+    n_out = output_width(weight, epilogue)
     if out is None:
         out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
     elif out.shape != (x.shape[0], n_out) or out.dtype != x.dtype or not out.is_contiguous():
