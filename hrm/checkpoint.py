@@ -34,13 +34,33 @@ def canonical_key(key: str) -> str:
     return key
 
 
+def read_tensors(path: Union[str, os.PathLike], who: str):
+    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only, no pickled
+    code runs. A file it cannot read (truncated, not a checkpoint, a pickled module or other object)
+    raises one error that names the file and the way out, instead of torch's advice to disable
+    ``weights_only``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # missing file, permissions: torch's message says it
+    except Exception as error:  # noqa: BLE001  (the unpickler raises many kinds on a foreign file)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unpickler error" in line), lines[0] if lines else "")
+        reason = reason.split(". ")[0][:300]  # the cause, without torch's advice that follows it
+        raise ValueError(
+            f"{who}: {os.fspath(path)} is not a readable checkpoint ({type(error).__name__}: {reason}). "
+            "Checkpoints are read without running code from the file, so they must hold tensors in plain "
+            "dicts (save with torch.save(model.state_dict(), path)); a truncated file comes from an "
+            "interrupted write or copy: use an earlier checkpoint") from error
+
+
 def _read(path_or_state_dict) -> Mapping[str, torch.Tensor]:
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
         if os.path.isdir(path):
             raise IsADirectoryError(f"load_checkpoint: {path} is a directory; pass the checkpoint file inside it "
                                     "(the reference writes one file per step, e.g. step_1234)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_tensors(path, "load_checkpoint")
     else:
         state = path_or_state_dict
     if not isinstance(state, Mapping):

@@ -346,18 +346,21 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     """
     op = "rope_attention"
     check_float("qkv", qkv, op)
-    if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2:
+    if qkv.dim() != 4 or qkv.shape[2] % 3:
         raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}; need [batch, seq, 3 * heads, head_dim] "
-                         "with an even head_dim (q, k and v heads stacked on dim 2)")
+                         "(q, k and v heads stacked on dim 2)")
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin, or neither (no rotation)")
+    if cos is not None and qkv.shape[-1] % 2:
+        raise ValueError(f"{op}: head_dim {qkv.shape[-1]} is odd; RoPE rotates pairs of features, so it needs "
+                         "an even head_dim (or pass no cos/sin: learned positions)")
     if cos is not None:
         check_tables(op, "qkv", qkv, cos, sin)
         cos, sin = packed_tables(cos, sin)
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
-    if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ:
-        return _composed(qkv, cos, sin)
+    if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ or qkv.shape[-1] % 2:
+        return _composed(qkv, cos, sin)  # the kernels take head_dim in two halves: SDPA for an odd one
     if qkv.stride(-1) != 1 or qkv.stride(-2) != qkv.shape[-1]:
         qkv = qkv.contiguous()
     if torch.is_grad_enabled() and qkv.requires_grad:

@@ -149,3 +149,33 @@ def test_loading_never_unpickles_objects(tmp_path, monkeypatch):
     torch.save(head.state_dict(), path)
     load_checkpoint(head, path)
     assert calls == [True]
+
+
+class _Payload:
+    """Pickles to a call of ``Path.touch`` on ``marker``: loading it unsafely would create the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("kind", ["pickled_object", "truncated", "text"])
+def test_unreadable_files_get_one_clear_error(kind, tmp_path):
+    """A file that is not a tensor checkpoint: an error naming the file and the way out, never torch's
+    advice to turn ``weights_only`` off, and no code from the file runs."""
+    head = _head(puzzle_emb_ndim=32)
+    path, marker = tmp_path / "step_7", tmp_path / "code_ran"
+    if kind == "pickled_object":
+        torch.save({"payload": _Payload(marker)}, path)
+    elif kind == "truncated":
+        torch.save(head.state_dict(), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("not a checkpoint\n")
+    with pytest.raises(ValueError, match="is not a readable checkpoint") as error:
+        load_checkpoint(head, path)
+    assert str(path) in str(error.value) and "weights_only=False" not in str(error.value)
+    assert not marker.exists()

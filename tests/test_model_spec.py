@@ -241,6 +241,9 @@ CASES = [
     pytest.param(dict(use_gating=False, pos_encodings="learned", puzzle_emb_ndim=0), id="ungated-learned-nopuzzle"),
     pytest.param(dict(use_gating=True, pos_encodings="rope", puzzle_emb_ndim=0), id="gated-rope-nopuzzle"),
     pytest.param(dict(use_gating=True, pos_encodings="learned", puzzle_emb_ndim=48), id="gated-learned-puzzle2"),
+    # learned positions allow an odd head_dim (15 / 5 = 3), which the RoPE kernels cannot take
+    pytest.param(dict(use_gating=True, pos_encodings="learned", puzzle_emb_ndim=0, hidden_size=15, num_heads=5),
+                 id="gated-learned-oddhead"),
 ]
 
 

@@ -91,6 +91,25 @@ def test_longer_sequences_take_rope_and_sdpa(monkeypatch):
                               rope_attention64(qkv, cos, sin))
 
 
+def test_odd_head_dim_without_rotation(monkeypatch):
+    """Learned positions allow any head_dim: an odd one (the kernels take head_dim in halves) runs as
+    SDPA on the Triton backend too, with gradients; with RoPE tables it is a clear error."""
+    qkv = torch.randn(2, 7, 6, 5, device=DEVICE, requires_grad=True)
+    calls = _spy(monkeypatch)
+    with use_backend("triton"):
+        out = rope_attention(qkv)
+        out.square().sum().backward()
+    assert calls == [] and out.shape == (2, 7, 2, 5)
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref = rope_attention64(qkv64, None, None)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)  # fp32 SDPA vs float64
+    torch.testing.assert_close(qkv.grad.double(), qkv64.grad, atol=1e-5, rtol=1e-5)
+    cos, sin = _tables(7, 5)
+    with pytest.raises(ValueError, match="head_dim 5 is odd"):
+        rope_attention(qkv.detach(), cos, sin)
+
+
 def test_strided_qkv_view_and_rotation_matter():
     """A [B, S, 3H, Dh] view of a projection with padding columns (rows not packed): the kernel
     reads it in place. Rotation changes the result (the test would catch a kernel ignoring it)."""

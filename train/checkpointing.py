@@ -35,6 +35,8 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from hrm.checkpoint import read_tensors
+
 FORMAT = "hrm-train-state"
 VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
@@ -171,4 +173,4 @@ def is_training_state(obj: Any) -> bool:
 def load_file(path: str | os.PathLike) -> Any:
     """Load a checkpoint file on CPU with ``weights_only=True`` (no pickled code runs): our
     full-state files and bare state dicts (the reference's ``step_<N>``) alike."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+    return read_tensors(Path(path), "checkpoint")
