@@ -172,6 +172,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients carry no graph
     def backward(ctx, dy):
         src, residual, weight, rstd = ctx.saved_tensors
         dh, dw = rms_norm_backward(dy.contiguous(), src, residual, weight, rstd)

@@ -92,6 +92,7 @@ class SwiGLUFunction(torch.autograd.Function):
         return swiglu_forward(gate_up)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients carry no graph
     def backward(ctx, dout):
         (gate_up,) = ctx.saved_tensors
         return swiglu_backward(dout.contiguous(), gate_up)

@@ -11,6 +11,7 @@ from hrm_kernels import use_backend
 from hrm_kernels.gated_blend import STATS_COLUMNS, gate_logits_reference, gated_blend, gated_blend_reference
 from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.tolerance import assert_close_to_reference
+from tests.reference64 import assert_float32_math
 
 gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
 
@@ -105,6 +106,11 @@ def _check(backend, inputs, with_stats=False, saturation=True):
     tag = f"{backend} {own.dtype} {tuple(own.shape)}"
     assert got[0].dtype == own.dtype
     assert_close_to_reference(f"{tag} out", got[0], eager[0], ref[0])
+    if all(t is None or t.dtype == torch.float32 for t in inputs):  # the reference's own math, tightly
+        assert_float32_math(f"{tag} eager out", eager[0], ref[0])
+        for name, e, r in zip(NAMES, eager[2], ref[2]):
+            if e is not None:
+                assert_float32_math(f"{tag} eager d{name}", e, r)
     for name, inp, g, e, r in zip(NAMES, inputs, got[2], eager[2], ref[2]):
         if inp is None:
             assert g is None

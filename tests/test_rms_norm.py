@@ -68,6 +68,24 @@ def test_optional_operands(backend, has_residual, has_weight, dtype):
     _check(backend, (7, 123), dtype, has_residual, has_weight)
 
 
+def test_weight_gradient_summed_over_programs():
+    """Enough rows for several row blocks and programs, each holding a partial weight-gradient row
+    (the single-block shapes above would not see a partial left out of the sum)."""
+    _check("triton", (300, 123), torch.float32, has_residual=True, has_weight=True)
+
+
+@pytest.mark.parametrize("has_weight", [False, True], ids=["no_weight", "weight"])
+def test_double_backward_refused(has_weight):
+    """The kernels' gradients carry no graph: a second derivative (a gradient penalty) raises instead
+    of silently coming out without the terms that pass through the norm."""
+    x = torch.randn(6, 37, device=DEVICE, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(37, device=DEVICE)).requires_grad_() if has_weight else None
+    with use_backend("triton"):
+        (dx,) = torch.autograd.grad(rms_norm(x, weight).square().sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            dx.square().sum().backward()
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_non_contiguous_inputs(backend):
     base = torch.randn(9, 2 * 37, device=DEVICE)

@@ -53,6 +53,16 @@ def test_non_contiguous_and_empty(backend):
     assert empty.shape == (0, 2, 5)
 
 
+def test_double_backward_refused():
+    """The kernel's gradient carries no graph: a second derivative raises instead of coming out
+    silently without the terms that pass through SwiGLU."""
+    gate_up = torch.randn(5, 2 * 37, device=DEVICE, requires_grad=True)
+    with use_backend("triton"):
+        (d,) = torch.autograd.grad(swiglu(gate_up).square().sum(), gate_up, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            d.square().sum().backward()
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"gate_up has shape \(4, 7\); its last dimension must be even"):
         swiglu(torch.randn(4, 7))
