@@ -166,13 +166,16 @@ def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tor
 
 
 def check_tables(op: str, x_name: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """cos and sin: float32 [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] tables on
-    x's device, for x [batch, seq, ..., head_dim]."""
+    """cos and sin: float32 [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] constant
+    tables (no gradient) on x's device, for x [batch, seq, ..., head_dim]."""
     for name, t in (("cos", cos), ("sin", sin)):
         check_same(op, x_name, x, name, t, shape=False, dtype=False)
         if t.dtype != torch.float32 or t.dim() != 2:
             raise ValueError(f"{op}: {name} must be a float32 [positions, head_dim (or head_dim / 2)] table, "
                              f"got {t.dtype} {tuple(t.shape)}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{op}: {name} requires grad, but the RoPE tables are constants here (no gradient "
+                             f"flows to them on any backend); pass {name}.detach()")
     if cos.shape != sin.shape or cos.shape[1] not in (x.shape[-1], x.shape[-1] // 2) or cos.shape[0] < x.shape[1]:
         raise ValueError(f"{op}: cos/sin have shapes {tuple(cos.shape)}/{tuple(sin.shape)} for {x_name} "
                          f"{tuple(x.shape)}; need [positions >= seq, head_dim] or [positions >= seq, head_dim / 2] "

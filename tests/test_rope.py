@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import hrm_kernels
 from hrm_kernels import first_halves, rope, rope_reference, use_backend
 from tests.conftest import CUDA, DEVICE, requires_cuda
 from tests.reference64 import assert_float32_math, rope64
@@ -175,3 +176,18 @@ def test_cuda_full_size(dtype, shape):
     qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
     cos, sin = _tables(s, d, device="cuda")
     _check("triton", qkv[:, :, : 2 * h], cos, sin)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("op", ["rope", "rope_qkv", "rope_attention"])
+def test_tables_that_require_grad_are_refused(op, backend):
+    """The tables are constants: a cos/sin that requires grad would get a gradient on the eager backend
+    and none on the kernels', so every op refuses it with the fix; under no_grad it is harmless."""
+    fn = getattr(hrm_kernels, op)
+    x = torch.randn(1, 5, 3 if op != "rope" else 2, 6, device=DEVICE)
+    cos, sin = _tables(5, 6)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="pass cos.detach\\(\\)"):
+            fn(x, cos.requires_grad_(), sin)
+        with torch.no_grad():
+            fn(x, cos, sin)
