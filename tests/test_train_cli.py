@@ -230,6 +230,20 @@ def test_error_eval_interval(tiny_data, tmp_path, monkeypatch):
     assert "eval_interval=300 must divide epochs=1000" in msg
 
 
+@pytest.mark.parametrize("override,expected", [
+    ("wandb=off", "wandb must be true or false, got 'off'"),
+    ("progress=1", "progress must be true or false, got 1"),
+    ("beta1=1.5", "beta1 must be a number in [0, 1), got 1.5"),
+    ("beta2=abc", "beta2 must be a number in [0, 1), got 'abc'"),
+    ("log_interval=0", "log_interval must be a whole number >= 1, got 0"),
+    ("seed=abc", "seed must be a whole number, got 'abc'"),
+    ("device=gpu", "device must be auto, cpu or cuda, got 'gpu'"),
+])
+def test_error_setting_values(override, expected, tiny_data, tmp_path, monkeypatch):
+    """Values that would be taken silently (``wandb=off`` is a true string) or fail late."""
+    assert expected in _error_of([f"data_path={tiny_data}", override], tmp_path, monkeypatch)
+
+
 def test_error_batch_vs_ranks(tmp_path, monkeypatch):
     msg = _error_of(["global_batch_size=766"], tmp_path, monkeypatch, world_size=4)
     assert "global_batch_size=766 is not divisible by the number of ranks (4)" in msg

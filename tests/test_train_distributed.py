@@ -120,16 +120,20 @@ def _stop_clock_rank(rank: int, init_file: str, answers) -> None:
         # Rank 0's clock has run out, rank 1's has not: rank 0 decides for both.
         t_start = 0.0 if rank == 0 else time.time()
         clock = StopClock(t_start, 1.0, DistInfo(rank=rank, world_size=2))
-        answers[rank] = [clock() for _ in range(3)]
+        # Only rank 0 got a SIGTERM (15), no time limit: rank 0 decides again.
+        signal_clock = StopClock(time.time(), None, DistInfo(rank=rank, world_size=2),
+                                 signalled=lambda: 15 if rank == 0 else None)
+        answers[rank] = [clock() for _ in range(3)] + [signal_clock() for _ in range(3)]
         dist.barrier()  # both ranks done before teardown (see test_model_sparse_embedding)
     finally:
         dist.destroy_process_group()
 
 
 def test_stop_clock_ranks_agree_one_step_late(tmp_path):
-    """Every rank stops after the same step: the answer read is rank 0's of the previous call."""
+    """Every rank stops after the same step, for the same reason (time limit or signal): the answer
+    read is rank 0's of the previous call."""
     import torch.multiprocessing as mp
 
     answers = mp.Manager().dict()
     mp.spawn(_stop_clock_rank, args=(str(tmp_path / "init"), answers), nprocs=2, join=True)
-    assert answers[0] == answers[1] == [False, True, True]
+    assert answers[0] == answers[1] == [None, "time", "time", None, "signal", "signal"]

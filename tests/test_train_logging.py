@@ -72,3 +72,16 @@ def test_wandb_off_writes_no_run_files(tmp_path, monkeypatch, no_wandb_key):
     assert not (tmp_path / "wandb").exists()
     rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert rec["step"] == 3 and rec["train/lm_loss"] == 1.5 and rec["x"] == "nan"
+
+
+def test_resume_drops_the_records_it_replays(tmp_path, capsys):
+    """Records after the resumed checkpoint's step, and a line a crash cut short, leave metrics.jsonl;
+    the rest stays as written."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "train/lm_loss": 1.0 / s} for s in range(1, 8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 8, "train/lm')
+    MetricsLogger(tmp_path, "p", "r", {}, use_wandb=False, resume_step=5)
+    assert read_jsonl(path) == records[:5]
+    assert "dropped 3 record(s) after step 5" in capsys.readouterr().out
+    MetricsLogger(tmp_path, "p", "r", {}, use_wandb=False, resume_step=5)  # nothing more to drop
+    assert read_jsonl(path) == records[:5] and "dropped" not in capsys.readouterr().out

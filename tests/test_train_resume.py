@@ -230,6 +230,63 @@ def test_killed_run_resumes_exactly(tiny_data, tmp_path, monkeypatch):
     assert a["step"] == b["step"] > load(killed_at)["step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # Steps logged before the kill and replayed after the resume are in metrics.jsonl once.
+    from train.logging_utils import read_jsonl
+
+    logged = [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if "train/lm_loss" in r]
+    assert logged == list(range(1, a["step"] + 1))
+
+
+def test_sigterm_checkpoints_after_the_step_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """A SIGTERM (a scheduler's preemption) during step 5: the step finishes, a checkpoint of step 5 is
+    written, the run stops with StoppedBySignal; resuming ends where an uninterrupted run does, bit for bit."""
+    import os
+    import signal
+
+    import train.pretrain as pretrain
+
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "full") + ["device=cpu"])
+    real_step = pretrain.train_step
+
+    def step_then_signal(cfg, state, batch, info):
+        if state.step == 4:  # the step that becomes step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(cfg, state, batch, info)
+
+    monkeypatch.setattr(pretrain, "train_step", step_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(pretrain.StoppedBySignal, match="SIGTERM") as stopped:
+        run(common(tiny_data, tmp_path / "split") + ["device=cpu"])
+    assert stopped.value.checkpoint.name == "step_5.pt" == checkpointing.latest_checkpoint(tmp_path / "split").name
+    assert signal.getsignal(signal.SIGTERM) == handler_before  # the trainer's handler is gone again
+    monkeypatch.setattr(pretrain, "train_step", real_step)
+    run(common(tiny_data, tmp_path / "split") + ["device=cpu"])
+    assert_same_training_state(load(tmp_path / "full" / "step_16.pt"), load(tmp_path / "split" / "step_16.pt"))
+
+
+def test_ctrl_c_from_the_shell_saves_and_says_how_to_resume(tiny_data, tmp_path):
+    """SIGINT to the trainer process: exit status 130, a checkpoint, and the resume command on stderr."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    args = [a for a in common(tiny_data, run_dir) if not a.startswith(("epochs=", "eval_interval="))]
+    proc = subprocess.Popen([sys.executable, str(REPO / "train" / "pretrain.py"), *args, "epochs=50",
+                             "eval_interval=50", "device=cpu"], cwd=tmp_path, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:  # a few steps logged
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    saved = checkpointing.latest_checkpoint(run_dir)
+    assert saved is not None and load(saved)["step"] >= 2
+    assert f'resume with checkpoint_path="{run_dir}"' in err
 
 
 def test_max_train_minutes_stops_evaluates_and_checkpoints(tiny_data, tmp_path, monkeypatch, capsys):
@@ -382,3 +439,58 @@ def test_precompile_dry_run_with_the_triton_kernels(tiny_data, tmp_path, monkeyp
         # The hook saw each variant compiled ahead (so it is watching), and nothing after.
         assert after_dry_run and after_dry_run[0] == int(compiled.group(1)), (after_dry_run, loaded)
         assert loaded[after_dry_run[0]:] == [], "compiled after the dry run"
+
+
+def _config_error(args):
+    from train.config_utils import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        run(args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_resume_mistakes_are_refused_with_the_fix(tiny_data, tmp_path, monkeypatch):
+    """Settings the saved data position depends on (eval_interval: an iteration's epochs; batch size;
+    seed), another model shape, a damaged newest checkpoint: one-line errors that say what to do,
+    instead of a silent early end (eval_interval), a shape error deep in the model, or a traceback."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run(common(tiny_data, run_dir) + ["max_steps=10"])  # checkpoints at steps 8 (end of epoch 1) and 10
+    for override, run_value in (("eval_interval=2", "eval_interval=1"), ("global_batch_size=16", "global_batch_size=32"),
+                                ("seed=3", "seed=0")):
+        msg = _config_error(common(tiny_data, run_dir) + [override])
+        assert f"{override} differs from the run's {run_value}" in msg and "init_from=" in msg, msg
+    msg = _config_error(common(tiny_data, run_dir) + ["arch.hidden_size=64"])
+    assert "does not match this model" in msg and "size mismatch" in msg
+    newest = run_dir / "step_10.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # a copy cut short
+    msg = _config_error(common(tiny_data, run_dir))
+    assert "step_10.pt is not a readable checkpoint" in msg and "resume from the previous one, step_8.pt" in msg
+    msg = _config_error(common(tiny_data, tmp_path / "new") + [f"init_from={newest}"])
+    assert msg.startswith(f"init_from={newest}: ") and "not a readable checkpoint" in msg
+    newest.unlink()  # as the message says: the previous checkpoint resumes
+    run(common(tiny_data, run_dir))
+    assert checkpointing.latest_checkpoint(run_dir).name == "step_16.pt"
+
+
+def test_reusing_a_run_name_is_refused(tiny_data, tmp_path, monkeypatch):
+    """A new run under the name of one with checkpoints would resume it silently with the new settings
+    (and rewrite its saved config): it stops and names both ways on."""
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in common(tiny_data, tmp_path) if not a.startswith("checkpoint_path=")] + ["run_name=r1"]
+    run(args + ["max_steps=2"])
+    saved = next((tmp_path / "checkpoints").glob("*/r1/all_config.yaml")).read_text()
+    msg = _config_error(args + ["lr=5e-3"])
+    assert "run_name='r1' already has checkpoints" in msg and "checkpoint_path=" in msg and "another run_name" in msg
+    assert next((tmp_path / "checkpoints").glob("*/r1/all_config.yaml")).read_text() == saved
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    """Readable by the group and others like any file the user writes (mkstemp alone makes them 0600)."""
+    import os
+
+    path = checkpointing.save_training_state(tmp_path, 1, {"model": {"w": torch.ones(2)}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

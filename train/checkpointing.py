@@ -40,6 +40,8 @@ from hrm.checkpoint import read_tensors
 FORMAT = "hrm-train-state"
 VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)(\.pt)?$")
+_UMASK = os.umask(0o022)  # read once at import (reading it means setting it), then put back
+os.umask(_UMASK)
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -53,6 +55,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a plain open() would not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

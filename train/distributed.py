@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from train.config_utils import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -26,9 +28,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
+        raise ConfigError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+        raise ConfigError(f"device must be auto, cpu or cuda, got {name!r}")
     return torch.device(name)
 
 

@@ -171,7 +171,7 @@ def run(argv: Sequence[str]) -> dict:
         head = build_model(hconf, info.device, cfg["seed"])
         try:
             load_checkpoint(head, str(ckpt))
-        except RuntimeError as e:
+        except (RuntimeError, ValueError, TypeError) as e:
             raise ConfigError(f"{ckpt}: {e}") from None
         step = _step_of(ckpt)
         forward = torch.compile(head, dynamic=False) if resolve_compile(

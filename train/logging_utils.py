@@ -47,14 +47,30 @@ class MetricsLogger:
     """``log(metrics, step)`` to W&B and ``<run_dir>/metrics.jsonl``. Make one on rank 0 only."""
 
     def __init__(self, run_dir: str | os.PathLike, project: str, name: str, config: dict,
-                 use_wandb: bool = True, resume_id: str | None = None):
+                 use_wandb: bool = True, resume_id: str | None = None, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None:
+            self._drop_records_after(resume_step)
         self.wandb_run = None
         self.wandb_mode = "disabled"
         if use_wandb:
             self._init_wandb(project, name, config, resume_id)
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: their records from before the
+        interruption (and a line cut short by it) leave metrics.jsonl, so each step appears once."""
+        from train.checkpointing import atomic_write_bytes
+
+        if not self.jsonl_path.is_file():
+            return
+        lines = self.jsonl_path.read_text().splitlines()
+        kept = [json.dumps(r) for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= step]
+        if len(kept) != len([line for line in lines if line.strip()]):
+            atomic_write_bytes(self.jsonl_path, "".join(line + "\n" for line in kept).encode())
+            print(f"{self.jsonl_path}: dropped {len(lines) - len(kept)} record(s) after step {step}, the "
+                  "checkpoint resumed from (those steps run again)")
 
     def _init_wandb(self, project: str, name: str, config: dict, resume_id: str | None) -> None:
         try:

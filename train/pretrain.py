@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,44 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, step: Optional[int] = None):
         super().__init__(message)
         self.step = step
+
+
+class StoppedBySignal(RuntimeError):
+    """SIGINT or SIGTERM stopped the run after a step; its training state was checkpointed."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint: {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM (a Ctrl-C, a scheduler's preemption, torchrun passing one
+    on) only set a flag, read after each training step; a second SIGINT interrupts at once. Yields a
+    function returning the first signal's number, or None. Off the main thread (where signal handlers
+    cannot be set) the function always returns None."""
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame):
+        if not received and _first_rank():
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
+                  + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""),
+                  file=sys.stderr, flush=True)
+        received.append(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ============================================================================================
@@ -131,6 +170,14 @@ def check_config(cfg: dict, world_size: int) -> None:
         need(isinstance(cfg[key], (int, float)) and cfg[key] >= 0, f"{key} must be a number >= 0, got {cfg[key]!r}")
     need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
+    for key in ("beta1", "beta2"):
+        need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
+             f"{key} must be a number in [0, 1), got {cfg[key]!r}")
+    for key in ("seed", "log_interval"):
+        need(isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] >= (key == "log_interval"),
+             f"{key} must be a whole number{' >= 1' if key == 'log_interval' else ''}, got {cfg[key]!r}")
+    for key in ("wandb", "progress", "checkpoint_every_eval"):
+        need(isinstance(cfg.get(key, True), bool), f"{key} must be true or false, got {cfg.get(key)!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
     keep = cfg.get("checkpoint_keep_last")
     need(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1),
@@ -599,21 +646,29 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
 
 
 class StopClock:
-    """Whether ``max_train_minutes`` is up. Rank 0's clock decides, so that every rank stops after
-    the same step. A single process asks its own clock. Several ranks: each step queues a broadcast
-    of rank 0's answer and its copy to pinned host memory behind that step's kernels, and the host
-    reads the previous step's answer, which has long arrived; so the check never waits for the
-    step in flight, and all ranks stop one step after rank 0's clock ran out."""
+    """Whether to stop after this step, and why: "time" (``max_train_minutes`` is up), "signal"
+    (``signalled()`` says SIGINT/SIGTERM came) or None. Rank 0 decides, so that every rank stops after
+    the same step. A single process asks itself. Several ranks: each step queues a broadcast of rank
+    0's answer and its copy to pinned host memory behind that step's kernels, and the host reads the
+    previous step's answer, which has long arrived; so the check never waits for the step in flight,
+    and all ranks stop one step after rank 0 decided."""
 
-    def __init__(self, t_start: float, minutes: float, info: distributed.DistInfo):
-        self.t_start, self.minutes, self.info = t_start, minutes, info
+    REASONS = (None, "time", "signal")
+
+    def __init__(self, t_start: float, minutes: Optional[float], info: distributed.DistInfo, signalled=None):
+        self.t_start, self.minutes, self.info, self.signalled = t_start, minutes, info, signalled
         self.previous = None  # (host flag, event) of the last call's broadcast
 
-    def __call__(self) -> bool:
-        up = time.time() - self.t_start > 60.0 * self.minutes
+    def _own_answer(self) -> int:
+        if self.signalled is not None and self.signalled() is not None:
+            return 2
+        return int(self.minutes is not None and time.time() - self.t_start > 60.0 * self.minutes)
+
+    def __call__(self) -> Optional[str]:
+        code = self._own_answer()
         if self.info.world_size == 1:
-            return up
-        flag = torch.full((1,), float(up), device=self.info.device)
+            return self.REASONS[code]
+        flag = torch.full((1,), float(code), device=self.info.device)
         dist.broadcast(flag, src=0)
         event = None
         if flag.is_cuda:
@@ -624,10 +679,10 @@ class StopClock:
             flag = host
         previous, self.previous = self.previous, (flag, event)
         if previous is None:
-            return False
+            return None
         if previous[1] is not None:
             previous[1].synchronize()
-        return bool(previous[0][0] > 0)
+        return self.REASONS[int(previous[0][0])]
 
 
 def reduce_train_metrics(values: torch.Tensor, keys: list[str], gbs: int) -> dict:
@@ -669,12 +724,48 @@ def save_checkpoint(cfg: dict, state: TrainState, train_ds, info: distributed.Di
     return path
 
 
-def restore_checkpoint(path: Path, state: TrainState, train_ds, info: distributed.DistInfo) -> dict:
-    obj = checkpointing.load_file(path)
+# Settings a resumed run must keep: the data position counts batches of ``global_batch_size`` within
+# iterations of ``eval_interval`` epochs (``epochs`` when null) drawn in ``seed``'s order.
+_RESUME_FIXED = ("seed", "global_batch_size", "eval_interval")
+
+
+def _epochs_per_iter(cfg: dict) -> int:
+    return cfg.get("eval_interval") or cfg["epochs"]
+
+
+def check_resume_settings(cfg: dict, saved: dict, path: Path) -> None:
+    """ConfigError when ``cfg`` changes a setting the checkpoint's data position depends on."""
+    for key in _RESUME_FIXED:
+        if key not in saved:
+            continue
+        same = (_epochs_per_iter(cfg) == _epochs_per_iter(saved)) if key == "eval_interval" else cfg[key] == saved[key]
+        if not same:
+            run_value = saved[key] if key != "eval_interval" else _epochs_per_iter(saved)
+            raise ConfigError(
+                f"{key}={cfg[key]} differs from the run's {key}={run_value} ({path}): its data position counts "
+                f"batches of global_batch_size within iterations of eval_interval epochs in seed's order, so "
+                f"resuming needs the run's value; drop the override, or start a new run from these weights with "
+                f"init_from={path}")
+
+
+def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info: distributed.DistInfo) -> dict:
+    try:
+        obj = checkpointing.load_file(path)
+    except ValueError as e:
+        older = [p for p in checkpointing.list_checkpoints(path.parent) if p != path]
+        fallback = (f"move it out of {path.parent} to resume from the previous one, {older[-1].name}" if older
+                    else "no other checkpoint of this run exists: start a new run")
+        raise ConfigError(f"{e}. Resuming takes the newest checkpoint; {fallback}") from None
     if not checkpointing.is_training_state(obj):
         raise ConfigError(f"{path} holds model weights only (no optimizer, step or data position): it cannot be "
                           f"resumed. To start a new run from these weights use init_from={path}")
-    missing, unexpected = state.head.load_state_dict(obj["model"], strict=False)
+    check_resume_settings(cfg, obj.get("config") or {}, path)
+    try:
+        missing, unexpected = state.head.load_state_dict(obj["model"], strict=False)
+    except RuntimeError as e:  # a shape differs
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e)[:200])
+        raise ConfigError(f"checkpoint {path} does not match this model ({first}): resume with the run's arch "
+                          "settings (drop the arch.* overrides)") from None
     if missing or unexpected:
         raise ConfigError(f"checkpoint {path} does not match this model: missing {list(missing)[:5]}, "
                           f"unexpected {list(unexpected)[:5]} (resume with the same arch as the run)")
@@ -719,13 +810,13 @@ def main(cfg: DictConfig | dict, overrides: Sequence[str] = ()) -> dict:
             from hrm_kernels import use_backend
 
             ctx = use_backend(kernels)
-        with ctx:
-            return _train(cfg_dict, info)
+        with ctx, stop_on_signals() as signalled:
+            return _train(cfg_dict, info, signalled)
     finally:
         distributed.teardown(info)
 
 
-def _train(cfg: dict, info: distributed.DistInfo) -> dict:
+def _train(cfg: dict, info: distributed.DistInfo, signalled=lambda: None) -> dict:
     from tqdm import tqdm
 
     from train.logging_utils import MetricsLogger, read_jsonl
@@ -733,7 +824,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
 
     check_config(cfg, info.world_size)
     ensure_dataset(cfg, info)
-    epochs_per_iter = cfg["eval_interval"] or cfg["epochs"]
+    epochs_per_iter = _epochs_per_iter(cfg)
     total_iters = cfg["epochs"] // epochs_per_iter
     train_ds, eval_ds = make_datasets(cfg, info, epochs_per_iter)
     meta = train_ds.metadata
@@ -742,9 +833,14 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     # Names on rank 0, shared with all ranks.
     from hrm import HRM
 
+    run_dir_given = bool(cfg.get("checkpoint_path"))
     if info.is_main:
         default_names(cfg, HRM.__name__)
     cfg = distributed.broadcast_object(cfg, info)
+    if not run_dir_given and checkpointing.latest_checkpoint(cfg["checkpoint_path"]) is not None:
+        raise ConfigError(f"run_name={cfg['run_name']!r} already has checkpoints in {cfg['checkpoint_path']}: to resume "
+                          f"that run pass checkpoint_path=\"{cfg['checkpoint_path']}\" (it keeps the run's settings); "
+                          "to start a new run pick another run_name")
 
     total_steps = int(cfg["epochs"] * meta.total_groups * meta.mean_puzzle_examples / cfg["global_batch_size"])
     head = build_model(hconf, info.device, cfg["seed"])
@@ -752,7 +848,10 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     if cfg.get("init_from"):
         from hrm import load_checkpoint
 
-        load_checkpoint(head, cfg["init_from"], puzzle_emb_mismatch="mean")
+        try:
+            load_checkpoint(head, cfg["init_from"], puzzle_emb_mismatch="mean")
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise ConfigError(f"init_from={cfg['init_from']}: {e}") from None
         if info.is_main:
             print(f"Loaded weights from {cfg['init_from']}")
     use_compile = resolve_compile(cfg["compile"], info.device, str(cfg["arch"].get("kernels", "auto")))
@@ -769,7 +868,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
     wandb_id = None
     obj: dict = {}
     if resume_from is not None:
-        obj = restore_checkpoint(resume_from, state, train_ds, info)
+        obj = restore_checkpoint(cfg, resume_from, state, train_ds, info)
         wandb_id = obj.get("wandb_id")
         if info.is_main:
             print(f"Resuming from {resume_from} (step {state.step})")
@@ -784,7 +883,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.atomic_write_bytes(run_dir / "all_config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
         logger = MetricsLogger(run_dir, cfg["project_name"], cfg["run_name"], cfg, use_wandb=bool(cfg["wandb"]),
-                               resume_id=wandb_id)
+                               resume_id=wandb_id, resume_step=state.step if resume_from is not None else None)
         wandb_id = logger.wandb_id
         num_params = sum(p.numel() for p in head.parameters())
         ranks = f" x{info.world_size} ranks (grad_sync={'ddp' if state.ddp else 'flat'})" if info.world_size > 1 else ""
@@ -841,8 +940,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
         return metrics or {}
 
     time_limit = cfg.get("max_train_minutes")
-    time_stop = False
-    time_is_up = StopClock(time.time(), time_limit or 0.0, info)
+    stop_reason: Optional[str] = None
+    should_stop = StopClock(time.time(), time_limit, info, signalled)
     bar_values: dict[str, str] = {}  # progress-bar values kept between logs
     pending: Optional[PendingMetrics] = None  # the last step's metrics, not read yet
 
@@ -907,9 +1006,11 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
                 if state.step >= stop_at and max_steps is not None and state.step < total_steps:
                     stopped = True
                     break
-                if time_limit is not None and state.step < total_steps and time_is_up():
-                    stopped = time_stop = True
-                    break
+                if state.step < total_steps:
+                    stop_reason = should_stop()
+                    if stop_reason is not None:
+                        stopped = True
+                        break
             flush()
             if stopped:
                 break
@@ -918,7 +1019,7 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             if cfg["checkpoint_every_eval"]:
                 checkpoint_now()
         flush()
-        if time_stop:
+        if stop_reason == "time":
             if info.is_main:
                 (bar.write if bar is not None else print)(
                     f"max_train_minutes={cfg['max_train_minutes']} reached at step {state.step}: evaluating now")
@@ -945,6 +1046,8 @@ def _train(cfg: dict, info: distributed.DistInfo) -> dict:
             logger.summary({f"final/{k}": v for k, v in last_eval.items()})
         print(f"checkpoint: {last_saved}", flush=True)
         logger.finish()
+    if stop_reason == "signal":
+        raise StoppedBySignal(signalled() or signal.SIGTERM, last_saved)
     return last_eval if info.is_main else {}
 
 
@@ -989,6 +1092,10 @@ def cli(argv: Sequence[str] | None = None) -> None:
         exit_with(str(e), 2)
     except TrainingDiverged:
         raise SystemExit(1)
+    except StoppedBySignal as e:
+        if e.checkpoint is not None and _first_rank():
+            print(f"{e}; resume with checkpoint_path=\"{e.checkpoint.parent}\"", file=sys.stderr)
+        raise SystemExit(128 + e.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130)
