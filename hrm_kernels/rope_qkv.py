@@ -102,15 +102,17 @@ def rope_qkv_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
 
 def rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(rope(q), rope(k), v)`` from qkv [batch, seq, 3 * heads, head_dim] (contiguous last
-    dimension); cos, sin: [positions >= seq, head_dim] (or head_dim / 2, see ``hrm_kernels.rope``)
-    float32. Gradients flow to qkv, written in one pass (see the module docstring)."""
+    """``(rope(q), rope(k), v)`` from qkv [batch, seq, 3 * heads, head_dim] (a strided last
+    dimension is copied first); cos, sin: [positions >= seq, head_dim] (or head_dim / 2, see
+    ``hrm_kernels.rope``) float32. Gradients flow to qkv, written in one pass (see the module docstring)."""
     op = "rope_qkv"
     check_float("qkv", qkv, op)
-    if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2 or qkv.stride(-1) != 1:
+    if qkv.dim() != 4 or qkv.shape[2] % 3 or qkv.shape[-1] % 2:
         raise ValueError(f"{op}: qkv has shape {tuple(qkv.shape)}; need [batch, seq, 3 * heads, head_dim] with an "
-                         "even, contiguous head_dim (q, k and v heads stacked on dim 2)")
+                         "even head_dim (q, k and v heads stacked on dim 2)")
     check_tables(op, "qkv", qkv, cos, sin)
     if not use_triton(qkv.device) or torch.compiler.is_compiling():
         return rope_qkv_reference(qkv, cos, sin)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
     return RopeQKVFunction.apply(qkv, cos, sin)

@@ -58,6 +58,25 @@ def test_table_layouts(tables):
     test_through_attention_matches_float64("triton", torch.float32, (2, 7, 3, 10), tables)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_strided_head_dim(backend):
+    """A qkv whose last dimension is strided (every other column of a wider tensor) is taken, as
+    ``rope`` and ``rope_attention`` take it; the gradient lands in those columns only."""
+    base = torch.randn(2, 7, 6, 10, 2, device=DEVICE, requires_grad=True)
+    cos, sin = _tables(7, 10)
+    weight = [torch.randn(2, 7, 2, 10, device=DEVICE) for _ in range(3)]
+    with use_backend(backend):
+        outs = rope_qkv(base[..., 0], cos, sin)
+    sum((o * w).sum() for o, w in zip(outs, weight)).backward()
+    qkv64 = base.detach()[..., 0].double().requires_grad_()
+    refs = rope_qkv64(qkv64, cos, sin)
+    sum((o * w.double()).sum() for o, w in zip(refs, weight)).backward()
+    for o, r in zip(outs, refs):
+        torch.testing.assert_close(o.double(), r, atol=1e-5, rtol=1e-5)  # fp32 against float64
+    torch.testing.assert_close(base.grad[..., 0].double(), qkv64.grad, atol=1e-5, rtol=1e-5)
+    assert (base.grad[..., 1] == 0).all()
+
+
 @pytest.mark.parametrize("used", [(0,), (1, 2), (2,)], ids=["q_only", "k_v", "v_only"])
 def test_unused_outputs_get_zero_gradient(used):
     qkv = torch.randn(2, 6, 6, 8, device=DEVICE)
