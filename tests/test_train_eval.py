@@ -53,7 +53,8 @@ def test_majority_vote_after_undoing_augmentations():
     assert np.array_equal(slot.answer, ANSWER)
     ranked = slot.ranked()
     assert [c.votes for c in ranked] == [3, 2] and np.array_equal(ranked[0].grid, WRONG)
-    assert pass_at_k(votes) == {"pass@1": 0.0, "pass@2": 1.0, "pass@10": 1.0, "puzzles": 1.0}
+    assert pass_at_k(votes) == {"pass@1": 0.0, "pass@2": 1.0, "pass@10": 1.0, "pass@1_per_input": 0.0,
+                                "pass@2_per_input": 1.0, "pass@10_per_input": 1.0, "puzzles": 1.0}
 
 
 def test_ties_broken_by_mean_q_halt():
@@ -76,6 +77,8 @@ def test_every_test_input_must_be_solved():
     assert set(votes) == {"p1", "p2"} and set(votes["p1"]) == {0, 1}
     result = pass_at_k(votes)
     assert result["pass@1"] == 0.5 and result["pass@10"] == 0.5  # p1's second input never right
+    # Partial credit (the HRM-family evaluators' count): p1 half solved, p2 solved -> (0.5 + 1) / 2.
+    assert result["pass@1_per_input"] == result["pass@10_per_input"] == 0.75
 
 
 @pytest.fixture(scope="module")

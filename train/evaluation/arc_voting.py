@@ -5,7 +5,10 @@ transform and a colour permutation). For each copy the model's predicted canvas 
 its end-of-grid markers, the augmentation is undone, and the resulting grid is one vote for that
 test input. Candidates are ranked by vote count, ties broken by the mean ``sigmoid(q_halt)`` of
 their voters. A puzzle is solved at k when, for every one of its test inputs, the true answer is
-among the top k candidates; pass@k is the fraction of puzzles solved at k.
+among the top k candidates; pass@k is the fraction of puzzles solved at k. ``pass@k_per_input``
+gives a puzzle with several test inputs partial credit (the fraction of its inputs answered in the
+top k), as the public HRM-family ARC evaluators count (``num_test_correct / len(puzzle["test"])``,
+the count behind published figures); both are equal when every puzzle has one test input.
 """
 
 from __future__ import annotations
@@ -106,15 +109,19 @@ def collect_votes(
 
 
 def pass_at_k(votes: dict[str, dict[int, TestInputVotes]], ks: Iterable[int] = (1, 2, 10)) -> dict[str, float]:
-    """``{"pass@k": fraction of puzzles whose every test input has its answer in the top k}``."""
+    """``{"pass@k": fraction of puzzles whose every test input has its answer in the top k,
+    "pass@k_per_input": the mean over puzzles of the fraction of their test inputs that have}``."""
     ks = list(ks)
     solved = {k: 0 for k in ks}
+    credit = {k: 0.0 for k in ks}
     for per_input in votes.values():
         ranks = [slot.rank_of_answer() for slot in per_input.values()]
         for k in ks:
-            if ranks and all(r is not None and r < k for r in ranks):
-                solved[k] += 1
+            hits = sum(r is not None and r < k for r in ranks)
+            solved[k] += bool(ranks) and hits == len(ranks)
+            credit[k] += hits / len(ranks) if ranks else 0.0
     n = max(len(votes), 1)
     out = {f"pass@{k}": solved[k] / n for k in ks}
+    out.update({f"pass@{k}_per_input": credit[k] / n for k in ks})
     out["puzzles"] = float(len(votes))
     return out
