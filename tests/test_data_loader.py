@@ -192,6 +192,24 @@ def test_missing_dataset_message_names_path_and_builder(tmp_path):
         _ds(str(tmp_path / "maze-y"))
 
 
+@pytest.mark.parametrize("path,command", [
+    ("data/sudoku-gen-1k-aug-1000", "hrm.data.sudoku --output-dir data/sudoku-gen-1k-aug-1000 --subsample-size 1000 "
+                                    "--num-aug 1000"),
+    ("data/sudoku-extreme-1k-aug-1000", "hrm.data.sudoku --output-dir data/sudoku-extreme-1k-aug-1000 --difficulty "
+                                        "extreme --subsample-size 1000 --num-aug 1000"),
+    ("data/sudoku-plain", "hrm.data.sudoku --output-dir data/sudoku-plain --num-aug 0"),
+    ("data/arc-aug-1000", "hrm.data.arc --output-dir data/arc-aug-1000 --num-aug 1000"),
+    ("data/arc-2-aug-1000", "hrm.data.arc --output-dir data/arc-2-aug-1000 --dataset arc-agi-2 --num-aug 1000"),
+    ("data/maze-30x30-hard-1k", "hrm.data.maze --output-dir data/maze-30x30-hard-1k --size 30"),
+])
+def test_build_hint_builds_what_the_name_says(path, command):
+    """The hint's command carries the options the reference's directory names state (copies, size,
+    difficulty, ARC version): the builders' defaults would build another dataset under that name."""
+    from hrm.data import build_command_hint
+
+    assert build_command_hint(path) == "python -m " + command
+
+
 def test_missing_array_file(toy):
     os.remove(os.path.join(toy, "train", "all__labels.npy"))
     with pytest.raises(DatasetNotFoundError, match="all__labels.npy"):

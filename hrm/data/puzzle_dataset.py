@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
@@ -49,12 +50,41 @@ class DatasetFormatError(DatasetError, ValueError):
     """A dataset exists but its metadata or arrays are malformed."""
 
 
+def _options_from_name(module: str, name: str) -> list[str]:
+    """Builder options that a dataset directory's name in the reference's naming states:
+    ``aug-<N>`` copies, ``<N>k`` Sudoku puzzles, ``extreme``, ARC-AGI-2 (``arc-2``), a maze's
+    ``<S>x<S>`` size; so the hint builds what the name promises, not the builder's defaults."""
+    options = []
+    aug = re.search(r"aug-?(\d+)", name)
+    if module == "arc":
+        if re.search(r"arc-?(agi-?)?2(\b|-|_|$)", name):
+            options += ["--dataset", "arc-agi-2"]
+        if aug:
+            options += ["--num-aug", aug.group(1)]
+    elif module == "sudoku":
+        if "extreme" in name:
+            options += ["--difficulty", "extreme"]
+        size = re.search(r"(?:^|-)(\d+)k(?:-|$)", name)
+        if size:
+            options += ["--subsample-size", str(int(size.group(1)) * 1000)]
+        options += ["--num-aug", aug.group(1) if aug else "0"]
+    elif module == "maze":
+        side = re.search(r"(\d+)x\1", name)
+        if side:
+            options += ["--size", side.group(1)]
+        if "aug" in name:
+            options += ["--aug"]
+    return options
+
+
 def build_command_hint(dataset_path: str) -> str:
-    """The command that builds the dataset at `dataset_path`, guessed from its name."""
+    """The command that builds the dataset at `dataset_path`, guessed from its name (the builder
+    and, where the name states them, its options)."""
     name = os.path.basename(os.path.normpath(dataset_path)).lower()
     for key, module in (("quickstart", "quickstart"), ("sudoku", "sudoku"), ("maze", "maze"), ("arc", "arc")):
         if key in name:
-            return f"python -m hrm.data.{module} --output-dir {dataset_path}"
+            return " ".join([f"python -m hrm.data.{module} --output-dir {dataset_path}",
+                             *_options_from_name(module, name)])
     return ("one of: " + ", ".join(f"python -m hrm.data.{m} --output-dir {dataset_path}"
                                    for m in ("arc", "sudoku", "maze", "quickstart")))
 

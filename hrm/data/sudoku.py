@@ -270,7 +270,7 @@ def write_sudoku_split(output_dir: str, split: str, puzzles, num_aug: int, rng: 
 
 
 def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, source_csv: Optional[str] = None,
-          test_csv: Optional[str] = None, subsample_size: Optional[int] = None, num_aug: int = 0,
+          test_csv: Optional[str] = None, subsample_size: Optional[int] = None, num_aug: int = 1000,
           num_train: int = 1000, num_test: int = 1000, difficulty: str = "hard",
           target_clues: Optional[int] = None, min_rating: Optional[int] = None,
           workers: Optional[int] = None, validate: bool = True) -> None:
@@ -322,7 +322,9 @@ def main(argv=None):
     p.add_argument("--min-difficulty", type=int, default=None, dest="min_rating",
                    help="keep puzzles with rating >= this (CSV rating; for generated puzzles the solver's "
                         "branch count)")
-    p.add_argument("--num-aug", type=int, default=0, help="augmented copies per training puzzle")
+    p.add_argument("--num-aug", type=int, default=1000,
+                   help="augmented copies per training puzzle (default 1000, the reference's and the default "
+                        "directory name's; 0 for none)")
     p.add_argument("--num-train", type=int, default=1000, help="generated training puzzles (default 1000)")
     p.add_argument("--num-test", type=int, default=1000, help="generated test puzzles (default 1000)")
     p.add_argument("--difficulty", choices=sorted(DIFFICULTY_CLUES), default="hard",
