@@ -55,6 +55,7 @@ SWITCHES = {
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul
     "gluon_swiglu": ("hrm_kernels.linear_swiglu", None, "USE_GLUON"),  # no-grad gate_up + SwiGLU: warp-specialised Gluon GEMM
+    "gluon_swiglu_bwd": ("hrm_kernels.swiglu_linear", None, "USE_GLUON"),  # SwiGLU backward in the Gluon dact GEMM
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
 

@@ -267,6 +267,7 @@ class HRMInner(nn.Module):
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
                 Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
+                _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))

@@ -52,10 +52,12 @@ except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: th
 
 EPILOGUES = {"none": 0, "swiglu": 1}
 WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2}  # SwiGLU: a gate row and an up row per output column
-# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16 (session 21): 4 stages
-# against 3 took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS; SwiGLU at BLOCK_N=64 (two
-# [128, 64] fp32 accumulators a warpgroup) 323 us with 4 stages, 344 with 5.
-CONFIGS = {"none": (128, 128, 64, 4), "swiglu": (128, 64, 64, 4)}
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16: 4 stages against 3
+# took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS (session 21), 5 stages to 0.89-0.99x
+# (session 22: N x K 512x512 60.4 us vs cuBLAS 58.1, 1536x512 171.2 vs 152.9, 3072x512 320.7 vs 298.7,
+# 512x1536 150.0 vs 148.2; [128, 128, 128] x 2 stages 0.56-0.69x). SwiGLU at BLOCK_N=64 (two [128, 64]
+# fp32 accumulators a warpgroup): 309.8 us with 4 stages, 308.3 with 6, 323.0 with BLOCK_K=128 x 3.
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 64, 64, 4)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 

@@ -165,6 +165,20 @@ for dt in ("bf16", "fp16", "fp32"):
         except Exception as e:
             failures += 1
             print("FAILED", "gluon GEMM", epilogue, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    swb = module("_gluon_swiglu_backward")  # the down projection's dact GEMM with the SwiGLU backward
+    dy, w, gu = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (512, 1536), (62976, 3072)))
+    descs = dict(zip(("dy_desc", "w_desc", "gate_desc", "up_desc", "dgate_desc", "dup_desc"),
+                     swb.descriptors(dy, w, gu, torch.empty_like(gu))))
+    try:
+        compiled = compile_gluon_kernel(swb._swiglu_backward_gemm_kernel, dict(descs, M=62976, I=1536, K=512),
+                                        dict(STAGES=swb.CONFIG[3], CONSUMER_REGS=swb.CONSUMER_REGISTERS), 4)
+        res = resources(compiled)
+        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+        print("ok", "gluon SwiGLU backward", dt, compiled.metadata.shared, res)
+    except Exception as e:
+        failures += 1
+        print("FAILED", "gluon SwiGLU backward", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
 sys.exit(1 if failures else 0)
 '''
 
@@ -178,6 +192,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
-    # fp32), and the Gluon GEMM's 2 epilogues x 2 dtypes
-    gluon = 0 if "NO-GLUON" in proc.stdout else 2 * 2
+    # fp32), and the Gluon GEMM's 2 epilogues x 2 dtypes and its SwiGLU backward x 2 dtypes
+    gluon = 0 if "NO-GLUON" in proc.stdout else 2 * 2 + 2
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

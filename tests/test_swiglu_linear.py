@@ -6,12 +6,15 @@ import importlib
 import pytest
 import torch
 
-from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend
-from tests.conftest import CUDA, DEVICE, requires_cuda
+from hrm_kernels import _gluon_swiglu_backward, swiglu_linear, swiglu_linear_reference, use_backend
+from hrm_kernels.swiglu import swiglu_backward
+from tests.conftest import CUDA, DEVICE, record_calls, requires_cuda
 from tests.reference64 import assert_float32_math, swiglu_linear64
 from tests.tolerance import assert_close_to_reference
 
 module = importlib.import_module("hrm_kernels.swiglu_linear")
+GLUON = CUDA and _gluon_swiglu_backward.available(torch.device("cuda"))
+requires_gluon = pytest.mark.skipif(not GLUON, reason="the Gluon kernel runs on a Hopper GPU")
 
 # The interpreter's tl.dot works in fp16/fp32 only (GPU.md); bf16 is covered on the GPU.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
@@ -59,18 +62,20 @@ def _assert_close(label, got, eager, gate_up, weight, dy):
             assert_float32_math(f"{label} {name}", e, r)
 
 
-# The kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or a
-# persistent grid (a few programs per "SM", each walking several tiles).
+# The Triton kernel's variants: epilogue through TMA descriptors or pointers, one program per tile or
+# a persistent grid (a few programs per "SM", each walking several tiles); the Gluon kernel (Hopper).
 VARIANTS = {"tma-epilogue": (True, 0, False), "pointer-epilogue": (False, 0, False), "persistent": (False, 1, False),
-            "unfused": None}
+            "unfused": None, "gluon": "gluon"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,inter,n", SHAPES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=requires_gluon) if v == "gluon" else v for v in VARIANTS])
 def test_against_float64(lead, inter, n, dtype, variant, fused_launches, monkeypatch):
-    fused = VARIANTS[variant] is not None
+    fused = VARIANTS[variant] not in (None, "gluon")
     monkeypatch.setattr(module, "FUSED_BACKWARD", fused)
+    monkeypatch.setattr(module, "USE_GLUON", variant == "gluon")
+    gluon_launches = record_calls(monkeypatch, _gluon_swiglu_backward, "swiglu_linear_backward")
     if fused:
         tiles = module.tile_config(CUDA, dtype.itemsize)[:5]
         monkeypatch.setattr(module, "tile_config", lambda on_cuda, size: (*tiles, *VARIANTS[variant]))
@@ -82,6 +87,7 @@ def test_against_float64(lead, inter, n, dtype, variant, fused_launches, monkeyp
     item = gate_up.element_size()
     aligned = (inter * item) % 16 == 0 and (n * item) % 16 == 0
     assert fused_launches[0] == (1 if fused and aligned else 0)
+    assert len(gluon_launches) == (1 if variant == "gluon" and item == 2 and inter % 8 == 0 and n % 8 == 0 else 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -138,12 +144,40 @@ def test_compile_fullgraph_matches_eager():
 
 
 @requires_cuda
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
-def test_hrm_size_bf16(fused, fused_launches, monkeypatch):
-    """HRM's MLP at a few thousand rows: hidden 512, I = 1536, bf16, the fused kernel's CUDA tiles."""
-    monkeypatch.setattr(module, "FUSED_BACKWARD", fused)
+@pytest.mark.parametrize("path", ["fused", "unfused", pytest.param("gluon", marks=requires_gluon)])
+def test_hrm_size_bf16(path, fused_launches, monkeypatch):
+    """HRM's MLP at a few thousand rows: hidden 512, I = 1536, bf16, the kernels' CUDA tiles."""
+    monkeypatch.setattr(module, "FUSED_BACKWARD", path == "fused")
+    monkeypatch.setattr(module, "USE_GLUON", path == "gluon")
+    gluon_launches = record_calls(monkeypatch, _gluon_swiglu_backward, "swiglu_linear_backward")
     gate_up, weight, dy = _make((4, 1001), 1536, 512, torch.bfloat16)
     with use_backend("triton"):
         got = _run(swiglu_linear, gate_up, weight, dy)
     _assert_close("HRM size", got, _run(swiglu_linear_reference, gate_up, weight, dy), gate_up, weight, dy)
-    assert fused_launches[0] == int(fused)
+    assert fused_launches[0] == int(path == "fused") and len(gluon_launches) == int(path == "gluon")
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [3, None], ids=["3-programs", "one-per-SM"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,inter,n", [(1000, 384, 512), (777, 200, 136), (62976, 1536, 512)], ids=str)
+def test_gluon_backward_matches_float64(rows, inter, n, dtype, programs):
+    """dgate_up from the Gluon kernel directly: odd row counts, partial N tiles (I = 200), K = 136 (a
+    partial k-step), a few programs walking many tiles, HRM's full Sudoku size; against float64 within
+    the tolerance of cuBLAS + the SwiGLU backward kernel's error."""
+    gate_up, weight, dy = _make((rows,), inter, n, dtype)
+    assert _gluon_swiglu_backward.supported(dy, weight, gate_up)
+    got = _gluon_swiglu_backward.swiglu_linear_backward(dy, weight, gate_up, programs=programs)
+    unfused = swiglu_backward(dy @ weight, gate_up)
+    gate, up = gate_up.double().chunk(2, -1)  # the SwiGLU backward in float64 from its formula
+    dact = dy.double() @ weight.double()
+    sig = torch.sigmoid(gate)
+    ref = torch.cat((dact * up * sig * (1 + gate * (1 - sig)), dact * gate * sig), -1)
+    assert got.dtype == dtype and got.shape == gate_up.shape
+    assert_close_to_reference(f"gluon {dtype} {rows}x{n}x{inter}", got, unfused, ref)
+
+
+def test_gluon_backward_is_not_taken_off_hopper():
+    """``supported`` is False on the CPU (and for fp32, misaligned widths): those keep the other paths."""
+    gate_up, weight, dy = _make((5,), 16, 8, torch.bfloat16, device="cpu")
+    assert not _gluon_swiglu_backward.supported(dy, weight, gate_up)

@@ -1,0 +1,205 @@
+"""The SwiGLU backward as the epilogue of the down projection's input-gradient GEMM, in Gluon, on
+``_gluon_gemm``'s warp-specialised ping-pong design (see there: one producer warp fills a TMA ring,
+two consumer warpgroups take alternate output tiles, an ``order`` mbarrier pair keeps the ring
+consumed in fill order).
+
+From dy [M, N], the down projection's weight [N, I] (``nn.Linear`` layout, row-contiguous: the
+GEMM's B operand as stored) and the forward's gate_up [M, 2I] (gate columns, then up columns), with
+``s = sigmoid(gate)``::
+
+    dact  = dy @ weight                       [M, I], rounded to the dtype as cuBLAS writes it
+    dgate = dact * up * s * (1 + gate * (1 - s))
+    dup   = dact * gate * s                   -> dgate_up [M, 2I] = [dgate | dup]
+
+Each consumer loads its tile's gate and up tiles by TMA while its main loop runs, and writes dgate
+and dup from the same shared-memory buffers, so dact never leaves the chip (unfused: written and read
+back, 2 x M x I x 2 bytes). The math is ``hrm_kernels.swiglu``'s backward kernel's, in fp32 from the
+rounded dact, so the result equals cuBLAS + that kernel (H100, session 22: bit-identical, 321 us
+against 477 at M=62976, N=512, I=1536, bf16).
+
+Sizes: any M; N and I multiples of 8 (16-byte TMA rows; the up half starts I columns in); bf16 or
+fp16. Hopper only; ``supported`` says where it runs; no interpreter path (CPU tests compile it for
+sm_90, ``tests/test_compile_for_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, available
+
+if _HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from hrm_kernels._gluon_gemm import _accumulator_layout, _tile_origin
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
+# with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
+CONFIG = (128, 64, 64, 6)
+CONSUMER_REGISTERS = 240  # 232 spilled one register in fp16 with Triton 3.8 (sm_90 compile test)
+
+
+def supported(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """``swiglu_linear_backward(dy, weight, gate_up)`` can run: Hopper, 2-byte floats of one dtype,
+    contiguous 2-D operands of matching shapes, N and I multiples of 8, 16-byte aligned pointers."""
+    if not (available(dy.device) and dy.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == dy.dtype == gate_up.dtype and dy.dim() == weight.dim() == gate_up.dim() == 2):
+        return False
+    n, inter = weight.shape
+    return (dy.shape[1] == n and gate_up.shape == (dy.shape[0], 2 * inter) and n % 8 == 0 and inter % 8 == 0
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (dy, weight, gate_up)))
+
+
+if _HAVE_GLUON:
+
+    @gluon.jit
+    def _produce(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
+                 order, epi_ready, M, I, K):
+        """The producer warp: every k-step of every tile of this program, in order, into the ring."""
+        BLOCK_M: gl.constexpr = dy_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = dy_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+        STAGES: gl.constexpr = dy_bufs.type.shape[0]
+        NBYTES: gl.constexpr = dy_desc.block_type.nbytes + w_desc.block_type.nbytes
+        n_tiles_n = gl.cdiv(I, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        step = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles_n, gl.num_programs(0)):
+            off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
+            for kk in range(k_steps):
+                s = step % STAGES
+                mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
+                mbarrier.expect(ready.index(s), NBYTES)
+                tma.async_copy_global_to_shared(dy_desc, [off_m, kk * BLOCK_K], ready.index(s), dy_bufs.index(s))
+                tma.async_copy_global_to_shared(w_desc, [kk * BLOCK_K, off_n], ready.index(s), w_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _consume(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
+                 order, epi_ready, M, I, K, WARPGROUP: gl.constexpr):
+        """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP. Its gate and up tiles
+        arrive in its own two epilogue buffers (``epi_ready``), which then carry dgate and dup out."""
+        BLOCK_M: gl.constexpr = dy_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = dy_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
+        STAGES: gl.constexpr = dy_bufs.type.shape[0]
+        EPI_BYTES: gl.constexpr = 2 * gate_desc.block_type.nbytes
+        layout: gl.constexpr = _accumulator_layout(BLOCK_N)
+        n_tiles_n = gl.cdiv(I, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        gate_buf = epi_bufs.index(2 * WARPGROUP)
+        up_buf = epi_bufs.index(2 * WARPGROUP + 1)
+        bar = epi_ready.index(WARPGROUP)
+        j = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles_n, gl.num_programs(0)):
+            if j % 2 == WARPGROUP:
+                if j > 0:  # the other warpgroup has issued its main loop: the ring stays in order
+                    mbarrier.wait(order.index(WARPGROUP), ((j - 1) // 2) & 1)
+                off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
+                tma.store_wait(pendings=0)  # this warpgroup's last dgate/dup stores have left its buffers
+                mbarrier.expect(bar, EPI_BYTES)
+                tma.async_copy_global_to_shared(gate_desc, [off_m, off_n], bar, gate_buf)
+                tma.async_copy_global_to_shared(up_desc, [off_m, off_n], bar, up_buf)
+                acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+                step = j * k_steps
+                for kk in range(k_steps):
+                    s = step % STAGES
+                    mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+                    acc = warpgroup_mma(dy_bufs.index(s), w_bufs.index(s), acc, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                    if kk > 0:  # the previous k-step's wgmma is done: its stage is free
+                        mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+                    step += 1
+                mbarrier.arrive(order.index(1 - WARPGROUP), count=1)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+                mbarrier.wait(bar, (j // 2) & 1)
+                dact = acc.to(dgate_desc.dtype).to(gl.float32)  # rounded as the unfused matmul writes it
+                gate = gate_buf.load(layout).to(gl.float32)
+                up = up_buf.load(layout).to(gl.float32)
+                sig = 1.0 / (1.0 + gl.exp(-gate))
+                gate_buf.store((dact * up * sig * (1.0 + gate * (1.0 - sig))).to(dgate_desc.dtype))
+                up_buf.store((dact * gate * sig).to(dup_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(dgate_desc, [off_m, off_n], gate_buf)
+                tma.async_copy_shared_to_global(dup_desc, [off_m, off_n], up_buf)
+            j += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _first_warpgroup(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready,
+                         empty, order, epi_ready, M, I, K):
+        _consume(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
+                 order, epi_ready, M, I, K, 0)
+
+    @gluon.jit
+    def _second_warpgroup(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready,
+                          empty, order, epi_ready, M, I, K):
+        _consume(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
+                 order, epi_ready, M, I, K, 1)
+
+    @gluon.jit
+    def _swiglu_backward_gemm_kernel(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, M, I, K,
+                                     STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        dtype: gl.constexpr = dy_desc.dtype
+        dy_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
+        w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+        epi_bufs = gl.allocate_shared_memory(dtype, [4] + gate_desc.block_type.shape, gate_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(order.index(i), count=1)
+            mbarrier.init(epi_ready.index(i), count=1)
+        args = (dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
+                order, epi_ready, M, I, K)
+        gl.warp_specialize([(_first_warpgroup, args), (_second_warpgroup, args), (_produce, args)], [4, 1],
+                           [CONSUMER_REGS, 40])
+
+
+def descriptors(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, dgate_up: torch.Tensor) -> tuple:
+    """TMA descriptors of dy, weight, the gate and up halves of gate_up and of dgate_up (host objects;
+    CPU tensors work too)."""
+    block_m, block_n, block_k, _ = CONFIG
+    dtype = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
+    inter = weight.shape[1]
+
+    def describe(t, box):
+        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
+
+    return (describe(dy, [block_m, block_k]), describe(weight, [block_k, block_n]),
+            *(describe(half, [block_m, block_n]) for half in (gate_up[:, :inter], gate_up[:, inter:],
+                                                               dgate_up[:, :inter], dgate_up[:, inter:])))
+
+
+def swiglu_linear_backward(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor,
+                           programs: int | None = None) -> torch.Tensor:
+    """dgate_up [M, 2I] (module docstring); the caller checks ``supported`` first. ``programs``: the
+    persistent grid (default one program per SM; tests pass a few to give each many tiles)."""
+    from hrm_kernels.precompile import launch
+
+    n_rows, n = dy.shape
+    inter = weight.shape[1]
+    dgate_up = torch.empty_like(gate_up)
+    if dgate_up.numel() == 0:
+        return dgate_up
+    if n == 0:
+        return dgate_up.zero_()
+    if programs is not None and programs < 1:
+        raise ValueError(f"swiglu_linear_backward: programs must be at least 1, got {programs}")
+    block_m, block_n, _, stages = CONFIG
+    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(inter, block_n)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(dy.device).multi_processor_count
+    launch(_swiglu_backward_gemm_kernel, (min(programs, tiles),), *descriptors(dy, weight, gate_up, dgate_up),
+           n_rows, inter, n, STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    return dgate_up
