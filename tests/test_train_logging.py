@@ -85,3 +85,6 @@ def test_resume_drops_the_records_it_replays(tmp_path, capsys):
     assert "dropped 3 record(s) after step 5" in capsys.readouterr().out
     MetricsLogger(tmp_path, "p", "r", {}, use_wandb=False, resume_step=5)  # nothing more to drop
     assert read_jsonl(path) == records[:5] and "dropped" not in capsys.readouterr().out
+    # A new run (step -1) where an earlier one stopped before its first checkpoint starts a new file.
+    MetricsLogger(tmp_path, "p", "r", {}, use_wandb=False, resume_step=-1)
+    assert read_jsonl(path) == [] and "left no checkpoint" in capsys.readouterr().out

@@ -265,6 +265,30 @@ def test_sigterm_checkpoints_after_the_step_and_resumes_exactly(tiny_data, tmp_p
     assert_same_training_state(load(tmp_path / "full" / "step_16.pt"), load(tmp_path / "split" / "step_16.pt"))
 
 
+def test_signals_before_training_starts_stop_at_once():
+    """Before the loop is armed (data, model, compilation) a signal stops as usual: nothing trained,
+    nothing to save; once armed it only raises the flag; the previous handlers come back after."""
+    import os
+    import signal
+
+    from train.pretrain import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with stop_on_signals() as flag:
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.value.code == 128 + signal.SIGTERM and flag() is None
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        flag.arm()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag() == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C once armed: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
 def test_ctrl_c_from_the_shell_saves_and_says_how_to_resume(tiny_data, tmp_path):
     """SIGINT to the trainer process: exit status 130, a checkpoint, and the resume command on stderr."""
     import signal
@@ -460,7 +484,7 @@ def test_resume_mistakes_are_refused_with_the_fix(tiny_data, tmp_path, monkeypat
     for override, run_value in (("eval_interval=2", "eval_interval=1"), ("global_batch_size=16", "global_batch_size=32"),
                                 ("seed=3", "seed=0")):
         msg = _config_error(common(tiny_data, run_dir) + [override])
-        assert f"{override} differs from the run's {run_value}" in msg and "init_from=" in msg, msg
+        assert f"{override} differs from the run's {run_value}" in msg and "another checkpoint_path" in msg, msg
     msg = _config_error(common(tiny_data, run_dir) + ["arch.hidden_size=64"])
     assert "does not match this model" in msg and "size mismatch" in msg
     newest = run_dir / "step_10.pt"
@@ -472,6 +496,14 @@ def test_resume_mistakes_are_refused_with_the_fix(tiny_data, tmp_path, monkeypat
     newest.unlink()  # as the message says: the previous checkpoint resumes
     run(common(tiny_data, run_dir))
     assert checkpointing.latest_checkpoint(run_dir).name == "step_16.pt"
+    # A run whose iterations were its whole `epochs` (eval_interval null) trains longer only with the
+    # iteration length named: the message says how.
+    whole = [a for a in common(tiny_data, tmp_path / "whole") if not a.startswith("eval_interval=")]
+    run(whole + ["eval_interval=null", "max_steps=3"])
+    msg = _config_error(whole + ["epochs=4"])
+    assert "had eval_interval=null" in msg and "with epochs=4 pass eval_interval=2" in msg, msg
+    run(whole + ["epochs=4", "eval_interval=2", "max_steps=5"])
+    assert checkpointing.latest_checkpoint(tmp_path / "whole").name == "step_5.pt"
 
 
 def test_reusing_a_run_name_is_refused(tiny_data, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ the latest one, never a truncated file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -55,7 +56,8 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a plain open() would not
+        with contextlib.suppress(OSError):  # mkstemp makes it owner-only; a plain open() would not
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -60,7 +60,8 @@ class MetricsLogger:
 
     def _drop_records_after(self, step: int) -> None:
         """A resumed run replays the steps after its checkpoint: their records from before the
-        interruption (and a line cut short by it) leave metrics.jsonl, so each step appears once."""
+        interruption (and a line cut short by it) leave metrics.jsonl, so each step appears once.
+        ``step`` -1: a new run, in a directory an earlier run left without a checkpoint."""
         from train.checkpointing import atomic_write_bytes
 
         if not self.jsonl_path.is_file():
@@ -69,8 +70,9 @@ class MetricsLogger:
         kept = [json.dumps(r) for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= step]
         if len(kept) != len([line for line in lines if line.strip()]):
             atomic_write_bytes(self.jsonl_path, "".join(line + "\n" for line in kept).encode())
-            print(f"{self.jsonl_path}: dropped {len(lines) - len(kept)} record(s) after step {step}, the "
-                  "checkpoint resumed from (those steps run again)")
+            print(f"{self.jsonl_path}: dropped {len(lines) - len(kept)} record(s) "
+                  + (f"after step {step}, the checkpoint resumed from (those steps run again)" if step >= 0 else
+                     "of an earlier run here that left no checkpoint (this run starts over)"))
 
     def _init_wandb(self, project: str, name: str, config: dict, resume_id: str | None) -> None:
         try:

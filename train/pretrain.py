@@ -53,31 +53,51 @@ class StoppedBySignal(RuntimeError):
         self.signum, self.checkpoint = signum, checkpoint
 
 
+class SignalFlag:
+    """The first SIGINT/SIGTERM received once armed (``flag()`` -> its number, or None). Before
+    ``arm()`` (start-up: data, model, compilation) a signal stops the process at once, as usual:
+    no step has trained, so there is nothing to save."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def __call__(self) -> Optional[int]:
+        return self.received[0] if self.received else None
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """Within the block, SIGINT and SIGTERM (a Ctrl-C, a scheduler's preemption, torchrun passing one
-    on) only set a flag, read after each training step; a second SIGINT interrupts at once. Yields a
-    function returning the first signal's number, or None. Off the main thread (where signal handlers
-    cannot be set) the function always returns None."""
+    """Within the block, once the yielded ``SignalFlag`` is armed, SIGINT and SIGTERM (a Ctrl-C, a
+    scheduler's preemption, torchrun passing one on) only set the flag, read after each training
+    step; a second SIGINT interrupts at once. Off the main thread (where signal handlers cannot be
+    set) the flag never rises."""
     import threading
 
-    received: list[int] = []
+    flag = SignalFlag()
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: None
+        yield flag
         return
 
     def handler(signum, frame):
-        if not received and _first_rank():
+        if not flag.armed:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        if not flag.received and _first_rank():
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint"
                   + (" (Ctrl-C again to abort without one)" if signum == signal.SIGINT else ""),
                   file=sys.stderr, flush=True)
-        received.append(signum)
+        flag.received.append(signum)
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: received[0] if received else None
+        yield flag
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -735,17 +755,28 @@ def _epochs_per_iter(cfg: dict) -> int:
 
 def check_resume_settings(cfg: dict, saved: dict, path: Path) -> None:
     """ConfigError when ``cfg`` changes a setting the checkpoint's data position depends on."""
+    fresh_run = (f"start a new run from these weights with init_from={path} and another checkpoint_path (or "
+                 "run_name)")
     for key in _RESUME_FIXED:
         if key not in saved:
             continue
-        same = (_epochs_per_iter(cfg) == _epochs_per_iter(saved)) if key == "eval_interval" else cfg[key] == saved[key]
-        if not same:
-            run_value = saved[key] if key != "eval_interval" else _epochs_per_iter(saved)
-            raise ConfigError(
-                f"{key}={cfg[key]} differs from the run's {key}={run_value} ({path}): its data position counts "
-                f"batches of global_batch_size within iterations of eval_interval epochs in seed's order, so "
-                f"resuming needs the run's value; drop the override, or start a new run from these weights with "
-                f"init_from={path}")
+        if key == "eval_interval":
+            if _epochs_per_iter(cfg) == _epochs_per_iter(saved):
+                continue
+            run_value = _epochs_per_iter(saved)
+            if saved.get("eval_interval") is None:  # the run's iterations were its whole `epochs`
+                raise ConfigError(
+                    f"the run ({path}) had eval_interval=null, so its data position counts iterations of its "
+                    f"epochs={run_value}; to resume with epochs={cfg['epochs']} pass eval_interval={run_value} "
+                    f"(it must divide epochs), or {fresh_run}")
+        else:
+            if cfg[key] == saved[key]:
+                continue
+            run_value = saved[key]
+        raise ConfigError(
+            f"{key}={cfg[key]} differs from the run's {key}={run_value} ({path}): its data position counts "
+            f"batches of global_batch_size within iterations of eval_interval epochs in seed's order, so "
+            f"resuming needs the run's value; drop the override, or {fresh_run}")
 
 
 def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info: distributed.DistInfo) -> dict:
@@ -776,7 +807,11 @@ def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info:
         mine = obj["rank0"]
     else:
         rank_file = path.with_name(f"step_{state.step}.rank{info.rank}.pt")
-        mine = checkpointing.load_file(rank_file) if rank_file.is_file() else None
+        try:
+            mine = checkpointing.load_file(rank_file) if rank_file.is_file() else None
+        except ValueError as e:  # damaged: as if missing (the carry restarts), said on this rank
+            print(f"note: rank {info.rank}: {e}", file=sys.stderr, flush=True)
+            mine = None
     if obj.get("world_size", 1) != info.world_size or mine is None:
         if info.is_main:
             print(f"note: checkpoint was written by {obj.get('world_size', 1)} rank(s), resuming on "
@@ -816,7 +851,7 @@ def main(cfg: DictConfig | dict, overrides: Sequence[str] = ()) -> dict:
         distributed.teardown(info)
 
 
-def _train(cfg: dict, info: distributed.DistInfo, signalled=lambda: None) -> dict:
+def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag] = None) -> dict:
     from tqdm import tqdm
 
     from train.logging_utils import MetricsLogger, read_jsonl
@@ -883,7 +918,7 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled=lambda: None) -> dic
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.atomic_write_bytes(run_dir / "all_config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
         logger = MetricsLogger(run_dir, cfg["project_name"], cfg["run_name"], cfg, use_wandb=bool(cfg["wandb"]),
-                               resume_id=wandb_id, resume_step=state.step if resume_from is not None else None)
+                               resume_id=wandb_id, resume_step=state.step if resume_from is not None else -1)
         wandb_id = logger.wandb_id
         num_params = sum(p.numel() for p in head.parameters())
         ranks = f" x{info.world_size} ranks (grad_sync={'ddp' if state.ddp else 'flat'})" if info.world_size > 1 else ""
@@ -939,6 +974,7 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled=lambda: None) -> dic
                     logger.log_image("gates", png, step=state.step)
         return metrics or {}
 
+    signalled = signalled if signalled is not None else SignalFlag()
     time_limit = cfg.get("max_train_minutes")
     stop_reason: Optional[str] = None
     should_stop = StopClock(time.time(), time_limit, info, signalled)
@@ -981,6 +1017,7 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled=lambda: None) -> dic
 
     precompile = resolve_precompile(cfg.get("precompile_kernels", "auto"), str(cfg["arch"].get("kernels", "auto")),
                                     info.device, info.world_size)
+    signalled.arm()  # from here a signal stops after the step in progress, with a checkpoint
     try:
         start_iter = train_ds.state_dict()["iters"]
         stopped = state.step >= stop_at
