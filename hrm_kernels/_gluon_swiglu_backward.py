@@ -14,8 +14,9 @@ GEMM's B operand as stored) and the forward's gate_up [M, 2I] (gate columns, the
 Each consumer loads its tile's gate and up tiles by TMA while its main loop runs, and writes dgate
 and dup from the same shared-memory buffers, so dact never leaves the chip (unfused: written and read
 back, 2 x M x I x 2 bytes). The math is ``hrm_kernels.swiglu``'s backward kernel's, in fp32 from the
-rounded dact, so the result equals cuBLAS + that kernel (H100, session 22: bit-identical, 321 us
-against 477 at M=62976, N=512, I=1536, bf16).
+rounded dact (its products in another order, to keep fewer values in registers). Its prototype, with
+that kernel's order, gave cuBLAS + that kernel's result bit for bit in 321 us against 477 (H100,
+session 22, M=62976, N=512, I=1536, bf16); this file has not run on a GPU yet.
 
 Sizes: any M; N and I multiples of 8 (16-byte TMA rows; the up half starts I columns in); bf16 or
 fp16. Hopper only; ``supported`` says where it runs; no interpreter path (CPU tests compile it for
@@ -41,7 +42,7 @@ if _HAVE_GLUON:
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
 # with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
 CONFIG = (128, 64, 64, 6)
-CONSUMER_REGISTERS = 240  # 232 spilled one register in fp16 with Triton 3.8 (sm_90 compile test)
+CONSUMER_REGISTERS = 232
 
 
 def supported(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor) -> bool:
@@ -119,15 +120,19 @@ if _HAVE_GLUON:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                 mbarrier.wait(bar, (j // 2) & 1)
-                dact = acc.to(dgate_desc.dtype).to(gl.float32)  # rounded as the unfused matmul writes it
+                # Few values live at once (232-240 registers): dup leaves through gate's buffer
+                # before up is loaded, dgate through up's.
+                dact_sig = acc.to(dgate_desc.dtype).to(gl.float32)  # dact, rounded as cuBLAS writes it
                 gate = gate_buf.load(layout).to(gl.float32)
-                up = up_buf.load(layout).to(gl.float32)
                 sig = 1.0 / (1.0 + gl.exp(-gate))
-                gate_buf.store((dact * up * sig * (1.0 + gate * (1.0 - sig))).to(dgate_desc.dtype))
-                up_buf.store((dact * gate * sig).to(dup_desc.dtype))
+                dact_sig = dact_sig * sig
+                gate_buf.store((dact_sig * gate).to(dup_desc.dtype))  # dup = dact * s * gate
+                dgate_factor = 1.0 + gate * (1.0 - sig)
+                up = up_buf.load(layout).to(gl.float32)
+                up_buf.store((dact_sig * up * dgate_factor).to(dgate_desc.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(dgate_desc, [off_m, off_n], gate_buf)
-                tma.async_copy_shared_to_global(dup_desc, [off_m, off_n], up_buf)
+                tma.async_copy_shared_to_global(dup_desc, [off_m, off_n], gate_buf)
+                tma.async_copy_shared_to_global(dgate_desc, [off_m, off_n], up_buf)
             j += 1
         tma.store_wait(pendings=0)
 
