@@ -22,9 +22,9 @@ backward kernel::
 Most of an HRM training step's forward passes run without gradients (all but the last L and H
 steps of a segment, and the whole continue-target pass), where the persistent TMA kernel beats
 cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there. On a
-Hopper GPU with bf16/fp16 those launches can run ``hrm_kernels._gluon_gemm``'s warp-specialised
-GEMM with the same epilogue instead (``USE_GLUON``, off until measured; its sigmoid is exp and a
-division instead of ``tanh.approx``).
+Hopper GPU with bf16/fp16 those launches run ``hrm_kernels._gluon_gemm``'s warp-specialised GEMM
+with the same epilogue instead (``USE_GLUON``; its sigmoid is exp and a division instead of
+``tanh.approx``).
 """
 
 from __future__ import annotations

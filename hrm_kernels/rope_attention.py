@@ -351,10 +351,10 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
                          "(q, k and v heads stacked on dim 2)")
     if (cos is None) != (sin is None):
         raise ValueError(f"{op}: pass both cos and sin, or neither (no rotation)")
-    if cos is not None and qkv.shape[-1] % 2:
-        raise ValueError(f"{op}: head_dim {qkv.shape[-1]} is odd; RoPE rotates pairs of features, so it needs "
-                         "an even head_dim (or pass no cos/sin: learned positions)")
     if cos is not None:
+        if qkv.shape[-1] % 2:
+            raise ValueError(f"{op}: head_dim {qkv.shape[-1]} is odd; RoPE rotates pairs of features, so it needs "
+                             "an even head_dim (or pass no cos/sin: learned positions)")
         check_tables(op, "qkv", qkv, cos, sin)
         cos, sin = packed_tables(cos, sin)
     if not use_triton(qkv.device):

@@ -66,11 +66,11 @@ class MetricsLogger:
 
         if not self.jsonl_path.is_file():
             return
-        lines = self.jsonl_path.read_text().splitlines()
+        written = sum(1 for line in self.jsonl_path.read_text().splitlines() if line.strip())
         kept = [json.dumps(r) for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= step]
-        if len(kept) != len([line for line in lines if line.strip()]):
+        if len(kept) != written:
             atomic_write_bytes(self.jsonl_path, "".join(line + "\n" for line in kept).encode())
-            print(f"{self.jsonl_path}: dropped {len(lines) - len(kept)} record(s) "
+            print(f"{self.jsonl_path}: dropped {written - len(kept)} record(s) "
                   + (f"after step {step}, the checkpoint resumed from (those steps run again)" if step >= 0 else
                      "of an earlier run here that left no checkpoint (this run starts over)"))
 

@@ -760,19 +760,15 @@ def check_resume_settings(cfg: dict, saved: dict, path: Path) -> None:
     for key in _RESUME_FIXED:
         if key not in saved:
             continue
-        if key == "eval_interval":
-            if _epochs_per_iter(cfg) == _epochs_per_iter(saved):
-                continue
-            run_value = _epochs_per_iter(saved)
-            if saved.get("eval_interval") is None:  # the run's iterations were its whole `epochs`
-                raise ConfigError(
-                    f"the run ({path}) had eval_interval=null, so its data position counts iterations of its "
-                    f"epochs={run_value}; to resume with epochs={cfg['epochs']} pass eval_interval={run_value} "
-                    f"(it must divide epochs), or {fresh_run}")
-        else:
-            if cfg[key] == saved[key]:
-                continue
-            run_value = saved[key]
+        ours, run_value = ((_epochs_per_iter(cfg), _epochs_per_iter(saved)) if key == "eval_interval"
+                           else (cfg[key], saved[key]))
+        if ours == run_value:
+            continue
+        if key == "eval_interval" and saved["eval_interval"] is None:  # the run's iterations were its `epochs`
+            raise ConfigError(
+                f"the run ({path}) had eval_interval=null, so its data position counts iterations of its "
+                f"epochs={run_value}; to resume with epochs={cfg['epochs']} pass eval_interval={run_value} "
+                f"(it must divide epochs), or {fresh_run}")
         raise ConfigError(
             f"{key}={cfg[key]} differs from the run's {key}={run_value} ({path}): its data position counts "
             f"batches of global_batch_size within iterations of eval_interval epochs in seed's order, so "
