@@ -48,6 +48,7 @@ SWITCHES = {
     "rope_qkv": ("hrm.layers", "Attention", "ROPE_QKV"),  # RoPE with a one-pass dqkv backward
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
+    "deferred_norm": ("hrm.layers", "Block", "DEFERRED_NORM"),  # no-grad blocks' norms inside their Gluon matmuls
     "residual_grad": ("hrm.layers", "Block", "FUSED_GRAD_RESIDUAL"),  # residual gradient added in the input projection's dx matmul
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence

@@ -16,6 +16,7 @@ from torch import nn
 
 from hrm_kernels import (first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv,
                          rope_reference, swiglu, swiglu_linear)
+from hrm_kernels import deferred_norm
 from hrm_kernels.backend import use_triton
 
 def _import_flash_attn():
@@ -340,6 +341,7 @@ class Block(nn.Module):
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
+    DEFERRED_NORM = True
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
@@ -363,6 +365,31 @@ class Block(nn.Module):
             return rms_norm(h, residual=mlp.from_gate_up(gate_up), eps=self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)
+
+    def runs_deferred(self, h: torch.Tensor) -> bool:
+        """Whether ``deferred`` runs its fused kernels for this input: ``DEFERRED_NORM`` on, no
+        gradient, outside torch.compile, no biases, and ``hrm_kernels.deferred_norm``'s kernels can
+        run (Hopper, bf16/fp16, widths multiples of 8); elsewhere the plain forward is as fast."""
+        attn, mlp = self.self_attn, self.mlp
+        return (self.DEFERRED_NORM and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and all(p.bias is None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                and deferred_norm.runs_fused(h, attn.o_proj.weight_as(h.dtype))
+                and deferred_norm.runs_fused(h, mlp.gate_up_proj.weight_as(h.dtype), "swiglu"))
+
+    def deferred(self, h: torch.Tensor, ss: Optional[torch.Tensor], cos_sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` on the state ``(h, ss)`` of ``hrm_kernels.deferred_norm`` (input ``rms_norm(h)``,
+        or ``h`` when ``ss`` is None), returning the output state the same way: the block's two
+        add+RMSNorm passes happen inside its matmuls. No gradient. h: [batch, seq, hidden]."""
+        attn, mlp = self.self_attn, self.mlp
+        shape, dtype = h.shape, h.dtype
+        h = h.reshape(-1, shape[-1])
+        qkv = deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps)
+        heads = attn.heads_from_qkv(qkv.view(*shape[:-1], -1), cos_sin)
+        h, ss = deferred_norm.linear_add_sumsq(heads.reshape(h.shape[0], -1), attn.o_proj.weight_as(dtype), h, ss,
+                                               self.eps)
+        act = deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu")
+        h, ss = deferred_norm.linear_add_sumsq(act, mlp.down_proj.weight_as(dtype), h, ss, self.eps)
+        return h.view(shape), ss
 
     def first_position(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
         """``forward(h, cos_sin)[:, :1]`` computed for position 0 alone (its attention still reads

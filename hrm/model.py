@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import _math, gated_blend, get_backend, use_backend
+from hrm_kernels import _math, gated_blend, get_backend, rms_norm, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
@@ -106,8 +106,20 @@ class ReasoningModule(nn.Module):
         else:
             h = self.gating_network.blend(own, other, inj, stats=False)
         last = len(self.layers) - 1  # (no slicing: a new ModuleList per call would recompile torch.compile's graphs)
+        ss = None  # with deferred norms: h's partial sums of squares, the state being rms_norm(h)
         for i, layer in enumerate(self.layers):
-            h = layer.first_position(h, cos_sin) if first_position and i == last else layer(h, cos_sin)
+            if first_position and i == last:
+                if ss is not None:
+                    h, ss = rms_norm(h, eps=layer.eps), None
+                h = layer.first_position(h, cos_sin)
+            elif layer.runs_deferred(h):
+                h, ss = layer.deferred(h, ss, cos_sin)
+            else:
+                if ss is not None:
+                    h, ss = rms_norm(h, eps=layer.eps), None
+                h = layer(h, cos_sin)
+        if ss is not None:
+            h = rms_norm(h, eps=self.layers[last].eps)
         return (h[:, :1] if first_position and last < 0 else h), gate_stats
 
 
@@ -265,7 +277,7 @@ class HRMInner(nn.Module):
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
-                Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL,
+                Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL, Block.DEFERRED_NORM,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,

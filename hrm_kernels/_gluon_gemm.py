@@ -9,6 +9,17 @@ Epilogues:
   ``gate, up = x @ weight[:I].T, x @ weight[I:].T`` rounded to x's dtype as ``F.linear`` would, then
   ``out = silu(gate) * up`` in fp32 ([M, I], rounded once).
 
+Two options on top (``hrm_kernels.deferred_norm``, the post-norm blocks' RMSNorm deferred into the
+matmuls):
+
+- a row scale (``gemm(..., ss=)``): x is read as ``rms_norm(x)``: each row of the fp32 accumulator is
+  multiplied by ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue, ``ss`` [M, T] being partial sums
+  of squares of x's rows;
+- a residual (``gemm_add_sumsq``, plain epilogue): ``h = r + x @ weight.T`` (both terms rounded to
+  the dtype), ``r`` a [M, N] tensor or its RMS norm; the residual tile arrives by TMA in the
+  warpgroup's output buffer during the main loop, and the epilogue also writes each row's sum of
+  squares of h over the tile's columns, [M, N / BLOCK_N] fp32.
+
 Why Gluon: at HRM's K = 512 a GEMM tile runs only 8 k-steps, so the epilogue (fp32 -> 16-bit,
 shared memory, TMA store) is a large share of a tile's time. cuBLAS hides it with warp
 specialisation; Triton's ``tl.dot`` kernels cannot, and reach 540-610 TFLOP/s here against cuBLAS's
@@ -51,6 +62,9 @@ except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: th
     _HAVE_GLUON = False
 
 EPILOGUES = {"none": 0, "swiglu": 1}
+# The kernel variants the library launches: (epilogue, row scale, residual: 0 none, 1 raw, 2 normalized).
+VARIANTS = (("none", False, 0), ("swiglu", False, 0), ("none", True, 0), ("swiglu", True, 0), ("none", False, 1),
+            ("none", False, 2))
 WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2}  # SwiGLU: a gate row and an up row per output column
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16: 4 stages against 3
 # took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS (session 21), 5 stages to 0.89-0.99x
@@ -100,8 +114,8 @@ if _HAVE_GLUON:
         return (tile // n_tiles_n) * BLOCK_M, (tile % n_tiles_n) * BLOCK_N
 
     @gluon.jit
-    def _produce(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
-                 EPILOGUE: gl.constexpr):
+    def _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
+                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr):
         """The producer warp: every k-step of every tile of this program, in order, into the ring."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -125,9 +139,20 @@ if _HAVE_GLUON:
                 step += 1
 
     @gluon.jit
-    def _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
-                 EPILOGUE: gl.constexpr, WARPGROUP: gl.constexpr):
-        """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP."""
+    def _row_rstd(ss_in, rows, M, ss_in_tiles, width, eps):
+        """``rsqrt(mean of squares + eps)`` for ``rows`` from their partial sums of squares
+        ``ss_in`` [M, ss_in_tiles] (fp32, summed in column order) over ``width`` columns."""
+        total = gl.load(ss_in + rows * ss_in_tiles, mask=rows < M, other=0.0)
+        for t in range(1, ss_in_tiles):
+            total += gl.load(ss_in + rows * ss_in_tiles + t, mask=rows < M, other=0.0)
+        return gl.rsqrt(total / width + eps)
+
+    @gluon.jit
+    def _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
+                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr, ROW_SCALE: gl.constexpr,
+                 RESIDUAL: gl.constexpr, WARPGROUP: gl.constexpr):
+        """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP. With a residual,
+        its tile arrives by TMA in the warpgroup's output buffer while the main loop runs."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -136,12 +161,17 @@ if _HAVE_GLUON:
         n_tiles_n = gl.cdiv(N_OUT, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         out_buf = out_bufs.index(WARPGROUP)
+        bar = epi_ready.index(WARPGROUP)
         j = 0  # the program's tiles so far (both warpgroups count all of them)
         for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles_n, gl.num_programs(0)):
             if j % 2 == WARPGROUP:
                 if j > 0:  # the other warpgroup has waited for every stage of tile j - 1
                     mbarrier.wait(order.index(WARPGROUP), ((j - 1) // 2) & 1)
                 off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
+                tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
+                if RESIDUAL > 0:
+                    mbarrier.expect(bar, res_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(res_desc, [off_m, off_n], bar, out_buf)
                 acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
                 acc2 = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
                 step = j * k_steps
@@ -163,71 +193,85 @@ if _HAVE_GLUON:
                 else:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
+                if ROW_SCALE or RESIDUAL == 2:
+                    rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+                    rstd = gl.expand_dims(_row_rstd(ss_in, rows, M, ss_in_tiles, K if ROW_SCALE else N_OUT, eps), 1)
+                    if ROW_SCALE:  # rms_norm(x) @ W.T as rstd * (x @ W.T)
+                        acc = acc * rstd
+                        if EPILOGUE == 1:
+                            acc2 = acc2 * rstd
                 if EPILOGUE == 1:
                     gate = acc.to(out_desc.dtype).to(gl.float32)
                     up = acc2.to(out_desc.dtype).to(gl.float32)
                     result = gate / (1.0 + gl.exp(-gate)) * up
+                elif RESIDUAL > 0:  # h = residual + y in the activations' dtype, as the reference adds
+                    mbarrier.wait(bar, (j // 2) & 1)
+                    residual = out_buf.load(layout).to(gl.float32)
+                    if RESIDUAL == 2:  # the residual is rms_norm(h_prev), rounded as the reference's norm
+                        residual = (residual * rstd).to(out_desc.dtype).to(gl.float32)
+                    result = (residual + acc.to(out_desc.dtype).to(gl.float32)).to(out_desc.dtype)
+                    squares = result.to(gl.float32)
+                    rows_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+                    gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N, gl.sum(squares * squares, axis=1),
+                             mask=rows_out < M)
                 else:
                     result = acc
-                tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
                 out_buf.store(result.to(out_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
             j += 1
         tma.store_wait(pendings=0)
 
-    def _partition_functions(epilogue: int) -> tuple:
-        """The partitions' entry points for one epilogue: (first warpgroup, second warpgroup,
-        producer). Gluon passes partition arguments as values, so the epilogue and the warpgroup
-        are constants written into each function (the epilogue as a captured constexpr)."""
-        EPI = gl.constexpr(epilogue)
+    @functools.lru_cache(maxsize=None)
+    def _kernel(epilogue: int, row_scale: bool, residual: int):
+        """The GEMM kernel of one epilogue variant. Gluon passes partition arguments as values, so
+        the variant's constants are written into each partition function (captured constexprs)."""
+        EPI, SCALE, RES = gl.constexpr(epilogue), gl.constexpr(row_scale), gl.constexpr(residual)
 
         @gluon.jit
-        def first(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
-            _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
-                     EPI, 0)
+        def first(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                  epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 0)
 
         @gluon.jit
-        def second(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
-            _consume(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
-                     EPI, 1)
+        def second(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                   epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 1)
 
         @gluon.jit
-        def producer(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K):
-            _produce(x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K,
-                     EPI)
+        def producer(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI)
 
-        return first, second, producer
+        @gluon.jit
+        def gemm_kernel(x_desc, w_desc, out_desc, res_desc, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps,
+                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+            dtype: gl.constexpr = x_desc.dtype
+            x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+            w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+            if EPI == 1:
+                w2_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+            else:
+                w2_bufs = w_bufs
+            out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                mbarrier.init(empty.index(i), count=1)
+            for i in gl.static_range(2):
+                mbarrier.init(order.index(i), count=1)
+                mbarrier.init(epi_ready.index(i), count=1)
+            args = (x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
+                    epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
+            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
-    _first_warpgroup_none, _second_warpgroup_none, _producer_none = _partition_functions(0)
-    _first_warpgroup_swiglu, _second_warpgroup_swiglu, _producer_swiglu = _partition_functions(1)
-
-    @gluon.jit
-    def _gemm_kernel(x_desc, w_desc, out_desc, M, N_OUT, K, STAGES: gl.constexpr, EPILOGUE: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr):
-        dtype: gl.constexpr = x_desc.dtype
-        x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
-        w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        if EPILOGUE == 1:
-            w2_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-        else:
-            w2_bufs = w_bufs
-        out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(order.index(i), count=1)
-        args = (x_desc, w_desc, out_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, M, N_OUT, K)
-        if EPILOGUE == 1:
-            gl.warp_specialize([(_first_warpgroup_swiglu, args), (_second_warpgroup_swiglu, args),
-                                (_producer_swiglu, args)], [4, 1], [CONSUMER_REGS, 40])
-        else:
-            gl.warp_specialize([(_first_warpgroup_none, args), (_second_warpgroup_none, args),
-                                (_producer_none, args)], [4, 1], [CONSUMER_REGS, 40])
+        return gemm_kernel
 
 
 def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilogue: str) -> tuple:
@@ -240,27 +284,65 @@ def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilog
             TensorDescriptor.from_tensor(out, [block_m, block_n], shared([block_m, block_n], dtype)))
 
 
-def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
-    ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
-    program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write."""
+def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=0.0):
+    """One launch of the kernel variant these arguments ask for; returns the output's partial sums of
+    squares [M, N tiles] when ``residual`` is given, else None."""
     from hrm_kernels.precompile import launch
 
-    n_out = output_width(weight, epilogue)
-    if out is None:
-        out = torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
-    elif out.shape != (x.shape[0], n_out) or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"gemm: out must be a contiguous {x.dtype} tensor of shape {(x.shape[0], n_out)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
     if programs is not None and programs < 1:
         raise ValueError(f"gemm: programs must be at least 1, got {programs}")
-    if out.numel() == 0 or x.shape[1] == 0:
-        return out.zero_()
     block_m, block_n, _, stages = CONFIGS[epilogue]
-    tiles = triton.cdiv(x.shape[0], block_m) * triton.cdiv(n_out, block_n)
+    n_rows, n_out = out.shape
+    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n)
     if programs is None:
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count
-    launch(_gemm_kernel, (min(programs, tiles),), *descriptors(x, weight, out, epilogue), x.shape[0], n_out,
-           x.shape[1], STAGES=stages, EPILOGUE=EPILOGUES[epilogue], CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
+    res_desc = out_desc if residual is None else descriptors(x, weight, residual, epilogue)[2]
+    ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
+                                                        device=x.device)
+    ss = ss_in if ss_in is not None else residual_ss
+    unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
+    kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
+    launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, unused if ss is None else ss,
+           unused if ss_out is None else ss_out, n_rows, n_out, x.shape[1], 1 if ss is None else ss.shape[1],
+           float(eps), STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    return ss_out
+
+
+def _output(x: torch.Tensor, n_out: int, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return torch.empty((x.shape[0], n_out), dtype=x.dtype, device=x.device)
+    if out.shape != (x.shape[0], n_out) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"gemm: out must be a contiguous {x.dtype} tensor of shape {(x.shape[0], n_out)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
     return out
+
+
+def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
+         out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
+    ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
+    program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write.
+    ``ss``: partial sums of squares of x's rows [M, T] (fp32, as ``gemm_add_sumsq`` writes them):
+    x is then read as ``rms_norm(x, eps)``, each row's accumulator scaled by
+    ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue."""
+    out = _output(x, output_width(weight, epilogue), out)
+    if out.numel() == 0 or x.shape[1] == 0:
+        return out.zero_()
+    _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps)
+    return out
+
+
+def gemm_add_sumsq(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, residual_ss: torch.Tensor | None = None,
+                   eps: float = 0.0, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = r + (x @ weight.T)`` with both terms in x's dtype (the reference's rounding), and each
+    row's partial sums of squares of h, [M, ceil(N / BLOCK_N)] fp32 (the next ``gemm``'s ``ss``).
+    ``r`` is ``residual`` [M, N], or with ``residual_ss`` its RMS norm ``residual * rsqrt(sum(ss) / N
+    + eps)`` rounded to x's dtype. The caller checks ``supported(x, weight, "none")`` and that
+    ``residual`` is a contiguous [M, N] tensor of x's dtype with K > 0."""
+    n_out = output_width(weight, "none")
+    if residual.shape != (x.shape[0], n_out) or residual.dtype != x.dtype or not residual.is_contiguous():
+        raise ValueError(f"gemm_add_sumsq: residual must be a contiguous {x.dtype} tensor of shape "
+                         f"{(x.shape[0], n_out)}, got {residual.dtype} {tuple(residual.shape)}")
+    out = _output(x, n_out, None)
+    return out, _launch(x, weight, out, "none", programs, residual=residual, residual_ss=residual_ss, eps=eps)

@@ -148,23 +148,27 @@ for dt in ("bf16", "fp16", "fp32"):
     gg = module("_gluon_gemm")
     if not gg._HAVE_GLUON:  # linear_swiglu keeps its Triton kernels with such a Triton
         print("NO-GLUON this Triton has no Gluon Hopper API"); continue
-    for epilogue in gg.EPILOGUES:  # at the model's sizes: M = 62976 rows, K = 512, 3072 weight rows
-        x = torch.empty(62976, 512, dtype=TORCH[dt])
-        w = torch.empty(3072, 512, dtype=TORCH[dt])
-        out = torch.empty(62976, 1536 if epilogue == "swiglu" else 3072, dtype=TORCH[dt])
+    # every kernel variant (epilogue, row scale, residual) at the model's sizes: M = 62976 rows, K = 512
+    for epilogue, row_scale, residual in gg.VARIANTS:
+        n = 512 if residual else 3072
+        x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
+        out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
         x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
+        ss = torch.empty(62976, 4)
+        name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual}"
         try:
-            compiled = compile_gluon_kernel(gg._gemm_kernel, dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc,
-                                            M=62976, N_OUT=out.shape[1], K=512),
-                                            dict(STAGES=gg.CONFIGS[epilogue][3], EPILOGUE=gg.EPILOGUES[epilogue],
-                                                 CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
+            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual),
+                                            dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc,
+                                                 ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
+                                                 ss_in_tiles=4, eps=1e-5),
+                                            dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
             res = resources(compiled)
             if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
                 raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", "gluon GEMM", epilogue, dt)
+            print("ok", name, dt)
         except Exception as e:
             failures += 1
-            print("FAILED", "gluon GEMM", epilogue, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+            print("FAILED", name, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
     swb = module("_gluon_swiglu_backward")  # the down projection's dact GEMM with the SwiGLU backward
     dy, w, gu = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (512, 1536), (62976, 3072)))
     descs = dict(zip(("dy_desc", "w_desc", "gate_desc", "up_desc", "dgate_desc", "dup_desc"),
@@ -192,6 +196,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
-    # fp32), and the Gluon GEMM's 2 epilogues x 2 dtypes and its SwiGLU backward x 2 dtypes
-    gluon = 0 if "NO-GLUON" in proc.stdout else 2 * 2 + 2
+    # fp32), and the Gluon GEMM's 6 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
+    gluon = 0 if "NO-GLUON" in proc.stdout else 6 * 2 + 2
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

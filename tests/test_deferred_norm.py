@@ -1,0 +1,231 @@
+"""Deferred RMSNorm (hrm_kernels.deferred_norm): the two ops against float64 with odd shapes, a chain
+of post-norm blocks run on deferred states against the plain blocks, the model's wiring of it, and
+the ops' errors. The fused (Gluon) path runs on Hopper GPUs only; on CPU the ops run their eager
+math, which must equal the reference's exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hrm.layers import Block, RotaryEmbedding
+from hrm_kernels import _gluon_gemm, deferred_norm, rms_norm
+from hrm_kernels.swiglu import swiglu_reference
+from tests.conftest import CUDA
+from tests.tolerance import assert_close_to_reference
+
+GLUON = CUDA and _gluon_gemm.available(torch.device("cuda"))
+requires_gluon = pytest.mark.skipif(not GLUON, reason="the fused path runs on a Hopper GPU")
+EPS = 1e-5
+
+
+def partial_sums_of_squares(h: torch.Tensor, tiles: int) -> torch.Tensor:
+    """h's rows' sums of squares split over ``tiles`` column chunks, [M, tiles] fp32 (as the
+    producing matmul writes them, one column per output tile)."""
+    return torch.stack([c.float().square().sum(-1) for c in h.float().tensor_split(tiles, dim=-1)], dim=-1)
+
+
+def norm64(h: torch.Tensor, ss: torch.Tensor | None) -> torch.Tensor:
+    h = h.double()
+    return h if ss is None else h * torch.rsqrt(h.square().mean(-1, keepdim=True) + EPS)
+
+
+def norm_linear64(h, ss, weight, epilogue):
+    y = norm64(h, ss) @ weight.double().t()
+    return swiglu_reference(y) if epilogue == "swiglu" else y
+
+
+def linear_add64(x, weight, h, ss):
+    return norm64(h, ss) + x.double() @ weight.double().t()
+
+
+def _operands(rows, k, n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return make(rows, k), make(n, k) * k ** -0.5
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles", [None, 1, 3])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+def test_norm_linear_eager_is_the_reference_math(epilogue, tiles, dtype):
+    h, weight = _operands(37, 40, 2 * 23, dtype, "cpu")
+    ss = None if tiles is None else partial_sums_of_squares(h, tiles)
+    got = deferred_norm.norm_linear(h, ss, weight, EPS, epilogue)
+    x = h if ss is None else rms_norm(h, eps=EPS)  # the reference's rounded norm
+    want = F.linear(x, weight)
+    want = swiglu_reference(want) if epilogue == "swiglu" else want
+    # The sums of squares add in another order than rms_norm's: fp32 rounding apart in fp32; in
+    # bf16 that can flip one rounding of the normalized input, so the bound is the float64 one.
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference(f"norm_linear {epilogue} {dtype}", got, want, norm_linear64(h, ss, weight, epilogue))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles", [None, 1, 3])
+def test_linear_add_sumsq_eager_is_the_reference_math(tiles, dtype):
+    x, weight = _operands(37, 123, 40, dtype, "cpu")
+    h = torch.randn(37, 40, dtype=torch.float64).to(dtype)
+    ss = None if tiles is None else partial_sums_of_squares(h, tiles)
+    out, ss_out = deferred_norm.linear_add_sumsq(x, weight, h, ss, EPS)
+    want = (h if ss is None else rms_norm(h, eps=EPS)) + F.linear(x, weight)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference(f"linear_add_sumsq {dtype}", out, want, linear_add64(x, weight, h, ss))
+    assert ss_out.dtype == torch.float32 and ss_out.shape[0] == 37
+    torch.testing.assert_close(ss_out.sum(-1), out.float().square().sum(-1), rtol=1e-6, atol=0)
+    # the next op's normalized state is rms_norm of this output
+    torch.testing.assert_close(deferred_norm.normalized(out, ss_out, EPS), rms_norm(out, eps=EPS))
+
+
+def _blocks(n, hidden=40, heads=5, inter=72, device="cpu", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    blocks = [Block(hidden, heads, inter, EPS, "sdpa") for _ in range(n)]
+    for b in blocks:
+        for p in b.parameters():
+            p.data.normal_(0, p.shape[-1] ** -0.5)
+    return [b.to(device=device, dtype=dtype) for b in blocks]
+
+
+def _chain(blocks, h, cos_sin, deferred: bool):
+    with torch.no_grad():
+        if not deferred:
+            for b in blocks:
+                h = b(h, cos_sin)
+            return h
+        ss = None
+        for b in blocks:
+            h, ss = b.deferred(h, ss, cos_sin)
+        return rms_norm(h, eps=EPS)
+
+
+def test_block_chain_on_deferred_states_equals_the_blocks_on_cpu():
+    """Three blocks (odd widths: hidden 40, 5 heads, intermediate 72) with RoPE: the deferred chain
+    and its final norm give the plain blocks' output (the same math on CPU)."""
+    blocks = _blocks(3)
+    rot = RotaryEmbedding(8, 11, 10000.0)
+    h = torch.randn(3, 11, 40)
+    torch.testing.assert_close(_chain(blocks, h, rot(), True), _chain(blocks, h, rot(), False), rtol=1e-5,
+                               atol=1e-5)  # fp32 rounding apart (sums of squares in another order)
+
+
+def test_reasoning_module_takes_the_deferred_path_and_materializes_its_state(monkeypatch):
+    """With ``runs_deferred`` forced on (on CPU the eager ops do the work), a module of three
+    blocks gives the plain module's state, also for ``first_position`` (the last block on a
+    materialized input); with it off no deferred op runs."""
+    from hrm import HRM
+    from tests.test_model_spec import randomize_, tiny_config
+
+    torch.manual_seed(3)
+    model = HRM(tiny_config(L_layers=3, H_layers=2, use_gating=True, puzzle_emb_ndim=32))
+    randomize_(model)
+    level = model.inner.L_level
+    own, other, inj = (torch.randn(2, 9, 32) for _ in range(3))
+    cos_sin = model.inner._cos_sin()
+    calls = []
+    deferred = Block.deferred
+    monkeypatch.setattr(Block, "deferred", lambda self, *a: calls.append(1) or deferred(self, *a))
+    with torch.no_grad():
+        plain = [level(own, other, inj, cos_sin)[0], level(own, other, inj, cos_sin, first_position=True)[0]]
+        assert not calls  # on CPU the plain blocks run
+        monkeypatch.setattr(Block, "runs_deferred", lambda self, h: True)
+        got = [level(own, other, inj, cos_sin)[0], level(own, other, inj, cos_sin, first_position=True)[0]]
+    assert len(calls) == 3 + 2  # every block, then all but the first-position one
+    for g, p in zip(got, plain):
+        torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-5)
+
+
+def test_runs_deferred_needs_no_grad_and_the_switch(monkeypatch):
+    block = _blocks(1)[0]
+    h = torch.randn(2, 5, 40)
+    monkeypatch.setattr(deferred_norm, "runs_fused", lambda *a, **k: True)
+    with torch.no_grad():
+        assert block.runs_deferred(h)
+        monkeypatch.setattr(Block, "DEFERRED_NORM", False)
+        assert not block.runs_deferred(h)
+    monkeypatch.setattr(Block, "DEFERRED_NORM", True)
+    assert not block.runs_deferred(h)  # grad mode on
+
+
+def test_errors_name_the_problem():
+    h, weight = _operands(5, 16, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="epilogue"):
+        deferred_norm.norm_linear(h, None, weight, EPS, "gelu")
+    with pytest.raises(ValueError, match="ss must be fp32"):
+        deferred_norm.norm_linear(h, torch.ones(5, 1, dtype=torch.float64), weight, EPS)
+    with pytest.raises(ValueError, match="ss must be fp32"):
+        deferred_norm.norm_linear(h, torch.ones(4, 1), weight, EPS)
+    with pytest.raises(ValueError, match="need weight"):
+        deferred_norm.norm_linear(h, None, weight[:, :8], EPS)
+    with pytest.raises(ValueError, match="need x"):
+        deferred_norm.linear_add_sumsq(h, weight, torch.randn(5, 9), None, EPS)
+    with pytest.raises(TypeError, match="dtype"):
+        deferred_norm.norm_linear(h.int(), None, weight, EPS)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        deferred_norm.norm_linear(h, None, weight.requires_grad_(), EPS)
+    with torch.no_grad():  # fine without grad mode
+        deferred_norm.norm_linear(h, None, weight, EPS)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+# The Gluon variants: odd row counts (partial row tiles), widths not multiples of the tiles, K of
+# one k-step and of several with a partial last one, ss of 1 and of several columns, 3 programs
+# (each walks many tiles) and one per SM, and the model's size.
+GPU_SHAPES = [(1000, 512, 1536), (777, 136, 200), (61, 64, 40), (62976, 512, 512)]
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("epilogue", ["none", "swiglu"])
+@pytest.mark.parametrize("rows,k,n", GPU_SHAPES, ids=str)
+def test_fused_norm_linear_matches_float64(rows, k, n, epilogue, dtype, programs):
+    h, weight = _operands(rows, k, 2 * n if epilogue == "swiglu" else n, dtype, "cuda")
+    h = h * 3 + 1  # rows far from unit RMS: the scale matters
+    ss = partial_sums_of_squares(h, -(-k // 128))
+    got = _gluon_gemm.gemm(h, weight, epilogue, programs=programs, ss=ss, eps=EPS)
+    eager = F.linear(rms_norm(h, eps=EPS), weight)  # the reference's same-precision math
+    eager = swiglu_reference(eager) if epilogue == "swiglu" else eager
+    assert got.shape == (rows, n) and got.dtype == dtype
+    assert_close_to_reference(f"norm_linear {epilogue} {dtype} {rows}x{k}x{n}", got, eager,
+                              norm_linear64(h, ss, weight, epilogue))
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("scaled", [False, True], ids=["raw_residual", "normalized_residual"])
+@pytest.mark.parametrize("rows,k,n", GPU_SHAPES, ids=str)
+def test_fused_linear_add_sumsq_matches_float64(rows, k, n, scaled, dtype, programs):
+    x, weight = _operands(rows, k, n, dtype, "cuda")
+    h = (torch.randn(rows, n, device="cuda") * 3 + 1).to(dtype)
+    ss = partial_sums_of_squares(h, 3) if scaled else None
+    out, ss_out = _gluon_gemm.gemm_add_sumsq(x, weight, h, ss, EPS, programs=programs)
+    eager = (rms_norm(h, eps=EPS) if scaled else h) + F.linear(x, weight)
+    assert out.shape == (rows, n) and out.dtype == dtype and ss_out.shape == (rows, -(-n // 128))
+    assert_close_to_reference(f"linear_add_sumsq {dtype} {rows}x{k}x{n}", out, eager, linear_add64(x, weight, h, ss))
+    # the sums of squares are those of the output as written (fp32 sums of the rounded values)
+    torch.testing.assert_close(ss_out.sum(-1), out.float().square().sum(-1), rtol=2e-6, atol=1e-6)
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_block_chain_matches_float64(dtype):
+    """Four blocks at hidden 64 (8 heads), intermediate 176, batch 6 x 81: the deferred chain on
+    the GPU against float64 blocks, within the error bound of the plain same-precision blocks."""
+    blocks = _blocks(4, hidden=64, heads=8, inter=176, device="cuda", dtype=dtype)
+    blocks64 = _blocks(4, hidden=64, heads=8, inter=176, device="cuda", dtype=torch.float64)
+    rot = RotaryEmbedding(8, 81, 10000.0).cuda()
+    h = torch.randn(6, 81, 64, device="cuda")
+    with torch.no_grad():
+        assert all(b.runs_deferred(h.to(dtype)) for b in blocks)
+        cos, sin = rot()
+        want = _chain(blocks64, h.double(), (cos.double(), sin.double()), False)
+        plain = _chain(blocks, h.to(dtype), (cos.to(dtype), sin.to(dtype)), False)
+        got = _chain(blocks, h.to(dtype), (cos.to(dtype), sin.to(dtype)), True)
+    assert_close_to_reference(f"deferred block chain {dtype}", got, plain, want)
