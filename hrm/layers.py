@@ -372,6 +372,7 @@ class Block(nn.Module):
         run (Hopper, bf16/fp16, widths multiples of 8); elsewhere the plain forward is as fast."""
         attn, mlp = self.self_attn, self.mlp
         return (self.DEFERRED_NORM and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and deferred_norm.available(h)  # (before any weight cast)
                 and all(p.bias is None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
                 and deferred_norm.runs_fused(h, attn.o_proj.weight_as(h.dtype))
                 and deferred_norm.runs_fused(h, mlp.gate_up_proj.weight_as(h.dtype), "swiglu"))

@@ -168,8 +168,8 @@ if _HAVE_GLUON:
                 if j > 0:  # the other warpgroup has waited for every stage of tile j - 1
                     mbarrier.wait(order.index(WARPGROUP), ((j - 1) // 2) & 1)
                 off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
-                tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
-                if RESIDUAL > 0:
+                if RESIDUAL > 0:  # the residual tile lands in out_buf once its previous store has left
+                    tma.store_wait(pendings=0)
                     mbarrier.expect(bar, res_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(res_desc, [off_m, off_n], bar, out_buf)
                 acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
@@ -216,6 +216,8 @@ if _HAVE_GLUON:
                              mask=rows_out < M)
                 else:
                     result = acc
+                if RESIDUAL == 0:
+                    tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
                 out_buf.store(result.to(out_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
@@ -301,6 +303,10 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
                                                         device=x.device)
     ss = ss_in if ss_in is not None else residual_ss
+    if ss is not None and (ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] != n_rows):
+        raise ValueError(f"gemm: ss must be fp32 [M={n_rows}, T] partial sums of squares, got {ss.dtype} "
+                         f"{tuple(ss.shape)}")
+    ss = None if ss is None else ss.contiguous()  # the kernel reads rows of T values
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
     kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
     launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, unused if ss is None else ss,
@@ -345,4 +351,6 @@ def gemm_add_sumsq(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor
         raise ValueError(f"gemm_add_sumsq: residual must be a contiguous {x.dtype} tensor of shape "
                          f"{(x.shape[0], n_out)}, got {residual.dtype} {tuple(residual.shape)}")
     out = _output(x, n_out, None)
+    if out.numel() == 0 or x.shape[1] == 0:
+        raise ValueError(f"gemm_add_sumsq: needs M, N and K > 0, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     return out, _launch(x, weight, out, "none", programs, residual=residual, residual_ss=residual_ss, eps=eps)

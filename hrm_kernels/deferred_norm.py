@@ -76,9 +76,15 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, ss: 
                            "passes), or use F.linear and hrm_kernels.rms_norm")
 
 
+def available(x: torch.Tensor) -> bool:
+    """Whether the fused kernels can run for activations like ``x`` at all (a Hopper GPU, the
+    Triton backend, outside torch.compile); ``runs_fused`` also checks the operands."""
+    return (x.is_cuda and use_triton(x.device) and not torch.compiler.is_compiling()
+            and _gluon_gemm.available(x.device))
+
+
 def _fused(x: torch.Tensor, weight: torch.Tensor, epilogue: str) -> bool:
-    return (use_triton(x.device) and not torch.compiler.is_compiling()
-            and _gluon_gemm.supported(x, weight, epilogue))
+    return available(x) and _gluon_gemm.supported(x, weight, epilogue)
 
 
 def runs_fused(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none") -> bool:
@@ -117,7 +123,8 @@ def linear_add_sumsq(x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, ss:
     if x.shape[1] != weight.shape[1] or h.shape[1] != weight.shape[0]:
         raise ValueError(f"{op}: x {tuple(x.shape)}, weight {tuple(weight.shape)}, h {tuple(h.shape)}; need "
                          "x [M, K], weight [N, K], h [M, N]")
-    if _fused(x, weight, "none") and x.shape[0] and x.shape[1] and h.is_contiguous():
+    if (_fused(x, weight, "none") and x.shape[0] and x.shape[1] and weight.shape[0] and h.is_contiguous()
+            and h.data_ptr() % 16 == 0):
         return _gluon_gemm.gemm_add_sumsq(x, weight, h, ss, eps)
     out = normalized(h, ss, eps) + F.linear(x, weight)
     return out, out.float().square().sum(-1, keepdim=True)
