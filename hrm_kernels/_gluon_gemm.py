@@ -286,7 +286,7 @@ def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilog
             TensorDescriptor.from_tensor(out, [block_m, block_n], shared([block_m, block_n], dtype)))
 
 
-def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=0.0):
+def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=None):
     """One launch of the kernel variant these arguments ask for; returns the output's partial sums of
     squares [M, N tiles] when ``residual`` is given, else None."""
     from hrm_kernels.precompile import launch
@@ -302,6 +302,10 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     res_desc = out_desc if residual is None else descriptors(x, weight, residual, epilogue)[2]
     ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
                                                         device=x.device)
+    if residual is not None and (epilogue != "none" or ss_in is not None):
+        raise ValueError("gemm: a residual goes with the plain epilogue and no row scale (the kernel has no such variant)")
+    if (ss_in is not None or residual_ss is not None) and eps is None:
+        raise ValueError("gemm: pass the RMS norm's eps with ss / residual_ss")
     ss = ss_in if ss_in is not None else residual_ss
     if ss is not None and (ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] != n_rows):
         raise ValueError(f"gemm: ss must be fp32 [M={n_rows}, T] partial sums of squares, got {ss.dtype} "
@@ -311,7 +315,7 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
     launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, unused if ss is None else ss,
            unused if ss_out is None else ss_out, n_rows, n_out, x.shape[1], 1 if ss is None else ss.shape[1],
-           float(eps), STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+           0.0 if eps is None else float(eps), STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return ss_out
 
 
@@ -325,7 +329,7 @@ def _output(x: torch.Tensor, n_out: int, out: torch.Tensor | None) -> torch.Tens
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
-         out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+         out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
     ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
     program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write.
@@ -340,7 +344,7 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs
 
 
 def gemm_add_sumsq(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, residual_ss: torch.Tensor | None = None,
-                   eps: float = 0.0, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float | None = None, programs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = r + (x @ weight.T)`` with both terms in x's dtype (the reference's rounding), and each
     row's partial sums of squares of h, [M, ceil(N / BLOCK_N)] fp32 (the next ``gemm``'s ``ss``).
     ``r`` is ``residual`` [M, N], or with ``residual_ss`` its RMS norm ``residual * rsqrt(sum(ss) / N

@@ -135,7 +135,12 @@ def test_reasoning_module_takes_the_deferred_path_and_materializes_its_state(mon
         assert not calls  # on CPU the plain blocks run
         monkeypatch.setattr(Block, "runs_deferred", lambda self, h: True)
         got = [level(own, other, inj, cos_sin)[0], level(own, other, inj, cos_sin, first_position=True)[0]]
-    assert len(calls) == 3 + 2  # every block, then all but the first-position one
+        # deferred and plain blocks mixed: each plain block gets the materialized state
+        pattern = iter([True, False, True] * 2)
+        monkeypatch.setattr(Block, "runs_deferred", lambda self, h: next(pattern))
+        got.append(level(own, other, inj, cos_sin)[0])
+        plain.append(plain[0])
+    assert len(calls) == 3 + 2 + 2  # every block, all but the first-position one, then the pattern's
     for g, p in zip(got, plain):
         torch.testing.assert_close(g, p, rtol=1e-5, atol=1e-5)
 
@@ -167,6 +172,8 @@ def test_errors_name_the_problem():
         deferred_norm.linear_add_sumsq(h, weight, torch.randn(5, 9), None, EPS)
     with pytest.raises(TypeError, match="dtype"):
         deferred_norm.norm_linear(h.int(), None, weight, EPS)
+    with pytest.raises(ValueError, match="ss must be fp32"):
+        deferred_norm.linear_add_sumsq(h, weight, torch.randn(5, 8), torch.ones(4, 2), EPS)
     with pytest.raises(RuntimeError, match="no gradient"):
         deferred_norm.norm_linear(h, None, weight.requires_grad_(), EPS)
     with torch.no_grad():  # fine without grad mode
