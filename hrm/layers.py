@@ -334,7 +334,7 @@ class Block(nn.Module):
     sublayer's input through its input projection (``linear_keep_input``), so the backward adds the
     residual branch's gradient inside that projection's input-gradient matmul instead of one
     [.., hidden] add per sublayer (H200, Sudoku training step: 71.7-72.2 vs 72.5-72.8 ms gated).
-    With ``DEFERRED_NORM`` (on) the no-gradient passes outside torch.compile on a Hopper GPU keep
+    With ``DEFERRED_NORM`` (off until measured on a GPU) the no-gradient passes outside torch.compile on a Hopper GPU keep
     each block's state as ``hrm_kernels.deferred_norm``'s ``(h, ss)``: the two add+RMSNorm passes
     of a block happen inside its matmuls' epilogues (Gluon GEMMs, also for gate_up + SwiGLU whatever
     ``linear_swiglu.USE_GLUON`` says), and ``ReasoningModule`` normalizes once after its last block.
@@ -347,7 +347,7 @@ class Block(nn.Module):
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
-    DEFERRED_NORM = True
+    DEFERRED_NORM = False
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):

@@ -223,13 +223,14 @@ def test_fused_linear_add_sumsq_matches_float64(rows, k, n, scaled, dtype, progr
 
 @requires_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fused_block_chain_matches_float64(dtype):
+def test_fused_block_chain_matches_float64(dtype, monkeypatch):
     """Four blocks at hidden 64 (8 heads), intermediate 176, batch 6 x 81: the deferred chain on
     the GPU against float64 blocks, within the error bound of the plain same-precision blocks."""
     blocks = _blocks(4, hidden=64, heads=8, inter=176, device="cuda", dtype=dtype)
     blocks64 = _blocks(4, hidden=64, heads=8, inter=176, device="cuda", dtype=torch.float64)
     rot = RotaryEmbedding(8, 81, 10000.0).cuda()
     h = torch.randn(6, 81, 64, device="cuda")
+    monkeypatch.setattr(Block, "DEFERRED_NORM", True)
     with torch.no_grad():
         assert all(b.runs_deferred(h.to(dtype)) for b in blocks)
         cos, sin = rot()
