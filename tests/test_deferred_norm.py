@@ -150,6 +150,7 @@ def test_runs_deferred_needs_no_grad_and_the_switch(monkeypatch):
     h = torch.randn(2, 5, 40)
     monkeypatch.setattr(deferred_norm, "available", lambda x: True)
     monkeypatch.setattr(deferred_norm, "runs_fused", lambda *a, **k: True)
+    monkeypatch.setattr(Block, "DEFERRED_NORM", True)
     with torch.no_grad():
         assert block.runs_deferred(h)
         monkeypatch.setattr(Block, "DEFERRED_NORM", False)
