@@ -139,6 +139,23 @@ if _HAVE_GLUON:
                 step += 1
 
     @gluon.jit
+    def _barriers(STAGES: gl.constexpr):
+        """The ping-pong GEMMs' mbarriers, initialised: ``ready`` / ``empty`` per ring stage (its bytes
+        have landed / its wgmmas are done), ``order`` and ``epi_ready`` per consumer warpgroup (the
+        other's main loop is issued / its epilogue operands have landed)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(order.index(i), count=1)
+            mbarrier.init(epi_ready.index(i), count=1)
+        return ready, empty, order, epi_ready
+
+    @gluon.jit
     def _row_rstd(ss_in, rows, M, ss_in_tiles, width, eps):
         """``rsqrt(mean of squares + eps)`` for ``rows`` from their partial sums of squares
         ``ss_in`` [M, ss_in_tiles] (fp32, summed in column order) over ``width`` columns."""
@@ -259,16 +276,7 @@ if _HAVE_GLUON:
             else:
                 w2_bufs = w_bufs
             out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(ready.index(i), count=1)
-                mbarrier.init(empty.index(i), count=1)
-            for i in gl.static_range(2):
-                mbarrier.init(order.index(i), count=1)
-                mbarrier.init(epi_ready.index(i), count=1)
+            ready, empty, order, epi_ready = _barriers(STAGES)
             args = (x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])

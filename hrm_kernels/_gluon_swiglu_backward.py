@@ -37,7 +37,7 @@ if _HAVE_GLUON:
                                                                 warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout, _tile_origin
+    from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _tile_origin
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
 # with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
@@ -155,16 +155,7 @@ if _HAVE_GLUON:
         dy_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dy_desc.block_type.shape, dy_desc.layout)
         w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
         epi_bufs = gl.allocate_shared_memory(dtype, [4] + gate_desc.block_type.shape, gate_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        epi_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(order.index(i), count=1)
-            mbarrier.init(epi_ready.index(i), count=1)
+        ready, empty, order, epi_ready = _barriers(STAGES)
         args = (dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
                 order, epi_ready, M, I, K)
         gl.warp_specialize([(_first_warpgroup, args), (_second_warpgroup, args), (_produce, args)], [4, 1],
