@@ -239,3 +239,44 @@ def test_fused_block_chain_matches_float64(dtype, monkeypatch):
         plain = _chain(blocks, h.to(dtype), (cos.to(dtype), sin.to(dtype)), False)
         got = _chain(blocks, h.to(dtype), (cos.to(dtype), sin.to(dtype)), True)
     assert_close_to_reference(f"deferred block chain {dtype}", got, plain, want)
+
+
+@requires_gluon
+def test_model_with_deferred_norm_matches_float32(monkeypatch):
+    """The gated model (bf16 activations, fp32 parameters, CUDA graphs on) in evaluation: with
+    ``DEFERRED_NORM`` its no-gradient blocks run deferred, and its logits and Q values stay within
+    3x the plain bf16 model's error of the float32 model with the same parameters."""
+    from hrm import HRM
+    from tests.test_model_spec import make_batch, randomize_, tiny_config
+
+    torch.manual_seed(0)
+    cfg = dict(use_gating=True, puzzle_emb_ndim=32, hidden_size=64, num_heads=4, L_layers=2, H_layers=2)
+    reference = HRM(tiny_config(**cfg, forward_dtype="float32"))
+    randomize_(reference)
+    state = reference.state_dict()
+    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+
+    def evaluate(forward_dtype, kernels, deferred):
+        monkeypatch.setattr(Block, "DEFERRED_NORM", deferred)
+        model = HRM(tiny_config(**cfg, forward_dtype=forward_dtype, kernels=kernels)).cuda()
+        model.load_state_dict(state)
+        model.eval()
+        inner = model.inner
+        carry = inner.reset_carry(torch.ones(batch["inputs"].shape[0], dtype=torch.bool, device="cuda"),
+                                  inner.empty_carry(batch["inputs"].shape[0], device="cuda"))
+        with torch.no_grad():
+            out = inner(carry, batch)
+        return out[1].float(), out[2][0].float()
+
+    calls = []
+    deferred = Block.deferred
+    monkeypatch.setattr(Block, "deferred", lambda self, *a: calls.append(1) or deferred(self, *a))
+    want = evaluate("float32", "eager", False)
+    plain = evaluate("bfloat16", "auto", False)
+    assert not calls
+    got = evaluate("bfloat16", "auto", True)
+    assert calls, "the deferred blocks did not run"
+    for name, g, p, w in zip(("logits", "q_halt"), got, plain, want):
+        scale = max(w.abs().max().item(), 1.0)
+        err, plain_err = (g - w).abs().max().item(), (p - w).abs().max().item()
+        assert err <= 3 * plain_err + 1e-2 * scale, f"{name}: deferred bf16 off by {err:.3g}, plain bf16 by {plain_err:.3g}"
