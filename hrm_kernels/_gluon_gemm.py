@@ -114,14 +114,16 @@ if _HAVE_GLUON:
         return (tile // n_tiles_n) * BLOCK_M, (tile % n_tiles_n) * BLOCK_N
 
     @gluon.jit
-    def _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
-                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr):
-        """The producer warp: every k-step of every tile of this program, in order, into the ring."""
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        STAGES: gl.constexpr = x_bufs.type.shape[0]
-        NBYTES: gl.constexpr = x_desc.block_type.nbytes + (1 + EPILOGUE) * w_desc.block_type.nbytes
+    def _fill_ring(a_desc, b_desc, a_bufs, b_bufs, b2_bufs, ready, empty, M, N_OUT, K, BLOCK_N: gl.constexpr,
+                   B_ROWS_ARE_N: gl.constexpr, TWO_B: gl.constexpr):
+        """The producer warp of a ping-pong GEMM: every k-step of every output tile of this program,
+        in order, into the ring: the A tile [BLOCK_M, BLOCK_K] at (off_m, k) and the B tile at
+        (off_n, k) if ``B_ROWS_ARE_N`` (an [N, K] weight) else at (k, off_n) ([K, N]); with ``TWO_B``
+        also a second B tile from row N_OUT + off_n (SwiGLU's up rows)."""
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        NBYTES: gl.constexpr = a_desc.block_type.nbytes + (1 + TWO_B) * b_desc.block_type.nbytes
         n_tiles_n = gl.cdiv(N_OUT, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         step = 0
@@ -131,12 +133,22 @@ if _HAVE_GLUON:
                 s = step % STAGES
                 mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
                 mbarrier.expect(ready.index(s), NBYTES)
-                tma.async_copy_global_to_shared(x_desc, [off_m, kk * BLOCK_K], ready.index(s), x_bufs.index(s))
-                tma.async_copy_global_to_shared(w_desc, [off_n, kk * BLOCK_K], ready.index(s), w_bufs.index(s))
-                if EPILOGUE == 1:  # the up rows start N_OUT rows further down
-                    tma.async_copy_global_to_shared(w_desc, [N_OUT + off_n, kk * BLOCK_K], ready.index(s),
-                                                    w2_bufs.index(s))
+                tma.async_copy_global_to_shared(a_desc, [off_m, kk * BLOCK_K], ready.index(s), a_bufs.index(s))
+                if B_ROWS_ARE_N:
+                    tma.async_copy_global_to_shared(b_desc, [off_n, kk * BLOCK_K], ready.index(s), b_bufs.index(s))
+                else:
+                    tma.async_copy_global_to_shared(b_desc, [kk * BLOCK_K, off_n], ready.index(s), b_bufs.index(s))
+                if TWO_B == 1:
+                    tma.async_copy_global_to_shared(b_desc, [N_OUT + off_n, kk * BLOCK_K], ready.index(s),
+                                                    b2_bufs.index(s))
                 step += 1
+
+    @gluon.jit
+    def _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
+                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr):
+        """The producer warp (``_fill_ring``; SwiGLU loads the gate and the up rows)."""
+        _fill_ring(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, w_desc.block_type.shape[0],
+                   True, EPILOGUE)
 
     @gluon.jit
     def _barriers(STAGES: gl.constexpr):

@@ -37,7 +37,7 @@ if _HAVE_GLUON:
                                                                 warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _tile_origin
+    from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _fill_ring, _tile_origin
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
 # with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
@@ -61,24 +61,8 @@ if _HAVE_GLUON:
     @gluon.jit
     def _produce(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
                  order, epi_ready, M, I, K):
-        """The producer warp: every k-step of every tile of this program, in order, into the ring."""
-        BLOCK_M: gl.constexpr = dy_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = dy_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[1]
-        STAGES: gl.constexpr = dy_bufs.type.shape[0]
-        NBYTES: gl.constexpr = dy_desc.block_type.nbytes + w_desc.block_type.nbytes
-        n_tiles_n = gl.cdiv(I, BLOCK_N)
-        k_steps = gl.cdiv(K, BLOCK_K)
-        step = 0
-        for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles_n, gl.num_programs(0)):
-            off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
-            for kk in range(k_steps):
-                s = step % STAGES
-                mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)  # fresh barriers pass phase 1
-                mbarrier.expect(ready.index(s), NBYTES)
-                tma.async_copy_global_to_shared(dy_desc, [off_m, kk * BLOCK_K], ready.index(s), dy_bufs.index(s))
-                tma.async_copy_global_to_shared(w_desc, [kk * BLOCK_K, off_n], ready.index(s), w_bufs.index(s))
-                step += 1
+        """The producer warp (``_gluon_gemm._fill_ring``: dy tiles and [K, N]-major weight tiles)."""
+        _fill_ring(dy_desc, w_desc, dy_bufs, w_bufs, w_bufs, ready, empty, M, I, K, w_desc.block_type.shape[1], False, 0)
 
     @gluon.jit
     def _consume(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
