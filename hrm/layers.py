@@ -334,16 +334,17 @@ class Block(nn.Module):
     sublayer's input through its input projection (``linear_keep_input``), so the backward adds the
     residual branch's gradient inside that projection's input-gradient matmul instead of one
     [.., hidden] add per sublayer (H200, Sudoku training step: 71.7-72.2 vs 72.5-72.8 ms gated).
-    With ``DEFERRED_NORM`` (off until measured on a GPU) the no-gradient passes outside torch.compile on a Hopper GPU keep
-    each block's state as ``hrm_kernels.deferred_norm``'s ``(h, ss)``: the two add+RMSNorm passes
-    of a block happen inside its matmuls' epilogues (Gluon GEMMs, also for gate_up + SwiGLU whatever
-    ``linear_swiglu.USE_GLUON`` says), and ``ReasoningModule`` normalizes once after its last block.
-    It takes precedence over ``FUSED_NO_GRAD`` where both could run.
-
     That path calls the attention's and MLP's weights directly, not the ``self_attn``/``mlp`` and
     projection submodules: hooks on those modules do not fire there, and a full backward hook on
-    ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set it False
-    for such instrumentation."""
+    ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set
+    ``FUSED_GRAD_RESIDUAL`` False for such instrumentation.
+
+    With ``DEFERRED_NORM`` (off until measured on a GPU) the no-gradient passes outside
+    torch.compile on a Hopper GPU keep each block's state as ``hrm_kernels.deferred_norm``'s
+    ``(h, ss)``: the two add+RMSNorm passes of a block happen inside its matmuls' epilogues (Gluon
+    GEMMs, also for gate_up + SwiGLU whatever ``linear_swiglu.USE_GLUON`` says), and
+    ``ReasoningModule`` normalizes once after its last block. It takes precedence over
+    ``FUSED_NO_GRAD`` where both could run, and calls the weights directly too."""
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
