@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import (first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention, rope_qkv,
-                         rope_reference, swiglu, swiglu_linear)
-from hrm_kernels import deferred_norm
+from hrm_kernels import (deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention,
+                         rope_qkv, rope_reference, swiglu, swiglu_linear)
 from hrm_kernels.backend import use_triton
 
 def _import_flash_attn():

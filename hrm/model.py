@@ -108,16 +108,13 @@ class ReasoningModule(nn.Module):
         last = len(self.layers) - 1  # (no slicing: a new ModuleList per call would recompile torch.compile's graphs)
         ss = None  # with deferred norms: h's partial sums of squares, the state being rms_norm(h)
         for i, layer in enumerate(self.layers):
-            if first_position and i == last:
-                if ss is not None:
-                    h, ss = rms_norm(h, eps=layer.eps), None
-                h = layer.first_position(h, cos_sin)
-            elif layer.runs_deferred(h):
+            first = first_position and i == last
+            if not first and layer.runs_deferred(h):
                 h, ss = layer.deferred(h, ss, cos_sin)
-            else:
-                if ss is not None:
-                    h, ss = rms_norm(h, eps=layer.eps), None
-                h = layer(h, cos_sin)
+                continue
+            if ss is not None:  # a plain block reads the materialized state
+                h, ss = rms_norm(h, eps=layer.eps), None
+            h = layer.first_position(h, cos_sin) if first else layer(h, cos_sin)
         if ss is not None:
             h = rms_norm(h, eps=self.layers[last].eps)
         return (h[:, :1] if first_position and last < 0 else h), gate_stats

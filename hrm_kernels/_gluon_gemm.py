@@ -299,11 +299,13 @@ if _HAVE_GLUON:
 def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilogue: str) -> tuple:
     """The kernel's TMA descriptors of x, weight and out (host objects; CPU tensors work too)."""
     block_m, block_n, block_k, _ = CONFIGS[epilogue]
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    shared = gl.NVMMASharedLayout.get_default_for
-    return (TensorDescriptor.from_tensor(x, [block_m, block_k], shared([block_m, block_k], dtype)),
-            TensorDescriptor.from_tensor(weight, [block_n, block_k], shared([block_n, block_k], dtype)),
-            TensorDescriptor.from_tensor(out, [block_m, block_n], shared([block_m, block_n], dtype)))
+    return _describe(x, [block_m, block_k]), _describe(weight, [block_n, block_k]), _describe(out, [block_m, block_n])
+
+
+def _describe(t: torch.Tensor, box: list[int]):
+    """A TMA descriptor of the 2-byte-float tensor ``t`` in ``box`` tiles (NVMMA shared layout)."""
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
 
 
 def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=None):
@@ -311,17 +313,9 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     squares [M, N tiles] when ``residual`` is given, else None."""
     from hrm_kernels.precompile import launch
 
+    n_rows, n_out = out.shape
     if programs is not None and programs < 1:
         raise ValueError(f"gemm: programs must be at least 1, got {programs}")
-    block_m, block_n, _, stages = CONFIGS[epilogue]
-    n_rows, n_out = out.shape
-    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n)
-    if programs is None:
-        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
-    x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
-    res_desc = out_desc if residual is None else descriptors(x, weight, residual, epilogue)[2]
-    ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
-                                                        device=x.device)
     if residual is not None and (epilogue != "none" or ss_in is not None):
         raise ValueError("gemm: a residual goes with the plain epilogue and no row scale (the kernel has no such variant)")
     if (ss_in is not None or residual_ss is not None) and eps is None:
@@ -331,6 +325,14 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
         raise ValueError(f"gemm: ss must be fp32 [M={n_rows}, T] partial sums of squares, got {ss.dtype} "
                          f"{tuple(ss.shape)}")
     ss = None if ss is None else ss.contiguous()  # the kernel reads rows of T values
+    block_m, block_n, _, stages = CONFIGS[epilogue]
+    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count
+    x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
+    res_desc = out_desc if residual is None else _describe(residual, [block_m, block_n])
+    ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
+                                                        device=x.device)
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
     kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
     launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, unused if ss is None else ss,

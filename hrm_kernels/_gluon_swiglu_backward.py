@@ -28,14 +28,13 @@ from __future__ import annotations
 import torch
 import triton
 
-from hrm_kernels._gluon_gemm import _HAVE_GLUON, available
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe, available
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _fill_ring, _tile_origin
 
@@ -150,14 +149,9 @@ def descriptors(dy: torch.Tensor, weight: torch.Tensor, gate_up: torch.Tensor, d
     """TMA descriptors of dy, weight, the gate and up halves of gate_up and of dgate_up (host objects;
     CPU tensors work too)."""
     block_m, block_n, block_k, _ = CONFIG
-    dtype = gl.bfloat16 if dy.dtype == torch.bfloat16 else gl.float16
     inter = weight.shape[1]
-
-    def describe(t, box):
-        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
-
-    return (describe(dy, [block_m, block_k]), describe(weight, [block_k, block_n]),
-            *(describe(half, [block_m, block_n]) for half in (gate_up[:, :inter], gate_up[:, inter:],
+    return (_describe(dy, [block_m, block_k]), _describe(weight, [block_k, block_n]),
+            *(_describe(half, [block_m, block_n]) for half in (gate_up[:, :inter], gate_up[:, inter:],
                                                                dgate_up[:, :inter], dgate_up[:, inter:])))
 
 
