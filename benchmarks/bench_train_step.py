@@ -139,12 +139,14 @@ def idle_us(intervals: list[tuple[float, float]]) -> float:
 def _measure(step, state, steps: int, prepare=None) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
     it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
-    over 3 calls."""
-    torch.cuda.reset_peak_memory_stats()
+    over 3 calls. Peak memory: from the first call on (after ``prepare``, whose copies are freed)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if prepare is not None:
         prepare()
+        torch.cuda.synchronize()
+    # peak memory from here: the dry run's throwaway copies are gone (what it leaves allocated counts)
+    torch.cuda.reset_peak_memory_stats()
     state = step(state)
     torch.cuda.synchronize()
     first = time.perf_counter() - t0

@@ -338,7 +338,8 @@ class Block(nn.Module):
     ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set
     ``FUSED_GRAD_RESIDUAL`` False for such instrumentation.
 
-    With ``DEFERRED_NORM`` (off until measured on a GPU) the no-gradient passes outside
+    With ``DEFERRED_NORM`` (on: H100, gated training step 71.3-71.6 vs 73.3-74.0 ms at Sudoku and
+    125.9 vs 128.3 ms at ARC, benchmarks/RESULTS.md) the no-gradient passes outside
     torch.compile on a Hopper GPU keep each block's state as ``hrm_kernels.deferred_norm``'s
     ``(h, ss)``: the two add+RMSNorm passes of a block happen inside its matmuls' epilogues (Gluon
     GEMMs, also for gate_up + SwiGLU whatever ``linear_swiglu.USE_GLUON`` says), and
@@ -347,7 +348,7 @@ class Block(nn.Module):
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
-    DEFERRED_NORM = False
+    DEFERRED_NORM = True
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
