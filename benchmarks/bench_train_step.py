@@ -57,6 +57,7 @@ SWITCHES = {
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul
     "gluon_swiglu": ("hrm_kernels.linear_swiglu", None, "USE_GLUON"),  # no-grad gate_up + SwiGLU: warp-specialised Gluon GEMM
     "gluon_swiglu_bwd": ("hrm_kernels.swiglu_linear", None, "USE_GLUON"),  # SwiGLU backward in the Gluon dact GEMM
+    "gluon_swiglu_grad": ("hrm_kernels.linear_swiglu", None, "GLUON_KEEPS_GATE_UP"),  # with-grad gate_up + SwiGLU: one Gluon GEMM keeping gate_up
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
 

@@ -7,6 +7,7 @@ activation go through ``hrm_kernels`` (fused Triton kernels or their eager fallb
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from typing import Optional
 
@@ -17,6 +18,11 @@ from torch import nn
 from hrm_kernels import (deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention,
                          rope_qkv, rope_reference, swiglu, swiglu_linear)
 from hrm_kernels.backend import use_triton
+from hrm_kernels.swiglu_linear import swiglu_linear_backward
+
+# the module (the package's ``linear_swiglu`` attribute is the function): its switches are read at call time
+_linear_swiglu_module = importlib.import_module("hrm_kernels.linear_swiglu")
+
 
 def _import_flash_attn():
     """FlashAttention 3 (Hopper) first, then 2; both optional. A package that is installed but
@@ -297,16 +303,50 @@ class _LinearKeepInput(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
         x, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            if dx_kept.is_contiguous():  # (autograd hands in zeros when the kept x went unused)
-                dx = dx_kept.view(dy2.shape[0], -1).addmm_(dy2, w)
-            else:
-                dx = torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
-            dx = dx.view(x.shape)
-        if ctx.needs_input_grad[1]:
-            dw = dy2.t() @ x.reshape(-1, x.shape[-1])
+        dx = _add_matmul(dx_kept, dy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
         return dx, dw
+
+
+def _add_matmul(dx_kept: torch.Tensor, dy2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``dx_kept + dy2 @ w`` as [rows, in], written into ``dx_kept`` where it is contiguous (autograd
+    hands in zeros when the kept x went unused): the keep-input functions' input gradient."""
+    if dx_kept.is_contiguous():
+        return dx_kept.view(dy2.shape[0], -1).addmm_(dy2, w)
+    return torch.addmm(dx_kept.reshape(dy2.shape[0], -1), dy2, w)
+
+
+class _SwiGLUMLPKeepInput(torch.autograd.Function):
+    """``(down(silu(gate) * up), x)`` with ``gate, up`` the halves of ``x @ w_gate_up.T``: the MLP
+    with its input handed on (``_LinearKeepInput``'s contract). Forward: the activation and gate_up
+    from one kernel (``hrm_kernels.linear_swiglu.linear_swiglu_keep``), then the down projection;
+    backward: ``swiglu_linear``'s (the SwiGLU gradient inside the dact matmul), then
+    ``dx = dx_kept + dgate_up @ w_gate_up`` into ``dx_kept``. The same backward as
+    ``linear_keep_input`` + ``swiglu_linear``, one pass less forward (no separate SwiGLU kernel).
+    x: [..., in]; w_gate_up: [2I, in], w_down: [out, I] in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor):
+        rows = x.reshape(-1, x.shape[-1])
+        act, gate_up = _linear_swiglu_module.linear_swiglu_keep(rows, w_gate_up)
+        ctx.save_for_backward(rows, w_gate_up, w_down, gate_up, act)
+        return F.linear(act, w_down).view(*x.shape[:-1], w_down.shape[0]), x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
+        rows, w_gate_up, w_down, gate_up, act = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx = dw_gate_up = dw_down = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dgate_up = swiglu_linear_backward(dy2, w_down, gate_up)
+            if ctx.needs_input_grad[0]:
+                dx = _add_matmul(dx_kept, dgate_up, w_gate_up).view(dx_kept.shape)
+            if ctx.needs_input_grad[1]:
+                dw_gate_up = dgate_up.t() @ rows
+        if ctx.needs_input_grad[2]:
+            dw_down = dy2.t() @ act
+        return dx, dw_gate_up, dw_down
 
 
 def linear_keep_input(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -368,7 +408,11 @@ class Block(nn.Module):
                 and mlp.down_proj.bias is None):
             qkv, h = linear_keep_input(h, attn.qkv_proj.weight_as(h.dtype))
             h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin), eps=self.eps)
-            gate_up, h = linear_keep_input(h, mlp.gate_up_proj.weight_as(h.dtype))
+            w_gate_up = mlp.gate_up_proj.weight_as(h.dtype)
+            if _linear_swiglu_module.keeps_gate_up_in_gluon(h.reshape(-1, h.shape[-1]), w_gate_up):
+                y, h = _SwiGLUMLPKeepInput.apply(h, w_gate_up, mlp.down_proj.weight_as(h.dtype))
+                return rms_norm(h, residual=y, eps=self.eps)
+            gate_up, h = linear_keep_input(h, w_gate_up)
             return rms_norm(h, residual=mlp.from_gate_up(gate_up), eps=self.eps)
         h = rms_norm(h, residual=self.self_attn(h, cos_sin), eps=self.eps)
         return rms_norm(h, residual=self.mlp(h), eps=self.eps)

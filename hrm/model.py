@@ -278,6 +278,7 @@ class HRMInner(nn.Module):
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
+                _linear_swiglu_module.GLUON_KEEPS_GATE_UP,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 

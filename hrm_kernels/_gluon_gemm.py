@@ -8,6 +8,8 @@ Epilogues:
 - ``"swiglu"``: weight holds gate rows [0, I) then up rows [I, 2I) (N = 2I);
   ``gate, up = x @ weight[:I].T, x @ weight[I:].T`` rounded to x's dtype as ``F.linear`` would, then
   ``out = silu(gate) * up`` in fp32 ([M, I], rounded once).
+- ``"swiglu_keep"``: ``"swiglu"`` that also writes ``gate_up = [gate, up]`` [M, 2I] (what the
+  activation's backward reads), for the passes with a gradient.
 
 Two options on top (``hrm_kernels.deferred_norm``, the post-norm blocks' RMSNorm deferred into the
 matmuls):
@@ -61,17 +63,18 @@ try:
 except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: the callers keep their Triton kernels
     _HAVE_GLUON = False
 
-EPILOGUES = {"none": 0, "swiglu": 1}
+EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_keep": 2}
 # The kernel variants the library launches: (epilogue, row scale, residual: 0 none, 1 raw, 2 normalized).
 VARIANTS = (("none", False, 0), ("swiglu", False, 0), ("none", True, 0), ("swiglu", True, 0), ("none", False, 1),
-            ("none", False, 2))
-WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2}  # SwiGLU: a gate row and an up row per output column
+            ("none", False, 2), ("swiglu_keep", False, 0))
+WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2}  # SwiGLU: a gate row and an up row per output column
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16: 4 stages against 3
 # took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS (session 21), 5 stages to 0.89-0.99x
 # (session 22: N x K 512x512 60.4 us vs cuBLAS 58.1, 1536x512 171.2 vs 152.9, 3072x512 320.7 vs 298.7,
 # 512x1536 150.0 vs 148.2; [128, 128, 128] x 2 stages 0.56-0.69x). SwiGLU at BLOCK_N=64 (two [128, 64]
 # fp32 accumulators a warpgroup): 309.8 us with 4 stages, 308.3 with 6, 323.0 with BLOCK_K=128 x 3.
-CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 64, 64, 4)}
+# "swiglu_keep": as "swiglu", plus a gate and an up tile buffer per warpgroup (224 KB of shared memory).
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 64, 64, 4), "swiglu_keep": (128, 64, 64, 4)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 
@@ -144,11 +147,10 @@ if _HAVE_GLUON:
                 step += 1
 
     @gluon.jit
-    def _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
-                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr):
+    def _produce(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, SWIGLU: gl.constexpr):
         """The producer warp (``_fill_ring``; SwiGLU loads the gate and the up rows)."""
         _fill_ring(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, w_desc.block_type.shape[0],
-                   True, EPILOGUE)
+                   True, SWIGLU)
 
     @gluon.jit
     def _barriers(STAGES: gl.constexpr):
@@ -177,11 +179,12 @@ if _HAVE_GLUON:
         return gl.rsqrt(total / width + eps)
 
     @gluon.jit
-    def _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order, epi_ready,
-                 ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr, ROW_SCALE: gl.constexpr,
-                 RESIDUAL: gl.constexpr, WARPGROUP: gl.constexpr):
+    def _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                 ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr,
+                 ROW_SCALE: gl.constexpr, RESIDUAL: gl.constexpr, WARPGROUP: gl.constexpr):
         """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP. With a residual,
-        its tile arrives by TMA in the warpgroup's output buffer while the main loop runs."""
+        its tile arrives by TMA in the warpgroup's output buffer while the main loop runs. SwiGLU
+        keeping gate_up stages the rounded gate and up tiles in ``gu_bufs`` [2 * WARPGROUP + 0/1]."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -208,7 +211,7 @@ if _HAVE_GLUON:
                     s = step % STAGES
                     mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                     acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                    if EPILOGUE == 1:
+                    if EPILOGUE >= 1:
                         acc2 = warpgroup_mma(x_bufs.index(s), w2_bufs.index(s).permute((1, 0)), acc2, is_async=True)
                         acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
                     else:
@@ -217,7 +220,7 @@ if _HAVE_GLUON:
                         mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                     step += 1
                 mbarrier.arrive(order.index(1 - WARPGROUP), count=1)  # the other warpgroup's turn
-                if EPILOGUE == 1:
+                if EPILOGUE >= 1:
                     acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
                 else:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -227,11 +230,17 @@ if _HAVE_GLUON:
                     rstd = gl.expand_dims(_row_rstd(ss_in, rows, M, ss_in_tiles, K if ROW_SCALE else N_OUT, eps), 1)
                     if ROW_SCALE:  # rms_norm(x) @ W.T as rstd * (x @ W.T)
                         acc = acc * rstd
-                        if EPILOGUE == 1:
+                        if EPILOGUE >= 1:
                             acc2 = acc2 * rstd
-                if EPILOGUE == 1:
-                    gate = acc.to(out_desc.dtype).to(gl.float32)
-                    up = acc2.to(out_desc.dtype).to(gl.float32)
+                if EPILOGUE >= 1:
+                    gate_rounded = acc.to(out_desc.dtype)
+                    up_rounded = acc2.to(out_desc.dtype)
+                    if EPILOGUE == 2:  # this warpgroup's previous stores have left its buffers
+                        tma.store_wait(pendings=0)
+                        gu_bufs.index(2 * WARPGROUP).store(gate_rounded)
+                        gu_bufs.index(2 * WARPGROUP + 1).store(up_rounded)
+                    gate = gate_rounded.to(gl.float32)
+                    up = up_rounded.to(gl.float32)
                     result = gate / (1.0 + gl.exp(-gate)) * up
                 elif RESIDUAL > 0:  # h = residual + y in the activations' dtype, as the reference adds
                     mbarrier.wait(bar, (j // 2) & 1)
@@ -245,10 +254,13 @@ if _HAVE_GLUON:
                              mask=rows_out < M)
                 else:
                     result = acc
-                if RESIDUAL == 0:
+                if RESIDUAL == 0 and EPILOGUE != 2:
                     tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
                 out_buf.store(result.to(out_desc.dtype))
                 fence_async_shared()
+                if EPILOGUE == 2:
+                    tma.async_copy_shared_to_global(gate_desc, [off_m, off_n], gu_bufs.index(2 * WARPGROUP))
+                    tma.async_copy_shared_to_global(up_desc, [off_m, off_n], gu_bufs.index(2 * WARPGROUP + 1))
                 tma.async_copy_shared_to_global(out_desc, [off_m, off_n], out_buf)
             j += 1
         tma.store_wait(pendings=0)
@@ -258,39 +270,43 @@ if _HAVE_GLUON:
         """The GEMM kernel of one epilogue variant. Gluon passes partition arguments as values, so
         the variant's constants are written into each partition function (captured constexprs)."""
         EPI, SCALE, RES = gl.constexpr(epilogue), gl.constexpr(row_scale), gl.constexpr(residual)
+        SWIGLU = gl.constexpr(epilogue >= 1)
 
         @gluon.jit
-        def first(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                  epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 0)
+        def first(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                  ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 0)
 
         @gluon.jit
-        def second(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                   epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _consume(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 1)
+        def second(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                   ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 1)
 
         @gluon.jit
-        def producer(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _produce(x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                     epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI)
+        def producer(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+            _produce(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, SWIGLU)
 
         @gluon.jit
-        def gemm_kernel(x_desc, w_desc, out_desc, res_desc, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps,
-                        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        def gemm_kernel(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, ss_in, ss_out, M, N_OUT, K, ss_in_tiles,
+                        eps, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = x_desc.dtype
             x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
             w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-            if EPI == 1:
+            if SWIGLU:
                 w2_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
             else:
                 w2_bufs = w_bufs
             out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            if EPI == 2:  # a gate and an up tile per warpgroup
+                gu_bufs = gl.allocate_shared_memory(out_desc.dtype, [4] + out_desc.block_type.shape, out_desc.layout)
+            else:
+                gu_bufs = out_bufs
             ready, empty, order, epi_ready = _barriers(STAGES)
-            args = (x_desc, w_desc, out_desc, res_desc, x_bufs, w_bufs, w2_bufs, out_bufs, ready, empty, order,
-                    epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
+            args = (x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+                    ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
         return gemm_kernel
@@ -308,14 +324,22 @@ def _describe(t: torch.Tensor, box: list[int]):
     return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
 
 
-def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=None):
+def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=None,
+            gate_up=None):
     """One launch of the kernel variant these arguments ask for; returns the output's partial sums of
-    squares [M, N tiles] when ``residual`` is given, else None."""
+    squares [M, N tiles] when ``residual`` is given, else None. ``gate_up``: the [M, 2I] tensor
+    ``"swiglu_keep"`` writes."""
     from hrm_kernels.precompile import launch
 
     n_rows, n_out = out.shape
     if programs is not None and programs < 1:
         raise ValueError(f"gemm: programs must be at least 1, got {programs}")
+    if (gate_up is not None) != (epilogue == "swiglu_keep"):
+        raise ValueError("gemm: the swiglu_keep epilogue, and it alone, writes gate_up: pass gate_up with it")
+    if gate_up is not None and (gate_up.shape != (n_rows, 2 * n_out) or gate_up.dtype != x.dtype
+                                or not gate_up.is_contiguous()):
+        raise ValueError(f"gemm: gate_up must be a contiguous {x.dtype} tensor of shape {(n_rows, 2 * n_out)}, "
+                         f"got {gate_up.dtype} {tuple(gate_up.shape)}")
     if residual is not None and (epilogue != "none" or ss_in is not None):
         raise ValueError("gemm: a residual goes with the plain epilogue and no row scale (the kernel has no such variant)")
     if (ss_in is not None or residual_ss is not None) and eps is None:
@@ -331,11 +355,15 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
     res_desc = out_desc if residual is None else _describe(residual, [block_m, block_n])
+    # the halves of gate_up, each [M, I] with row stride 2I: a tile's store is clipped at column I
+    gate_desc, up_desc = ((out_desc, out_desc) if gate_up is None else
+                          (_describe(gate_up[:, :n_out], [block_m, block_n]), _describe(gate_up[:, n_out:], [block_m, block_n])))
     ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
                                                         device=x.device)
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
     kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
-    launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, unused if ss is None else ss,
+    launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc,
+           unused if ss is None else ss,
            unused if ss_out is None else ss_out, n_rows, n_out, x.shape[1], 1 if ss is None else ss.shape[1],
            0.0 if eps is None else float(eps), STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return ss_out
@@ -351,17 +379,21 @@ def _output(x: torch.Tensor, n_out: int, out: torch.Tensor | None) -> torch.Tens
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
-         out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float | None = None,
+         gate_up: torch.Tensor | None = None) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
     ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
     program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write.
     ``ss``: partial sums of squares of x's rows [M, T] (fp32, as ``gemm_add_sumsq`` writes them):
     x is then read as ``rms_norm(x, eps)``, each row's accumulator scaled by
-    ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue."""
+    ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue. ``gate_up``: with ``"swiglu_keep"`` (only),
+    the contiguous [M, 2I] tensor of x's dtype that receives the rounded gate and up columns."""
     out = _output(x, output_width(weight, epilogue), out)
-    if out.numel() == 0 or x.shape[1] == 0:
+    if out.numel() == 0 or x.shape[1] == 0:  # (K = 0: every product, gate and up is 0)
+        if gate_up is not None:
+            gate_up.zero_()
         return out.zero_()
-    _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps)
+    _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps, gate_up=gate_up)
     return out
 
 

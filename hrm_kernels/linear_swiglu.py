@@ -156,6 +156,12 @@ TMA_STORES_GATE_UP = False
 # differently from the with-gradient ones (within the tests' tolerance of the reference), not bit
 # for bit alike.
 USE_GLUON = True
+# GLUON_KEEPS_GATE_UP: launches that keep gate_up (with a gradient) run the Gluon GEMM's
+# "swiglu_keep" epilogue, which writes gate_up beside the activation, where it can run. Off until
+# timed on a GPU: it replaces cuBLAS's gate_up (298.7 us at M=62976, K=512, 2I=3072 on an H100) and
+# the SwiGLU kernel (192 us) in the training forward, at the price of the Gluon GEMM's ~0.9x of
+# cuBLAS and 387 MB more stores than its "swiglu" form (309.8 us).
+GLUON_KEEPS_GATE_UP = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,6 +244,12 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
         FAST_SIGMOID=fast_sigmoid_for(x.dtype), WARP_SPECIALIZE=warp_specialize, FLATTEN=flatten, num_warps=num_warps, num_stages=num_stages)
 
 
+def keeps_gate_up_in_gluon(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a launch that keeps gate_up runs the Gluon GEMM (``GLUON_KEEPS_GATE_UP`` on, Hopper,
+    bf16/fp16 rows [M, K] with K and I multiples of 8)."""
+    return GLUON_KEEPS_GATE_UP and _gluon_gemm.supported(x, weight, "swiglu_keep")
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     # Both kernels address rows with a unit column stride (the public wrapper guarantees it; a
     # custom op called directly might not).
@@ -248,7 +260,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):
     out = torch.empty((n_rows, inter), dtype=x.dtype, device=x.device)
     gate_up = torch.empty((n_rows, 2 * inter) if store_gate_up else (0, 2 * inter), dtype=x.dtype,
                           device=x.device)
-    if out.numel() and USE_GLUON and not store_gate_up and _gluon_gemm.supported(x, weight, "swiglu"):
+    if out.numel() and store_gate_up and keeps_gate_up_in_gluon(x, weight):
+        _gluon_gemm.gemm(x, weight, "swiglu_keep", out=out, gate_up=gate_up)
+    elif out.numel() and USE_GLUON and not store_gate_up and _gluon_gemm.supported(x, weight, "swiglu"):
         _gluon_gemm.gemm(x, weight, "swiglu", out=out)
     elif out.numel() and _tma_ok(x, weight, store_gate_up):
         _launch_tma(x, weight, out, gate_up, store_gate_up)
@@ -318,6 +332,25 @@ def _train_backward(ctx, dout, _dgate_up):
 
 
 _linear_swiglu_train_op.register_autograd(_train_backward, setup_context=_setup_context)
+
+
+def linear_swiglu_keep(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear_swiglu(x, weight), x @ weight.T)``: the activation [M, I] and the gate_up projection
+    [M, 2I] it came from (what the activation's backward reads), from one kernel where one runs. No
+    autograd: a caller that differentiates saves gate_up itself (``hrm.layers`` does). x: [M, K]
+    rows, weight: [2I, K], one float dtype."""
+    op = "linear_swiglu_keep"
+    check_float("x", x, op)
+    check_float("weight", weight, op)
+    check_same(op, "x", x, "weight", weight, shape=False)
+    if weight.dim() != 2 or weight.shape[0] % 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: x has shape {tuple(x.shape)} and weight {tuple(weight.shape)}; need x [M, K] and "
+                         "weight [2I, K] (gate rows, then up rows)")
+    if not use_triton(x.device):
+        gate_up = torch.nn.functional.linear(x, weight)
+        return swiglu_reference(gate_up), gate_up
+    with torch.no_grad():
+        return _launch(x.contiguous(), weight.contiguous(), store_gate_up=True)
 
 
 def linear_swiglu_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

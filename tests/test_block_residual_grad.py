@@ -1,7 +1,9 @@
-"""hrm.layers.linear_keep_input and Block.FUSED_GRAD_RESIDUAL: the residual branch's gradient added
-inside the input projection's gradient matmul gives autograd's gradients (odd widths)."""
+"""hrm.layers.linear_keep_input, its MLP form, and Block.FUSED_GRAD_RESIDUAL: the residual branch's
+gradient added inside the input projection's gradient matmul gives autograd's gradients (odd widths)."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -9,8 +11,10 @@ import torch.nn.functional as F
 
 from hrm import layers
 from hrm.layers import Block, RotaryEmbedding, linear_keep_input
-from hrm_kernels import use_backend
+from hrm_kernels import _gluon_gemm, linear_swiglu_reference, use_backend
 from hrm_kernels.backend import triton_can_run
+from tests.reference64 import linear_swiglu64
+from tests.tolerance import assert_close_to_reference
 
 
 @pytest.mark.parametrize("use", ["both", "projection", "kept", "kept_strided"])
@@ -34,6 +38,49 @@ def test_linear_keep_input_gradients(use, weight_grad):
     want = torch.autograd.grad(loss(F.linear(x, w), x), [x, w] if weight_grad else [x], allow_unused=True)
     for g, r in zip(got, want):  # an unused projection: autograd gives None, the Function zeros
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use", ["both", "mlp", "kept_strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_swiglu_mlp_keep_input_gradients(use, dtype):
+    """``_SwiGLUMLPKeepInput`` (the MLP whose gate_up kernel keeps gate_up, with its input handed on):
+    output and the three gradients against float64 at odd widths (in 40, I 37, out 29), within a
+    multiple of the same-precision eager composition's error. On CUDA the kernels (on Hopper with
+    ``GLUON_KEEPS_GATE_UP`` the Gluon GEMM only where I is a multiple of 8, so not here: the GPU
+    test of the Block covers it), else the interpreter's."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not triton_can_run(device):
+        pytest.skip("Triton cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    torch.manual_seed(2)
+    x = torch.randn(3, 7, 40, device=device).to(dtype)
+    w_gate_up = (torch.randn(2 * 37, 40, device=device) / 40 ** 0.5).to(dtype)
+    w_down = (torch.randn(29, 37, device=device) / 37 ** 0.5).to(dtype)
+    a, b = torch.randn(3, 7, 29, device=device), torch.randn(3, 7, 40, device=device)
+    b_strided = torch.randn(40, 7, 3, device=device).permute(2, 1, 0)
+
+    def grads(fn, x, w1, w2):
+        x, w1, w2 = (t.detach().clone().requires_grad_() for t in (x, w1, w2))
+        y, kept = fn(x, w1, w2)
+        loss = (y.double() * a.double()).sum()  # "mlp": the kept input unused (autograd hands in zeros)
+        if use == "both":
+            loss = loss + (kept.double().tanh() * b.double()).sum()
+        elif use == "kept_strided":  # its gradient arrives non-contiguous
+            loss = loss + (kept.double() * b_strided.double()).sum()
+        return (y.detach(), *torch.autograd.grad(loss, (x, w1, w2)))
+
+    def eager(x, w1, w2):
+        return F.linear(linear_swiglu_reference(x, w1), w2), x
+
+    def reference(x, w1, w2):
+        return F.linear(linear_swiglu64(x, w1), w2.double()), x.double()
+
+    with use_backend("triton"):
+        got = grads(layers._SwiGLUMLPKeepInput.apply, x, w_gate_up, w_down)
+    want = grads(eager, x, w_gate_up, w_down)
+    ref = grads(reference, x.double(), w_gate_up.double(), w_down.double())
+    for name, g, e, r in zip(("y", "dx", "dw_gate_up", "dw_down"), got, want, ref):
+        assert g.dtype == dtype
+        assert_close_to_reference(f"swiglu mlp keep input {dtype} {use} {name}", g, e, r)
 
 
 def _small_block(backend: str, seed: int, requires_grad: bool):
@@ -75,3 +122,36 @@ def test_block_fused_residual_gradient_equals_autograd(monkeypatch, backend, inp
         torch.testing.assert_close(g1, g0, rtol=0, atol=20 * torch.finfo(torch.float32).eps * g0.abs().max().item(),
                                    msg=name)
 
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))),
+                    reason="the Gluon GEMM runs on a Hopper GPU")
+def test_block_with_gluon_gate_up_keeping_gradient(monkeypatch):
+    """``linear_swiglu.GLUON_KEEPS_GATE_UP`` on: a bf16 block's MLP with a gradient runs the Gluon
+    "swiglu_keep" GEMM (counted), and its output and every gradient stay within a multiple of the
+    switch-off path's error against the same block in fp32 (hidden 64, I 120: not a tile multiple)."""
+    lsw = importlib.import_module("hrm_kernels.linear_swiglu")
+    torch.manual_seed(3)
+    block = Block(hidden_size=64, num_heads=2, intermediate_size=120, eps=1e-5, attn_backend="sdpa").cuda()
+    cos_sin = RotaryEmbedding(32, 16, 10000.0).cuda()()
+    h32, dout = torch.randn(2, 13, 64, device="cuda"), torch.randn(2, 13, 64, device="cuda")
+    calls = []
+    gemm = _gluon_gemm.gemm
+    monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[2] if len(a) > 2 else k.get("epilogue"))
+                        or gemm(*a, **k))
+
+    def run(h):
+        h = h.detach().clone().requires_grad_()
+        out = block(h, cos_sin)
+        return (out.detach(), *torch.autograd.grad((out.float() * dout).sum(), [h, *block.parameters()]))
+
+    with use_backend("triton"):
+        ref = run(h32)
+        monkeypatch.setattr(lsw, "GLUON_KEEPS_GATE_UP", False)
+        off = run(h32.bfloat16())
+        assert "swiglu_keep" not in calls
+        monkeypatch.setattr(lsw, "GLUON_KEEPS_GATE_UP", True)
+        on = run(h32.bfloat16())
+        assert calls.count("swiglu_keep") == 1  # the block's one MLP
+    for name, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
+        assert_close_to_reference(f"block gluon keep {name}", g.float(), e.float(), r, factor=3.0)

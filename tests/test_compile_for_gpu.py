@@ -154,12 +154,16 @@ for dt in ("bf16", "fp16", "fp32"):
         x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
         out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
         x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
+        gate_up = torch.empty(62976, n, dtype=TORCH[dt])  # swiglu_keep's halves, with the 2I row stride
+        box = list(out_desc.block_shape)
+        gate_desc, up_desc = ((gg._describe(gate_up[:, :n // 2], box), gg._describe(gate_up[:, n // 2:], box))
+                              if epilogue == "swiglu_keep" else (out_desc, out_desc))
         ss = torch.empty(62976, 4)
         name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual}"
         try:
             compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual),
                                             dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc,
-                                                 ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
+                                                 gate_desc=gate_desc, up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
                                                  ss_in_tiles=4, eps=1e-5),
                                             dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
             res = resources(compiled)
@@ -196,6 +200,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
-    # fp32), and the Gluon GEMM's 6 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
-    gluon = 0 if "NO-GLUON" in proc.stdout else 6 * 2 + 2
+    # fp32), and the Gluon GEMM's 7 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
+    gluon = 0 if "NO-GLUON" in proc.stdout else 7 * 2 + 2
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -24,7 +24,7 @@ class Kernel:
     """Which Triton kernel a test asks for, and the TMA and Gluon launches it saw."""
 
     def __init__(self, name: str):
-        self.name, self.tma_launches, self.gluon_launches = name, 0, 0
+        self.name, self.tma_launches, self.gluon_launches, self.keep_launches = name, 0, 0, 0
 
     @staticmethod
     def gluon_eligible(backend: str, x: torch.Tensor, inter: int) -> bool:
@@ -39,7 +39,7 @@ class Kernel:
         aligned = (x.shape[-1] * item) % 16 == 0 and (inter * item) % 16 == 0
         if self.name == "tma" and backend == "triton" and aligned:
             assert self.tma_launches > 0, "the TMA kernel did not run"
-        if self.name == "gluon" and self.gluon_eligible(backend, x, inter):
+        if self.name in ("gluon", "gluon_keep") and self.gluon_eligible(backend, x, inter):
             assert self.gluon_launches > 0, "the Gluon GEMM did not run"
 
 
@@ -47,15 +47,18 @@ GLUON = CUDA and _gluon_gemm.available(torch.device("cuda"))
 requires_gluon = pytest.mark.skipif(not GLUON, reason="the Gluon GEMM runs on a Hopper GPU")
 
 
-@pytest.fixture(params=["tiles", "tma", pytest.param("gluon", marks=requires_gluon)])
+@pytest.fixture(params=["tiles", "tma", pytest.param("gluon", marks=requires_gluon),
+                        pytest.param("gluon_keep", marks=requires_gluon)])
 def kernel(request, monkeypatch):
     """The Triton kernels: the plain tiled one and the persistent TMA one (where the alignment lets
     it run; otherwise the tiled one, which the shapes below also cover); on a Hopper GPU also the
-    Gluon GEMM for the launches without a gradient (TMA and tiles for the others)."""
+    Gluon GEMM for the launches without a gradient (TMA and tiles for the others), and for all
+    launches ("gluon_keep": ``GLUON_KEEPS_GATE_UP``, its "swiglu_keep" epilogue with a gradient)."""
     module = importlib.import_module("hrm_kernels.linear_swiglu")
     monkeypatch.setattr(module, "USE_TMA", request.param != "tiles")
     monkeypatch.setattr(module, "TMA_STORES_GATE_UP", request.param == "tma")
-    monkeypatch.setattr(module, "USE_GLUON", request.param == "gluon")
+    monkeypatch.setattr(module, "USE_GLUON", request.param in ("gluon", "gluon_keep"))
+    monkeypatch.setattr(module, "GLUON_KEEPS_GATE_UP", request.param == "gluon_keep")
     chosen = Kernel(request.param)
     launch = module._launch_tma
 
@@ -68,6 +71,7 @@ def kernel(request, monkeypatch):
 
     def counted_gluon(*args, **kwargs):
         chosen.gluon_launches += 1
+        chosen.keep_launches += (args[2] if len(args) > 2 else kwargs.get("epilogue")) == "swiglu_keep"
         return gemm(*args, **kwargs)
 
     monkeypatch.setattr(_gluon_gemm, "gemm", counted_gluon)
@@ -107,6 +111,8 @@ def _check(backend, x, weight, dout, kernel=None):
         torch.testing.assert_close(no_grad, got[0], atol=0, rtol=0)
     if kernel is not None:
         kernel.check_ran(backend, x, weight.shape[0] // 2)
+        if kernel.name == "gluon_keep" and kernel.gluon_eligible(backend, x, weight.shape[0] // 2):
+            assert kernel.keep_launches > 0, "the with-gradient launch did not run the swiglu_keep epilogue"
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -242,6 +248,22 @@ def test_gluon_gemm_matches_float64(rows, k, width, dtype, programs, epilogue):
 
 
 @requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("rows,k,width", GLUON_SHAPES, ids=str)
+def test_gluon_gemm_keeps_gate_up(rows, k, width, dtype, programs):
+    """The "swiglu_keep" epilogue: its activation is the "swiglu" epilogue's bit for bit, and the
+    gate_up it writes is x @ weight.T rounded to the dtype (against float64, within a multiple of
+    the eager matmul's error), every column of both halves written (I not a multiple of the tile)."""
+    x, weight, _ = _make((rows,), k, width, dtype, device="cuda")
+    gate_up = torch.full((rows, 2 * width), float("nan"), dtype=dtype, device="cuda")
+    got = _gluon_gemm.gemm(x, weight, "swiglu_keep", programs=programs, gate_up=gate_up)
+    torch.testing.assert_close(got, _gluon_gemm.gemm(x, weight, "swiglu", programs=programs), atol=0, rtol=0)
+    assert_close_to_reference(f"gluon swiglu_keep gate_up {dtype} {rows}x{k}x{width}", gate_up, x @ weight.t(),
+                              x.double() @ weight.double().t())
+
+
+@requires_gluon
 def test_linear_swiglu_runs_the_gluon_gemm_where_it_can(monkeypatch):
     """With ``USE_GLUON`` on a Hopper GPU: no-gradient launches of 2-byte operands with K and I
     multiples of 8 go to the Gluon GEMM; fp32, ragged widths and launches that keep gate_up for the
@@ -271,6 +293,12 @@ def test_gluon_gemm_rejects_bad_arguments():
         _gluon_gemm.gemm(x, weight, "swiglu", programs=0)
     with pytest.raises(ValueError, match=r"out must be a contiguous torch.bfloat16 tensor of shape \(4, 16\)"):
         _gluon_gemm.gemm(x, weight, "swiglu", out=torch.empty(4, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="the swiglu_keep epilogue, and it alone, writes gate_up"):
+        _gluon_gemm.gemm(x, weight, "swiglu_keep")
+    with pytest.raises(ValueError, match="the swiglu_keep epilogue, and it alone, writes gate_up"):
+        _gluon_gemm.gemm(x, weight, "swiglu", gate_up=torch.empty(4, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"gate_up must be a contiguous torch.bfloat16 tensor of shape \(4, 32\)"):
+        _gluon_gemm.gemm(x, weight, "swiglu_keep", gate_up=torch.empty(4, 16, dtype=torch.bfloat16))
     assert not _gluon_gemm.supported(x, weight, "swiglu")  # CPU tensors never take the Gluon path
 
 
