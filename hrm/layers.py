@@ -318,11 +318,14 @@ def _add_matmul(dx_kept: torch.Tensor, dy2: torch.Tensor, w: torch.Tensor) -> to
 
 class _SwiGLUMLPKeepInput(torch.autograd.Function):
     """``(down(silu(gate) * up), x)`` with ``gate, up`` the halves of ``x @ w_gate_up.T``: the MLP
-    with its input handed on (``_LinearKeepInput``'s contract). Forward: the activation and gate_up
-    from one kernel (``hrm_kernels.linear_swiglu.linear_swiglu_keep``), then the down projection;
-    backward: ``swiglu_linear``'s (the SwiGLU gradient inside the dact matmul), then
-    ``dx = dx_kept + dgate_up @ w_gate_up`` into ``dx_kept``. The same backward as
+    with its input handed on. Forward: the activation and gate_up from one kernel
+    (``hrm_kernels.linear_swiglu.linear_swiglu_keep``), then the down projection; backward:
+    ``swiglu_linear``'s (the SwiGLU gradient inside the dact matmul), the weight gradients, then
+    ``dx = dx_kept + dgate_up @ w_gate_up`` written into ``dx_kept``. The same backward as
     ``linear_keep_input`` + ``swiglu_linear``, one pass less forward (no separate SwiGLU kernel).
+
+    In the post-norm block both outputs meet in one add+RMSNorm, whose backward hands the *same*
+    tensor as ``dy`` and ``dx_kept``: everything that reads ``dy`` runs before the in-place sum.
     x: [..., in]; w_gate_up: [2I, in], w_down: [out, I] in x's dtype."""
 
     @staticmethod
@@ -337,15 +340,15 @@ class _SwiGLUMLPKeepInput(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
         rows, w_gate_up, w_down, gate_up, act = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = dw_gate_up = dw_down = None
+        dx = dw_gate_up = dw_down = dgate_up = None
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             dgate_up = swiglu_linear_backward(dy2, w_down, gate_up)
-            if ctx.needs_input_grad[0]:
-                dx = _add_matmul(dx_kept, dgate_up, w_gate_up).view(dx_kept.shape)
-            if ctx.needs_input_grad[1]:
-                dw_gate_up = dgate_up.t() @ rows
         if ctx.needs_input_grad[2]:
             dw_down = dy2.t() @ act
+        if ctx.needs_input_grad[1]:
+            dw_gate_up = dgate_up.t() @ rows
+        if ctx.needs_input_grad[0]:  # last: dx_kept may be dy itself
+            dx = _add_matmul(dx_kept, dgate_up, w_gate_up).view(dx_kept.shape)
         return dx, dw_gate_up, dw_down
 
 
@@ -376,7 +379,9 @@ class Block(nn.Module):
     That path calls the attention's and MLP's weights directly, not the ``self_attn``/``mlp`` and
     projection submodules: hooks on those modules do not fire there, and a full backward hook on
     ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set
-    ``FUSED_GRAD_RESIDUAL`` False for such instrumentation.
+    ``FUSED_GRAD_RESIDUAL`` False for such instrumentation. With ``linear_swiglu.GLUON_KEEPS_GATE_UP``
+    (off) the MLP there runs as ``_SwiGLUMLPKeepInput`` where its Gluon GEMM can run: gate_up and
+    the activation from one kernel.
 
     With ``DEFERRED_NORM`` (on: H100, gated training step 71.3-71.6 vs 73.3-74.0 ms at Sudoku and
     125.9 vs 128.3 ms at ARC, benchmarks/RESULTS.md) the no-gradient passes outside

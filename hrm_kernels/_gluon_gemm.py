@@ -334,12 +334,6 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     n_rows, n_out = out.shape
     if programs is not None and programs < 1:
         raise ValueError(f"gemm: programs must be at least 1, got {programs}")
-    if (gate_up is not None) != (epilogue == "swiglu_keep"):
-        raise ValueError("gemm: the swiglu_keep epilogue, and it alone, writes gate_up: pass gate_up with it")
-    if gate_up is not None and (gate_up.shape != (n_rows, 2 * n_out) or gate_up.dtype != x.dtype
-                                or not gate_up.is_contiguous()):
-        raise ValueError(f"gemm: gate_up must be a contiguous {x.dtype} tensor of shape {(n_rows, 2 * n_out)}, "
-                         f"got {gate_up.dtype} {tuple(gate_up.shape)}")
     if residual is not None and (epilogue != "none" or ss_in is not None):
         raise ValueError("gemm: a residual goes with the plain epilogue and no row scale (the kernel has no such variant)")
     if (ss_in is not None or residual_ss is not None) and eps is None:
@@ -389,6 +383,12 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs
     ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue. ``gate_up``: with ``"swiglu_keep"`` (only),
     the contiguous [M, 2I] tensor of x's dtype that receives the rounded gate and up columns."""
     out = _output(x, output_width(weight, epilogue), out)
+    if (gate_up is not None) != (epilogue == "swiglu_keep"):
+        raise ValueError("gemm: the swiglu_keep epilogue, and it alone, writes gate_up: pass gate_up with it")
+    if gate_up is not None and (gate_up.shape != (x.shape[0], 2 * out.shape[1]) or gate_up.dtype != x.dtype
+                                or not gate_up.is_contiguous()):
+        raise ValueError(f"gemm: gate_up must be a contiguous {x.dtype} tensor of shape "
+                         f"{(x.shape[0], 2 * out.shape[1])}, got {gate_up.dtype} {tuple(gate_up.shape)}")
     if out.numel() == 0 or x.shape[1] == 0:  # (K = 0: every product, gate and up is 0)
         if gate_up is not None:
             gate_up.zero_()

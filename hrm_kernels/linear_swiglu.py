@@ -24,7 +24,8 @@ steps of a segment, and the whole continue-target pass), where the persistent TM
 cuBLAS + ``swiglu`` (benchmarks/RESULTS.md); ``hrm.layers.SwiGLUMLP`` uses this op there. On a
 Hopper GPU with bf16/fp16 those launches run ``hrm_kernels._gluon_gemm``'s warp-specialised GEMM
 with the same epilogue instead (``USE_GLUON``; its sigmoid is exp and a division instead of
-``tanh.approx``).
+``tanh.approx``), and with ``GLUON_KEEPS_GATE_UP`` (off until timed) so do the launches that keep
+gate_up, through its ``"swiglu_keep"`` epilogue (``linear_swiglu_keep``).
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def _launch_tma(x, weight, out, gate_up, store_gate_up: bool):
 def keeps_gate_up_in_gluon(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a launch that keeps gate_up runs the Gluon GEMM (``GLUON_KEEPS_GATE_UP`` on, Hopper,
     bf16/fp16 rows [M, K] with K and I multiples of 8)."""
-    return GLUON_KEEPS_GATE_UP and _gluon_gemm.supported(x, weight, "swiglu_keep")
+    return GLUON_KEEPS_GATE_UP and use_triton(x.device) and _gluon_gemm.supported(x, weight, "swiglu_keep")
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, store_gate_up: bool):

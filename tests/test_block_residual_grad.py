@@ -40,11 +40,11 @@ def test_linear_keep_input_gradients(use, weight_grad):
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("use", ["both", "mlp", "kept_strided"])
+@pytest.mark.parametrize("use", ["both", "mlp", "kept_strided", "summed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_swiglu_mlp_keep_input_gradients(use, dtype):
     """``_SwiGLUMLPKeepInput`` (the MLP whose gate_up kernel keeps gate_up, with its input handed on):
-    output and the three gradients against float64 at odd widths (in 40, I 37, out 29), within a
+    output and the three gradients against float64 at odd widths (in and out 40, I 37), within a
     multiple of the same-precision eager composition's error. On CUDA the kernels (on Hopper with
     ``GLUON_KEEPS_GATE_UP`` the Gluon GEMM only where I is a multiple of 8, so not here: the GPU
     test of the Block covers it), else the interpreter's."""
@@ -54,8 +54,8 @@ def test_swiglu_mlp_keep_input_gradients(use, dtype):
     torch.manual_seed(2)
     x = torch.randn(3, 7, 40, device=device).to(dtype)
     w_gate_up = (torch.randn(2 * 37, 40, device=device) / 40 ** 0.5).to(dtype)
-    w_down = (torch.randn(29, 37, device=device) / 37 ** 0.5).to(dtype)
-    a, b = torch.randn(3, 7, 29, device=device), torch.randn(3, 7, 40, device=device)
+    w_down = (torch.randn(40, 37, device=device) / 37 ** 0.5).to(dtype)  # out = in, as in a block
+    a, b = torch.randn(3, 7, 40, device=device), torch.randn(3, 7, 40, device=device)
     b_strided = torch.randn(40, 7, 3, device=device).permute(2, 1, 0)
 
     def grads(fn, x, w1, w2):
@@ -66,6 +66,8 @@ def test_swiglu_mlp_keep_input_gradients(use, dtype):
             loss = loss + (kept.double().tanh() * b.double()).sum()
         elif use == "kept_strided":  # its gradient arrives non-contiguous
             loss = loss + (kept.double() * b_strided.double()).sum()
+        elif use == "summed":  # the two outputs meet in one add (the block's add+RMSNorm): autograd
+            loss = ((y + kept).double() * a.double()).sum()  # hands both one gradient tensor
         return (y.detach(), *torch.autograd.grad(loss, (x, w1, w2)))
 
     def eager(x, w1, w2):

@@ -28,7 +28,8 @@ class Kernel:
 
     @staticmethod
     def gluon_eligible(backend: str, x: torch.Tensor, inter: int) -> bool:
-        """The Gluon GEMM's condition (for a no-grad launch): 2-byte floats, K and I multiples of 8."""
+        """The Gluon GEMM's condition (no-grad launches; with ``gluon_keep`` also those keeping
+        gate_up): 2-byte floats, K and I multiples of 8."""
         return (backend == "triton" and x.element_size() == 2 and x.shape[-1] % 8 == 0 and inter % 8 == 0
                 and x.numel() > 0 and inter > 0)
 
