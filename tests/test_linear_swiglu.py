@@ -144,6 +144,11 @@ def test_clear_errors():
         linear_swiglu(torch.randn(4, 8), w.half())
     with pytest.raises(TypeError, match="x has dtype torch.int64"):
         linear_swiglu(torch.ones(4, 8, dtype=torch.int64), w)
+    keep = importlib.import_module("hrm_kernels.linear_swiglu").linear_swiglu_keep
+    with pytest.raises(ValueError, match=r"need x \[M, K\] and weight \[2I, K\]"):
+        keep(torch.randn(2, 4, 8), w)  # rows only: the caller flattens
+    with pytest.raises(ValueError, match=r"need x \[M, K\] and weight \[2I, K\]"):
+        keep(torch.randn(4, 8), torch.randn(9, 8))
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
