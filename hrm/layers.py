@@ -380,7 +380,7 @@ class Block(nn.Module):
     projection submodules: hooks on those modules do not fire there, and a full backward hook on
     ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set
     ``FUSED_GRAD_RESIDUAL`` False for such instrumentation. With ``linear_swiglu.GLUON_KEEPS_GATE_UP``
-    (off) the MLP there runs as ``_SwiGLUMLPKeepInput`` where its Gluon GEMM can run: gate_up and
+    (on) the MLP there runs as ``_SwiGLUMLPKeepInput`` where its Gluon GEMM can run: gate_up and
     the activation from one kernel.
 
     With ``DEFERRED_NORM`` (on: H100, gated training step 71.3-71.6 vs 73.3-74.0 ms at Sudoku and
