@@ -440,12 +440,16 @@ class Block(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         shape, dtype = h.shape, h.dtype
         h = h.reshape(-1, shape[-1])
-        qkv = deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps)
-        heads = attn.heads_from_qkv(qkv.view(*shape[:-1], -1), cos_sin)
-        h, ss = deferred_norm.linear_add_sumsq(heads.reshape(h.shape[0], -1), attn.o_proj.weight_as(dtype), h, ss,
-                                               self.eps)
-        act = deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu")
-        h, ss = deferred_norm.linear_add_sumsq(act, mlp.down_proj.weight_as(dtype), h, ss, self.eps)
+        # No local names for the intermediates (qkv, heads, act): each is freed as soon as the
+        # next op has read it, not at return (here qkv and heads would stay allocated through the
+        # MLP: 246 MiB more peak memory at the Sudoku batch)
+        h, ss = deferred_norm.linear_add_sumsq(
+            attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps)
+                                .view(*shape[:-1], -1), cos_sin).reshape(h.shape[0], -1),
+            attn.o_proj.weight_as(dtype), h, ss, self.eps)
+        h, ss = deferred_norm.linear_add_sumsq(
+            deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu"),
+            mlp.down_proj.weight_as(dtype), h, ss, self.eps)
         return h.view(shape), ss
 
     def first_position(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
