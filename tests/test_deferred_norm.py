@@ -114,6 +114,33 @@ def test_block_chain_on_deferred_states_equals_the_blocks_on_cpu():
                                atol=1e-5)  # fp32 rounding apart (sums of squares in another order)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_block_chain_with_the_qkv_norm_in_attention(dtype, monkeypatch):
+    """``Block.QKV_NORM_IN_ATTENTION``: the qkv of a deferred state is the plain matmul and
+    rope_attention's kernel (here in the interpreter) applies the norm's row scale as it loads q, k
+    and v; the chain of three blocks gives the plain blocks' output (the reference: the eager chain
+    in fp32 with the same weights; within a multiple of the plain same-precision chain's error)."""
+    import importlib
+
+    from hrm_kernels import use_backend
+    from tests.conftest import record_calls
+
+    rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
+    monkeypatch.setattr(Block, "QKV_NORM_IN_ATTENTION", True)
+    blocks = _blocks(3, dtype=dtype)
+    rot = RotaryEmbedding(8, 11, 10000.0)
+    h = torch.randn(3, 11, 40, dtype=dtype)
+    calls = record_calls(monkeypatch, rope_attention_module, "_launch", with_kwargs=True)
+    with use_backend("triton"):
+        got = _chain(blocks, h, rot(), True)
+        plain = _chain(blocks, h, rot(), False)
+    # 3 blocks on deferred states, 3 plain: the 2nd and 3rd deferred ones (ss set) scale in the kernel
+    assert [kw.get("row_ss") is not None for _, kw in calls] == [False, True, True, False, False, False]
+    with use_backend("eager"):  # (rope_attention takes no float64: the upcast fp32 eager chain)
+        ref = _chain(_blocks(3), h.float(), rot(), False)
+    assert_close_to_reference(f"{dtype} chain, qkv norm in attention", got, plain, ref)
+
+
 def test_block_frees_each_intermediate_once_read(monkeypatch):
     """``Block.deferred`` keeps no reference to qkv, the attention heads or the SwiGLU activation
     past the op that reads them: when the output projection runs, qkv is freed, and when the

@@ -63,6 +63,56 @@ def _spy(monkeypatch):
     return record_calls(monkeypatch, rope_attention_module, "_launch")
 
 
+def _row_sums_of_squares(b, s, width, tiles):
+    """Partial sums of squares of [b * s] random rows of ``width`` (scales 0.3-3), [b * s, tiles] fp32,
+    as hrm_kernels.deferred_norm's matmuls write them."""
+    rows = torch.randn(b * s, width, device=DEVICE) * torch.empty(b * s, 1, device=DEVICE).uniform_(0.3, 3.0)
+    return torch.stack([c.square().sum(-1) for c in rows.tensor_split(tiles, dim=-1)], dim=-1)
+
+
+@pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,tiles", [(SHAPES[0], 3), (SHAPES[1], 1), (SHAPES[3], 4)], ids=str)
+def test_row_scale_matches_float64(shape, tiles, dtype, rotate, monkeypatch):
+    """``row_ss``: the kernel reads q, k and v scaled by each position's RMS-norm factor (from partial
+    sums of squares over ``tiles`` columns of a width-37 input) as it loads them; against float64
+    attention of the exactly scaled qkv, within a multiple of the eager same-precision error
+    (``rows_scaled`` then the reference), and not the unscaled result."""
+    b, s, h, d = shape
+    width, eps = 37, 1e-5
+    qkv = torch.randn(b, s, 3 * h, d, device=DEVICE, dtype=dtype)
+    row_ss = _row_sums_of_squares(b, s, width, tiles)
+    cos, sin = _tables(s + 3, d) if rotate else (None, None)
+    calls = record_calls(monkeypatch, rope_attention_module, "_launch", with_kwargs=True)
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, cos, sin, row_ss=row_ss, width=width, eps=eps)
+    assert [kw["row_ss"] is row_ss for _, kw in calls] == [True], "the kernel did not scale the rows itself"
+    scale64 = torch.rsqrt(row_ss.double().sum(-1) / width + eps).view(b, s, 1, 1)
+    ref = rope_attention64(qkv.double() * scale64, cos, sin)
+    eager = rope_attention_reference(rope_attention_module.rows_scaled(qkv, row_ss, width, eps), cos, sin)
+    assert_close_to_reference(f"{dtype} {shape} rotate={rotate} row scale", got, eager, ref)
+    unscaled = rope_attention64(qkv, cos, sin)
+    assert (got.double() - unscaled).abs().max() > 10 * (got.double() - ref).abs().max()
+
+
+def test_row_scale_elsewhere_scales_first(monkeypatch):
+    """Where the kernel does not run (sequences over MAX_FUSED_SEQ, the eager backend), ``row_ss``
+    scales qkv first: the same result as passing ``rows_scaled(qkv)``; with a gradient it is refused."""
+    qkv = torch.randn(2, 9, 6, 16, device=DEVICE)
+    row_ss = _row_sums_of_squares(2, 9, 24, 2)
+    cos, sin = _tables(9, 16)
+    want = rope_attention_reference(rope_attention_module.rows_scaled(qkv, row_ss, 24, 1e-6), cos, sin)
+    monkeypatch.setattr(rope_attention_module, "MAX_FUSED_SEQ", 4)
+    for backend in ("triton", "eager"):
+        with use_backend(backend), torch.no_grad():
+            got = rope_attention(qkv, cos, sin, row_ss=row_ss, width=24, eps=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="row_ss has no gradient"):
+        rope_attention(qkv.requires_grad_(), cos, sin, row_ss=row_ss, width=24)
+    with pytest.raises(ValueError, match="row_ss must be fp32 \\[batch \\* seq, T\\]"):
+        rope_attention(qkv.detach(), cos, sin, row_ss=row_ss[:5], width=24)
+
+
 def test_longer_sequences_with_a_gradient_from_a_strided_qkv(monkeypatch):
     """Above MAX_FUSED_SEQ, a qkv whose last dimension is strided (rope_qkv needs it packed) and an
     SDPA backend that returns a strided result: the op still gives contiguous output and gradients."""
