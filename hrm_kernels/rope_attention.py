@@ -72,11 +72,12 @@ def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, stride_t, d, d_o
 @triton.jit
 def _rms_scale(SS, tokens, ok, stride_ss, n_ss, inv_width, eps, SS_P: tl.constexpr):
     """``rsqrt(sum(ss[token, :n_ss]) * inv_width + eps)`` per token, fp32 [len(tokens)]: the RMS
-    norm's scale from the partial sums of squares of ``hrm_kernels.deferred_norm``'s state."""
+    norm's scale from the partial sums of squares of ``hrm_kernels.deferred_norm``'s state; 0 where
+    not ``ok`` (padding rows: rsqrt(0) with eps = 0 would be inf, and inf * 0 a NaN in the dots)."""
     t = tl.arange(0, SS_P)
     ss = tl.load(SS + tokens.to(tl.int64)[:, None] * stride_ss + t[None, :], mask=ok[:, None] & (t < n_ss)[None, :],
                  other=0.0)
-    return tl.rsqrt(tl.sum(ss, axis=1) * inv_width + eps)
+    return tl.where(ok, tl.rsqrt(tl.sum(ss, axis=1) * inv_width + eps), 0.0)
 
 
 @triton.jit
@@ -371,20 +372,22 @@ def rows_scaled(qkv: torch.Tensor, row_ss: torch.Tensor, width: int, eps: float)
     return (qkv.float() * scale).to(qkv.dtype)
 
 
-def _check_row_ss(op: str, qkv: torch.Tensor, row_ss: torch.Tensor, width: int) -> None:
+def _check_row_ss(op: str, qkv: torch.Tensor, row_ss: torch.Tensor, width: Optional[int]) -> None:
     if (row_ss.dtype != torch.float32 or row_ss.dim() != 2 or row_ss.shape[0] != qkv.shape[0] * qkv.shape[1]
-            or row_ss.device != qkv.device or width < 1):
+            or row_ss.device != qkv.device or width is None or width < 1):
         raise ValueError(f"{op}: row_ss must be fp32 [batch * seq, T] partial sums of squares on qkv's device "
-                         f"(hrm_kernels.deferred_norm's state) with width >= 1, got {row_ss.dtype} "
-                         f"{tuple(row_ss.shape)} on {row_ss.device}, width {width}, for qkv {tuple(qkv.shape)}")
+                         f"(hrm_kernels.deferred_norm's state) and width (of the rows they sum) >= 1, got "
+                         f"{row_ss.dtype} {tuple(row_ss.shape)} on {row_ss.device}, width {width}, for qkv "
+                         f"{tuple(qkv.shape)}")
     if torch.is_grad_enabled() and (qkv.requires_grad or row_ss.requires_grad):
         raise RuntimeError(f"{op} with row_ss has no gradient: call it under torch.no_grad() (it serves the "
-                           "no-gradient passes), or scale qkv first (rows_scaled)")
+                           "no-gradient passes), or scale qkv first (rows_scaled in the module "
+                           "hrm_kernels.rope_attention)")
 
 
 def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
-                   sin: Optional[torch.Tensor] = None, *, row_ss: Optional[torch.Tensor] = None, width: int = 1,
-                   eps: float = 0.0) -> torch.Tensor:
+                   sin: Optional[torch.Tensor] = None, *, row_ss: Optional[torch.Tensor] = None,
+                   width: Optional[int] = None, eps: float = 0.0) -> torch.Tensor:
     """Rotary embedding on q and k, then bidirectional softmax attention (scale 1/sqrt(head_dim)).
 
     qkv: [batch, seq, 3 * heads, head_dim] with a contiguous last dimension (q, k, v heads in that
@@ -419,6 +422,8 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
         if (not use_triton(qkv.device) or torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ
                 or qkv.shape[-1] % 2):
             qkv, row_ss = rows_scaled(qkv, row_ss, width, eps), None
+        elif row_ss.stride(1) != 1:  # the kernel reads each row's sums as one packed vector
+            row_ss = row_ss.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
     if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ or qkv.shape[-1] % 2:
@@ -427,4 +432,4 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
         qkv = qkv.contiguous()
     if torch.is_grad_enabled() and qkv.requires_grad:
         return RopeAttentionFunction.apply(qkv, cos, sin)
-    return _launch(qkv, cos, sin, row_ss=row_ss, width=width, eps=eps)
+    return _launch(qkv, cos, sin, row_ss=row_ss, width=width or 1, eps=eps)

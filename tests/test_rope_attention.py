@@ -95,6 +95,22 @@ def test_row_scale_matches_float64(shape, tiles, dtype, rotate, monkeypatch):
     assert (got.double() - unscaled).abs().max() > 10 * (got.double() - ref).abs().max()
 
 
+def test_row_scale_with_padding_keys_no_eps_and_strided_sums(monkeypatch):
+    """The kernel with ``eps=0`` and a sequence (9) that leaves padding rows in its key block (their
+    scale must not turn into inf * 0 = NaN), and row sums given as a strided view (every other
+    column of a wider tensor): the same as scaling qkv first."""
+    qkv = torch.randn(2, 9, 6, 16, device=DEVICE)
+    wide = _row_sums_of_squares(2, 9, 24, 4)
+    row_ss = wide[:, ::2]
+    cos, sin = _tables(9, 16)
+    want = rope_attention_reference(rope_attention_module.rows_scaled(qkv, row_ss, 24, 0.0), cos, sin)
+    calls = _spy(monkeypatch)
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, cos, sin, row_ss=row_ss, width=24)
+    assert calls == [True]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_row_scale_elsewhere_scales_first(monkeypatch):
     """Where the kernel does not run (sequences over MAX_FUSED_SEQ, the eager backend), ``row_ss``
     scales qkv first: the same result as passing ``rows_scaled(qkv)``; with a gradient it is refused."""
@@ -111,6 +127,8 @@ def test_row_scale_elsewhere_scales_first(monkeypatch):
         rope_attention(qkv.requires_grad_(), cos, sin, row_ss=row_ss, width=24)
     with pytest.raises(ValueError, match="row_ss must be fp32 \\[batch \\* seq, T\\]"):
         rope_attention(qkv.detach(), cos, sin, row_ss=row_ss[:5], width=24)
+    with pytest.raises(ValueError, match="width \\(of the rows they sum\\) >= 1, got .* width None"):
+        rope_attention(qkv.detach(), cos, sin, row_ss=row_ss)
 
 
 def test_longer_sequences_with_a_gradient_from_a_strided_qkv(monkeypatch):
