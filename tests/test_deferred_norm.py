@@ -281,11 +281,14 @@ def test_fused_linear_add_sumsq_matches_float64(rows, k, n, scaled, dtype, progr
 
 
 @requires_gluon
+@pytest.mark.parametrize("qkv_norm_in_attention", [False, True], ids=["qkv_gemm_scaled", "qkv_norm_in_attention"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fused_block_chain_matches_float64(dtype, monkeypatch):
+def test_fused_block_chain_matches_float64(dtype, qkv_norm_in_attention, monkeypatch):
     """Four blocks at hidden 64 (8 heads), intermediate 176, batch 6 x 81: the deferred chain on
     the GPU against the blocks in float64, within the bound set by the plain blocks at the same
-    precision on the eager backend; and every deferred op ran its Gluon kernel."""
+    precision on the eager backend; and every deferred op ran its Gluon kernel (with
+    ``QKV_NORM_IN_ATTENTION``, blocks 2-4's qkv on cuBLAS and their row scale in rope_attention's
+    kernel, reading the Gluon GEMM's multi-column partial sums of squares)."""
     from hrm_kernels import use_backend
     from tests.test_linear_add_rms_norm import _block64
 
@@ -293,6 +296,13 @@ def test_fused_block_chain_matches_float64(dtype, monkeypatch):
     cos_sin = RotaryEmbedding(8, 81, 10000.0).cuda()()  # fp32 tables, as the model passes them
     h = torch.randn(6, 81, 64, device="cuda").to(dtype)
     monkeypatch.setattr(Block, "DEFERRED_NORM", True)
+    monkeypatch.setattr(Block, "QKV_NORM_IN_ATTENTION", qkv_norm_in_attention)
+    import importlib
+
+    from tests.conftest import record_calls
+
+    attention_launches = record_calls(monkeypatch, importlib.import_module("hrm_kernels.rope_attention"), "_launch",
+                                      with_kwargs=True)
     launches = {"gemm": 0, "gemm_add_sumsq": 0}
     for name in launches:
         original = getattr(_gluon_gemm, name)
@@ -308,7 +318,12 @@ def test_fused_block_chain_matches_float64(dtype, monkeypatch):
         got = _chain(blocks, h, cos_sin, True)
     # qkv of blocks 2-4 and every gate_up through the row-scaled GEMM (block 1's qkv is a plain
     # matmul: its input is not normalized), every o_proj and down_proj through the residual one
-    assert launches == {"gemm": 3 + 4, "gemm_add_sumsq": 8}, launches
+    scaled_in_attention = [kw.get("row_ss") is not None for _, kw in attention_launches][-4:]
+    if qkv_norm_in_attention:
+        assert launches == {"gemm": 4, "gemm_add_sumsq": 8} and scaled_in_attention == [False, True, True, True], \
+            (launches, scaled_in_attention)
+    else:
+        assert launches == {"gemm": 3 + 4, "gemm_add_sumsq": 8} and not any(scaled_in_attention), launches
     assert_close_to_reference(f"deferred block chain {dtype}", got, plain, want)
 
 
