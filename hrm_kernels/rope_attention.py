@@ -43,6 +43,7 @@ import triton.language as tl
 
 from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
+from hrm_kernels.deferred_norm import rms_scale
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import check_tables, packed_tables, rotate_halves
 from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
@@ -368,7 +369,7 @@ def rows_scaled(qkv: torch.Tensor, row_ss: torch.Tensor, width: int, eps: float)
     """qkv [batch, seq, ...] with each position's values multiplied by ``rsqrt(sum(row_ss) / width +
     eps)`` (row_ss: [batch * seq, T] fp32), in fp32 and rounded to qkv's dtype: what ``rope_attention``
     reads with ``row_ss``."""
-    scale = torch.rsqrt(row_ss.sum(-1) / width + eps).view(*qkv.shape[:2], *(1,) * (qkv.dim() - 2))
+    scale = rms_scale(row_ss, width, eps).view(*qkv.shape[:2], *(1,) * (qkv.dim() - 2))
     return (qkv.float() * scale).to(qkv.dtype)
 
 
