@@ -227,12 +227,12 @@ class Attention(nn.Module):
         return ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
                 and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling())
 
-    def scales_rows_in_kernel(self, qkv_rows: torch.Tensor, seq: int) -> bool:
+    def scales_rows_in_kernel(self, seq: int, device: torch.device) -> bool:
         """Whether ``heads_from_qkv(..., row_ss=)`` applies the row scale inside rope_attention's kernel
-        (no gradient, the Triton backend, sequences up to its ``MAX_FUSED_SEQ``) rather than as a
-        pass over qkv of its own. ``qkv_rows``: any tensor on the activations' device."""
-        return (not torch.is_grad_enabled() and self._fused_attention() and use_triton(qkv_rows.device)
-                and seq <= rope_attention_module.MAX_FUSED_SEQ and self.head_dim % 2 == 0)
+        (no gradient, and the kernel runs: ``rope_attention.runs_kernel``) rather than as a pass over
+        qkv of its own."""
+        return (not torch.is_grad_enabled() and self._fused_attention()
+                and rope_attention_module.runs_kernel(seq, self.head_dim, device))
 
     def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
         """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views),
@@ -481,7 +481,7 @@ class Block(nn.Module):
         rope_attention's kernel runs, in its loads of q, k and v (the matmul then is cuBLAS's)."""
         attn = self.self_attn
         weight = attn.qkv_proj.weight_as(h.dtype)
-        if ss is not None and self.QKV_NORM_IN_ATTENTION and attn.scales_rows_in_kernel(h, shape[1]):
+        if ss is not None and self.QKV_NORM_IN_ATTENTION and attn.scales_rows_in_kernel(shape[1], h.device):
             return attn.heads_from_qkv(F.linear(h, weight).view(*shape[:-1], -1), cos_sin, row_ss=ss, eps=self.eps)
         return attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, weight, self.eps).view(*shape[:-1], -1), cos_sin)
 

@@ -365,6 +365,14 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     return out.transpose(1, 2).contiguous()
 
 
+def runs_kernel(seq: int, head_dim: int, device: torch.device) -> bool:
+    """Whether ``rope_attention`` runs its own kernels for this shape: the Triton backend, outside
+    torch.compile, sequences up to ``MAX_FUSED_SEQ``, an even head_dim (the kernels take it in two
+    halves). Elsewhere: the reference on the eager backend, rope_qkv + SDPA on the Triton one."""
+    return (use_triton(device) and not torch.compiler.is_compiling() and seq <= MAX_FUSED_SEQ
+            and head_dim % 2 == 0)
+
+
 def rows_scaled(qkv: torch.Tensor, row_ss: torch.Tensor, width: int, eps: float) -> torch.Tensor:
     """qkv [batch, seq, ...] with each position's values multiplied by ``rsqrt(sum(row_ss) / width +
     eps)`` (row_ss: [batch * seq, T] fp32), in fp32 and rounded to qkv's dtype: what ``rope_attention``
@@ -418,16 +426,16 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
                              "an even head_dim (or pass no cos/sin: learned positions)")
         check_tables(op, "qkv", qkv, cos, sin)
         cos, sin = packed_tables(cos, sin)
+    fused = runs_kernel(qkv.shape[1], qkv.shape[-1], qkv.device)
     if row_ss is not None:
         _check_row_ss(op, qkv, row_ss, width)
-        if (not use_triton(qkv.device) or torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ
-                or qkv.shape[-1] % 2):
+        if not fused:
             qkv, row_ss = rows_scaled(qkv, row_ss, width, eps), None
         elif row_ss.stride(1) != 1:  # the kernel reads each row's sums as one packed vector
             row_ss = row_ss.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
-    if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ or qkv.shape[-1] % 2:
+    if not fused:
         return _composed(qkv, cos, sin)  # the kernels take head_dim in two halves: SDPA for an odd one
     if qkv.stride(-1) != 1 or qkv.stride(-2) != qkv.shape[-1]:
         qkv = qkv.contiguous()
