@@ -49,7 +49,6 @@ SWITCHES = {
     "linear_swiglu": ("hrm.layers", "SwiGLUMLP", "FUSED_NO_GRAD"),  # gate_up + SwiGLU, no-grad
     "block_no_grad": ("hrm.layers", "Block", "FUSED_NO_GRAD"),  # o/down_proj + add+RMSNorm, no-grad
     "deferred_norm": ("hrm.layers", "Block", "DEFERRED_NORM"),  # no-grad blocks' norms inside their Gluon matmuls
-    "qkv_norm_in_attention": ("hrm.layers", "Block", "QKV_NORM_IN_ATTENTION"),  # deferred qkv: cuBLAS, the norm's scale in rope_attention's loads
     "residual_grad": ("hrm.layers", "Block", "FUSED_GRAD_RESIDUAL"),  # residual gradient added in the input projection's dx matmul
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence

@@ -20,9 +20,8 @@ from hrm_kernels import (deferred_norm, first_halves, linear_add_rms_norm, linea
 from hrm_kernels.backend import use_triton
 from hrm_kernels.swiglu_linear import swiglu_linear_backward
 
-# the modules (the package's attributes of these names are the functions): their switches are read at call time
+# the module (the package's ``linear_swiglu`` attribute is the function): its switches are read at call time
 _linear_swiglu_module = importlib.import_module("hrm_kernels.linear_swiglu")
-rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
 
 def _import_flash_attn():
@@ -197,21 +196,15 @@ class Attention(nn.Module):
         """Attention before the output projection: [batch, seq, hidden] (heads concatenated)."""
         return self.heads_from_qkv(self.qkv_proj(h), cos_sin)
 
-    def heads_from_qkv(self, qkv: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]],
-                       row_ss: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
-        """``heads`` from the qkv projection [batch, seq, 3 * hidden]: [batch, seq, hidden]. With
-        ``row_ss`` (no gradient; [batch * seq, T] fp32, ``hrm_kernels.deferred_norm``'s state of the
-        hidden-wide rows qkv was projected from) qkv is the projection of those rows before their
-        RMS norm, whose scale is applied here (in the attention kernel's loads where
-        ``scales_rows_in_kernel``)."""
+    def heads_from_qkv(self, qkv: torch.Tensor, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``heads`` from the qkv projection [batch, seq, 3 * hidden]: [batch, seq, hidden]."""
         batch, seq, three_hidden = qkv.shape
         hidden = three_hidden // 3
         qkv = qkv.view(batch, seq, 3 * self.num_heads, self.head_dim)
-        if self._fused_attention():
+        if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
+                and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
             cos, sin = self._kernel_tables(cos_sin, qkv.device) if cos_sin is not None else (None, None)
-            return rope_attention(qkv, cos, sin, row_ss=row_ss, width=hidden, eps=eps).reshape(batch, seq, hidden)
-        if row_ss is not None:
-            qkv = rope_attention_module.rows_scaled(qkv, row_ss, hidden, eps)
+            return rope_attention(qkv, cos, sin).reshape(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
             q, k, v = rope_qkv(qkv, *self._kernel_tables(cos_sin, qkv.device))  # dqkv written in one pass
         else:
@@ -220,19 +213,6 @@ class Attention(nn.Module):
                 q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *self._kernel_tables(cos_sin, qkv.device)
                                   ).split(self.num_heads, dim=2)
         return self._attend(q, k, v).reshape(batch, seq, hidden)
-
-    def _fused_attention(self) -> bool:
-        """Whether ``heads_from_qkv`` calls ``hrm_kernels.rope_attention`` (which picks its kernel or
-        rope_qkv + SDPA by sequence length)."""
-        return ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
-                and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling())
-
-    def scales_rows_in_kernel(self, seq: int, device: torch.device) -> bool:
-        """Whether ``heads_from_qkv(..., row_ss=)`` applies the row scale inside rope_attention's kernel
-        (no gradient, and the kernel runs: ``rope_attention.runs_kernel``) rather than as a pass over
-        qkv of its own."""
-        return (not torch.is_grad_enabled() and self._fused_attention()
-                and rope_attention_module.runs_kernel(seq, self.head_dim, device))
 
     def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
         """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views),
@@ -409,16 +389,11 @@ class Block(nn.Module):
     ``(h, ss)``: the two add+RMSNorm passes of a block happen inside its matmuls' epilogues (Gluon
     GEMMs, also for gate_up + SwiGLU whatever ``linear_swiglu.USE_GLUON`` says), and
     ``ReasoningModule`` normalizes once after its last block. It takes precedence over
-    ``FUSED_NO_GRAD`` where both could run, and calls the weights directly too. With
-    ``QKV_NORM_IN_ATTENTION`` (off: GPU-unmeasured) the qkv matmul of a deferred state is cuBLAS's
-    and the norm's row scale is applied by ``hrm_kernels.rope_attention``'s kernel as it loads q, k
-    and v (sequences up to its ``MAX_FUSED_SEQ``: Sudoku, not ARC), instead of in a Gluon GEMM
-    epilogue (session 22, H100: that GEMM took 171.2 us against cuBLAS's 152.9 at 62976 x 1536 x 512)."""
+    ``FUSED_NO_GRAD`` where both could run, and calls the weights directly too."""
 
     FUSED_NO_GRAD = False
     FUSED_GRAD_RESIDUAL = True
     DEFERRED_NORM = True
-    QKV_NORM_IN_ATTENTION = False
 
     def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float,
                  attn_backend: str = "auto"):
@@ -468,22 +443,14 @@ class Block(nn.Module):
         # No local names for the intermediates (qkv, heads, act): each is freed as soon as the
         # next op has read it, not at return (here qkv and heads would stay allocated through the
         # MLP: 246 MiB more peak memory at the Sudoku batch)
-        h, ss = deferred_norm.linear_add_sumsq(self._deferred_heads(h, ss, shape, cos_sin).reshape(h.shape[0], -1),
-                                               attn.o_proj.weight_as(dtype), h, ss, self.eps)
+        h, ss = deferred_norm.linear_add_sumsq(
+            attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps)
+                                .view(*shape[:-1], -1), cos_sin).reshape(h.shape[0], -1),
+            attn.o_proj.weight_as(dtype), h, ss, self.eps)
         h, ss = deferred_norm.linear_add_sumsq(
             deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu"),
             mlp.down_proj.weight_as(dtype), h, ss, self.eps)
         return h.view(shape), ss
-
-    def _deferred_heads(self, h: torch.Tensor, ss: Optional[torch.Tensor], shape: torch.Size, cos_sin) -> torch.Tensor:
-        """The attention heads of the state ``(h, ss)`` (h: [batch * seq, hidden]): the RMS norm's row
-        scale in the qkv matmul's epilogue (the Gluon GEMM), or with ``QKV_NORM_IN_ATTENTION`` where
-        rope_attention's kernel runs, in its loads of q, k and v (the matmul then is cuBLAS's)."""
-        attn = self.self_attn
-        weight = attn.qkv_proj.weight_as(h.dtype)
-        if ss is not None and self.QKV_NORM_IN_ATTENTION and attn.scales_rows_in_kernel(shape[1], h.device):
-            return attn.heads_from_qkv(F.linear(h, weight).view(*shape[:-1], -1), cos_sin, row_ss=ss, eps=self.eps)
-        return attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, weight, self.eps).view(*shape[:-1], -1), cos_sin)
 
     def first_position(self, h: torch.Tensor, cos_sin) -> torch.Tensor:
         """``forward(h, cos_sin)[:, :1]`` computed for position 0 alone (its attention still reads

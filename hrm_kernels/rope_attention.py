@@ -43,7 +43,6 @@ import triton.language as tl
 
 from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
-from hrm_kernels.deferred_norm import rms_scale
 from hrm_kernels.precompile import launch
 from hrm_kernels.rope import check_tables, packed_tables, rotate_halves
 from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
@@ -51,34 +50,18 @@ from hrm_kernels.rope_qkv import rope_qkv, rope_qkv_reference
 
 @triton.jit
 def _load_rotated(base, rows, row_ok, stride_s, col0, COS, SIN, stride_t, d, d_ok, HALF: tl.constexpr,
-                  ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, scale=1.0, SCALED: tl.constexpr = False):
+                  ROPE: tl.constexpr, HALF_TABLES: tl.constexpr):
     """The two halves [len(rows), HALF_P] of one head's vectors at sequence positions ``rows``,
-    multiplied by ``scale`` [len(rows)] when SCALED and rotated when ROPE (fp32 math, rounded back
-    to the input dtype once)."""
+    rotated (fp32 math, rounded back to the input dtype) when ROPE."""
     mask = row_ok[:, None] & d_ok[None, :]
     ptrs = base + rows.to(tl.int64)[:, None] * stride_s + (col0 + d)[None, :]
     x1 = tl.load(ptrs, mask=mask, other=0.0)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0)
-    if ROPE or SCALED:
-        r1, r2 = x1.to(tl.float32), x2.to(tl.float32)
-        if SCALED:
-            r1, r2 = r1 * scale[:, None], r2 * scale[:, None]
-        if ROPE:
-            r1, r2 = rotate_halves(r1, r2, COS, SIN, rows[:, None] * stride_t + d[None, :], mask, HALF, False,
-                                   HALF_TABLES)
+    if ROPE:
+        r1, r2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), COS, SIN, rows[:, None] * stride_t + d[None, :],
+                               mask, HALF, False, HALF_TABLES)
         x1, x2 = r1.to(x1.dtype), r2.to(x2.dtype)
     return x1, x2
-
-
-@triton.jit
-def _rms_scale(SS, tokens, ok, stride_ss, n_ss, inv_width, eps, SS_P: tl.constexpr):
-    """``rsqrt(sum(ss[token, :n_ss]) * inv_width + eps)`` per token, fp32 [len(tokens)]: the RMS
-    norm's scale from the partial sums of squares of ``hrm_kernels.deferred_norm``'s state; 0 where
-    not ``ok`` (padding rows: rsqrt(0) with eps = 0 would be inf, and inf * 0 a NaN in the dots)."""
-    t = tl.arange(0, SS_P)
-    ss = tl.load(SS + tokens.to(tl.int64)[:, None] * stride_ss + t[None, :], mask=ok[:, None] & (t < n_ss)[None, :],
-                 other=0.0)
-    return tl.where(ok, tl.rsqrt(tl.sum(ss, axis=1) * inv_width + eps), 0.0)
 
 
 @triton.jit
@@ -91,11 +74,11 @@ def _head_columns(bh, n_heads, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P:
 
 
 @triton.jit
-def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, SS, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
-                           stride_t, stride_ss, n_ss, inv_width, eps, qk_scale, HALF: tl.constexpr,
-                           HALF_P: tl.constexpr, HEAD_P: tl.constexpr, ROPE: tl.constexpr, HALF_TABLES: tl.constexpr,
-                           STORE_LSE: tl.constexpr, SCALED: tl.constexpr, SS_P: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, seq_len, n_heads, stride_b, stride_s, stride_ob, stride_os,
+                           stride_t, qk_scale, HALF: tl.constexpr, HALF_P: tl.constexpr, HEAD_P: tl.constexpr,
+                           ROPE: tl.constexpr, HALF_TABLES: tl.constexpr, STORE_LSE: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, JOIN_HALVES: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr):
     """Program (batch * head) * query blocks + query block: the query blocks of one head run side by
     side, so its keys and values are read from L2 after the first. ``qk_scale`` = log2(e) /
     sqrt(head_dim): the softmax runs in base 2. HALF_P, HEAD_P: HALF and 2 * HALF rounded up to a
@@ -104,9 +87,7 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, SS, seq_len, n_heads, stride
     JOIN_HALVES: q.k over the halves interleaved into one operand, as in the backward. ``stride_t``:
     the tables' row stride; HALF_TABLES: they are [positions, HALF] (``rotate_halves``). Each key
     block's values are loaded before its scores are computed, so their latency hides behind the dot
-    and the softmax (H100, Sudoku shape: 154.6 against 161.7 us). SCALED: each position's q, k and v
-    are multiplied by ``_rms_scale`` of its row of SS ([batch * seq, n_ss] fp32, row stride
-    ``stride_ss``; SS_P: n_ss rounded up to a power of two) as they are loaded."""
+    and the softmax (H100, Sudoku shape: 154.6 against 161.7 us)."""
     query_blocks = tl.cdiv(seq_len, BLOCK_M)
     bh = tl.program_id(0) // query_blocks
     batch, head, d, d_ok, dv, dv_ok = _head_columns(bh, n_heads, HALF, HALF_P, HEAD_P)
@@ -115,11 +96,8 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, SS, seq_len, n_heads, stride
 
     rows = (tl.program_id(0) % query_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seq_len
-    q_scale = 1.0
-    if SCALED:
-        q_scale = _rms_scale(SS, batch * seq_len + rows, row_ok, stride_ss, n_ss, inv_width, eps, SS_P)
     q1, q2 = _load_rotated(base, rows, row_ok, stride_s, head * head_dim, COS, SIN, stride_t, d, d_ok, HALF, ROPE,
-                           HALF_TABLES, q_scale, SCALED)
+                           HALF_TABLES)
     if JOIN_HALVES:
         q = tl.reshape(tl.join(q1, q2), (BLOCK_M, 2 * HALF_P))
 
@@ -129,15 +107,10 @@ def _rope_attention_kernel(QKV, COS, SIN, OUT, LSE, SS, seq_len, n_heads, stride
     for start in range(0, seq_len, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_ok = keys < seq_len
-        k_scale = 1.0
-        if SCALED:
-            k_scale = _rms_scale(SS, batch * seq_len + keys, key_ok, stride_ss, n_ss, inv_width, eps, SS_P)
         k1, k2 = _load_rotated(base, keys, key_ok, stride_s, (n_heads + head) * head_dim, COS, SIN, stride_t, d,
-                               d_ok, HALF, ROPE, HALF_TABLES, k_scale, SCALED)
+                               d_ok, HALF, ROPE, HALF_TABLES)
         v_ptrs = base + keys.to(tl.int64)[:, None] * stride_s + ((2 * n_heads + head) * head_dim + dv)[None, :]
         v = tl.load(v_ptrs, mask=key_ok[:, None] & dv_ok[None, :], other=0.0)  # issued before the scores' dot
-        if SCALED:
-            v = (v.to(tl.float32) * k_scale[:, None]).to(v.dtype)
         if JOIN_HALVES:
             s = tl.dot(q, tl.trans(tl.reshape(tl.join(k1, k2), (BLOCK_N, 2 * HALF_P))), input_precision=INPUT_PRECISION)
         else:
@@ -283,10 +256,9 @@ def _table_stride(cos: Optional[torch.Tensor]) -> int:
 
 
 def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor],
-            with_lse: bool = False, row_ss: Optional[torch.Tensor] = None, width: int = 1, eps: float = 0.0):
+            with_lse: bool = False):
     """The forward kernel: ``out`` [batch, seq, heads, head_dim], or ``(out, lse)`` with ``with_lse``
-    (lse: [batch * heads, seq] fp32, base 2, for the backward). qkv's last two dims must be packed.
-    ``row_ss``: q, k and v rows scaled as they are loaded (``rope_attention``'s argument)."""
+    (lse: [batch * heads, seq] fp32, base 2, for the backward). qkv's last two dims must be packed."""
     batch, seq, three_heads, head_dim = qkv.shape
     heads = three_heads // 3
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -296,14 +268,10 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
         block_m = min(block_m, max(16, next_power_of_2(seq)))
         block_n = min(block_n, max(16, next_power_of_2(seq)))
         grid = (batch * heads * cdiv(seq, block_m),)
-        ss = qkv if row_ss is None else row_ss
-        n_ss = 1 if row_ss is None else row_ss.shape[1]
         launch(_rope_attention_kernel, grid, qkv, qkv if cos is None else cos, qkv if sin is None else sin, out, lse,
-               ss, seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), _table_stride(cos),
-               0 if row_ss is None else row_ss.stride(0), n_ss, 1.0 / width, float(eps),
-               math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, SCALED=row_ss is not None,
-               SS_P=next_power_of_2(n_ss), BLOCK_M=block_m, BLOCK_N=block_n, JOIN_HALVES=join, num_warps=num_warps,
-               num_stages=num_stages, **_meta(qkv, cos))
+               seq, heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), _table_stride(cos),
+               math.log2(math.e) / math.sqrt(head_dim), STORE_LSE=with_lse, BLOCK_M=block_m, BLOCK_N=block_n,
+               JOIN_HALVES=join, num_warps=num_warps, num_stages=num_stages, **_meta(qkv, cos))
     return (out, lse) if with_lse else out
 
 
@@ -365,38 +333,8 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     return out.transpose(1, 2).contiguous()
 
 
-def runs_kernel(seq: int, head_dim: int, device: torch.device) -> bool:
-    """Whether ``rope_attention`` runs its own kernels for this shape: the Triton backend, outside
-    torch.compile, sequences up to ``MAX_FUSED_SEQ``, an even head_dim (the kernels take it in two
-    halves). Elsewhere: the reference on the eager backend, rope_qkv + SDPA on the Triton one."""
-    return (use_triton(device) and not torch.compiler.is_compiling() and seq <= MAX_FUSED_SEQ
-            and head_dim % 2 == 0)
-
-
-def rows_scaled(qkv: torch.Tensor, row_ss: torch.Tensor, width: int, eps: float) -> torch.Tensor:
-    """qkv [batch, seq, ...] with each position's values multiplied by ``rsqrt(sum(row_ss) / width +
-    eps)`` (row_ss: [batch * seq, T] fp32), in fp32 and rounded to qkv's dtype: what ``rope_attention``
-    reads with ``row_ss``."""
-    scale = rms_scale(row_ss, width, eps).view(*qkv.shape[:2], *(1,) * (qkv.dim() - 2))
-    return (qkv.float() * scale).to(qkv.dtype)
-
-
-def _check_row_ss(op: str, qkv: torch.Tensor, row_ss: torch.Tensor, width: Optional[int]) -> None:
-    if (row_ss.dtype != torch.float32 or row_ss.dim() != 2 or row_ss.shape[0] != qkv.shape[0] * qkv.shape[1]
-            or row_ss.device != qkv.device or width is None or width < 1):
-        raise ValueError(f"{op}: row_ss must be fp32 [batch * seq, T] partial sums of squares on qkv's device "
-                         f"(hrm_kernels.deferred_norm's state) and width (of the rows they sum) >= 1, got "
-                         f"{row_ss.dtype} {tuple(row_ss.shape)} on {row_ss.device}, width {width}, for qkv "
-                         f"{tuple(qkv.shape)}")
-    if torch.is_grad_enabled() and (qkv.requires_grad or row_ss.requires_grad):
-        raise RuntimeError(f"{op} with row_ss has no gradient: call it under torch.no_grad() (it serves the "
-                           "no-gradient passes), or scale qkv first (rows_scaled in the module "
-                           "hrm_kernels.rope_attention)")
-
-
 def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
-                   sin: Optional[torch.Tensor] = None, *, row_ss: Optional[torch.Tensor] = None,
-                   width: Optional[int] = None, eps: float = 0.0) -> torch.Tensor:
+                   sin: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotary embedding on q and k, then bidirectional softmax attention (scale 1/sqrt(head_dim)).
 
     qkv: [batch, seq, 3 * heads, head_dim] with a contiguous last dimension (q, k, v heads in that
@@ -405,13 +343,6 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
     half the table loads), or both None for no rotation.
     Returns [batch, seq, heads, head_dim] in qkv's dtype. Gradients flow to qkv (the fused backward
     up to ``MAX_FUSED_SEQ``, else rope_qkv + SDPA; see the module docstring).
-
-    ``row_ss`` (no gradient): [batch * seq, T] fp32 partial sums of squares of the rows that qkv was
-    projected from (width ``width``; ``hrm_kernels.deferred_norm``'s state): qkv is read as
-    ``rows_scaled(qkv, row_ss, width, eps)``, i.e. the projection of ``rms_norm`` of those rows
-    (the norm's scale commutes with the linear projection). The fused kernel applies the scale as it
-    loads q, k and v (the projection then needs no epilogue of its own: cuBLAS's); elsewhere qkv is
-    scaled first.
     """
     op = "rope_attention"
     check_float("qkv", qkv, op)
@@ -426,19 +357,12 @@ def rope_attention(qkv: torch.Tensor, cos: Optional[torch.Tensor] = None,
                              "an even head_dim (or pass no cos/sin: learned positions)")
         check_tables(op, "qkv", qkv, cos, sin)
         cos, sin = packed_tables(cos, sin)
-    fused = runs_kernel(qkv.shape[1], qkv.shape[-1], qkv.device)
-    if row_ss is not None:
-        _check_row_ss(op, qkv, row_ss, width)
-        if not fused:
-            qkv, row_ss = rows_scaled(qkv, row_ss, width, eps), None
-        elif row_ss.stride(1) != 1:  # the kernel reads each row's sums as one packed vector
-            row_ss = row_ss.contiguous()
     if not use_triton(qkv.device):
         return rope_attention_reference(qkv, cos, sin)
-    if not fused:
+    if torch.compiler.is_compiling() or qkv.shape[1] > MAX_FUSED_SEQ or qkv.shape[-1] % 2:
         return _composed(qkv, cos, sin)  # the kernels take head_dim in two halves: SDPA for an odd one
     if qkv.stride(-1) != 1 or qkv.stride(-2) != qkv.shape[-1]:
         qkv = qkv.contiguous()
     if torch.is_grad_enabled() and qkv.requires_grad:
         return RopeAttentionFunction.apply(qkv, cos, sin)
-    return _launch(qkv, cos, sin, row_ss=row_ss, width=width or 1, eps=eps)
+    return _launch(qkv, cos, sin)

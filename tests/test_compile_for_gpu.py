@@ -92,16 +92,9 @@ for dt in ("bf16", "fp16", "fp32"):
     cases = {
         "rope_attention": (module("rope_attention")._rope_attention_kernel,
                            {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "LSE": "*fp32",
-                            "SS": "*fp32", "inv_width": "fp32", "eps": "fp32", "qk_scale": "fp32"},
-                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, HALF_TABLES=True, STORE_LSE=True, SCALED=False,
-                                SS_P=1, BLOCK_M=rf_m, BLOCK_N=rf_n, JOIN_HALVES=rf_join, INPUT_PRECISION=prec),
-                           rf_w, rf_s),
-        "rope_attention, rows scaled (deferred norm)": (
-            module("rope_attention")._rope_attention_kernel,
-            {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "LSE": "*fp32", "SS": "*fp32",
-             "inv_width": "fp32", "eps": "fp32", "qk_scale": "fp32"},
-            dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, HALF_TABLES=True, STORE_LSE=False, SCALED=True, SS_P=4,
-                 BLOCK_M=rf_m, BLOCK_N=rf_n, JOIN_HALVES=rf_join, INPUT_PRECISION=prec), rf_w, rf_s),
+                            "qk_scale": "fp32"},
+                           dict(HALF=32, HALF_P=32, HEAD_P=64, ROPE=True, HALF_TABLES=True, STORE_LSE=True, BLOCK_M=rf_m, BLOCK_N=rf_n,
+                                JOIN_HALVES=rf_join, INPUT_PRECISION=prec), rf_w, rf_s),
         "rope_attention backward": (
             module("rope_attention")._rope_attention_backward_kernel,
             {"QKV": "*" + dt, "COS": "*fp32", "SIN": "*fp32", "OUT": "*" + dt, "DOUT": "*" + dt, "LSE": "*fp32",
@@ -206,7 +199,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 10 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
+    # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's 7 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
     gluon = 0 if "NO-GLUON" in proc.stdout else 7 * 2 + 2
-    assert proc.stdout.count("ok ") == 30 + 6 * (2 + 2 + 1) + gluon, proc.stdout
+    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -114,33 +114,6 @@ def test_block_chain_on_deferred_states_equals_the_blocks_on_cpu():
                                atol=1e-5)  # fp32 rounding apart (sums of squares in another order)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_block_chain_with_the_qkv_norm_in_attention(dtype, monkeypatch):
-    """``Block.QKV_NORM_IN_ATTENTION``: the qkv of a deferred state is the plain matmul and
-    rope_attention's kernel (here in the interpreter) applies the norm's row scale as it loads q, k
-    and v; the chain of three blocks gives the plain blocks' output (the reference: the eager chain
-    in fp32 with the same weights; within a multiple of the plain same-precision chain's error)."""
-    import importlib
-
-    from hrm_kernels import use_backend
-    from tests.conftest import record_calls
-
-    rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
-    monkeypatch.setattr(Block, "QKV_NORM_IN_ATTENTION", True)
-    blocks = _blocks(3, dtype=dtype)
-    rot = RotaryEmbedding(8, 11, 10000.0)
-    h = torch.randn(3, 11, 40, dtype=dtype)
-    calls = record_calls(monkeypatch, rope_attention_module, "_launch", with_kwargs=True)
-    with use_backend("triton"):
-        got = _chain(blocks, h, rot(), True)
-        plain = _chain(blocks, h, rot(), False)
-    # 3 blocks on deferred states, 3 plain: the 2nd and 3rd deferred ones (ss set) scale in the kernel
-    assert [kw.get("row_ss") is not None for _, kw in calls] == [False, True, True, False, False, False]
-    with use_backend("eager"):  # (rope_attention takes no float64: the upcast fp32 eager chain)
-        ref = _chain(_blocks(3), h.float(), rot(), False)
-    assert_close_to_reference(f"{dtype} chain, qkv norm in attention", got, plain, ref)
-
-
 def test_block_frees_each_intermediate_once_read(monkeypatch):
     """``Block.deferred`` keeps no reference to qkv, the attention heads or the SwiGLU activation
     past the op that reads them: when the output projection runs, qkv is freed, and when the
@@ -281,14 +254,11 @@ def test_fused_linear_add_sumsq_matches_float64(rows, k, n, scaled, dtype, progr
 
 
 @requires_gluon
-@pytest.mark.parametrize("qkv_norm_in_attention", [False, True], ids=["qkv_gemm_scaled", "qkv_norm_in_attention"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fused_block_chain_matches_float64(dtype, qkv_norm_in_attention, monkeypatch):
+def test_fused_block_chain_matches_float64(dtype, monkeypatch):
     """Four blocks at hidden 64 (8 heads), intermediate 176, batch 6 x 81: the deferred chain on
     the GPU against the blocks in float64, within the bound set by the plain blocks at the same
-    precision on the eager backend; and every deferred op ran its Gluon kernel (with
-    ``QKV_NORM_IN_ATTENTION``, blocks 2-4's qkv on cuBLAS and their row scale in rope_attention's
-    kernel, reading the Gluon GEMM's multi-column partial sums of squares)."""
+    precision on the eager backend; and every deferred op ran its Gluon kernel."""
     from hrm_kernels import use_backend
     from tests.test_linear_add_rms_norm import _block64
 
@@ -296,13 +266,6 @@ def test_fused_block_chain_matches_float64(dtype, qkv_norm_in_attention, monkeyp
     cos_sin = RotaryEmbedding(8, 81, 10000.0).cuda()()  # fp32 tables, as the model passes them
     h = torch.randn(6, 81, 64, device="cuda").to(dtype)
     monkeypatch.setattr(Block, "DEFERRED_NORM", True)
-    monkeypatch.setattr(Block, "QKV_NORM_IN_ATTENTION", qkv_norm_in_attention)
-    import importlib
-
-    from tests.conftest import record_calls
-
-    attention_launches = record_calls(monkeypatch, importlib.import_module("hrm_kernels.rope_attention"), "_launch",
-                                      with_kwargs=True)
     launches = {"gemm": 0, "gemm_add_sumsq": 0}
     for name in launches:
         original = getattr(_gluon_gemm, name)
@@ -318,12 +281,7 @@ def test_fused_block_chain_matches_float64(dtype, qkv_norm_in_attention, monkeyp
         got = _chain(blocks, h, cos_sin, True)
     # qkv of blocks 2-4 and every gate_up through the row-scaled GEMM (block 1's qkv is a plain
     # matmul: its input is not normalized), every o_proj and down_proj through the residual one
-    scaled_in_attention = [kw.get("row_ss") is not None for _, kw in attention_launches][-4:]
-    if qkv_norm_in_attention:
-        assert launches == {"gemm": 4, "gemm_add_sumsq": 8} and scaled_in_attention == [False, True, True, True], \
-            (launches, scaled_in_attention)
-    else:
-        assert launches == {"gemm": 3 + 4, "gemm_add_sumsq": 8} and not any(scaled_in_attention), launches
+    assert launches == {"gemm": 3 + 4, "gemm_add_sumsq": 8}, launches
     assert_close_to_reference(f"deferred block chain {dtype}", got, plain, want)
 
 
