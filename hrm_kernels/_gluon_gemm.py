@@ -74,7 +74,10 @@ WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2}  # SwiGLU: a
 # 512x1536 150.0 vs 148.2; [128, 128, 128] x 2 stages 0.56-0.69x). SwiGLU at BLOCK_N=64 (two [128, 64]
 # fp32 accumulators a warpgroup): 309.8 us with 4 stages, 308.3 with 6, 323.0 with BLOCK_K=128 x 3.
 # "swiglu_keep": as "swiglu", plus a gate and an up tile buffer per warpgroup (224 KB of shared memory).
-CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 64, 64, 4), "swiglu_keep": (128, 64, 64, 4)}
+# Session 26: the SwiGLU variants' BLOCK_N counts weight rows (gate and up interleaved, one n = 128
+# wgmma a k-step; the output tile is [128, 64]); two n = 64 wgmmas reading the same x tile took
+# 392 us against 296 for cuBLAS's plain 3072 x 512 GEMM (H100, M = 62976): shared-memory bound.
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 5), "swiglu_keep": (128, 128, 64, 4)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 
@@ -117,17 +120,16 @@ if _HAVE_GLUON:
         return (tile // n_tiles_n) * BLOCK_M, (tile % n_tiles_n) * BLOCK_N
 
     @gluon.jit
-    def _fill_ring(a_desc, b_desc, a_bufs, b_bufs, b2_bufs, ready, empty, M, N_OUT, K, BLOCK_N: gl.constexpr,
-                   B_ROWS_ARE_N: gl.constexpr, TWO_B: gl.constexpr):
+    def _fill_ring(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_N: gl.constexpr,
+                   B_ROWS_ARE_N: gl.constexpr):
         """The producer warp of a ping-pong GEMM: every k-step of every output tile of this program,
         in order, into the ring: the A tile [BLOCK_M, BLOCK_K] at (off_m, k) and the B tile at
-        (off_n, k) if ``B_ROWS_ARE_N`` (an [N, K] weight) else at (k, off_n) ([K, N]); with ``TWO_B``
-        also a second B tile from row N_OUT + off_n (SwiGLU's up rows)."""
+        (off_n, k) if ``B_ROWS_ARE_N`` (an [N, K] weight) else at (k, off_n) ([K, N])."""
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
-        NBYTES: gl.constexpr = a_desc.block_type.nbytes + (1 + TWO_B) * b_desc.block_type.nbytes
-        n_tiles_n = gl.cdiv(N_OUT, BLOCK_N)
+        NBYTES: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        n_tiles_n = gl.cdiv(N, BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         step = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BLOCK_M) * n_tiles_n, gl.num_programs(0)):
@@ -141,16 +143,14 @@ if _HAVE_GLUON:
                     tma.async_copy_global_to_shared(b_desc, [off_n, kk * BLOCK_K], ready.index(s), b_bufs.index(s))
                 else:
                     tma.async_copy_global_to_shared(b_desc, [kk * BLOCK_K, off_n], ready.index(s), b_bufs.index(s))
-                if TWO_B == 1:
-                    tma.async_copy_global_to_shared(b_desc, [N_OUT + off_n, kk * BLOCK_K], ready.index(s),
-                                                    b2_bufs.index(s))
                 step += 1
 
     @gluon.jit
-    def _produce(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, SWIGLU: gl.constexpr):
-        """The producer warp (``_fill_ring``; SwiGLU loads the gate and the up rows)."""
-        _fill_ring(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, w_desc.block_type.shape[0],
-                   True, SWIGLU)
+    def _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N_OUT, K, SWIGLU: gl.constexpr):
+        """The producer warp (``_fill_ring`` over the weight's rows: SwiGLU's are 2 * N_OUT, gate and
+        up interleaved)."""
+        _fill_ring(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N_OUT * (1 + SWIGLU), K, w_desc.block_type.shape[0],
+                   True)
 
     @gluon.jit
     def _barriers(STAGES: gl.constexpr):
@@ -170,6 +170,16 @@ if _HAVE_GLUON:
         return ready, empty, order, epi_ready
 
     @gluon.jit
+    def _gate_up_columns(acc, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """The gate and up columns [BLOCK_M, BLOCK_N / 2] of an accumulator tile over interleaved
+        weight rows (``interleave_gate_up``: 8 gate rows, then their 8 up rows). Register
+        renaming only: a thread of the wgmma layout holds both halves of each 16-column group, and
+        the halves come out in the layout of an n = BLOCK_N / 2 accumulator (stmatrix stores)."""
+        groups = gl.permute(gl.reshape(acc, [BLOCK_M, BLOCK_N // 16, 2, 8]), (0, 1, 3, 2))
+        gate, up = gl.split(groups)
+        return gl.reshape(gate, [BLOCK_M, BLOCK_N // 2]), gl.reshape(up, [BLOCK_M, BLOCK_N // 2])
+
+    @gluon.jit
     def _row_rstd(ss_in, rows, M, ss_in_tiles, width, eps):
         """``rsqrt(mean of squares + eps)`` for ``rows`` from their partial sums of squares
         ``ss_in`` [M, ss_in_tiles] (fp32, summed in column order) over ``width`` columns."""
@@ -179,7 +189,7 @@ if _HAVE_GLUON:
         return gl.rsqrt(total / width + eps)
 
     @gluon.jit
-    def _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+    def _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                  ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr,
                  ROW_SCALE: gl.constexpr, RESIDUAL: gl.constexpr, WARPGROUP: gl.constexpr):
         """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP. With a residual,
@@ -187,10 +197,11 @@ if _HAVE_GLUON:
         keeping gate_up stages the rounded gate and up tiles in ``gu_bufs`` [2 * WARPGROUP + 0/1]."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]  # weight rows a tile (SwiGLU: 2 x its output columns)
+        BLOCK_N_OUT: gl.constexpr = out_desc.block_type.shape[1]
         STAGES: gl.constexpr = x_bufs.type.shape[0]
         layout: gl.constexpr = _accumulator_layout(BLOCK_N)
-        n_tiles_n = gl.cdiv(N_OUT, BLOCK_N)
+        n_tiles_n = gl.cdiv(N_OUT, BLOCK_N_OUT)
         k_steps = gl.cdiv(K, BLOCK_K)
         out_buf = out_bufs.index(WARPGROUP)
         bar = epi_ready.index(WARPGROUP)
@@ -199,42 +210,33 @@ if _HAVE_GLUON:
             if j % 2 == WARPGROUP:
                 if j > 0:  # the other warpgroup has waited for every stage of tile j - 1
                     mbarrier.wait(order.index(WARPGROUP), ((j - 1) // 2) & 1)
-                off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N)
+                off_m, off_n = _tile_origin(tile, n_tiles_n, BLOCK_M, BLOCK_N_OUT)
                 if RESIDUAL > 0:  # the residual tile lands in out_buf once its previous store has left
                     tma.store_wait(pendings=0)
                     mbarrier.expect(bar, res_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(res_desc, [off_m, off_n], bar, out_buf)
                 acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
-                acc2 = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
                 step = j * k_steps
                 for kk in range(k_steps):
                     s = step % STAGES
                     mbarrier.wait(ready.index(s), (step // STAGES) & 1)
                     acc = warpgroup_mma(x_bufs.index(s), w_bufs.index(s).permute((1, 0)), acc, is_async=True)
-                    if EPILOGUE >= 1:
-                        acc2 = warpgroup_mma(x_bufs.index(s), w2_bufs.index(s).permute((1, 0)), acc2, is_async=True)
-                        acc, acc2 = warpgroup_mma_wait(num_outstanding=2, deps=(acc, acc2))
-                    else:
-                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                     if kk > 0:  # the previous k-step's wgmmas are done: its stage may refill
                         mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                     step += 1
                 mbarrier.arrive(order.index(1 - WARPGROUP), count=1)  # the other warpgroup's turn
-                if EPILOGUE >= 1:
-                    acc, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2))
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                 if ROW_SCALE or RESIDUAL == 2:
                     rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
                     rstd = gl.expand_dims(_row_rstd(ss_in, rows, M, ss_in_tiles, K if ROW_SCALE else N_OUT, eps), 1)
                     if ROW_SCALE:  # rms_norm(x) @ W.T as rstd * (x @ W.T)
                         acc = acc * rstd
-                        if EPILOGUE >= 1:
-                            acc2 = acc2 * rstd
                 if EPILOGUE >= 1:
-                    gate_rounded = acc.to(out_desc.dtype)
-                    up_rounded = acc2.to(out_desc.dtype)
+                    gate, up = _gate_up_columns(acc, BLOCK_M, BLOCK_N)
+                    gate_rounded = gate.to(out_desc.dtype)
+                    up_rounded = up.to(out_desc.dtype)
                     if EPILOGUE == 2:  # this warpgroup's previous stores have left its buffers
                         tma.store_wait(pendings=0)
                         gu_bufs.index(2 * WARPGROUP).store(gate_rounded)
@@ -250,7 +252,7 @@ if _HAVE_GLUON:
                     result = (residual + acc.to(out_desc.dtype).to(gl.float32)).to(out_desc.dtype)
                     squares = result.to(gl.float32)
                     rows_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-                    gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N, gl.sum(squares * squares, axis=1),
+                    gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N_OUT, gl.sum(squares * squares, axis=1),
                              mask=rows_out < M)
                 else:
                     result = acc
@@ -273,21 +275,21 @@ if _HAVE_GLUON:
         SWIGLU = gl.constexpr(epilogue >= 1)
 
         @gluon.jit
-        def first(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+        def first(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                   ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                      ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 0)
 
         @gluon.jit
-        def second(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+        def second(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                    ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                      ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 1)
 
         @gluon.jit
-        def producer(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+        def producer(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                      ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
-            _produce(x_desc, w_desc, x_bufs, w_bufs, w2_bufs, ready, empty, M, N_OUT, K, SWIGLU)
+            _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N_OUT, K, SWIGLU)
 
         @gluon.jit
         def gemm_kernel(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, ss_in, ss_out, M, N_OUT, K, ss_in_tiles,
@@ -295,17 +297,13 @@ if _HAVE_GLUON:
             dtype: gl.constexpr = x_desc.dtype
             x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
             w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-            if SWIGLU:
-                w2_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-            else:
-                w2_bufs = w_bufs
             out_bufs = gl.allocate_shared_memory(out_desc.dtype, [2] + out_desc.block_type.shape, out_desc.layout)
             if EPI == 2:  # a gate and an up tile per warpgroup
                 gu_bufs = gl.allocate_shared_memory(out_desc.dtype, [4] + out_desc.block_type.shape, out_desc.layout)
             else:
                 gu_bufs = out_bufs
             ready, empty, order, epi_ready = _barriers(STAGES)
-            args = (x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, w2_bufs, out_bufs, gu_bufs,
+            args = (x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
@@ -315,7 +313,8 @@ if _HAVE_GLUON:
 def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilogue: str) -> tuple:
     """The kernel's TMA descriptors of x, weight and out (host objects; CPU tensors work too)."""
     block_m, block_n, block_k, _ = CONFIGS[epilogue]
-    return _describe(x, [block_m, block_k]), _describe(weight, [block_n, block_k]), _describe(out, [block_m, block_n])
+    return (_describe(x, [block_m, block_k]), _describe(weight, [block_n, block_k]),
+            _describe(out, [block_m, block_n // WEIGHT_ROWS_PER_COLUMN[epilogue]]))
 
 
 def _describe(t: torch.Tensor, box: list[int]):
@@ -344,14 +343,16 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
                          f"{tuple(ss.shape)}")
     ss = None if ss is None else ss.contiguous()  # the kernel reads rows of T values
     block_m, block_n, _, stages = CONFIGS[epilogue]
-    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n)
+    block_n_out = block_n // WEIGHT_ROWS_PER_COLUMN[epilogue]
+    tiles = triton.cdiv(n_rows, block_m) * triton.cdiv(n_out, block_n_out)
     if programs is None:
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
     res_desc = out_desc if residual is None else _describe(residual, [block_m, block_n])
     # the halves of gate_up, each [M, I] with row stride 2I: a tile's store is clipped at column I
     gate_desc, up_desc = ((out_desc, out_desc) if gate_up is None else
-                          (_describe(gate_up[:, :n_out], [block_m, block_n]), _describe(gate_up[:, n_out:], [block_m, block_n])))
+                          (_describe(gate_up[:, :n_out], [block_m, block_n_out]),
+                           _describe(gate_up[:, n_out:], [block_m, block_n_out])))
     ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
                                                         device=x.device)
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
@@ -393,8 +394,19 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs
         if gate_up is not None:
             gate_up.zero_()
         return out.zero_()
+    if WEIGHT_ROWS_PER_COLUMN[epilogue] == 2:
+        weight = interleave_gate_up(weight)
     _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps, gate_up=gate_up)
     return out
+
+
+def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
+    """The SwiGLU kernels' weight order: ``weight`` [2I, K] (gate rows [0, I), up rows [I, 2I), I a
+    multiple of 8) as groups of 8 gate rows each followed by the same 8 up rows (a copy). A tile's
+    128 weight rows then give one n = 128 wgmma whose accumulator holds 64 gate columns and their
+    64 up columns (``_gate_up_columns``)."""
+    rows, k = weight.shape
+    return weight.view(2, rows // 16, 8, k).transpose(0, 1).reshape(rows, k)
 
 
 def gemm_add_sumsq(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, residual_ss: torch.Tensor | None = None,

@@ -61,7 +61,7 @@ if _HAVE_GLUON:
     def _produce(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,
                  order, epi_ready, M, I, K):
         """The producer warp (``_gluon_gemm._fill_ring``: dy tiles and [K, N]-major weight tiles)."""
-        _fill_ring(dy_desc, w_desc, dy_bufs, w_bufs, w_bufs, ready, empty, M, I, K, w_desc.block_type.shape[1], False, 0)
+        _fill_ring(dy_desc, w_desc, dy_bufs, w_bufs, ready, empty, M, I, K, w_desc.block_type.shape[1], False)
 
     @gluon.jit
     def _consume(dy_desc, w_desc, gate_desc, up_desc, dgate_desc, dup_desc, dy_bufs, w_bufs, epi_bufs, ready, empty,

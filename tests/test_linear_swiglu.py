@@ -234,6 +234,15 @@ def test_default_tma_only_for_launches_without_gate_up(monkeypatch):
 GLUON_SHAPES = [(1000, 512, 384), (777, 1544, 200), (1000, 64, 384), (777, 136, 200), (62976, 512, 1536)]
 
 
+def test_gluon_swiglu_weight_order():
+    """The SwiGLU kernels read the weight as groups of 8 gate rows, each followed by the same 8 up
+    rows (one wgmma tile holds both halves); I = 24 (3 groups), rows tagged by their index."""
+    inter, k = 24, 3
+    weight = torch.arange(2 * inter, dtype=torch.float32)[:, None].expand(2 * inter, k).contiguous()
+    order = [row for g in range(inter // 8) for row in (*range(8 * g, 8 * g + 8), *range(inter + 8 * g, inter + 8 * g + 8))]
+    assert _gluon_gemm.interleave_gate_up(weight)[:, 0].tolist() == order
+
+
 @requires_gluon
 @pytest.mark.parametrize("epilogue", ["swiglu", "none"])
 @pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
@@ -272,16 +281,19 @@ def test_gluon_gemm_keeps_gate_up(rows, k, width, dtype, programs):
 @requires_gluon
 def test_linear_swiglu_runs_the_gluon_gemm_where_it_can(monkeypatch):
     """With ``USE_GLUON`` on a Hopper GPU: no-gradient launches of 2-byte operands with K and I
-    multiples of 8 go to the Gluon GEMM; fp32, ragged widths and launches that keep gate_up for the
-    backward do not."""
+    multiples of 8 go to the Gluon GEMM; fp32 and ragged widths do not; launches that keep gate_up
+    for the backward do when ``GLUON_KEEPS_GATE_UP`` is on, and only then."""
     module = importlib.import_module("hrm_kernels.linear_swiglu")
     monkeypatch.setattr(module, "USE_GLUON", True)
     calls = []
     gemm = _gluon_gemm.gemm
     monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[0].shape) or gemm(*a, **k))
-    for dtype, k, inter, grad, expect in [(torch.bfloat16, 64, 48, False, True), (torch.float16, 64, 48, False, True),
-                                          (torch.float32, 64, 48, False, False), (torch.bfloat16, 60, 48, False, False),
-                                          (torch.bfloat16, 64, 44, False, False), (torch.bfloat16, 64, 48, True, False)]:
+    for keeps, dtype, k, inter, grad, expect in [
+            (True, torch.bfloat16, 64, 48, False, True), (True, torch.float16, 64, 48, False, True),
+            (True, torch.float32, 64, 48, False, False), (True, torch.bfloat16, 60, 48, False, False),
+            (True, torch.bfloat16, 64, 44, False, False), (True, torch.bfloat16, 64, 48, True, True),
+            (False, torch.bfloat16, 64, 48, True, False), (True, torch.float32, 64, 48, True, False)]:
+        monkeypatch.setattr(module, "GLUON_KEEPS_GATE_UP", keeps)
         calls.clear()
         x, weight, _ = _make((2, 35), k, inter, dtype, device="cuda")
         with use_backend("triton"), torch.set_grad_enabled(grad):
@@ -289,7 +301,7 @@ def test_linear_swiglu_runs_the_gluon_gemm_where_it_can(monkeypatch):
         assert_close_to_reference(f"linear_swiglu {dtype} K={k} I={inter} grad={grad}", out.detach(),
                                   linear_swiglu_reference(x.detach(), weight),
                                   linear_swiglu64(x.detach().double(), weight.double()))
-        assert bool(calls) == expect, (dtype, k, inter, grad)
+        assert bool(calls) == expect, (keeps, dtype, k, inter, grad)
 
 
 def test_gluon_gemm_rejects_bad_arguments():
