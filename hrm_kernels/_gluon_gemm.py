@@ -27,8 +27,8 @@ shared memory, TMA store) is a large share of a tile's time. cuBLAS hides it wit
 specialisation; Triton's ``tl.dot`` kernels cannot, and reach 540-610 TFLOP/s here against cuBLAS's
 600-650 (benchmarks/RESULTS.md). Partitions of one program (12 warps):
 
-- a producer warp issues the TMA loads of x [BM, BK] and weight [BN, BK] tiles (two weight tiles for
-  SwiGLU: gate and up) into a ring of ``STAGES`` shared-memory buffers, each with a ``ready`` mbarrier
+- a producer warp issues the TMA loads of x [BM, BK] and weight [BN, BK] tiles (SwiGLU: BN weight
+  rows hold BN / 2 gate rows and their up rows, interleaved by ``interleave_gate_up``) into a ring of ``STAGES`` shared-memory buffers, each with a ``ready`` mbarrier
   (its bytes have landed) and an ``empty`` one (its wgmmas are done);
 - two consumer warpgroups take the program's output tiles in turn ("ping-pong"): while one runs its
   epilogue, the other's wgmmas use the tensor cores. An ``order`` mbarrier pair makes each start its
@@ -75,9 +75,13 @@ WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2}  # SwiGLU: a
 # fp32 accumulators a warpgroup): 309.8 us with 4 stages, 308.3 with 6, 323.0 with BLOCK_K=128 x 3.
 # "swiglu_keep": as "swiglu", plus a gate and an up tile buffer per warpgroup (224 KB of shared memory).
 # Session 26: the SwiGLU variants' BLOCK_N counts weight rows (gate and up interleaved, one n = 128
-# wgmma a k-step; the output tile is [128, 64]); two n = 64 wgmmas reading the same x tile took
-# 392 us against 296 for cuBLAS's plain 3072 x 512 GEMM (H100, M = 62976): shared-memory bound.
-CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 5), "swiglu_keep": (128, 128, 64, 4)}
+# wgmma a k-step; the output tile is [128, 64]), against two n = 64 wgmmas reading the same x tile
+# (medians of 7 alternating rounds, H100, M = 62976 / 86496): with the row scale (the no-gradient
+# blocks' calls) 311.7 / 426.3 us against 327.8 / 448.4; "swiglu_keep" 393.7 / 537.8 against
+# 394.9 / 540.0; plain "swiglu" (no row scale, unused by the model) 346.9 / 483.1 against 303.7 / 417.0
+# (cuBLAS's plain 3072 x 512 GEMM: 292.3 / 412.0). Stages 4 / 5 / 6: plain 331.6 / 349.5 / 354.1,
+# row scale 312.3 / 310.8 / 312.4.
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 
