@@ -22,7 +22,7 @@ The key must therefore name everything that changes what ``fn`` launches (shapes
 backend) and the parameters' storage (``storage_key``). No host synchronisation, no RNG and no
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
 change the kernels are in HRM's key where the model owns them (``hrm.model.HRMInner._graph_key``:
-the ``FUSED_*``, ``ROPE_QKV``, ``HALF_TABLES``, ``DEFERRED_NORM`` and ``HOIST_WEIGHT_CASTS`` switches, the backward
+the ``FUSED_*``, ``ROPE_QKV``, ``HALF_TABLES``, ``ROPE_IN_QKV``, ``DEFERRED_NORM`` and ``HOIST_WEIGHT_CASTS`` switches, the backward
 switches ``swiglu_linear.FUSED_BACKWARD`` / ``USE_GLUON`` and ``linear_swiglu.USE_TMA`` / ``USE_GLUON`` /
 ``GLUON_KEEPS_GATE_UP``); other
 kernel-module ones such as ``hrm_kernels.linear_swiglu.TMA_STORES_GATE_UP`` are not and need

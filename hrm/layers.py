@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import (deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention,
+from hrm_kernels import (_gluon_gemm, deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention,
                          rope_qkv, rope_reference, swiglu, swiglu_linear)
 from hrm_kernels.backend import use_triton
 from hrm_kernels.swiglu_linear import swiglu_linear_backward
 
-# the module (the package's ``linear_swiglu`` attribute is the function): its switches are read at call time
+# the modules (the package's ``linear_swiglu`` / ``rope_attention`` attributes are the functions): their
+# switches and limits are read at call time
 _linear_swiglu_module = importlib.import_module("hrm_kernels.linear_swiglu")
+_rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
 
 def _import_flash_attn():
@@ -163,6 +165,9 @@ class Attention(nn.Module):
     ROPE_QKV = True
     # The RoPE kernels read the tables' first halves only (``_kernel_tables``).
     HALF_TABLES = True
+    # Blocks on deferred-norm states (no gradient) rotate q and k in their qkv matmul's epilogue
+    # wherever RoPE would otherwise be a pass of its own (``qkv_rope``).
+    ROPE_IN_QKV = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -201,8 +206,7 @@ class Attention(nn.Module):
         batch, seq, three_hidden = qkv.shape
         hidden = three_hidden // 3
         qkv = qkv.view(batch, seq, 3 * self.num_heads, self.head_dim)
-        if ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
-                and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling()):
+        if self._fused_attention():
             cos, sin = self._kernel_tables(cos_sin, qkv.device) if cos_sin is not None else (None, None)
             return rope_attention(qkv, cos, sin).reshape(batch, seq, hidden)
         if cos_sin is not None and self.ROPE_QKV and not torch.compiler.is_compiling():
@@ -213,6 +217,25 @@ class Attention(nn.Module):
                 q, k = apply_rope(qkv[:, :, :2 * self.num_heads], *self._kernel_tables(cos_sin, qkv.device)
                                   ).split(self.num_heads, dim=2)
         return self._attend(q, k, v).reshape(batch, seq, hidden)
+
+    def _fused_attention(self) -> bool:
+        """Whether ``heads_from_qkv`` calls ``hrm_kernels.rope_attention`` (which picks its kernel or
+        rope_qkv + SDPA by sequence length)."""
+        return ((self.FUSED_GRAD if torch.is_grad_enabled() else self.FUSED_NO_GRAD)
+                and (self.backend == "sdpa" or not FLASH_ATTN_AVAILABLE) and not torch.compiler.is_compiling())
+
+    def qkv_rope(self, seq: int, cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> Optional[tuple]:
+        """``deferred_norm.norm_linear``'s ``rope`` argument for this layer's qkv projection of [batch,
+        seq] rows, no gradient: ``(cos, sin, seq, head_dim)`` (half tables) where RoPE would otherwise
+        run as a pass of its own (sequences beyond ``rope_attention``'s fused kernel, which rotates as
+        it loads; FlashAttention), else None. ``heads_from_qkv`` then takes no tables."""
+        if (cos_sin is None or not (self.ROPE_IN_QKV and self.HALF_TABLES) or not use_triton(device)
+                or torch.compiler.is_compiling() or self.head_dim not in _gluon_gemm.ROPE_HEAD_DIMS):
+            return None
+        if self._fused_attention() and seq <= _rope_attention_module.MAX_FUSED_SEQ:
+            return None
+        return (*first_halves(*cos_sin), seq, self.head_dim)
 
     def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
         """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views),
@@ -440,12 +463,13 @@ class Block(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         shape, dtype = h.shape, h.dtype
         h = h.reshape(-1, shape[-1])
+        rope = attn.qkv_rope(shape[1], cos_sin, h.device)  # RoPE in the qkv matmul, or in the attention
         # No local names for the intermediates (qkv, heads, act): each is freed as soon as the
         # next op has read it, not at return (here qkv and heads would stay allocated through the
         # MLP: 246 MiB more peak memory at the Sudoku batch)
         h, ss = deferred_norm.linear_add_sumsq(
-            attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps)
-                                .view(*shape[:-1], -1), cos_sin).reshape(h.shape[0], -1),
+            attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps, rope=rope)
+                                .view(*shape[:-1], -1), cos_sin if rope is None else None).reshape(h.shape[0], -1),
             attn.o_proj.weight_as(dtype), h, ss, self.eps)
         h, ss = deferred_norm.linear_add_sumsq(
             deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu"),

@@ -10,6 +10,10 @@ Epilogues:
   ``out = silu(gate) * up`` in fp32 ([M, I], rounded once).
 - ``"swiglu_keep"``: ``"swiglu"`` that also writes ``gate_up = [gate, up]`` [M, 2I] (what the
   activation's backward reads), for the passes with a gradient.
+- ``"rope"``: x @ weight.T of a qkv projection (N = 3 x heads x head_dim), rounded to x's dtype,
+  with RoPE applied to its q and k heads in fp32 (``hrm_kernels.rope``'s math; position = row %
+  seq_len), rounded once more: what the long-sequence attention path otherwise does as a pass of
+  its own over q and k.
 
 Two options on top (``hrm_kernels.deferred_norm``, the post-norm blocks' RMSNorm deferred into the
 matmuls):
@@ -63,11 +67,12 @@ try:
 except (ImportError, AttributeError, ValueError, TypeError):  # older Triton: the callers keep their Triton kernels
     _HAVE_GLUON = False
 
-EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_keep": 2}
+EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_keep": 2, "rope": 3}
 # The kernel variants the library launches: (epilogue, row scale, residual: 0 none, 1 raw, 2 normalized).
 VARIANTS = (("none", False, 0), ("swiglu", False, 0), ("none", True, 0), ("swiglu", True, 0), ("none", False, 1),
-            ("none", False, 2), ("swiglu_keep", False, 0))
-WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2}  # SwiGLU: a gate row and an up row per output column
+            ("none", False, 2), ("swiglu_keep", False, 0), ("rope", False, 0), ("rope", True, 0))
+WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2, "rope": 1}
+ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 columns hold whole heads  # SwiGLU: a gate row and an up row per output column
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16: 4 stages against 3
 # took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS (session 21), 5 stages to 0.89-0.99x
 # (session 22: N x K 512x512 60.4 us vs cuBLAS 58.1, 1536x512 171.2 vs 152.9, 3072x512 320.7 vs 298.7,
@@ -81,7 +86,7 @@ WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2}  # SwiGLU: a
 # 394.9 / 540.0; plain "swiglu" (no row scale, unused by the model) 346.9 / 483.1 against 303.7 / 417.0
 # (cuBLAS's plain 3072 x 512 GEMM: 292.3 / 412.0). Stages 4 / 5 / 6: plain 331.6 / 349.5 / 354.1,
 # row scale 312.3 / 310.8 / 312.4.
-CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4)}
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4), "rope": (128, 128, 64, 5)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 
@@ -184,6 +189,29 @@ if _HAVE_GLUON:
         return gl.reshape(gate, [BLOCK_M, BLOCK_N // 2]), gl.reshape(up, [BLOCK_M, BLOCK_N // 2])
 
     @gluon.jit
+    def _rope_columns(x, cos, sin, off_m, off_n, seq_len, t_stride, rope_cols, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """RoPE (rotate-half) on a [BLOCK_M, BLOCK_N] fp32 tile at (off_m, off_n) of a qkv projection:
+        each head's halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) with c, s the half-width tables at
+        position row % seq_len (``cos[pos * t_stride + j]``, j < HEAD_DIM / 2), in the heads below
+        column ``rope_cols`` (q and k); v's pass through. Register renaming as in
+        ``_gate_up_columns``: a thread holds both halves of its heads' pairs."""
+        HALF: gl.constexpr = HEAD_DIM // 2
+        HEADS: gl.constexpr = BLOCK_N // HEAD_DIM
+        x1, x2 = gl.split(gl.permute(gl.reshape(x, [BLOCK_M, HEADS, 2, HALF]), (0, 1, 3, 2)))
+        pairs: gl.constexpr = x1.type.layout  # [BLOCK_M, HEADS, HALF]
+        table: gl.constexpr = gl.SliceLayout(1, pairs)  # [BLOCK_M, HALF]: one load for all the tile's heads
+        rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, table))
+        j = gl.arange(0, HALF, layout=gl.SliceLayout(0, table))
+        t = gl.expand_dims((rows % seq_len) * t_stride, 1) + gl.expand_dims(j, 0)
+        c = gl.expand_dims(gl.load(cos + t), 1)
+        s = gl.expand_dims(gl.load(sin + t), 1)
+        heads = gl.arange(0, HEADS, layout=gl.SliceLayout(0, gl.SliceLayout(2, pairs)))
+        rotated = gl.expand_dims(gl.expand_dims(off_n + heads * HEAD_DIM < rope_cols, 0), 2)  # q and k heads
+        y = gl.join(gl.where(rotated, x1 * c - x2 * s, x1), gl.where(rotated, x2 * c + x1 * s, x2))
+        return gl.reshape(gl.permute(y, (0, 1, 3, 2)), [BLOCK_M, BLOCK_N])
+
+    @gluon.jit
     def _row_rstd(ss_in, rows, M, ss_in_tiles, width, eps):
         """``rsqrt(mean of squares + eps)`` for ``rows`` from their partial sums of squares
         ``ss_in`` [M, ss_in_tiles] (fp32, summed in column order) over ``width`` columns."""
@@ -194,8 +222,9 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                 ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPILOGUE: gl.constexpr,
-                 ROW_SCALE: gl.constexpr, RESIDUAL: gl.constexpr, WARPGROUP: gl.constexpr):
+                 ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                 t_stride, rope_cols, EPILOGUE: gl.constexpr, ROW_SCALE: gl.constexpr, RESIDUAL: gl.constexpr,
+                 WARPGROUP: gl.constexpr, HEAD_DIM: gl.constexpr):
         """One consumer warpgroup: the program's tiles j with j % 2 == WARPGROUP. With a residual,
         its tile arrives by TMA in the warpgroup's output buffer while the main loop runs. SwiGLU
         keeping gate_up stages the rounded gate and up tiles in ``gu_bufs`` [2 * WARPGROUP + 0/1]."""
@@ -237,7 +266,7 @@ if _HAVE_GLUON:
                     rstd = gl.expand_dims(_row_rstd(ss_in, rows, M, ss_in_tiles, K if ROW_SCALE else N_OUT, eps), 1)
                     if ROW_SCALE:  # rms_norm(x) @ W.T as rstd * (x @ W.T)
                         acc = acc * rstd
-                if EPILOGUE >= 1:
+                if EPILOGUE == 1 or EPILOGUE == 2:
                     gate, up = _gate_up_columns(acc, BLOCK_M, BLOCK_N)
                     gate_rounded = gate.to(out_desc.dtype)
                     up_rounded = up.to(out_desc.dtype)
@@ -258,6 +287,9 @@ if _HAVE_GLUON:
                     rows_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
                     gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N_OUT, gl.sum(squares * squares, axis=1),
                              mask=rows_out < M)
+                elif EPILOGUE == 3:  # q and k rotated as the reference rotates F.linear's rounded output
+                    result = _rope_columns(acc.to(out_desc.dtype).to(gl.float32), cos, sin, off_m, off_n, seq_len,
+                                           t_stride, rope_cols, BLOCK_M, BLOCK_N, HEAD_DIM)
                 else:
                     result = acc
                 if RESIDUAL == 0 and EPILOGUE != 2:
@@ -272,32 +304,38 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(epilogue: int, row_scale: bool, residual: int):
-        """The GEMM kernel of one epilogue variant. Gluon passes partition arguments as values, so
-        the variant's constants are written into each partition function (captured constexprs)."""
+    def _kernel(epilogue: int, row_scale: bool, residual: int, head_dim: int = 0):
+        """The GEMM kernel of one epilogue variant (``head_dim``: the "rope" epilogue's). Gluon passes
+        partition arguments as values, so the variant's constants are written into each partition
+        function (captured constexprs)."""
         EPI, SCALE, RES = gl.constexpr(epilogue), gl.constexpr(row_scale), gl.constexpr(residual)
-        SWIGLU = gl.constexpr(epilogue >= 1)
+        SWIGLU, HEAD_DIM = gl.constexpr(epilogue in (1, 2)), gl.constexpr(head_dim)
 
         @gluon.jit
         def first(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                  ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+                  ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                  t_stride, rope_cols):
             _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 0)
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                     t_stride, rope_cols, EPI, SCALE, RES, 0, HEAD_DIM)
 
         @gluon.jit
         def second(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                   ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+                   ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                   t_stride, rope_cols):
             _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, EPI, SCALE, RES, 1)
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                     t_stride, rope_cols, EPI, SCALE, RES, 1, HEAD_DIM)
 
         @gluon.jit
         def producer(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps):
+                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                     t_stride, rope_cols):
             _produce(x_desc, w_desc, x_bufs, w_bufs, ready, empty, M, N_OUT, K, SWIGLU)
 
         @gluon.jit
         def gemm_kernel(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, ss_in, ss_out, M, N_OUT, K, ss_in_tiles,
-                        eps, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        eps, cos, sin, seq_len, t_stride, rope_cols, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = x_desc.dtype
             x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
             w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
@@ -308,7 +346,8 @@ if _HAVE_GLUON:
                 gu_bufs = out_bufs
             ready, empty, order, epi_ready = _barriers(STAGES)
             args = (x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                    ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps)
+                    ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                    t_stride, rope_cols)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
         return gemm_kernel
@@ -328,10 +367,10 @@ def _describe(t: torch.Tensor, box: list[int]):
 
 
 def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, residual_ss=None, eps=None,
-            gate_up=None):
+            gate_up=None, rope=None):
     """One launch of the kernel variant these arguments ask for; returns the output's partial sums of
     squares [M, N tiles] when ``residual`` is given, else None. ``gate_up``: the [M, 2I] tensor
-    ``"swiglu_keep"`` writes."""
+    ``"swiglu_keep"`` writes; ``rope``: the "rope" epilogue's (cos, sin, seq_len, head_dim), checked."""
     from hrm_kernels.precompile import launch
 
     n_rows, n_out = out.shape
@@ -360,11 +399,14 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
                                                         device=x.device)
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
-    kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2)
+    cos, sin, seq_len, head_dim = (unused, unused, 1, 0) if rope is None else rope
+    kernel = _kernel(EPILOGUES[epilogue], ss_in is not None, 0 if residual is None else 1 if residual_ss is None else 2,
+                     head_dim)
     launch(kernel, (min(programs, tiles),), x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc,
            unused if ss is None else ss,
            unused if ss_out is None else ss_out, n_rows, n_out, x.shape[1], 1 if ss is None else ss.shape[1],
-           0.0 if eps is None else float(eps), STAGES=stages, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+           0.0 if eps is None else float(eps), cos, sin, seq_len, cos.stride(0), 2 * n_out // 3, STAGES=stages,
+           CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return ss_out
 
 
@@ -379,14 +421,15 @@ def _output(x: torch.Tensor, n_out: int, out: torch.Tensor | None) -> torch.Tens
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs: int | None = None,
          out: torch.Tensor | None = None, ss: torch.Tensor | None = None, eps: float | None = None,
-         gate_up: torch.Tensor | None = None) -> torch.Tensor:
+         gate_up: torch.Tensor | None = None, rope: tuple | None = None) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` (module docstring); the caller checks ``supported`` first.
     ``programs``: the persistent grid (default: one program per SM; tests pass a few to give each
     program many tiles). ``out``: a contiguous [M, N] (SwiGLU: [M, I]) tensor of x's dtype to write.
     ``ss``: partial sums of squares of x's rows [M, T] (fp32, as ``gemm_add_sumsq`` writes them):
     x is then read as ``rms_norm(x, eps)``, each row's accumulator scaled by
     ``rsqrt(sum(ss[m]) / K + eps)`` before the epilogue. ``gate_up``: with ``"swiglu_keep"`` (only),
-    the contiguous [M, 2I] tensor of x's dtype that receives the rounded gate and up columns."""
+    the contiguous [M, 2I] tensor of x's dtype that receives the rounded gate and up columns.
+    ``rope``: with ``"rope"`` (only), ``(cos, sin, seq_len, head_dim)`` (``check_rope``)."""
     out = _output(x, output_width(weight, epilogue), out)
     if (gate_up is not None) != (epilogue == "swiglu_keep"):
         raise ValueError("gemm: the swiglu_keep epilogue, and it alone, writes gate_up: pass gate_up with it")
@@ -394,14 +437,43 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, epilogue: str = "none", programs
                                 or not gate_up.is_contiguous()):
         raise ValueError(f"gemm: gate_up must be a contiguous {x.dtype} tensor of shape "
                          f"{(x.shape[0], 2 * out.shape[1])}, got {gate_up.dtype} {tuple(gate_up.shape)}")
+    if (rope is not None) != (epilogue == "rope"):
+        raise ValueError("gemm: the rope epilogue, and it alone, takes rope=(cos, sin, seq_len, head_dim)")
+    if rope is not None:
+        rope = check_rope(x, out.shape[1], *rope)
     if out.numel() == 0 or x.shape[1] == 0:  # (K = 0: every product, gate and up is 0)
         if gate_up is not None:
             gate_up.zero_()
         return out.zero_()
     if WEIGHT_ROWS_PER_COLUMN[epilogue] == 2:
         weight = interleave_gate_up(weight)
-    _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps, gate_up=gate_up)
+    _launch(x, weight, out, epilogue, programs, ss_in=ss, eps=eps, gate_up=gate_up, rope=rope)
     return out
+
+
+def check_rope(x: torch.Tensor, width: int, cos: torch.Tensor, sin: torch.Tensor, seq_len: int, head_dim: int) -> tuple:
+    """The "rope" epilogue's arguments, checked, tables packed: the output [rows of x, width] is a
+    qkv projection (q, k, v of width / 3 each, heads of ``head_dim`` in ``ROPE_HEAD_DIMS``, so that
+    a 128-column tile holds whole heads whose halves sit in one thread's registers); its rows are
+    [batch, seq_len] flattened; cos, sin are fp32 [positions >= seq_len, head_dim / 2] half tables on
+    x's device (``hrm_kernels.rope.first_halves``: rotate-half RoPE's tables repeat their halves)."""
+    from hrm_kernels.rope import packed_tables
+
+    rows = x.shape[0]
+    if head_dim not in ROPE_HEAD_DIMS or width % 3 or (width // 3) % head_dim:
+        raise ValueError(f"gemm: the rope epilogue needs a qkv output (width {width} = 3 x heads x head_dim) with "
+                         f"head_dim one of {ROPE_HEAD_DIMS}, got head_dim {head_dim}")
+    if seq_len < 1 or rows % seq_len:
+        raise ValueError(f"gemm: the rope epilogue's rows are [batch, seq_len] flattened: {rows} rows for "
+                         f"seq_len {seq_len}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if (t.dtype != torch.float32 or t.dim() != 2 or t.shape[0] < seq_len or t.shape[1] != head_dim // 2
+                or t.device != x.device):
+            raise ValueError(f"gemm: the rope epilogue's {name} must be the fp32 half table [positions >= {seq_len}, "
+                             f"{head_dim // 2}] (rope.first_halves) on {x.device}, got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+    cos, sin = packed_tables(cos, sin)
+    return cos, sin, seq_len, head_dim
 
 
 def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from hrm_kernels._gluon_gemm import VARIANTS
 from tests.conftest import CUDA
 from train.testing import REPO, subprocess_env
 
@@ -150,7 +151,7 @@ for dt in ("bf16", "fp16", "fp32"):
         print("NO-GLUON this Triton has no Gluon Hopper API"); continue
     # every kernel variant (epilogue, row scale, residual) at the model's sizes: M = 62976 rows, K = 512
     for epilogue, row_scale, residual in gg.VARIANTS:
-        n = 512 if residual else 3072
+        n = 512 if residual else 1536 if epilogue == "rope" else 3072  # (rope: a qkv projection)
         x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
         out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
         x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
@@ -161,10 +162,12 @@ for dt in ("bf16", "fp16", "fp32"):
         ss = torch.empty(62976, 4)
         name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual}"
         try:
-            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual),
+            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual,
+                                                       64 if epilogue == "rope" else 0),
                                             dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc,
                                                  gate_desc=gate_desc, up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
-                                                 ss_in_tiles=4, eps=1e-5),
+                                                 ss_in_tiles=4, eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64,
+                                                 rope_cols=1024),
                                             dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
             res = resources(compiled)
             if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
@@ -201,5 +204,5 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's 7 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
-    gluon = 0 if "NO-GLUON" in proc.stdout else 7 * 2 + 2
+    gluon = 0 if "NO-GLUON" in proc.stdout else len(VARIANTS) * 2 + 2
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

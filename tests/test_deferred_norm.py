@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from hrm.layers import Block, RotaryEmbedding
-from hrm_kernels import _gluon_gemm, deferred_norm, rms_norm
+from hrm_kernels import _gluon_gemm, deferred_norm, rms_norm, rope_reference
+from hrm_kernels.backend import triton_can_run
 from hrm_kernels.swiglu import swiglu_reference
 from tests.conftest import CUDA
 from tests.tolerance import assert_close_to_reference
@@ -34,6 +35,23 @@ def norm64(h: torch.Tensor, ss: torch.Tensor | None) -> torch.Tensor:
 def norm_linear64(h, ss, weight, epilogue):
     y = norm64(h, ss) @ weight.double().t()
     return swiglu_reference(y) if epilogue == "swiglu" else y
+
+
+def rope_tables(seq, head_dim):
+    """HRM's full fp32 tables [seq, head_dim] and their first halves (what the rope epilogue reads)."""
+    cos, sin = RotaryEmbedding(head_dim, seq, 10000.0)()
+    return (cos, sin), (cos[:, :head_dim // 2], sin[:, :head_dim // 2])
+
+
+def qkv_rope64(qkv, cos, sin, seq, head_dim):
+    """q and k heads of a [rows, 3 * hidden] projection rotated in float64 (full tables)."""
+    x = qkv.double().view(-1, seq, qkv.shape[1] // head_dim, head_dim)
+    heads = x.shape[2] // 3
+    c, s = cos[:seq].double()[:, None], sin[:seq].double()[:, None]
+    half = head_dim // 2
+    qk = x[:, :, :2 * heads]
+    qk = qk * c + torch.cat((-qk[..., half:], qk[..., :half]), -1) * s
+    return torch.cat((qk, x[:, :, 2 * heads:]), 2).view(qkv.shape)
 
 
 def linear_add64(x, weight, h, ss):
@@ -64,6 +82,38 @@ def test_norm_linear_eager_is_the_reference_math(epilogue, tiles, dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert_close_to_reference(f"norm_linear {epilogue} {dtype}", got, want, norm_linear64(h, ss, weight, epilogue))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tiles", [None, 3])
+def test_norm_linear_rope_eager_is_the_reference_math(tiles, dtype):
+    """``rope=``: the projection rounded, then q and k rotated as hrm_kernels.rope does (3 heads of
+    16, sequence 7, 5 sequences), against float64."""
+    seq, heads, head_dim = 7, 3, 16
+    h, weight = _operands(5 * seq, 40, 3 * heads * head_dim, dtype, "cpu")
+    ss = None if tiles is None else partial_sums_of_squares(h, tiles)
+    (cos, sin), halves = rope_tables(seq, head_dim)
+    got = deferred_norm.norm_linear(h, ss, weight, EPS, rope=(*halves, seq, head_dim))
+    qkv = F.linear(h if ss is None else rms_norm(h, eps=EPS), weight).view(5, seq, 3 * heads, head_dim)
+    q, k, v = qkv.split(heads, dim=2)
+    want = torch.cat((rope_reference(q, cos, sin), rope_reference(k, cos, sin), v), 2).view(got.shape)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_close_to_reference(f"norm_linear rope {dtype}", got, want,
+                              qkv_rope64(norm_linear64(h, ss, weight, "none"), cos, sin, seq, head_dim))
+
+
+def test_norm_linear_rope_errors():
+    h, weight = _operands(14, 40, 3 * 2 * 16, torch.float32, "cpu")
+    _, (cos, sin) = rope_tables(7, 16)
+    with pytest.raises(ValueError, match="plain epilogue"):
+        deferred_norm.norm_linear(h, None, weight, EPS, "swiglu", rope=(cos, sin, 7, 16))
+    with pytest.raises(ValueError, match="head_dim one of"):
+        deferred_norm.norm_linear(h, None, weight, EPS, rope=(cos, sin, 7, 12))
+    with pytest.raises(ValueError, match="flattened"):
+        deferred_norm.norm_linear(h, None, weight, EPS, rope=(cos, sin, 5, 16))
+    with pytest.raises(ValueError, match="half table"):
+        deferred_norm.norm_linear(h, None, weight, EPS, rope=(*rope_tables(7, 16)[0], 7, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -112,6 +162,26 @@ def test_block_chain_on_deferred_states_equals_the_blocks_on_cpu():
     h = torch.randn(3, 11, 40)
     torch.testing.assert_close(_chain(blocks, h, rot(), True), _chain(blocks, h, rot(), False), rtol=1e-5,
                                atol=1e-5)  # fp32 rounding apart (sums of squares in another order)
+
+
+def test_block_chain_rotating_in_the_qkv_matmul_equals_the_blocks(monkeypatch):
+    """A sequence longer than rope_attention's fused kernel (131 > MAX_FUSED_SEQ) with head_dim 16:
+    the deferred blocks rotate q and k in their qkv projection (``Attention.qkv_rope``) where the
+    Triton backend runs, and the chain still gives the plain blocks' output."""
+    from hrm_kernels import use_backend
+
+    blocks = _blocks(3, hidden=32, heads=2, inter=72)
+    cos_sin = RotaryEmbedding(16, 131, 10000.0)()
+    h = torch.randn(2, 131, 32)
+    backend = "triton" if triton_can_run(torch.device("cpu")) else "eager"
+    ropes = []
+    monkeypatch.setattr(deferred_norm, "norm_linear", lambda *a, _f=deferred_norm.norm_linear, **k: ropes.append(
+        k.get("rope") is not None) or _f(*a, **k))
+    with use_backend(backend):
+        got = _chain(blocks, h, cos_sin, True)
+        plain = _chain(blocks, h, cos_sin, False)
+    assert ropes == [backend == "triton", False] * 3  # qkv, gate_up per block
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)  # fp32 rounding apart
 
 
 def test_block_frees_each_intermediate_once_read(monkeypatch):
@@ -283,6 +353,67 @@ def test_fused_block_chain_matches_float64(dtype, monkeypatch):
     # matmul: its input is not normalized), every o_proj and down_proj through the residual one
     assert launches == {"gemm": 3 + 4, "gemm_add_sumsq": 8}, launches
     assert_close_to_reference(f"deferred block chain {dtype}", got, plain, want)
+
+
+@requires_gluon
+@pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
+@pytest.mark.parametrize("tiles", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads,head_dim", [(3, 64), (5, 32), (1, 128), (3, 16)])
+def test_gluon_rope_epilogue_matches_float64(heads, head_dim, dtype, tiles, programs):
+    """The "rope" variant: 7 sequences of 131 positions, K = 200, q/k/v of ``heads`` heads (5 x 32:
+    a 128-column tile holding k and v heads), with and without the row scale, against float64 within
+    a multiple of the eager same-precision path's error (F.linear, then hrm_kernels.rope's math)."""
+    from hrm_kernels import use_backend
+
+    seq = 131
+    h, weight = _operands(7 * seq, 200, 3 * heads * head_dim, dtype, "cuda")
+    ss = None if tiles is None else partial_sums_of_squares(h, tiles)
+    (cos, sin), halves = rope_tables(seq, head_dim)
+    (cos, sin), halves = (cos.cuda(), sin.cuda()), tuple(t.cuda() for t in halves)
+    with torch.no_grad():
+        got = _gluon_gemm.gemm(h, weight, "rope", ss=ss, eps=EPS, rope=(*halves, seq, head_dim), programs=programs)
+        with use_backend("eager"):
+            eager = deferred_norm.norm_linear(h, ss, weight, EPS, rope=(*halves, seq, head_dim))
+    want = qkv_rope64(norm_linear64(h, ss, weight, "none"), cos, sin, seq, head_dim)
+    assert got.shape == eager.shape and got.dtype == dtype
+    assert_close_to_reference(f"rope epilogue {heads}x{head_dim} {dtype} ss={tiles}", got, eager, want)
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_block_chain_rotating_in_the_qkv_matmul_matches_float64(dtype, monkeypatch):
+    """Four blocks at hidden 128 (2 heads of 64, ARC's head size), intermediate 176, batch 5 x 131
+    (longer than rope_attention's fused kernel): every qkv matmul is the "rope" GEMM and no RoPE
+    kernel runs; the chain against the blocks in float64, within the plain blocks' same-precision
+    error on the eager backend."""
+    import importlib
+
+    from hrm_kernels import use_backend
+    from tests.conftest import record_calls
+    from tests.test_linear_add_rms_norm import _block64
+
+    blocks = _blocks(4, hidden=128, heads=2, inter=176, device="cuda", dtype=dtype)
+    cos_sin = RotaryEmbedding(64, 131, 10000.0).cuda()()
+    h = torch.randn(5, 131, 128, device="cuda").to(dtype)
+    monkeypatch.setattr(Block, "DEFERRED_NORM", True)
+    epilogues = []
+    original = _gluon_gemm.gemm
+    monkeypatch.setattr(_gluon_gemm, "gemm", lambda x, w, epilogue="none", **k: epilogues.append(epilogue) or original(
+        x, w, epilogue, **k))
+    rope_launches = [record_calls(monkeypatch, importlib.import_module("hrm_kernels.rope"), "_launch"),
+                     record_calls(monkeypatch, importlib.import_module("hrm_kernels.rope_qkv"), "_rope_launch")]
+    want = h.double()
+    for b in blocks:
+        want = _block64(b, want, *(t.double() for t in cos_sin))
+    with torch.no_grad():
+        with use_backend("eager"):
+            plain = _chain(blocks, h, cos_sin, False)
+        rope_launches[0].clear(), rope_launches[1].clear()
+        got = _chain(blocks, h, cos_sin, True)
+    assert epilogues == ["rope", "swiglu"] * 4, epilogues
+    assert rope_launches == [[], []]
+    assert_close_to_reference(f"deferred block chain, RoPE in the qkv matmul, {dtype}", got, plain, want)
 
 
 @requires_gluon
