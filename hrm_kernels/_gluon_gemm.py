@@ -311,21 +311,20 @@ if _HAVE_GLUON:
         EPI, SCALE, RES = gl.constexpr(epilogue), gl.constexpr(row_scale), gl.constexpr(residual)
         SWIGLU, HEAD_DIM = gl.constexpr(epilogue in (1, 2)), gl.constexpr(head_dim)
 
-        @gluon.jit
-        def first(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                  ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
-                  t_stride, rope_cols):
-            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
-                     t_stride, rope_cols, EPI, SCALE, RES, 0, HEAD_DIM)
+        def consumer(warpgroup: int):
+            WARPGROUP = gl.constexpr(warpgroup)
 
-        @gluon.jit
-        def second(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                   ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
-                   t_stride, rope_cols):
-            _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
-                     ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
-                     t_stride, rope_cols, EPI, SCALE, RES, 1, HEAD_DIM)
+            @gluon.jit
+            def consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
+                        ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                        t_stride, rope_cols):
+                _consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
+                         ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
+                         t_stride, rope_cols, EPI, SCALE, RES, WARPGROUP, HEAD_DIM)
+
+            return consume
+
+        first, second = consumer(0), consumer(1)
 
         @gluon.jit
         def producer(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
