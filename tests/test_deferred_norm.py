@@ -417,20 +417,32 @@ def test_fused_block_chain_rotating_in_the_qkv_matmul_matches_float64(dtype, mon
 
 
 @requires_gluon
-def test_model_with_deferred_norm_matches_float32(monkeypatch):
+@pytest.mark.parametrize("seq", [None, 130], ids=["short", "long"])
+def test_model_with_deferred_norm_matches_float32(seq, monkeypatch):
     """The gated model (bf16 activations, fp32 parameters, CUDA graphs on) in evaluation: with
     ``DEFERRED_NORM`` its no-gradient blocks run deferred, and its logits and Q values stay within
-    3x the plain bf16 model's error of the float32 model with the same parameters."""
+    3x the plain bf16 model's error of the float32 model with the same parameters. ``long``: 130
+    tokens + 1 puzzle token, past rope_attention's fused kernel, so the deferred blocks rotate q and
+    k in their qkv matmul (``Attention.ROPE_IN_QKV``)."""
     from hrm import HRM
     from hrm_kernels import use_backend
-    from tests.test_model_spec import make_batch, randomize_, tiny_config
+    from tests.test_model_spec import VOCAB, make_batch, randomize_, tiny_config
 
     torch.manual_seed(0)
     cfg = dict(use_gating=True, puzzle_emb_ndim=32, hidden_size=64, num_heads=4, L_layers=2, H_layers=2)
+    if seq is not None:
+        cfg["seq_len"] = seq
     reference = HRM(tiny_config(**cfg, forward_dtype="float32"))
     randomize_(reference)
     state = reference.state_dict()
-    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+    batch = make_batch(None)
+    if seq is not None:
+        batch["inputs"] = torch.randint(0, VOCAB, (batch["inputs"].shape[0], seq))
+        batch["labels"] = torch.randint(0, VOCAB, (batch["inputs"].shape[0], seq))
+    batch = {k: v.cuda() for k, v in batch.items()}
+    ropes = []
+    monkeypatch.setattr(deferred_norm, "norm_linear", lambda *a, _f=deferred_norm.norm_linear, **k: ropes.append(
+        k.get("rope") is not None) or _f(*a, **k))
 
     def evaluate(forward_dtype, kernels, deferred):
         # (model.inner bypasses HRM.forward's kernel context: the backend is set here)
@@ -457,6 +469,7 @@ def test_model_with_deferred_norm_matches_float32(monkeypatch):
     assert not calls
     got = evaluate("bfloat16", "auto", True)
     assert calls, "the deferred blocks did not run"
+    assert any(ropes) == (seq is not None), "RoPE in the qkv matmul exactly for the long sequence"
     for name, g, p, w in zip(("logits", "q_halt"), got, plain, want):
         scale = max(w.abs().max().item(), 1.0)
         err, plain_err = (g - w).abs().max().item(), (p - w).abs().max().item()
