@@ -158,7 +158,11 @@ class Attention(nn.Module):
     switches above off) and outside
     torch.compile, RoPE goes through ``hrm_kernels.rope_qkv``, whose backward writes the qkv
     gradient in one pass instead of autograd's concatenation, zero-filled slice gradients and their
-    sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md)."""
+    sum (H100, Sudoku gated training step: 83.7 vs 88.7 ms, benchmarks/RESULTS.md).
+
+    ``ROPE_IN_QKV``: in those same places, blocks running on deferred-norm states (no gradient,
+    ``Block.deferred``) rotate q and k in their qkv matmul's epilogue instead (``qkv_rope``; H100,
+    ARC's 96 x 901 rows: 293 vs 340 us a call)."""
 
     FUSED_NO_GRAD = True
     FUSED_GRAD = True

@@ -12,8 +12,9 @@ Epilogues:
   activation's backward reads), for the passes with a gradient.
 - ``"rope"``: x @ weight.T of a qkv projection (N = 3 x heads x head_dim), rounded to x's dtype,
   with RoPE applied to its q and k heads in fp32 (``hrm_kernels.rope``'s math; position = row %
-  seq_len), rounded once more: what the long-sequence attention path otherwise does as a pass of
-  its own over q and k.
+  seq_len), rounded once more: where the attention does not rotate as it loads (sequences beyond
+  ``rope_attention``'s kernel, FlashAttention, its switches off), RoPE is otherwise a pass of its
+  own over q and k.
 
 Two options on top (``hrm_kernels.deferred_norm``, the post-norm blocks' RMSNorm deferred into the
 matmuls):
@@ -71,8 +72,8 @@ EPILOGUES = {"none": 0, "swiglu": 1, "swiglu_keep": 2, "rope": 3}
 # The kernel variants the library launches: (epilogue, row scale, residual: 0 none, 1 raw, 2 normalized).
 VARIANTS = (("none", False, 0), ("swiglu", False, 0), ("none", True, 0), ("swiglu", True, 0), ("none", False, 1),
             ("none", False, 2), ("swiglu_keep", False, 0), ("rope", False, 0), ("rope", True, 0))
-WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2, "rope": 1}
-ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 columns hold whole heads  # SwiGLU: a gate row and an up row per output column
+WEIGHT_ROWS_PER_COLUMN = {"none": 1, "swiglu": 2, "swiglu_keep": 2, "rope": 1}  # SwiGLU: a gate and an up row a column
+ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 columns hold whole heads
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES) per epilogue. H100, M=62976, K=512, bf16: 4 stages against 3
 # took the plain GEMM from 0.72-0.77x to 0.88-0.94x of cuBLAS (session 21), 5 stages to 0.89-0.99x
 # (session 22: N x K 512x512 60.4 us vs cuBLAS 58.1, 1536x512 171.2 vs 152.9, 3072x512 320.7 vs 298.7,
@@ -83,7 +84,8 @@ ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 column
 # wgmma a k-step; the output tile is [128, 64]), against two n = 64 wgmmas reading the same x tile
 # (medians of 7 alternating rounds, H100, M = 62976 / 86496): with the row scale (the no-gradient
 # blocks' calls) 311.7 / 426.3 us against 327.8 / 448.4; "swiglu_keep" 393.7 / 537.8 against
-# 394.9 / 540.0; plain "swiglu" (no row scale, unused by the model) 346.9 / 483.1 against 303.7 / 417.0
+# 394.9 / 540.0; plain "swiglu" (no row scale: not in the default steps' large calls, which are all
+# row-scaled; linear_swiglu's no-gradient path, e.g. DEFERRED_NORM off) 346.9 / 483.1 against 303.7 / 417.0
 # (cuBLAS's plain 3072 x 512 GEMM: 292.3 / 412.0). Stages 4 / 5 / 6: plain 331.6 / 349.5 / 354.1,
 # row scale 312.3 / 310.8 / 312.4.
 CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4), "rope": (128, 128, 64, 5)}
@@ -390,12 +392,12 @@ def _launch(x, weight, out, epilogue: str, programs, ss_in=None, residual=None, 
     if programs is None:
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count
     x_desc, w_desc, out_desc = descriptors(x, weight, out, epilogue)
-    res_desc = out_desc if residual is None else _describe(residual, [block_m, block_n])
+    res_desc = out_desc if residual is None else _describe(residual, [block_m, block_n_out])
     # the halves of gate_up, each [M, I] with row stride 2I: a tile's store is clipped at column I
     gate_desc, up_desc = ((out_desc, out_desc) if gate_up is None else
                           (_describe(gate_up[:, :n_out], [block_m, block_n_out]),
                            _describe(gate_up[:, n_out:], [block_m, block_n_out])))
-    ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n)), dtype=torch.float32,
+    ss_out = None if residual is None else torch.empty((n_rows, triton.cdiv(n_out, block_n_out)), dtype=torch.float32,
                                                         device=x.device)
     unused = out.new_empty(1, dtype=torch.float32)  # pointer arguments of a variant that reads no such tensor
     cos, sin, seq_len, head_dim = (unused, unused, 1, 0) if rope is None else rope

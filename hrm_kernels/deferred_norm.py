@@ -11,10 +11,11 @@ normalized rows. Here a block's state is kept as a pair ``(h, ss)``:
 
 ``ss = None`` means the state is ``h`` itself (not normalized: the first block's input). Two ops:
 
-- ``norm_linear(h, ss, w, eps, epilogue)`` = ``epilogue(rms_norm(h) @ w.T)``. The matmul reads
-  ``h`` and scales each row of its fp32 accumulator by ``rsqrt(sum(ss) / D + eps)``: the
+- ``norm_linear(h, ss, w, eps, epilogue, rope=None)`` = ``epilogue(rms_norm(h) @ w.T)``. The matmul
+  reads ``h`` and scales each row of its fp32 accumulator by ``rsqrt(sum(ss) / D + eps)``: the
   normalized rows are never written. ``epilogue``: ``"none"`` or ``"swiglu"`` (``w`` holds gate
-  rows then up rows; ``silu(gate) * up``, as ``linear_swiglu``).
+  rows then up rows; ``silu(gate) * up``, as ``linear_swiglu``). ``rope``: for a qkv projection,
+  its q and k heads rotated (RoPE) in the same epilogue.
 - ``linear_add_sumsq(a, w, h, ss, eps)`` = ``(h', ss')`` with ``h' = rms_norm(h) + a @ w.T`` (both
   terms rounded to the dtype, as the reference adds them) and ``ss'`` its rows' partial sums of
   squares, computed in the matmul's epilogue from the rounded ``h'``.
@@ -116,7 +117,7 @@ def norm_linear(h: torch.Tensor, ss: Optional[torch.Tensor], weight: torch.Tenso
         if _fused(h, weight, "rope") and h.shape[0] and h.shape[1]:
             return _gluon_gemm.gemm(h, weight, "rope", ss=ss, eps=eps, rope=rope)
         qkv = F.linear(normalized(h, ss, eps), weight).view(-1, seq_len, weight.shape[0] // head_dim, head_dim)
-        return qkv_rotated(qkv, cos, sin).view(h.shape[0], -1)
+        return qkv_rotated(qkv, cos, sin).view(h.shape[0], weight.shape[0])
     if ss is None and epilogue == "none":  # a plain matmul: cuBLAS's
         return F.linear(h, weight)
     if _fused(h, weight, epilogue) and h.shape[0] and h.shape[1]:

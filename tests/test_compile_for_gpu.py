@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from hrm_kernels._gluon_gemm import VARIANTS
+from hrm_kernels._gluon_gemm import ROPE_HEAD_DIMS, VARIANTS
 from tests.conftest import CUDA
 from train.testing import REPO, subprocess_env
 
@@ -150,7 +150,8 @@ for dt in ("bf16", "fp16", "fp32"):
     if not gg._HAVE_GLUON:  # linear_swiglu keeps its Triton kernels with such a Triton
         print("NO-GLUON this Triton has no Gluon Hopper API"); continue
     # every kernel variant (epilogue, row scale, residual) at the model's sizes: M = 62976 rows, K = 512
-    for epilogue, row_scale, residual in gg.VARIANTS:
+    for epilogue, row_scale, residual, head_dim in [(*v, d) for v in gg.VARIANTS
+                                                     for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]:
         n = 512 if residual else 1536 if epilogue == "rope" else 3072  # (rope: a qkv projection)
         x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
         out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
@@ -160,10 +161,9 @@ for dt in ("bf16", "fp16", "fp32"):
         gate_desc, up_desc = ((gg._describe(gate_up[:, :n // 2], box), gg._describe(gate_up[:, n // 2:], box))
                               if epilogue == "swiglu_keep" else (out_desc, out_desc))
         ss = torch.empty(62976, 4)
-        name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual}"
+        name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual} head_dim={head_dim}"
         try:
-            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual,
-                                                       64 if epilogue == "rope" else 0),
+            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual, head_dim),
                                             dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc,
                                                  gate_desc=gate_desc, up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
                                                  ss_in_tiles=4, eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64,
@@ -204,5 +204,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's 7 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
-    gluon = 0 if "NO-GLUON" in proc.stdout else len(VARIANTS) * 2 + 2
+    variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -114,6 +114,8 @@ def test_norm_linear_rope_errors():
         deferred_norm.norm_linear(h, None, weight, EPS, rope=(cos, sin, 5, 16))
     with pytest.raises(ValueError, match="half table"):
         deferred_norm.norm_linear(h, None, weight, EPS, rope=(*rope_tables(7, 16)[0], 7, 16))
+    # no rows: an empty qkv of the projection's width (review: the fallback's view was ambiguous)
+    assert deferred_norm.norm_linear(h[:0], None, weight, EPS, rope=(cos, sin, 7, 16)).shape == (0, weight.shape[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
