@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import (_gluon_gemm, deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope, rope_attention,
-                         rope_qkv, rope_reference, swiglu, swiglu_linear)
+from hrm_kernels import (_gluon_gemm, deferred_norm, first_halves, linear_add_rms_norm, linear_swiglu, rms_norm, rope,
+                         rope_attention, rope_qkv, rope_reference, swiglu, swiglu_linear)
 from hrm_kernels.backend import use_triton
 from hrm_kernels.swiglu_linear import swiglu_linear_backward
 
@@ -472,8 +472,9 @@ class Block(nn.Module):
         # next op has read it, not at return (here qkv and heads would stay allocated through the
         # MLP: 246 MiB more peak memory at the Sudoku batch)
         h, ss = deferred_norm.linear_add_sumsq(
-            attn.heads_from_qkv(deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps, rope=rope)
-                                .view(*shape[:-1], -1), cos_sin if rope is None else None).reshape(h.shape[0], -1),
+            attn.heads_from_qkv(
+                deferred_norm.norm_linear(h, ss, attn.qkv_proj.weight_as(dtype), self.eps, rope=rope).view(*shape[:-1], -1),
+                cos_sin if rope is None else None).reshape(h.shape[0], -1),
             attn.o_proj.weight_as(dtype), h, ss, self.eps)
         h, ss = deferred_norm.linear_add_sumsq(
             deferred_norm.norm_linear(h, ss, mlp.gate_up_proj.weight_as(dtype), self.eps, "swiglu"),

@@ -33,8 +33,9 @@ specialisation; Triton's ``tl.dot`` kernels cannot, and reach 540-610 TFLOP/s he
 600-650 (benchmarks/RESULTS.md). Partitions of one program (12 warps):
 
 - a producer warp issues the TMA loads of x [BM, BK] and weight [BN, BK] tiles (SwiGLU: BN weight
-  rows hold BN / 2 gate rows and their up rows, interleaved by ``interleave_gate_up``) into a ring of ``STAGES`` shared-memory buffers, each with a ``ready`` mbarrier
-  (its bytes have landed) and an ``empty`` one (its wgmmas are done);
+  rows hold BN / 2 gate rows and their up rows, interleaved by ``interleave_gate_up``) into a ring
+  of ``STAGES`` shared-memory buffers, each with a ``ready`` mbarrier (its bytes have landed) and an
+  ``empty`` one (its wgmmas are done);
 - two consumer warpgroups take the program's output tiles in turn ("ping-pong"): while one runs its
   epilogue, the other's wgmmas use the tensor cores. An ``order`` mbarrier pair makes each start its
   main loop only once the other has issued its own, so the ring's stages are consumed in the order
@@ -85,10 +86,12 @@ ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 column
 # (medians of 7 alternating rounds, H100, M = 62976 / 86496): with the row scale (the no-gradient
 # blocks' calls) 311.7 / 426.3 us against 327.8 / 448.4; "swiglu_keep" 393.7 / 537.8 against
 # 394.9 / 540.0; plain "swiglu" (no row scale: not in the default steps' large calls, which are all
-# row-scaled; linear_swiglu's no-gradient path, e.g. DEFERRED_NORM off) 346.9 / 483.1 against 303.7 / 417.0
+# row-scaled; linear_swiglu's no-gradient path, e.g. DEFERRED_NORM off) 346.9 / 483.1 against
+# 303.7 / 417.0
 # (cuBLAS's plain 3072 x 512 GEMM: 292.3 / 412.0). Stages 4 / 5 / 6: plain 331.6 / 349.5 / 354.1,
 # row scale 312.3 / 310.8 / 312.4.
-CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4), "rope": (128, 128, 64, 5)}
+CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4),
+           "rope": (128, 128, 64, 5)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest
 
 
