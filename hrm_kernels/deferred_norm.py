@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from hrm_kernels import _gluon_gemm
 from hrm_kernels._utils import check_float, check_same
 from hrm_kernels.backend import use_triton
-from hrm_kernels.rope import rope_reference
+from hrm_kernels.rope_qkv import rope_qkv_reference
 from hrm_kernels.swiglu import swiglu_reference
 
 EPILOGUES = ("none", "swiglu")
@@ -113,24 +113,17 @@ def norm_linear(h: torch.Tensor, ss: Optional[torch.Tensor], weight: torch.Tenso
     if rope is not None:
         if epilogue != "none":
             raise ValueError(f"{op}: rope goes with the plain epilogue (a qkv projection), not {epilogue!r}")
-        cos, sin, seq_len, head_dim = rope = _gluon_gemm.check_rope(h, weight.shape[0], *rope)
         if _fused(h, weight, "rope") and h.shape[0] and h.shape[1]:
-            return _gluon_gemm.gemm(h, weight, "rope", ss=ss, eps=eps, rope=rope)
+            return _gluon_gemm.gemm(h, weight, "rope", ss=ss, eps=eps, rope=rope)  # (checks rope)
+        cos, sin, seq_len, head_dim = _gluon_gemm.check_rope(h, weight.shape[0], *rope)
         qkv = F.linear(normalized(h, ss, eps), weight).view(-1, seq_len, weight.shape[0] // head_dim, head_dim)
-        return qkv_rotated(qkv, cos, sin).view(h.shape[0], weight.shape[0])
+        return torch.cat(rope_qkv_reference(qkv, cos, sin), dim=2).view(h.shape[0], weight.shape[0])
     if ss is None and epilogue == "none":  # a plain matmul: cuBLAS's
         return F.linear(h, weight)
     if _fused(h, weight, epilogue) and h.shape[0] and h.shape[1]:
         return _gluon_gemm.gemm(h, weight, epilogue, ss=ss, eps=eps)
     y = F.linear(normalized(h, ss, eps), weight)
     return swiglu_reference(y) if epilogue == "swiglu" else y
-
-
-def qkv_rotated(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """qkv [batch, seq, 3 * heads, head_dim] with its q and k heads rotated (``rope_reference``): the
-    "rope" epilogue's eager math."""
-    heads = qkv.shape[2] // 3
-    return torch.cat((rope_reference(qkv[:, :, :2 * heads], cos, sin), qkv[:, :, 2 * heads:]), dim=2)
 
 
 def linear_add_sumsq(x: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, ss: Optional[torch.Tensor],
