@@ -194,23 +194,35 @@ if _HAVE_GLUON:
         return gl.reshape(gate, [BLOCK_M, BLOCK_N // 2]), gl.reshape(up, [BLOCK_M, BLOCK_N // 2])
 
     @gluon.jit
-    def _rope_columns(x, cos, sin, off_m, off_n, seq_len, t_stride, rope_cols, BLOCK_M: gl.constexpr,
-                      BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
-        """RoPE (rotate-half) on a [BLOCK_M, BLOCK_N] fp32 tile at (off_m, off_n) of a qkv projection:
-        each head's halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) with c, s the half-width tables at
-        position row % seq_len (``cos[pos * t_stride + j]``, j < HEAD_DIM / 2), in the heads below
-        column ``rope_cols`` (q and k); v's pass through. Register renaming as in
-        ``_gate_up_columns``: a thread holds both halves of its heads' pairs."""
+    def _head_halves(x, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """The halves (x1, x2) [BLOCK_M, heads, HEAD_DIM / 2] of each head of a [BLOCK_M, BLOCK_N]
+        accumulator-layout tile. Register renaming as in ``_gate_up_columns``: a thread holds both
+        halves of its heads' pairs."""
         HALF: gl.constexpr = HEAD_DIM // 2
-        HEADS: gl.constexpr = BLOCK_N // HEAD_DIM
-        x1, x2 = gl.split(gl.permute(gl.reshape(x, [BLOCK_M, HEADS, 2, HALF]), (0, 1, 3, 2)))
-        pairs: gl.constexpr = x1.type.layout  # [BLOCK_M, HEADS, HALF]
-        table: gl.constexpr = gl.SliceLayout(1, pairs)  # [BLOCK_M, HALF]: one load for all the tile's heads
+        return gl.split(gl.permute(gl.reshape(x, [BLOCK_M, BLOCK_N // HEAD_DIM, 2, HALF]), (0, 1, 3, 2)))
+
+    @gluon.jit
+    def _rope_tables(layout: gl.constexpr, cos, sin, off_m, seq_len, t_stride, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """The cos and sin half tables of a tile's rows (position row % seq_len, ``cos[pos *
+        t_stride + j]``, j < HEAD_DIM / 2), [BLOCK_M, 1, HEAD_DIM / 2] in the layout of
+        ``_head_halves`` of an accumulator in ``layout``: one load serves all the tile's heads."""
+        probe, _ = _head_halves(gl.zeros((BLOCK_M, BLOCK_N), gl.float32, layout), BLOCK_M, BLOCK_N, HEAD_DIM)
+        table: gl.constexpr = gl.SliceLayout(1, probe.type.layout)  # [BLOCK_M, HEAD_DIM / 2]
         rows = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, table))
-        j = gl.arange(0, HALF, layout=gl.SliceLayout(0, table))
+        j = gl.arange(0, HEAD_DIM // 2, layout=gl.SliceLayout(0, table))
         t = gl.expand_dims((rows % seq_len) * t_stride, 1) + gl.expand_dims(j, 0)
-        c = gl.expand_dims(gl.load(cos + t), 1)
-        s = gl.expand_dims(gl.load(sin + t), 1)
+        return gl.expand_dims(gl.load(cos + t), 1), gl.expand_dims(gl.load(sin + t), 1)
+
+    @gluon.jit
+    def _rope_columns(x, c, s, off_n, rope_cols, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HEAD_DIM: gl.constexpr):
+        """RoPE (rotate-half) on a [BLOCK_M, BLOCK_N] fp32 tile at column off_n of a qkv projection:
+        each head's halves (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) with c, s the rows' tables
+        (``_rope_tables``), in the heads below column ``rope_cols`` (q and k); v's pass through."""
+        HEADS: gl.constexpr = BLOCK_N // HEAD_DIM
+        x1, x2 = _head_halves(x, BLOCK_M, BLOCK_N, HEAD_DIM)
+        pairs: gl.constexpr = x1.type.layout  # [BLOCK_M, HEADS, HEAD_DIM / 2]
         heads = gl.arange(0, HEADS, layout=gl.SliceLayout(0, gl.SliceLayout(2, pairs)))
         rotated = gl.expand_dims(gl.expand_dims(off_n + heads * HEAD_DIM < rope_cols, 0), 2)  # q and k heads
         y = gl.join(gl.where(rotated, x1 * c - x2 * s, x1), gl.where(rotated, x2 * c + x1 * s, x2))
@@ -241,6 +253,11 @@ if _HAVE_GLUON:
         layout: gl.constexpr = _accumulator_layout(BLOCK_N)
         n_tiles_n = gl.cdiv(N_OUT, BLOCK_N_OUT)
         k_steps = gl.cdiv(K, BLOCK_K)
+        # The rope epilogue's tables are loaded while the tile's last wgmmas run (ARC's no-gradient qkv
+        # GEMM, H100: 264 against 289 us) where the registers allow it: the tables then live next to
+        # the accumulator, which spills at HEAD_DIM 128 and, oddly, in the variants without the row
+        # scale (sm_90 SASS under Triton 3.6 and 3.8); elsewhere after the accumulator is complete.
+        EARLY_TABLES: gl.constexpr = EPILOGUE == 3 and ROW_SCALE and HEAD_DIM <= 64
         out_buf = out_bufs.index(WARPGROUP)
         bar = epi_ready.index(WARPGROUP)
         j = 0  # the program's tiles so far (both warpgroups count all of them)
@@ -264,6 +281,9 @@ if _HAVE_GLUON:
                         mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                     step += 1
                 mbarrier.arrive(order.index(1 - WARPGROUP), count=1)  # the other warpgroup's turn
+                if EARLY_TABLES:
+                    cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m, seq_len, t_stride, BLOCK_M, BLOCK_N,
+                                                      HEAD_DIM)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((step - 1) % STAGES), count=1)
                 if ROW_SCALE or RESIDUAL == 2:
@@ -293,8 +313,11 @@ if _HAVE_GLUON:
                     gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N_OUT, gl.sum(squares * squares, axis=1),
                              mask=rows_out < M)
                 elif EPILOGUE == 3:  # q and k rotated as the reference rotates F.linear's rounded output
-                    result = _rope_columns(acc.to(out_desc.dtype).to(gl.float32), cos, sin, off_m, off_n, seq_len,
-                                           t_stride, rope_cols, BLOCK_M, BLOCK_N, HEAD_DIM)
+                    if not EARLY_TABLES:
+                        cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m, seq_len, t_stride, BLOCK_M, BLOCK_N,
+                                                          HEAD_DIM)
+                    result = _rope_columns(acc.to(out_desc.dtype).to(gl.float32), cos_tile, sin_tile, off_n, rope_cols,
+                                           BLOCK_M, BLOCK_N, HEAD_DIM)
                 else:
                     result = acc
                 if RESIDUAL == 0 and EPILOGUE != 2:
