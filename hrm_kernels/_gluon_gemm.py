@@ -254,9 +254,10 @@ if _HAVE_GLUON:
         n_tiles_n = gl.cdiv(N_OUT, BLOCK_N_OUT)
         k_steps = gl.cdiv(K, BLOCK_K)
         # The rope epilogue's tables are loaded while the tile's last wgmmas run (ARC's no-gradient qkv
-        # GEMM, H100: 264 against 289 us) where the registers allow it: the tables then live next to
-        # the accumulator, which spills at HEAD_DIM 128 and, oddly, in the variants without the row
-        # scale (sm_90 SASS under Triton 3.6 and 3.8); elsewhere after the accumulator is complete.
+        # GEMM, H100: 264 against 289 us) where the registers allow it. Loaded early, the tables live
+        # next to the accumulator, and ptxas spills at HEAD_DIM 128 and in several variants without the
+        # row scale (sm_90 SASS under Triton 3.6 and 3.8); those load after the accumulator is complete.
+        # Checked for CONFIGS["rope"] and CONSUMER_REGISTERS as they are: recheck if either changes.
         EARLY_TABLES: gl.constexpr = EPILOGUE == 3 and ROW_SCALE and HEAD_DIM <= 64
         out_buf = out_bufs.index(WARPGROUP)
         bar = epi_ready.index(WARPGROUP)
