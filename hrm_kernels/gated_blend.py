@@ -43,6 +43,7 @@ import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
+from hrm_kernels import _gluon_gated_blend
 from hrm_kernels._math import fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
@@ -61,6 +62,11 @@ MAX_STATS_D = 2**15 - 1
 # in fp16 overflowed shared memory before the tile-shrinking rule in _launch_configs. The
 # one-kernel forward has run on the GPU at R=10..128 only (tests/test_gated_blend.py).
 MAX_FUSED_R = 256
+
+# The no-gradient forward without stats (the model's recurrence calls) on Hopper: the warp-specialised
+# Gluon kernel (``hrm_kernels._gluon_gated_blend``) where it runs (2-byte activations and weights of
+# one dtype, D a multiple of 64, R of 64 or 128), else the Triton kernel below.
+USE_GLUON = True
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -83,6 +89,9 @@ MAX_FUSED_R = 256
 #   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
 #   sources, writes their gradients.
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
+# On Hopper the no-gradient forward without stats (``USE_GLUON``) is one warp-specialised Gluon
+#   kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA loads
+#   run ahead of the tensor cores by a producer warp.
 # (Tried and measured slower, session 16, H200: phase 2 as cuBLAS matmuls over a d_logit [M, K*D]
 #   written by phase 1, 1099 against 880 us fwd+bwd at the Sudoku shape; benchmarks/RESULTS.md.)
 
@@ -511,6 +520,10 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     [M, R]); without ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
     n_rows, d = own.shape
     r = w1.shape[0]
+    if (USE_GLUON and not with_stats and not store_hidden and fast_sigmoid_for(own.dtype)
+            and _gluon_gated_blend.supported(own, other, inj, w1, b1, w2, b2)):
+        out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2)
+        return out, own.new_empty(0, dtype=torch.float32), own.new_empty((0, r)), own.new_empty((0, r))
     if with_stats and d > MAX_STATS_D:
         raise ValueError(f"gated_blend: stats count each row's gates in 16 bits, so D={d} must be at most "
                          f"{MAX_STATS_D} with stats=True; gated_blend() runs wider gates eagerly")

@@ -190,6 +190,22 @@ for dt in ("bf16", "fp16", "fp32"):
     except Exception as e:
         failures += 1
         print("FAILED", "gluon SwiGLU backward", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    ggb = module("_gluon_gated_blend")  # the gate MLP + blend's no-gradient forward, with and without inj
+    src, w1, w2 = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (128, 1536), (1536, 128)))
+    bias = torch.empty(1536)  # fp32, as the model's gate biases
+    names = ("own_desc", "other_desc", "inj_desc", "w1_desc", "w2_desc", "out_desc")
+    for kinds in (3, 2):
+        try:
+            descs = dict(zip(names, ggb.descriptors(src, src, src if kinds == 3 else None, w1, w2, src)))
+            compiled = compile_gluon_kernel(ggb._kernel(kinds), dict(descs, b1=bias, b2=bias, M=62976, D=512),
+                                            dict(STAGES=ggb.STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon gated blend", kinds, dt, compiled.metadata.shared, res)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon gated blend", kinds, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
 sys.exit(1 if failures else 0)
 '''
 
@@ -203,7 +219,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
-    # fp32), and the Gluon GEMM's 7 variants x 2 dtypes and its SwiGLU backward x 2 dtypes
+    # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
+    # gated blend (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

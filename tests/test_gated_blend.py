@@ -490,3 +490,67 @@ def test_cuda_other_shapes(dtype, shape, r):
         out_ng = gated_blend(*inputs)
     out = gated_blend(*[t.detach().requires_grad_() for t in inputs])
     assert torch.equal(out_ng, out.detach())
+
+
+# The no-gradient forward without stats on Hopper: hrm_kernels._gluon_gated_blend (no interpreter
+# path: tests/test_compile_for_gpu.py compiles it for sm_90 on CPU).
+ggb = importlib.import_module("hrm_kernels._gluon_gated_blend")
+requires_gluon = pytest.mark.skipif(not (CUDA and ggb.available(torch.device("cuda"))),
+                                    reason="the Gluon gated blend runs on a Hopper GPU")
+
+
+def _gluon_inputs(rows, d, r, dtype, inj=True):
+    """Weights in the activations' dtype and fp32 biases, as the model passes them."""
+    own, other, inj_t, w1, b1, w2, b2 = _make((rows, d), r, dtype, device="cuda", inj=inj)
+    return [own, other, inj_t, w1, b1.float(), w2, b2.float()]
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (130, 128, 64)], ids=str)
+def test_gluon_forward_matches_float64(monkeypatch, dtype, inj, rows, d, r):
+    """Rows that leave a partial last tile, one to eight 64-column chunks, both gate hidden sizes:
+    the output within the bound eager's same-precision error sets against float64, and the same
+    bits when each program takes several tiles (3 programs)."""
+    inputs = _gluon_inputs(rows, d, r, dtype, inj)
+    calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
+    with torch.no_grad(), use_backend("triton"):
+        got = gated_blend(*inputs)
+    assert len(calls) == 1
+    assert_close_to_reference(f"gluon {dtype} {rows}x{d} R={r}", got, gated_blend_reference(*inputs),
+                              _gated_blend64(*_to64(inputs)))
+    assert torch.equal(ggb.gated_blend_forward(*inputs, programs=3), got)
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gluon_inj_none_equals_zeros(dtype):
+    inputs = _gluon_inputs(300, 128, 128, dtype)
+    with torch.no_grad():
+        zeros = gated_blend(inputs[0], inputs[1], torch.zeros_like(inputs[0]), *inputs[3:])
+        none = gated_blend(inputs[0], inputs[1], None, *inputs[3:])
+    assert torch.equal(none, zeros)
+
+
+@requires_gluon
+def test_gluon_forward_routing(monkeypatch):
+    """Only no-gradient calls without stats, of shapes and dtypes it takes, with ``USE_GLUON`` and
+    the fast sigmoid on, run the Gluon kernel; the others the Triton kernels."""
+    calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
+    inputs = _gluon_inputs(200, 128, 64, torch.bfloat16)
+    with torch.no_grad():
+        gated_blend(*inputs)
+        assert len(calls) == 1
+        gated_blend(*inputs, stats=True)
+        gated_blend(*_gluon_inputs(200, 120, 64, torch.bfloat16))  # D not a multiple of 64
+        gated_blend(*_gluon_inputs(200, 128, 32, torch.bfloat16))  # R not 64 or 128
+        gated_blend(*_gluon_inputs(200, 128, 64, torch.float32))
+        gated_blend(inputs[0], inputs[1], inputs[2], inputs[3].float(), *inputs[4:])  # fp32 W1
+        monkeypatch.setattr(gb, "USE_GLUON", False)
+        gated_blend(*inputs)
+        monkeypatch.setattr(gb, "USE_GLUON", True)
+        monkeypatch.setattr(importlib.import_module("hrm_kernels._math"), "FAST_SIGMOID", False)
+        gated_blend(*inputs)
+    gated_blend(*[t.detach().requires_grad_() for t in inputs])
+    assert len(calls) == 1

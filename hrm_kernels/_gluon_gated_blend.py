@@ -1,0 +1,249 @@
+"""The gated blend's no-gradient forward (``hrm_kernels.gated_blend``'s math, no stats, no stored
+hidden activations: the model's recurrence calls) as a warp-specialised, persistent Gluon kernel
+for Hopper::
+
+    pre = round(cat(own, other, inj) @ W1^T + round(b1))         [M, R]
+    z   = round(silu(pre))                                          [M, R]
+    g   = sigmoid(z @ W2^T + round(b2))                             [M, K*D]  (never in memory)
+    out = round(sum_k g_k * src_k)                                  [M, D]
+
+(K = 3 sources, or 2 with ``inj=None``; round: to the activations' dtype; the sigmoid is
+``hrm_kernels._math``'s ``tanh.approx`` form, as the Triton kernel's for 2-byte activations.)
+
+Per 128-row tile (one program per SM, tiles dealt round-robin), a producer warp streams through
+one ring of ``STAGES`` shared-memory stages first every (source, 64-column) tile with its W1 tile
+[R, 64], then, for each 64-column chunk of the output and each source, the source tile again
+(now from L2) with its W2 tile [64, R] (the bytes of a W1 tile: the stage's weight buffer is
+reinterpreted). Two consumer warpgroups take the tile's two 64-row halves: the hidden GEMM (m64,
+n = R wgmma) into z in shared memory, then per chunk and source a [64, 64] logit wgmma from z, the
+sigmoid and the blend in registers, the chunk stored by TMA. Each stage's ``empty`` mbarrier counts
+both warpgroups' releases.
+
+Why: the Triton kernel (177-217 us at the Sudoku shape, H100/H200) holds each program's rows
+through both GEMMs with a tl.dot pipeline; here TMA loads run ahead of the tensor cores in their
+own warp. Requirements (``supported``): Hopper, bf16/fp16 activations and weights of one dtype
+(biases any float dtype), D a multiple of 64, R of 64 or 128, contiguous rows, M >= 1. No
+interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe, available
+
+if _HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
+
+    from hrm_kernels._gluon_gemm import _accumulator_layout
+
+BLOCK_M = 128  # rows a tile: two warpgroups of 64
+CHUNK = 64  # columns of D a k-step (the hidden GEMM) and an output chunk (the logit GEMM and blend)
+STAGES = 4  # 176 KiB of shared memory with z and the output buffers (5: 208 KiB)
+CONSUMER_REGISTERS = 232
+GATE_HIDDEN_SIZES = (64, 128)  # R: the hidden GEMM's accumulator [64, R] is one wgmma's n
+
+
+def supported(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+              b2: torch.Tensor) -> bool:
+    """``gated_blend_forward(own, other, inj, w1, b1, w2, b2)`` can run: Hopper, contiguous 2-D
+    [M >= 1, D] sources and weights of one 2-byte dtype, D a multiple of 64, R in
+    ``GATE_HIDDEN_SIZES``, 16-byte aligned pointers; contiguous biases [R], [3D]."""
+    if not (available(own.device) and own.dtype in (torch.bfloat16, torch.float16) and own.dim() == 2):
+        return False
+    m, d = own.shape
+    r = w1.shape[0]
+    tensors = (own, other, w1, w2) + (() if inj is None else (inj,))
+    return (m > 0 and d % CHUNK == 0 and r in GATE_HIDDEN_SIZES and w1.shape == (r, 3 * d) and w2.shape == (3 * d, r)
+            and other.shape == own.shape and (inj is None or inj.shape == own.shape)
+            and all(t.dtype == own.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+            and b1.shape == (r,) and b2.shape == (3 * d,) and b1.is_contiguous() and b2.is_contiguous())
+
+
+if _HAVE_GLUON:
+
+    @gluon.jit
+    def _fast_sigmoid(x):
+        """``hrm_kernels._math.sigmoid(x, FAST=True)``: (1 + tanh(x / 2)) / 2, one MUFU instruction."""
+        t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [0.5 * x], dtype=gl.float32, is_pure=True,
+                                      pack=1)
+        return 0.5 + 0.5 * t
+
+    @gluon.jit
+    def _source_desc(kind: gl.constexpr, own_desc, other_desc, inj_desc):
+        """The descriptor of source ``kind``: 0 own, 1 other, 2 inj."""
+        if kind == 0:
+            return own_desc
+        elif kind == 1:
+            return other_desc
+        else:
+            return inj_desc
+
+    @gluon.jit
+    def _produce(own_desc, other_desc, inj_desc, w1_desc, w2_desc, x_bufs, w_bufs, ready, empty, M, D,
+                 KINDS: gl.constexpr):
+        """The producer warp: per tile of BM rows, the hidden GEMM's k-steps (a source tile [BM, BK]
+        and its W1 tile [R, BK], sources in turn), then per output chunk and source the source tile
+        again and its W2 tile [BK, R], each into the next ring stage once both consumers freed it."""
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        S: gl.constexpr = x_bufs.type.shape[0]
+        NBYTES: gl.constexpr = own_desc.block_type.nbytes + w1_desc.block_type.nbytes
+        chunks = D // BK
+        step = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
+            off_m = tile * BM
+            for kind in gl.static_range(KINDS):  # GEMM 1: pre += src_kind @ W1[:, kind*D:(kind+1)*D]^T
+                src = _source_desc(kind, own_desc, other_desc, inj_desc)
+                for kk in range(chunks):
+                    s = step % S
+                    mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), NBYTES)
+                    tma.async_copy_global_to_shared(src, [off_m, kk * BK], ready.index(s), x_bufs.index(s))
+                    tma.async_copy_global_to_shared(w1_desc, [0, kind * D + kk * BK], ready.index(s), w_bufs.index(s))
+                    step += 1
+            for c in range(chunks):  # GEMM 2 and the blend, chunk by chunk
+                for kind in gl.static_range(KINDS):
+                    src = _source_desc(kind, own_desc, other_desc, inj_desc)
+                    s = step % S
+                    mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
+                    mbarrier.expect(ready.index(s), NBYTES)
+                    tma.async_copy_global_to_shared(src, [off_m, c * BK], ready.index(s), x_bufs.index(s))
+                    w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
+                    tma.async_copy_global_to_shared(w2_desc, [kind * D + c * BK, 0], ready.index(s), w2_buf)
+                    step += 1
+
+    @gluon.jit
+    def _consume(own_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready, empty, b1, b2, M, D,
+                 KINDS: gl.constexpr, WG: gl.constexpr):
+        """Consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every tile. The
+        hidden GEMM's [BM / 2, R] accumulator, pre and z rounded as the Triton kernel rounds them,
+        z into shared memory (the logit GEMM's A operand), then per output chunk [BM / 2, BK] the
+        logits of each source's gates, their sigmoid and the blend; the chunk leaves by TMA."""
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        S: gl.constexpr = x_bufs.type.shape[0]
+        R: gl.constexpr = w_bufs.type.shape[1]
+        HALF: gl.constexpr = BM // 2
+        dtype: gl.constexpr = own_desc.dtype
+        hidden_layout: gl.constexpr = _accumulator_layout(R)
+        chunk_layout: gl.constexpr = _accumulator_layout(BK)
+        chunks = D // BK
+        z_buf = z_bufs.index(WG)
+        out_buf = out_bufs.index(WG)
+        r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
+        bias1 = gl.expand_dims(gl.load(b1 + r_idx).to(dtype).to(gl.float32), 0)
+        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
+        step = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
+            off_m = tile * BM
+            acc = gl.zeros((HALF, R), dtype=gl.float32, layout=hidden_layout)
+            for kk in range(KINDS * chunks):
+                s = step % S
+                mbarrier.wait(ready.index(s), (step // S) & 1)
+                acc = warpgroup_mma(x_bufs.index(s).slice(WG * HALF, HALF, dim=0), w_bufs.index(s).permute((1, 0)), acc,
+                                    is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                if kk > 0:
+                    mbarrier.arrive(empty.index((step - 1) % S), count=1)
+                step += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(empty.index((step - 1) % S), count=1)
+            pre = (acc + bias1).to(dtype).to(gl.float32)
+            z = (pre / (1.0 + gl.exp(-pre))).to(dtype)
+            z_buf.store(z)  # (the previous tile's logit wgmmas have completed: each was waited for)
+            fence_async_shared()
+            for c in range(chunks):
+                out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
+                for kind in gl.static_range(KINDS):
+                    s = step % S
+                    bias2 = gl.expand_dims(gl.load(b2 + kind * D + c * BK + cols).to(dtype).to(gl.float32), 0)
+                    mbarrier.wait(ready.index(s), (step // S) & 1)
+                    w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
+                    logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
+                                          layout=chunk_layout), use_acc=False, is_async=True)
+                    logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
+                    x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+                    mbarrier.arrive(empty.index(s), count=1)
+                    out += _fast_sigmoid(logit + bias2) * x
+                    step += 1
+                tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
+                out_buf.store(out.to(dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
+        tma.store_wait(pendings=0)
+
+    @functools.lru_cache(maxsize=None)
+    def _kernel(kinds: int):
+        """The kernel for ``kinds`` sources (3, or 2 with inj=None). Gluon passes partition arguments
+        as values, so the constants are written into each partition function (as in _gluon_gemm)."""
+        KINDS = gl.constexpr(kinds)
+
+        def consumer(wg: int):
+            WG = gl.constexpr(wg)
+
+            @gluon.jit
+            def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs,
+                        ready, empty, b1, b2, M, D):
+                _consume(own_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready, empty, b1, b2, M, D,
+                         KINDS, WG)
+
+            return consume
+
+        first, second = consumer(0), consumer(1)
+
+        @gluon.jit
+        def producer(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs,
+                     ready, empty, b1, b2, M, D):
+            _produce(own_desc, other_desc, inj_desc, w1_desc, w2_desc, x_bufs, w_bufs, ready, empty, M, D, KINDS)
+
+        @gluon.jit
+        def gated_blend_kernel(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, b1, b2, M, D,
+                               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+            dtype: gl.constexpr = own_desc.dtype
+            R: gl.constexpr = w1_desc.block_type.shape[0]
+            HALF: gl.constexpr = own_desc.block_type.shape[0] // 2
+            x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + own_desc.block_type.shape, own_desc.layout)
+            w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w1_desc.block_type.shape, w1_desc.layout)
+            z_bufs = gl.allocate_shared_memory(dtype, [2, HALF, R], gl.NVMMASharedLayout.get_default_for([HALF, R], dtype))
+            out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each stage
+            args = (own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready,
+                    empty, b1, b2, M, D)
+            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
+
+        return gated_blend_kernel
+
+
+def descriptors(own, other, inj, w1, w2, out) -> tuple:
+    """TMA descriptors of own, other, inj (own's when None: not read), W1, W2 and out."""
+    r = w1.shape[0]
+    src_box = [BLOCK_M, CHUNK]
+    return (_describe(own, src_box), _describe(other, src_box), _describe(inj if inj is not None else own, src_box),
+            _describe(w1, [r, CHUNK]), _describe(w2, [CHUNK, r]), _describe(out, [BLOCK_M // 2, CHUNK]))
+
+
+def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor,
+                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None) -> torch.Tensor:
+    """``out`` [M, D] (see the module docstring); the caller checks ``supported``. ``programs``: the
+    persistent grid (default one program per SM; tests pass fewer to give each several tiles)."""
+    from hrm_kernels.precompile import launch
+
+    m, d = own.shape
+    out = torch.empty_like(own)
+    tiles = triton.cdiv(m, BLOCK_M)
+    if programs is None:
+        programs = torch.cuda.get_device_properties(own.device).multi_processor_count
+    launch(_kernel(2 if inj is None else 3), (min(programs, tiles),), *descriptors(own, other, inj, w1, w2, out),
+           b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    return out
