@@ -19,9 +19,12 @@ n = R wgmma) into z in shared memory, then per chunk and source a [64, 64] logit
 sigmoid and the blend in registers, the chunk stored by TMA. Each stage's ``empty`` mbarrier counts
 both warpgroups' releases.
 
-Why: the Triton kernel (177-217 us at the Sudoku shape, H100/H200) holds each program's rows
-through both GEMMs with a tl.dot pipeline; here TMA loads run ahead of the tensor cores in their
-own warp. Requirements (``supported``): Hopper, bf16/fp16 activations and weights of one dtype
+Why: the Triton kernel holds each program's rows through both GEMMs with a tl.dot pipeline; here
+TMA loads run ahead of the tensor cores in their own warp. H100, bf16, GPU us against the Triton
+kernel (session 28, measured before the release fence below was added): Sudoku's 62976 rows 174.9
+vs 203.1 with inj, 120.8 vs 151.7 with inj=None; ARC's 86496 rows 252.8 vs 287.7 and 173.3 vs
+214.2. A gated ARC training step with the fence: 122.2 / 123.0 vs 123.3 / 123.5 ms
+(benchmarks/RESULTS.md). Requirements (``supported``): Hopper, bf16/fp16 activations and weights of one dtype
 (biases any float dtype), D a multiple of 64, R of 64 or 128, contiguous rows, M >= 1. No
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
 """
@@ -170,6 +173,10 @@ if _HAVE_GLUON:
                                           layout=chunk_layout), use_acc=False, is_async=True)
                     logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
                     x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+                    # The x tile was read by ordinary shared-memory loads; the TMA that refills the
+                    # stage writes through the async proxy, so the reads are fenced before release.
+                    # Without the fence (H100, 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
+                    fence_async_shared()
                     mbarrier.arrive(empty.index(s), count=1)
                     out += _fast_sigmoid(logit + bias2) * x
                     step += 1

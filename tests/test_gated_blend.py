@@ -508,11 +508,13 @@ def _gluon_inputs(rows, d, r, dtype, inj=True):
 @requires_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (130, 128, 64)], ids=str)
+@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (130, 128, 64),
+                                      (62976, 512, 128)], ids=str)
 def test_gluon_forward_matches_float64(monkeypatch, dtype, inj, rows, d, r):
-    """Rows that leave a partial last tile, one to eight 64-column chunks, both gate hidden sizes:
-    the output within the bound eager's same-precision error sets against float64, and the same
-    bits when each program takes several tiles (3 programs)."""
+    """Rows that leave a partial last tile, one to eight 64-column chunks, both gate hidden sizes,
+    and the model's Sudoku size (many tiles a program: the ring's stages under load): the output
+    within the bound eager's same-precision error sets against float64, and the same bits when each
+    program takes several tiles (3 programs)."""
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
     calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
     with torch.no_grad(), use_backend("triton"):
@@ -525,8 +527,9 @@ def test_gluon_forward_matches_float64(monkeypatch, dtype, inj, rows, d, r):
 
 @requires_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_gluon_inj_none_equals_zeros(dtype):
-    inputs = _gluon_inputs(300, 128, 128, dtype)
+@pytest.mark.parametrize("rows", [300, 62976])
+def test_gluon_inj_none_equals_zeros(dtype, rows):
+    inputs = _gluon_inputs(rows, 512 if rows > 1000 else 128, 128, dtype)
     with torch.no_grad():
         zeros = gated_blend(inputs[0], inputs[1], torch.zeros_like(inputs[0]), *inputs[3:])
         none = gated_blend(inputs[0], inputs[1], None, *inputs[3:])
