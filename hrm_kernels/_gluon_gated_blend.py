@@ -23,9 +23,11 @@ Why: the Triton kernel holds each program's rows through both GEMMs with a tl.do
 TMA loads run ahead of the tensor cores in their own warp. H100, bf16, GPU us against the Triton
 kernel (session 28, measured before the release fence below was added): Sudoku's 62976 rows 174.9
 vs 203.1 with inj, 120.8 vs 151.7 with inj=None; ARC's 86496 rows 252.8 vs 287.7 and 173.3 vs
-214.2. A gated ARC training step with the fence: 122.2 / 123.0 vs 123.3 / 123.5 ms
-(benchmarks/RESULTS.md). Requirements (``supported``): Hopper, bf16/fp16 activations and weights of one dtype
-(biases any float dtype), D a multiple of 64, R of 64 or 128, contiguous rows, M >= 1. No
+214.2. A gated ARC training step with the fence: 122.2 / 123.0 vs 123.3 / 123.5 ms, GPU time
+outside matmuls and attention 15.2 / 15.4 vs 15.7 / 15.7 ms (benchmarks/RESULTS.md; the step
+difference is within the noise between runs). Requirements (``supported``): Hopper, bf16/fp16
+activations and weights of one dtype (biases any float dtype), D a multiple of 64, R of 64 or
+128, contiguous rows, 16-byte aligned pointers, M >= 1. No
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
 """
 
@@ -251,6 +253,8 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.T
     tiles = triton.cdiv(m, BLOCK_M)
     if programs is None:
         programs = torch.cuda.get_device_properties(own.device).multi_processor_count
+    if programs < 1:
+        raise ValueError(f"gated_blend (Gluon): programs must be at least 1, got {programs}")
     launch(_kernel(2 if inj is None else 3), (min(programs, tiles),), *descriptors(own, other, inj, w1, w2, out),
            b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return out

@@ -528,11 +528,13 @@ def test_gluon_forward_matches_float64(monkeypatch, dtype, inj, rows, d, r):
 @requires_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("rows", [300, 62976])
-def test_gluon_inj_none_equals_zeros(dtype, rows):
+def test_gluon_inj_none_equals_zeros(monkeypatch, dtype, rows):
     inputs = _gluon_inputs(rows, 512 if rows > 1000 else 128, 128, dtype)
+    calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
     with torch.no_grad():
         zeros = gated_blend(inputs[0], inputs[1], torch.zeros_like(inputs[0]), *inputs[3:])
         none = gated_blend(inputs[0], inputs[1], None, *inputs[3:])
+    assert len(calls) == 2  # both through the Gluon kernel (3 and 2 sources)
     assert torch.equal(none, zeros)
 
 
@@ -557,3 +559,5 @@ def test_gluon_forward_routing(monkeypatch):
         gated_blend(*inputs)
     gated_blend(*[t.detach().requires_grad_() for t in inputs])
     assert len(calls) == 1
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        ggb.gated_blend_forward(*inputs, programs=0)
