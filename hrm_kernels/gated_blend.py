@@ -20,7 +20,9 @@ columns ``STATS_COLUMNS[:4]``; ``saturation=True`` adds the fifth, ``[3, 5]``:
   its gradient pushes saturated gates back towards the middle without vanishing as they saturate.
 
 Fused Triton kernels (forward and backward, see the layout notes below) run on CUDA tensors and
-under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math. With
+under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math. On
+Hopper the no-gradient forward without stats (the model's recurrence) runs the warp-specialised
+Gluon kernel ``hrm_kernels._gluon_gated_blend`` instead where it can (``USE_GLUON``). With
 bf16/fp16 activations on CUDA the gates' sigmoid is ``hrm_kernels._math``'s one-instruction
 ``tanh.approx`` form (absolute error under 2^-12, below the bf16 rounding of the blend).
 
