@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import environment  # noqa: E402
 
-MODULES = ("rms_norm", "swiglu", "linear_swiglu", "linear_add_rms_norm", "swiglu_linear", "rope_attention", "gated_blend", "adam_atan2")
+MODULES = ("rms_norm", "add3", "swiglu", "linear_swiglu", "linear_add_rms_norm", "swiglu_linear", "rope_attention", "gated_blend", "adam_atan2")
 
 HEADER = """# Benchmark results
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hrm_kernels import _math, gated_blend, get_backend, rms_norm, use_backend
+from hrm_kernels import _math, add3, gated_blend, get_backend, rms_norm, use_backend
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
@@ -80,7 +80,12 @@ class GatingNetwork(nn.Module):
 
 
 class ReasoningModule(nn.Module):
-    """``h = input(own, other, inj)``, then the blocks. Ungated input: ``own + (other + inj)``."""
+    """``h = input(own, other, inj)``, then the blocks. Ungated input: ``own + (other + inj)``.
+
+    ``FUSED_INPUT`` (on): that sum is ``hrm_kernels.add3``, one pass over memory instead of two
+    adds, bit-identical to them (the L modules' calls, which have an injection)."""
+
+    FUSED_INPUT = True
 
     def __init__(self, config: HRMConfig, num_layers: int):
         super().__init__()
@@ -101,7 +106,8 @@ class ReasoningModule(nn.Module):
         position 0 alone, [batch, 1, hidden] (the last block computes nothing else)."""
         gate_stats = None
         if self.gating_network is None:
-            h = own + (other if inj is None else other + inj)
+            h = (own + other if inj is None else add3(own, other, inj) if self.FUSED_INPUT
+                 else own + (other + inj))
         elif stats:
             h, gate_stats = self.gating_network.blend(own, other, inj, stats=True, saturation=self.gate_saturation)
         else:
@@ -276,7 +282,7 @@ class HRMInner(nn.Module):
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
                 Attention.ROPE_IN_QKV,
-                Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL, Block.DEFERRED_NORM,
+                Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL, Block.DEFERRED_NORM, ReasoningModule.FUSED_INPUT,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,

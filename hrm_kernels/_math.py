@@ -41,3 +41,14 @@ def sigmoid(x, FAST: tl.constexpr):
         return 0.5 + 0.5 * t
     else:
         return tl.sigmoid(x)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
+    """``x.to(dtype)``. EMU_BF16 (bf16 under the interpreter, which truncates fp32 -> bf16): round
+    to nearest even first, as the GPU does, so that interpreter tests see the GPU's rounding."""
+    if EMU_BF16:
+        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)

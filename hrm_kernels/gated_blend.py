@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels import _gluon_gated_blend
+from hrm_kernels._math import cast as _cast
 from hrm_kernels._math import fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
@@ -102,17 +103,6 @@ _SAT_L = tl.constexpr(SATURATION_LOGIT)
 
 
 # ----------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, EMU_BF16: tl.constexpr):
-    # EMU_BF16 (bf16 under the interpreter, which truncates fp32 -> bf16): round to nearest even
-    # first, as the GPU does, so that interpreter tests see the GPU's rounding error.
-    if EMU_BF16:
-        u = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        u = u + 0x7FFF + ((u >> 16) & 1)
-        x = ((u >> 16) << 16).to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

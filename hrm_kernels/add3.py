@@ -1,0 +1,96 @@
+"""The sum of three tensors in one pass, rounded as HRM's eager code rounds it: the ungated
+reasoning module's input ``own + (other + inj)``.
+
+Shapes: ``a``, ``b``, ``c``: the same shape and dtype -> that shape and dtype::
+
+    out   = a + round(b + c)        round: to the inputs' dtype; both sums in fp32
+    da    = db = dc = dout
+
+Two eager adds move six tensors' worth of memory (read two, write one, twice); the kernel reads
+three and writes one. The intermediate rounding keeps the result bit-identical to the eager
+expression, so checkpoints and the reference model's trajectories do not move.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hrm_kernels._math import cast
+from hrm_kernels._utils import cdiv, check_float, check_same
+from hrm_kernels.backend import triton_interpreting, use_triton
+from hrm_kernels.precompile import launch
+
+BLOCK = 4096  # elements per program: 8 KB of each bf16 input
+
+
+@triton.jit
+def _add3_kernel(A, B, C, OUT, n, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dtype = OUT.dtype.element_ty
+    a = tl.load(A + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + offs, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(C + offs, mask=mask, other=0.0).to(tl.float32)
+    bc = cast(b + c, dtype, EMU_BF16).to(tl.float32)  # the eager code's intermediate tensor
+    tl.store(OUT + offs, cast(a + bc, dtype, EMU_BF16), mask=mask)
+
+
+def add3_forward(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a, b, c: contiguous, one shape and dtype -> a + (b + c)."""
+    out = torch.empty_like(a)
+    n = a.numel()
+    if n:
+        launch(_add3_kernel, (cdiv(n, BLOCK),), a, b, c, out, n, BLOCK=BLOCK,
+               EMU_BF16=triton_interpreting() and a.dtype == torch.bfloat16, num_warps=8)
+    return out
+
+
+class Add3Function(torch.autograd.Function):
+    """Eager-mode entry. The gradient of each input is the output's gradient itself."""
+
+    @staticmethod
+    def forward(ctx, a, b, c):
+        return add3_forward(a, b, c)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout, dout, dout
+
+
+@torch.library.custom_op("hrm_kernels::add3", mutates_args=())
+def _add3_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return add3_forward(a, b, c)
+
+
+@_add3_op.register_fake
+def _(a, b, c):
+    return torch.empty_like(a)
+
+
+def _backward(ctx, dout):
+    return dout, dout, dout
+
+
+_add3_op.register_autograd(_backward)
+
+
+def add3_reference(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """HRM's eager expression, also the CPU fallback."""
+    return a + (b + c)
+
+
+def add3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a + (b + c)`` for three tensors of one shape and dtype, in one kernel on CUDA."""
+    op = "add3"
+    for name, t in (("a", a), ("b", b), ("c", c)):
+        check_float(name, t, op)
+    for name, t in (("b", b), ("c", c)):
+        check_same(op, "a", a, name, t)
+    if not use_triton(a.device):
+        return add3_reference(a, b, c)
+    a, b, c = (t.contiguous() for t in (a, b, c))
+    if torch.compiler.is_compiling():
+        return torch.ops.hrm_kernels.add3(a, b, c)
+    return Add3Function.apply(a, b, c)
