@@ -83,7 +83,7 @@ class ReasoningModule(nn.Module):
     """``h = input(own, other, inj)``, then the blocks. Ungated input: ``own + (other + inj)``.
 
     ``FUSED_INPUT`` (on): that sum is ``hrm_kernels.add3``, one pass over memory instead of two
-    adds, bit-identical to them (the L modules' calls, which have an injection)."""
+    adds, bit-identical to them (the L modules' calls, which have an injection; ``_input_sum``)."""
 
     FUSED_INPUT = True
 
@@ -99,6 +99,14 @@ class ReasoningModule(nn.Module):
         # the stats' saturation column (a third of their cost in the kernel) only for the regulariser
         self.gate_saturation = config.gate_reg_weight > 0
 
+    def _input_sum(self, own: torch.Tensor, other: torch.Tensor, inj: torch.Tensor) -> torch.Tensor:
+        """``own + (other + inj)``; through ``add3`` where it applies (not under torch.compile, which
+        fuses the two adds itself; one shape and dtype, as the model's states have)."""
+        if (self.FUSED_INPUT and not torch.compiler.is_compiling() and own.dtype == other.dtype == inj.dtype
+                and own.shape == other.shape == inj.shape):
+            return add3(own, other, inj)
+        return own + (other + inj)
+
     def forward(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], cos_sin,
                 stats: bool = False, first_position: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Returns (new state, gate stats [3, 4] or None; [3, 5] with the regulariser's saturation
@@ -106,8 +114,7 @@ class ReasoningModule(nn.Module):
         position 0 alone, [batch, 1, hidden] (the last block computes nothing else)."""
         gate_stats = None
         if self.gating_network is None:
-            h = (own + other if inj is None else add3(own, other, inj) if self.FUSED_INPUT
-                 else own + (other + inj))
+            h = own + other if inj is None else self._input_sum(own, other, inj)
         elif stats:
             h, gate_stats = self.gating_network.blend(own, other, inj, stats=True, saturation=self.gate_saturation)
         else:

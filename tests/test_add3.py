@@ -51,12 +51,15 @@ def test_one_input_without_grad():
 
 
 def test_non_contiguous_and_empty():
-    a, b, c = _inputs((37, 6), torch.float32)
+    """Three layouts at once: a strided view with gaps, a transposed tensor and a dense one."""
+    a = torch.randn(6, 74, device=DEVICE)[:, ::2]
+    b = torch.randn(37, 6, device=DEVICE).t()
+    c = torch.randn(6, 37, device=DEVICE)
     with use_backend("triton"):
-        got = add3(a.t(), b.t(), c.t())
+        got = add3(a, b, c)
         empty = add3(*(torch.empty(0, 4, device=DEVICE) for _ in range(3)))
-    assert torch.equal(got, a.t() + (b.t() + c.t()))
-    assert empty.shape == (0, 4)
+    assert torch.equal(got, a + (b + c))
+    assert empty.shape == (0, 4) and empty.numel() == 0
 
 
 def test_clear_errors():
@@ -70,14 +73,16 @@ def test_clear_errors():
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph(monkeypatch, backend):
     a, b, c = _inputs((6, 37), torch.float32)
     c.requires_grad_()
     compile_backend = "inductor" if (backend == "eager" or CUDA) else "aot_eager"
+    calls = record_calls(monkeypatch, add3_module, "add3_forward")
     with use_backend(backend):
         torch._dynamo.reset()
         out = torch.compile(lambda x, y, z: add3(x * 2.0, y, z), fullgraph=True, backend=compile_backend)(a, b, c)
         (grad,) = torch.autograd.grad(out.sum(), c)
+    assert len(calls) == (backend == "triton")  # the custom op's kernel, once
     assert torch.equal(out, add3_reference(a * 2.0, b, c))
     assert torch.equal(grad, torch.ones_like(c))
 
@@ -93,18 +98,24 @@ def test_cuda_large(shape, dtype):
 
 def test_model_ungated_input_bit_identical(monkeypatch):
     """The ungated L modules' input runs through add3 with ``ReasoningModule.FUSED_INPUT``, and the
-    loss, outputs and every gradient of a training segment are bit-identical with it off."""
+    loss, outputs and every gradient of a bf16 training segment (where the intermediate rounding
+    matters) are bit-identical with it off."""
     from hrm import ACTLossHead, HRM
     from hrm.model import ReasoningModule
     from tests.test_model_spec import make_batch, randomize_, tiny_config
 
     torch.manual_seed(7)
     model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=32, H_layers=1, L_layers=1, H_cycles=1,
-                            L_cycles=2, halt_exploration_prob=0.0, kernels="triton",
+                            L_cycles=2, halt_exploration_prob=0.0, kernels="triton", forward_dtype="bfloat16",
                             cuda_graphs=False)).to(DEVICE)  # (a graph's capture runs each call thrice)
     randomize_(model)
     batch = {k: v.to(DEVICE) for k, v in make_batch(None).items()}
     calls = record_calls(monkeypatch, add3_module, "add3_forward")
+    monkeypatch.setattr(ReasoningModule, "FUSED_INPUT", True)
+    with torch.no_grad():  # states of other dtypes or shapes take the eager sum
+        x = torch.randn(2, 3, 32, device=DEVICE, dtype=torch.bfloat16)
+        assert torch.equal(model.inner.L_level._input_sum(x, x.float(), x), x + (x.float() + x))
+    assert not calls
 
     def run(fused):
         monkeypatch.setattr(ReasoningModule, "FUSED_INPUT", fused)
