@@ -272,9 +272,10 @@ if _HAVE_GLUON:
     @gluon.jit
     def _produce_dpre(dout_desc, own_desc, other_desc, inj_desc, w2_desc, z_desc, x_bufs, w_bufs, z_buf, ready, empty,
                       z_ready, z_empty, M, D, KINDS: gl.constexpr):
-        """The backward's producer warp: per tile of BM rows, z [BM, R] into its own buffer once both
-        consumers are done with the previous tile's, then per 64-column chunk the dout tile (a ring
-        stage without a weight tile) and per source its tile with its W2 tile [BK, R]."""
+        """The backward's producer warp: per tile of BM rows and 64-column chunk the dout tile (a ring
+        stage without a weight tile) and per source its tile with its W2 tile [BK, R]; after the
+        first dout tile, z [BM, R] into its own buffer once both consumers are done with the
+        previous tile's."""
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         S: gl.constexpr = x_bufs.type.shape[0]
@@ -285,15 +286,16 @@ if _HAVE_GLUON:
         t = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
             off_m = tile * BM
-            mbarrier.wait(z_empty, (t & 1) ^ 1)
-            mbarrier.expect(z_ready, z_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(z_desc, [off_m, 0], z_ready, z_buf)
             for c in range(chunks):
                 s = step % S
                 mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
                 mbarrier.expect(ready.index(s), X_BYTES)
                 tma.async_copy_global_to_shared(dout_desc, [off_m, c * BK], ready.index(s), x_bufs.index(s))
                 step += 1
+                if c == 0:  # z once the previous tile's is free: the first dout tile is already on its way
+                    mbarrier.wait(z_empty, (t & 1) ^ 1)
+                    mbarrier.expect(z_ready, z_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(z_desc, [off_m, 0], z_ready, z_buf)
                 for kind in gl.static_range(KINDS):
                     src = _source_desc(kind, own_desc, other_desc, inj_desc)
                     s = step % S
@@ -603,7 +605,8 @@ if _HAVE_GLUON:
             x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + own_desc.block_type.shape, own_desc.layout)
             w_bufs = gl.allocate_shared_memory(dtype, [2] + w2_desc.block_type.shape, w2_desc.layout)
             dl_buf = gl.allocate_shared_memory(dtype, own_desc.block_type.shape, own_desc.layout)
-            dg_buf = gl.allocate_shared_memory(gl.float32, [BM, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+            dg_buf = gl.allocate_shared_memory(gl.float32, [BM, BK], gl.SwizzledSharedLayout(2, 1, 8, [1, 0]))  # (swizzled:
+        # the accumulator layout's rows 256 B apart would share banks)
             out_buf = gl.allocate_shared_memory(dtype, down_desc.block_type.shape, down_desc.layout)
             ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())

@@ -579,7 +579,7 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
 
 
 def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
-    """(d_pre1 [M, R], db1 partials [programs, R])."""
+    """(d_pre1 [M, R], db1 partials [programs, R] (the Gluon kernel's: [2 * tiles, R]))."""
     if (USE_GLUON_BACKWARD and coef is None and flags["FAST_SIGMOID"]
             and _gluon_gated_blend.dpre_supported(dout, own, other, inj, w2, b2, pre1, z)):
         return _gluon_gated_blend.backward_dpre(dout, own, other, inj, w2, b2, pre1, z)
