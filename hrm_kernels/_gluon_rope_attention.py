@@ -51,7 +51,7 @@ def supported(qkv: torch.Tensor, cos, sin) -> bool:
     if not (available(qkv.device) and qkv.dtype in (torch.bfloat16, torch.float16) and qkv.dim() == 4):
         return False
     batch, seq, three_heads, head_dim = qkv.shape
-    if not (1 <= seq <= BLOCK and head_dim == HEAD_DIM and three_heads % 3 == 0 and batch >= 1
+    if not (1 <= seq <= BLOCK and head_dim == HEAD_DIM and three_heads >= 3 and three_heads % 3 == 0 and batch >= 1
             and qkv.is_contiguous() and qkv.data_ptr() % 16 == 0):
         return False
     if cos is None:
@@ -134,8 +134,9 @@ if _HAVE_GLUON:
                 k2v.slice(WG * ROWS, ROWS, dim=0).store(k2)
                 q1, q2 = _rotate(q1, q2, c, sn, dtype)
             fence_async_shared()  # the rotated keys for the wgmmas; the q reads before the slot's release
-            mbarrier.arrive(k_done.index(s), count=1)
-            mbarrier.wait(k_done.index(s), phase)  # both halves of k rotated
+            if ROPE:
+                mbarrier.arrive(k_done.index(s), count=1)
+                mbarrier.wait(k_done.index(s), phase)  # both halves of k rotated
             scores = warpgroup_mma(gl.convert_layout(q1, q_operand), k1v.permute((1, 0)),
                                    gl.zeros((ROWS, BM), dtype=gl.float32, layout=s_layout), use_acc=False,
                                    is_async=True)

@@ -377,19 +377,22 @@ requires_gluon = pytest.mark.skipif(not (CUDA and gra.available(torch.device("cu
 
 
 @requires_gluon
-@pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
+@pytest.mark.parametrize("rotate", ["views", "packed", None], ids=["rope_views", "rope_packed", "no_rope"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 82, 3, 64), (3, 1, 2, 64), (2, 64, 2, 64), (2, 65, 2, 64), (2, 128, 3, 64),
                                    (768, 82, 8, 64)], ids=str)
 def test_gluon_forward_matches_float64(monkeypatch, shape, dtype, rotate):
     """One key, one warpgroup's rows, one more, the longest sequence, and HRM's Sudoku call (many
-    items a program: the slots under load), with the model's half-table views: within the bound
-    eager's same-precision error sets against float64, and the same bits with 3 programs."""
+    items a program: the slots under load), with the model's half-table views (row stride 64) or
+    packed half tables (32): within the bound eager's same-precision error sets against float64,
+    and the same bits with 3 programs."""
     monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
     cos, sin = _tables(s + 3, d, device="cuda") if rotate else (None, None)
     half = first_halves(cos, sin) if rotate else (None, None)
+    if rotate == "packed":
+        half = tuple(t.contiguous() for t in half)
     calls = record_calls(monkeypatch, gra, "rope_attention_forward")
     with use_backend("triton"), torch.no_grad():
         got = rope_attention(qkv, *half)
@@ -406,7 +409,9 @@ def test_gluon_forward_routing(monkeypatch):
     calls = record_calls(monkeypatch, gra, "rope_attention_forward")
     cos, sin = first_halves(*_tables(140, 64, device="cuda"))
     qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
+    assert not gra.supported(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)
+    assert not gra.supported(qkv[:, :, :0], cos, sin)  # no heads
+    with use_backend("triton"), torch.no_grad():
         rope_attention(qkv, cos, sin)  # off by default
         monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
         rope_attention(qkv, cos, sin)
@@ -416,7 +421,8 @@ def test_gluon_forward_routing(monkeypatch):
         rope_attention(torch.randn(2, 82, 6, 32, device="cuda", dtype=torch.bfloat16), *first_halves(
             *_tables(140, 32, device="cuda")))  # head_dim 32
         rope_attention(qkv.float(), cos, sin)
-    rope_attention(qkv.detach().requires_grad_(), cos, sin)  # with a gradient
+    with use_backend("triton"):
+        rope_attention(qkv.detach().requires_grad_(), cos, sin)  # with a gradient
     assert len(calls) == 1
     with pytest.raises(ValueError, match="programs must be at least 1"):
         gra.rope_attention_forward(qkv, cos, sin, programs=0)
