@@ -1,4 +1,4 @@
-"""``rope_attention``'s no-gradient forward for short sequences (HRM's Sudoku: 82 tokens, head_dim
+"""``rope_attention``'s forward for short sequences (HRM's Sudoku: 82 tokens, head_dim
 64) as a warp-specialised, persistent Gluon kernel for Hopper::
 
     q', k' = rope(q), rope(k)                      fp32 rotation, rounded to qkv's dtype
@@ -10,7 +10,8 @@ sequence load as zeros) into one of ``SLOTS`` shared-memory slots. Two consumer 
 query rows each: each rotates its 64 rows of k in place (the halves make rotate-half RoPE
 elementwise) and of q in registers, they meet on a barrier, then ``s = q1' k1'^T + q2' k2'^T`` (q
 as the register operand), the softmax over the keys in registers (past the sequence masked), ``o =
-p v`` (p as the register operand), and ``o / l`` leaves by TMA (rows past the sequence clipped).
+p v`` (p as the register operand), and ``o / l`` leaves by TMA (rows past the sequence clipped);
+with ``with_lse`` (calls with a gradient) each query's log2-sum-exp2 too, for the Triton backward.
 
 Session 29: written and compiled for sm_90 (Triton 3.6 and 3.8), NOT RUN ON A GPU; behind
 ``rope_attention.USE_GLUON`` (off). Why: the Triton kernel took 174 us a call in the gated Sudoku
@@ -95,7 +96,8 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _consume(out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready, empty, k_done, cos, sin,
-                 stride_t, n_items, heads, seq_len, qk_scale, ROPE: gl.constexpr, WG: gl.constexpr):
+                 stride_t, lse, n_items, heads, seq_len, qk_scale, ROPE: gl.constexpr, STORE_LSE: gl.constexpr,
+                 WG: gl.constexpr):
         """Consumer warpgroup ``WG``: query (and key) rows [64 WG, 64 WG + 64) of every item."""
         S: gl.constexpr = q1_bufs.type.shape[0]
         BM: gl.constexpr = q1_bufs.type.shape[2]
@@ -146,6 +148,9 @@ if _HAVE_GLUON:
             m = gl.max(scores, axis=1)
             p = gl.exp2(scores - gl.expand_dims(m, 1))
             l = gl.sum(p, axis=1)
+            if STORE_LSE:  # what the backward recomputes the probabilities from (the Triton kernel's LSE)
+                q_rows = WG * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                gl.store(lse + item.to(gl.int64) * seq_len + q_rows, m + gl.log2(l), mask=q_rows < seq_len)
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_operand), v_bufs.index(s).reshape([BM, 2 * HALF]),
                               gl.zeros((ROWS, 2 * HALF), dtype=gl.float32, layout=o_layout), use_acc=False,
                               is_async=True)
@@ -160,17 +165,19 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(rope: bool):
+    def _kernel(rope: bool, store_lse: bool = False):
+        """The kernel with or without rotation, and writing each query's log2-sum-exp2 or not."""
         ROPE = gl.constexpr(rope)
+        STORE_LSE = gl.constexpr(store_lse)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
             @gluon.jit
             def consume(half_desc, full_desc, out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready,
-                        empty, k_done, cos, sin, stride_t, n_items, heads, seq_len, qk_scale):
+                        empty, k_done, cos, sin, stride_t, lse, n_items, heads, seq_len, qk_scale):
                 _consume(out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready, empty, k_done, cos,
-                         sin, stride_t, n_items, heads, seq_len, qk_scale, ROPE, WG)
+                         sin, stride_t, lse, n_items, heads, seq_len, qk_scale, ROPE, STORE_LSE, WG)
 
             return consume
 
@@ -178,11 +185,11 @@ if _HAVE_GLUON:
 
         @gluon.jit
         def producer(half_desc, full_desc, out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready,
-                     empty, k_done, cos, sin, stride_t, n_items, heads, seq_len, qk_scale):
+                     empty, k_done, cos, sin, stride_t, lse, n_items, heads, seq_len, qk_scale):
             _produce(half_desc, full_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, ready, empty, n_items, heads)
 
         @gluon.jit
-        def rope_attention_kernel(half_desc, full_desc, out_desc, cos, sin, stride_t, n_items, heads, seq_len,
+        def rope_attention_kernel(half_desc, full_desc, out_desc, cos, sin, stride_t, lse, n_items, heads, seq_len,
                                   qk_scale, SLOTS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = half_desc.dtype
             q1_bufs = gl.allocate_shared_memory(dtype, [SLOTS] + half_desc.block_type.shape, half_desc.layout)
@@ -199,7 +206,7 @@ if _HAVE_GLUON:
                 mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
                 mbarrier.init(k_done.index(i), count=2)  # both have rotated their key rows
             args = (half_desc, full_desc, out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready, empty,
-                    k_done, cos, sin, stride_t, n_items, heads, seq_len, qk_scale)
+                    k_done, cos, sin, stride_t, lse, n_items, heads, seq_len, qk_scale)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
         return rope_attention_kernel
@@ -219,21 +226,23 @@ def descriptors(qkv: torch.Tensor, out: torch.Tensor) -> tuple:
             _desc(out.view(batch, seq, -1), [1, BLOCK // 2, HEAD_DIM]))
 
 
-def rope_attention_forward(qkv: torch.Tensor, cos, sin, programs: int | None = None) -> torch.Tensor:
-    """out [batch, seq, heads, 64] (see the module docstring); the caller checks ``supported``.
-    ``programs``: the persistent grid (default one program per SM)."""
+def rope_attention_forward(qkv: torch.Tensor, cos, sin, programs: int | None = None, with_lse: bool = False):
+    """out [batch, seq, heads, 64] (see the module docstring), or ``(out, lse)`` with ``with_lse``
+    (lse [batch * heads, seq] fp32, base 2: ``rope_attention``'s backward reads it); the caller checks
+    ``supported``. ``programs``: the persistent grid (default one program per SM)."""
     from hrm_kernels.precompile import launch
 
     batch, seq, three_heads, head_dim = qkv.shape
     heads = three_heads // 3
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     n_items = batch * heads
+    lse = torch.empty((n_items, seq), dtype=torch.float32, device=qkv.device) if with_lse else out
     if programs is None:
         programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     if programs < 1:
         raise ValueError(f"rope_attention (Gluon): programs must be at least 1, got {programs}")
-    launch(_kernel(cos is not None), (min(programs, n_items),), *descriptors(qkv, out),
+    launch(_kernel(cos is not None, with_lse), (min(programs, n_items),), *descriptors(qkv, out),
            cos if cos is not None else qkv, sin if sin is not None else qkv, cos.stride(0) if cos is not None else 0,
-           n_items, heads, seq,
+           lse, n_items, heads, seq,
            math.log2(math.e) / math.sqrt(head_dim), SLOTS=SLOTS, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    return out
+    return (out, lse) if with_lse else out

@@ -222,7 +222,7 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 # bf16): best 822 us (128 queries, 64 keys, 8 warps, 1 stage; 702 without RoPE) against 631 us for
 # rope_qkv + cuDNN (514 for cuDNN alone), so no-gradient calls keep that route too (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
-# The no-gradient forward on Hopper as a warp-specialised Gluon kernel
+# The forward (with or without the backward's LSE) on Hopper as a warp-specialised Gluon kernel
 # (``hrm_kernels._gluon_rope_attention``) where it runs (bf16/fp16, head_dim 64, half tables or no
 # rotation, sequences up to 128). Off: written and compiled for sm_90 (no spills), not yet run on a
 # GPU (session 29).
@@ -265,8 +265,8 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
             with_lse: bool = False):
     """The forward kernel: ``out`` [batch, seq, heads, head_dim], or ``(out, lse)`` with ``with_lse``
     (lse: [batch * heads, seq] fp32, base 2, for the backward). qkv's last two dims must be packed."""
-    if USE_GLUON and not with_lse and _gluon_rope_attention.supported(qkv, cos, sin):
-        return _gluon_rope_attention.rope_attention_forward(qkv, cos, sin)
+    if USE_GLUON and _gluon_rope_attention.supported(qkv, cos, sin):
+        return _gluon_rope_attention.rope_attention_forward(qkv, cos, sin, with_lse=with_lse)
     batch, seq, three_heads, head_dim = qkv.shape
     heads = three_heads // 3
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)

@@ -404,8 +404,28 @@ def test_gluon_forward_matches_float64(monkeypatch, shape, dtype, rotate):
 
 
 @requires_gluon
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (768, 82, 8, 64)], ids=str)
+def test_gluon_forward_with_gradient(monkeypatch, shape):
+    """With a gradient the Gluon forward also writes the log-sum-exp the Triton backward reads: the
+    output and the whole qkv gradient against float64."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(s + 1, d, device="cuda")
+    dout = torch.randn(b, s, h, d, device="cuda")
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward", with_kwargs=True)
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *first_halves(cos, sin), dout)
+    assert len(calls) == 1 and calls[0][1].get("with_lse")
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert_close_to_reference(f"gluon with a gradient {shape} {name}", g, e, r)
+
+
+@requires_gluon
 def test_gluon_forward_routing(monkeypatch):
-    """Only no-gradient calls it takes, with ``USE_GLUON`` on."""
+    """Only calls of shapes, dtypes and tables it takes, with ``USE_GLUON`` on."""
     calls = record_calls(monkeypatch, gra, "rope_attention_forward")
     cos, sin = first_halves(*_tables(140, 64, device="cuda"))
     qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
@@ -421,8 +441,7 @@ def test_gluon_forward_routing(monkeypatch):
         rope_attention(torch.randn(2, 82, 6, 32, device="cuda", dtype=torch.bfloat16), *first_halves(
             *_tables(140, 32, device="cuda")))  # head_dim 32
         rope_attention(qkv.float(), cos, sin)
-    with use_backend("triton"):
-        rope_attention(qkv.detach().requires_grad_(), cos, sin)  # with a gradient
-    assert len(calls) == 1
+        rope_attention(qkv.detach().requires_grad_(), cos, sin)  # under no_grad: no LSE needed
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="programs must be at least 1"):
         gra.rope_attention_forward(qkv, cos, sin, programs=0)
