@@ -224,6 +224,24 @@ for dt in ("bf16", "fp16", "fp32"):
         except Exception as e:
             failures += 1
             print("FAILED", "gluon rope_attention", rope, lse, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
+    for rope in (True, False):  # its backward
+        try:
+            names = ("half_desc", "full_desc", "o_desc", "do_desc", "dhalf_desc", "dfull_desc")
+            descs = dict(zip(names, gra.backward_descriptors(qkv, att_out, att_out, dqkv)))
+            compiled = compile_gluon_kernel(gra._backward_kernel(rope), dict(descs, cos=table if rope else qkv,
+                                                                             sin=table if rope else qkv, stride_t=32,
+                                                                             lse=table, n_items=6144, heads=8,
+                                                                             seq_len=82, qk_scale=0.18, sm_scale=0.125),
+                                            dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon rope_attention backward", rope, dt, compiled.metadata.shared, res)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon rope_attention backward", rope, dt, type(e).__name__,
+                  str(e).splitlines()[0][:400] if str(e) else "")
 sys.exit(1 if failures else 0)
 '''
 
@@ -240,5 +258,5 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 6  # (+ the Gluon rope_attention x 3 x 2)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 6 + 4  # (+ Gluon rope_attention: 3 + 2 forms x 2)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

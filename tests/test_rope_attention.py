@@ -405,18 +405,28 @@ def test_gluon_forward_matches_float64(monkeypatch, shape, dtype, rotate):
 
 @requires_gluon
 @pytest.mark.parametrize("shape", [(2, 82, 3, 64), (768, 82, 8, 64)], ids=str)
-def test_gluon_forward_with_gradient(monkeypatch, shape):
-    """With a gradient the Gluon forward also writes the log-sum-exp the Triton backward reads: the
-    output and the whole qkv gradient against float64."""
+def test_gluon_forward_and_backward_with_gradient(monkeypatch, shape):
+    """With a gradient the Gluon forward also writes the log-sum-exp, and the Gluon backward reads
+    it: the output and the whole qkv gradient against float64; the backward's the same bits with 3
+    programs, and next to the Triton backward's from the same saved tensors."""
     monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=torch.bfloat16)
     cos, sin = _tables(s + 1, d, device="cuda")
+    half = first_halves(cos, sin)
     dout = torch.randn(b, s, h, d, device="cuda")
     calls = record_calls(monkeypatch, gra, "rope_attention_forward", with_kwargs=True)
+    backward_calls = record_calls(monkeypatch, gra, "rope_attention_backward")
     with use_backend("triton"):
-        got = _out_and_grad(rope_attention, qkv, *first_halves(cos, sin), dout)
-    assert len(calls) == 1 and calls[0][1].get("with_lse")
+        got = _out_and_grad(rope_attention, qkv, *half, dout)
+    assert len(calls) == 1 and calls[0][1].get("with_lse") and len(backward_calls) == 1
+    out, lse = gra.rope_attention_forward(qkv, *half, with_lse=True)
+    dout_c = dout.to(qkv.dtype)
+    dqkv = gra.rope_attention_backward(qkv, *half, out, lse, dout_c)
+    assert torch.equal(gra.rope_attention_backward(qkv, *half, out, lse, dout_c, programs=3), dqkv)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
+    triton_dqkv = rope_attention_module._backward_launch(qkv, *half, out, lse, dout_c)
+    torch.testing.assert_close(dqkv.float(), triton_dqkv.float(), atol=0.05, rtol=0.05)
     eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
     ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
     for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
