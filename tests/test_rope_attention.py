@@ -367,3 +367,91 @@ def test_sudoku_shape_bf16_matches_sdpa():
     sdpa = F.scaled_dot_product_attention(rope_reference(q, cos, sin).transpose(1, 2),
                                           rope_reference(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
     assert_close_to_reference("sudoku bf16", got[:64], sdpa.transpose(1, 2), ref)
+
+
+# The no-gradient forward on Hopper as a Gluon kernel (``USE_GLUON``, off until run on a GPU): no
+# interpreter path (tests/test_compile_for_gpu.py compiles it for sm_90 on CPU).
+gra = importlib.import_module("hrm_kernels._gluon_rope_attention")
+requires_gluon = pytest.mark.skipif(not (CUDA and gra.available(torch.device("cuda"))),
+                                    reason="the Gluon attention kernel runs on a Hopper GPU")
+
+
+@requires_gluon
+@pytest.mark.parametrize("rotate", ["views", "packed", None], ids=["rope_views", "rope_packed", "no_rope"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (3, 1, 2, 64), (2, 64, 2, 64), (2, 65, 2, 64), (2, 128, 3, 64),
+                                   (768, 82, 8, 64)], ids=str)
+def test_gluon_forward_matches_float64(monkeypatch, shape, dtype, rotate):
+    """One key, one warpgroup's rows, one more, the longest sequence, and HRM's Sudoku call (many
+    items a program: the slots under load), with the model's half-table views (row stride 64) or
+    packed half tables (32): within the bound eager's same-precision error sets against float64,
+    and the same bits with 3 programs."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    cos, sin = _tables(s + 3, d, device="cuda") if rotate else (None, None)
+    half = first_halves(cos, sin) if rotate else (None, None)
+    if rotate == "packed":
+        half = tuple(t.contiguous() for t in half)
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward")
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, *half)
+    assert len(calls) == 1
+    assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
+    assert_close_to_reference(f"gluon {dtype} {shape} rotate={rotate}", got, rope_attention_reference(qkv, cos, sin),
+                              rope_attention64(qkv, cos, sin))
+    assert torch.equal(gra.rope_attention_forward(qkv, *half, programs=3), got)
+
+
+@requires_gluon
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (768, 82, 8, 64)], ids=str)
+def test_gluon_forward_and_backward_with_gradient(monkeypatch, shape):
+    """With a gradient the Gluon forward also writes the log-sum-exp, and the Gluon backward reads
+    it: the output and the whole qkv gradient against float64; the backward's the same bits with 3
+    programs, and next to the Triton backward's from the same saved tensors."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(s + 1, d, device="cuda")
+    half = first_halves(cos, sin)
+    dout = torch.randn(b, s, h, d, device="cuda")
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward", with_kwargs=True)
+    backward_calls = record_calls(monkeypatch, gra, "rope_attention_backward")
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *half, dout)
+    assert len(calls) == 1 and calls[0][1].get("with_lse") and len(backward_calls) == 1
+    out, lse = gra.rope_attention_forward(qkv, *half, with_lse=True)
+    dout_c = dout.to(qkv.dtype)
+    dqkv = gra.rope_attention_backward(qkv, *half, out, lse, dout_c)
+    assert torch.equal(gra.rope_attention_backward(qkv, *half, out, lse, dout_c, programs=3), dqkv)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
+    triton_dqkv = rope_attention_module._backward_launch(qkv, *half, out, lse, dout_c)
+    torch.testing.assert_close(dqkv.float(), triton_dqkv.float(), atol=0.05, rtol=0.05)
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert_close_to_reference(f"gluon with a gradient {shape} {name}", g, e, r)
+
+
+@requires_gluon
+def test_gluon_forward_routing(monkeypatch):
+    """Only calls of shapes, dtypes and tables it takes, with ``USE_GLUON`` on."""
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward")
+    cos, sin = first_halves(*_tables(140, 64, device="cuda"))
+    qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
+    assert not gra.supported(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)
+    assert not gra.supported(qkv[:, :, :0], cos, sin)  # no heads
+    with use_backend("triton"), torch.no_grad():
+        rope_attention(qkv, cos, sin)  # off by default
+        monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+        rope_attention(qkv, cos, sin)
+        assert len(calls) == 1
+        rope_attention(qkv, *_tables(140, 64, device="cuda"))  # full tables
+        rope_attention(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)  # too long
+        rope_attention(torch.randn(2, 82, 6, 32, device="cuda", dtype=torch.bfloat16), *first_halves(
+            *_tables(140, 32, device="cuda")))  # head_dim 32
+        rope_attention(qkv.float(), cos, sin)
+        rope_attention(qkv.detach().requires_grad_(), cos, sin)  # under no_grad: no LSE needed
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        gra.rope_attention_forward(qkv, cos, sin, programs=0)
