@@ -1,7 +1,7 @@
 """Session 29 check for the next GPU session (branch gluon-rope-attention): the Gluon no-gradient
 rope_attention forward against the Triton kernel and cuDNN (SDPA on pre-rotated q, k), GPU us, medians
 of 5 alternating rounds, at HRM's Sudoku call (768 x 82 x 8 heads x 64, bf16, half tables).
-    PYTHONPATH=. python3 .scratch/dev/att_check29.py"""
+    PYTHONPATH=. python3 experiments/gluon_first_run/att_check29.py"""
 import statistics, sys; sys.path.insert(0, ".")
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """Session 29 check, for the next GPU session (branch gluon-gb-dpre): the Gluon d_pre1 kernel against the
 library's Triton d_pre1 kernel and float64, then GPU time against it (medians of 5 alternating rounds).
-    python3 .scratch/dev/gb_dpre_check.py      (from the repository root, PYTHONPATH=.)"""
+    python3 experiments/gluon_first_run/gb_dpre_check.py      (from the repository root, PYTHONPATH=.)"""
 import statistics, sys; sys.path.insert(0, "."); sys.path.insert(0, "experiments/gluon_first_run")
 import torch
 from benchmarks.common import environment, gpu_us
