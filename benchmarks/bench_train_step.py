@@ -61,7 +61,8 @@ SWITCHES = {
     "rope_in_qkv": ("hrm.layers", "Attention", "ROPE_IN_QKV"),  # no-grad long sequences: RoPE in the qkv GEMM's epilogue
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
     "gluon_gated_blend_bwd": ("hrm_kernels.gated_blend", None, "USE_GLUON_BACKWARD"),  # the backward's two kernels in Gluon
-    "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # no-grad short-sequence attention: one Gluon kernel
+    "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
+    "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "add3": ("hrm.model", "ReasoningModule", "FUSED_INPUT"),  # ungated module input own + (other + inj) in one pass
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise

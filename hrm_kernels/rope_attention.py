@@ -222,11 +222,13 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 # bf16): best 822 us (128 queries, 64 keys, 8 warps, 1 stage; 702 without RoPE) against 631 us for
 # rope_qkv + cuDNN (514 for cuDNN alone), so no-gradient calls keep that route too (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
-# The forward (with or without the backward's LSE) and the backward on Hopper as warp-specialised
-# Gluon kernels (``hrm_kernels._gluon_rope_attention``) where they run (bf16/fp16, head_dim 64, half
-# tables or no rotation, sequences up to 128). Off: written and compiled for sm_90 (no spills), not
-# yet run on a GPU (session 29).
+# The forward (with or without the backward's LSE; ``USE_GLUON``) and the backward
+# (``USE_GLUON_BACKWARD``) on Hopper as warp-specialised Gluon kernels
+# (``hrm_kernels._gluon_rope_attention``) where they run (bf16/fp16, head_dim 64, half tables or no
+# rotation, sequences up to 128). Off: written and compiled for sm_90 (no spills), not yet run on a
+# GPU (session 29).
 USE_GLUON = False
+USE_GLUON_BACKWARD = False
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
@@ -291,8 +293,10 @@ def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Option
     heads = three_heads // 3
     if dout.dtype != qkv.dtype or dout.stride(-1) != 1 or dout.stride(-2) != head_dim:
         dout = dout.to(qkv.dtype).contiguous()
-    if USE_GLUON and _gluon_rope_attention.backward_supported(qkv, cos, sin, out, lse, dout):
-        return _gluon_rope_attention.rope_attention_backward(qkv, cos, sin, out, lse, dout)
+    if USE_GLUON_BACKWARD and _gluon_rope_attention.supported(qkv, cos, sin):
+        dout = dout.contiguous()  # (its TMA view is [batch, seq, heads * 64])
+        if _gluon_rope_attention.backward_supported(qkv, cos, sin, out, lse, dout):
+            return _gluon_rope_attention.rope_attention_backward(qkv, cos, sin, out, lse, dout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
         block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else INTERPRETER_BACKWARD_CONFIG
