@@ -39,14 +39,13 @@ import math
 import torch
 import triton
 
-from hrm_kernels._gluon_gemm import _HAVE_GLUON, available
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, available
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from hrm_kernels._gluon_gemm import _accumulator_layout
 
@@ -75,10 +74,21 @@ def supported(qkv: torch.Tensor, cos, sin) -> bool:
 if _HAVE_GLUON:
 
     @gluon.jit
+    def _load_qkv(half_desc, full_desc, q1_buf, q2_buf, k1_buf, k2_buf, v_buf, bar, b, h, heads):
+        """Item (b, h)'s q and k halves [1, BLOCK, 32] and v [1, BLOCK, 64] by TMA, counted on ``bar``."""
+        HALF: gl.constexpr = half_desc.block_type.shape[2]
+        q_col = h * 2 * HALF
+        k_col = (heads + h) * 2 * HALF
+        tma.async_copy_global_to_shared(half_desc, [b, 0, q_col], bar, q1_buf)
+        tma.async_copy_global_to_shared(half_desc, [b, 0, q_col + HALF], bar, q2_buf)
+        tma.async_copy_global_to_shared(half_desc, [b, 0, k_col], bar, k1_buf)
+        tma.async_copy_global_to_shared(half_desc, [b, 0, k_col + HALF], bar, k2_buf)
+        tma.async_copy_global_to_shared(full_desc, [b, 0, (2 * heads + h) * 2 * HALF], bar, v_buf)
+
+    @gluon.jit
     def _produce(half_desc, full_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, ready, empty, n_items, heads):
         """The producer warp: per item its q and k halves and v into the next free slot."""
         S: gl.constexpr = q1_bufs.type.shape[0]
-        HALF: gl.constexpr = half_desc.block_type.shape[2]
         NBYTES: gl.constexpr = 4 * half_desc.block_type.nbytes + full_desc.block_type.nbytes
         step = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -87,14 +97,8 @@ if _HAVE_GLUON:
             s = step % S
             mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
             mbarrier.expect(ready.index(s), NBYTES)
-            q_col = h * 2 * HALF
-            k_col = (heads + h) * 2 * HALF
-            tma.async_copy_global_to_shared(half_desc, [b, 0, q_col], ready.index(s), q1_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, q_col + HALF], ready.index(s), q2_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, k_col], ready.index(s), k1_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, k_col + HALF], ready.index(s), k2_bufs.index(s))
-            tma.async_copy_global_to_shared(full_desc, [b, 0, (2 * heads + h) * 2 * HALF], ready.index(s),
-                                            v_bufs.index(s))
+            _load_qkv(half_desc, full_desc, q1_bufs.index(s), q2_bufs.index(s), k1_bufs.index(s), k2_bufs.index(s),
+                      v_bufs.index(s), ready.index(s), b, h, heads)
             step += 1
 
     @gluon.jit
@@ -238,13 +242,8 @@ if _HAVE_GLUON:
             s = step % S
             mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
             mbarrier.expect(ready.index(s), NBYTES)
-            q_col = h * 2 * HALF
-            k_col = (heads + h) * 2 * HALF
-            tma.async_copy_global_to_shared(half_desc, [b, 0, q_col], ready.index(s), q1_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, q_col + HALF], ready.index(s), q2_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, k_col], ready.index(s), k1_bufs.index(s))
-            tma.async_copy_global_to_shared(half_desc, [b, 0, k_col + HALF], ready.index(s), k2_bufs.index(s))
-            tma.async_copy_global_to_shared(full_desc, [b, 0, (2 * heads + h) * 2 * HALF], ready.index(s), v_bufs.index(s))
+            _load_qkv(half_desc, full_desc, q1_bufs.index(s), q2_bufs.index(s), k1_bufs.index(s), k2_bufs.index(s),
+                      v_bufs.index(s), ready.index(s), b, h, heads)
             tma.async_copy_global_to_shared(o_desc, [b, 0, h * 2 * HALF], ready.index(s), o_bufs.index(s))
             tma.async_copy_global_to_shared(do_desc, [b, 0, h * 2 * HALF], ready.index(s), do_bufs.index(s))
             step += 1
@@ -428,11 +427,6 @@ if _HAVE_GLUON:
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
         return rope_attention_backward_kernel
-
-def _desc(t: torch.Tensor, box: list[int]):
-    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dtype))
-
 
 def descriptors(qkv: torch.Tensor, out: torch.Tensor) -> tuple:
     """qkv's [batch, seq, 3 * heads * 64] view in [1, BLOCK, 32] (q, k halves) and [1, BLOCK, 64] (v)
