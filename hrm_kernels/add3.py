@@ -47,16 +47,19 @@ def add3_forward(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Ten
     return out
 
 
+def _backward(ctx, dout):
+    """The gradient of each input is the output's gradient itself."""
+    return dout, dout, dout
+
+
 class Add3Function(torch.autograd.Function):
-    """Eager-mode entry. The gradient of each input is the output's gradient itself."""
+    """Eager-mode entry."""
 
     @staticmethod
     def forward(ctx, a, b, c):
         return add3_forward(a, b, c)
 
-    @staticmethod
-    def backward(ctx, dout):
-        return dout, dout, dout
+    backward = staticmethod(_backward)
 
 
 @torch.library.custom_op("hrm_kernels::add3", mutates_args=())
@@ -67,10 +70,6 @@ def _add3_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 @_add3_op.register_fake
 def _(a, b, c):
     return torch.empty_like(a)
-
-
-def _backward(ctx, dout):
-    return dout, dout, dout
 
 
 _add3_op.register_autograd(_backward)

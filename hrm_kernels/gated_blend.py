@@ -46,8 +46,7 @@ import triton
 import triton.language as tl
 
 from hrm_kernels import _gluon_gated_blend
-from hrm_kernels._math import cast as _cast
-from hrm_kernels._math import fast_sigmoid_for, sigmoid
+from hrm_kernels._math import cast as _cast, fast_sigmoid_for, sigmoid
 from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
 from hrm_kernels.precompile import launch
