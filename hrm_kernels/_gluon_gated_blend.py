@@ -30,8 +30,9 @@ activations and weights of one dtype (biases any float dtype), D a multiple of 6
 128, contiguous rows, 16-byte aligned pointers, M >= 1. No
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
 
-The backward (``gated_blend.USE_GLUON_BACKWARD``, off: written and compiled for sm_90 without
-spills in session 29, not yet run on a GPU). Its first kernel (``backward_dpre``, persistent)
+The backward, two kernels, one per phase (``gated_blend.USE_GLUON_DPRE``, on, and
+``USE_GLUON_BACKWARD_MAIN``, off: slower than the Triton phase at HRM's shapes; figures in
+``gated_blend``). Its first kernel (``backward_dpre``, persistent)
 computes, per 128-row tile::
 
     g     = sigmoid(z @ W2^T + round(b2))                  per source and 64-column chunk

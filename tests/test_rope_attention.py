@@ -17,6 +17,15 @@ from tests.tolerance import assert_close_to_reference
 # The module (its name is shadowed by the function in the package namespace).
 rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
+
+@pytest.fixture(autouse=True)
+def _triton_kernels(monkeypatch):
+    """The Triton kernels, which serve every GPU and shape the Gluon ones do not take, keep their
+    tests on Hopper too: the Gluon routes are off unless a test turns them on."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
+
+
 # bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (batch, seq, heads, head_dim): sequences over several key blocks (16 on the CPU, 32 on the GPU)
@@ -369,8 +378,9 @@ def test_sudoku_shape_bf16_matches_sdpa():
     assert_close_to_reference("sudoku bf16", got[:64], sdpa.transpose(1, 2), ref)
 
 
-# The forward and backward on Hopper as Gluon kernels (``USE_GLUON``, ``USE_GLUON_BACKWARD``, off until
-# run on a GPU): no interpreter path (tests/test_compile_for_gpu.py compiles them for sm_90 on CPU).
+# The forward and backward on Hopper as Gluon kernels (``USE_GLUON``, ``USE_GLUON_BACKWARD``, on by
+# default; the tests below turn them on themselves): no interpreter path (tests/test_compile_for_gpu.py
+# compiles them for sm_90 on CPU).
 gra = importlib.import_module("hrm_kernels._gluon_rope_attention")
 requires_gluon = pytest.mark.skipif(not (CUDA and gra.available(torch.device("cuda"))),
                                     reason="the Gluon attention kernel runs on a Hopper GPU")

@@ -86,19 +86,23 @@ for name, (m, d, r) in (("sudoku", (768 * 82, 512, 128)), ("arc", (96 * 901, 512
             out = lib.gated_blend(*leaves)
             torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
 
-        lib.USE_GLUON_BACKWARD = True
+        def phases(dpre, main):
+            lib.USE_GLUON_DPRE, lib.USE_GLUON_BACKWARD_MAIN = dpre, main
+
+        phases(True, True)
         got = bwd()
-        lib.USE_GLUON_BACKWARD = False
+        phases(False, False)
         ref = bwd()
         diffs = " ".join(f"{(a.float() - b.float()).abs().max().item():.3g}" for a, b in zip(got, ref) if a.numel())
-        times = {"triton": [], "gluon": [], "fb_triton": [], "fb_gluon": []}
+        routes = {"triton": (False, False), "gluon": (True, True), "dpre": (True, False)}
+        times = {k: [] for route in routes for k in (route, "fb_" + route)}
         for _ in range(5):
-            for flag, key in ((False, "triton"), (True, "gluon")):
-                lib.USE_GLUON_BACKWARD = flag
+            for key, flags in routes.items():
+                phases(*flags)
                 times[key].append(gpu_us(bwd))
                 times["fb_" + key].append(gpu_us(fwd_bwd))
-        lib.USE_GLUON_BACKWARD = False
+        phases(True, False)
         t = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{name} inj={inj}: backward Gluon {t['gluon']:.1f} us, Triton {t['triton']:.1f} "
-              f"({t['triton'] / t['gluon']:.2f}x); fwd+bwd {t['fb_gluon']:.1f} vs {t['fb_triton']:.1f} us; "
-              f"max diffs Gluon-Triton per gradient: {diffs}", flush=True)
+        print(f"{name} inj={inj}: backward Gluon {t['gluon']:.1f} us, Gluon d_pre1 + Triton phase 2 {t['dpre']:.1f}, "
+              f"Triton {t['triton']:.1f} ({t['triton'] / t['dpre']:.2f}x); fwd+bwd {t['fb_gluon']:.1f} / "
+              f"{t['fb_dpre']:.1f} / {t['fb_triton']:.1f} us; max diffs Gluon-Triton per gradient: {diffs}", flush=True)

@@ -11,5 +11,5 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_rope_attentio
 echo "== attention tests at $(( $(date +%s) - start )) s"
 timeout 150 python3 experiments/gluon_first_run/gb_dpre_check.py 2>&1 | grep -v Warn
 echo "== gated blend check at $(( $(date +%s) - start )) s"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_gated_blend.py -k gluon_backward 2>&1 | tail -8
+timeout 120 python3 -m pytest -q -p no:cacheprovider -x tests/test_gated_blend.py -k "gluon_backward or gluon_dpre" 2>&1 | tail -8
 echo "== gated blend tests at $(( $(date +%s) - start )) s"
