@@ -60,6 +60,10 @@ SWITCHES = {
     "gluon_swiglu_grad": ("hrm_kernels.linear_swiglu", None, "GLUON_KEEPS_GATE_UP"),  # with-grad gate_up + SwiGLU: one Gluon GEMM keeping gate_up
     "rope_in_qkv": ("hrm.layers", "Attention", "ROPE_IN_QKV"),  # no-grad long sequences: RoPE in the qkv GEMM's epilogue
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
+    "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
+    "gluon_gated_blend_main": ("hrm_kernels.gated_blend", None, "USE_GLUON_BACKWARD_MAIN"),  # ... and its second phase
+    "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
+    "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "add3": ("hrm.model", "ReasoningModule", "FUSED_INPUT"),  # ungated module input own + (other + inj) in one pass
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise

@@ -37,6 +37,7 @@ from hrm.sparse_embedding import CastedSparseEmbedding
 _swiglu_linear_module = importlib.import_module("hrm_kernels.swiglu_linear")
 _linear_swiglu_module = importlib.import_module("hrm_kernels.linear_swiglu")
 _gated_blend_module = importlib.import_module("hrm_kernels.gated_blend")  # (the package exports the function)
+_rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
 LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digits)
 
@@ -294,6 +295,8 @@ class HRMInner(nn.Module):
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
                 _linear_swiglu_module.GLUON_KEEPS_GATE_UP, _gated_blend_module.USE_GLUON,
+                _gated_blend_module.USE_GLUON_DPRE, _gated_blend_module.USE_GLUON_BACKWARD_MAIN,
+                _rope_attention_module.USE_GLUON, _rope_attention_module.USE_GLUON_BACKWARD,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 

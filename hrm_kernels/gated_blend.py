@@ -69,6 +69,14 @@ MAX_FUSED_R = 256
 # Gluon kernel (``hrm_kernels._gluon_gated_blend``) where it runs (2-byte activations and weights of
 # one dtype, D a multiple of 64, R of 64 or 128), else the Triton kernel below.
 USE_GLUON = True
+# The backward's phases as warp-specialised Gluon kernels (``hrm_kernels._gluon_gated_blend``'s
+# ``backward_dpre``: ``USE_GLUON_DPRE``; ``backward_main``: ``USE_GLUON_BACKWARD_MAIN``) where they
+# run (as above, and no saturation term); each combines with the other's Triton kernel. Session 30
+# (H100, bf16, R = 128, GPU time): phase 1 152.6 us against Triton's 253.2 at Sudoku's 62976 x 512
+# with inj (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9); both Gluon
+# phases 693.8 us against both Triton's 693.9 (ARC 874.8 vs 953.2): Gluon's phase 2 is the slower.
+USE_GLUON_DPRE = True
+USE_GLUON_BACKWARD_MAIN = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -574,7 +582,10 @@ def gated_blend_backward(dout: torch.Tensor, sat: Optional[torch.Tensor], own: t
 
 
 def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
-    """(d_pre1 [M, R], db1 partials [programs, R])."""
+    """(d_pre1 [M, R], db1 partials [programs, R] (the Gluon kernel's: [2 * tiles, R]))."""
+    if (USE_GLUON_DPRE and coef is None and flags["FAST_SIGMOID"]
+            and _gluon_gated_blend.dpre_supported(dout, own, other, inj, w2, b2, pre1, z)):
+        return _gluon_gated_blend.backward_dpre(dout, own, other, inj, w2, b2, pre1, z)
     n_rows, d = dout.shape
     r = pre1.shape[1]
     n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
@@ -591,6 +602,11 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
                    d_own, d_other, d_inj):
     n_rows, d = dout.shape
     r = w1.shape[0]
+    if (USE_GLUON_BACKWARD_MAIN and coef is None and flags["FAST_SIGMOID"]
+            and _gluon_gated_blend.backward_supported(dout, own, other, inj, w1, w2, b2, z, dpre1)):
+        partials = _gluon_gated_blend.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre1, d_own, d_other,
+                                                    d_inj if inj is not None else None)
+        return _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, *partials)
     dev = dout.device
     kinds = 3 if inj is not None else 2
     width = kinds * d
@@ -610,7 +626,13 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
         coef if coef is not None else db2_partial,
         d_own, d_other, d_inj if inj is not None else d_own, dw1_partial, dw2_partial, db2_partial,
         n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
+    return _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,
+                         db2_partial)
 
+
+def _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,
+                  db2_partial):
+    """The seven gradients from the source gradients and the weights' partial sums."""
     dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
     if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
         dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)

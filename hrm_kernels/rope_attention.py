@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from hrm_kernels import _gluon_rope_attention
 from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
@@ -221,6 +222,14 @@ def _rope_attention_backward_kernel(QKV, COS, SIN, OUT, DOUT, LSE, DQKV, seq_len
 # bf16): best 822 us (128 queries, 64 keys, 8 warps, 1 stage; 702 without RoPE) against 631 us for
 # rope_qkv + cuDNN (514 for cuDNN alone), so no-gradient calls keep that route too (benchmarks/RESULTS.md).
 MAX_FUSED_SEQ = 128
+# The forward (with or without the backward's LSE; ``USE_GLUON``) and the backward
+# (``USE_GLUON_BACKWARD``) on Hopper as warp-specialised Gluon kernels
+# (``hrm_kernels._gluon_rope_attention``) where they run (bf16/fp16, head_dim 64, half tables or no
+# rotation, sequences up to 128); elsewhere the Triton kernels below. Session 30 (H100, 768 x 82 x 8
+# x 64 bf16, GPU time): forward 120.3 us against Triton's 147.4 (cuDNN on pre-rotated q, k: 103.2),
+# backward 274.8 against 433.9; the gated Sudoku training step 66.7 / 66.9 ms against 69.0 / 69.3.
+USE_GLUON = True
+USE_GLUON_BACKWARD = True
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
@@ -259,6 +268,8 @@ def _launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.
             with_lse: bool = False):
     """The forward kernel: ``out`` [batch, seq, heads, head_dim], or ``(out, lse)`` with ``with_lse``
     (lse: [batch * heads, seq] fp32, base 2, for the backward). qkv's last two dims must be packed."""
+    if USE_GLUON and _gluon_rope_attention.supported(qkv, cos, sin):
+        return _gluon_rope_attention.rope_attention_forward(qkv, cos, sin, with_lse=with_lse)
     batch, seq, three_heads, head_dim = qkv.shape
     heads = three_heads // 3
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
@@ -283,6 +294,10 @@ def _backward_launch(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Option
     heads = three_heads // 3
     if dout.dtype != qkv.dtype or dout.stride(-1) != 1 or dout.stride(-2) != head_dim:
         dout = dout.to(qkv.dtype).contiguous()
+    if USE_GLUON_BACKWARD and _gluon_rope_attention.supported(qkv, cos, sin):
+        dout = dout.contiguous()  # (its TMA view is [batch, seq, heads * 64])
+        if _gluon_rope_attention.backward_supported(qkv, cos, sin, out, lse, dout):
+            return _gluon_rope_attention.rope_attention_backward(qkv, cos, sin, out, lse, dout)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     if dqkv.numel():
         block_n, num_warps, num_stages, join = CUDA_BACKWARD_CONFIG if qkv.is_cuda else INTERPRETER_BACKWARD_CONFIG

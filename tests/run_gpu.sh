@@ -40,12 +40,13 @@ export PYTHONUNBUFFERED=1
 # took on an H100 in session 5 (Triton and Inductor compilation mostly; test_gated_blend: an H200
 # in session 15, where it outgrew 450 s; test_train_cli and test_gating_ablation: session 16, where
 # the group holding them outran 390 s; test_train_distributed: session 21, 237 s alone on an H100
-# host but over 430 s beside seven other groups, its torchrun workers starved of cores); others count 30 s.
+# host but over 430 s beside seven other groups, its torchrun workers starved of cores; test_rope_attention:
+# session 30, whose 76 Gluon tests alone took 116 s and whose group outran 500 s); others count 30 s.
 groups=$(python3 - "$procs" <<'PY'
 import glob, math, sys
 seconds = {"test_gated_blend": 600, "test_train_distributed": 420, "test_train_resume": 170,
            "test_model_kernels": 170, "test_train_cli": 300, "test_linear_swiglu": 100,
-           "test_train_eval": 100, "test_gating_ablation": 150, "test_rope_attention": 240,
+           "test_train_eval": 100, "test_gating_ablation": 150, "test_rope_attention": 400,
            "test_cuda_graphs": 40, "test_swiglu": 40, "test_rope": 30}
 procs = int(sys.argv[1])
 # a file that alone would take more than its share of the wall time is split into shards (every

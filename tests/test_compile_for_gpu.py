@@ -206,6 +206,72 @@ for dt in ("bf16", "fp16", "fp32"):
         except Exception as e:
             failures += 1
             print("FAILED", "gluon gated blend", kinds, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+        try:  # the backward's d_pre1 kernel
+            pre = torch.empty(62976, 128, dtype=TORCH[dt])
+            dnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "w2_desc", "z_desc", "pre_desc", "dpre_desc")
+            descs = dict(zip(dnames, ggb.dpre_descriptors(src, src, src, src if kinds == 3 else None, w2, pre, pre, pre)))
+            compiled = compile_gluon_kernel(ggb._dpre_kernel(kinds), dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
+                                            dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon gated blend d_pre1", kinds, dt, compiled.metadata.shared, res)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon gated blend d_pre1", kinds, dt, type(e).__name__,
+                  str(e).splitlines()[0][:400] if str(e) else "")
+    try:  # the backward's second kernel (one for both source counts)
+        pre = torch.empty(62976, 128, dtype=TORCH[dt])
+        bnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "z_desc", "dpre_desc", "w1_desc", "w2_desc",
+                  "down_desc", "dother_desc", "dinj_desc")
+        descs = dict(zip(bnames, ggb.backward_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
+        compiled = compile_gluon_kernel(ggb._backward_kernel(), dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias,
+                                                                     db2_partial=bias, M=62976, D=512, width=1536,
+                                                                     rows_per_split=2560),
+                                        dict(STAGES=ggb.BACKWARD_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
+        res = resources(compiled)
+        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+        print("ok", "gluon gated blend backward", dt, compiled.metadata.shared, res)
+    except Exception as e:
+        failures += 1
+        print("FAILED", "gluon gated blend backward", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    gra = module("_gluon_rope_attention")  # rope_attention's no-gradient forward, with and without rotation
+    qkv, att_out = torch.empty(768, 82, 24, 64, dtype=TORCH[dt]), torch.empty(768, 82, 8, 64, dtype=TORCH[dt])
+    table = torch.empty(85, 32)
+    for rope, lse in ((True, False), (False, False), (True, True)):  # (lse: the calls with a gradient)
+        try:
+            descs = dict(zip(("half_desc", "full_desc", "out_desc"), gra.descriptors(qkv, att_out)))
+            compiled = compile_gluon_kernel(gra._kernel(rope, lse), dict(descs, cos=table if rope else qkv,
+                                                                         sin=table if rope else qkv, stride_t=32,
+                                                                         lse=table, n_items=6144, heads=8, seq_len=82,
+                                                                         qk_scale=0.18),
+                                            dict(SLOTS=gra.SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon rope_attention", rope, lse, dt, compiled.metadata.shared, res)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon rope_attention", rope, lse, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
+    for rope in (True, False):  # its backward
+        try:
+            names = ("half_desc", "full_desc", "o_desc", "do_desc", "dhalf_desc", "dfull_desc")
+            descs = dict(zip(names, gra.backward_descriptors(qkv, att_out, att_out, dqkv)))
+            compiled = compile_gluon_kernel(gra._backward_kernel(rope), dict(descs, cos=table if rope else qkv,
+                                                                             sin=table if rope else qkv, stride_t=32,
+                                                                             lse=table, n_items=6144, heads=8,
+                                                                             seq_len=82, qk_scale=0.18, sm_scale=0.125),
+                                            dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS), 4)
+            res = resources(compiled)
+            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+            print("ok", "gluon rope_attention backward", rope, dt, compiled.metadata.shared, res)
+        except Exception as e:
+            failures += 1
+            print("FAILED", "gluon rope_attention backward", rope, dt, type(e).__name__,
+                  str(e).splitlines()[0][:400] if str(e) else "")
 sys.exit(1 if failures else 0)
 '''
 
@@ -220,7 +286,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
-    # gated blend (with and without inj) x 2 dtypes
+    # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes and its
+    # backward's second kernel x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4  # (+ Gluon rope_attention: 3 + 2 forms x 2)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -17,6 +17,15 @@ from tests.tolerance import assert_close_to_reference
 # The module (its name is shadowed by the function in the package namespace).
 rope_attention_module = importlib.import_module("hrm_kernels.rope_attention")
 
+
+@pytest.fixture(autouse=True)
+def _triton_kernels(monkeypatch):
+    """The Triton kernels, which serve every GPU and shape the Gluon ones do not take, keep their
+    tests on Hopper too: the Gluon routes are off unless a test turns them on."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
+
+
 # bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 # (batch, seq, heads, head_dim): sequences over several key blocks (16 on the CPU, 32 on the GPU)
@@ -367,3 +376,160 @@ def test_sudoku_shape_bf16_matches_sdpa():
     sdpa = F.scaled_dot_product_attention(rope_reference(q, cos, sin).transpose(1, 2),
                                           rope_reference(k, cos, sin).transpose(1, 2), v.transpose(1, 2))
     assert_close_to_reference("sudoku bf16", got[:64], sdpa.transpose(1, 2), ref)
+
+
+# The forward and backward on Hopper as Gluon kernels (``USE_GLUON``, ``USE_GLUON_BACKWARD``, on by
+# default; the tests below turn them on themselves): no interpreter path (tests/test_compile_for_gpu.py
+# compiles them for sm_90 on CPU).
+gra = importlib.import_module("hrm_kernels._gluon_rope_attention")
+requires_gluon = pytest.mark.skipif(not (CUDA and gra.available(torch.device("cuda"))),
+                                    reason="the Gluon attention kernel runs on a Hopper GPU")
+
+
+@requires_gluon
+@pytest.mark.parametrize("rotate", ["views", "packed", None], ids=["rope_views", "rope_packed", "no_rope"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (3, 1, 2, 64), (2, 64, 2, 64), (2, 65, 2, 64), (2, 128, 3, 64),
+                                   (768, 82, 8, 64)], ids=str)
+def test_gluon_forward_matches_float64(monkeypatch, shape, dtype, rotate):
+    """One key, one warpgroup's rows, one more, the longest sequence, and HRM's Sudoku call (many
+    items a program: the slots under load), with the model's half-table views (row stride 64) or
+    packed half tables (32): within the bound eager's same-precision error sets against float64,
+    and the same bits with 3 programs."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    cos, sin = _tables(s + 3, d, device="cuda") if rotate else (None, None)
+    half = first_halves(cos, sin) if rotate else (None, None)
+    if rotate == "packed":
+        half = tuple(t.contiguous() for t in half)
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward")
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv, *half)
+    assert len(calls) == 1
+    assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
+    assert_close_to_reference(f"gluon {dtype} {shape} rotate={rotate}", got, rope_attention_reference(qkv, cos, sin),
+                              rope_attention64(qkv, cos, sin))
+    assert torch.equal(gra.rope_attention_forward(qkv, *half, programs=3), got)
+
+
+@requires_gluon
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (768, 82, 8, 64)], ids=str)
+def test_gluon_forward_and_backward_with_gradient(monkeypatch, shape):
+    """With a gradient the Gluon forward also writes the log-sum-exp, and the Gluon backward reads
+    it: the output and the whole qkv gradient against float64; the backward's the same bits with 3
+    programs, and next to the Triton backward's from the same saved tensors."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=torch.bfloat16)
+    cos, sin = _tables(s + 1, d, device="cuda")
+    half = first_halves(cos, sin)
+    dout = torch.randn(b, s, h, d, device="cuda")
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward", with_kwargs=True)
+    backward_calls = record_calls(monkeypatch, gra, "rope_attention_backward")
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *half, dout)
+    assert len(calls) == 1 and calls[0][1].get("with_lse") and len(backward_calls) == 1
+    out, lse = gra.rope_attention_forward(qkv, *half, with_lse=True)
+    dout_c = dout.to(qkv.dtype)
+    dqkv = gra.rope_attention_backward(qkv, *half, out, lse, dout_c)
+    assert torch.equal(gra.rope_attention_backward(qkv, *half, out, lse, dout_c, programs=3), dqkv)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
+    triton_dqkv = rope_attention_module._backward_launch(qkv, *half, out, lse, dout_c)
+    torch.testing.assert_close(dqkv.float(), triton_dqkv.float(), atol=0.05, rtol=0.05)
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    for name, g, e, r in zip(("out", "dqkv"), got, eager, ref):
+        assert_close_to_reference(f"gluon with a gradient {shape} {name}", g, e, r)
+
+
+@requires_gluon
+@pytest.mark.parametrize("rotate", ["views", "packed", None], ids=["rope_views", "rope_packed", "no_rope"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 82, 3, 64), (3, 1, 2, 64), (2, 64, 2, 64), (2, 65, 2, 64), (2, 128, 3, 64),
+                                   (768, 82, 8, 64)], ids=str)
+def test_gluon_backward_matches_float64(monkeypatch, shape, dtype, rotate):
+    """The Gluon backward alone (the Triton forward's out and LSE) over the forward test's cases: one
+    key, a second warpgroup with nothing to do (seq <= 64), one more, the longest sequence, the
+    model's call: the whole qkv gradient against float64, the same bits with 3 programs, and close
+    to the Triton backward from the same saved tensors."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    cos, sin = _tables(s + 2, d, device="cuda") if rotate else (None, None)
+    half = first_halves(cos, sin) if rotate else (None, None)
+    if rotate == "packed":
+        half = tuple(t.contiguous() for t in half)
+    dout = torch.randn(b, s, h, d, device="cuda")
+    calls = record_calls(monkeypatch, gra, "rope_attention_backward")
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *half, dout)
+    assert len(calls) == 1
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    assert_close_to_reference(f"gluon backward {dtype} {shape} rotate={rotate} dqkv", got[1], eager[1], ref[1])
+    out, lse = rope_attention_module._launch(qkv, *half, with_lse=True)
+    dout_c = dout.to(dtype)
+    dqkv = gra.rope_attention_backward(qkv, *half, out, lse, dout_c)
+    assert torch.equal(gra.rope_attention_backward(qkv, *half, out, lse, dout_c, programs=3), dqkv)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
+    torch.testing.assert_close(dqkv.float(), rope_attention_module._backward_launch(qkv, *half, out, lse, dout_c).float(),
+                               atol=0.05, rtol=0.05)
+
+
+@requires_gluon
+def test_gluon_forward_routing(monkeypatch):
+    """Only calls of shapes, dtypes and tables it takes, with ``USE_GLUON`` on."""
+    calls = record_calls(monkeypatch, gra, "rope_attention_forward")
+    cos, sin = first_halves(*_tables(140, 64, device="cuda"))
+    qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
+    assert not gra.supported(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)
+    assert not gra.supported(qkv[:, :, :0], cos, sin)  # no heads
+    with use_backend("triton"), torch.no_grad():
+        rope_attention(qkv, cos, sin)  # off by default
+        monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
+        rope_attention(qkv, cos, sin)
+        assert len(calls) == 1
+        rope_attention(qkv, *_tables(140, 64, device="cuda"))  # full tables
+        rope_attention(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)  # too long
+        rope_attention(torch.randn(2, 82, 6, 32, device="cuda", dtype=torch.bfloat16), *first_halves(
+            *_tables(140, 32, device="cuda")))  # head_dim 32
+        rope_attention(qkv.float(), cos, sin)
+        rope_attention(qkv.detach().requires_grad_(), cos, sin)  # under no_grad: no LSE needed
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        gra.rope_attention_forward(qkv, cos, sin, programs=0)
+
+
+@requires_gluon
+def test_gluon_backward_routing(monkeypatch):
+    """The Gluon backward only with ``USE_GLUON_BACKWARD``, for inputs it takes (a dout of another
+    layout is made contiguous for it)."""
+    calls = record_calls(monkeypatch, gra, "rope_attention_backward")
+    cos, sin = first_halves(*_tables(140, 64, device="cuda"))
+
+    def grad_of(qkv, c, s, dout=None):
+        qkv = qkv.detach().requires_grad_()
+        out = rope_attention(qkv, c, s)
+        out.backward(torch.ones_like(out) if dout is None else dout)
+
+    qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
+    with use_backend("triton"):
+        grad_of(qkv, cos, sin)  # off by default
+        assert not calls
+        monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", True)
+        grad_of(qkv, cos, sin)
+        assert len(calls) == 1
+        strided = torch.randn(82, 2, 2, 64, device="cuda", dtype=torch.bfloat16).transpose(0, 1)
+        grad_of(qkv, cos, sin, strided)  # a dout that is not contiguous: copied, still the Gluon kernel
+        assert len(calls) == 2
+        grad_of(qkv, *_tables(140, 64, device="cuda"))  # full tables
+        grad_of(qkv.float(), cos, sin)
+        grad_of(torch.randn(2, 82, 6, 32, device="cuda", dtype=torch.bfloat16), *first_halves(
+            *_tables(140, 32, device="cuda")))  # head_dim 32
+        grad_of(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)  # too long
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        out, lse = rope_attention_module._launch(qkv, cos, sin, with_lse=True)
+        gra.rope_attention_backward(qkv, cos, sin, out, lse, out, programs=0)
