@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hrm_kernels import _gluon_rope_attention
+from hrm_kernels import _gluon_attention, _gluon_rope_attention
 from hrm_kernels._utils import cdiv, check_float, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.precompile import launch
@@ -230,6 +230,11 @@ MAX_FUSED_SEQ = 128
 # backward 274.8 against 433.9; the gated Sudoku training step 66.7 / 66.9 ms against 69.0 / 69.3.
 USE_GLUON = True
 USE_GLUON_BACKWARD = True
+# Calls beyond MAX_FUSED_SEQ without rotation (q and k rotated by the qkv matmul: ARC's no-gradient
+# blocks) and without a gradient: on Hopper a Gluon kernel (``hrm_kernels._gluon_attention``: online
+# softmax over 128-key blocks) instead of SDPA (cuDNN, 579 us a call at 96 x 901 x 8 x 64 on an H100,
+# 276 TFLOP/s). Off: written and compiled for sm_90 (no spills), not yet run on a GPU (session 30).
+USE_GLUON_LONG = False
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
@@ -343,6 +348,9 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     The result is contiguous like the kernel's (free for the SDPA backends that write [B, S, H, D])."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
+    if (USE_GLUON_LONG and cos is None and not (torch.is_grad_enabled() and qkv.requires_grad)
+            and not torch.compiler.is_compiling() and _gluon_attention.supported(qkv)):
+        return _gluon_attention.attention_forward(qkv)
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()

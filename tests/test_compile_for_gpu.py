@@ -272,6 +272,38 @@ for dt in ("bf16", "fp16", "fp32"):
             failures += 1
             print("FAILED", "gluon rope_attention backward", rope, dt, type(e).__name__,
                   str(e).splitlines()[0][:400] if str(e) else "")
+    ga = module("_gluon_attention")  # attention of pre-rotated q, k past 128 positions, no gradient (ARC's call)
+    arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
+    try:
+        descs = dict(zip(("desc", "out_desc"), ga.descriptors(arc_qkv, arc_out)))
+        compiled = compile_gluon_kernel(ga._kernel(), dict(descs, n_items=6144, q_tiles=8, heads=8, key_blocks=8,
+                                                           seq_len=901, qk_scale=0.18),
+                                        dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS), 4)
+        res = resources(compiled)
+        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+        print("ok", "gluon attention (long)", dt, compiled.metadata.shared, res)
+    except Exception as e:
+        failures += 1
+        print("FAILED", "gluon attention (long)", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+if module("_gluon_gemm")._HAVE_GLUON:
+    # Each form of a Gluon kernel factory has its own cache key: a form's constexpr is a closure
+    # variable, and a module-level name equal to it shadows it in Triton's lookup (every form would
+    # then compile, and be cached, as one; session 30's _gluon_attention.PIPELINE did that)
+    forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
+             ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
+             ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
+             ("_gluon_attention", "_kernel"): [(True,), (False,)]}
+    gg = module("_gluon_gemm")
+    forms[("_gluon_gemm", "_kernel")] = [(gg.EPILOGUES[v[0]], v[1], v[2], d) for v in gg.VARIANTS
+                                         for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]
+    same = [f"{m}.{f}" for (m, f), args in forms.items()
+            if len({getattr(module(m), f)(*a).cache_key for a in args}) != len(args)]
+    if same:
+        failures += 1
+        print("FAILED", "Gluon kernel forms share a cache key:", ", ".join(same))
+    else:
+        print("ok", "Gluon kernel forms have distinct cache keys")
 sys.exit(1 if failures else 0)
 '''
 
@@ -289,5 +321,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes and its
     # backward's second kernel x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4  # (+ Gluon rope_attention: 3 + 2 forms x 2)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 2 + 1  # (+ Gluon rope_attention:
+    # 3 + 2 forms x 2; the long-sequence attention x 2; the forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

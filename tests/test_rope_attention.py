@@ -24,6 +24,7 @@ def _triton_kernels(monkeypatch):
     tests on Hopper too: the Gluon routes are off unless a test turns them on."""
     monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
     monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG", False)
 
 
 # bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
@@ -487,7 +488,7 @@ def test_gluon_forward_routing(monkeypatch):
     assert not gra.supported(torch.randn(2, 129, 6, 64, device="cuda", dtype=torch.bfloat16), cos, sin)
     assert not gra.supported(qkv[:, :, :0], cos, sin)  # no heads
     with use_backend("triton"), torch.no_grad():
-        rope_attention(qkv, cos, sin)  # off by default
+        rope_attention(qkv, cos, sin)  # off (the fixture)
         monkeypatch.setattr(rope_attention_module, "USE_GLUON", True)
         rope_attention(qkv, cos, sin)
         assert len(calls) == 1
@@ -516,7 +517,7 @@ def test_gluon_backward_routing(monkeypatch):
 
     qkv = torch.randn(2, 82, 6, 64, device="cuda", dtype=torch.bfloat16)
     with use_backend("triton"):
-        grad_of(qkv, cos, sin)  # off by default
+        grad_of(qkv, cos, sin)  # off (the fixture)
         assert not calls
         monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", True)
         grad_of(qkv, cos, sin)
@@ -533,3 +534,65 @@ def test_gluon_backward_routing(monkeypatch):
     with pytest.raises(ValueError, match="programs must be at least 1"):
         out, lse = rope_attention_module._launch(qkv, cos, sin, with_lse=True)
         gra.rope_attention_backward(qkv, cos, sin, out, lse, out, programs=0)
+
+
+# Attention of pre-rotated q, k past 128 positions without a gradient (``USE_GLUON_LONG``, off until
+# run on a GPU): the Gluon kernel of ``hrm_kernels._gluon_attention``.
+ga = importlib.import_module("hrm_kernels._gluon_attention")
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 129, 3, 64), (3, 256, 2, 64), (2, 300, 1, 64), (1, 901, 8, 64),
+                                   (96, 901, 8, 64)], ids=str)
+def test_gluon_long_forward_matches_float64(monkeypatch, shape, dtype):
+    """One key past a block, whole blocks, a partial last block, ARC's length, and ARC's call (many
+    items a program: the stages under load): within the bound eager's same-precision error sets
+    against float64, and the same bits with 3 programs."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    calls = record_calls(monkeypatch, ga, "attention_forward")
+    with use_backend("triton"), torch.no_grad():
+        got = rope_attention(qkv)
+    assert len(calls) == 1
+    assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
+    sample = slice(0, 4)  # the float64 reference of ARC's whole call would take ~10 GB: its first items
+    assert_close_to_reference(f"gluon long {dtype} {shape}", got[sample], rope_attention_reference(qkv[sample], None, None),
+                              rope_attention64(qkv[sample], None, None))
+    assert torch.equal(ga.attention_forward(qkv, programs=3), got)
+
+
+@requires_gluon
+def test_gluon_long_forward_sharp_rows():
+    """Scores far apart (scaled q, k): the online softmax's running maximum and rescaling, against
+    float64, where a block-local maximum or a missed rescale would be off by orders of magnitude."""
+    qkv = torch.randn(2, 700, 6, 64, device="cuda", dtype=torch.bfloat16)
+    qkv[:, :, :4] *= 4  # q and k: scores up to ~1e2, so exp2 spans far beyond one block's range
+    got = ga.attention_forward(qkv)
+    assert_close_to_reference("gluon long sharp", got, rope_attention_reference(qkv, None, None),
+                              rope_attention64(qkv, None, None))
+
+
+@requires_gluon
+def test_gluon_long_forward_routing(monkeypatch):
+    """Only calls past 128 positions, without tables, without a gradient, of dtypes and head sizes
+    it takes, with ``USE_GLUON_LONG`` on."""
+    calls = record_calls(monkeypatch, ga, "attention_forward")
+    qkv = torch.randn(2, 200, 6, 64, device="cuda", dtype=torch.bfloat16)
+    with use_backend("triton"):
+        with torch.no_grad():
+            rope_attention(qkv)  # off (the fixture)
+            monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG", True)
+            rope_attention(qkv)
+            assert len(calls) == 1
+            rope_attention(qkv, *first_halves(*_tables(210, 64, device="cuda")))  # tables: rope_qkv + SDPA
+            rope_attention(torch.randn(2, 200, 6, 32, device="cuda", dtype=torch.bfloat16))  # head_dim 32
+            rope_attention(qkv.float())
+            rope_attention(qkv[:, :100])  # within the fused kernels' length
+        out = rope_attention(qkv.detach().requires_grad_())  # a gradient: SDPA's backward
+        out.sum().backward()
+    assert len(calls) == 1
+    assert not ga.supported(qkv[:, :, :0]) and not ga.supported(qkv.transpose(1, 2))
+    with pytest.raises(ValueError, match="programs must be at least 1"):
+        ga.attention_forward(qkv, programs=0)

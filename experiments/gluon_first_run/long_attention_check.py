@@ -1,0 +1,41 @@
+"""Session 30 check for the next GPU session: the Gluon attention of pre-rotated q, k past 128
+positions (``hrm_kernels._gluon_attention``, ``rope_attention.USE_GLUON_LONG``) against SDPA as the
+model calls it at ARC's length (96 x 901 x 8 heads x 64, bf16, q, k, v views of the packed qkv):
+the largest error against float64 on a few items next to SDPA's, then GPU us (medians of 5
+alternating rounds) and TFLOP/s (4 * batch * heads * seq^2 * 64 FLOP), for key-block stage counts 2-4.
+    PYTHONPATH=. python3 experiments/gluon_first_run/long_attention_check.py"""
+import statistics, sys; sys.path.insert(0, ".")
+import torch
+from benchmarks.common import environment, gpu_us
+from hrm_kernels import _gluon_attention as ga
+import hrm_kernels.rope_attention  # noqa: F401
+from tests.reference64 import rope_attention64
+lib = sys.modules["hrm_kernels.rope_attention"]
+
+print(environment(), flush=True)
+for b, s, h in ((96, 901, 8), (2, 300, 3), (4, 129, 8)):
+    qkv = torch.randn(b, s, 3 * h, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        lib.USE_GLUON_LONG = False
+        sdpa = lambda: lib._composed(qkv, None, None)  # noqa: E731
+        glu = lambda: ga.attention_forward(qkv)  # noqa: E731
+        ref, got = sdpa(), glu()
+        ref64 = rope_attention64(qkv[:2])
+        err = (got[:2].double() - ref64).abs().max().item()
+        err_sdpa = (ref[:2].double() - ref64).abs().max().item()
+        print(f"{(b, s, h)}: max error vs float64 Gluon {err:.3g}, SDPA {err_sdpa:.3g}; max |Gluon - SDPA| "
+              f"{(got.float() - ref.float()).abs().max().item():.3g}; finite {torch.isfinite(got).all().item()}; "
+              f"3 programs bit-equal {torch.equal(ga.attention_forward(qkv, programs=3), got)}", flush=True)
+        if b != 96:
+            continue
+        flop = 4 * b * h * s * s * 64
+        for stages in (4, 3, 2):
+            ga.STAGES = stages
+            times = {"sdpa": [], "gluon": []}
+            for _ in range(5):
+                times["sdpa"].append(gpu_us(sdpa))
+                times["gluon"].append(gpu_us(glu))
+            t = {k: statistics.median(v) for k, v in times.items()}
+            print(f"stages {stages}: Gluon {t['gluon']:.1f} us ({flop / t['gluon'] / 1e6:.0f} TFLOP/s), SDPA "
+                  f"{t['sdpa']:.1f} ({flop / t['sdpa'] / 1e6:.0f}); {t['sdpa'] / t['gluon']:.2f}x", flush=True)
+        ga.STAGES = 4

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Session 30's long-sequence attention (no gradient, pre-rotated q, k; hrm_kernels/_gluon_attention.py), first
+# GPU run: its check script, its GPU tests, then the ungated ARC step A/B of USE_GLUON_LONG, in one device call.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl
+export PYTHONPATH=$PWD/.whl/site:$PWD
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+timeout 180 python3 experiments/gluon_first_run/long_attention_check.py 2>&1 | grep -v Warn
+echo "== long attention check at $(( $(date +%s) - start )) s"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_rope_attention.py -k gluon_long 2>&1 | tail -8
+echo "== long attention tests at $(( $(date +%s) - start )) s"
+timeout 200 python3 benchmarks/bench_train_step.py --shape arc --gated 0 --providers fused --mode train \
+  --switches gluon_attention_long=1 gluon_attention_long=0 gluon_attention_long=1 gluon_attention_long=0 2>&1 | grep "^| arc"
+echo "== ARC A/B at $(( $(date +%s) - start )) s"

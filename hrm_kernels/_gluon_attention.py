@@ -1,0 +1,277 @@
+"""Softmax attention of pre-rotated q, k for sequences of any length (HRM's ARC: 901 tokens, head_dim
+64), no gradient, as a warp-specialised, persistent Gluon kernel for Hopper::
+
+    out = softmax(q k^T / sqrt(64)) v            per (batch, head), bidirectional
+
+It serves ``rope_attention``'s calls beyond its fused kernels' 128 positions that need no gradient
+and get no tables: the no-gradient blocks at ARC's length, whose qkv matmul rotated q and k in its
+epilogue (``Attention.ROPE_IN_QKV``). There cuDNN (SDPA) took 579 us a call on an H100 in session 29
+(47 calls, 27.2 ms of a 117.8 ms ungated ARC step): 160 GFLOP at 276 TFLOP/s.
+
+A work item is 128 queries of one (batch, head); programs walk the items in order, so neighbouring
+programs read the same keys and values from L2. A producer warp loads the item's q tile [128, 64]
+into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
+of a [batch, seq, 3 * heads * 64] view: positions past the sequence load as zeros). Two consumer
+warpgroups take 64 queries each, q in registers as the wgmma's A operand, and per key block (the
+online softmax, FlashAttention-2's order, in base 2)::
+
+    s     = q k_j^T                                   [64, 128] fp32 (keys past seq: -inf)
+    m_new = max(m, rowmax(s) * c);  a = exp2(m - m_new);  p = exp2(s * c - m_new),  c = log2(e) / 8
+    l     = l * a + rowsum(p);      o = o * a + round(p) @ v_j
+
+then ``o / l`` leaves by TMA (rows past the sequence clipped). The two warpgroups run their blocks
+independently, so one's softmax overlaps the other's matmuls.
+
+Session 30: written and compiled for sm_90, NOT RUN ON A GPU; behind
+``rope_attention.USE_GLUON_LONG`` (off). Requirements (``supported``): Hopper, bf16/fp16 qkv [batch,
+seq, 3 * heads, 64] contiguous and 16-byte aligned, seq and batch at least 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, available
+
+if _HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                warpgroup_mma_wait)
+
+    from hrm_kernels._gluon_gemm import _accumulator_layout
+
+BLOCK = 128  # queries an item, keys a block
+HEAD_DIM = 64
+Q_SLOTS = 2  # 16 KiB each
+STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and two 8 KiB output tiles 176 KiB
+CONSUMER_REGISTERS = 232
+PIPELINE_SCORES = True  # a block's q k^T in flight during the previous block's softmax (``_kernel``)
+
+
+def supported(qkv: torch.Tensor) -> bool:
+    """The kernel takes this qkv (see the module docstring)."""
+    if not (available(qkv.device) and qkv.dtype in (torch.bfloat16, torch.float16) and qkv.dim() == 4):
+        return False
+    batch, seq, three_heads, head_dim = qkv.shape
+    return (batch >= 1 and seq >= 1 and head_dim == HEAD_DIM and three_heads >= 3 and three_heads % 3 == 0
+            and qkv.is_contiguous() and qkv.data_ptr() % 16 == 0)
+
+
+if _HAVE_GLUON:
+
+    @gluon.jit
+    def _exp2(x):
+        """2^x in one MUFU instruction, subnormal results flushed to zero (``gl.exp2`` adds a range
+        fix-up of two multiplies and a select around it); p below 2^-126 of the row's largest term."""
+        return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _produce(desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles, heads,
+                 key_blocks):
+        """The producer warp: per item its q tile, then every key block's k and v, each into the next
+        free slot."""
+        QS: gl.constexpr = q_bufs.type.shape[0]
+        KS: gl.constexpr = k_bufs.type.shape[0]
+        BM: gl.constexpr = desc.block_type.shape[1]
+        D: gl.constexpr = desc.block_type.shape[2]
+        NBYTES: gl.constexpr = desc.block_type.nbytes
+        it = 0
+        kv = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            bh = item // q_tiles
+            b = bh // heads
+            h = bh % heads
+            qs = it % QS
+            mbarrier.wait(q_empty.index(qs), ((it // QS) & 1) ^ 1)
+            mbarrier.expect(q_ready.index(qs), NBYTES)
+            tma.async_copy_global_to_shared(desc, [b, (item % q_tiles) * BM, h * D], q_ready.index(qs),
+                                            q_bufs.index(qs))
+            for j in range(key_blocks):
+                s = kv % KS
+                mbarrier.wait(kv_empty.index(s), ((kv // KS) & 1) ^ 1)
+                mbarrier.expect(kv_ready.index(s), 2 * NBYTES)
+                tma.async_copy_global_to_shared(desc, [b, j * BM, (heads + h) * D], kv_ready.index(s), k_bufs.index(s))
+                tma.async_copy_global_to_shared(desc, [b, j * BM, (2 * heads + h) * D], kv_ready.index(s),
+                                                v_bufs.index(s))
+                kv += 1
+            it += 1
+
+    @gluon.jit
+    def _online_softmax(scores, m, l, qk_scale):
+        """One key block's step of the online softmax: (p, m_new, l_new, alpha), base 2."""
+        m_new = gl.maximum(m, gl.max(scores, axis=1) * qk_scale)
+        alpha = _exp2(m - m_new)
+        p = _exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+        return p, m_new, l * alpha + gl.sum(p, axis=1), alpha
+
+    @gluon.jit
+    def _accumulate(o, p, alpha, v_buf, o_layout: gl.constexpr, p_operand: gl.constexpr):
+        """o * alpha + round(p) @ v, issued (the caller waits)."""
+        o = o * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        return warpgroup_mma(gl.convert_layout(p.to(v_buf.dtype), p_operand), v_buf, o, is_async=True)
+
+    @gluon.jit
+    def _scores(q, k_buf, s_layout: gl.constexpr):
+        """q k^T [ROWS, BM] fp32 of one key block, issued (the caller waits)."""
+        ROWS: gl.constexpr = q.type.shape[0]
+        BM: gl.constexpr = k_buf.type.shape[0]
+        return warpgroup_mma(q, k_buf.permute((1, 0)), gl.zeros((ROWS, BM), dtype=gl.float32, layout=s_layout),
+                             use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles,
+                 heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, PIPELINE: gl.constexpr):
+        """Consumer warpgroup ``WG``: queries [64 WG, 64 WG + 64) of every item's tile."""
+        QS: gl.constexpr = q_bufs.type.shape[0]
+        KS: gl.constexpr = k_bufs.type.shape[0]
+        BM: gl.constexpr = q_bufs.type.shape[2]
+        D: gl.constexpr = q_bufs.type.shape[3]
+        ROWS: gl.constexpr = BM // 2
+        dtype: gl.constexpr = out_desc.dtype
+        q_layout: gl.constexpr = _accumulator_layout(D)  # [ROWS, D] loads
+        s_layout: gl.constexpr = _accumulator_layout(BM)  # scores [ROWS, BM]
+        o_layout: gl.constexpr = _accumulator_layout(D)  # output [ROWS, D]
+        q_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
+        p_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        keys = gl.arange(0, BM, layout=gl.SliceLayout(0, s_layout))
+        out_buf = out_bufs.index(WG)
+        it = 0
+        kv = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            qs = it % QS
+            mbarrier.wait(q_ready.index(qs), (it // QS) & 1)
+            q = q_bufs.index(qs).reshape([BM, D]).slice(WG * ROWS, ROWS, dim=0).load(q_layout)
+            fence_async_shared()  # the q reads before the slot's release to the next TMA load
+            mbarrier.arrive(q_empty.index(qs), count=1)
+            q = gl.convert_layout(q, q_operand)
+            m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+            l = gl.zeros([ROWS], gl.float32, layout=row_layout)
+            o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
+            if PIPELINE:  # block j's scores in flight while block j - 1's softmax runs (FlashAttention-3's order)
+                s = kv % KS
+                mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
+                scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+                for j in range(1, key_blocks):  # blocks 0 .. key_blocks - 2 are whole: no mask
+                    prev = s
+                    kv += 1
+                    s = kv % KS
+                    mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
+                    nxt = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                    p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                    o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BM, D]), o_layout, p_operand)
+                    scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
+                    mbarrier.arrive(kv_empty.index(prev), count=1)  # both of the slot's reads are complete
+                # the last block: keys past the sequence (zeros) get -inf
+                scores = scores + gl.expand_dims(gl.where((key_blocks - 1) * BM + keys < seq_len, 0.0, float("-inf")), 0)
+                p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
+                o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+                mbarrier.arrive(kv_empty.index(s), count=1)
+                kv += 1
+            else:
+                for j in range(key_blocks):
+                    s = kv % KS
+                    mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
+                    scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                    scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+                    if (j + 1) * BM > seq_len:  # the last block: keys past the sequence (zeros) get -inf
+                        scores = scores + gl.expand_dims(gl.where(j * BM + keys < seq_len, 0.0, float("-inf")), 0)
+                    p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                    o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
+                    o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+                    mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
+                    kv += 1
+            o = o * gl.expand_dims(gl.convert_layout(1.0 / l, gl.SliceLayout(1, o_layout)), 1)
+            tma.store_wait(pendings=0)  # this warpgroup's previous output has left out_buf
+            out_buf.reshape([ROWS, D]).store(o.to(dtype))
+            fence_async_shared()
+            bh = item // q_tiles
+            tma.async_copy_shared_to_global(out_desc, [bh // heads, (item % q_tiles) * BM + WG * ROWS, (bh % heads) * D],
+                                            out_buf)
+            it += 1
+        tma.store_wait(pendings=0)
+
+    @functools.lru_cache(maxsize=None)
+    def _kernel(pipeline: bool = True):
+        """The kernel with the next block's scores in flight during a block's softmax, or not (built
+        on first use so that importing needs no Gluon compile)."""
+        PIPELINE = gl.constexpr(pipeline)
+
+        def consumer(wg: int):
+            WG = gl.constexpr(wg)
+
+            @gluon.jit
+            def consume(desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty,
+                        n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
+                _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
+                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, PIPELINE)
+
+            return consume
+
+        first, second = consumer(0), consumer(1)
+
+        @gluon.jit
+        def producer(desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty,
+                     n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
+            _produce(desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles, heads,
+                     key_blocks)
+
+        @gluon.jit
+        def attention_kernel(desc, out_desc, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale,
+                             Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+            dtype: gl.constexpr = desc.dtype
+            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS] + desc.block_type.shape, desc.layout)
+            k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + desc.block_type.shape, desc.layout)
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + desc.block_type.shape, desc.layout)
+            out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            q_ready = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+            q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
+            kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(Q_SLOTS):
+                mbarrier.init(q_ready.index(i), count=1)
+                mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups have read their rows
+            for i in gl.static_range(STAGES):
+                mbarrier.init(kv_ready.index(i), count=1)
+                mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release each stage
+            args = (desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
+                    q_tiles, heads, key_blocks, seq_len, qk_scale)
+            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
+
+        return attention_kernel
+
+
+def descriptors(qkv: torch.Tensor, out: torch.Tensor) -> tuple:
+    """qkv's [batch, seq, 3 * heads * 64] view in [1, BLOCK, 64] boxes (q tiles, k and v blocks) and
+    out's [batch, seq, heads * 64] view in [1, BLOCK / 2, 64] boxes (a warpgroup's rows)."""
+    batch, seq = qkv.shape[:2]
+    return (_desc(qkv.view(batch, seq, -1), [1, BLOCK, HEAD_DIM]),
+            _desc(out.view(batch, seq, -1), [1, BLOCK // 2, HEAD_DIM]))
+
+
+def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.Tensor:
+    """out [batch, seq, heads, 64] = softmax(q k^T / 8) v of qkv's q, k, v heads (see the module
+    docstring); the caller checks ``supported``. ``programs``: the persistent grid (default one
+    program per SM)."""
+    from hrm_kernels.precompile import launch
+
+    batch, seq, three_heads, head_dim = qkv.shape
+    heads = three_heads // 3
+    out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    q_tiles = -(-seq // BLOCK)
+    n_items = batch * heads * q_tiles
+    if programs is None:
+        programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
+    if programs < 1:
+        raise ValueError(f"attention (Gluon): programs must be at least 1, got {programs}")
+    launch(_kernel(PIPELINE_SCORES), (min(programs, n_items),), *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
+           math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
+           CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    return out
