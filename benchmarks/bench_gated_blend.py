@@ -28,6 +28,7 @@ import sys
 import pytest
 import torch
 
+from benchmarks.bench_train_step import switches
 from benchmarks.common import gpu_us
 from hrm_kernels import gated_blend, gated_blend_reference, use_backend
 
@@ -237,7 +238,13 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
     """Time each kernel under a few launch configurations (inj given; ``wdtype`` weights, by
     default bf16 as the model passes them); returns the fastest configuration of each (checked
     against the default configuration's results). "hidden" times the whole two-kernel forward
-    (its blend kernel's configuration fixed), the others their kernel alone."""
+    (its blend kernel's configuration fixed), the others their kernel alone. The Triton kernels'
+    (the Gluon ones, which take some of these calls on Hopper by default, are off here)."""
+    with switches("gluon_gated_blend=0,gluon_gated_blend_dpre=0,gluon_gated_blend_main=0"):
+        return _sweep(rows, wdtype)
+
+
+def _sweep(rows, wdtype) -> dict:
     leaves, dout = make_inputs(rows, wdtype=wdtype)
     own, other, inj, w1, b1, w2, b2 = [t.detach() if t is not None else None for t in leaves]
     flags = gb._gate_flags(own.dtype)

@@ -17,6 +17,7 @@ import importlib
 import pytest
 import torch
 
+from benchmarks.bench_train_step import switches
 from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
 from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend
 
@@ -133,7 +134,13 @@ def against_model_path() -> str:
 def sweep() -> str:
     """GPU time per tile configuration at the shapes the kernels take (seq <= MAX_FUSED_SEQ): the
     forward's (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES), fastest eight; then fwd+bwd per backward
-    (BLOCK_N, num_warps, num_stages, JOIN_HALVES)."""
+    (BLOCK_N, num_warps, num_stages, JOIN_HALVES). The Triton kernels' (the Gluon ones, which take
+    these calls on Hopper by default, are off here)."""
+    with switches("gluon_rope_attention=0,gluon_rope_attention_bwd=0"):
+        return _sweep()
+
+
+def _sweep() -> str:
     configs = [(bm, bn, w, st, join) for bm in (32, 64, 128) for bn in (16, 32, 64) for w in (4, 8) for st in (1, 2)
                for join in (False, True)]
     shapes = [s for s in SHAPES if s[1] <= kernel_module.MAX_FUSED_SEQ]

@@ -73,8 +73,9 @@ USE_GLUON = True
 # ``backward_dpre``: ``USE_GLUON_DPRE``; ``backward_main``: ``USE_GLUON_BACKWARD_MAIN``) where they
 # run (as above, and no saturation term); each combines with the other's Triton kernel. Session 30
 # (H100, bf16, R = 128, GPU time): phase 1 152.6 us against Triton's 253.2 at Sudoku's 62976 x 512
-# with inj (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9); both Gluon
-# phases 693.8 us against both Triton's 693.9 (ARC 874.8 vs 953.2): Gluon's phase 2 is the slower.
+# with inj (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9). The whole
+# backward, in one run: Gluon d_pre1 + Triton phase 2 616.4 us, both Gluon 695.0, both Triton 694.4
+# (ARC 798.4, 879.7, 966.1): Gluon's phase 2 is the slower (benchmarks/RESULTS.md, session 30).
 USE_GLUON_DPRE = True
 USE_GLUON_BACKWARD_MAIN = False
 

@@ -1,5 +1,6 @@
-"""Session 29 check, for the next GPU session (branch gluon-gb-dpre): the Gluon d_pre1 kernel against the
-library's Triton d_pre1 kernel and float64, then GPU time against it (medians of 5 alternating rounds).
+"""Session 29's check of the gated blend's Gluon backward (first run in session 30): the Gluon d_pre1 kernel
+against the library's Triton d_pre1 kernel and float64, then GPU time against it (medians of 5 alternating
+rounds), then the whole backward with both phases Gluon, Gluon d_pre1 + Triton phase 2, and both Triton.
     python3 experiments/gluon_first_run/gb_dpre_check.py      (from the repository root, PYTHONPATH=.)"""
 import statistics, sys; sys.path.insert(0, "."); sys.path.insert(0, "experiments/gluon_first_run")
 import torch
@@ -7,6 +8,8 @@ from benchmarks.common import environment, gpu_us
 import hrm_kernels.gated_blend  # noqa: F401
 lib = sys.modules["hrm_kernels.gated_blend"]
 from hrm_kernels import _gluon_gated_blend as gb_dpre  # (the library copy of gb_dpre.py)
+
+lib.USE_GLUON_DPRE = lib.USE_GLUON_BACKWARD_MAIN = False  # the module's launchers run the Triton kernels here
 
 print(environment(), flush=True)
 
@@ -101,7 +104,7 @@ for name, (m, d, r) in (("sudoku", (768 * 82, 512, 128)), ("arc", (96 * 901, 512
                 phases(*flags)
                 times[key].append(gpu_us(bwd))
                 times["fb_" + key].append(gpu_us(fwd_bwd))
-        phases(True, False)
+        phases(False, False)  # the Triton kernels again for the next case's d_pre1 check
         t = {k: statistics.median(v) for k, v in times.items()}
         print(f"{name} inj={inj}: backward Gluon {t['gluon']:.1f} us, Gluon d_pre1 + Triton phase 2 {t['dpre']:.1f}, "
               f"Triton {t['triton']:.1f} ({t['triton'] / t['dpre']:.2f}x); fwd+bwd {t['fb_gluon']:.1f} / "
