@@ -5,6 +5,8 @@
 # (the device tool's output folder), else to ./gpu-test-logs.
 #
 #   bash tests/run_gpu.sh [processes]      # default 4
+#   ONLY_GROUPS="3 4" bash tests/run_gpu.sh 8   # only those groups of the same dealing (a rerun of the
+#                                              # ones that timed out, in a call of their own)
 #
 # Exits non-zero if any group failed or timed out (each group has TEST_TIMEOUT seconds, default 480).
 set -u
@@ -67,17 +69,22 @@ print("\n".join(" ".join(g) for g in groups))
 PY
 )
 pids=()
+ran=()
 for i in $(seq 0 $((procs - 1))); do
   group=$(echo "$groups" | sed -n "$((i + 1))p")
   [ -n "$group" ] || continue
+  if [ -n "${ONLY_GROUPS:-}" ] && ! [[ " $ONLY_GROUPS " == *" $i "* ]]; then continue; fi
+  echo "--- group $i: $group"
+  ran+=("$i")
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -rfE -p no:cacheprovider --durations=8 $group \
     > "$logs/tests_$i.log" 2>&1 &
   pids+=($!)
 done
 status=0
-for i in "${!pids[@]}"; do
-  wait "${pids[$i]}"; rc=$?
+for k in "${!pids[@]}"; do
+  i=${ran[$k]}
+  wait "${pids[$k]}"; rc=$?
   [ "$rc" -eq 0 ] || status=1
   [ "$rc" -eq 124 ] && echo "--- group $i TIMED OUT after ${TEST_TIMEOUT:-480} s (raise TEST_TIMEOUT or the process count)"
   echo "--- group $i (exit $rc): $(tail -n 1 "$logs/tests_$i.log")"
