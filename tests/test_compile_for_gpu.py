@@ -80,6 +80,22 @@ def gated_blend_cases(dt):
     return out
 
 failures = 0
+
+
+def check_gluon(name, kernel, args, consts):
+    """Compile the Gluon kernel ``kernel()`` for sm_90 (4 warps); print ok, or FAILED and count it,
+    when it does not compile, needs more shared memory than an H100 has, or spills."""
+    global failures
+    try:
+        compiled = compile_gluon_kernel(kernel(), args, consts, 4)
+        res = resources(compiled)
+        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
+            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
+        print("ok", name, compiled.metadata.shared, res)
+    except Exception as e:
+        failures += 1
+        print("FAILED", name, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+
 for dt in ("bf16", "fp16", "fp32"):
     prec = "ieee" if dt == "fp32" else "tf32"
     size = 4 if dt == "fp32" else 2
@@ -161,131 +177,63 @@ for dt in ("bf16", "fp16", "fp32"):
         gate_desc, up_desc = ((gg._describe(gate_up[:, :n // 2], box), gg._describe(gate_up[:, n // 2:], box))
                               if epilogue == "swiglu_keep" else (out_desc, out_desc))
         ss = torch.empty(62976, 4)
-        name = f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual} head_dim={head_dim}"
-        try:
-            compiled = compile_gluon_kernel(gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual, head_dim),
-                                            dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc,
-                                                 gate_desc=gate_desc, up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512,
-                                                 ss_in_tiles=4, eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64,
-                                                 rope_cols=1024),
-                                            dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS), 4)
-            res = resources(compiled)
-            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", name, dt)
-        except Exception as e:
-            failures += 1
-            print("FAILED", name, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+        check_gluon(f"gluon GEMM {epilogue} row_scale={row_scale} residual={residual} head_dim={head_dim} {dt}",
+                    lambda: gg._kernel(gg.EPILOGUES[epilogue], row_scale, residual, head_dim),
+                    dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc, gate_desc=gate_desc,
+                         up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
+                         eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
+                    dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS))
     swb = module("_gluon_swiglu_backward")  # the down projection's dact GEMM with the SwiGLU backward
     dy, w, gu = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (512, 1536), (62976, 3072)))
     descs = dict(zip(("dy_desc", "w_desc", "gate_desc", "up_desc", "dgate_desc", "dup_desc"),
                      swb.descriptors(dy, w, gu, torch.empty_like(gu))))
-    try:
-        compiled = compile_gluon_kernel(swb._swiglu_backward_gemm_kernel, dict(descs, M=62976, I=1536, K=512),
-                                        dict(STAGES=swb.CONFIG[3], CONSUMER_REGS=swb.CONSUMER_REGISTERS), 4)
-        res = resources(compiled)
-        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-        print("ok", "gluon SwiGLU backward", dt, compiled.metadata.shared, res)
-    except Exception as e:
-        failures += 1
-        print("FAILED", "gluon SwiGLU backward", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    check_gluon(f"gluon SwiGLU backward {dt}", lambda: swb._swiglu_backward_gemm_kernel,
+                dict(descs, M=62976, I=1536, K=512), dict(STAGES=swb.CONFIG[3], CONSUMER_REGS=swb.CONSUMER_REGISTERS))
     ggb = module("_gluon_gated_blend")  # the gate MLP + blend's no-gradient forward, with and without inj
     src, w1, w2 = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (128, 1536), (1536, 128)))
     bias = torch.empty(1536)  # fp32, as the model's gate biases
+    pre = torch.empty(62976, 128, dtype=TORCH[dt])
     names = ("own_desc", "other_desc", "inj_desc", "w1_desc", "w2_desc", "out_desc")
+    dnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "w2_desc", "z_desc", "pre_desc", "dpre_desc")
     for kinds in (3, 2):
-        try:
-            descs = dict(zip(names, ggb.descriptors(src, src, src if kinds == 3 else None, w1, w2, src)))
-            compiled = compile_gluon_kernel(ggb._kernel(kinds), dict(descs, b1=bias, b2=bias, M=62976, D=512),
-                                            dict(STAGES=ggb.STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
-            res = resources(compiled)
-            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", "gluon gated blend", kinds, dt, compiled.metadata.shared, res)
-        except Exception as e:
-            failures += 1
-            print("FAILED", "gluon gated blend", kinds, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
-        try:  # the backward's d_pre1 kernel
-            pre = torch.empty(62976, 128, dtype=TORCH[dt])
-            dnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "w2_desc", "z_desc", "pre_desc", "dpre_desc")
-            descs = dict(zip(dnames, ggb.dpre_descriptors(src, src, src, src if kinds == 3 else None, w2, pre, pre, pre)))
-            compiled = compile_gluon_kernel(ggb._dpre_kernel(kinds), dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
-                                            dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
-            res = resources(compiled)
-            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", "gluon gated blend d_pre1", kinds, dt, compiled.metadata.shared, res)
-        except Exception as e:
-            failures += 1
-            print("FAILED", "gluon gated blend d_pre1", kinds, dt, type(e).__name__,
-                  str(e).splitlines()[0][:400] if str(e) else "")
-    try:  # the backward's second kernel (one for both source counts)
-        pre = torch.empty(62976, 128, dtype=TORCH[dt])
-        bnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "z_desc", "dpre_desc", "w1_desc", "w2_desc",
-                  "down_desc", "dother_desc", "dinj_desc")
-        descs = dict(zip(bnames, ggb.backward_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
-        compiled = compile_gluon_kernel(ggb._backward_kernel(), dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias,
-                                                                     db2_partial=bias, M=62976, D=512, width=1536,
-                                                                     rows_per_split=2560),
-                                        dict(STAGES=ggb.BACKWARD_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS), 4)
-        res = resources(compiled)
-        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-        print("ok", "gluon gated blend backward", dt, compiled.metadata.shared, res)
-    except Exception as e:
-        failures += 1
-        print("FAILED", "gluon gated blend backward", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+        descs = dict(zip(names, ggb.descriptors(src, src, src if kinds == 3 else None, w1, w2, src)))
+        check_gluon(f"gluon gated blend {kinds} {dt}", lambda: ggb._kernel(kinds), dict(descs, b1=bias, b2=bias, M=62976, D=512),
+                    dict(STAGES=ggb.STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
+        descs = dict(zip(dnames, ggb.dpre_descriptors(src, src, src, src if kinds == 3 else None, w2, pre, pre, pre)))
+        check_gluon(f"gluon gated blend d_pre1 {kinds} {dt}", lambda: ggb._dpre_kernel(kinds),  # the backward's first kernel
+                    dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
+                    dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
+    bnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "z_desc", "dpre_desc", "w1_desc", "w2_desc",
+              "down_desc", "dother_desc", "dinj_desc")
+    descs = dict(zip(bnames, ggb.backward_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
+    check_gluon(f"gluon gated blend backward {dt}", ggb._backward_kernel,  # its second kernel (one for both source counts)
+                dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias, db2_partial=bias, M=62976, D=512, width=1536,
+                     rows_per_split=2560),
+                dict(STAGES=ggb.BACKWARD_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
     gra = module("_gluon_rope_attention")  # rope_attention's no-gradient forward, with and without rotation
     qkv, att_out = torch.empty(768, 82, 24, 64, dtype=TORCH[dt]), torch.empty(768, 82, 8, 64, dtype=TORCH[dt])
+    dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
     table = torch.empty(85, 32)
     for rope, lse in ((True, False), (False, False), (True, True)):  # (lse: the calls with a gradient)
-        try:
-            descs = dict(zip(("half_desc", "full_desc", "out_desc"), gra.descriptors(qkv, att_out)))
-            compiled = compile_gluon_kernel(gra._kernel(rope, lse), dict(descs, cos=table if rope else qkv,
-                                                                         sin=table if rope else qkv, stride_t=32,
-                                                                         lse=table, n_items=6144, heads=8, seq_len=82,
-                                                                         qk_scale=0.18),
-                                            dict(SLOTS=gra.SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS), 4)
-            res = resources(compiled)
-            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", "gluon rope_attention", rope, lse, dt, compiled.metadata.shared, res)
-        except Exception as e:
-            failures += 1
-            print("FAILED", "gluon rope_attention", rope, lse, dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
-    dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
+        descs = dict(zip(("half_desc", "full_desc", "out_desc"), gra.descriptors(qkv, att_out)))
+        check_gluon(f"gluon rope_attention {rope} {lse} {dt}", lambda: gra._kernel(rope, lse),
+                    dict(descs, cos=table if rope else qkv, sin=table if rope else qkv, stride_t=32, lse=table,
+                         n_items=6144, heads=8, seq_len=82, qk_scale=0.18),
+                    dict(SLOTS=gra.SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS))
     for rope in (True, False):  # its backward
-        try:
-            names = ("half_desc", "full_desc", "o_desc", "do_desc", "dhalf_desc", "dfull_desc")
-            descs = dict(zip(names, gra.backward_descriptors(qkv, att_out, att_out, dqkv)))
-            compiled = compile_gluon_kernel(gra._backward_kernel(rope), dict(descs, cos=table if rope else qkv,
-                                                                             sin=table if rope else qkv, stride_t=32,
-                                                                             lse=table, n_items=6144, heads=8,
-                                                                             seq_len=82, qk_scale=0.18, sm_scale=0.125),
-                                            dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS), 4)
-            res = resources(compiled)
-            if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-                raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-            print("ok", "gluon rope_attention backward", rope, dt, compiled.metadata.shared, res)
-        except Exception as e:
-            failures += 1
-            print("FAILED", "gluon rope_attention backward", rope, dt, type(e).__name__,
-                  str(e).splitlines()[0][:400] if str(e) else "")
+        names = ("half_desc", "full_desc", "o_desc", "do_desc", "dhalf_desc", "dfull_desc")
+        descs = dict(zip(names, gra.backward_descriptors(qkv, att_out, att_out, dqkv)))
+        check_gluon(f"gluon rope_attention backward {rope} {dt}", lambda: gra._backward_kernel(rope),
+                    dict(descs, cos=table if rope else qkv, sin=table if rope else qkv, stride_t=32, lse=table,
+                         n_items=6144, heads=8, seq_len=82, qk_scale=0.18, sm_scale=0.125),
+                    dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS))
     ga = module("_gluon_attention")  # attention of pre-rotated q, k past 128 positions, no gradient (ARC's call)
     arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
-    try:
-        descs = dict(zip(("desc", "out_desc"), ga.descriptors(arc_qkv, arc_out)))
-        compiled = compile_gluon_kernel(ga._kernel(), dict(descs, n_items=6144, q_tiles=8, heads=8, key_blocks=8,
-                                                           seq_len=901, qk_scale=0.18),
-                                        dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS), 4)
-        res = resources(compiled)
-        if compiled.metadata.shared > H100_SHARED or res["spill_stores"]:
-            raise RuntimeError(f"shared {compiled.metadata.shared} B, {res['spill_stores']} spill stores")
-        print("ok", "gluon attention (long)", dt, compiled.metadata.shared, res)
-    except Exception as e:
-        failures += 1
-        print("FAILED", "gluon attention (long)", dt, type(e).__name__, str(e).splitlines()[0][:400] if str(e) else "")
+    for pipeline in (True, False):
+        check_gluon(f"gluon attention (long) pipeline={pipeline} {dt}", lambda: ga._kernel(pipeline),
+                    dict(zip(("desc", "out_desc"), ga.descriptors(arc_qkv, arc_out)), n_items=6144, q_tiles=8,
+                         heads=8, key_blocks=8, seq_len=901, qk_scale=0.18),
+                    dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS))
 if module("_gluon_gemm")._HAVE_GLUON:
     # Each form of a Gluon kernel factory has its own cache key: a form's constexpr is a closure
     # variable, and a module-level name equal to it shadows it in Triton's lookup (every form would
@@ -321,6 +269,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes and its
     # backward's second kernel x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 2 + 1  # (+ Gluon rope_attention:
-    # 3 + 2 forms x 2; the long-sequence attention x 2; the forms' distinct cache keys)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 4 + 1  # (+ Gluon rope_attention:
+    # 3 + 2 forms x 2; the long-sequence attention's 2 forms x 2; the forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout
