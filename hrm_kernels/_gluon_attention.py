@@ -271,6 +271,8 @@ def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.T
         programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
     if programs < 1:
         raise ValueError(f"attention (Gluon): programs must be at least 1, got {programs}")
+    if STAGES < 2:  # the pipelined form holds two key blocks at once
+        raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
     launch(_kernel(PIPELINE_SCORES), (min(programs, n_items),), *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
            math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)

@@ -557,16 +557,43 @@ def test_gluon_long_forward_matches_float64(monkeypatch, shape, dtype):
         got = rope_attention(qkv)
     assert len(calls) == 1
     assert got.shape == (b, s, h, d) and got.dtype == dtype and got.is_contiguous()
-    sample = slice(0, 4)  # the float64 reference of ARC's whole call would take ~10 GB: its first items
+    # the float64 reference of ARC's whole call would take ~10 GB: 4 batches spread over it (items
+    # of each program's first and later passes through the q slots)
+    sample = slice(None, None, max(1, b // 4))
     assert_close_to_reference(f"gluon long {dtype} {shape}", got[sample], rope_attention_reference(qkv[sample], None, None),
                               rope_attention64(qkv[sample], None, None))
     assert torch.equal(ga.attention_forward(qkv, programs=3), got)
 
 
+def _negative_scores_qkv(b, s, h, dtype):
+    """q > 0 and k < 0 elementwise: every valid score strongly negative, so a padded key (score 0)
+    let through the mask would take over its row."""
+    q = torch.randn(b, s, h, 64, device="cuda").abs() + 0.5
+    k = -(torch.randn(b, s, h, 64, device="cuda").abs() + 0.5)
+    v = torch.randn(b, s, h, 64, device="cuda") + 1
+    return torch.cat((q, k, v), dim=2).to(dtype)
+
+
+@requires_gluon
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
+@pytest.mark.parametrize("seq", [1, 5, 64, 65, 128, 129, 300], ids=str)
+def test_gluon_long_forward_any_length_and_mask(monkeypatch, seq, pipeline):
+    """Both forms of the kernel (``PIPELINE_SCORES``) at one key block (sequences up to 128: the
+    pipelined form's peeled tail alone), a partial one and several, on random inputs and on ones
+    whose valid scores are all strongly negative (a leak through the last block's mask shows)."""
+    monkeypatch.setattr(ga, "PIPELINE_SCORES", pipeline)
+    for qkv in (torch.randn(3, seq, 6, 64, device="cuda", dtype=torch.bfloat16),
+                _negative_scores_qkv(3, seq, 2, torch.bfloat16)):
+        got = ga.attention_forward(qkv)
+        assert_close_to_reference(f"gluon long seq={seq} pipeline={pipeline}", got,
+                                  rope_attention_reference(qkv, None, None), rope_attention64(qkv, None, None))
+
+
 @requires_gluon
 def test_gluon_long_forward_sharp_rows():
-    """Scores far apart (scaled q, k): the online softmax's running maximum and rescaling, against
-    float64, where a block-local maximum or a missed rescale would be off by orders of magnitude."""
+    """Scores far apart (scaled q, k: the running maximum moves by far more than one block's range):
+    the online softmax's rescaling of o and l, against float64 (a missed rescale is off by whole
+    units here)."""
     qkv = torch.randn(2, 700, 6, 64, device="cuda", dtype=torch.bfloat16)
     qkv[:, :, :4] *= 4  # q and k: scores up to ~1e2, so exp2 spans far beyond one block's range
     got = ga.attention_forward(qkv)
@@ -593,6 +620,6 @@ def test_gluon_long_forward_routing(monkeypatch):
         out = rope_attention(qkv.detach().requires_grad_())  # a gradient: SDPA's backward
         out.sum().backward()
     assert len(calls) == 1
-    assert not ga.supported(qkv[:, :, :0]) and not ga.supported(qkv.transpose(1, 2))
+    assert not ga.supported(qkv[:, :, :0]) and not ga.supported(qkv.transpose(0, 1))  # no heads; strided
     with pytest.raises(ValueError, match="programs must be at least 1"):
         ga.attention_forward(qkv, programs=0)
