@@ -59,6 +59,7 @@ SWITCHES = {
     "gluon_swiglu_bwd": ("hrm_kernels.swiglu_linear", None, "USE_GLUON"),  # SwiGLU backward in the Gluon dact GEMM
     "gluon_swiglu_grad": ("hrm_kernels.linear_swiglu", None, "GLUON_KEEPS_GATE_UP"),  # with-grad gate_up + SwiGLU: one Gluon GEMM keeping gate_up
     "rope_in_qkv": ("hrm.layers", "Attention", "ROPE_IN_QKV"),  # no-grad long sequences: RoPE in the qkv GEMM's epilogue
+    "rope_in_qkv_short": ("hrm.layers", "Attention", "ROPE_IN_QKV_SHORT"),  # ... and short ones (Sudoku)
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
     "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
     "gluon_gated_blend_main": ("hrm_kernels.gated_blend", None, "USE_GLUON_BACKWARD_MAIN"),  # ... and its second phase

@@ -173,6 +173,10 @@ class Attention(nn.Module):
     # Blocks on deferred-norm states (no gradient) rotate q and k in their qkv matmul's epilogue
     # wherever RoPE would otherwise be a pass of its own (``qkv_rope``).
     ROPE_IN_QKV = True
+    # ... and also where rope_attention's fused kernel would rotate them as it loads (sequences up to
+    # its MAX_FUSED_SEQ: Sudoku), which then attends without rotation. Off: not yet timed on a GPU
+    # (session 30; the Gluon attention kernel skips its k rotation and the barrier after it).
+    ROPE_IN_QKV_SHORT = False
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -238,7 +242,7 @@ class Attention(nn.Module):
         if (cos_sin is None or not (self.ROPE_IN_QKV and self.HALF_TABLES) or not use_triton(device)
                 or torch.compiler.is_compiling() or self.head_dim not in _gluon_gemm.ROPE_HEAD_DIMS):
             return None
-        if self._fused_attention() and seq <= _rope_attention_module.MAX_FUSED_SEQ:
+        if self._fused_attention() and seq <= _rope_attention_module.MAX_FUSED_SEQ and not self.ROPE_IN_QKV_SHORT:
             return None
         return (*first_halves(*cos_sin), seq, self.head_dim)
 

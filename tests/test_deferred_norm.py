@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hrm.layers import Block, RotaryEmbedding
+from hrm.layers import Attention, Block, RotaryEmbedding
 from hrm_kernels import _gluon_gemm, deferred_norm, rms_norm, rope_reference
 from hrm_kernels.backend import triton_can_run
 from hrm_kernels.swiglu import swiglu_reference
@@ -166,15 +166,18 @@ def test_block_chain_on_deferred_states_equals_the_blocks_on_cpu():
                                atol=1e-5)  # fp32 rounding apart (sums of squares in another order)
 
 
-def test_block_chain_rotating_in_the_qkv_matmul_equals_the_blocks(monkeypatch):
-    """A sequence longer than rope_attention's fused kernel (131 > MAX_FUSED_SEQ) with head_dim 16:
-    the deferred blocks rotate q and k in their qkv projection (``Attention.qkv_rope``) where the
-    Triton backend runs, and the chain still gives the plain blocks' output."""
+@pytest.mark.parametrize("seq,short_in_qkv", [(131, False), (11, True), (11, False)], ids=["long", "short_in_qkv", "short"])
+def test_block_chain_rotating_in_the_qkv_matmul_equals_the_blocks(monkeypatch, seq, short_in_qkv):
+    """A sequence longer than rope_attention's fused kernel (131 > MAX_FUSED_SEQ), or a short one with
+    ``Attention.ROPE_IN_QKV_SHORT``, with head_dim 16: the deferred blocks rotate q and k in their qkv
+    projection (``Attention.qkv_rope``) where the Triton backend runs (a short one without the switch
+    leaves it to rope_attention), and the chain still gives the plain blocks' output."""
     from hrm_kernels import use_backend
 
+    monkeypatch.setattr(Attention, "ROPE_IN_QKV_SHORT", short_in_qkv)
     blocks = _blocks(3, hidden=32, heads=2, inter=72)
-    cos_sin = RotaryEmbedding(16, 131, 10000.0)()
-    h = torch.randn(2, 131, 32)
+    cos_sin = RotaryEmbedding(16, seq, 10000.0)()
+    h = torch.randn(2, seq, 32)
     backend = "triton" if triton_can_run(torch.device("cpu")) else "eager"
     ropes = []
     monkeypatch.setattr(deferred_norm, "norm_linear", lambda *a, _f=deferred_norm.norm_linear, **k: ropes.append(
@@ -182,7 +185,8 @@ def test_block_chain_rotating_in_the_qkv_matmul_equals_the_blocks(monkeypatch):
     with use_backend(backend):
         got = _chain(blocks, h, cos_sin, True)
         plain = _chain(blocks, h, cos_sin, False)
-    assert ropes == [backend == "triton", False] * 3  # qkv, gate_up per block
+    rotates = backend == "triton" and (seq > 128 or short_in_qkv)
+    assert ropes == [rotates, False] * 3  # qkv, gate_up per block
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)  # fp32 rounding apart
 
 
@@ -419,13 +423,16 @@ def test_fused_block_chain_rotating_in_the_qkv_matmul_matches_float64(dtype, mon
 
 
 @requires_gluon
-@pytest.mark.parametrize("seq", [None, 130], ids=["short", "long"])
-def test_model_with_deferred_norm_matches_float32(seq, monkeypatch):
+@pytest.mark.parametrize("seq,short_in_qkv", [(None, False), (None, True), (130, False)],
+                         ids=["short", "short_rope_in_qkv", "long"])
+def test_model_with_deferred_norm_matches_float32(seq, short_in_qkv, monkeypatch):
     """The gated model (bf16 activations, fp32 parameters, CUDA graphs on) in evaluation: with
     ``DEFERRED_NORM`` its no-gradient blocks run deferred, and its logits and Q values stay within
     3x the plain bf16 model's error of the float32 model with the same parameters. ``long``: 130
     tokens + 1 puzzle token, past rope_attention's fused kernel, so the deferred blocks rotate q and
-    k in their qkv matmul (``Attention.ROPE_IN_QKV``)."""
+    k in their qkv matmul (``Attention.ROPE_IN_QKV``); ``short_rope_in_qkv``: so do the short
+    sequence's, with ``Attention.ROPE_IN_QKV_SHORT``."""
+    monkeypatch.setattr(Attention, "ROPE_IN_QKV_SHORT", short_in_qkv)
     from hrm import HRM
     from hrm_kernels import use_backend
     from tests.test_model_spec import VOCAB, make_batch, randomize_, tiny_config
@@ -471,7 +478,7 @@ def test_model_with_deferred_norm_matches_float32(seq, monkeypatch):
     assert not calls
     got = evaluate("bfloat16", "auto", True)
     assert calls, "the deferred blocks did not run"
-    assert any(ropes) == (seq is not None), "RoPE in the qkv matmul exactly for the long sequence"
+    assert any(ropes) == (seq is not None or short_in_qkv), "RoPE in the qkv matmul exactly where asked"
     for name, g, p, w in zip(("logits", "q_halt"), got, plain, want):
         scale = max(w.abs().max().item(), 1.0)
         err, plain_err = (g - w).abs().max().item(), (p - w).abs().max().item()

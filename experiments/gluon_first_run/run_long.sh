@@ -13,3 +13,8 @@ echo "== long attention tests at $(( $(date +%s) - start )) s"
 timeout 200 python3 benchmarks/bench_train_step.py --shape arc --gated 0 --providers fused --mode train \
   --switches gluon_attention_long=1 gluon_attention_long=0 gluon_attention_long=1 gluon_attention_long=0 2>&1 | grep "^| arc"
 echo "== ARC A/B at $(( $(date +%s) - start )) s"
+# Attention.ROPE_IN_QKV_SHORT (session 30, off): Sudoku's no-gradient blocks rotate q, k in the qkv GEMM and the
+# Gluon attention kernel attends without rotating
+timeout 150 python3 benchmarks/bench_train_step.py --shape sudoku --gated 0 --providers fused --mode train \
+  --switches rope_in_qkv_short=1 rope_in_qkv_short=0 rope_in_qkv_short=1 rope_in_qkv_short=0 2>&1 | grep "^| sudoku"
+echo "== Sudoku A/B at $(( $(date +%s) - start )) s"
