@@ -20,10 +20,14 @@ online softmax, FlashAttention-2's order, in base 2)::
     l     = l * a + rowsum(p);      o = o * a + round(p) @ v_j
 
 then ``o / l`` leaves by TMA (rows past the sequence clipped). The two warpgroups run their blocks
-independently, so one's softmax overlaps the other's matmuls.
+independently, so one's softmax overlaps the other's matmuls. ``FORMS``: "plain" runs each block's
+steps in turn; "pipelined" issues block j + 1's scores before block j's softmax, within an item;
+"stream" (the default) does so across the program's whole stream of blocks, items included (the
+next item's first scores overlap an item's last softmax: what items of one block, Sudoku's
+length, need), with q read by the wgmma from its slot.
 
-Session 30: written and compiled for sm_90, NOT RUN ON A GPU; behind
-``rope_attention.USE_GLUON_LONG`` (off). Requirements (``supported``): Hopper, bf16/fp16 qkv [batch,
+Session 30: written and compiled for sm_90 (168 registers, 176 KiB of shared memory, no spills, each
+form), NOT RUN ON A GPU; behind ``rope_attention.USE_GLUON_LONG`` (off). Requirements (``supported``): Hopper, bf16/fp16 qkv [batch,
 seq, 3 * heads, 64] contiguous and 16-byte aligned, seq and batch at least 1.
 """
 
@@ -48,8 +52,11 @@ BLOCK = 128  # queries an item, keys a block
 HEAD_DIM = 64
 Q_SLOTS = 2  # 16 KiB each
 STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and two 8 KiB output tiles 176 KiB
-CONSUMER_REGISTERS = 232
-PIPELINE_SCORES = True  # a block's q k^T in flight during the previous block's softmax (``_kernel``)
+CONSUMER_REGISTERS = 232  # the second consumer warpgroup's; the producer warp gets 24, the first consumer (the default partition) the rest: 248 (with 40 for the producer, 232, and the fp16 "stream" form spilled 2 registers)
+# How the consumers order a block's work (``_consume``): "plain", "pipelined" (the next block's q k^T
+# in flight during a block's softmax, within an item) or "stream" (the same across items).
+FORMS = ("plain", "pipelined", "stream")
+DEFAULT_FORM = "stream"
 
 
 def supported(qkv: torch.Tensor) -> bool:
@@ -124,15 +131,63 @@ if _HAVE_GLUON:
                              use_acc=False, is_async=True)
 
     @gluon.jit
-    def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles,
-                 heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, PIPELINE: gl.constexpr):
-        """Consumer warpgroup ``WG``: queries [64 WG, 64 WG + 64) of every item's tile."""
+    def _load_q(q_bufs, q_ready, q_empty, it, WG: gl.constexpr, q_layout: gl.constexpr, q_operand: gl.constexpr):
+        """This warpgroup's rows of the ``it``-th item's q tile, as the scores' register operand; the
+        slot released."""
         QS: gl.constexpr = q_bufs.type.shape[0]
+        BM: gl.constexpr = q_bufs.type.shape[2]
+        D: gl.constexpr = q_bufs.type.shape[3]
+        qs = it % QS
+        mbarrier.wait(q_ready.index(qs), (it // QS) & 1)
+        q = q_bufs.index(qs).reshape([BM, D]).slice(WG * (BM // 2), BM // 2, dim=0).load(q_layout)
+        fence_async_shared()  # the q reads before the slot's release to the next TMA load
+        mbarrier.arrive(q_empty.index(qs), count=1)
+        return gl.convert_layout(q, q_operand)
+
+    @gluon.jit
+    def _q_rows(q_buf, WG: gl.constexpr):
+        """This warpgroup's rows [64 WG, 64 WG + 64) of a q slot [1, BM, D], as a wgmma operand."""
+        BM: gl.constexpr = q_buf.type.shape[1]
+        D: gl.constexpr = q_buf.type.shape[2]
+        return q_buf.reshape([BM, D]).slice(WG * (BM // 2), BM // 2, dim=0)
+
+    @gluon.jit
+    def _release_q(q_empty_bar):
+        """The q slot's wgmma reads are complete (waited): free it for the next TMA load."""
+        mbarrier.arrive(q_empty_bar, count=1)
+
+    @gluon.jit
+    def _mask_last(scores, block, seq_len, keys):
+        """Keys past the sequence (TMA's zeros) of key block ``block`` (the last, the only partial one) -> -inf."""
+        BM: gl.constexpr = scores.type.shape[1]
+        return scores + gl.expand_dims(gl.where(block * BM + keys < seq_len, 0.0, float("-inf")), 0)
+
+    @gluon.jit
+    def _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG: gl.constexpr, o_layout: gl.constexpr):
+        """o / l into this warpgroup's rows of the item's output tile, by TMA (rows past the sequence clipped)."""
+        ROWS: gl.constexpr = o.type.shape[0]
+        D: gl.constexpr = o.type.shape[1]
+        o = o * gl.expand_dims(gl.convert_layout(1.0 / l, gl.SliceLayout(1, o_layout)), 1)
+        tma.store_wait(pendings=0)  # this warpgroup's previous output has left out_buf
+        out_buf.reshape([ROWS, D]).store(o.to(out_desc.dtype))
+        fence_async_shared()
+        bh = item // q_tiles
+        tma.async_copy_shared_to_global(out_desc, [bh // heads, (item % q_tiles) * 2 * ROWS + WG * ROWS,
+                                                   (bh % heads) * D], out_buf)
+
+    @gluon.jit
+    def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles,
+                 heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, FORM: gl.constexpr):
+        """Consumer warpgroup ``WG``: queries [64 WG, 64 WG + 64) of every item's tile. ``FORM`` 0:
+        each block's scores, softmax and p @ v in turn; 1: block j's scores in flight while block
+        j - 1's softmax runs, within an item (FlashAttention-3's order); 2: the same across the
+        program's whole stream of blocks, so that the next item's first scores overlap an item's
+        last softmax (items of one block: Sudoku's length), with q read by the wgmma from its
+        slot (no q registers to carry across items)."""
         KS: gl.constexpr = k_bufs.type.shape[0]
         BM: gl.constexpr = q_bufs.type.shape[2]
         D: gl.constexpr = q_bufs.type.shape[3]
         ROWS: gl.constexpr = BM // 2
-        dtype: gl.constexpr = out_desc.dtype
         q_layout: gl.constexpr = _accumulator_layout(D)  # [ROWS, D] loads
         s_layout: gl.constexpr = _accumulator_layout(BM)  # scores [ROWS, BM]
         o_layout: gl.constexpr = _accumulator_layout(D)  # output [ROWS, D]
@@ -141,68 +196,100 @@ if _HAVE_GLUON:
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         keys = gl.arange(0, BM, layout=gl.SliceLayout(0, s_layout))
         out_buf = out_bufs.index(WG)
-        it = 0
-        kv = 0
-        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            qs = it % QS
-            mbarrier.wait(q_ready.index(qs), (it // QS) & 1)
-            q = q_bufs.index(qs).reshape([BM, D]).slice(WG * ROWS, ROWS, dim=0).load(q_layout)
-            fence_async_shared()  # the q reads before the slot's release to the next TMA load
-            mbarrier.arrive(q_empty.index(qs), count=1)
-            q = gl.convert_layout(q, q_operand)
+        if FORM == 2:  # q as the scores' shared-memory operand: its slot is held until the item's last scores
+            QS: gl.constexpr = q_bufs.type.shape[0]
+            first = gl.program_id(0)
+            total = (n_items - first + gl.num_programs(0) - 1) // gl.num_programs(0) * key_blocks  # >= 1 block
+            item = first
+            mbarrier.wait(q_ready.index(0), 0)
+            mbarrier.wait(kv_ready.index(0), 0)
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(_q_rows(q_bufs.index(0), WG),
+                                                                         k_bufs.index(0).reshape([BM, D]), s_layout), ))
+            if key_blocks == 1:
+                _release_q(q_empty.index(0))
             m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
             l = gl.zeros([ROWS], gl.float32, layout=row_layout)
             o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
-            if PIPELINE:  # block j's scores in flight while block j - 1's softmax runs (FlashAttention-3's order)
-                s = kv % KS
-                mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
-                scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
-                scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-                for j in range(1, key_blocks):  # blocks 0 .. key_blocks - 2 are whole: no mask
-                    prev = s
-                    kv += 1
-                    s = kv % KS
-                    mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
-                    nxt = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
-                    p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                    o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BM, D]), o_layout, p_operand)
-                    scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
-                    mbarrier.arrive(kv_empty.index(prev), count=1)  # both of the slot's reads are complete
-                # the last block: keys past the sequence (zeros) get -inf
-                scores = scores + gl.expand_dims(gl.where((key_blocks - 1) * BM + keys < seq_len, 0.0, float("-inf")), 0)
+            for t in range(total - 1):  # block t's softmax and p @ v, block t + 1's scores in flight
+                last = t % key_blocks == key_blocks - 1
+                nxt_item = (t + 1) // key_blocks  # the program's item count of block t + 1
+                qs = nxt_item % QS
+                if last:  # block t + 1 is the next item's first
+                    mbarrier.wait(q_ready.index(qs), (nxt_item // QS) & 1)
+                    scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
+                nxt_slot = (t + 1) % KS
+                mbarrier.wait(kv_ready.index(nxt_slot), ((t + 1) // KS) & 1)
+                nxt = _scores(_q_rows(q_bufs.index(qs), WG), k_bufs.index(nxt_slot).reshape([BM, D]), s_layout)
                 p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
-                o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-                mbarrier.arrive(kv_empty.index(s), count=1)
-                kv += 1
-            else:
-                for j in range(key_blocks):
+                o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BM, D]), o_layout, p_operand)
+                scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
+                mbarrier.arrive(kv_empty.index(t % KS), count=1)  # both of the slot's reads are complete
+                if (t + 1) % key_blocks == key_blocks - 1:  # block t + 1 was its item's last scores
+                    _release_q(q_empty.index(qs))
+                if last:
+                    _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+                    item += gl.num_programs(0)
+                    m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+                    l = gl.zeros([ROWS], gl.float32, layout=row_layout)
+                    o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
+            # the stream's last block: the last item's last
+            scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
+            p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+            o = _accumulate(o, p, alpha, v_bufs.index((total - 1) % KS).reshape([BM, D]), o_layout, p_operand)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+            mbarrier.arrive(kv_empty.index((total - 1) % KS), count=1)
+            _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+        else:
+            it = 0
+            kv = 0
+            for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+                q = _load_q(q_bufs, q_ready, q_empty, it, WG, q_layout, q_operand)
+                m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
+                l = gl.zeros([ROWS], gl.float32, layout=row_layout)
+                o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
+                if FORM == 1:
                     s = kv % KS
                     mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
                     scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
                     scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
-                    if (j + 1) * BM > seq_len:  # the last block: keys past the sequence (zeros) get -inf
-                        scores = scores + gl.expand_dims(gl.where(j * BM + keys < seq_len, 0.0, float("-inf")), 0)
+                    for j in range(1, key_blocks):  # blocks 0 .. key_blocks - 2 are whole: no mask
+                        prev = s
+                        kv += 1
+                        s = kv % KS
+                        mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
+                        nxt = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                        o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BM, D]), o_layout, p_operand)
+                        scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
+                        mbarrier.arrive(kv_empty.index(prev), count=1)  # both of the slot's reads are complete
+                    scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
                     p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
                     o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
                     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
-                    mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
+                    mbarrier.arrive(kv_empty.index(s), count=1)
                     kv += 1
-            o = o * gl.expand_dims(gl.convert_layout(1.0 / l, gl.SliceLayout(1, o_layout)), 1)
-            tma.store_wait(pendings=0)  # this warpgroup's previous output has left out_buf
-            out_buf.reshape([ROWS, D]).store(o.to(dtype))
-            fence_async_shared()
-            bh = item // q_tiles
-            tma.async_copy_shared_to_global(out_desc, [bh // heads, (item % q_tiles) * BM + WG * ROWS, (bh % heads) * D],
-                                            out_buf)
-            it += 1
+                else:
+                    for j in range(key_blocks):
+                        s = kv % KS
+                        mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
+                        scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                        scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
+                        if j == key_blocks - 1:
+                            scores = _mask_last(scores, j, seq_len, keys)
+                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                        o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
+                        o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
+                        mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
+                        kv += 1
+                _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+                it += 1
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(pipeline: bool = True):
-        """The kernel with the next block's scores in flight during a block's softmax, or not (built
-        on first use so that importing needs no Gluon compile)."""
-        PIPELINE = gl.constexpr(pipeline)
+    def _kernel(form: str = "stream"):
+        """The kernel in one of ``FORMS`` (``_consume``; built on first use so that importing needs
+        no Gluon compile)."""
+        FORM = gl.constexpr(FORMS.index(form))
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -211,7 +298,7 @@ if _HAVE_GLUON:
             def consume(desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty,
                         n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
                 _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
-                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, PIPELINE)
+                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM)
 
             return consume
 
@@ -243,7 +330,7 @@ if _HAVE_GLUON:
                 mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release each stage
             args = (desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
                     q_tiles, heads, key_blocks, seq_len, qk_scale)
-            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
+            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 24])
 
         return attention_kernel
 
@@ -273,7 +360,7 @@ def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.T
         raise ValueError(f"attention (Gluon): programs must be at least 1, got {programs}")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(PIPELINE_SCORES), (min(programs, n_items),), *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
+    launch(_kernel(DEFAULT_FORM), (min(programs, n_items),), *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
            math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return out

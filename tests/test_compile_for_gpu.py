@@ -229,8 +229,8 @@ for dt in ("bf16", "fp16", "fp32"):
                     dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS))
     ga = module("_gluon_attention")  # attention of pre-rotated q, k past 128 positions, no gradient (ARC's call)
     arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
-    for pipeline in (True, False):
-        check_gluon(f"gluon attention (long) pipeline={pipeline} {dt}", lambda: ga._kernel(pipeline),
+    for form in ga.FORMS:
+        check_gluon(f"gluon attention (long) form={form} {dt}", lambda: ga._kernel(form),
                     dict(zip(("desc", "out_desc"), ga.descriptors(arc_qkv, arc_out)), n_items=6144, q_tiles=8,
                          heads=8, key_blocks=8, seq_len=901, qk_scale=0.18),
                     dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS))
@@ -241,7 +241,7 @@ if module("_gluon_gemm")._HAVE_GLUON:
     forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
-             ("_gluon_attention", "_kernel"): [(True,), (False,)]}
+             ("_gluon_attention", "_kernel"): [(f,) for f in module("_gluon_attention").FORMS]}
     gg = module("_gluon_gemm")
     forms[("_gluon_gemm", "_kernel")] = [(gg.EPILOGUES[v[0]], v[1], v[2], d) for v in gg.VARIANTS
                                          for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]
@@ -269,6 +269,6 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes and its
     # backward's second kernel x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 4 + 1  # (+ Gluon rope_attention:
-    # 3 + 2 forms x 2; the long-sequence attention's 2 forms x 2; the forms' distinct cache keys)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 6 + 1  # (+ Gluon rope_attention:
+    # 3 + 2 forms x 2; the long-sequence attention's 3 forms x 2; the forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -575,18 +575,20 @@ def _negative_scores_qkv(b, s, h, dtype):
 
 
 @requires_gluon
-@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
+@pytest.mark.parametrize("form", ["plain", "pipelined", "stream"])
 @pytest.mark.parametrize("seq", [1, 5, 64, 65, 128, 129, 300], ids=str)
-def test_gluon_long_forward_any_length_and_mask(monkeypatch, seq, pipeline):
-    """Both forms of the kernel (``PIPELINE_SCORES``) at one key block (sequences up to 128: the
-    pipelined form's peeled tail alone), a partial one and several, on random inputs and on ones
-    whose valid scores are all strongly negative (a leak through the last block's mask shows)."""
-    monkeypatch.setattr(ga, "PIPELINE_SCORES", pipeline)
+def test_gluon_long_forward_any_length_and_mask(monkeypatch, seq, form):
+    """Every form of the kernel (``FORMS``) at one key block (sequences up to 128: the pipelined
+    form's peeled tail alone; the stream's items of one block), a partial one and several, on random
+    inputs and on ones whose valid scores are all strongly negative (a leak through the last
+    block's mask shows); with 3 programs (several items each) the same bits."""
+    monkeypatch.setattr(ga, "DEFAULT_FORM", form)
     for qkv in (torch.randn(3, seq, 6, 64, device="cuda", dtype=torch.bfloat16),
                 _negative_scores_qkv(3, seq, 2, torch.bfloat16)):
         got = ga.attention_forward(qkv)
-        assert_close_to_reference(f"gluon long seq={seq} pipeline={pipeline}", got,
+        assert_close_to_reference(f"gluon long seq={seq} form={form}", got,
                                   rope_attention_reference(qkv, None, None), rope_attention64(qkv, None, None))
+        assert torch.equal(ga.attention_forward(qkv, programs=3), got)
 
 
 @requires_gluon

@@ -2,7 +2,9 @@
 positions (``hrm_kernels._gluon_attention``, ``rope_attention.USE_GLUON_LONG``) against SDPA as the
 model calls it at ARC's length (96 x 901 x 8 heads x 64, bf16, q, k, v views of the packed qkv):
 the largest error against float64 on a few items next to SDPA's, then GPU us (medians of 5
-alternating rounds) and TFLOP/s (4 * batch * heads * seq^2 * 64 FLOP), for key-block stage counts 2-4.
+alternating rounds) and TFLOP/s (4 * batch * heads * seq^2 * 64 FLOP), per kernel form and for key-block
+stage counts 2-4; last, at Sudoku's call without rotation (768 x 82 x 8), each form against the short-sequence
+Gluon kernel (hrm_kernels._gluon_rope_attention without tables) and SDPA.
     PYTHONPATH=. python3 experiments/gluon_first_run/long_attention_check.py"""
 import statistics, sys; sys.path.insert(0, ".")
 import torch
@@ -29,13 +31,33 @@ for b, s, h in ((96, 901, 8), (2, 300, 3), (4, 129, 8)):
         if b != 96:
             continue
         flop = 4 * b * h * s * s * 64
-        for stages in (4, 3, 2):
-            ga.STAGES = stages
-            times = {"sdpa": [], "gluon": []}
-            for _ in range(5):
-                times["sdpa"].append(gpu_us(sdpa))
-                times["gluon"].append(gpu_us(glu))
-            t = {k: statistics.median(v) for k, v in times.items()}
-            print(f"stages {stages}: Gluon {t['gluon']:.1f} us ({flop / t['gluon'] / 1e6:.0f} TFLOP/s), SDPA "
-                  f"{t['sdpa']:.1f} ({flop / t['sdpa'] / 1e6:.0f}); {t['sdpa'] / t['gluon']:.2f}x", flush=True)
-        ga.STAGES = 4
+        for form in ga.FORMS:
+            for stages in (4, 3, 2):
+                ga.DEFAULT_FORM, ga.STAGES = form, stages
+                times = {"sdpa": [], "gluon": []}
+                for _ in range(5):
+                    times["sdpa"].append(gpu_us(sdpa))
+                    times["gluon"].append(gpu_us(glu))
+                t = {k: statistics.median(v) for k, v in times.items()}
+                print(f"{form}, stages {stages}: Gluon {t['gluon']:.1f} us ({flop / t['gluon'] / 1e6:.0f} TFLOP/s), "
+                      f"SDPA {t['sdpa']:.1f} ({flop / t['sdpa'] / 1e6:.0f}); {t['sdpa'] / t['gluon']:.2f}x", flush=True)
+        ga.DEFAULT_FORM, ga.STAGES = "stream", 4
+
+# Sudoku's no-gradient call if q, k were rotated by the qkv matmul (Attention.ROPE_IN_QKV_SHORT)
+from hrm_kernels import _gluon_rope_attention as gra  # noqa: E402
+qkv = torch.randn(768, 82, 24, 64, device="cuda", dtype=torch.bfloat16)
+with torch.no_grad():
+    ref = gra.rope_attention_forward(qkv, None, None)
+    runs = {"short kernel": lambda: gra.rope_attention_forward(qkv, None, None), "sdpa": lambda: lib._composed(qkv, None, None)}
+    for form in ga.FORMS:
+        ga.DEFAULT_FORM = form
+        got = ga.attention_forward(qkv)
+        print(f"sudoku {form}: max |long - short kernel| {(got.float() - ref.float()).abs().max().item():.3g}", flush=True)
+        runs[form] = (lambda f: lambda: (setattr(ga, "DEFAULT_FORM", f), ga.attention_forward(qkv))[1])(form)
+    times = {k: [] for k in runs}
+    for _ in range(5):
+        for k, fn in runs.items():
+            times[k].append(gpu_us(fn))
+    print("sudoku 768 x 82 x 8 x 64, no rotation, GPU us: " + ", ".join(
+        f"{k} {statistics.median(v):.1f}" for k, v in times.items()), flush=True)
+    ga.DEFAULT_FORM = "stream"
