@@ -12,7 +12,8 @@ A work item is 128 queries of one (batch, head); programs walk the items in orde
 programs read the same keys and values from L2. A producer warp loads the item's q tile [128, 64]
 into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
 of a [batch, seq, 3 * heads * 64] view: positions past the sequence load as zeros). Two consumer
-warpgroups take 64 queries each, q in registers as the wgmma's A operand, and per key block (the
+warpgroups take 64 queries each, q as the wgmma's A operand (from registers, or in the "stream"
+form from its slot), and per key block (the
 online softmax, FlashAttention-2's order, in base 2)::
 
     s     = q k_j^T                                   [64, 128] fp32 (keys past seq: -inf)
@@ -199,7 +200,8 @@ if _HAVE_GLUON:
         if FORM == 2:  # q as the scores' shared-memory operand: its slot is held until the item's last scores
             QS: gl.constexpr = q_bufs.type.shape[0]
             first = gl.program_id(0)
-            total = (n_items - first + gl.num_programs(0) - 1) // gl.num_programs(0) * key_blocks  # >= 1 block
+            # >= 1 block: the launcher's grid is at most n_items (a program without items would wait forever below)
+            total = (n_items - first + gl.num_programs(0) - 1) // gl.num_programs(0) * key_blocks
             item = first
             mbarrier.wait(q_ready.index(0), 0)
             mbarrier.wait(kv_ready.index(0), 0)

@@ -61,3 +61,8 @@ with torch.no_grad():
     print("sudoku 768 x 82 x 8 x 64, no rotation, GPU us: " + ", ".join(
         f"{k} {statistics.median(v):.1f}" for k, v in times.items()), flush=True)
     ga.DEFAULT_FORM = "stream"
+    for q_slots in (2, 3):  # one key block an item: q loads have one iteration to land with 2 slots (197 KiB with 3)
+        ga.Q_SLOTS = q_slots
+        print(f"sudoku stream, {q_slots} q slots: {statistics.median([gpu_us(runs['stream']) for _ in range(5)]):.1f} us",
+              flush=True)
+    ga.Q_SLOTS = 2
