@@ -212,9 +212,15 @@ if _HAVE_GLUON:
             m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
             l = gl.zeros([ROWS], gl.float32, layout=row_layout)
             o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
+            j = 0  # block t's index in its item
+            nxt_item = 0  # the program's item count of block t + 1 (counters: no division by key_blocks)
             for t in range(total - 1):  # block t's softmax and p @ v, block t + 1's scores in flight
-                last = t % key_blocks == key_blocks - 1
-                nxt_item = (t + 1) // key_blocks  # the program's item count of block t + 1
+                last = j == key_blocks - 1
+                if last:
+                    nxt_item += 1
+                    j = 0
+                else:
+                    j += 1  # (now block t + 1's index)
                 qs = nxt_item % QS
                 if last:  # block t + 1 is the next item's first
                     mbarrier.wait(q_ready.index(qs), (nxt_item // QS) & 1)
@@ -226,7 +232,7 @@ if _HAVE_GLUON:
                 o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BM, D]), o_layout, p_operand)
                 scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
                 mbarrier.arrive(kv_empty.index(t % KS), count=1)  # both of the slot's reads are complete
-                if (t + 1) % key_blocks == key_blocks - 1:  # block t + 1 was its item's last scores
+                if j == key_blocks - 1:  # block t + 1 was its item's last scores
                     _release_q(q_empty.index(qs))
                 if last:
                     _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
