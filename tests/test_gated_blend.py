@@ -619,6 +619,19 @@ def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, ro
 
 
 @requires_gluon
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (1000, 512, 128)], ids=str)
+def test_triton_backward_at_gluon_shapes_matches_float64(monkeypatch, inj, rows, d, r):
+    """The Triton backward (both phases), which other GPUs run, at shapes the Gluon phases take on
+    Hopper by default (there it would otherwise go untested without the saturation term)."""
+    monkeypatch.setattr(gb, "USE_GLUON_DPRE", False)
+    monkeypatch.setattr(gb, "USE_GLUON_BACKWARD_MAIN", False)
+    dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
+    _check("triton", _gluon_inputs(rows, d, r, torch.bfloat16, inj))
+    assert not dpre_calls
+
+
+@requires_gluon
 def test_gluon_backward_routing(monkeypatch):
     """Each phase only with its switch (d_pre1's on by default, the second phase's off), without the
     saturation term, for inputs they take."""

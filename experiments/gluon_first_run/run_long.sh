@@ -9,6 +9,7 @@ start=$(date +%s)
 timeout 180 python3 experiments/gluon_first_run/long_attention_check.py 2>&1 | grep -v Warn
 echo "== long attention check at $(( $(date +%s) - start )) s"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_rope_attention.py -k gluon_long 2>&1 | tail -8
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gated_blend.py -k triton_backward_at 2>&1 | tail -3
 echo "== long attention tests at $(( $(date +%s) - start )) s"
 timeout 200 python3 benchmarks/bench_train_step.py --shape arc --gated 0 --providers fused --mode train \
   --switches gluon_attention_long=1 gluon_attention_long=0 gluon_attention_long=1 gluon_attention_long=0 2>&1 | grep "^| arc"
