@@ -13,8 +13,7 @@ programs read the same keys and values from L2. A producer warp loads the item's
 into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
 of a [batch, seq, 3 * heads * 64] view: positions past the sequence load as zeros). Two consumer
 warpgroups take 64 queries each, q as the wgmma's A operand (from registers, or in the "stream"
-form from its slot), and per key block (the
-online softmax, FlashAttention-2's order, in base 2)::
+form from its slot), and per key block (the online softmax, FlashAttention-2's order, in base 2)::
 
     s     = q k_j^T                                   [64, 128] fp32 (keys past seq: -inf)
     m_new = max(m, rowmax(s) * c);  a = exp2(m - m_new);  p = exp2(s * c - m_new),  c = log2(e) / 8
@@ -27,9 +26,9 @@ steps in turn; "pipelined" issues block j + 1's scores before block j's softmax,
 next item's first scores overlap an item's last softmax: what items of one block, Sudoku's
 length, need), with q read by the wgmma from its slot.
 
-Session 30: written and compiled for sm_90 (168 registers, 176 KiB of shared memory, no spills, each
-form), NOT RUN ON A GPU; behind ``rope_attention.USE_GLUON_LONG`` (off). Requirements (``supported``): Hopper, bf16/fp16 qkv [batch,
-seq, 3 * heads, 64] contiguous and 16-byte aligned, seq and batch at least 1.
+Session 30: written and compiled for sm_90 (176 KiB of shared memory, no spills, each form), NOT RUN
+ON A GPU; behind ``rope_attention.USE_GLUON_LONG`` (off). Requirements (``supported``): Hopper,
+bf16/fp16 qkv [batch, seq, 3 * heads, 64] contiguous and 16-byte aligned, seq and batch at least 1.
 """
 
 from __future__ import annotations
@@ -53,7 +52,10 @@ BLOCK = 128  # queries an item, keys a block
 HEAD_DIM = 64
 Q_SLOTS = 2  # 16 KiB each
 STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and two 8 KiB output tiles 176 KiB
-CONSUMER_REGISTERS = 232  # the second consumer warpgroup's; the producer warp gets 24, the first consumer (the default partition) the rest: 248 (with 40 for the producer, 232, and the fp16 "stream" form spilled 2 registers)
+# Registers a thread of the second consumer warpgroup; the producer warp gets 24 and the first
+# consumer (the default partition) the rest, 248 (with 40 for the producer it got 232, and the fp16
+# "stream" form spilled 2 registers).
+CONSUMER_REGISTERS = 232
 # How the consumers order a block's work (``_consume``): "plain", "pipelined" (the next block's q k^T
 # in flight during a block's softmax, within an item) or "stream" (the same across items).
 FORMS = ("plain", "pipelined", "stream")
