@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, available
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, available, persistent_grid
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
@@ -364,13 +364,10 @@ def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.T
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     q_tiles = -(-seq // BLOCK)
     n_items = batch * heads * q_tiles
-    if programs is None:
-        programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
-    if programs < 1:
-        raise ValueError(f"attention (Gluon): programs must be at least 1, got {programs}")
+    grid = persistent_grid(programs, n_items, qkv.device, "attention (Gluon)")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(DEFAULT_FORM), (min(programs, n_items),), *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
+    launch(_kernel(DEFAULT_FORM), grid, *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
            math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return out

@@ -69,7 +69,7 @@ import functools
 import torch
 import triton
 
-from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe, available
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe, available, persistent_grid
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
@@ -643,11 +643,8 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.T
     m, d = own.shape
     out = torch.empty_like(own)
     tiles = triton.cdiv(m, BLOCK_M)
-    if programs is None:
-        programs = torch.cuda.get_device_properties(own.device).multi_processor_count
-    if programs < 1:
-        raise ValueError(f"gated_blend (Gluon): programs must be at least 1, got {programs}")
-    launch(_kernel(2 if inj is None else 3), (min(programs, tiles),), *descriptors(own, other, inj, w1, w2, out),
+    launch(_kernel(2 if inj is None else 3), persistent_grid(programs, tiles, own.device, "gated_blend (Gluon)"),
+           *descriptors(own, other, inj, w1, w2, out),
            b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return out
 
@@ -688,12 +685,9 @@ def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     r = w2.shape[1]
     dpre = torch.empty_like(z)
     tiles = triton.cdiv(m, BLOCK_M)
-    if programs is None:
-        programs = torch.cuda.get_device_properties(own.device).multi_processor_count
-    if programs < 1:
-        raise ValueError(f"gated_blend backward (Gluon): programs must be at least 1, got {programs}")
+    grid = persistent_grid(programs, tiles, own.device, "gated_blend backward (Gluon)")
     db1_partial = torch.empty((2 * tiles, r), dtype=torch.float32, device=own.device)
-    launch(_dpre_kernel(2 if inj is None else 3), (min(programs, tiles),),
+    launch(_dpre_kernel(2 if inj is None else 3), grid,
            *dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre), b2, db1_partial, m, d, STAGES=DPRE_STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dpre, db1_partial

@@ -388,6 +388,16 @@ def descriptors(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, epilog
             _describe(out, [block_m, block_n // WEIGHT_ROWS_PER_COLUMN[epilogue]]))
 
 
+def persistent_grid(programs: int | None, work_items: int, device: torch.device, op: str) -> tuple[int]:
+    """A persistent kernel's grid over ``work_items``: ``programs`` (default one per SM of ``device``),
+    at most one per item; ``op`` names the caller in the error for fewer than one program."""
+    if programs is None:
+        programs = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs < 1:
+        raise ValueError(f"{op}: programs must be at least 1, got {programs}")
+    return (min(programs, work_items),)
+
+
 def _describe(t: torch.Tensor, box: list[int]):
     """A TMA descriptor of the 2-byte-float tensor ``t`` in ``box`` tiles (NVMMA shared layout)."""
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16

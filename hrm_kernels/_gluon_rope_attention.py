@@ -37,9 +37,9 @@ import functools
 import math
 
 import torch
-import triton
 
-from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, available
+from hrm_kernels import _gluon_attention
+from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe as _desc, persistent_grid
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
@@ -57,17 +57,14 @@ CONSUMER_REGISTERS = 232
 
 
 def supported(qkv: torch.Tensor, cos, sin) -> bool:
-    """The kernel takes these arguments (see the module docstring)."""
-    if not (available(qkv.device) and qkv.dtype in (torch.bfloat16, torch.float16) and qkv.dim() == 4):
-        return False
-    batch, seq, three_heads, head_dim = qkv.shape
-    if not (1 <= seq <= BLOCK and head_dim == HEAD_DIM and three_heads >= 3 and three_heads % 3 == 0 and batch >= 1
-            and qkv.is_contiguous() and qkv.data_ptr() % 16 == 0):
+    """The kernel takes these arguments (see the module docstring): a qkv the long-sequence kernel
+    takes (``_gluon_attention.supported``) of at most BLOCK positions, and tables it reads."""
+    if not (_gluon_attention.supported(qkv) and qkv.shape[1] <= BLOCK):
         return False
     if cos is None:
         return sin is None
     return (sin is not None and sin.stride() == cos.stride()
-            and all(t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= seq and t.shape[1] == HEAD_DIM // 2
+            and all(t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] >= qkv.shape[1] and t.shape[1] == HEAD_DIM // 2
                     and t.stride(1) == 1 for t in (cos, sin)))
 
 
@@ -448,11 +445,8 @@ def rope_attention_forward(qkv: torch.Tensor, cos, sin, programs: int | None = N
     out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     n_items = batch * heads
     lse = torch.empty((n_items, seq), dtype=torch.float32, device=qkv.device) if with_lse else out
-    if programs is None:
-        programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
-    if programs < 1:
-        raise ValueError(f"rope_attention (Gluon): programs must be at least 1, got {programs}")
-    launch(_kernel(cos is not None, with_lse), (min(programs, n_items),), *descriptors(qkv, out),
+    launch(_kernel(cos is not None, with_lse), persistent_grid(programs, n_items, qkv.device, "rope_attention (Gluon)"),
+           *descriptors(qkv, out),
            cos if cos is not None else qkv, sin if sin is not None else qkv, cos.stride(0) if cos is not None else 0,
            lse, n_items, heads, seq,
            math.log2(math.e) / math.sqrt(head_dim), SLOTS=SLOTS, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
@@ -488,11 +482,9 @@ def rope_attention_backward(qkv: torch.Tensor, cos, sin, out: torch.Tensor, lse:
     heads = three_heads // 3
     dqkv = torch.empty_like(qkv)
     n_items = batch * heads
-    if programs is None:
-        programs = torch.cuda.get_device_properties(qkv.device).multi_processor_count
-    if programs < 1:
-        raise ValueError(f"rope_attention backward (Gluon): programs must be at least 1, got {programs}")
-    launch(_backward_kernel(cos is not None), (min(programs, n_items),), *backward_descriptors(qkv, out, dout, dqkv),
+    launch(_backward_kernel(cos is not None), persistent_grid(programs, n_items, qkv.device,
+                                                             "rope_attention backward (Gluon)"),
+           *backward_descriptors(qkv, out, dout, dqkv),
            cos if cos is not None else qkv, sin if sin is not None else qkv, cos.stride(0) if cos is not None else 0,
            lse, n_items, heads, seq, math.log2(math.e) / math.sqrt(head_dim), 1.0 / math.sqrt(head_dim),
            SLOTS=BACKWARD_SLOTS, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
