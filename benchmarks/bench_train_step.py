@@ -146,6 +146,29 @@ def idle_us(intervals: list[tuple[float, float]]) -> float:
     return idle
 
 
+def gpu_time_split(events, calls: int) -> tuple[dict, list]:
+    """GPU milliseconds per call of the profiled function: by class (``matmul``, ``attention``,
+    ``other``: ``classify``) and ``idle`` (``idle_us`` over the span of all ``calls``, host time
+    between them included), and the work's list [(ms, launches, class, name)], largest first. From
+    the profiler's device events (kernels, copies, memsets); GPU-side annotation ranges (an
+    optimizer step's label) span kernels rather than run any, so they count nowhere."""
+    work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+    by_name: dict[str, list] = {}
+    for e in work:
+        entry = by_name.setdefault(e.name, [0.0, 0])
+        entry[0] += e.time_range.end - e.time_range.start
+        entry[1] += 1
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for name, (us, launches) in by_name.items():
+        ms, kind = us / calls / 1e3, classify(name)
+        split[kind] += ms
+        kernels.append((ms, launches // calls, kind, name))
+    split["idle"] = idle_us([(e.time_range.start, e.time_range.end) for e in work]) / calls / 1e3
+    return split, sorted(kernels, reverse=True)
+
+
 def _measure(step, state, steps: int, prepare=None) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
     it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
@@ -178,22 +201,9 @@ def _measure(step, state, steps: int, prepare=None) -> dict:
         for _ in range(3):
             state = step(state)
         torch.cuda.synchronize()
-    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
-    # idle: over the 3 back-to-back steps (host time between them counts), per step; GPU-side
-    # annotation ranges (optimizer.step's label) are not kernels and would hide gaps
-    split["idle"] = idle_us([(e.time_range.start, e.time_range.end) for e in prof.events()
-                             if e.device_type == torch.autograd.DeviceType.CUDA
-                             and not getattr(e, "is_user_annotation", False)]) / 3 / 1e3
-    kernels = []  # (ms per call of step, launches per call, class, name)
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None)
-        ms = (t if t is not None else e.self_cuda_time_total) / 3 / 1e3
-        split[classify(e.key)] += ms
-        if ms > 0:
-            kernels.append((ms, e.count // 3, classify(e.key), e.key))
+    split, kernels = gpu_time_split(prof.events(), calls=3)
     return {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split,
-            "kernels": sorted(kernels, reverse=True)}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels}
 
 
 def _train_step(step_model, opt, emb_opt, batch: dict, gbs: int):

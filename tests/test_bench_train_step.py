@@ -1,10 +1,15 @@
-"""bench_train_step's idle time: the gaps between kernels inside the profiled span, overlaps merged."""
+"""bench_train_step's GPU-time split: the gaps between kernels inside the profiled span (idle),
+overlaps merged, and the kernel time by class, annotation ranges left out."""
 
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
-from benchmarks.bench_train_step import idle_us
+import pytest
+import torch
+
+from benchmarks.bench_train_step import gpu_time_split, idle_us
 
 
 def test_idle_is_the_uncovered_part_of_the_span():
@@ -25,3 +30,29 @@ def test_idle_matches_a_unit_grid_count():
         lo, hi = min(s for s, _ in intervals), max(e for _, e in intervals)
         uncovered = sum(1 for t in range(int(lo), int(hi)) if not any(s <= t < e for s, e in intervals))
         assert idle_us(intervals) == uncovered
+
+
+def _event(name, start, end, device=torch.autograd.DeviceType.CUDA, annotation=False):
+    """A stand-in for the profiler's FunctionEvent: the fields gpu_time_split reads."""
+    return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                           time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_split_sums_device_work_per_call_without_annotations():
+    """Two calls of a step: per call, a matmul of 4 + 2 us, an attention kernel of 3 us, a copy of
+    1 us (other), a 2 us gap; an optimizer-step annotation over the copy and a CPU-side event (both
+    spans, not GPU work) count nowhere, neither in the classes nor in the kernel list."""
+    events = []
+    for t0 in (0.0, 100.0):
+        events += [_event("sm90_xmma_gemm_bf16", t0, t0 + 4), _event("sm90_xmma_gemm_bf16", t0 + 4, t0 + 6),
+                   _event("_rope_attention_kernel", t0 + 6, t0 + 9),
+                   _event("Memcpy DtoD (Device -> Device)", t0 + 11, t0 + 12),
+                   _event("Optimizer.step#AdamATan2.step", t0 + 10, t0 + 40, annotation=True),
+                   _event("cudaLaunchKernel", t0, t0 + 50, device=torch.autograd.DeviceType.CPU)]
+    split, kernels = gpu_time_split(events, calls=2)
+    assert split["matmul"] == pytest.approx(6e-3) and split["attention"] == pytest.approx(3e-3)
+    assert split["other"] == pytest.approx(1e-3)
+    # gaps: 2 us in each call, and 88 us between the first call's last kernel and the second's first
+    assert split["idle"] == pytest.approx((2 + 88 + 2) / 2 / 1e3)
+    assert [(round(ms * 1e3, 6), n, kind) for ms, n, kind, _ in kernels] == [
+        (6.0, 2, "matmul"), (3.0, 1, "attention"), (1.0, 1, "other")]
