@@ -40,7 +40,7 @@ def median_us(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 300) 
 
 def gpu_profile(fn: Callable[[], object], iters: int = 20) -> tuple[float, float]:
     """(GPU us per call, kernel launches per call). GPU time is the summed duration of every
-    kernel (and memset/copy) the call launches, from the profiler: unlike ``median_us`` it
+    kernel (and memset/copy) the call launches, from the profiler (annotation ranges left out): unlike ``median_us`` it
     excludes host overhead and launch gaps, i.e. what the call costs inside a CUDA graph or a
     host-ahead pipeline."""
     from torch.profiler import ProfilerActivity, profile
@@ -53,7 +53,8 @@ def gpu_profile(fn: Callable[[], object], iters: int = 20) -> tuple[float, float
         torch.cuda.synchronize()
     total, launches = 0.0, 0
     for e in prof.key_averages():
-        if getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type):
+        if (getattr(e, "device_type", None) is not None and "CUDA" not in str(e.device_type)
+                or getattr(e, "is_user_annotation", False)):  # a label's span over kernels, not work
             continue
         t = getattr(e, "self_device_time_total", None)
         t = t if t is not None else e.self_cuda_time_total
