@@ -259,6 +259,10 @@ if _HAVE_GLUON:
         # row scale (sm_90 SASS under Triton 3.6 and 3.8); those load after the accumulator is complete.
         # Checked for CONFIGS["rope"] and CONSUMER_REGISTERS as they are: recheck if either changes.
         EARLY_TABLES: gl.constexpr = EPILOGUE == 3 and ROW_SCALE and HEAD_DIM <= 64
+        # At HEAD_DIM 128 a thread's tables for the whole tile (128 registers) spill even after the
+        # accumulator is complete (Triton 3.6): the tile is rounded into out_buf, then rotated there
+        # in two row halves (the same rounding and math; sm_90 SASS without spills under 3.6 and 3.8).
+        HALVES_ROPE: gl.constexpr = EPILOGUE == 3 and HEAD_DIM > 64
         out_buf = out_bufs.index(WARPGROUP)
         bar = epi_ready.index(WARPGROUP)
         j = 0  # the program's tiles so far (both warpgroups count all of them)
@@ -313,6 +317,15 @@ if _HAVE_GLUON:
                     rows_out = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
                     gl.store(ss_out + rows_out * n_tiles_n + off_n // BLOCK_N_OUT, gl.sum(squares * squares, axis=1),
                              mask=rows_out < M)
+                elif EPILOGUE == 3 and HALVES_ROPE:  # the rounded tile in out_buf, rotated there a half at a time
+                    tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
+                    out_buf.store(acc.to(out_desc.dtype))
+                    for half in gl.static_range(2):  # each thread reads back the rows it wrote (same layout)
+                        rows_half = out_buf.slice(half * (BLOCK_M // 2), BLOCK_M // 2, dim=0)
+                        cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m + half * (BLOCK_M // 2), seq_len,
+                                                          t_stride, BLOCK_M // 2, BLOCK_N, HEAD_DIM)
+                        rows_half.store(_rope_columns(rows_half.load(layout).to(gl.float32), cos_tile, sin_tile, off_n,
+                                                      rope_cols, BLOCK_M // 2, BLOCK_N, HEAD_DIM).to(out_desc.dtype))
                 elif EPILOGUE == 3:  # q and k rotated as the reference rotates F.linear's rounded output
                     if not EARLY_TABLES:
                         cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m, seq_len, t_stride, BLOCK_M, BLOCK_N,
@@ -321,9 +334,10 @@ if _HAVE_GLUON:
                                            BLOCK_M, BLOCK_N, HEAD_DIM)
                 else:
                     result = acc
-                if RESIDUAL == 0 and EPILOGUE != 2:
-                    tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
-                out_buf.store(result.to(out_desc.dtype))
+                if not (EPILOGUE == 3 and HALVES_ROPE):  # (that one is in out_buf already)
+                    if RESIDUAL == 0 and EPILOGUE != 2:
+                        tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
+                    out_buf.store(result.to(out_desc.dtype))
                 fence_async_shared()
                 if EPILOGUE == 2:
                     tma.async_copy_shared_to_global(gate_desc, [off_m, off_n], gu_bufs.index(2 * WARPGROUP))
