@@ -1,5 +1,5 @@
 """The gated blend's no-gradient forward (``hrm_kernels.gated_blend``'s math, no stats, no stored
-hidden activations: the model's recurrence calls), and its backward's two kernels, as
+hidden activations: the model's recurrence calls), and its backward's first phase (d_pre1), as
 warp-specialised Gluon kernels for Hopper. The forward::
 
     pre = round(cat(own, other, inj) @ W1^T + round(b1))         [M, R]
@@ -30,10 +30,9 @@ activations and weights of one dtype (biases any float dtype), D a multiple of 6
 128, contiguous rows, 16-byte aligned pointers, M >= 1. No
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
 
-The backward, two kernels, one per phase (``gated_blend.USE_GLUON_DPRE``, on, and
-``USE_GLUON_BACKWARD_MAIN``, off: slower than the Triton phase at HRM's shapes; figures in
-``gated_blend``). Its first kernel (``backward_dpre``, persistent)
-computes, per 128-row tile::
+The backward's d_pre1 kernel (``backward_dpre``, persistent; ``gated_blend.USE_GLUON_DPRE``, on;
+figures in ``gated_blend``; the second phase is ``gated_blend``'s Triton kernel) computes, per
+128-row tile::
 
     g     = sigmoid(z @ W2^T + round(b2))                  per source and 64-column chunk
     dz   += round(dout * src * g * (1 - g)) @ W2_chunk     [64, R] a consumer warpgroup
@@ -46,20 +45,12 @@ without a weight) and per source its tile and W2 tile [64, R], which serves both
 logits' (transposed) and d_logit's, whose A operand is the rounded d_logit in registers. Each
 consumer loads its pre1 half by TMA into its output buffer at the tile's start.
 
-Its second kernel (``backward_main``): a program owns one 64-column block of one source (kind k,
-chunk c) and a contiguous split of the rows, walked in 64-row tiles::
-
-    g     = sigmoid(z @ W2c^T + round(b2c))                   [64, 64]
-    dl    = round(dout_c * x_kc * g * (1 - g));  db2c += column sums of dl
-    dW2c += dl^T @ z                                           [64, R]
-    dsrc  = round(dout_c * g + dpre @ W1c)                     the source's gradient, stored
-    dW1c += dpre^T @ x_kc                                      [R, 64]
-
-W2c [64, R] and W1c [R, 64] stay in shared memory; the producer streams each tile's z and d_pre1
-[64, R] and dout's and the source's [64, 64] tiles. The gate warpgroup runs the first two products
-(d_logit through shared memory as the transposed A operand) and hands ``dout * g`` (fp32) to the
-weight warpgroup, which runs the other two and stores the source's gradient. Partial sums per
-program ([splits, ...]; db2's per tile) are summed on the host, as the Triton kernel's are.
+A Gluon second phase (a program per 64-column block of one source and split of the rows: the
+source's gradient and the dW1, dW2, db2 partial sums) was written and measured slower than the
+Triton one in session 30 (H100, bf16, R = 128: the whole backward 695.0 us with both phases in
+Gluon against 616.4 with Gluon d_pre1 + Triton phase 2 at 62976 x 512, 879.7 against 798.4 at
+ARC's 86496 rows; ``benchmarks/RESULTS.md``), and removed in session 31 (it is still in commit
+56cf018).
 """
 
 from __future__ import annotations
@@ -85,8 +76,6 @@ STAGES = 4  # 176 KiB of shared memory with z and the output buffers (5: 208 KiB
 CONSUMER_REGISTERS = 232
 GATE_HIDDEN_SIZES = (64, 128)  # R: the hidden GEMM's accumulator [64, R] is one wgmma's n
 DPRE_STAGES = 4  # the backward's d_pre1 ring: 128 KiB, with z, pre1 and d_pre1's buffers 196 KiB (R = 128)
-BACKWARD_TILE = 64  # rows a tile of the backward's second kernel
-BACKWARD_STAGES = 3  # its ring: 3 x 48 KiB, with the weights, d_logit, dout * g (fp32), out: 208 KiB (R = 128)
 
 
 def supported(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -425,206 +414,6 @@ if _HAVE_GLUON:
 
         return gated_blend_dpre_kernel
 
-    # ------------------------------------------------------- the backward's second kernel
-
-    @gluon.jit
-    def _produce_bwd(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
-                     do_bufs, x_bufs, w_bufs, ready, empty, w_ready, M, D, rows_per_split):
-        """The backward's producer warp: the program's W2 and W1 tiles once, then per 64-row tile of its
-        split z and d_pre1 [64, R], dout's and the source's [64, 64] tiles of its column block."""
-        S: gl.constexpr = z_bufs.type.shape[0]
-        BM: gl.constexpr = z_bufs.type.shape[1]
-        BK: gl.constexpr = do_bufs.type.shape[2]
-        NBYTES: gl.constexpr = 2 * z_desc.block_type.nbytes + 2 * dout_desc.block_type.nbytes
-        chunks = D // BK
-        kind = gl.program_id(0) // chunks
-        col = (gl.program_id(0) % chunks) * BK
-        mbarrier.expect(w_ready, w1_desc.block_type.nbytes + w2_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(w2_desc, [kind * D + col, 0], w_ready, w_bufs.index(0))
-        w1_buf = w_bufs.index(1)._reinterpret(w1_desc.dtype, w1_desc.block_type.shape, w1_desc.layout)
-        tma.async_copy_global_to_shared(w1_desc, [0, kind * D + col], w_ready, w1_buf)
-        row_start = gl.program_id(1) * rows_per_split
-        row_end = gl.minimum(row_start + rows_per_split, M)
-        step = 0
-        for off_m in range(row_start, row_end, BM):
-            s = step % S
-            mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), NBYTES)
-            tma.async_copy_global_to_shared(z_desc, [off_m, 0], ready.index(s), z_bufs.index(s))
-            tma.async_copy_global_to_shared(dpre_desc, [off_m, 0], ready.index(s), dp_bufs.index(s))
-            tma.async_copy_global_to_shared(dout_desc, [off_m, col], ready.index(s), do_bufs.index(s))
-            if kind == 0:
-                tma.async_copy_global_to_shared(own_desc, [off_m, col], ready.index(s), x_bufs.index(s))
-            elif kind == 1:
-                tma.async_copy_global_to_shared(other_desc, [off_m, col], ready.index(s), x_bufs.index(s))
-            else:
-                tma.async_copy_global_to_shared(inj_desc, [off_m, col], ready.index(s), x_bufs.index(s))
-            step += 1
-
-
-    @gluon.jit
-    def _consume_gates(dout_desc, w1_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, ready, empty, w_ready,
-                       dg_full, dg_empty, b2, dw2_partial, db2_partial, M, D, width, rows_per_split):
-        """The gate warpgroup: per tile the logits, the gates, d_logit (its column sums: db2), dW2c, and
-        ``dout * g`` handed to the weight warpgroup through ``dg_buf`` (fp32)."""
-        S: gl.constexpr = z_bufs.type.shape[0]
-        BM: gl.constexpr = z_bufs.type.shape[1]
-        R: gl.constexpr = z_bufs.type.shape[2]
-        BK: gl.constexpr = do_bufs.type.shape[2]
-        dtype: gl.constexpr = dout_desc.dtype
-        chunk_layout: gl.constexpr = _accumulator_layout(BK)
-        hidden_layout: gl.constexpr = _accumulator_layout(R)
-        chunks = D // BK
-        kind = gl.program_id(0) // chunks
-        gcol = kind * D + (gl.program_id(0) % chunks) * BK  # the block's first gate column
-        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
-        vec_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])  # db2's tile sums, one store a thread
-        vcols = gl.arange(0, BK, layout=vec_layout)
-        bias2 = gl.expand_dims(gl.load(b2 + gcol + cols).to(dtype).to(gl.float32), 0)
-        w2_buf = w_bufs.index(0)  # [BK, R]
-        mbarrier.wait(w_ready, 0)
-        dw2 = gl.zeros((BK, R), dtype=gl.float32, layout=hidden_layout)
-        row_start = gl.program_id(1) * rows_per_split
-        row_end = gl.minimum(row_start + rows_per_split, M)
-        step = 0
-        for off_m in range(row_start, row_end, BM):
-            s = step % S
-            mbarrier.wait(ready.index(s), (step // S) & 1)
-            z_buf = z_bufs.index(s)
-            logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((BM, BK), dtype=gl.float32, layout=chunk_layout),
-                                  use_acc=False, is_async=True)
-            logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
-            dout = do_bufs.index(s).load(chunk_layout).to(gl.float32)
-            x = x_bufs.index(s).load(chunk_layout).to(gl.float32)
-            g = _fast_sigmoid(logit + bias2)
-            mbarrier.wait(dg_empty, (step & 1) ^ 1)  # the weight warpgroup has read the previous tile's
-            dg_buf.store(dout * g)
-            mbarrier.arrive(dg_full, count=1)
-            # rows past M (a split's last tile): dout and x load as 0, so dl is 0 there
-            dl = (dout * x * g * (1.0 - g)).to(dtype)
-            db2_tile = gl.convert_layout(gl.sum(dl.to(gl.float32), axis=0), vec_layout)
-            gl.store(db2_partial + (off_m // BM) * width + gcol + vcols, db2_tile)
-            dl_buf.store(dl)  # (the previous tile's dW2c wgmma, its reader, was waited for)
-            fence_async_shared()  # dl for the wgmma; the stage's register reads before its release
-            dw2 = warpgroup_mma(dl_buf.permute((1, 0)), z_buf, dw2, is_async=True)
-            dw2 = warpgroup_mma_wait(num_outstanding=0, deps=(dw2, ))
-            mbarrier.arrive(empty.index(s), count=1)
-            step += 1
-        rows = gl.arange(0, BK, layout=gl.SliceLayout(1, hidden_layout))
-        r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
-        base = dw2_partial + gl.program_id(1).to(gl.int64) * width * R
-        gl.store(base + gl.expand_dims((gcol + rows) * R, 1) + gl.expand_dims(r_idx, 0), dw2)
-
-
-    @gluon.jit
-    def _consume_weights(w1_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dg_buf,
-                         out_buf, ready, empty, w_ready, dg_full, dg_empty, dw1_partial, M, D, width, rows_per_split):
-        """The weight warpgroup: per tile ``dsrc = dout * g + dpre @ W1c`` (stored by TMA) and
-        ``dW1c += dpre^T @ x_kc``."""
-        S: gl.constexpr = z_bufs.type.shape[0]
-        BM: gl.constexpr = z_bufs.type.shape[1]
-        R: gl.constexpr = z_bufs.type.shape[2]
-        BK: gl.constexpr = do_bufs.type.shape[2]
-        dtype: gl.constexpr = do_bufs.dtype
-        chunk_layout: gl.constexpr = _accumulator_layout(BK)
-        chunks = D // BK
-        kind = gl.program_id(0) // chunks
-        col = (gl.program_id(0) % chunks) * BK
-        gcol = kind * D + col
-        w1_buf = w_bufs.index(1)._reinterpret(w1_desc.dtype, w1_desc.block_type.shape, w1_desc.layout)  # [R, BK]
-        mbarrier.wait(w_ready, 0)
-        dw1 = gl.zeros((R, BK), dtype=gl.float32, layout=chunk_layout)
-        row_start = gl.program_id(1) * rows_per_split
-        row_end = gl.minimum(row_start + rows_per_split, M)
-        step = 0
-        for off_m in range(row_start, row_end, BM):
-            s = step % S
-            mbarrier.wait(ready.index(s), (step // S) & 1)
-            dp_buf = dp_bufs.index(s)
-            part = warpgroup_mma(dp_buf, w1_buf, gl.zeros((BM, BK), dtype=gl.float32, layout=chunk_layout), use_acc=False,
-                                 is_async=True)
-            dw1 = warpgroup_mma(dp_buf.permute((1, 0)), x_bufs.index(s), dw1, is_async=True)
-            part = warpgroup_mma_wait(num_outstanding=1, deps=(part, ))
-            mbarrier.wait(dg_full, step & 1)
-            dsrc = (part + dg_buf.load(chunk_layout)).to(dtype)
-            mbarrier.arrive(dg_empty, count=1)
-            tma.store_wait(pendings=0)  # the previous tile's gradient has left out_buf
-            out_buf.store(dsrc)
-            fence_async_shared()
-            if kind == 0:
-                tma.async_copy_shared_to_global(down_desc, [off_m, col], out_buf)
-            elif kind == 1:
-                tma.async_copy_shared_to_global(dother_desc, [off_m, col], out_buf)
-            else:
-                tma.async_copy_shared_to_global(dinj_desc, [off_m, col], out_buf)
-            dw1 = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, ))
-            mbarrier.arrive(empty.index(s), count=1)  # (only wgmmas and TMA read this stage here)
-            step += 1
-        rows = gl.arange(0, R, layout=gl.SliceLayout(1, chunk_layout))
-        cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
-        base = dw1_partial + gl.program_id(1).to(gl.int64) * R * width
-        gl.store(base + gl.expand_dims(rows * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
-        tma.store_wait(pendings=0)
-
-
-    @functools.lru_cache(maxsize=None)
-    def _backward_kernel():
-        """The backward's second kernel (see the module docstring)."""
-
-        @gluon.jit
-        def gates(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc, dother_desc,
-                  dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, out_buf, ready, empty, w_ready,
-                  dg_full, dg_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, width, rows_per_split):
-            _consume_gates(dout_desc, w1_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, ready, empty,
-                           w_ready, dg_full, dg_empty, b2, dw2_partial, db2_partial, M, D, width, rows_per_split)
-
-        @gluon.jit
-        def weights(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc, dother_desc,
-                    dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, out_buf, ready, empty, w_ready,
-                    dg_full, dg_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, width, rows_per_split):
-            _consume_weights(w1_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dg_buf,
-                             out_buf, ready, empty, w_ready, dg_full, dg_empty, dw1_partial, M, D, width, rows_per_split)
-
-        @gluon.jit
-        def producer(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc,
-                     dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, out_buf, ready,
-                     empty, w_ready, dg_full, dg_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, width,
-                     rows_per_split):
-            _produce_bwd(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
-                     do_bufs, x_bufs, w_bufs, ready, empty, w_ready, M, D, rows_per_split)
-
-        @gluon.jit
-        def gated_blend_backward_kernel(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc,
-                                        down_desc, dother_desc, dinj_desc, b2, dw1_partial, dw2_partial, db2_partial, M, D,
-                                        width, rows_per_split, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-            dtype: gl.constexpr = own_desc.dtype
-            BM: gl.constexpr = own_desc.block_type.shape[0]
-            BK: gl.constexpr = own_desc.block_type.shape[1]
-            z_bufs = gl.allocate_shared_memory(dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
-            dp_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dpre_desc.block_type.shape, dpre_desc.layout)
-            do_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dout_desc.block_type.shape, dout_desc.layout)
-            x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + own_desc.block_type.shape, own_desc.layout)
-            w_bufs = gl.allocate_shared_memory(dtype, [2] + w2_desc.block_type.shape, w2_desc.layout)
-            dl_buf = gl.allocate_shared_memory(dtype, own_desc.block_type.shape, own_desc.layout)
-            dg_buf = gl.allocate_shared_memory(gl.float32, [BM, BK], gl.SwizzledSharedLayout(2, 1, 8, [1, 0]))  # (swizzled:
-        # the accumulator layout's rows 256 B apart would share banks)
-            out_buf = gl.allocate_shared_memory(dtype, down_desc.block_type.shape, down_desc.layout)
-            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-            bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(STAGES):
-                mbarrier.init(ready.index(i), count=1)
-                mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each stage
-            mbarrier.init(bars.index(0), count=1)  # the weight tiles
-            mbarrier.init(bars.index(1), count=1)  # dout * g written (the gate warpgroup)
-            mbarrier.init(bars.index(2), count=1)  # dout * g read (the weight warpgroup)
-            args = (dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc, dother_desc,
-                    dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w_bufs, dl_buf, dg_buf, out_buf, ready, empty,
-                    bars.index(0), bars.index(1), bars.index(2), b2, dw1_partial, dw2_partial, db2_partial, M, D, width,
-                    rows_per_split)
-            gl.warp_specialize([(gates, args), (weights, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
-
-        return gated_blend_backward_kernel
 
 def descriptors(own, other, inj, w1, w2, out) -> tuple:
     """TMA descriptors of own, other, inj (own's when None: not read), W1, W2 and out."""
@@ -691,50 +480,3 @@ def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
            *dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre), b2, db1_partial, m, d, STAGES=DPRE_STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dpre, db1_partial
-
-
-def backward_supported(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor,
-                       w2: torch.Tensor, b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor) -> bool:
-    """``backward_main(...)`` can run: ``dpre_supported``'s requirements, and W1 [R, 3D] and d_pre1
-    like them."""
-    return (dpre_supported(dout, own, other, inj, w2, b2, dpre, z) and w1.shape == (w2.shape[1], w2.shape[0])
-            and w1.dtype == own.dtype and w1.is_contiguous() and w1.data_ptr() % 16 == 0)
-
-
-def backward_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj) -> tuple:
-    """TMA descriptors of the backward's second kernel (inj and d_inj: own's and d_own's when None)."""
-    r = z.shape[1]
-    box = [BACKWARD_TILE, CHUNK]
-    return (_describe(dout, box), _describe(own, box), _describe(other, box),
-            _describe(inj if inj is not None else own, box), _describe(z, [BACKWARD_TILE, r]),
-            _describe(dpre, [BACKWARD_TILE, r]), _describe(w1, [r, CHUNK]), _describe(w2, [CHUNK, r]),
-            _describe(d_own, box), _describe(d_other, box), _describe(d_inj if inj is not None else d_own, box))
-
-
-def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, w2: torch.Tensor,
-                  b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor, d_own: torch.Tensor, d_other: torch.Tensor,
-                  d_inj, splits_per_block: int = 0):
-    """The backward's second kernel: writes d_own, d_other, d_inj (unless inj is None) and returns
-    the partial sums (dW1 [splits, R, width], dW2 [splits, width, R], db2 [tiles, width]; width =
-    kinds * D). The caller checks ``backward_supported``. ``splits_per_block``: row splits per
-    64-column block (default: as many as fill the SMs once)."""
-    from hrm_kernels.precompile import launch
-
-    m, d = own.shape
-    r = z.shape[1]
-    kinds = 3 if inj is not None else 2
-    width = kinds * d
-    blocks = kinds * (d // CHUNK)
-    tiles = triton.cdiv(m, BACKWARD_TILE)
-    if splits_per_block < 1:  # one program an SM (208 KiB of shared memory each)
-        splits_per_block = max(1, torch.cuda.get_device_properties(own.device).multi_processor_count // blocks)
-    rows_per_split = triton.cdiv(tiles, min(tiles, splits_per_block)) * BACKWARD_TILE
-    splits = triton.cdiv(m, rows_per_split)
-    dw1_partial = torch.empty((splits, r, width), dtype=torch.float32, device=own.device)
-    dw2_partial = torch.empty((splits, width, r), dtype=torch.float32, device=own.device)
-    db2_partial = torch.empty((tiles, width), dtype=torch.float32, device=own.device)
-    launch(_backward_kernel(), (blocks, splits),
-           *backward_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj),
-           b2, dw1_partial, dw2_partial, db2_partial, m, d, width, rows_per_split, STAGES=BACKWARD_STAGES,
-           CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    return dw1_partial, dw2_partial, db2_partial

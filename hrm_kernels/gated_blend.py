@@ -69,15 +69,15 @@ MAX_FUSED_R = 256
 # Gluon kernel (``hrm_kernels._gluon_gated_blend``) where it runs (2-byte activations and weights of
 # one dtype, D a multiple of 64, R of 64 or 128), else the Triton kernel below.
 USE_GLUON = True
-# The backward's phases as warp-specialised Gluon kernels (``hrm_kernels._gluon_gated_blend``'s
-# ``backward_dpre``: ``USE_GLUON_DPRE``; ``backward_main``: ``USE_GLUON_BACKWARD_MAIN``) where they
-# run (as above, and no saturation term); each combines with the other's Triton kernel. Session 30
-# (H100, bf16, R = 128, GPU time): phase 1 152.6 us against Triton's 253.2 at Sudoku's 62976 x 512
-# with inj (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9). The whole
-# backward, in one run: Gluon d_pre1 + Triton phase 2 616.4 us, both Gluon 695.0, both Triton 694.4
-# (ARC 798.4, 879.7, 966.1): Gluon's phase 2 is the slower (benchmarks/RESULTS.md, session 30).
+# The backward's first phase (d_pre1) as a warp-specialised Gluon kernel
+# (``hrm_kernels._gluon_gated_blend.backward_dpre``: ``USE_GLUON_DPRE``) where it runs (as above,
+# and no saturation term); the second phase is the Triton kernel below. Session 30 (H100, bf16,
+# R = 128, GPU time): phase 1 152.6 us against Triton's 253.2 at Sudoku's 62976 x 512 with inj
+# (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9). The whole backward, in
+# one run: Gluon d_pre1 + Triton phase 2 616.4 us, both Gluon 695.0, both Triton 694.4 (ARC 798.4,
+# 879.7, 966.1): a Gluon phase 2 was the slower (benchmarks/RESULTS.md, session 30), so it was
+# removed in session 31 (commit 56cf018 has it).
 USE_GLUON_DPRE = True
-USE_GLUON_BACKWARD_MAIN = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -603,11 +603,6 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
                    d_own, d_other, d_inj):
     n_rows, d = dout.shape
     r = w1.shape[0]
-    if (USE_GLUON_BACKWARD_MAIN and coef is None and flags["FAST_SIGMOID"]
-            and _gluon_gated_blend.backward_supported(dout, own, other, inj, w1, w2, b2, z, dpre1)):
-        partials = _gluon_gated_blend.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre1, d_own, d_other,
-                                                    d_inj if inj is not None else None)
-        return _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, *partials)
     dev = dout.device
     kinds = 3 if inj is not None else 2
     width = kinds * d

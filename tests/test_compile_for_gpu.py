@@ -203,13 +203,6 @@ for dt in ("bf16", "fp16", "fp32"):
         check_gluon(f"gluon gated blend d_pre1 {kinds} {dt}", lambda: ggb._dpre_kernel(kinds),  # the backward's first kernel
                     dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
                     dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
-    bnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "z_desc", "dpre_desc", "w1_desc", "w2_desc",
-              "down_desc", "dother_desc", "dinj_desc")
-    descs = dict(zip(bnames, ggb.backward_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
-    check_gluon(f"gluon gated blend backward {dt}", ggb._backward_kernel,  # its second kernel (one for both source counts)
-                dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias, db2_partial=bias, M=62976, D=512, width=1536,
-                     rows_per_split=2560),
-                dict(STAGES=ggb.BACKWARD_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
     gra = module("_gluon_rope_attention")  # rope_attention's no-gradient forward, with and without rotation
     qkv, att_out = torch.empty(768, 82, 24, 64, dtype=TORCH[dt]), torch.empty(768, 82, 8, 64, dtype=TORCH[dt])
     dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
@@ -266,9 +259,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
-    # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes and its
-    # backward's second kernel x 2 dtypes
+    # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 2 + 6 + 4 + 6 + 1  # (+ Gluon rope_attention:
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 6 + 1  # (+ Gluon rope_attention:
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms x 2; the forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -567,55 +567,21 @@ def test_gluon_forward_routing(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (62976, 512, 128)], ids=str)
-def test_gluon_backward_matches_float64(monkeypatch, dtype, inj, rows, d, r):
-    """``USE_GLUON_DPRE`` and ``USE_GLUON_BACKWARD_MAIN``: every gradient of fwd+bwd within the
-    bound eager's same-precision error sets against float64 with both Gluon backward kernels; the d_pre1 kernel's output the
-    same bits when each program takes several tiles, the second kernel's source gradients and db2
-    sums the same bits with one row split a column block."""
+def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
+    """The default backward on Hopper: the Gluon d_pre1 kernel feeding the Triton second phase;
+    every gradient within the bound eager's same-precision error sets against float64, and the
+    d_pre1 kernel's output the same bits when each program takes several tiles (3 programs)."""
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", True)
-    monkeypatch.setattr(gb, "USE_GLUON_BACKWARD_MAIN", True)
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
     dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
-    main_calls = record_calls(monkeypatch, ggb, "backward_main")
     _check("triton", inputs)
-    assert len(dpre_calls) == len(main_calls) == 1
+    assert len(dpre_calls) == 1
     own, other, inj_t, w1, b1, w2, b2 = inputs
     _, _, pre1, z = gb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, with_stats=False, store_hidden=True)
     dout = torch.randn_like(own)
     dpre, db1 = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
     dpre3, db1_3 = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z, programs=3)
     assert torch.equal(dpre3, dpre) and torch.equal(db1_3, db1)
-    grads = [torch.empty_like(own) for _ in range(6)]
-    inj_grads = (grads[2], grads[5]) if inj else (None, None)
-    default = ggb.backward_main(dout, own, other, inj_t, w1, w2, b2, z, dpre, grads[0], grads[1], inj_grads[0])
-    single = ggb.backward_main(dout, own, other, inj_t, w1, w2, b2, z, dpre, grads[3], grads[4], inj_grads[1],
-                               splits_per_block=1)
-    assert torch.equal(grads[0], grads[3]) and torch.equal(grads[1], grads[4])
-    assert not inj or torch.equal(grads[2], grads[5])
-    assert torch.equal(default[2], single[2])  # db2's per-tile sums
-    for a, b in zip(default[:2], single[:2]):  # dW1, dW2: the same fp32 sums grouped by other splits
-        # Summing n = rows / 64 tile products in another order moves a sum by up to about n * eps
-        # times the largest running sum on the way (in practice below the largest column's sum of
-        # |partials|): the observed difference was 0.065 at 62976 rows (session 30, H100), about a
-        # fifth of this bound. A lost or doubled 64-row tile moves a sum by tens of times the bound.
-        scale = torch.maximum(a.abs().sum(0), b.abs().sum(0)).max().item()
-        tol = 2 * (rows / 64) * torch.finfo(torch.float32).eps * scale
-        torch.testing.assert_close(a.sum(0), b.sum(0), rtol=0, atol=tol)
-
-
-@requires_gluon
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (1000, 512, 128), (62976, 512, 128)], ids=str)
-def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
-    """The default backward on Hopper: the Gluon d_pre1 kernel feeding the Triton second phase;
-    every gradient within the bound eager's same-precision error sets against float64."""
-    monkeypatch.setattr(gb, "USE_GLUON_DPRE", True)
-    monkeypatch.setattr(gb, "USE_GLUON_BACKWARD_MAIN", False)
-    dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
-    main_calls = record_calls(monkeypatch, ggb, "backward_main")
-    _check("triton", _gluon_inputs(rows, d, r, dtype, inj))
-    assert len(dpre_calls) == 1 and not main_calls
 
 
 @requires_gluon
@@ -625,7 +591,6 @@ def test_triton_backward_at_gluon_shapes_matches_float64(monkeypatch, inj, rows,
     """The Triton backward (both phases), which other GPUs run, at shapes the Gluon phases take on
     Hopper by default (there it would otherwise go untested without the saturation term)."""
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", False)
-    monkeypatch.setattr(gb, "USE_GLUON_BACKWARD_MAIN", False)
     dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
     _check("triton", _gluon_inputs(rows, d, r, torch.bfloat16, inj))
     assert not dpre_calls
@@ -633,29 +598,24 @@ def test_triton_backward_at_gluon_shapes_matches_float64(monkeypatch, inj, rows,
 
 @requires_gluon
 def test_gluon_backward_routing(monkeypatch):
-    """Each phase only with its switch (d_pre1's on by default, the second phase's off), without the
-    saturation term, for inputs they take."""
+    """The d_pre1 phase only with its switch (on by default), without the saturation term, for
+    inputs it takes."""
     calls = record_calls(monkeypatch, ggb, "backward_dpre")
-    main_calls = record_calls(monkeypatch, ggb, "backward_main")
     inputs = [t.detach().requires_grad_() if t is not None else None
               for t in _gluon_inputs(200, 128, 64, torch.bfloat16)]
     gated_blend(*inputs).sum().backward()
-    assert len(calls) == 1 and not main_calls  # the defaults
+    assert len(calls) == 1  # the default
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", False)
     gated_blend(*inputs).sum().backward()
     assert len(calls) == 1
-    monkeypatch.setattr(gb, "USE_GLUON_BACKWARD_MAIN", True)
-    gated_blend(*inputs).sum().backward()
-    assert len(calls) == len(main_calls) == 1
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", True)
     calls.clear()
-    main_calls.clear()
     out, stats = gated_blend(*inputs, stats=True, saturation=True)
     (out.sum() + stats[:, 4].sum()).backward()  # the saturation term: the Triton kernel
     narrow = [t.detach().requires_grad_() if t is not None else None
               for t in _gluon_inputs(200, 120, 64, torch.bfloat16)]  # D not a multiple of 64
     gated_blend(*narrow).sum().backward()
-    assert not calls and not main_calls
+    assert not calls
     with pytest.raises(ValueError, match="programs must be at least 1"):
         z = torch.zeros(200, 64, device="cuda", dtype=torch.bfloat16)
         ggb.backward_dpre(inputs[0].detach(), *[t.detach() for t in inputs[:3]], inputs[5].detach(),

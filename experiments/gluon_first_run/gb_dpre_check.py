@@ -1,6 +1,7 @@
 """Session 29's check of the gated blend's Gluon backward (first run in session 30): the Gluon d_pre1 kernel
 against the library's Triton d_pre1 kernel and float64, then GPU time against it (medians of 5 alternating
-rounds), then the whole backward with both phases Gluon, Gluon d_pre1 + Triton phase 2, and both Triton.
+rounds), then the whole backward with Gluon d_pre1 + Triton phase 2 and with both phases Triton (session 30
+also timed a Gluon phase 2, removed in session 31 as slower: see hrm_kernels/_gluon_gated_blend.py).
     python3 experiments/gluon_first_run/gb_dpre_check.py      (from the repository root, PYTHONPATH=.)"""
 import statistics, sys; sys.path.insert(0, "."); sys.path.insert(0, "experiments/gluon_first_run")
 import torch
@@ -9,7 +10,7 @@ import hrm_kernels.gated_blend  # noqa: F401
 lib = sys.modules["hrm_kernels.gated_blend"]
 from hrm_kernels import _gluon_gated_blend as gb_dpre  # (the library copy of gb_dpre.py)
 
-lib.USE_GLUON_DPRE = lib.USE_GLUON_BACKWARD_MAIN = False  # the module's launchers run the Triton kernels here
+lib.USE_GLUON_DPRE = False  # the module's launchers run the Triton kernels here
 
 print(environment(), flush=True)
 
@@ -77,7 +78,7 @@ for name, (m, d, r) in (("sudoku", (768 * 82, 512, 128)), ("arc", (96 * 901, 512
         print(f"{name} inj={inj}: d_pre1 Triton {t_tri:.1f} us, Gluon {t_glu:.1f} us ({t_tri / t_glu:.2f}x); Gluon "
               f"{flops / t_glu / 1e6:.0f} TFLOP/s", flush=True)
 
-# the whole backward (both kernels and the host sums), Gluon against Triton, and fwd+bwd through autograd
+# the whole backward (both kernels and the host sums), Gluon d_pre1 against Triton, and fwd+bwd through autograd
 for name, (m, d, r) in (("sudoku", (768 * 82, 512, 128)), ("arc", (96 * 901, 512, 128))):
     for inj in (True, False):
         own, other, inj_t, w1, b1, w2, b2, dout = inputs(m, d, r, torch.bfloat16, inj)
@@ -89,23 +90,20 @@ for name, (m, d, r) in (("sudoku", (768 * 82, 512, 128)), ("arc", (96 * 901, 512
             out = lib.gated_blend(*leaves)
             torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
 
-        def phases(dpre, main):
-            lib.USE_GLUON_DPRE, lib.USE_GLUON_BACKWARD_MAIN = dpre, main
-
-        phases(True, True)
+        lib.USE_GLUON_DPRE = True
         got = bwd()
-        phases(False, False)
+        lib.USE_GLUON_DPRE = False
         ref = bwd()
         diffs = " ".join(f"{(a.float() - b.float()).abs().max().item():.3g}" for a, b in zip(got, ref) if a.numel())
-        routes = {"triton": (False, False), "gluon": (True, True), "dpre": (True, False)}
+        routes = {"triton": False, "dpre": True}
         times = {k: [] for route in routes for k in (route, "fb_" + route)}
         for _ in range(5):
-            for key, flags in routes.items():
-                phases(*flags)
+            for key, dpre in routes.items():
+                lib.USE_GLUON_DPRE = dpre
                 times[key].append(gpu_us(bwd))
                 times["fb_" + key].append(gpu_us(fwd_bwd))
-        phases(False, False)  # the Triton kernels again for the next case's d_pre1 check
+        lib.USE_GLUON_DPRE = False  # the Triton kernels again for the next case's d_pre1 check
         t = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{name} inj={inj}: backward Gluon {t['gluon']:.1f} us, Gluon d_pre1 + Triton phase 2 {t['dpre']:.1f}, "
-              f"Triton {t['triton']:.1f} ({t['triton'] / t['dpre']:.2f}x); fwd+bwd {t['fb_gluon']:.1f} / "
-              f"{t['fb_dpre']:.1f} / {t['fb_triton']:.1f} us; max diffs Gluon-Triton per gradient: {diffs}", flush=True)
+        print(f"{name} inj={inj}: backward Gluon d_pre1 + Triton phase 2 {t['dpre']:.1f} us, "
+              f"Triton {t['triton']:.1f} ({t['triton'] / t['dpre']:.2f}x); fwd+bwd {t['fb_dpre']:.1f} / "
+              f"{t['fb_triton']:.1f} us; max diffs Gluon-Triton per gradient: {diffs}", flush=True)
