@@ -27,6 +27,9 @@ class CastedSparseEmbedding(nn.Module):
     Buffers (names as in the reference): ``weights`` (persistent), ``local_weights`` and
     ``local_ids`` (per-batch, not saved). In training the batch must have exactly ``batch_size``
     rows (the leaf tensor has a fixed shape so that the optimizer and a compiled graph can hold it).
+    ``local_weights`` is a buffer, so a module's or the main optimizer's ``zero_grad()`` leaves its
+    gradient alone: ``CastedSparseEmbeddingSignSGD.zero_grad()`` clears it (the trainer calls both);
+    code that runs several backward passes on one model without that optimizer must clear it too.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, batch_size: int, init_std: float,
