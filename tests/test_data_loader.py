@@ -192,6 +192,16 @@ def test_missing_dataset_message_names_path_and_builder(tmp_path):
         _ds(str(tmp_path / "maze-y"))
 
 
+@pytest.mark.parametrize("part", ["train", "test", "train/dataset.json", "train/all__inputs.npy"])
+def test_data_path_inside_a_dataset_names_its_root(toy, part):
+    """A split directory or a file of one given as the dataset: the error names the root to use
+    instead of a build command that would build a dataset inside the existing one."""
+    with pytest.raises(DatasetNotFoundError) as e:
+        _ds(os.path.join(toy, part))
+    assert f"data_path={toy}" in str(e.value) and "python -m" not in str(e.value)
+    _ds(toy)  # the root itself loads
+
+
 @pytest.mark.parametrize("path,command", [
     ("data/sudoku-gen-1k-aug-1000", "hrm.data.sudoku --output-dir data/sudoku-gen-1k-aug-1000 --subsample-size 1000 "
                                     "--num-aug 1000"),

@@ -9,6 +9,7 @@ no ``outputs/`` directories or log files appear, and the same function serves th
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -61,9 +62,37 @@ def compose(overrides: Sequence[str] = (), config_name: str = DEFAULT_CONFIG_NAM
     except MissingConfigException as e:
         raise ConfigError(_missing_config_message(str(e), config_name)) from None
     except HydraException as e:
-        raise ConfigError(_composition_message(e)) from None
+        raise ConfigError(_composition_message(e, overrides, config_name)) from None
     OmegaConf.set_struct(cfg, True)
+    for override in overrides:  # '+use_gating=true' composes, but nothing reads a top-level use_gating
+        key = override.split("=", 1)[0]
+        if key.startswith("+") and not key.startswith("++") and key[1:] in cfg.get("arch", {}):
+            raise ConfigError(f"{override!r} adds a top-level '{key[1:]}' that nothing reads: '{key[1:]}' is a "
+                              f"setting of the model, write arch.{override[1:]}")
     return cfg
+
+
+def _fields_near(key: str, overrides: Sequence[str], config_name: str) -> list[str]:
+    """The full names of the config fields (arch's as ``arch.<field>``) that ``key`` may have meant:
+    the same name one level down or up (``gate_init_bias`` for ``arch.gate_init_bias``), else close
+    spellings of a field at the same level. The config is composed again with only the config-group
+    choices of ``overrides`` (``arch=...``), which composed before the unknown key stopped it."""
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith("+")]
+    try:
+        base = compose([o for o in groups if o.split("=", 1)[0] in ("arch",)], config_name)
+    except ConfigError:
+        return []
+    parent, _, leaf = key.rpartition(".")
+    top = [k for k in base if not isinstance(base[k], DictConfig)]
+    fields = {"": top, **{name: list(base[name]) for name in base if isinstance(base[name], DictConfig)}}
+    if parent not in fields:
+        return []
+    moved = ([f"{name}.{leaf}" for name in fields if name and leaf in fields[name]] if not parent
+             else [leaf] if leaf in top else [])
+    if moved:
+        return moved
+    prefix = f"{parent}." if parent else ""
+    return [prefix + f for f in difflib.get_close_matches(leaf, fields[parent], n=3, cutoff=0.75)]
 
 
 def _missing_config_message(text: str, config_name: str) -> str:
@@ -80,16 +109,17 @@ def _missing_config_message(text: str, config_name: str) -> str:
     return text.splitlines()[0]
 
 
-def _composition_message(e: Exception) -> str:
+def _composition_message(e: Exception, overrides: Sequence[str], config_name: str) -> str:
     cause = e.__cause__
     text = str(e)
     m = re.search(r"Could not override '([^']+)'", text)
     if m and cause is not None and "not in struct" in str(cause):
         key = m.group(1)
         parent, _, leaf = key.rpartition(".")
+        near = _fields_near(key, overrides, config_name)
+        hint = f"did you mean {' or '.join(near)}?" if near else "check the spelling (--cfg job lists every field)"
         return (f"unknown config key '{key}': '{leaf}' is not a field of "
-                f"{'the ' + parent + ' config' if parent else 'cfg_pretrain'} (check the spelling; "
-                f"to add a new field on purpose write +{key}=...)")
+                f"{'the ' + parent + ' config' if parent else config_name}: {hint}")
     m = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
     if m:
         return f"'+{m.group(1)}' adds a field that already exists: write {m.group(1)}=... without the '+'"

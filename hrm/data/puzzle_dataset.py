@@ -89,8 +89,22 @@ def build_command_hint(dataset_path: str) -> str:
                                    for m in ("arc", "sudoku", "maze", "quickstart")))
 
 
+def _dataset_root_of(path: str) -> Optional[str]:
+    """The dataset root that `path` lies inside, where it names a part of one: a split directory
+    (holding dataset.json) or a file in one, e.g. `data/sudoku/train` or `.../train/dataset.json`."""
+    split_dir = os.path.dirname(path) if os.path.isfile(path) else path
+    if os.path.isfile(os.path.join(split_dir, "dataset.json")):
+        return os.path.dirname(os.path.normpath(split_dir)) or "."
+    return None
+
+
 def load_metadata(dataset_path: str, split: str) -> PuzzleDatasetMetadata:
     """Read and check `<dataset_path>/<split>/dataset.json`, with errors that say what to do."""
+    root = _dataset_root_of(dataset_path)
+    if root is not None:
+        raise DatasetNotFoundError(
+            f"'{dataset_path}' is part of the dataset '{root}' (its splits are directories holding "
+            f"dataset.json): use the dataset's root, data_path={root}")
     if not os.path.isdir(dataset_path):
         raise DatasetNotFoundError(
             f"Dataset directory '{dataset_path}' does not exist. Build it with: "
