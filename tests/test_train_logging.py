@@ -88,3 +88,20 @@ def test_resume_drops_the_records_it_replays(tmp_path, capsys):
     # A new run (step -1) where an earlier one stopped before its first checkpoint starts a new file.
     MetricsLogger(tmp_path, "p", "r", {}, use_wandb=False, resume_step=-1)
     assert read_jsonl(path) == [] and "left no checkpoint" in capsys.readouterr().out
+
+
+def test_offline_resume_keeps_the_run_id_and_says_how_to_upload(tmp_path, monkeypatch, no_wandb_key, capsys):
+    """A resumed offline run logs to the same W&B id from a folder of its own; the message names
+    the one upload command that sends every part, in order."""
+    monkeypatch.chdir(tmp_path)
+    first = MetricsLogger(tmp_path / "run", "P", "r", {}, resume_step=None)
+    first.log({"train/lm_loss": 2.0}, step=1)
+    run_id = first.wandb_id
+    first.finish()
+    assert run_id is not None and "resumed" not in capsys.readouterr().out
+    second = MetricsLogger(tmp_path / "run", "P", "r", {}, resume_id=run_id, resume_step=1)
+    second.log({"train/lm_loss": 1.5}, step=2)
+    assert second.wandb_id == run_id
+    second.finish()
+    assert f"`wandb sync wandb/offline-run-*-{run_id}`" in capsys.readouterr().out
+    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))  # (two, unless both began in one second)
