@@ -93,15 +93,17 @@ def test_resume_drops_the_records_it_replays(tmp_path, capsys):
 def test_offline_resume_keeps_the_run_id_and_says_how_to_upload(tmp_path, monkeypatch, no_wandb_key, capsys):
     """A resumed offline run logs to the same W&B id from a folder of its own; the message names
     the one upload command that sends every part, in order."""
+    from pathlib import Path
+
     monkeypatch.chdir(tmp_path)
-    first = MetricsLogger(tmp_path / "run", "P", "r", {}, resume_step=None)
-    first.log({"train/lm_loss": 2.0}, step=1)
-    run_id = first.wandb_id
-    first.finish()
-    assert run_id is not None and "resumed" not in capsys.readouterr().out
-    second = MetricsLogger(tmp_path / "run", "P", "r", {}, resume_id=run_id, resume_step=1)
-    second.log({"train/lm_loss": 1.5}, step=2)
-    assert second.wandb_id == run_id
-    second.finish()
-    assert f"`wandb sync wandb/offline-run-*-{run_id}`" in capsys.readouterr().out
-    assert list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))  # (two, unless both began in one second)
+    folders = []
+    for step in (None, 1):  # a new run, then its resumption
+        logger = MetricsLogger(tmp_path / "run", "P", "r", {}, resume_id=folders[0][1] if folders else None,
+                               resume_step=step)
+        logger.log({"train/lm_loss": 2.0}, step=(step or 0) + 1)
+        folders.append((Path(logger.wandb_run.dir).parent.name, logger.wandb_id))
+        logger.finish()
+        out = capsys.readouterr().out
+    (first, run_id), (second, resumed_id) = folders
+    assert resumed_id == run_id and first.startswith("offline-run-") and f"-{run_id}" in second
+    assert f"`wandb sync wandb/offline-run-*-{run_id}*`" in out

@@ -93,7 +93,7 @@ class MetricsLogger:
             self.wandb_mode = mode or "online"
             if resume_id is not None and mode == "offline":  # each resumed part writes a folder of its own
                 print(f"W&B: run {resume_id} resumed offline; upload all its parts in one call "
-                      f"(`wandb sync wandb/offline-run-*-{resume_id}`), which sends them in order of start time.")
+                      f"(`wandb sync wandb/offline-run-*-{resume_id}*`), which sends them in order of start time.")
         except Exception as e:
             print(f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                   f"metrics go to {self.jsonl_path} only.")
