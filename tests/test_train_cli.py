@@ -292,7 +292,8 @@ def test_checkpoint_path_without_a_checkpoint_says_a_new_run_starts(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     resolve_config(["checkpoint_path=checkpoints/p/typo"])
     out = capsys.readouterr()
-    assert "note: checkpoint_path=checkpoints/p/typo holds no checkpoint: a new run starts there" in out.err
+    assert ("note: checkpoint_path=checkpoints/p/typo does not exist: nothing to resume, so a NEW run starts "
+            "there from step 0") in out.err
     assert "note" not in out.out  # stdout stays clean: --cfg job prints the config there
     resolve_config([])  # the default directory: no note
     assert "note:" not in capsys.readouterr().err
@@ -328,3 +329,82 @@ def test_quickstart_builds_its_data_on_first_use(tmp_path, monkeypatch):
     run(["max_steps=2", "wandb=false", "progress=false", "arch.kernels=eager"], config_name="quickstart")
     assert (tmp_path / "data" / "quickstart-sudoku4" / "test" / "dataset.json").is_file()
     assert list((tmp_path / "checkpoints" / "HRM quickstart").glob("*/step_2.pt"))
+
+
+def _tiny_run(data, *extra):
+    return [f"data_path={data}", *TINY_ARCH, *QUIET, "device=cpu", "max_steps=1", *extra]
+
+
+def test_cli_triton_kernels_where_triton_cannot_run(tiny_data, tmp_path):
+    """arch.kernels=triton on the CPU without Triton's interpreter: one line and exit 2 before any work
+    (it used to load the data, build the model, start W&B, write the run directory, then fail at the
+    first step with a traceback)."""
+    out = subprocess.run([sys.executable, PRETRAIN, *_tiny_run(tiny_data, "arch.kernels=triton", "wandb=true")],
+                         cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert lines[0].startswith("error: arch.kernels=triton needs")
+    assert "device is cpu" in lines[0] and "arch.kernels=auto" in lines[0] and "eager" in lines[0]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "wandb").exists()
+
+
+def test_error_triton_backend_where_triton_cannot_run(tiny_data, tmp_path, monkeypatch):
+    """The same in-process (the interpreter switched off), and for HRM_KERNELS_BACKEND=triton, which
+    arch.kernels=auto defers to."""
+    from hrm_kernels import backend
+
+    monkeypatch.setattr(backend, "_INTERPRET", False)
+    msg = _error_of(_tiny_run(tiny_data, "arch.kernels=triton"), tmp_path, monkeypatch)
+    assert msg.startswith("arch.kernels=triton needs") and "TRITON_INTERPRET=1" in msg
+    monkeypatch.setattr(backend, "_ENV_BACKEND", "triton")
+    msg = _error_of(_tiny_run(tiny_data, "arch.kernels=auto"), tmp_path, monkeypatch)
+    assert msg.startswith("HRM_KERNELS_BACKEND=triton") and "arch.kernels=eager" in msg
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_error_flash_attention_where_it_cannot_run(tiny_data, tmp_path, monkeypatch):
+    """arch.attn_backend=flash: FlashAttention not importable, a CPU device, float32 activations are
+    each refused before any work, naming arch.attn_backend=sdpa (they failed while building the model,
+    or at the first forward)."""
+    import torch
+
+    import hrm.layers
+
+    args = _tiny_run(tiny_data, "arch.attn_backend=flash")
+    if not hrm.layers.FLASH_ATTN_AVAILABLE:
+        msg = _error_of(args, tmp_path, monkeypatch)
+        assert msg.startswith("arch.attn_backend=flash needs FlashAttention") and "cannot be imported" in msg
+        assert "use arch.attn_backend=sdpa" in msg
+    monkeypatch.setattr(hrm.layers, "FLASH_ATTN_AVAILABLE", True)  # installed: then the device is the problem
+    msg = _error_of(args, tmp_path, monkeypatch)
+    assert msg.startswith("arch.attn_backend=flash runs on CUDA only") and "device is cpu" in msg
+    assert "use arch.attn_backend=sdpa" in msg
+    assert not (tmp_path / "checkpoints").exists()
+    # On a CUDA device (checked without one): float32 activations.
+    from train.pretrain import check_device_options
+
+    cfg = {"arch": {"attn_backend": "flash", "forward_dtype": "float32", "kernels": "eager"}}
+    with pytest.raises(ConfigError, match=r"needs bfloat16 or float16 activations, but arch.forward_dtype=float32"):
+        check_device_options(cfg, torch.device("cuda"))
+    check_device_options({"arch": {**cfg["arch"], "forward_dtype": "auto"}}, torch.device("cuda"))  # bf16: fine
+
+
+def test_error_batch_larger_than_the_data(tiny_data, tmp_path, monkeypatch):
+    """A global batch larger than the epochs' examples trained 0 steps and exited 0 with an empty
+    step_0.pt; a batch larger than one iteration's (eval_interval epochs) examples did the same even
+    though total_steps > 0 (the loader makes batches within an iteration and drops a partial one)."""
+    # 272 training examples an epoch
+    msg = _error_of(_tiny_run(tiny_data, "epochs=2", "eval_interval=1", "global_batch_size=1024"), tmp_path,
+                    monkeypatch)
+    assert msg.startswith("global_batch_size=1024 is larger than the training data: an epoch holds 272 examples")
+    assert "epochs=2" in msg and "global_batch_size=272" in msg and "more epochs" in msg
+    msg = _error_of(_tiny_run(tiny_data, "epochs=4", "eval_interval=1", "global_batch_size=384"), tmp_path,
+                    monkeypatch)
+    assert msg.startswith("global_batch_size=384 is larger than an iteration of the training data")
+    assert "eval_interval=1 epoch(s) hold at most 272 examples" in msg and "global_batch_size=272" in msg
+    assert "eval_interval=2" in msg
+    assert not (tmp_path / "checkpoints").exists()
+    # One iteration of 2 epochs holds 544 >= 384: it trains.
+    run(_tiny_run(tiny_data, "epochs=4", "eval_interval=2", "global_batch_size=384"))
+    assert list((tmp_path / "checkpoints").rglob("step_1.pt"))

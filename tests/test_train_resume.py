@@ -526,3 +526,50 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_checkpoint_path_above_the_runs_is_refused(tiny_data, tmp_path, monkeypatch, capsys):
+    """checkpoint_path naming a directory of runs (the project directory checkpoints/<project>, or
+    checkpoints/) started a fresh run there, beside the runs: it is refused, naming the run
+    directories below it, newest first. An empty or new directory still starts a new run, and says so."""
+    import os
+
+    from train.pretrain import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    project = Path("checkpoints") / "proj"
+    for name, step, when in (("HRM older", 3, 1_000_000), ("newer", 5, 2_000_000), ("no checkpoint yet", 0, 0)):
+        (project / name).mkdir(parents=True)
+        if step:
+            path = checkpointing.save_training_state(project / name, step, {"model": {}})
+            os.utime(path, (when, when))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    for given in (project, Path("checkpoints")):
+        msg = _config_error(common(tiny_data, given))
+        assert msg.startswith(f"checkpoint_path={given} holds no checkpoint to resume, but run directories "
+                              "inside it do: did you mean "), msg
+        assert (f"did you mean checkpoint_path={project / 'newer'} (step_5.pt) or "
+                f"checkpoint_path=\"{project / 'HRM older'}\" (step_3.pt)?") in msg, msg
+        assert "to start a new run, give it a directory of its own" in msg
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # nothing written
+    # A directory without checkpoints anywhere below it, or a new one: a new run, said plainly.
+    capsys.readouterr()
+    resolve_config(common(tiny_data, project / "no checkpoint yet"))
+    err = capsys.readouterr().err
+    assert (f"note: checkpoint_path={project / 'no checkpoint yet'} holds no checkpoint (step_<N>.pt): nothing to "
+            "resume, so a NEW run starts there from step 0") in err
+
+
+def test_resume_with_another_length_says_the_schedule_follows(tiny_data, tmp_path, monkeypatch, capsys):
+    """Resuming with other epochs changes total_steps, so the LR schedule: allowed (a run may be
+    lengthened), with a note naming both lengths; the same length gives no note."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=3"])  # epochs=2: total_steps 2 * 272 // 32 = 17
+    capsys.readouterr()
+    run(common(tiny_data, tmp_path / "run") + ["epochs=3", "max_steps=4"])
+    err = capsys.readouterr().err
+    assert ("note: resuming with total_steps=25 (epochs=3); the checkpoint step_3.pt was written with "
+            "total_steps=17 (epochs=2): the learning-rate schedule follows the new length from step 3 on") in err
+    assert load(tmp_path / "run" / "step_4.pt")["total_steps"] == 25
+    run(common(tiny_data, tmp_path / "run") + ["epochs=3", "max_steps=5"])
+    assert "total_steps" not in capsys.readouterr().err

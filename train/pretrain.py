@@ -247,15 +247,63 @@ def default_names(cfg: dict, model_class: str) -> None:
         cfg["checkpoint_path"] = os.path.join("checkpoints", cfg["project_name"], cfg["run_name"])
 
 
+def _forward_dtype(arch: dict, device: torch.device) -> Any:
+    """``arch.forward_dtype`` with ``auto`` resolved for ``device`` (bfloat16 on CUDA, else float32)."""
+    dtype = arch.get("forward_dtype", "bfloat16")
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return dtype
+
+
+def check_device_options(cfg: dict, device: torch.device) -> None:
+    """ConfigError for arch options that cannot run on ``device`` (they would fail at the first step,
+    after the data, the model, W&B and the run directory): Triton kernels where Triton cannot run,
+    FlashAttention without the package, off CUDA or on float32 activations."""
+    from hrm_kernels.backend import get_backend, triton_available, triton_can_run
+
+    arch = cfg.get("arch") or {}
+    kernels = str(arch.get("kernels", "auto"))
+    # arch.kernels=auto defers to hrm_kernels' own switch (HRM_KERNELS_BACKEND)
+    if (kernels if kernels != "auto" else get_backend()) == "triton" and not triton_can_run(device):
+        asked = ("arch.kernels=triton" if kernels == "triton"
+                 else "HRM_KERNELS_BACKEND=triton (which arch.kernels=auto follows)")
+        if not triton_available():
+            raise ConfigError(f"{asked} needs the triton package, which cannot be imported here: install it, "
+                              + ("or use arch.kernels=auto (the PyTorch fallback where Triton cannot run) or "
+                                 "arch.kernels=eager" if kernels == "triton"
+                                 else "or unset HRM_KERNELS_BACKEND (or set it to auto), or pass arch.kernels=eager"))
+        fix = ("use arch.kernels=auto (Triton where it can run, else the PyTorch fallback) or arch.kernels=eager"
+               if kernels == "triton" else "unset HRM_KERNELS_BACKEND (or set it to auto), or pass arch.kernels=eager")
+        raise ConfigError(f"{asked} needs a device where the Triton kernels run (CUDA, or the CPU only under "
+                          f"TRITON_INTERPRET=1, Triton's slow interpreter), but the run's device is {device.type}: "
+                          f"{fix}, or device=cuda on a machine with a GPU")
+    if arch.get("attn_backend") == "flash":
+        from hrm import layers
+
+        if not layers.FLASH_ATTN_AVAILABLE:
+            raise ConfigError("arch.attn_backend=flash needs FlashAttention (the flash_attn_interface or flash_attn "
+                              "package), which cannot be imported here: use arch.attn_backend=sdpa (or auto: "
+                              "FlashAttention where it can run, else PyTorch's scaled_dot_product_attention), or "
+                              "install flash-attn")
+        if device.type != "cuda":
+            raise ConfigError(f"arch.attn_backend=flash runs on CUDA only, but the run's device is {device.type}: use "
+                              "arch.attn_backend=sdpa (or auto: FlashAttention where it can run), or device=cuda")
+        dtype = _forward_dtype(arch, device)
+        if dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"arch.attn_backend=flash needs bfloat16 or float16 activations, but "
+                              f"arch.forward_dtype={dtype}: use arch.attn_backend=sdpa (or auto), or "
+                              "arch.forward_dtype=bfloat16")
+
+
 def arch_config(cfg: dict, metadata, world_size: int, device: torch.device):
     """The HRMConfig for this run: the arch group plus the data-derived fields."""
     import pydantic
 
     from hrm import HRMConfig
 
+    check_device_options(cfg, device)
     arch = dict(cfg["arch"])
-    if arch.get("forward_dtype") == "auto":
-        arch["forward_dtype"] = "bfloat16" if device.type == "cuda" else "float32"
+    arch["forward_dtype"] = _forward_dtype(arch, device)
     arch.update(batch_size=cfg["global_batch_size"] // world_size, seq_len=metadata.seq_len,
                 vocab_size=metadata.vocab_size, num_puzzle_identifiers=metadata.num_puzzle_identifiers)
     try:
@@ -301,6 +349,44 @@ def make_datasets(cfg: dict, info: distributed.DistInfo, train_epochs_per_iter: 
     if os.path.isfile(os.path.join(cfg["data_path"], "test", "dataset.json")):
         eval_ds = PuzzleDataset(PuzzleDatasetConfig(**common, test_set_mode=True, epochs_per_iter=1), split="test")
     return train_ds, eval_ds
+
+
+def check_batches(cfg: dict, train_ds, epochs_per_iter: int, total_steps: int, world_size: int) -> None:
+    """ConfigError when no training step would run: ``global_batch_size`` above all epochs' examples
+    (``total_steps`` 0), or above what one iteration (``eval_interval`` epochs) can hold, since the
+    loader fills batches within an iteration, set by set, and drops a last partial one (each group
+    gives one of its puzzles per epoch: at most its largest puzzle's examples, at least its smallest's)."""
+    import numpy as np
+
+    meta = train_ds.metadata
+    gbs, epochs = cfg["global_batch_size"], cfg["epochs"]
+    per_epoch_max, per_epoch_min = 0, 0  # examples an epoch draws, over the best set
+    for data in train_ds._lazy_load().values():
+        sizes = np.diff(np.asarray(data["puzzle_indices"], dtype=np.int64))
+        starts = np.asarray(data["group_indices"], dtype=np.int64)[:-1]
+        if sizes.size == 0 or starts.size == 0:
+            continue
+        per_epoch_max = max(per_epoch_max, int(np.maximum.reduceat(sizes, starts).sum()))
+        per_epoch_min = max(per_epoch_min, int(np.minimum.reduceat(sizes, starts).sum()))
+    # a batch size that trains: a multiple of ranks x micro-batches, within one iteration and all epochs
+    unit = world_size * cfg.get("grad_accum_steps", 1)
+    room = min(per_epoch_min * epochs_per_iter, int(epochs * meta.total_groups * meta.mean_puzzle_examples))
+    fits = f"global_batch_size={max(unit, room // unit * unit)}"
+    if total_steps <= 0:
+        per_epoch = meta.total_groups * meta.mean_puzzle_examples  # as total_steps counts them
+        raise ConfigError(
+            f"global_batch_size={gbs} is larger than the training data: an epoch holds {round(per_epoch)} examples, "
+            f"so epochs={epochs} give {round(epochs * per_epoch)}, less than one batch, and no step would train; "
+            f"use a smaller batch, e.g. {fits}, or more epochs")
+    if per_epoch_max * epochs_per_iter < gbs:
+        iteration = (f"eval_interval={epochs_per_iter} epoch(s)" if cfg.get("eval_interval")
+                     else f"epochs={epochs} (eval_interval=null: one iteration)")
+        longer = [k for k in range(epochs_per_iter + 1, epochs + 1) if epochs % k == 0 and k * per_epoch_max >= gbs]
+        raise ConfigError(
+            f"global_batch_size={gbs} is larger than an iteration of the training data: the loader fills batches "
+            f"within each iteration, whose {iteration} hold at most {per_epoch_max * epochs_per_iter} examples, "
+            f"and drops a partial batch, so no step would train; use e.g. {fits}"
+            + (f", or eval_interval={longer[0]} (it must divide epochs={epochs})" if longer else ""))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -799,6 +885,16 @@ def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info:
     for opt, sd in zip(state.optimizers, obj["optimizers"]):
         opt.load_state_dict(sd)
     state.step = int(obj["step"])
+    saved_total = obj.get("total_steps")
+    if isinstance(saved_total, int) and saved_total != state.total_steps and info.is_main:
+        saved_epochs = (obj.get("config") or {}).get("epochs")
+        past = (f"; step {state.step} is already at or past the new end, so no step trains"
+                if state.step >= state.total_steps else "")
+        print(f"note: resuming with total_steps={state.total_steps} (epochs={cfg['epochs']}); the checkpoint "
+              f"{path.name} was written with total_steps={saved_total}"
+              + (f" (epochs={saved_epochs})" if saved_epochs is not None else "")
+              + f": the learning-rate schedule follows the new length from step {state.step} on{past}",
+              file=sys.stderr, flush=True)
     if info.rank == 0:
         mine = obj["rank0"]
     else:
@@ -854,11 +950,14 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
     from train.plots import plot_gate_evolution
 
     check_config(cfg, info.world_size)
+    check_device_options(cfg, info.device)
     ensure_dataset(cfg, info)
     epochs_per_iter = _epochs_per_iter(cfg)
     total_iters = cfg["epochs"] // epochs_per_iter
     train_ds, eval_ds = make_datasets(cfg, info, epochs_per_iter)
     meta = train_ds.metadata
+    total_steps = int(cfg["epochs"] * meta.total_groups * meta.mean_puzzle_examples / cfg["global_batch_size"])
+    check_batches(cfg, train_ds, epochs_per_iter, total_steps, info.world_size)
     hconf = arch_config(cfg, meta, info.world_size, info.device)
 
     # Names on rank 0, shared with all ranks.
@@ -873,7 +972,6 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
                           f"that run pass checkpoint_path=\"{cfg['checkpoint_path']}\" (it keeps the run's settings); "
                           "to start a new run pick another run_name")
 
-    total_steps = int(cfg["epochs"] * meta.total_groups * meta.mean_puzzle_examples / cfg["global_batch_size"])
     head = build_model(hconf, info.device, cfg["seed"])
     distributed.broadcast_module_state(head, info)
     if cfg.get("init_from"):
@@ -1084,15 +1182,76 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
     return last_eval if info.is_main else {}
 
 
+def _shell_value(value: str) -> str:
+    """``value`` as typed after ``key=`` in a shell: double-quoted when it has spaces or the like."""
+    import re
+
+    return value if re.fullmatch(r"[\w@%+:,./-]+", value) else f'"{value}"'
+
+
+def runs_below(directory: str | os.PathLike, depth: int = 2, limit: int = 5000) -> list[tuple[Path, Path]]:
+    """Run directories (holding a checkpoint, as ``checkpointing.latest_checkpoint`` finds it) below
+    ``directory`` down to ``depth`` levels (2: ``checkpoints/`` -> project -> run), newest checkpoint
+    first, as (run directory, its latest checkpoint); a run's own subdirectories are not searched,
+    nor hidden ones, and at most ``limit`` directories are looked at."""
+    found, level, seen = [], [Path(directory)], 0
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                children = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:
+                continue
+            for child in children:
+                seen += 1
+                if seen > limit:
+                    return _newest_first(found)
+                latest = checkpointing.latest_checkpoint(child)
+                if latest is not None:
+                    found.append((child, latest))
+                else:
+                    below.append(child)
+        level = below
+    return _newest_first(found)
+
+
+def _newest_first(runs: list[tuple[Path, Path]]) -> list[tuple[Path, Path]]:
+    def age(item):
+        try:
+            return item[1].stat().st_mtime
+        except OSError:
+            return 0.0
+
+    return sorted(runs, key=age, reverse=True)
+
+
+def check_checkpoint_path(ckpt_dir: str) -> None:
+    """``checkpoint_path`` named on the command line holds no checkpoint: a ConfigError when
+    directories below it do (a project directory, ``checkpoints/``: a new run there would sit beside
+    them, and a resume was probably meant), else a note that a new run starts there."""
+    runs = runs_below(ckpt_dir)
+    if runs:
+        shown = " or ".join(f"checkpoint_path={_shell_value(str(d))} ({ckpt.name})" for d, ckpt in runs[:3])
+        order = "newest first" + (f", {len(runs) - 3} more not shown" if len(runs) > 3 else "")
+        raise ConfigError(
+            f"checkpoint_path={ckpt_dir} holds no checkpoint to resume, but run directories inside it do: did you "
+            f"mean {shown}? ({order}); to start a new run, give it a directory of its own, e.g. "
+            f"checkpoint_path={_shell_value(str(Path(ckpt_dir) / '<new run name>'))}")
+    if _first_rank():
+        where = ("does not exist" if not Path(ckpt_dir).exists()
+                 else "holds no checkpoint (step_<N>.pt)")
+        print(f"note: checkpoint_path={ckpt_dir} {where}: nothing to resume, so a NEW run starts there from step 0 "
+              "(to resume a run instead, name the directory that holds its step_<N>.pt files)",
+              file=sys.stderr, flush=True)
+
+
 def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretrain") -> DictConfig:
     """Compose the config; when resuming from a run directory, merge it onto the run's saved config."""
     cfg = compose(overrides, config_name)
     ckpt_dir = cfg.get("checkpoint_path")
     given = any(o.split("=", 1)[0].lstrip("+") == "checkpoint_path" for o in overrides)
-    if (given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None
-            and _first_rank()):
-        print(f"note: checkpoint_path={ckpt_dir} holds no checkpoint: a new run starts there (to resume, name the "
-              "directory that holds the run's step_<N>.pt files)", file=sys.stderr, flush=True)
+    if given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None:
+        check_checkpoint_path(str(ckpt_dir))
     if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
         saved_yaml = Path(ckpt_dir) / "all_config.yaml"
         if saved_yaml.is_file():
