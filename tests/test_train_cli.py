@@ -225,6 +225,19 @@ def test_error_unknown_key(tmp_path, monkeypatch):
     assert "unknown arch config 'hrm_v2'" in msg and "hrm_v1_gated" in msg
 
 
+def test_error_arch_field_at_the_top_level(tmp_path, monkeypatch):
+    """The guide names gate settings without the arch. prefix: the error points to it, and adding
+    the field at the top level with '+' (which nothing reads) is refused rather than ignored."""
+    msg = _error_of(["gate_init_bias=-3.0"], tmp_path, monkeypatch)
+    assert "did you mean arch.gate_init_bias?" in msg and "+gate_init_bias" not in msg
+    msg = _error_of(["+use_gating=true"], tmp_path, monkeypatch)
+    assert "write arch.use_gating=true" in msg
+    msg = _error_of(["arch=hrm_v1_gated", "arch.gate_init_bia=-3.0"], tmp_path, monkeypatch)
+    assert "did you mean arch.gate_init_bias?" in msg
+    msg = _error_of(["lr_warmup=10"], tmp_path, monkeypatch)
+    assert "did you mean lr_warmup_steps?" in msg
+
+
 def test_error_eval_interval(tiny_data, tmp_path, monkeypatch):
     msg = _error_of([f"data_path={tiny_data}", "epochs=1000", "eval_interval=300"], tmp_path, monkeypatch)
     assert "eval_interval=300 must divide epochs=1000" in msg
