@@ -75,11 +75,10 @@ def compose(overrides: Sequence[str] = (), config_name: str = DEFAULT_CONFIG_NAM
 def _fields_near(key: str, overrides: Sequence[str], config_name: str) -> list[str]:
     """The full names of the config fields (arch's as ``arch.<field>``) that ``key`` may have meant:
     the same name one level down or up (``gate_init_bias`` for ``arch.gate_init_bias``), else close
-    spellings of a field at the same level. The config is composed again with only the config-group
-    choices of ``overrides`` (``arch=...``), which composed before the unknown key stopped it."""
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith("+")]
+    spellings of a field at the same level. The config is composed again with only the arch choice
+    of ``overrides`` (``arch=...``), which composed before the unknown key stopped it."""
     try:
-        base = compose([o for o in groups if o.split("=", 1)[0] in ("arch",)], config_name)
+        base = compose([o for o in overrides if o.startswith("arch=")], config_name)
     except ConfigError:
         return []
     parent, _, leaf = key.rpartition(".")
