@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # For session 30, on branch gluon-all (every session-29 Gluon kernel): their check scripts and GPU tests in one call.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl
-export PYTHONPATH=$PWD/.whl/site:$PWD
-export PYTHONUNBUFFERED=1
+source experiments/gluon_first_run/device_env.sh
 start=$(date +%s)
 timeout 150 python3 experiments/gluon_first_run/att_check29.py 2>&1 | grep -v Warn
 echo "== attention check at $(( $(date +%s) - start )) s"

@@ -2,9 +2,7 @@
 # Session 30's long-sequence attention (no gradient, pre-rotated q, k; hrm_kernels/_gluon_attention.py), first
 # GPU run: its check script, its GPU tests, then the ungated ARC step A/B of USE_GLUON_LONG, in one device call.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site .whl/*.whl
-export PYTHONPATH=$PWD/.whl/site:$PWD
-export PYTHONUNBUFFERED=1
+source experiments/gluon_first_run/device_env.sh
 start=$(date +%s)
 timeout 180 python3 experiments/gluon_first_run/long_attention_check.py 2>&1 | grep -v Warn
 echo "== long attention check at $(( $(date +%s) - start )) s"
