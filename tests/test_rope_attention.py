@@ -383,7 +383,8 @@ def test_sudoku_shape_bf16_matches_sdpa():
 # default; the tests below turn them on themselves): no interpreter path (tests/test_compile_for_gpu.py
 # compiles them for sm_90 on CPU).
 gra = importlib.import_module("hrm_kernels._gluon_rope_attention")
-requires_gluon = pytest.mark.skipif(not (CUDA and gra.available(torch.device("cuda"))),
+gluon_available = importlib.import_module("hrm_kernels._gluon_gemm").available  # resolved on CPU too
+requires_gluon = pytest.mark.skipif(not (CUDA and gluon_available(torch.device("cuda"))),
                                     reason="the Gluon attention kernel runs on a Hopper GPU")
 
 
@@ -536,8 +537,8 @@ def test_gluon_backward_routing(monkeypatch):
         gra.rope_attention_backward(qkv, cos, sin, out, lse, out, programs=0)
 
 
-# Attention of pre-rotated q, k past 128 positions without a gradient (``USE_GLUON_LONG``, off until
-# run on a GPU): the Gluon kernel of ``hrm_kernels._gluon_attention``.
+# Attention of pre-rotated q, k past 128 positions without a gradient (``USE_GLUON_LONG``, on since
+# session 32): the Gluon kernel of ``hrm_kernels._gluon_attention``.
 ga = importlib.import_module("hrm_kernels._gluon_attention")
 
 
