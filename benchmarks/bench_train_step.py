@@ -6,8 +6,9 @@ Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs
 their continue-target pass computes every position (``q_target_first_position=0``) unless
 ``--switches`` names that switch. Reports ms/step (median of timed steps after
 warm-up), tokens/s, time to the first finished step (compilation included), peak memory, and
-where the GPU time goes (matrix multiplies, attention, everything else, and idle: the time
-between a step's first and last kernel in which none runs; from the profiler).
+where the GPU time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
+and idle: the time between a step's first and last kernel in which none runs; from the profiler),
+and "other"'s share of that profiled time.
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
         [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1]
@@ -123,9 +124,14 @@ def make_batch(shape: str, seed: int):
 
 
 def classify(name: str) -> str:
+    """``matmul``, ``attention``, ``gate`` (the fused gate MLP + blend kernels of ``gated_blend``: two
+    small matmuls with the activation, sigmoid and blend as their epilogue, reported apart so that
+    "other" is the same work with or without them) or ``other``."""
     n = name.lower()
     if n.startswith("triton_"):  # Inductor's fused kernels (their names list every op they fuse)
         return "other"
+    if "gated_blend" in n:
+        return "gate"
     if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn")):
         return "attention"
     # Our matmul kernels with a fused epilogue count as matmuls (their epilogue time included).
@@ -147,8 +153,8 @@ def idle_us(intervals: list[tuple[float, float]]) -> float:
 
 def gpu_time_split(events, calls: int) -> tuple[dict, list]:
     """GPU milliseconds per call of the profiled function: by class (``matmul``, ``attention``,
-    ``other``: ``classify``) and ``idle`` (``idle_us`` over the span of all ``calls``, host time
-    between them included), and the work's list [(ms, launches, class, name)], largest first. From
+    ``gate``, ``other``: ``classify``), ``idle`` (``idle_us`` over the span of all ``calls``, host time
+    between them included) and ``span`` (first start to last end), and the work's list [(ms, launches, class, name)], largest first. From
     the profiler's device events (kernels, copies, memsets); GPU-side annotation ranges (an
     optimizer step's label) span kernels rather than run any, so they count nowhere."""
     work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -158,13 +164,17 @@ def gpu_time_split(events, calls: int) -> tuple[dict, list]:
         entry = by_name.setdefault(e.name, [0.0, 0])
         entry[0] += e.time_range.end - e.time_range.start
         entry[1] += 1
-    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    split = {"matmul": 0.0, "attention": 0.0, "gate": 0.0, "other": 0.0}
     kernels = []
     for name, (us, launches) in by_name.items():
         ms, kind = us / calls / 1e3, classify(name)
         split[kind] += ms
         kernels.append((ms, launches // calls, kind, name))
-    split["idle"] = idle_us([(e.time_range.start, e.time_range.end) for e in work]) / calls / 1e3
+    intervals = [(e.time_range.start, e.time_range.end) for e in work]
+    split["idle"] = idle_us(intervals) / calls / 1e3
+    # first kernel's start to last kernel's end: with the classes and idle, shows how far the
+    # profiler's per-kernel times run over the unprofiled ms/step
+    split["span"] = (max(e for _, e in intervals) - min(s for s, _ in intervals)) / calls / 1e3 if intervals else 0.0
     return split, sorted(kernels, reverse=True)
 
 
@@ -287,14 +297,23 @@ def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:
             "tokens_per_s": tokens / result["ms"] * 1e3, **result, **report}
 
 
+def other_share(r: dict) -> float:
+    """"Other"'s share of the profiled step (matmul + attention + gate + other + idle): the
+    profiler's per-kernel times add up to more than the unprofiled ms/step, so the classes are
+    compared with their own sum."""
+    total = sum(r[k] for k in ("matmul", "attention", "gate", "other", "idle"))
+    return r["other"] / total if total else 0.0
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [f"### Training step ({environment()})", "",
-             "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / other / idle |",
-             "|---|---|---|---|---:|---:|---:|---:|---|"]
+             "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / gate / other / idle | other share |",
+             "|---|---|---|---|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['gated']} | {r['mode']} | {r['provider']} | {r['ms']:.1f} | {r['tokens_per_s']:.3g} | "
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | "
-                     f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['other']:.1f} / {r['idle']:.1f} |")
+                     f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['gate']:.1f} / {r['other']:.1f} / {r['idle']:.1f} | "
+                     f"{other_share(r):.1%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.bench_train_step import gpu_time_split, idle_us
+from benchmarks.bench_train_step import classify, gpu_time_split, idle_us, other_share
 
 
 def test_idle_is_the_uncovered_part_of_the_span():
@@ -51,8 +51,20 @@ def test_split_sums_device_work_per_call_without_annotations():
                    _event("cudaLaunchKernel", t0, t0 + 50, device=torch.autograd.DeviceType.CPU)]
     split, kernels = gpu_time_split(events, calls=2)
     assert split["matmul"] == pytest.approx(6e-3) and split["attention"] == pytest.approx(3e-3)
-    assert split["other"] == pytest.approx(1e-3)
+    assert split["other"] == pytest.approx(1e-3) and split["gate"] == 0.0
+    assert split["span"] == pytest.approx(112 / 2 / 1e3)  # 0 to 112 us
     # gaps: 2 us in each call, and 88 us between the first call's last kernel and the second's first
     assert split["idle"] == pytest.approx((2 + 88 + 2) / 2 / 1e3)
     assert [(round(ms * 1e3, 6), n, kind) for ms, n, kind, _ in kernels] == [
         (6.0, 2, "matmul"), (3.0, 1, "attention"), (1.0, 1, "other")]
+
+
+def test_gate_kernels_are_their_own_class_and_other_share_uses_the_profiled_sum():
+    """The gated blend's kernels (Triton and Gluon) are ``gate``, apart from matmul and other; the
+    other share divides by the classes' and idle's sum, not by ms/step."""
+    assert classify("_gated_blend_forward_kernel") == "gate"
+    assert classify("gated_blend_dpre_kernel") == "gate"
+    assert classify("triton_poi_fused_mul_sigmoid_0") == "other"
+    assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    row = {"matmul": 6.0, "attention": 2.0, "gate": 1.0, "other": 0.5, "idle": 0.5, "ms": 8.0}
+    assert other_share(row) == pytest.approx(0.05)
