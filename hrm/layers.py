@@ -174,9 +174,11 @@ class Attention(nn.Module):
     # wherever RoPE would otherwise be a pass of its own (``qkv_rope``).
     ROPE_IN_QKV = True
     # ... and also where rope_attention's fused kernel would rotate them as it loads (sequences up to
-    # its MAX_FUSED_SEQ: Sudoku), which then attends without rotation. Off: not yet timed on a GPU
-    # (session 30; the Gluon attention kernel skips its k rotation and the barrier after it).
-    ROPE_IN_QKV_SHORT = False
+    # its MAX_FUSED_SEQ: Sudoku), which then attends without rotation (the Gluon attention kernel
+    # skips its k rotation and the barrier after it). Session 32 (H100, fused, alternating A/Bs):
+    # ungated Sudoku step 64.3 / 64.2 ms against 65.3 / 65.1 off (and 63.1 / 63.9 against 64.2 /
+    # 64.3 in another call); gated 67.3 / 67.1 against 67.1 / 67.6, no change.
+    ROPE_IN_QKV_SHORT = True
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
