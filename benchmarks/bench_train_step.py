@@ -66,6 +66,7 @@ SWITCHES = {
     "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
     "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "gluon_attention_long": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG"),  # no-grad attention past 128 tokens
+    "gluon_attention_long_grad": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG_GRAD"),  # ... with a gradient, cuDNN backward
     "add3": ("hrm.model", "ReasoningModule", "FUSED_INPUT"),  # ungated module input own + (other + inj) in one pass
 }
 REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise

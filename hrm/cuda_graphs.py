@@ -26,7 +26,8 @@ the ``FUSED_*`` (``ReasoningModule.FUSED_INPUT`` among them), ``ROPE_QKV``, ``HA
 ``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``), ``DEFERRED_NORM`` and ``HOIST_WEIGHT_CASTS`` switches, the backward switches
 ``swiglu_linear.FUSED_BACKWARD`` / ``USE_GLUON`` and ``linear_swiglu.USE_TMA`` / ``USE_GLUON`` /
 ``GLUON_KEEPS_GATE_UP``, ``gated_blend.USE_GLUON`` / ``USE_GLUON_DPRE``,
-``rope_attention.USE_GLUON`` / ``USE_GLUON_BACKWARD`` / ``USE_GLUON_LONG`` / ``MAX_FUSED_SEQ``); other
+``rope_attention.USE_GLUON`` / ``USE_GLUON_BACKWARD`` / ``USE_GLUON_LONG`` / ``USE_GLUON_LONG_GRAD`` /
+``MAX_FUSED_SEQ``); other
 kernel-module ones such as ``hrm_kernels.linear_swiglu.TMA_STORES_GATE_UP`` are not and need
 ``graphs.clear()`` when flipped after a capture.
 

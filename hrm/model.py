@@ -297,7 +297,8 @@ class HRMInner(nn.Module):
                 _linear_swiglu_module.GLUON_KEEPS_GATE_UP, _gated_blend_module.USE_GLUON,
                 _gated_blend_module.USE_GLUON_DPRE,
                 _rope_attention_module.USE_GLUON, _rope_attention_module.USE_GLUON_BACKWARD,
-                _rope_attention_module.USE_GLUON_LONG, _rope_attention_module.MAX_FUSED_SEQ,
+                _rope_attention_module.USE_GLUON_LONG, _rope_attention_module.USE_GLUON_LONG_GRAD,
+                _rope_attention_module.MAX_FUSED_SEQ,
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 

@@ -1,5 +1,5 @@
 """Softmax attention of pre-rotated q, k for sequences of any length (HRM's ARC: 901 tokens, head_dim
-64), no gradient, as a warp-specialised, persistent Gluon kernel for Hopper::
+64) as a warp-specialised, persistent Gluon kernel for Hopper::
 
     out = softmax(q k^T / sqrt(64)) v            per (batch, head), bidirectional
 
@@ -11,7 +11,7 @@ epilogue (``Attention.ROPE_IN_QKV``). There cuDNN (SDPA) took 579 us a call on a
 A work item is 128 queries of one (batch, head); programs walk the items in order, so neighbouring
 programs read the same keys and values from L2. A producer warp loads the item's q tile [128, 64]
 into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
-of a [batch, seq, 3 * heads * 64] view: positions past the sequence load as zeros). Two consumer
+of [batch, seq, heads * 64] views: positions past the sequence load as zeros). Two consumer
 warpgroups take 64 queries each, q as the wgmma's A operand (from registers, or in the "stream"
 form from its slot), and per key block (the online softmax, FlashAttention-2's order, in base 2)::
 
@@ -19,7 +19,11 @@ form from its slot), and per key block (the online softmax, FlashAttention-2's o
     m_new = max(m, rowmax(s) * c);  a = exp2(m - m_new);  p = exp2(s * c - m_new),  c = log2(e) / 8
     l     = l * a + rowsum(p);      o = o * a + round(p) @ v_j
 
-then ``o / l`` leaves by TMA (rows past the sequence clipped). The two warpgroups run their blocks
+then ``o / l`` leaves by TMA (rows past the sequence clipped), and with ``with_lse`` each query's
+natural log-sum-exp (m + log2 l) ln 2 as fp32 [batch, heads, seq]: ``AttentionFunction`` (a gradient)
+keeps it for cuDNN's SDPA backward (``rope_attention.USE_GLUON_LONG_GRAD``, off: not yet run on a GPU).
+q, k and v are three [batch, seq, heads, 64] views, each TMA-described as [batch, seq, heads * 64]:
+the thirds of a packed qkv, or rope_qkv's rotated q, k and qkv's v. The two warpgroups run their blocks
 independently, so one's softmax overlaps the other's matmuls. ``FORMS``: "plain" runs each block's
 steps in turn; "pipelined" issues block j + 1's scores before block j's softmax, within an item;
 "stream" does so across the program's whole stream of blocks, items included (the
@@ -75,6 +79,18 @@ def supported(qkv: torch.Tensor) -> bool:
             and qkv.is_contiguous() and qkv.data_ptr() % 16 == 0)
 
 
+def views_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel takes these q, k, v [batch, seq, heads, 64] (``attention_views_forward``): one shape and
+    dtype, each a TMA-describable [batch, seq, heads * 64] view (heads packed, 16-byte aligned rows),
+    such as the thirds of a packed qkv or ``rope_qkv``'s outputs."""
+    if not (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype
+            and q.device == k.device == v.device and q.shape[0] >= 1 and q.shape[1] >= 1 and q.shape[2] >= 1
+            and q.shape[3] == HEAD_DIM and available(q.device) and q.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    return all(t.stride(3) == 1 and t.stride(2) == HEAD_DIM and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0
+               and t.data_ptr() % 16 == 0 for t in (q, k, v))
+
+
 if _HAVE_GLUON:
 
     @gluon.jit
@@ -85,15 +101,15 @@ if _HAVE_GLUON:
                                          pack=1)
 
     @gluon.jit
-    def _produce(desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles, heads,
-                 key_blocks):
+    def _produce(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
+                 q_tiles, heads, key_blocks):
         """The producer warp: per item its q tile, then every key block's k and v, each into the next
-        free slot."""
+        free slot (head h at columns [64 h, 64 h + 64) of each [batch, seq, heads * 64] view)."""
         QS: gl.constexpr = q_bufs.type.shape[0]
         KS: gl.constexpr = k_bufs.type.shape[0]
-        BM: gl.constexpr = desc.block_type.shape[1]
-        D: gl.constexpr = desc.block_type.shape[2]
-        NBYTES: gl.constexpr = desc.block_type.nbytes
+        BM: gl.constexpr = q_desc.block_type.shape[1]
+        D: gl.constexpr = q_desc.block_type.shape[2]
+        NBYTES: gl.constexpr = q_desc.block_type.nbytes
         it = 0
         kv = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -103,15 +119,14 @@ if _HAVE_GLUON:
             qs = it % QS
             mbarrier.wait(q_empty.index(qs), ((it // QS) & 1) ^ 1)
             mbarrier.expect(q_ready.index(qs), NBYTES)
-            tma.async_copy_global_to_shared(desc, [b, (item % q_tiles) * BM, h * D], q_ready.index(qs),
+            tma.async_copy_global_to_shared(q_desc, [b, (item % q_tiles) * BM, h * D], q_ready.index(qs),
                                             q_bufs.index(qs))
             for j in range(key_blocks):
                 s = kv % KS
                 mbarrier.wait(kv_empty.index(s), ((kv // KS) & 1) ^ 1)
                 mbarrier.expect(kv_ready.index(s), 2 * NBYTES)
-                tma.async_copy_global_to_shared(desc, [b, j * BM, (heads + h) * D], kv_ready.index(s), k_bufs.index(s))
-                tma.async_copy_global_to_shared(desc, [b, j * BM, (2 * heads + h) * D], kv_ready.index(s),
-                                                v_bufs.index(s))
+                tma.async_copy_global_to_shared(k_desc, [b, j * BM, h * D], kv_ready.index(s), k_bufs.index(s))
+                tma.async_copy_global_to_shared(v_desc, [b, j * BM, h * D], kv_ready.index(s), v_bufs.index(s))
                 kv += 1
             it += 1
 
@@ -170,10 +185,17 @@ if _HAVE_GLUON:
         return scores + gl.expand_dims(gl.where(block * BM + keys < seq_len, 0.0, float("-inf")), 0)
 
     @gluon.jit
-    def _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG: gl.constexpr, o_layout: gl.constexpr):
-        """o / l into this warpgroup's rows of the item's output tile, by TMA (rows past the sequence clipped)."""
+    def _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG: gl.constexpr,
+                   o_layout: gl.constexpr, STORE_LSE: gl.constexpr):
+        """o / l into this warpgroup's rows of the item's output tile, by TMA (rows past the sequence
+        clipped); with ``STORE_LSE`` the rows' natural log-sum-exp, (m + log2(l)) ln 2, into lse
+        [batch * heads, seq] fp32."""
         ROWS: gl.constexpr = o.type.shape[0]
         D: gl.constexpr = o.type.shape[1]
+        if STORE_LSE:
+            rows = (item % q_tiles) * 2 * ROWS + WG * ROWS + gl.arange(0, ROWS, layout=m.type.layout)
+            gl.store(lse + (item // q_tiles).to(gl.int64) * seq_len + rows, (m + gl.log2(l)) * 0.6931471805599453,
+                     mask=rows < seq_len)
         o = o * gl.expand_dims(gl.convert_layout(1.0 / l, gl.SliceLayout(1, o_layout)), 1)
         tma.store_wait(pendings=0)  # this warpgroup's previous output has left out_buf
         out_buf.reshape([ROWS, D]).store(o.to(out_desc.dtype))
@@ -183,8 +205,9 @@ if _HAVE_GLUON:
                                                    (bh % heads) * D], out_buf)
 
     @gluon.jit
-    def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles,
-                 heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, FORM: gl.constexpr):
+    def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, lse, n_items,
+                 q_tiles, heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, FORM: gl.constexpr,
+                 STORE_LSE: gl.constexpr):
         """Consumer warpgroup ``WG``: queries [64 WG, 64 WG + 64) of every item's tile. ``FORM`` 0:
         each block's scores, softmax and p @ v in turn; 1: block j's scores in flight while block
         j - 1's softmax runs, within an item (FlashAttention-3's order); 2: the same across the
@@ -241,7 +264,8 @@ if _HAVE_GLUON:
                 if j == key_blocks - 1:  # block t + 1 was its item's last scores
                     _release_q(q_empty.index(qs))
                 if last:
-                    _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+                    _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout,
+                               STORE_LSE)
                     item += gl.num_programs(0)
                     m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                     l = gl.zeros([ROWS], gl.float32, layout=row_layout)
@@ -252,7 +276,7 @@ if _HAVE_GLUON:
             o = _accumulate(o, p, alpha, v_bufs.index((total - 1) % KS).reshape([BM, D]), o_layout, p_operand)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
             mbarrier.arrive(kv_empty.index((total - 1) % KS), count=1)
-            _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+            _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout, STORE_LSE)
         else:
             it = 0
             kv = 0
@@ -295,42 +319,43 @@ if _HAVE_GLUON:
                         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
                         mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
                         kv += 1
-                _store_out(o, l, out_desc, out_buf, item, q_tiles, heads, WG, o_layout)
+                _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout, STORE_LSE)
                 it += 1
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(form: str = "stream"):
-        """The kernel in one of ``FORMS`` (``_consume``; built on first use so that importing needs
-        no Gluon compile)."""
+    def _kernel(form: str = "plain", store_lse: bool = False):
+        """The kernel in one of ``FORMS`` (``_consume``), storing the rows' log-sum-exp with
+        ``store_lse`` (built on first use so that importing needs no Gluon compile)."""
         FORM = gl.constexpr(FORMS.index(form))
+        STORE_LSE = gl.constexpr(store_lse)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
             @gluon.jit
-            def consume(desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty,
-                        n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
-                _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
-                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM)
+            def consume(q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
+                        kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
+                _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, lse, n_items,
+                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM, STORE_LSE)
 
             return consume
 
         first, second = consumer(0), consumer(1)
 
         @gluon.jit
-        def producer(desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty,
-                     n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
-            _produce(desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items, q_tiles, heads,
-                     key_blocks)
+        def producer(q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
+                     kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
+            _produce(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
+                     q_tiles, heads, key_blocks)
 
         @gluon.jit
-        def attention_kernel(desc, out_desc, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale,
-                             Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-            dtype: gl.constexpr = desc.dtype
-            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS] + desc.block_type.shape, desc.layout)
-            k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + desc.block_type.shape, desc.layout)
-            v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + desc.block_type.shape, desc.layout)
+        def attention_kernel(q_desc, k_desc, v_desc, out_desc, lse, n_items, q_tiles, heads, key_blocks, seq_len,
+                             qk_scale, Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+            dtype: gl.constexpr = q_desc.dtype
+            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS] + q_desc.block_type.shape, q_desc.layout)
+            k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+            v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
             out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
             q_ready = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
             q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
@@ -342,36 +367,73 @@ if _HAVE_GLUON:
             for i in gl.static_range(STAGES):
                 mbarrier.init(kv_ready.index(i), count=1)
                 mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release each stage
-            args = (desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, n_items,
-                    q_tiles, heads, key_blocks, seq_len, qk_scale)
+            args = (q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
+                    kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 24])
 
         return attention_kernel
 
 
-def descriptors(qkv: torch.Tensor, out: torch.Tensor) -> tuple:
-    """qkv's [batch, seq, 3 * heads * 64] view in [1, BLOCK, 64] boxes (q tiles, k and v blocks) and
-    out's [batch, seq, heads * 64] view in [1, BLOCK / 2, 64] boxes (a warpgroup's rows)."""
-    batch, seq = qkv.shape[:2]
-    return (_desc(qkv.view(batch, seq, -1), [1, BLOCK, HEAD_DIM]),
+def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> tuple:
+    """q, k and v's [batch, seq, heads * 64] views in [1, BLOCK, 64] boxes (q tiles, k and v blocks) and
+    out's in [1, BLOCK / 2, 64] boxes (a warpgroup's rows)."""
+    batch, seq = q.shape[:2]
+    return (*(_desc(t.view(batch, seq, -1), [1, BLOCK, HEAD_DIM]) for t in (q, k, v)),
             _desc(out.view(batch, seq, -1), [1, BLOCK // 2, HEAD_DIM]))
 
 
-def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.Tensor:
-    """out [batch, seq, heads, 64] = softmax(q k^T / 8) v of qkv's q, k, v heads (see the module
-    docstring); the caller checks ``supported``. ``programs``: the persistent grid (default one
-    program per SM)."""
+def attention_views_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, programs: int | None = None,
+                            with_lse: bool = False):
+    """out [batch, seq, heads, 64] = softmax(q k^T / 8) v per (batch, head) of q, k, v [batch, seq, heads,
+    64] (the caller checks ``views_supported``); with ``with_lse`` also lse [batch, heads, seq] fp32,
+    each query's natural log-sum-exp of its scaled scores (SDPA's logsumexp, for a backward).
+    ``programs``: the persistent grid (default one program per SM)."""
     from hrm_kernels.precompile import launch
 
-    batch, seq, three_heads, head_dim = qkv.shape
-    heads = three_heads // 3
-    out = torch.empty((batch, seq, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    batch, seq, heads, head_dim = q.shape
+    out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if with_lse else out
     q_tiles = -(-seq // BLOCK)
     n_items = batch * heads * q_tiles
-    grid = persistent_grid(programs, n_items, qkv.device, "attention (Gluon)")
+    grid = persistent_grid(programs, n_items, q.device, "attention (Gluon)")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(DEFAULT_FORM), grid, *descriptors(qkv, out), n_items, q_tiles, heads, q_tiles, seq,
-           math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
+    launch(_kernel(DEFAULT_FORM, with_lse), grid, *descriptors(q, k, v, out), lse, n_items, q_tiles, heads, q_tiles,
+           seq, math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    return out
+    return (out, lse) if with_lse else out
+
+
+def attention_forward(qkv: torch.Tensor, programs: int | None = None) -> torch.Tensor:
+    """``attention_views_forward`` of a packed qkv [batch, seq, 3 * heads, 64]'s q, k and v heads (the
+    caller checks ``supported``)."""
+    return attention_views_forward(*qkv.split(qkv.shape[2] // 3, dim=2), programs=programs)
+
+
+class AttentionFunction(torch.autograd.Function):
+    """``attention_views_forward`` with a gradient: the forward keeps each query's log-sum-exp and the
+    backward is cuDNN's SDPA backward (``aten._scaled_dot_product_cudnn_attention_backward``), which
+    recomputes p from q, k and that log-sum-exp (its "Stats": natural log, [batch, heads, seq, 1])::
+
+        dv = p^T do;   dp = do v^T;   ds = p * (dp - rowsum(do * out));   dq = ds k / 8;   dk = ds^T q / 8
+
+    q, k, v, out and do go to cuDNN as [batch, heads, seq, 64] views of their [batch, seq, heads, 64]
+    storage; the gradients come back in the inputs' dtype."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = attention_views_forward(q, k, v, with_lse=True)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        seq = q.shape[1]
+        no_seed = torch.empty(0, dtype=torch.int64, device=q.device)  # no dropout: cuDNN reads neither
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout.contiguous().transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            out.transpose(1, 2), lse.unsqueeze(-1), no_seed, no_seed, None, None, None, seq, seq, 0.0, False,
+            scale=1.0 / math.sqrt(q.shape[-1]))
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

@@ -237,6 +237,12 @@ USE_GLUON_BACKWARD = True
 # in the same run, float64 errors equal to SDPA's; the ungated ARC training step 115.6 / 115.8 ms
 # against 117.4 / 117.1 off.
 USE_GLUON_LONG = True
+# ... and the calls with a gradient (ARC's last L and H calls, q and k rotated by ``rope_qkv``): the
+# same kernel storing each query's log-sum-exp, then cuDNN's SDPA backward from it
+# (``_gluon_attention.AttentionFunction``). Off: written and compiled for sm_90 (no spills; session 32),
+# not yet run on a GPU. cuDNN's with-gradient forward took 629 us a call in a session-32 ARC step
+# (8 calls), the Gluon kernel 529 us a call without the log-sum-exp.
+USE_GLUON_LONG_GRAD = False
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.
@@ -350,10 +356,14 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
     The result is contiguous like the kernel's (free for the SDPA backends that write [B, S, H, D])."""
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    if (USE_GLUON_LONG and cos is None and not (torch.is_grad_enabled() and qkv.requires_grad)
-            and not torch.compiler.is_compiling() and _gluon_attention.supported(qkv)):
+    grad = torch.is_grad_enabled() and qkv.requires_grad
+    if (USE_GLUON_LONG and cos is None and not grad and not torch.compiler.is_compiling()
+            and _gluon_attention.supported(qkv)):
         return _gluon_attention.attention_forward(qkv)
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
+    if (USE_GLUON_LONG_GRAD and grad and not torch.compiler.is_compiling()
+            and _gluon_attention.views_supported(q, k, v)):
+        return _gluon_attention.AttentionFunction.apply(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()
 

@@ -222,10 +222,13 @@ for dt in ("bf16", "fp16", "fp32"):
                     dict(SLOTS=gra.BACKWARD_SLOTS, CONSUMER_REGS=gra.CONSUMER_REGISTERS))
     ga = module("_gluon_attention")  # attention of pre-rotated q, k past 128 positions, no gradient (ARC's call)
     arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
-    for form in ga.FORMS:
-        check_gluon(f"gluon attention (long) form={form} {dt}", lambda: ga._kernel(form),
-                    dict(zip(("desc", "out_desc"), ga.descriptors(arc_qkv, arc_out)), n_items=6144, q_tiles=8,
-                         heads=8, key_blocks=8, seq_len=901, qk_scale=0.18),
+    arc_lse = torch.empty(96, 8, 901)  # with a gradient: the rows' log-sum-exp for the backward
+    names = ("q_desc", "k_desc", "v_desc", "out_desc")
+    for form, store_lse in [(f, False) for f in ga.FORMS] + [(ga.DEFAULT_FORM, True)]:
+        check_gluon(f"gluon attention (long) form={form} lse={store_lse} {dt}", lambda: ga._kernel(form, store_lse),
+                    dict(zip(names, ga.descriptors(*arc_qkv.split(8, dim=2), arc_out)),
+                         lse=arc_lse if store_lse else arc_out, n_items=6144, q_tiles=8, heads=8, key_blocks=8,
+                         seq_len=901, qk_scale=0.18),
                     dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS))
 if module("_gluon_gemm")._HAVE_GLUON:
     # Each form of a Gluon kernel factory has its own cache key: a form's constexpr is a closure
@@ -234,7 +237,7 @@ if module("_gluon_gemm")._HAVE_GLUON:
     forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
-             ("_gluon_attention", "_kernel"): [(f,) for f in module("_gluon_attention").FORMS]}
+             ("_gluon_attention", "_kernel"): [(f, lse) for f in module("_gluon_attention").FORMS for lse in (False, True)]}
     gg = module("_gluon_gemm")
     forms[("_gluon_gemm", "_kernel")] = [(gg.EPILOGUES[v[0]], v[1], v[2], d) for v in gg.VARIANTS
                                          for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]

@@ -25,6 +25,7 @@ def _triton_kernels(monkeypatch):
     monkeypatch.setattr(rope_attention_module, "USE_GLUON", False)
     monkeypatch.setattr(rope_attention_module, "USE_GLUON_BACKWARD", False)
     monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG", False)
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG_GRAD", False)
 
 
 # bf16 tl.dot is broken in the interpreter: bf16 runs on the GPU only.
@@ -626,3 +627,68 @@ def test_gluon_long_forward_routing(monkeypatch):
     assert not ga.supported(qkv[:, :, :0]) and not ga.supported(qkv.transpose(0, 1))  # no heads; strided
     with pytest.raises(ValueError, match="programs must be at least 1"):
         ga.attention_forward(qkv, programs=0)
+
+
+# With a gradient (``USE_GLUON_LONG_GRAD``, off until run on a GPU): the same kernel keeping each
+# query's log-sum-exp, then cuDNN's SDPA backward from it (``_gluon_attention.AttentionFunction``).
+@requires_gluon
+@pytest.mark.parametrize("shape", [(2, 129, 3, 64), (3, 300, 2, 64), (2, 901, 8, 64)], ids=str)
+def test_gluon_long_lse_matches_float64_and_cudnn(shape):
+    """The stored log-sum-exp (natural log of sum exp(q k^T / 8) per query, [batch, heads, seq]) against
+    float64, and against what cuDNN's forward hands its own backward (the backward reads it as that)."""
+    b, s, h, d = shape
+    q, k, v = torch.randn(b, s, 3 * h, d, device="cuda", dtype=torch.bfloat16).split(h, dim=2)
+    out, lse = ga.attention_views_forward(q, k, v, with_lse=True)
+    assert lse.shape == (b, h, s) and lse.dtype == torch.float32
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / d ** 0.5
+    ref = torch.logsumexp(scores, dim=-1)
+    # fp32 sums of bf16 inputs' exact products: ~1e-6 relative, against lse values of ~3-7
+    torch.testing.assert_close(lse.double(), ref, atol=1e-4, rtol=1e-5)
+    cudnn_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True)[1]
+    torch.testing.assert_close(lse.flatten(), cudnn_lse.flatten().float(), atol=1e-4, rtol=1e-5)
+    assert torch.equal(ga.attention_views_forward(q, k, v), out)  # the same output without the lse
+
+
+@requires_gluon
+@pytest.mark.parametrize("rotate", [True, False], ids=["rope", "no_rope"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 129, 3, 64), (3, 300, 2, 64), (2, 901, 8, 64)], ids=str)
+def test_gluon_long_grad_matches_float64(monkeypatch, shape, dtype, rotate):
+    """rope_attention with a gradient past 128 positions through the Gluon forward and cuDNN's backward
+    (q and k rotated by rope_qkv, or no tables): the output and the whole qkv gradient within the
+    bound eager's same-precision error (SDPA's forward and backward) sets against float64."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG_GRAD", True)
+    b, s, h, d = shape
+    qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
+    cos, sin = _tables(s + 2, d, device="cuda") if rotate else (None, None)
+    half = first_halves(cos, sin) if rotate else (None, None)
+    dout = torch.randn(b, s, h, d, device="cuda")
+    calls = record_calls(monkeypatch, ga, "attention_views_forward")
+    with use_backend("triton"):
+        got = _out_and_grad(rope_attention, qkv, *half, dout)
+    assert len(calls) == 1
+    eager = _out_and_grad(rope_attention_reference, qkv, cos, sin, dout)
+    ref = _out_and_grad(rope_attention64, qkv.double(), cos, sin, dout)
+    name = f"gluon long grad {dtype} {shape} rotate={rotate}"
+    assert_close_to_reference(name + " out", got[0], eager[0], ref[0])
+    assert_close_to_reference(name + " dqkv", got[1], eager[1], ref[1])
+
+
+@requires_gluon
+def test_gluon_long_grad_routing(monkeypatch):
+    """With ``USE_GLUON_LONG_GRAD`` on, only calls with a gradient past 128 positions take the Gluon
+    forward with the log-sum-exp; without a gradient ``USE_GLUON_LONG`` decides (off here)."""
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG_GRAD", True)
+    calls = record_calls(monkeypatch, ga, "attention_views_forward", with_kwargs=True)
+    qkv = torch.randn(2, 200, 6, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = first_halves(*_tables(210, 64, device="cuda"))
+    with use_backend("triton"):
+        with torch.no_grad():
+            rope_attention(qkv, cos, sin)
+        assert not calls
+        rope_attention(qkv[:, :100].detach().requires_grad_(), cos, sin)  # the fused kernels' length
+        rope_attention(qkv.float().requires_grad_(), cos, sin)  # fp32: SDPA
+        assert not calls
+        rope_attention(qkv.detach().requires_grad_(), cos, sin).sum().backward()
+    assert len(calls) == 1 and calls[0][1] == {"with_lse": True}

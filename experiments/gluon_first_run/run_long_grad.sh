@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Session 32's long attention with a gradient (the Gluon forward keeping each query's log-sum-exp, then
+# cuDNN's SDPA backward; rope_attention.USE_GLUON_LONG_GRAD, off), first GPU run: the sm_90 compile
+# check of the kernel, its GPU tests, then the ARC step A/B (gated and ungated), in one device call.
+set -u
+source experiments/gluon_first_run/device_env.sh
+start=$(date +%s)
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_rope_attention.py -k "gluon_long" 2>&1 | tail -8
+echo "== tests at $(( $(date +%s) - start )) s"
+timeout 300 python3 benchmarks/bench_train_step.py --shape arc --gated 0 1 --providers fused --mode train \
+  --switches gluon_attention_long_grad=1 gluon_attention_long_grad=0 gluon_attention_long_grad=1 \
+  gluon_attention_long_grad=0 2>&1 | grep "^| arc"
+echo "== ARC A/B at $(( $(date +%s) - start )) s"
