@@ -264,6 +264,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 6 + 1  # (+ Gluon rope_attention:
-    # 3 + 2 forms x 2; the long-sequence attention's 3 forms x 2; the forms' distinct cache keys)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 8 + 1  # (+ Gluon rope_attention:
+    # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its default storing the lse, x 2; the
+    # forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout
