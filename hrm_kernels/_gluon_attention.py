@@ -87,8 +87,16 @@ def views_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.device == k.device == v.device and q.shape[0] >= 1 and q.shape[1] >= 1 and q.shape[2] >= 1
             and q.shape[3] == HEAD_DIM and available(q.device) and q.dtype in (torch.bfloat16, torch.float16)):
         return False
-    return all(t.stride(3) == 1 and t.stride(2) == HEAD_DIM and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0
-               and t.data_ptr() % 16 == 0 for t in (q, k, v))
+    return all(t.stride(3) == 1 and t.stride(2) == HEAD_DIM and t.stride(1) > 0 and t.stride(0) > 0
+               and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (q, k, v))
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_stats_rank() -> int:
+    """The rank of the log-sum-exp that this torch's cuDNN SDPA forward returns and its backward
+    takes (4, [batch, heads, seq, 1], in recent releases; 3 in older ones), from a meta-device call."""
+    q = torch.empty(1, 1, 1, HEAD_DIM, device="meta", dtype=torch.bfloat16)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True)[1].dim()
 
 
 if _HAVE_GLUON:
@@ -434,6 +442,7 @@ class AttentionFunction(torch.autograd.Function):
         no_seed = torch.empty(0, dtype=torch.int64, device=q.device)  # no dropout: cuDNN reads neither
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dout.contiguous().transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            out.transpose(1, 2), lse.unsqueeze(-1), no_seed, no_seed, None, None, None, seq, seq, 0.0, False,
+            out.transpose(1, 2), lse.unsqueeze(-1) if _cudnn_stats_rank() == 4 else lse, no_seed, no_seed, None, None,
+            None, seq, seq, 0.0, False,
             scale=1.0 / math.sqrt(q.shape[-1]))
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

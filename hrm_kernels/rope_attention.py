@@ -362,7 +362,7 @@ def _composed(qkv: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torc
         return _gluon_attention.attention_forward(qkv)
     q, k, v = _split(qkv) if cos is None else rope_qkv(qkv, cos, sin)
     if (USE_GLUON_LONG_GRAD and grad and not torch.compiler.is_compiling()
-            and _gluon_attention.views_supported(q, k, v)):
+            and _gluon_attention.views_supported(q, k, v) and torch.backends.cudnn.is_available()):
         return _gluon_attention.AttentionFunction.apply(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2).contiguous()

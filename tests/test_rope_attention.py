@@ -646,6 +646,7 @@ def test_gluon_long_lse_matches_float64_and_cudnn(shape):
     torch.testing.assert_close(lse.double(), ref, atol=1e-4, rtol=1e-5)
     cudnn_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True)[1]
+    assert cudnn_lse.dim() == ga._cudnn_stats_rank() and cudnn_lse.shape[:3] == (b, h, s)
     torch.testing.assert_close(lse.flatten(), cudnn_lse.flatten().float(), atol=1e-4, rtol=1e-5)
     assert torch.equal(ga.attention_views_forward(q, k, v), out)  # the same output without the lse
 
@@ -673,6 +674,40 @@ def test_gluon_long_grad_matches_float64(monkeypatch, shape, dtype, rotate):
     name = f"gluon long grad {dtype} {shape} rotate={rotate}"
     assert_close_to_reference(name + " out", got[0], eager[0], ref[0])
     assert_close_to_reference(name + " dqkv", got[1], eager[1], ref[1])
+
+
+@requires_gluon
+def test_gluon_long_grad_under_a_cuda_graph(monkeypatch):
+    """As the trainer runs it: a qkv projection and rope_attention past 128 positions with a gradient,
+    captured by hrm.cuda_graphs.GradGraphCache (forward and backward graphs), over 3 steps with new
+    inputs: the output and the input's and weight's gradients as the same calls launched eagerly
+    (cuDNN's backward is not deterministic: close, not equal)."""
+    from hrm.cuda_graphs import GradGraphCache
+
+    monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG_GRAD", True)
+    calls = record_calls(monkeypatch, ga, "attention_views_forward")
+    proj = torch.nn.Linear(96, 3 * 2 * 64, bias=False, device="cuda", dtype=torch.bfloat16)
+    cos, sin = first_halves(*_tables(300, 64, device="cuda"))
+
+    def fn(x):
+        return rope_attention(proj(x).view(*x.shape[:2], 6, 64), cos, sin)
+
+    cache = GradGraphCache()
+    with use_backend("triton"):
+        for _ in range(3):
+            x = torch.randn(3, 257, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            dout = torch.randn(3, 257, 2, 64, device="cuda", dtype=torch.bfloat16)
+            proj.zero_grad(set_to_none=True)
+            (out,) = cache.run("k", lambda x: (fn(x),), (x,), (proj,))
+            out.backward(dout)
+            got = (out.detach(), x.grad, proj.weight.grad)
+            x2 = x.detach().clone().requires_grad_()
+            proj.zero_grad(set_to_none=True)
+            out2 = fn(x2)
+            out2.backward(dout)
+            for name, g, w in zip(("out", "dx", "dw"), got, (out2.detach(), x2.grad, proj.weight.grad)):
+                torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2, msg=name)
+    assert len(cache) == 1 and calls  # the Gluon forward ran (in the capture's warm-up and eagerly)
 
 
 @requires_gluon
