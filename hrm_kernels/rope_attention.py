@@ -28,7 +28,10 @@ backward with a single query block)::
 
 Under torch.compile and for longer sequences the op runs as
 ``hrm_kernels.rope_qkv`` + ``F.scaled_dot_product_attention`` (cuDNN's or FlashAttention's
-backward), the same math.
+backward), the same math. On Hopper, longer sequences without a gradient and without tables (q and
+k rotated by the qkv matmul) run ``hrm_kernels._gluon_attention`` instead of SDPA
+(``USE_GLUON_LONG``); with a gradient its forward can keep the log-sum-exp for cuDNN's backward
+(``USE_GLUON_LONG_GRAD``, off).
 """
 
 from __future__ import annotations
