@@ -61,6 +61,7 @@ SWITCHES = {
     "gluon_swiglu_grad": ("hrm_kernels.linear_swiglu", None, "GLUON_KEEPS_GATE_UP"),  # with-grad gate_up + SwiGLU: one Gluon GEMM keeping gate_up
     "rope_in_qkv": ("hrm.layers", "Attention", "ROPE_IN_QKV"),  # no-grad long sequences: RoPE in the qkv GEMM's epilogue
     "rope_in_qkv_short": ("hrm.layers", "Attention", "ROPE_IN_QKV_SHORT"),  # ... and short ones (Sudoku)
+    "rope_in_qkv_grad": ("hrm.layers", "Attention", "ROPE_IN_QKV_GRAD"),  # ... and with a gradient past 128 tokens (ARC)
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
     "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
     "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel

@@ -179,6 +179,12 @@ class Attention(nn.Module):
     # ungated Sudoku step 64.3 / 64.2 ms against 65.3 / 65.1 off (and 63.1 / 63.9 against 64.2 /
     # 64.3 in another call); gated 67.3 / 67.1 against 67.1 / 67.6, no change.
     ROPE_IN_QKV_SHORT = True
+    # With a gradient, beyond rope_attention's fused kernel (ARC's last L and H calls), q and k
+    # rotated in the qkv matmul's epilogue too, inside ``Block``'s keep-input path
+    # (``linear_rope_keep_input``; RoPE's backward is rope_qkv's one-pass gradient kernel). Off:
+    # written in session 32, not yet run on a GPU; the RoPE pass it replaces took 10 calls, 1.03 ms
+    # of an ungated ARC step on an H100.
+    ROPE_IN_QKV_GRAD = False
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):
         super().__init__()
@@ -247,6 +253,20 @@ class Attention(nn.Module):
         if self._fused_attention() and seq <= _rope_attention_module.MAX_FUSED_SEQ and not self.ROPE_IN_QKV_SHORT:
             return None
         return (*first_halves(*cos_sin), seq, self.head_dim)
+
+    def qkv_rope_grad(self, x: torch.Tensor, weight: torch.Tensor,
+                      cos_sin: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[tuple]:
+        """``linear_rope_keep_input``'s ``rope`` argument for this layer's qkv projection of x [batch,
+        seq, hidden] with a gradient: ``(cos, sin, seq, head_dim)`` (half tables) where
+        ``ROPE_IN_QKV_GRAD`` applies (sequences beyond rope_attention's fused kernel, which rotates as
+        it loads, and the Gluon GEMM can run), else None."""
+        if (not self.ROPE_IN_QKV_GRAD or cos_sin is None or not self.HALF_TABLES or not torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or not use_triton(x.device) or not self._fused_attention()
+                or self.head_dim not in _gluon_gemm.ROPE_HEAD_DIMS
+                or x.shape[1] <= _rope_attention_module.MAX_FUSED_SEQ
+                or not _gluon_gemm.supported(x.reshape(-1, x.shape[-1]), weight, "rope")):
+            return None
+        return (*first_halves(*cos_sin), x.shape[1], self.head_dim)
 
     def _kernel_tables(self, cos_sin: tuple[torch.Tensor, torch.Tensor], device: torch.device):
         """The tables for hrm_kernels' RoPE kernels: with ``HALF_TABLES`` their first halves (views),
@@ -342,6 +362,41 @@ class _LinearKeepInput(torch.autograd.Function):
         return dx, dw
 
 
+class _LinearRopeKeepInput(torch.autograd.Function):
+    """``_LinearKeepInput`` for a qkv projection whose q and k heads leave rotated: ``(rope_qkv(x @
+    w^T), x)`` as one [..., 3 * hidden] tensor, RoPE in the Gluon GEMM's "rope" epilogue. RoPE is
+    linear, so the backward needs no unrotated qkv: ``dqkv = rope^T(dq', dk'), dv`` (rope_qkv's
+    gradient kernel, one pass), then ``dx = dx_kept + dqkv @ w`` and ``dw = dqkv^T x``. x: [batch, seq,
+    in] contiguous, w: [3 * hidden, in] in x's dtype; rope: ``(cos, sin, seq, head_dim)`` half tables."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq: int,
+                head_dim: int):
+        ctx.save_for_backward(x, w, cos, sin)
+        ctx.head_dim = head_dim
+        y = _gluon_gemm.gemm(x.reshape(-1, x.shape[-1]), w, "rope", rope=(cos, sin, seq, head_dim))
+        return y.view(*x.shape[:-1], -1), x
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
+        from hrm_kernels.rope_qkv import _grad_launch
+
+        x, w, cos, sin = ctx.saved_tensors
+        batch, seq, width = dy.shape
+        heads = width // 3 // ctx.head_dim
+        dq, dk, dv = dy.reshape(batch, seq, 3 * heads, ctx.head_dim).split(heads, dim=2)
+        dy2 = _grad_launch(dq, dk, dv, cos, sin).view(batch * seq, width)
+        dx = _add_matmul(dx_kept, dy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None
+
+
+def linear_rope_keep_input(x: torch.Tensor, w: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear_keep_input`` with q and k rotated in the matmul (``_LinearRopeKeepInput``; same
+    precondition on the kept x's gradient). rope: ``Attention.qkv_rope_grad``'s tuple."""
+    return _LinearRopeKeepInput.apply(x, w, *rope)
+
+
 def _add_matmul(dx_kept: torch.Tensor, dy2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``dx_kept + dy2 @ w`` as [rows, in], written into ``dx_kept`` where it is contiguous (autograd
     hands in zeros when the kept x went unused): the keep-input functions' input gradient."""
@@ -415,7 +470,9 @@ class Block(nn.Module):
     ``o_proj`` must not keep its ``grad_output`` (it is summed into in place later). Set
     ``FUSED_GRAD_RESIDUAL`` False for such instrumentation. With ``linear_swiglu.GLUON_KEEPS_GATE_UP``
     (on) the MLP there runs as ``_SwiGLUMLPKeepInput`` where its Gluon GEMM can run: gate_up and
-    the activation from one kernel.
+    the activation from one kernel. With ``Attention.ROPE_IN_QKV_GRAD`` (off) the attention's qkv
+    projection there also rotates q and k in its epilogue past rope_attention's fused length
+    (``linear_rope_keep_input``).
 
     With ``DEFERRED_NORM`` (on: H100, gated training step 71.3-71.6 vs 73.3-74.0 ms at Sudoku and
     125.9 vs 128.3 ms at ARC, benchmarks/RESULTS.md) the no-gradient passes outside
@@ -445,8 +502,13 @@ class Block(nn.Module):
         if (self.FUSED_GRAD_RESIDUAL and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and attn.qkv_proj.bias is None and attn.o_proj.bias is None and mlp.gate_up_proj.bias is None
                 and mlp.down_proj.bias is None):
-            qkv, h = linear_keep_input(h, attn.qkv_proj.weight_as(h.dtype))
-            h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin), eps=self.eps)
+            w_qkv = attn.qkv_proj.weight_as(h.dtype)
+            rope = attn.qkv_rope_grad(h, w_qkv, cos_sin)
+            if rope is None:
+                qkv, h = linear_keep_input(h, w_qkv)
+            else:  # q and k leave the matmul rotated
+                qkv, h = linear_rope_keep_input(h, w_qkv, rope)
+            h = rms_norm(h, residual=attn.from_qkv(qkv, cos_sin if rope is None else None), eps=self.eps)
             w_gate_up = mlp.gate_up_proj.weight_as(h.dtype)
             if _linear_swiglu_module.keeps_gate_up_in_gluon(h.reshape(-1, h.shape[-1]), w_gate_up):
                 y, h = _SwiGLUMLPKeepInput.apply(h, w_gate_up, mlp.down_proj.weight_as(h.dtype))

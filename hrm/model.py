@@ -289,7 +289,7 @@ class HRMInner(nn.Module):
         tensors = module_tensors(self)
         return (x.shape, x.dtype, z_H.dtype, z_L.dtype, x.device, get_backend(), SwiGLUMLP.FUSED_NO_GRAD,
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
-                Attention.ROPE_IN_QKV, Attention.ROPE_IN_QKV_SHORT,
+                Attention.ROPE_IN_QKV, Attention.ROPE_IN_QKV_SHORT, Attention.ROPE_IN_QKV_GRAD,
                 Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL, Block.DEFERRED_NORM, ReasoningModule.FUSED_INPUT,
                 self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 _swiglu_linear_module.USE_GLUON,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm import layers
-from hrm.layers import Block, RotaryEmbedding, linear_keep_input
+from hrm.layers import Attention, Block, RotaryEmbedding, linear_keep_input, linear_rope_keep_input
 from hrm_kernels import _gluon_gemm, linear_swiglu_reference, use_backend
 from hrm_kernels.backend import triton_can_run
 from tests.reference64 import linear_swiglu64
@@ -38,6 +38,38 @@ def test_linear_keep_input_gradients(use, weight_grad):
     want = torch.autograd.grad(loss(F.linear(x, w), x), [x, w] if weight_grad else [x], allow_unused=True)
     for g, r in zip(got, want):  # an unused projection: autograd gives None, the Function zeros
         torch.testing.assert_close(g, torch.zeros_like(g) if r is None else r, rtol=1e-12, atol=1e-12)
+
+
+def test_linear_rope_keep_input_gradients(monkeypatch):
+    """``linear_rope_keep_input``'s backward (rope_qkv's gradient kernel, then the keep-input matmuls)
+    against autograd of the same composition (F.linear, rope_qkv_reference), with the Gluon GEMM's
+    forward replaced by that composition (it runs on Hopper only; its GPU test is below): the
+    gradients of x (both uses) and of w, fp32, 2 x 11 tokens, 2 heads of 16, half tables."""
+    from hrm_kernels import first_halves, rope_qkv_reference
+
+    torch.manual_seed(0)
+    batch, seq, heads, head_dim, width_in = 2, 11, 2, 16, 24
+    cos, sin = first_halves(*RotaryEmbedding(head_dim, 16, 10000.0)())
+
+    def reference(x, w):
+        q, k, v = rope_qkv_reference(F.linear(x, w).view(batch, seq, 3 * heads, head_dim), cos, sin)
+        return torch.cat((q, k, v), dim=2).reshape(batch, seq, -1)
+
+    def fake_gemm(x2, w, epilogue, rope):  # what the "rope" epilogue computes
+        assert epilogue == "rope" and rope[2:] == (seq, head_dim)
+        return reference(x2.view(batch, seq, -1), w).reshape(x2.shape[0], -1)
+
+    monkeypatch.setattr(_gluon_gemm, "gemm", fake_gemm)
+    x = torch.randn(batch, seq, width_in, requires_grad=True)
+    w = torch.randn(3 * heads * head_dim, width_in, requires_grad=True)
+    g_y, g_x = torch.randn(batch, seq, 3 * heads * head_dim), torch.randn(batch, seq, width_in)
+    y, kept = linear_rope_keep_input(x, w, (cos, sin, seq, head_dim))
+    got = torch.autograd.grad((y * g_y).sum() + (kept * g_x).sum(), [x, w])
+    y_ref = reference(x, w)
+    want = torch.autograd.grad((y_ref * g_y).sum() + (x * g_x).sum(), [x, w])
+    torch.testing.assert_close(y, y_ref)
+    for name, a, b in zip(("x", "w"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("use", ["both", "mlp", "kept_strided", "summed"])
@@ -157,3 +189,37 @@ def test_block_with_gluon_gate_up_keeping_gradient(monkeypatch):
         assert calls.count("swiglu_keep") == 1  # the block's one MLP
     for name, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
         assert_close_to_reference(f"block gluon keep {name}", g.float(), e.float(), r, factor=3.0)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))),
+                    reason="the Gluon GEMM runs on a Hopper GPU")
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_block_with_rope_in_the_qkv_matmul_with_gradient(monkeypatch, head_dim):
+    """``Attention.ROPE_IN_QKV_GRAD`` on: a bf16 block past rope_attention's fused length (131 tokens)
+    with a gradient rotates q and k in the qkv GEMM's "rope" epilogue (counted, once) and rope_qkv's
+    gradient kernel transposes it; its output and every gradient stay within a multiple of the
+    switch-off path's error (rope_qkv + attention) against the same block in fp32."""
+    torch.manual_seed(5)
+    block = Block(hidden_size=2 * head_dim, num_heads=2, intermediate_size=120, eps=1e-5, attn_backend="sdpa").cuda()
+    cos_sin = RotaryEmbedding(head_dim, 140, 10000.0).cuda()()
+    h32, dout = torch.randn(2, 131, 2 * head_dim, device="cuda"), torch.randn(2, 131, 2 * head_dim, device="cuda")
+    calls = []
+    gemm = _gluon_gemm.gemm
+    monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[2] if len(a) > 2 else k.get("epilogue"))
+                        or gemm(*a, **k))
+
+    def run(h):
+        h = h.detach().clone().requires_grad_()
+        out = block(h, cos_sin)
+        return (out.detach(), *torch.autograd.grad((out.float() * dout).sum(), [h, *block.parameters()]))
+
+    with use_backend("triton"):
+        ref = run(h32)
+        monkeypatch.setattr(Attention, "ROPE_IN_QKV_GRAD", False)
+        off = run(h32.bfloat16())
+        assert "rope" not in calls
+        monkeypatch.setattr(Attention, "ROPE_IN_QKV_GRAD", True)
+        on = run(h32.bfloat16())
+        assert calls.count("rope") == 1  # the block's one qkv projection
+    for name, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
+        assert_close_to_reference(f"block rope in qkv grad {name}", g.float(), e.float(), r, factor=3.0)
