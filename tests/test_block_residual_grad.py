@@ -158,17 +158,15 @@ def test_block_fused_residual_gradient_equals_autograd(monkeypatch, backend, inp
 
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))),
-                    reason="the Gluon GEMM runs on a Hopper GPU")
-def test_block_with_gluon_gate_up_keeping_gradient(monkeypatch):
-    """``linear_swiglu.GLUON_KEEPS_GATE_UP`` on: a bf16 block's MLP with a gradient runs the Gluon
-    "swiglu_keep" GEMM (counted), and its output and every gradient stay within a multiple of the
-    switch-off path's error against the same block in fp32 (hidden 64, I 120: not a tile multiple)."""
-    lsw = importlib.import_module("hrm_kernels.linear_swiglu")
-    torch.manual_seed(3)
-    block = Block(hidden_size=64, num_heads=2, intermediate_size=120, eps=1e-5, attn_backend="sdpa").cuda()
-    cos_sin = RotaryEmbedding(32, 16, 10000.0).cuda()()
-    h32, dout = torch.randn(2, 13, 64, device="cuda"), torch.randn(2, 13, 64, device="cuda")
+requires_gluon = pytest.mark.skipif(not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))),
+                                    reason="the Gluon GEMM runs on a Hopper GPU")
+
+
+def _block_switch_ab(monkeypatch, block, cos_sin, h32, switch: tuple, epilogue: str, name: str):
+    """A bf16 block's output and gradients with ``switch`` (owner, attribute) off, then on, counting the
+    Gluon GEMM launches with ``epilogue`` (none off, one on), each within 3x the switch-off path's
+    error against the same block in fp32."""
+    dout = torch.randn_like(h32)
     calls = []
     gemm = _gluon_gemm.gemm
     monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[2] if len(a) > 2 else k.get("epilogue"))
@@ -181,45 +179,39 @@ def test_block_with_gluon_gate_up_keeping_gradient(monkeypatch):
 
     with use_backend("triton"):
         ref = run(h32)
-        monkeypatch.setattr(lsw, "GLUON_KEEPS_GATE_UP", False)
+        monkeypatch.setattr(*switch, False)
         off = run(h32.bfloat16())
-        assert "swiglu_keep" not in calls
-        monkeypatch.setattr(lsw, "GLUON_KEEPS_GATE_UP", True)
+        assert epilogue not in calls
+        monkeypatch.setattr(*switch, True)
         on = run(h32.bfloat16())
-        assert calls.count("swiglu_keep") == 1  # the block's one MLP
-    for name, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
-        assert_close_to_reference(f"block gluon keep {name}", g.float(), e.float(), r, factor=3.0)
+        assert calls.count(epilogue) == 1
+    for param, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
+        assert_close_to_reference(f"{name} {param}", g.float(), e.float(), r, factor=3.0)
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))),
-                    reason="the Gluon GEMM runs on a Hopper GPU")
+@requires_gluon
+def test_block_with_gluon_gate_up_keeping_gradient(monkeypatch):
+    """``linear_swiglu.GLUON_KEEPS_GATE_UP`` on: a bf16 block's MLP with a gradient runs the Gluon
+    "swiglu_keep" GEMM (counted: the block's one MLP), and its output and every gradient stay within
+    a multiple of the switch-off path's error against the same block in fp32 (hidden 64, I 120: not a
+    tile multiple)."""
+    torch.manual_seed(3)
+    block = Block(hidden_size=64, num_heads=2, intermediate_size=120, eps=1e-5, attn_backend="sdpa").cuda()
+    _block_switch_ab(monkeypatch, block, RotaryEmbedding(32, 16, 10000.0).cuda()(), torch.randn(2, 13, 64, device="cuda"),
+                     (importlib.import_module("hrm_kernels.linear_swiglu"), "GLUON_KEEPS_GATE_UP"), "swiglu_keep",
+                     "block gluon keep")
+
+
+@requires_gluon
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_block_with_rope_in_the_qkv_matmul_with_gradient(monkeypatch, head_dim):
     """``Attention.ROPE_IN_QKV_GRAD`` on: a bf16 block past rope_attention's fused length (131 tokens)
-    with a gradient rotates q and k in the qkv GEMM's "rope" epilogue (counted, once) and rope_qkv's
-    gradient kernel transposes it; its output and every gradient stay within a multiple of the
-    switch-off path's error (rope_qkv + attention) against the same block in fp32."""
+    with a gradient rotates q and k in the qkv GEMM's "rope" epilogue (counted: the block's one qkv
+    projection) and rope_qkv's gradient kernel transposes it; its output and every gradient stay
+    within a multiple of the switch-off path's error (rope_qkv + attention) against the same block
+    in fp32."""
     torch.manual_seed(5)
     block = Block(hidden_size=2 * head_dim, num_heads=2, intermediate_size=120, eps=1e-5, attn_backend="sdpa").cuda()
-    cos_sin = RotaryEmbedding(head_dim, 140, 10000.0).cuda()()
-    h32, dout = torch.randn(2, 131, 2 * head_dim, device="cuda"), torch.randn(2, 131, 2 * head_dim, device="cuda")
-    calls = []
-    gemm = _gluon_gemm.gemm
-    monkeypatch.setattr(_gluon_gemm, "gemm", lambda *a, **k: calls.append(a[2] if len(a) > 2 else k.get("epilogue"))
-                        or gemm(*a, **k))
-
-    def run(h):
-        h = h.detach().clone().requires_grad_()
-        out = block(h, cos_sin)
-        return (out.detach(), *torch.autograd.grad((out.float() * dout).sum(), [h, *block.parameters()]))
-
-    with use_backend("triton"):
-        ref = run(h32)
-        monkeypatch.setattr(Attention, "ROPE_IN_QKV_GRAD", False)
-        off = run(h32.bfloat16())
-        assert "rope" not in calls
-        monkeypatch.setattr(Attention, "ROPE_IN_QKV_GRAD", True)
-        on = run(h32.bfloat16())
-        assert calls.count("rope") == 1  # the block's one qkv projection
-    for name, g, e, r in zip(["out", "h", *(n for n, _ in block.named_parameters())], on, off, ref):
-        assert_close_to_reference(f"block rope in qkv grad {name}", g.float(), e.float(), r, factor=3.0)
+    _block_switch_ab(monkeypatch, block, RotaryEmbedding(head_dim, 140, 10000.0).cuda()(),
+                     torch.randn(2, 131, 2 * head_dim, device="cuda"), (Attention, "ROPE_IN_QKV_GRAD"), "rope",
+                     "block rope in qkv grad")
