@@ -356,10 +356,7 @@ class _LinearKeepInput(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor, dx_kept: torch.Tensor):
         x, w = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dx = _add_matmul(dx_kept, dy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        return dx, dw
+        return _keep_input_grads(ctx, x, w, dx_kept, dy.reshape(-1, dy.shape[-1]))
 
 
 class _LinearRopeKeepInput(torch.autograd.Function):
@@ -386,15 +383,21 @@ class _LinearRopeKeepInput(torch.autograd.Function):
         heads = width // 3 // ctx.head_dim
         dq, dk, dv = dy.reshape(batch, seq, 3 * heads, ctx.head_dim).split(heads, dim=2)
         dy2 = _grad_launch(dq, dk, dv, cos, sin).view(batch * seq, width)
-        dx = _add_matmul(dx_kept, dy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None, None
+        return *_keep_input_grads(ctx, x, w, dx_kept, dy2), None, None, None, None
 
 
 def linear_rope_keep_input(x: torch.Tensor, w: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """``linear_keep_input`` with q and k rotated in the matmul (``_LinearRopeKeepInput``; same
     precondition on the kept x's gradient). rope: ``Attention.qkv_rope_grad``'s tuple."""
     return _LinearRopeKeepInput.apply(x, w, *rope)
+
+
+def _keep_input_grads(ctx, x: torch.Tensor, w: torch.Tensor, dx_kept: torch.Tensor, dy2: torch.Tensor) -> tuple:
+    """A keep-input linear's ``(dx, dw)`` from its output gradient ``dy2`` [rows, out]: ``dx = dx_kept +
+    dy2 @ w`` (``_add_matmul``) and ``dw = dy2^T x``, each None where ``ctx`` needs none."""
+    dx = _add_matmul(dx_kept, dy2, w).view(x.shape) if ctx.needs_input_grad[0] else None
+    dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+    return dx, dw
 
 
 def _add_matmul(dx_kept: torch.Tensor, dy2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
