@@ -33,7 +33,8 @@ length, need), with q read by the wgmma from its slot.
 Session 30: written and compiled for sm_90 (176 KiB of shared memory, no spills, each form). Session
 32, first GPU run (H100): float64 errors equal to SDPA's; "plain" (the default) the fastest form, 434.5
 us against SDPA's 507.9 at ARC's 96 x 901 x 8 x 64 (bf16, 367 against 314 TFLOP/s); behind
-``rope_attention.USE_GLUON_LONG`` (on). Requirements (``supported``): Hopper,
+``rope_attention.USE_GLUON_LONG`` (off again until the three-view form, written after those runs,
+passes its GPU tests). Requirements (``supported``): Hopper,
 bf16/fp16 qkv [batch, seq, 3 * heads, 64] contiguous and 16-byte aligned, seq and batch at least 1.
 """
 
