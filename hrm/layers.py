@@ -181,9 +181,12 @@ class Attention(nn.Module):
     ROPE_IN_QKV_SHORT = True
     # With a gradient, beyond rope_attention's fused kernel (ARC's last L and H calls), q and k
     # rotated in the qkv matmul's epilogue too, inside ``Block``'s keep-input path
-    # (``linear_rope_keep_input``; RoPE's backward is rope_qkv's one-pass gradient kernel). Off:
-    # written in session 32, not yet run on a GPU; the RoPE pass it replaces took 10 calls, 1.03 ms
-    # of an ungated ARC step on an H100.
+    # (``linear_rope_keep_input``; RoPE's backward is rope_qkv's one-pass gradient kernel). Off: its
+    # GPU tests pass (session 33, H100), but it gains nothing in the ungated ARC step: 116.1 / 116.2
+    # ms with it on top of the long attention's gradient path against 116.8 / 115.1 without it (114.7
+    # / 115.6 with the long attention alone): the GPU time of matmuls rose 66.5 -> 68.0 ms and of
+    # other 11.4 -> 12.0, the attention's fell nothing; peak memory fell 16.0 -> 14.7 GiB.
+    # The RoPE pass it replaces took 10 calls, 1.03 ms of an ungated ARC step (session 32).
     ROPE_IN_QKV_GRAD = False
 
     def __init__(self, hidden_size: int, num_heads: int, backend: str = "auto"):

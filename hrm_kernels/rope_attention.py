@@ -238,15 +238,16 @@ USE_GLUON_BACKWARD = True
 # softmax over 128-key blocks) instead of SDPA (cuDNN, 579 us a call at 96 x 901 x 8 x 64 on an H100,
 # 276 TFLOP/s). Session 32 (H100, bf16, 96 x 901 x 8 x 64, GPU time): 434.5 us against SDPA's 507.9
 # in the same run, float64 errors equal to SDPA's; the ungated ARC training step 115.6 / 115.8 ms
-# against 117.4 / 117.1 off. Off again until its GPU tests pass on the kernel as it is now: after those
-# runs the same session changed how it reads q, k and v (three views, 0610402), which has not run on a
-# GPU (``experiments/gluon_first_run/run_long_grad.sh`` runs the tests and the A/Bs).
-USE_GLUON_LONG = False
+# against 117.4 / 117.1 off. Session 33 (H100), the kernel as it is now (q, k, v as three views):
+# its 50 GPU tests pass; ungated ARC step 114.7 / 115.6 ms against 117.5 / 117.3 off.
+USE_GLUON_LONG = True
 # ... and the calls with a gradient (ARC's last L and H calls, q and k rotated by ``rope_qkv``): the
 # same kernel storing each query's log-sum-exp, then cuDNN's SDPA backward from it
-# (``_gluon_attention.AttentionFunction``). Off: written and compiled for sm_90 (no spills; session 32),
-# not yet run on a GPU. cuDNN's with-gradient forward took 629 us a call in a session-32 ARC step
-# (8 calls), the Gluon kernel 529 us a call without the log-sum-exp.
+# (``_gluon_attention.AttentionFunction``). Off: its GPU tests pass (session 33, H100), but it gains
+# nothing in the ARC step: ungated 116.5 / 115.9 / 116.8 / 115.1 ms against 116.3 / 117.4 / 114.7 /
+# 115.6 with it off, gated 120.1 / 120.6 against 119.7 / 120.7 (alternating runs, same processes).
+# cuDNN's with-gradient forward took 629 us a call in a session-32 ARC step (8 calls), the Gluon
+# kernel 529 us a call without the log-sum-exp (where that gain goes in the step was not profiled).
 USE_GLUON_LONG_GRAD = False
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one

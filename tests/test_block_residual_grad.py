@@ -44,12 +44,14 @@ def test_linear_rope_keep_input_gradients(monkeypatch):
     """``linear_rope_keep_input``'s backward (rope_qkv's gradient kernel, then the keep-input matmuls)
     against autograd of the same composition (F.linear, rope_qkv_reference), with the Gluon GEMM's
     forward replaced by that composition (it runs on Hopper only; its GPU test is below): the
-    gradients of x (both uses) and of w, fp32, 2 x 11 tokens, 2 heads of 16, half tables."""
+    gradients of x (both uses) and of w, fp32, 2 x 11 tokens, 2 heads of 16, half tables. On CUDA
+    where there is one (the gradient kernel compiled), else on the CPU (the interpreter)."""
     from hrm_kernels import first_halves, rope_qkv_reference
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     batch, seq, heads, head_dim, width_in = 2, 11, 2, 16, 24
-    cos, sin = first_halves(*RotaryEmbedding(head_dim, 16, 10000.0)())
+    cos, sin = first_halves(*RotaryEmbedding(head_dim, 16, 10000.0).to(device)())
 
     def reference(x, w):
         q, k, v = rope_qkv_reference(F.linear(x, w).view(batch, seq, 3 * heads, head_dim), cos, sin)
@@ -60,9 +62,10 @@ def test_linear_rope_keep_input_gradients(monkeypatch):
         return reference(x2.view(batch, seq, -1), w).reshape(x2.shape[0], -1)
 
     monkeypatch.setattr(_gluon_gemm, "gemm", fake_gemm)
-    x = torch.randn(batch, seq, width_in, requires_grad=True)
-    w = torch.randn(3 * heads * head_dim, width_in, requires_grad=True)
-    g_y, g_x = torch.randn(batch, seq, 3 * heads * head_dim), torch.randn(batch, seq, width_in)
+    x = torch.randn(batch, seq, width_in, device=device, requires_grad=True)
+    w = torch.randn(3 * heads * head_dim, width_in, device=device, requires_grad=True)
+    g_y = torch.randn(batch, seq, 3 * heads * head_dim, device=device)
+    g_x = torch.randn(batch, seq, width_in, device=device)
     y, kept = linear_rope_keep_input(x, w, (cos, sin, seq, head_dim))
     got = torch.autograd.grad((y * g_y).sum() + (kept * g_x).sum(), [x, w])
     y_ref = reference(x, w)
