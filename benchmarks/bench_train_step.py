@@ -12,12 +12,16 @@ and "other"'s share of that profiled time.
 
     python benchmarks/bench_train_step.py [--shape sudoku arc] [--gated 0 1] [--mode train eval] [--providers ...]
         [--cuda-graphs 1 0] [--precompile] [--kernels 20] [--switches default rope_qkv=0 block_no_grad=1]
+        [--kernel-diff 15]
 
 ``--mode eval`` times one evaluation batch instead: ACT segments without gradients until every
 row halts (16 segments in eval mode), as ``train/pretrain.py``'s ``evaluate`` runs them.
 
 ``--switches`` times every provider under each listed setting of the model's fusion switches
 (``SWITCHES``; ``default`` leaves them as they are), in one process: the A/B that decides a default.
+``--kernel-diff N`` then prints, for each setting after the first, the N kernels whose GPU time per
+step moved the most against the first setting's run of the same shape, mode and provider: where a
+switch's gain went, or where it was lost.
 """
 
 from __future__ import annotations
@@ -307,6 +311,38 @@ def other_share(r: dict) -> float:
     return r["other"] / total if total else 0.0
 
 
+def kernel_diff(base: list, other: list, n: int) -> list:
+    """The ``n`` kernels whose GPU ms per call differ most between two ``gpu_time_split`` kernel lists
+    (a kernel missing from one list counts 0 there): [(other ms - base ms, base ms, other ms, base
+    launches, other launches, class, name)], largest absolute difference first, name breaking ties."""
+    rows = {name: [0.0, 0.0, 0, 0, kind] for _, _, kind, name in (*base, *other)}
+    for i, kernels in enumerate((base, other)):
+        for ms, launches, _, name in kernels:
+            rows[name][i] += ms
+            rows[name][2 + i] += launches
+    diffs = [(o - b, b, o, nb, no, kind, name) for name, (b, o, nb, no, kind) in rows.items()]
+    return sorted(diffs, key=lambda d: (-abs(d[0]), d[6]))[:n]
+
+
+def kernel_diff_report(rows: list[dict], n: int) -> str:
+    """``kernel_diff`` of every run made under a switch setting against the first setting's run of the
+    same shape, gated, mode and provider (``rows`` as ``main`` collects them: ``setting`` and
+    ``provider`` before the setting's suffix in each)."""
+    first: dict = {}
+    lines = []
+    for r in rows:
+        key = (r["shape"], r["gated"], r["mode"], r["base_provider"])
+        if key not in first:
+            first[key] = r
+            continue
+        base = first[key]
+        lines.append(f"\nkernel time moved, {r['shape']} gated={r['gated']} {r['mode']} {r['base_provider']}: "
+                     f"[{r['setting']}] against [{base['setting']}] (GPU ms per step; launches):")
+        for delta, b, o, nb, no, kind, name in kernel_diff(base["kernels"], r["kernels"], n):
+            lines.append(f"{delta:+8.2f} {b:8.2f} -> {o:8.2f} {nb:5d} -> {no:5d}x {kind:9s} {name[:100]}")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [f"### Training step ({environment()})", "",
              "| shape | gated | mode | provider | ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / gate / other / idle | other share |",
@@ -336,6 +372,9 @@ def main(argv=None) -> str:
     parser.add_argument("--switches", nargs="*", default=["default"],
                         help=f"fusion switch settings to compare: default, or name=0|1[,name=0|1] with names "
                              f"{', '.join(SWITCHES)}")
+    parser.add_argument("--kernel-diff", type=int, default=0, metavar="N",
+                        help="with several --switches settings: print the N kernels whose GPU time moved the most "
+                             "against the first setting's run (profiler)")
     args = parser.parse_args(argv)
     for setting in args.switches:  # every setting checked before the first run
         parse_switches(setting)
@@ -348,9 +387,10 @@ def main(argv=None) -> str:
                     continue  # compiled providers never replay graphs: once is enough
                 r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs),
                         setting=setting)
+                r.update(setting=setting, base_provider=r["provider"])
                 if setting != "default":
                     r["provider"] += f" [{setting}]"
-                print({k: v for k, v in r.items() if k != "kernels"}, flush=True)
+                print({k: v for k, v in r.items() if k not in ("kernels", "setting", "base_provider")}, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
@@ -359,6 +399,8 @@ def main(argv=None) -> str:
         print(f"\nlargest kernels, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (GPU ms per call):")
         for ms, count, kind, name in r["kernels"][:args.kernels]:
             print(f"{ms:8.2f} {count:5d}x {kind:9s} {name[:110]}")
+    if args.kernel_diff:
+        print(kernel_diff_report(rows, args.kernel_diff))
     print(table)
     return table
 

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.bench_train_step import classify, gpu_time_split, idle_us, other_share
+from benchmarks.bench_train_step import (classify, gpu_time_split, idle_us, kernel_diff, kernel_diff_report,
+                                        other_share)
 
 
 def test_idle_is_the_uncovered_part_of_the_span():
@@ -68,3 +69,37 @@ def test_gate_kernels_are_their_own_class_and_other_share_uses_the_profiled_sum(
     assert classify("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     row = {"matmul": 6.0, "attention": 2.0, "gate": 1.0, "other": 0.5, "idle": 0.5, "ms": 8.0}
     assert other_share(row) == pytest.approx(0.05)
+
+
+def test_kernel_diff_orders_by_moved_time_and_counts_missing_kernels_as_zero():
+    """Kernel lists as gpu_time_split gives them (ms, launches, class, name): a kernel in both lists,
+    one only in the first (gone with the switch), one only in the second (new), one unchanged."""
+    base = [(5.0, 8, "attention", "cudnn_bprop"), (2.0, 10, "other", "_rope_kernel"), (1.0, 4, "other", "add3")]
+    other = [(4.5, 8, "attention", "cudnn_bprop"), (3.0, 10, "matmul", "gluon_gemm_rope"),
+             (1.0, 4, "other", "add3")]
+    got = kernel_diff(base, other, n=10)
+    assert [(d, b, o, nb, no, name) for d, b, o, nb, no, _, name in got] == [
+        (3.0, 0.0, 3.0, 0, 10, "gluon_gemm_rope"), (-2.0, 2.0, 0.0, 10, 0, "_rope_kernel"),
+        (-0.5, 5.0, 4.5, 8, 8, "cudnn_bprop"), (0.0, 1.0, 1.0, 4, 4, "add3")]
+    assert [kind for *_, kind, _ in got] == ["matmul", "other", "attention", "other"]
+    assert [d[6] for d in kernel_diff(base, other, n=2)] == ["gluon_gemm_rope", "_rope_kernel"]
+    # the moved times add up to the difference of the lists' totals
+    assert sum(d[0] for d in got) == pytest.approx(sum(k[0] for k in other) - sum(k[0] for k in base))
+
+
+def test_kernel_diff_report_compares_each_setting_with_the_first_run_of_its_group():
+    """Runs of two providers under three settings (as main collects them): each later setting is
+    compared with its own provider's first run, never with the other provider's."""
+    def row(provider, setting, ms):
+        return {"shape": "arc", "gated": False, "mode": "train", "base_provider": provider, "setting": setting,
+                "kernels": [(ms, 1, "other", "k")]}
+
+    rows = [row("fused", "default", 1.0), row("eager", "default", 7.0), row("fused", "x=1", 1.5),
+            row("eager", "x=1", 6.0), row("fused", "default", 1.25)]
+    report = kernel_diff_report(rows, n=5)
+    blocks = [b for b in report.split("\n\n") if b.strip()]
+    assert len(blocks) == 3
+    assert "fused: [x=1] against [default]" in blocks[0] and "+0.50" in blocks[0]
+    assert "eager: [x=1] against [default]" in blocks[1] and "-1.00" in blocks[1]
+    assert "fused: [default] against [default]" in blocks[2] and "+0.25" in blocks[2]
+    assert kernel_diff_report(rows[:2], n=5) == ""
