@@ -251,6 +251,12 @@ def test_error_eval_interval(tiny_data, tmp_path, monkeypatch):
     ("log_interval=0", "log_interval must be a whole number >= 1, got 0"),
     ("seed=abc", "seed must be a whole number, got 'abc'"),
     ("device=gpu", "device must be auto, cpu or cuda, got 'gpu'"),
+    # YAML's true is an int to Python: counts and rates given a boolean are refused, not read as 1
+    ("epochs=true", "epochs must be a positive integer, got True"),
+    ("eval_interval=true", "eval_interval must be a positive integer, got True"),
+    ("global_batch_size=true", "global_batch_size must be a positive integer, got True"),
+    ("max_steps=true", "max_steps must be null or an integer >= 0, got True"),
+    ("lr=true", "lr must be a number >= 0, got True"),
 ])
 def test_error_setting_values(override, expected, tiny_data, tmp_path, monkeypatch):
     """Values that would be taken silently (``wandb=off`` is a true string) or fail late."""

@@ -573,3 +573,28 @@ def test_resume_with_another_length_says_the_schedule_follows(tiny_data, tmp_pat
     assert load(tmp_path / "run" / "step_4.pt")["total_steps"] == 25
     run(common(tiny_data, tmp_path / "run") + ["epochs=3", "max_steps=5"])
     assert "total_steps" not in capsys.readouterr().err
+
+
+def test_resume_applies_optimizer_overrides_and_keeps_the_wandb_id(tiny_data, tmp_path, monkeypatch, capsys):
+    """Betas and weight decays given on resume are the ones the optimizers run with (the loaded
+    state's saved settings used to win silently while all_config.yaml claimed the new values), with a
+    note; an unchanged resume gives none. A resume without W&B keeps the run's W&B id for a later one."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=3"])
+    first = load(tmp_path / "run" / "step_3.pt")
+    groups = [sd["param_groups"][0] for sd in first["optimizers"]]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.1] and tuple(groups[1]["betas"]) == (0.9, 0.95)
+    first["wandb_id"] = "abc123"  # as a run with W&B on would have written it
+    checkpointing.atomic_torch_save(first, tmp_path / "run" / "step_3.pt")
+    capsys.readouterr()
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=4", "weight_decay=0.5", "beta2=0.5",
+                                                "puzzle_emb_weight_decay=0.7"])
+    err = capsys.readouterr().err
+    assert "note: resuming AdamATan2 with betas=(0.9, 0.5) (the checkpoint had (0.9, 0.95)), weight_decay=0.5" in err
+    assert "weight_decay=0.7 (the checkpoint had 0.1)" in err
+    groups = [sd["param_groups"][0] for sd in load(tmp_path / "run" / "step_4.pt")["optimizers"]]
+    assert [g["weight_decay"] for g in groups] == [0.7, 0.5] and tuple(groups[1]["betas"]) == (0.9, 0.5)
+    assert load(tmp_path / "run" / "step_4.pt")["wandb_id"] == "abc123"
+    run(common(tiny_data, tmp_path / "run") + ["max_steps=5", "weight_decay=0.5", "beta2=0.5",
+                                                "puzzle_emb_weight_decay=0.7"])
+    assert "note: resuming" not in capsys.readouterr().err

@@ -171,10 +171,16 @@ def check_config(cfg: dict, world_size: int) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    def whole(x) -> bool:  # (YAML's true/false are ints to Python: epochs=true is no epoch count)
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     for key in ("global_batch_size", "epochs"):
-        need(isinstance(cfg[key], int) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}")
+        need(whole(cfg[key]) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}")
     ev = cfg.get("eval_interval")
-    need(ev is None or (isinstance(ev, int) and ev > 0), f"eval_interval must be a positive integer, got {ev!r}")
+    need(ev is None or (whole(ev) and ev > 0), f"eval_interval must be a positive integer, got {ev!r}")
     if ev is not None and cfg["epochs"] % ev != 0:
         divisors = [d for d in range(1, min(cfg["epochs"], 10**6) + 1) if cfg["epochs"] % d == 0]
         near = sorted(divisors, key=lambda d: abs(d - ev))[:3]
@@ -187,20 +193,20 @@ def check_config(cfg: dict, world_size: int) -> None:
                           f"each rank takes an equal share; use e.g. global_batch_size={max(lo, world_size)} "
                           f"or {lo + world_size}")
     for key in ("lr", "puzzle_emb_lr", "weight_decay", "puzzle_emb_weight_decay", "lr_min_ratio"):
-        need(isinstance(cfg[key], (int, float)) and cfg[key] >= 0, f"{key} must be a number >= 0, got {cfg[key]!r}")
-    need(isinstance(cfg["lr_warmup_steps"], (int, float)) and cfg["lr_warmup_steps"] >= 0,
+        need(number(cfg[key]) and cfg[key] >= 0, f"{key} must be a number >= 0, got {cfg[key]!r}")
+    need(number(cfg["lr_warmup_steps"]) and cfg["lr_warmup_steps"] >= 0,
          f"lr_warmup_steps must be >= 0, got {cfg['lr_warmup_steps']!r}")
     for key in ("beta1", "beta2"):
-        need(isinstance(cfg[key], (int, float)) and not isinstance(cfg[key], bool) and 0 <= cfg[key] < 1,
+        need(number(cfg[key]) and 0 <= cfg[key] < 1,
              f"{key} must be a number in [0, 1), got {cfg[key]!r}")
     for key in ("seed", "log_interval"):
-        need(isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] >= (key == "log_interval"),
+        need(whole(cfg[key]) and cfg[key] >= (key == "log_interval"),
              f"{key} must be a whole number{' >= 1' if key == 'log_interval' else ''}, got {cfg[key]!r}")
     for key in ("wandb", "progress", "checkpoint_every_eval"):
         need(isinstance(cfg.get(key, True), bool), f"{key} must be true or false, got {cfg.get(key)!r}")
     need(cfg["compile"] in ("auto", True, False), f"compile must be auto, true or false, got {cfg['compile']!r}")
     keep = cfg.get("checkpoint_keep_last")
-    need(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1),
+    need(keep is None or (whole(keep) and keep >= 1),
          f"checkpoint_keep_last must be null (keep every checkpoint) or a whole number >= 1, got {keep!r}")
     need(cfg.get("precompile_kernels", "auto") in ("auto", True, False),
          f"precompile_kernels must be auto, true or false, got {cfg.get('precompile_kernels')!r}")
@@ -218,7 +224,7 @@ def check_config(cfg: dict, world_size: int) -> None:
     need(cfg.get("grad_sync", "flat") in ("ddp", "flat"),
          f"grad_sync must be ddp or flat, got {cfg.get('grad_sync')!r}")
     accum = cfg.get("grad_accum_steps", 1)
-    need(isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+    need(whole(accum) and accum >= 1,
          f"grad_accum_steps must be a whole number >= 1, got {accum!r}")
     local = gbs // world_size
     if gbs % world_size == 0 and local % accum != 0:
@@ -229,9 +235,9 @@ def check_config(cfg: dict, world_size: int) -> None:
                           f"{' or '.join(str(d) for d in sorted(near))}")
     need(cfg.get("data_build") in (None, "quickstart"), f"data_build must be null or quickstart, got {cfg.get('data_build')!r}")
     mt = cfg.get("max_train_minutes")
-    need(mt is None or (isinstance(mt, (int, float)) and mt > 0), f"max_train_minutes must be null or > 0, got {mt!r}")
+    need(mt is None or (number(mt) and mt > 0), f"max_train_minutes must be null or > 0, got {mt!r}")
     ms = cfg.get("max_steps")
-    need(ms is None or (isinstance(ms, int) and ms >= 0), f"max_steps must be null or an integer >= 0, got {ms!r}")
+    need(ms is None or (whole(ms) and ms >= 0), f"max_steps must be null or an integer >= 0, got {ms!r}")
     need(isinstance(cfg.get("eval_save_outputs", []), list), "eval_save_outputs must be a list, e.g. [inputs,logits]")
 
 
@@ -861,6 +867,10 @@ def check_resume_settings(cfg: dict, saved: dict, path: Path) -> None:
             f"resuming needs the run's value; drop the override, or {fresh_run}")
 
 
+def _as_tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info: distributed.DistInfo) -> dict:
     try:
         obj = checkpointing.load_file(path)
@@ -883,7 +893,17 @@ def restore_checkpoint(cfg: dict, path: Path, state: TrainState, train_ds, info:
         raise ConfigError(f"checkpoint {path} does not match this model: missing {list(missing)[:5]}, "
                           f"unexpected {list(unexpected)[:5]} (resume with the same arch as the run)")
     for opt, sd in zip(state.optimizers, obj["optimizers"]):
+        # the groups' settings (betas, weight decay) as this run's config says, not as saved: an
+        # override on resume applies (lr is the schedule's, set every step)
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in opt.param_groups]
         opt.load_state_dict(sd)
+        for group, ours in zip(opt.param_groups, settings):
+            changed = {k: (group.get(k), v) for k, v in ours.items() if _as_tuple(group.get(k)) != _as_tuple(v)}
+            if changed and info.is_main:
+                print(f"note: resuming {type(opt).__name__} with " + ", ".join(
+                    f"{k}={new} (the checkpoint had {old})" for k, (old, new) in changed.items()),
+                      file=sys.stderr, flush=True)
+            group.update(ours)
     state.step = int(obj["step"])
     saved_total = obj.get("total_steps")
     if isinstance(saved_total, int) and saved_total != state.total_steps and info.is_main:
@@ -1013,7 +1033,7 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
         checkpointing.atomic_write_bytes(run_dir / "all_config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)).encode())
         logger = MetricsLogger(run_dir, cfg["project_name"], cfg["run_name"], cfg, use_wandb=bool(cfg["wandb"]),
                                resume_id=wandb_id, resume_step=state.step if resume_from is not None else -1)
-        wandb_id = logger.wandb_id
+        wandb_id = logger.wandb_id or wandb_id  # a run without W&B (or whose W&B failed) keeps the run's id
         num_params = sum(p.numel() for p in head.parameters())
         ranks = f" x{info.world_size} ranks (grad_sync={'ddp' if state.ddp else 'flat'})" if info.world_size > 1 else ""
         print(f"{cfg['run_name']}: {num_params / 1e6:.2f}M parameters, device {info.device}{ranks}, compile={use_compile}, "
