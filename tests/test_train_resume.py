@@ -76,6 +76,22 @@ def test_resume_by_guide_command_uses_saved_config(tiny_data, tmp_path, monkeypa
     assert checkpointing.latest_checkpoint(tmp_path / "run").name == "step_6.pt"
 
 
+def test_resume_without_all_config_yaml_takes_the_checkpoints_config(tiny_data, tmp_path, monkeypatch, capsys):
+    """A run directory without its all_config.yaml (deleted, or copied without it) resumes with the
+    config its newest checkpoint stores, and says so; it used to fall back to the defaults (another
+    dataset, another batch size)."""
+    monkeypatch.chdir(tmp_path)
+    run(common(tiny_data, tmp_path / "run") + ["arch=hrm_v1_gated", "max_steps=3"])
+    (tmp_path / "run" / "all_config.yaml").unlink()
+    capsys.readouterr()
+    run(["arch=hrm_v1_gated", f"checkpoint_path={tmp_path / 'run'}", "max_steps=4"])
+    assert (f"note: {tmp_path / 'run' / 'all_config.yaml'} is missing: resuming with the config stored in "
+            "step_3.pt") in capsys.readouterr().err
+    resumed = load(tmp_path / "run" / "step_4.pt")["config"]
+    assert resumed["data_path"] == str(tiny_data) and resumed["global_batch_size"] == 32
+    assert resumed["arch"]["hidden_size"] == 32
+
+
 def test_resume_says_when_the_chosen_arch_is_not_the_runs(tiny_data, tmp_path, monkeypatch, capsys):
     """``arch=hrm_v1`` on a gated run's resume: the saved arch is kept, and the run says which
     chosen fields were not applied (explicit ``arch.<field>=`` overrides apply and are not listed)."""

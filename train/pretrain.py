@@ -1272,13 +1272,32 @@ def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretra
     given = any(o.split("=", 1)[0].lstrip("+") == "checkpoint_path" for o in overrides)
     if given and ckpt_dir and not Path(ckpt_dir).is_file() and checkpointing.latest_checkpoint(ckpt_dir) is None:
         check_checkpoint_path(str(ckpt_dir))
-    if ckpt_dir and checkpointing.latest_checkpoint(ckpt_dir) is not None:
+    latest = checkpointing.latest_checkpoint(ckpt_dir) if ckpt_dir else None
+    if latest is not None:
         saved_yaml = Path(ckpt_dir) / "all_config.yaml"
+        saved = None
         if saved_yaml.is_file():
             saved = OmegaConf.to_container(OmegaConf.load(saved_yaml), resolve=True)
+        else:  # (deleted, or the run directory copied without it) the config every checkpoint stores
+            saved = _checkpoint_config(latest)
+            if saved is not None and _first_rank():
+                print(f"note: {saved_yaml} is missing: resuming with the config stored in {latest.name}",
+                      file=sys.stderr, flush=True)
+        if saved is not None:
             saved["checkpoint_path"] = ckpt_dir
             cfg = merge_saved_config(cfg, overrides, saved)
     return cfg
+
+
+def _checkpoint_config(path: Path) -> dict | None:
+    """The run config a training checkpoint stores, or None (an unreadable file is reported when the
+    resume loads it)."""
+    try:
+        obj = checkpointing.load_file(path)
+    except (ValueError, OSError):
+        return None
+    config = obj.get("config") if checkpointing.is_training_state(obj) else None
+    return dict(config) if isinstance(config, dict) else None
 
 
 def run(overrides: Sequence[str] = (), config_name: str = "cfg_pretrain") -> dict:
