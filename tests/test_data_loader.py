@@ -3,6 +3,7 @@ test-mode walk with padding, and the error messages for missing or malformed dat
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -266,3 +267,42 @@ def test_split_defaults_follow_mode(toy):
     assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=True).split == "test"
     assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=False).split == "train"
     assert PuzzleDataset(seed=0, dataset_path=toy, global_batch_size=4, test_set_mode=True, split="train").split == "train"
+
+
+def _two_sets(toy):
+    """The toy's train split stored twice, as sets ``a`` and ``b`` (as a dataset with several sets is)."""
+    train = os.path.join(toy, "train")
+    for name in os.listdir(train):
+        if name.startswith("all__"):
+            for s in ("a", "b"):
+                shutil.copy(os.path.join(train, name), os.path.join(train, f"{s}__{name[5:]}"))
+    meta_path = os.path.join(train, "dataset.json")
+    meta = json.loads(open(meta_path).read())
+    meta.update(sets=["a", "b"], total_groups=2 * meta["total_groups"])
+    open(meta_path, "w").write(json.dumps(meta))
+    return toy
+
+
+@pytest.mark.parametrize("stop_in", ["a", "b", "a_end"])
+def test_resume_inside_a_pass_over_several_sets(toy, stop_in):
+    """With two sets an ``iter()`` is a pass over both (two iterations, one shuffle each): a position
+    inside the pass continues with the rest of it, not from the first set again."""
+    path = _two_sets(toy)
+    ref = _ds(path)
+    passes = [_batches(ref) for _ in range(2)]
+    names = [name for name, _, _ in passes[0]]
+    n_a = names.count("a")
+    assert names == ["a"] * n_a + ["b"] * (len(names) - n_a) and 0 < n_a < len(names)
+    assert ref.state_dict()["iters"] == 4
+
+    run = _ds(path)
+    k = {"a": 1, "b": n_a + 1, "a_end": n_a}[stop_in]
+    it = iter(run)
+    got = [next(it) for _ in range(k)]
+    resumed = _ds(path)
+    resumed.load_state_dict(run.state_dict())
+    got += _batches(resumed)  # the rest of the first pass
+    assert len(got) == len(passes[0]) and all(_same(x, y) for x, y in zip(got, passes[0]))
+    assert resumed.state_dict()["iters"] == 2
+    second = _batches(resumed)
+    assert len(second) == len(passes[1]) and all(_same(x, y) for x, y in zip(second, passes[1]))

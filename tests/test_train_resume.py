@@ -614,3 +614,31 @@ def test_resume_applies_optimizer_overrides_and_keeps_the_wandb_id(tiny_data, tm
     run(common(tiny_data, tmp_path / "run") + ["max_steps=5", "weight_decay=0.5", "beta2=0.5",
                                                 "puzzle_emb_weight_decay=0.7"])
     assert "note: resuming" not in capsys.readouterr().err
+
+
+def test_resume_is_exact_with_several_sets(tiny_data, tmp_path, monkeypatch):
+    """A dataset with two sets (the train split stored as sets a and b): the loader counts one
+    iteration per set, so a pass is two of them. Stopped inside the first pass's second set and inside
+    the second pass, the resumed run ends bit for bit where the uninterrupted one does (it used to
+    restart the pass, or skip the rest of training)."""
+    import json
+    import shutil
+
+    data = tmp_path / "two_sets"
+    shutil.copytree(tiny_data, data)
+    train = data / "train"
+    for f in list(train.glob("all__*")):
+        for s in ("a", "b"):
+            shutil.copy(f, train / f"{s}__{f.name[5:]}")
+    meta = json.loads((train / "dataset.json").read_text())
+    meta.update(sets=["a", "b"], total_groups=2 * meta["total_groups"])
+    (train / "dataset.json").write_text(json.dumps(meta))
+    monkeypatch.chdir(tmp_path)
+    run(common(data, tmp_path / "full") + ["device=cpu"])
+    last = checkpointing.latest_checkpoint(tmp_path / "full")
+    for stop in (12, 20):
+        run(common(data, tmp_path / f"split{stop}") + [f"max_steps={stop}", "device=cpu"])
+        run(common(data, tmp_path / f"split{stop}") + ["device=cpu"])
+        resumed = checkpointing.latest_checkpoint(tmp_path / f"split{stop}")
+        assert resumed.name == last.name
+        assert_same_training_state(load(last), load(resumed))

@@ -15,8 +15,11 @@ tensors `inputs` [B, seq_len] int32, `labels` [B, seq_len] int32 (ignore_label_i
 `puzzle_identifiers` [B] int32.
 
 Determinism and resume: the data of iteration `i` (1-based, over all sets) depends only on
-`(seed, i)`. The position is `(iters, batch_index)`: `iters` iterations are complete and
-`batch_index` batches of the current one have been yielded. `state_dict()` after receiving a batch
+`(seed, i)`. An iteration is one set's shuffle, as in the reference: one `iter()` is a pass over
+every set, `len(metadata.sets)` iterations. The position is `(iters, batch_index)`: `iters`
+iterations are complete and `batch_index` batches of the current one have been yielded; an
+`iter()` from a position inside a pass yields the rest of that pass (its sets from
+`iters % len(sets)` on). `state_dict()` after receiving a batch
 and `load_state_dict()` (or the `start_iters` / `start_batch` config fields) on a fresh dataset make
 the next `iter()` continue with exactly the batches an uninterrupted run would have produced.
 With a DataLoader using worker processes the dataset object in the main process is not advanced;
@@ -284,8 +287,8 @@ class PuzzleDataset(IterableDataset):
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
-        """Data-order position: `iters` complete iterations, `batch_index` batches of the current one
-        already yielded (plus the seed, checked on load)."""
+        """Data-order position: `iters` complete iterations (one per set in each pass over the sets),
+        `batch_index` batches of the current one already yielded (plus the seed, checked on load)."""
         return {"iters": self._iters, "batch_index": self._batch_index, "seed": self.config.seed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -334,7 +337,8 @@ class PuzzleDataset(IterableDataset):
     def _iter_train(self) -> Iterator[Tuple[str, dict, int]]:
         cfg = self.config
         lo, hi = cfg.rank * self.local_batch_size, (cfg.rank + 1) * self.local_batch_size
-        for set_name, d in self._lazy_load().items():
+        sets = list(self._lazy_load().items())
+        for set_name, d in sets[self._iters % len(sets):]:  # (a resumed pass: the sets not yet done)
             iteration = self._iters + 1
             rng = np.random.Generator(np.random.Philox(key=cfg.seed + iteration))
             skip = self._batch_index
