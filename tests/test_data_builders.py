@@ -99,6 +99,42 @@ def test_sudoku_from_csv(tmp_path):
     assert s["train"]["groups"] == 4 and s["train"]["puzzles"] == 8 and s["test"]["puzzles"] == 4
 
 
+def _sudoku_csv(path, n, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        q, a = sudoku.generate_puzzle(rng, 30)
+        qs = "".join("." if v == 0 else str(v) for v in q.reshape(-1))
+        rows.append(f"gen,{qs},{''.join(str(v) for v in a.reshape(-1))},{i}")
+    path.write_text("source,question,answer,rating\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_sudoku_csv_limit_missing_test_csv_and_empty_hold_out(tmp_path, capsys):
+    """--limit caps puzzles read from CSV files too; a --test-csv that is not a file is an error (it was
+    ignored, and test puzzles held out of train instead); a hold-out that would leave no training
+    puzzle is refused (it built an empty train split)."""
+    src = tmp_path / "csv"
+    src.mkdir()
+    _sudoku_csv(src / "train.csv", 12)
+    _sudoku_csv(src / "test.csv", 12, seed=1)
+    out = str(tmp_path / "limited")
+    sudoku.main(["--source-csv", str(src), "--output-dir", out, "--num-aug", "0", "--limit", "5"])
+    assert "Read 5 train and 5 test puzzles" in capsys.readouterr().out
+    s = validate_dataset(out)
+    assert s["train"]["puzzles"] == 5 and s["test"]["puzzles"] == 5
+    with pytest.raises(FileNotFoundError, match="--test-csv .*tset.csv is not a file"):
+        sudoku.main(["--source-csv", str(src / "train.csv"), "--test-csv", str(src / "tset.csv"),
+                     "--output-dir", str(tmp_path / "typo"), "--num-aug", "0"])
+    with pytest.raises(ValueError, match="would leave none of the 12"):
+        sudoku.main(["--source-csv", str(src / "train.csv"), "--output-dir", str(tmp_path / "empty"),
+                     "--num-aug", "0"])  # --num-test 1000 by default
+    sudoku.main(["--source-csv", str(src / "train.csv"), "--output-dir", str(tmp_path / "held"), "--num-aug", "0",
+                 "--num-test", "4"])
+    s = validate_dataset(str(tmp_path / "held"))
+    assert s["train"]["puzzles"] == 8 and s["test"]["puzzles"] == 4
+
+
 # ------------------------------------------------------------------------------------------ Maze
 def test_maze_build_labels_are_shortest_paths(tmp_path):
     out = str(tmp_path / "maze")
@@ -237,3 +273,15 @@ def test_sudoku_batch_augmentation_valid_and_varied():
     for qa, aa in zip(qs, as_):
         assert sudoku.is_valid_solution(aa) and np.all((qa == 0) | (qa == aa))
         assert (qa > 0).sum() == (q > 0).sum() and sudoku.count_solutions(qa) == 1
+
+
+def test_arc_voting_recognises_an_unaugmented_arc_build(tmp_path):
+    """arc_voting=auto turns pass@k on for ARC datasets: one built without augmentations (no ``_t<k>``
+    names) is recognised by its build record."""
+    from train.evaluate import is_arc_dataset
+
+    out = str(tmp_path / "arc-aug-0")
+    arc.main(["--output-dir", out, "--limit", "2", "--num-aug", "0", "--workers", "1"])
+    assert is_arc_dataset(out)
+    os.remove(os.path.join(out, "build_info.json"))  # (a dataset from elsewhere: names decide, and none has _t)
+    assert not is_arc_dataset(out)

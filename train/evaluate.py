@@ -128,6 +128,13 @@ def arc_pass_at_k(cfg: dict, outputs: dict, ks=(1, 2, 10)) -> dict:
 
 
 def is_arc_dataset(data_path: str) -> bool:
+    """Built by ``hrm.data.arc`` (its ``build_info.json``), or else (a dataset from elsewhere, e.g. the
+    reference's builder) 30 x 30 grids of vocabulary 12 with augmentation names (``_t<k>``)."""
+    from hrm.data.common import read_build_info
+
+    info = read_build_info(data_path)
+    if info is not None and info.get("builder") == "hrm.data.arc":
+        return True
     try:
         with open(os.path.join(data_path, "identifiers.json")) as f:
             names = json.load(f)

