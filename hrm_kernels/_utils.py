@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import functools
 
 import torch
@@ -36,7 +38,7 @@ def check_same(op: str, ref_name: str, ref: torch.Tensor, name: str, t: torch.Te
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """View ``t`` as a 2-D [rows, width] tensor whose last dimension is contiguous (copying only
     when the layout cannot be viewed that way)."""
-    t2 = t.reshape(-1, width)
+    t2 = t.reshape(math.prod(t.shape[:-1]), width)  # (not -1: ambiguous for an empty last dimension)
     if width > 1 and t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2

@@ -356,6 +356,10 @@ class AdamATan2(torch.optim.Optimizer):
         nonzero the parameters and moments are left unchanged. The fused kernel reads it on the
         device, so skipping needs no host synchronisation; the eager fallback reads it on the host.
         The step counts advance either way (a skipped step is meant to end training)."""
+        if found_inf is not None and not (isinstance(found_inf, torch.Tensor) and found_inf.numel() == 1):
+            raise TypeError(f"AdamATan2.step: found_inf must be a one-element tensor (e.g. ~torch.isfinite(loss)), "
+                            f"got {type(found_inf).__name__}"
+                            + (f" of shape {tuple(found_inf.shape)}" if isinstance(found_inf, torch.Tensor) else ""))
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -798,7 +798,7 @@ def _check_saturation(stats: bool, saturation: bool) -> None:
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     """[..., D] -> contiguous [M, D] (a view unless the layout needs a copy)."""
-    return t.reshape(-1, d).contiguous()
+    return t.reshape(math.prod(t.shape[:-1]), d).contiguous()  # (not -1: ambiguous when D is 0)
 
 
 def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],
@@ -809,7 +809,7 @@ def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tens
     saturation column added, with ``saturation=True``)."""
     d, r = _check_args(own, other, inj, w1, b1, w2, b2)
     _check_saturation(stats, saturation)
-    if not use_triton(own.device) or r > MAX_FUSED_R or (stats and d > MAX_STATS_D):
+    if not use_triton(own.device) or d == 0 or r > MAX_FUSED_R or (stats and d > MAX_STATS_D):
         return gated_blend_reference(own, other, inj, w1, b1, w2, b2, stats=stats, saturation=saturation)
     args = (_rows(own, d), _rows(other, d), _rows(inj, d) if inj is not None else None,
             w1.contiguous(), b1.contiguous(), w2.contiguous(), b2.contiguous(), bool(stats))

@@ -21,6 +21,8 @@ TMA is unavailable, the op runs as ``F.linear`` + ``hrm_kernels.rms_norm``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -141,10 +143,10 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     if not use_triton(x.device):
         return linear_add_rms_norm_reference(x, weight, residual, eps)
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or residual.requires_grad)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (not -1: ambiguous when K is 0)
     x2 = x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
     weight = weight if weight.stride(-1) == 1 and weight.stride(0) == weight.shape[1] else weight.contiguous()
     if grad or torch.compiler.is_compiling() or not _kernel_ok(x2, weight):
         return rms_norm(F.linear(x, weight), residual=residual, eps=eps)
-    out = _launch(x2, weight, residual.reshape(-1, weight.shape[0]), eps)
+    out = _launch(x2, weight, residual.reshape(x2.shape[0], weight.shape[0]), eps)
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -7,6 +7,7 @@ small chunks so multi-chunk and tail paths run) and on CUDA when there is one.
 
 import io
 import math
+import re
 
 import numpy as np
 import pytest
@@ -235,6 +236,20 @@ def test_found_inf_skips_the_update(case):
         opt.step(found_inf=torch.tensor(0.0, device=device))
     assert not torch.equal(a, before[0]) and not torch.equal(b, before[3])
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_bad_found_inf_is_refused_before_any_state_changes():
+    """found_inf takes a one-element tensor: a bool or a longer tensor is refused with the fix, before
+    a step count or moment exists (it used to fail inside the update, leaving the step counted)."""
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = AdamATan2([p], lr=1e-3)
+    p.grad = torch.randn(10)
+    for bad, shown in ((True, "got bool"), (torch.tensor([0.0, 1.0]), "got Tensor of shape (2,)")):
+        with pytest.raises(TypeError, match=rf"found_inf must be a one-element tensor .*{re.escape(shown)}"):
+            opt.step(found_inf=bad)
+        assert not opt.state[p]
+    opt.step(found_inf=torch.tensor([[0.0]]))
+    assert opt.state[p]["step"] == 1
 
 
 def test_loads_original_package_state_with_tensor_steps():
