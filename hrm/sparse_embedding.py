@@ -79,7 +79,7 @@ class CastedSparseEmbedding(nn.Module):
         return self.local_weights.index_select(0, index).to(self.cast_to)
 
 
-def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+def _sign_sgd_sparse_update(local_grad: Optional[torch.Tensor], local_ids: torch.Tensor, weights: torch.Tensor,
                             lr: float, weight_decay: float, world_size: int,
                             found_inf: Optional[torch.Tensor] = None) -> None:
     """The update of every row whose id is in the batch, without a host synchronisation: the
@@ -87,8 +87,13 @@ def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, w
     by a stable sort of the ids; group s sums its gradients into ``grad[s]`` and writes row
     ``ids_of_group[s]``. The n - k unused groups (k distinct ids) repeat group 0's id and value,
     so every write to a row carries the same number. ``found_inf`` (a device scalar): when it is
-    nonzero the rows keep their values."""
-    all_grad, all_ids = local_grad, local_ids
+    nonzero the rows keep their values. ``local_grad`` None (this rank ran no backward): with
+    several ranks it still joins the gathers, its ids sent as ``-1 - id`` with zero gradients, and
+    a row that no rank with a gradient has in its batch keeps its value (no weight decay)."""
+    has_grad = local_grad is not None
+    if not has_grad:
+        local_grad = torch.zeros((local_ids.numel(), weights.shape[1]), dtype=weights.dtype, device=weights.device)
+    all_grad, all_ids = local_grad, (local_ids if has_grad else -1 - local_ids)
     if world_size > 1:
         n, d = local_grad.shape
         all_grad = local_grad.new_empty(world_size * n, d)
@@ -96,20 +101,25 @@ def _sign_sgd_sparse_update(local_grad: torch.Tensor, local_ids: torch.Tensor, w
         # (torch 2.14 renamed all_gather_into_tensor, which now warns on every call)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(all_grad, local_grad.contiguous())
-        gather(all_ids, local_ids.contiguous())
+        gather(all_ids, (local_ids if has_grad else -1 - local_ids).contiguous())
     n = all_ids.numel()
     if n == 0:
         return
-    sorted_ids, order = all_ids.long().sort(stable=True)
+    all_ids = all_ids.long()
+    from_grad = all_ids >= 0  # entries of ranks that ran a backward
+    sorted_ids, order = torch.where(from_grad, all_ids, -1 - all_ids).sort(stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
     group = starts.cumsum(0) - 1  # group index of every sorted entry
     grad = all_grad.new_zeros(n, all_grad.shape[1]).index_add_(0, group, all_grad[order])
+    touched = torch.zeros(n, dtype=torch.int32, device=group.device).index_add_(
+        0, group, from_grad[order].to(torch.int32)) > 0  # a group with an entry from a gradient
     ids = torch.zeros_like(sorted_ids).scatter_(0, group, sorted_ids)
     used = torch.arange(n, device=ids.device) <= group[-1]  # the first k groups
     ids = torch.where(used, ids, ids[0])
     rows = weights[ids]
     new_rows = rows * (1.0 - lr * weight_decay) - lr * torch.sign(grad).to(rows.dtype)
+    new_rows = torch.where(touched[:, None], new_rows, rows)
     if found_inf is not None:
         new_rows = torch.where(found_inf.to(torch.bool), rows, new_rows)
     weights[ids] = torch.where(used[:, None], new_rows, new_rows[:1])
@@ -179,11 +189,8 @@ class CastedSparseEmbeddingSignSGD(Optimizer):
             local_weights, local_ids, weights = self._split(group)
             world_size = self._world_size(group)
             grad = local_weights.grad
-            if grad is None:
-                if world_size == 1:
-                    continue
-                # Every rank must join the all-gather; a rank without a gradient adds zeros.
-                grad = torch.zeros_like(local_weights)
+            if grad is None and world_size == 1:
+                continue  # (with several ranks every rank must join the gathers: see the update)
             _sign_sgd_sparse_update(grad, local_ids, weights, float(group["lr"]),
                                     float(group["weight_decay"]), world_size, found_inf)
         return loss

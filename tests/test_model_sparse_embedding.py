@@ -74,7 +74,7 @@ def test_training_batch_must_be_full():
         CastedSparseEmbeddingSignSGD([emb.weights], lr=0.1)
 
 
-def _worker(rank, world_size, init_file, result_file):
+def _worker(rank, world_size, init_file, result_file, backward_on=(0, 1)):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
@@ -83,7 +83,9 @@ def _worker(rank, world_size, init_file, result_file):
         emb.train()
         ids = torch.tensor([[1, 5, 1], [5, 2, 6]][rank], dtype=torch.int32)
         grad = torch.arange(12, dtype=torch.float32).view(3, 4) * (1 if rank == 0 else -1) - 2.5
-        (emb(ids) * grad).sum().backward()
+        out = emb(ids)
+        if rank in backward_on:
+            (out * grad).sum().backward()
         CastedSparseEmbeddingSignSGD(emb, lr=0.1, weight_decay=0.5).step()  # world_size read from dist
         if rank == 0:
             torch.save(emb.weights, result_file)
@@ -167,3 +169,23 @@ def test_load_state_dict_keeps_this_process_world_size(saved, now):
     before = emb.weights.clone()
     opt.step()  # saved=2 would all-gather here without a process group
     assert torch.allclose(emb.weights, _expected_update(before, ids.long(), emb.local_weights.grad, 0.3, 0.2), atol=1e-7)
+
+
+@pytest.mark.parametrize("backward_on", [(0,), ()], ids=["rank 0 only", "neither"])
+def test_a_rank_without_a_gradient_joins_but_decays_nothing(tmp_path, backward_on):
+    """A rank whose embedding got no gradient still joins the gathers (or the others would hang), but
+    its batch's rows get no weight decay from it: only rows of ranks with a gradient change (with no
+    gradient anywhere, none), as a single process skips the step."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    init_file, result_file = tmp_path / "init", tmp_path / "weights.pt"
+    mp.spawn(_worker, args=(2, str(init_file), str(result_file), backward_on), nprocs=2, join=True)
+    got = torch.load(result_file, weights_only=True)
+    torch.manual_seed(0)
+    before = CastedSparseEmbedding(8, 4, batch_size=3, init_std=1.0, cast_to=torch.float32).weights
+    if backward_on:  # rank 0's ids 1, 5 (5 is rank 1's too: its gradient comes from rank 0 alone)
+        want = _expected_update(before, torch.tensor([1, 5, 1]), torch.arange(12.0).view(3, 4) - 2.5, 0.1, 0.5)
+    else:
+        want = before
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.equal(got[[2, 6]], before[[2, 6]])  # rank 1's own rows
