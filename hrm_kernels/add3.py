@@ -38,8 +38,10 @@ def _add3_kernel(A, B, C, OUT, n, BLOCK: tl.constexpr, EMU_BF16: tl.constexpr):
 
 
 def add3_forward(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a, b, c: contiguous, one shape and dtype -> a + (b + c)."""
-    out = torch.empty_like(a)
+    """a, b, c: one shape and dtype -> a + (b + c), contiguous (the kernel reads flat memory, so
+    inputs of other layouts are made contiguous first: a copy only for those)."""
+    a, b, c = (t.contiguous() for t in (a, b, c))
+    out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     n = a.numel()
     if n:
         launch(_add3_kernel, (cdiv(n, BLOCK),), a, b, c, out, n, BLOCK=BLOCK,
@@ -69,7 +71,7 @@ def _add3_op(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 @_add3_op.register_fake
 def _(a, b, c):
-    return torch.empty_like(a)
+    return a.new_empty(a.shape)
 
 
 _add3_op.register_autograd(_backward)

@@ -60,6 +60,9 @@ def test_non_contiguous_and_empty():
         empty = add3(*(torch.empty(0, 4, device=DEVICE) for _ in range(3)))
     assert torch.equal(got, a + (b + c))
     assert empty.shape == (0, 4) and empty.numel() == 0
+    with use_backend("triton"):  # the registered op itself (what torch.compile calls) takes any layout too
+        direct = torch.ops.hrm_kernels.add3(a, b, c)
+    assert torch.equal(direct, a + (b + c)) and direct.is_contiguous()
 
 
 def test_clear_errors():
