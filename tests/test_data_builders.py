@@ -275,6 +275,16 @@ def test_sudoku_batch_augmentation_valid_and_varied():
         assert (qa > 0).sum() == (q > 0).sum() and sudoku.count_solutions(qa) == 1
 
 
+def test_limited_build_to_the_default_directory_says_so(tmp_path, monkeypatch, capsys):
+    """--limit with the default --output-dir writes a cut-down set under the full dataset's name: the
+    builder says so (a later run on that name would train on it); with --output-dir it says nothing."""
+    monkeypatch.chdir(tmp_path)
+    maze.main(["--limit", "2"])
+    assert f"note: --limit 2 writes a cut-down dataset to the default directory {maze.DEFAULT_OUTPUT}" in capsys.readouterr().err
+    maze.main(["--limit", "2", "--output-dir", "small"])
+    assert "note: --limit" not in capsys.readouterr().err
+
+
 def test_arc_voting_recognises_an_unaugmented_arc_build(tmp_path):
     """arc_voting=auto turns pass@k on for ARC datasets: one built without augmentations (no ``_t<k>``
     names) is recognised by its build record."""

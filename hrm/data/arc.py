@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .common import (NUM_DIHEDRAL, SplitWriter, builder_parser, dihedral_transform, finish_build,
-                     inverse_dihedral_transform, write_writer_split)
+                     inverse_dihedral_transform, note_limited_build, write_writer_split)
 
 GRID = 30
 PAD, EOS, COLOR_OFFSET = 0, 1, 2
@@ -256,6 +256,7 @@ def main(argv=None):
                    help="use only this many training and this many evaluation puzzles (for quick tests)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     a = p.parse_args(argv)
+    note_limited_build(a.limit, a.output_dir is not None, a.output_dir or DEFAULT_OUTPUT[a.dataset])
     build(a.output_dir, a.seed, a.num_aug, a.dataset, a.limit, a.workers, not a.no_validate)
 
 

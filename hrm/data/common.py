@@ -21,6 +21,7 @@ import argparse
 import json
 import time
 import os
+import sys
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -263,6 +264,14 @@ def builder_parser(module: str, doc: str, default_output_dir: str) -> argparse.A
     parser.add_argument("--no-validate", action="store_true",
                         help="skip validating the written dataset")
     return parser
+
+
+def note_limited_build(limit: Optional[int], output_dir_given: bool, output_dir: str) -> None:
+    """A ``--limit`` build written to the default directory (the full dataset's name) says so: a later
+    training run on that name would train on the cut-down set."""
+    if limit is not None and not output_dir_given:
+        print(f"note: --limit {limit} writes a cut-down dataset to the default directory {output_dir}, the "
+              f"full build's name; pass --output-dir for a test build", file=sys.stderr, flush=True)
 
 
 def write_build_info(output_dir: str, builder: str, params: dict) -> None:

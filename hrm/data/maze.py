@@ -20,7 +20,8 @@ from typing import Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import SplitWriter, builder_parser, dihedral_transform, finish_build, write_writer_split
+from .common import (SplitWriter, builder_parser, dihedral_transform, finish_build, note_limited_build,
+                     write_writer_split)
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5  # token ids (character index + 1)
@@ -220,6 +221,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=30, help="grid side (default 30; seq_len = size^2)")
     p.add_argument("--limit", type=int, default=None, help="cap train and test sizes (for quick tests)")
     a = p.parse_args(argv)
+    note_limited_build(a.limit, a.output_dir != DEFAULT_OUTPUT, a.output_dir)
     if a.limit is not None:
         a.num_train, a.num_test = min(a.num_train, a.limit), min(a.num_test, a.limit)
     build(a.output_dir, a.seed, a.num_train, a.num_test, a.min_path_length, a.loop_fraction, not a.allow_ties,

@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from .common import SplitWriter, builder_parser, finish_build, write_writer_split
+from .common import SplitWriter, builder_parser, finish_build, note_limited_build, write_writer_split
 
 DEFAULT_OUTPUT = "data/sudoku-gen-1k-aug-1000"
 # Target clue counts; "hard"/"extreme" remove clues until none can go (minimal puzzles, ~20-26
@@ -343,6 +343,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="cap train and test sizes (for quick tests)")
     p.add_argument("--workers", type=int, default=None, help="generator processes (default: all cores)")
     a = p.parse_args(argv)
+    note_limited_build(a.limit, a.output_dir != DEFAULT_OUTPUT, a.output_dir)
     if a.limit is not None:
         a.num_train = min(a.num_train, a.limit)
         a.num_test = min(a.num_test, a.limit)
