@@ -93,7 +93,8 @@ def _sign_sgd_sparse_update(local_grad: Optional[torch.Tensor], local_ids: torch
     has_grad = local_grad is not None
     if not has_grad:
         local_grad = torch.zeros((local_ids.numel(), weights.shape[1]), dtype=weights.dtype, device=weights.device)
-    all_grad, all_ids = local_grad, (local_ids if has_grad else -1 - local_ids)
+    sent_ids = local_ids if has_grad else -1 - local_ids
+    all_grad, all_ids = local_grad, sent_ids
     if world_size > 1:
         n, d = local_grad.shape
         all_grad = local_grad.new_empty(world_size * n, d)
@@ -101,25 +102,27 @@ def _sign_sgd_sparse_update(local_grad: Optional[torch.Tensor], local_ids: torch
         # (torch 2.14 renamed all_gather_into_tensor, which now warns on every call)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(all_grad, local_grad.contiguous())
-        gather(all_ids, (local_ids if has_grad else -1 - local_ids).contiguous())
+        gather(all_ids, sent_ids.contiguous())
     n = all_ids.numel()
     if n == 0:
         return
     all_ids = all_ids.long()
-    from_grad = all_ids >= 0  # entries of ranks that ran a backward
-    sorted_ids, order = torch.where(from_grad, all_ids, -1 - all_ids).sort(stable=True)
+    marked = world_size > 1  # (one process: it has a gradient, or it skipped the step)
+    from_grad = all_ids >= 0 if marked else None  # entries of ranks that ran a backward
+    sorted_ids, order = (torch.where(from_grad, all_ids, -1 - all_ids) if marked else all_ids).sort(stable=True)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
     group = starts.cumsum(0) - 1  # group index of every sorted entry
     grad = all_grad.new_zeros(n, all_grad.shape[1]).index_add_(0, group, all_grad[order])
-    touched = torch.zeros(n, dtype=torch.int32, device=group.device).index_add_(
-        0, group, from_grad[order].to(torch.int32)) > 0  # a group with an entry from a gradient
     ids = torch.zeros_like(sorted_ids).scatter_(0, group, sorted_ids)
     used = torch.arange(n, device=ids.device) <= group[-1]  # the first k groups
     ids = torch.where(used, ids, ids[0])
     rows = weights[ids]
     new_rows = rows * (1.0 - lr * weight_decay) - lr * torch.sign(grad).to(rows.dtype)
-    new_rows = torch.where(touched[:, None], new_rows, rows)
+    if marked:  # rows that only ranks without a gradient had in their batch keep their values
+        touched = torch.zeros(n, dtype=torch.int32, device=group.device).index_add_(
+            0, group, from_grad[order].to(torch.int32)) > 0
+        new_rows = torch.where(touched[:, None], new_rows, rows)
     if found_inf is not None:
         new_rows = torch.where(found_inf.to(torch.bool), rows, new_rows)
     weights[ids] = torch.where(used[:, None], new_rows, new_rows[:1])
