@@ -47,7 +47,7 @@ import triton.language as tl
 
 from hrm_kernels import _gluon_gated_blend
 from hrm_kernels._math import cast as _cast, fast_sigmoid_for, sigmoid
-from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2, num_programs_for
+from hrm_kernels._utils import as_rows, cdiv, check_float, check_same, next_power_of_2, num_programs_for
 from hrm_kernels.backend import triton_interpreting, use_triton
 from hrm_kernels.precompile import launch
 
@@ -798,7 +798,7 @@ def _check_saturation(stats: bool, saturation: bool) -> None:
 
 def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
     """[..., D] -> contiguous [M, D] (a view unless the layout needs a copy)."""
-    return t.reshape(math.prod(t.shape[:-1]), d).contiguous()  # (not -1: ambiguous when D is 0)
+    return as_rows(t, d).contiguous()
 
 
 def gated_blend(own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor],

@@ -21,14 +21,12 @@ TMA is unavailable, the op runs as ``F.linear`` + ``hrm_kernels.rms_norm``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hrm_kernels._utils import cdiv, check_float, check_same, next_power_of_2
+from hrm_kernels._utils import as_rows, cdiv, check_float, check_same, next_power_of_2
 from hrm_kernels.backend import use_triton
 from hrm_kernels.linear_swiglu import tma_available
 from hrm_kernels.precompile import launch
@@ -143,7 +141,7 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.T
     if not use_triton(x.device):
         return linear_add_rms_norm_reference(x, weight, residual, eps)
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or residual.requires_grad)
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (not -1: ambiguous when K is 0)
+    x2 = as_rows(x, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[1] else x2.contiguous()
     weight = weight if weight.stride(-1) == 1 and weight.stride(0) == weight.shape[1] else weight.contiguous()
     if grad or torch.compiler.is_compiling() or not _kernel_ok(x2, weight):

@@ -1133,7 +1133,7 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
                                     info.device, info.world_size)
     signalled.arm()  # from here a signal stops after the step in progress, with a checkpoint
     try:
-        start_iter = train_ds.state_dict()["iters"] // len(train_ds.metadata.sets)  # (the loader counts sets)
+        start_iter = train_ds.completed_passes()  # (one iteration here is one pass over the sets)
         stopped = state.step >= stop_at
         for _iter in range(start_iter, total_iters):
             if stopped:

@@ -291,6 +291,10 @@ class PuzzleDataset(IterableDataset):
         `batch_index` batches of the current one already yielded (plus the seed, checked on load)."""
         return {"iters": self._iters, "batch_index": self._batch_index, "seed": self.config.seed}
 
+    def completed_passes(self) -> int:
+        """Passes over every set complete (``iters`` counts one per set)."""
+        return self._iters // len(self.metadata.sets)
+
     def load_state_dict(self, state: dict) -> None:
         if "seed" in state and state["seed"] != self.config.seed:
             raise ValueError(f"data-order state was saved with seed {state['seed']}, this dataset has "
