@@ -146,6 +146,7 @@ class HRMInner(nn.Module):
     GRAPH_GRAD_CALLS = True
     HOIST_WEIGHT_CASTS = True
     Q_TARGET_FIRST_POSITION = True  # see ``q_values``
+    PREFIX_IN_GRAD_GRAPH = True  # see ``_grad_calls``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -302,27 +303,42 @@ class HRMInner(nn.Module):
                 storage_key(tensors),
                 tuple(t.requires_grad for t in tensors))
 
-    def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool):
-        """The segment's last L and H calls, with gradients: ``(z_H, z_L)``, plus their gate stats
-        ``(l_stats, h_stats)`` when ``stats``; through CUDA graphs where ``GRAPH_GRAD_CALLS`` and
-        ``config.cuda_graphs`` allow."""
+    def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool,
+                    no_grad_calls: int = 0):
+        """``no_grad_calls`` module calls without gradients (the segment's first ones), then the
+        segment's last L and H calls with gradients: ``(z_H, z_L)``, plus their gate stats
+        ``(l_stats, h_stats)`` when ``stats``; z_L comes back detached (the loss reads z_H alone,
+        and a gradient-free output spares the backward a zero gradient and two copies). Through
+        one pair of CUDA graphs where ``GRAPH_GRAD_CALLS`` and ``config.cuda_graphs`` allow: the
+        calls without gradients replay inside the with-gradient forward graph (``PREFIX_IN_GRAD_GRAPH``), so the states pass
+        between them in the graph's memory instead of through static buffers (five copies of
+        [batch, seq, hidden] less a step); else the calls without gradients take the no-gradient
+        graphs (evaluation with gate stats)."""
         cos_sin = self._cos_sin()
 
         def calls(z_H, z_L, x):
             z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=stats)
             z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=stats)
             if not stats:
-                return z_H, z_L
+                return z_H, z_L.detach()
             # without the regulariser the stats have no saturation column and need no gradient
             # (a CUDA graph records a backward for every output that requires grad)
-            return z_H, z_L, l_stats, h_stats
+            return z_H, z_L.detach(), l_stats, h_stats
+
+        def segment(z_H, z_L, x):
+            with torch.no_grad():
+                z_H, z_L = self.recurrence(z_H, z_L, x, no_grad_calls)
+            return calls(z_H, z_L, x)
 
         inputs = (z_H.detach(), z_L.detach(), x)
-        if not (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)
-                and not torch.is_anomaly_enabled()):  # anomaly mode checks values on the host
-            return calls(*inputs)
-        key = ("grad", stats, x.requires_grad, *self._graph_key(z_H, z_L, x))
-        return self.grad_graphs.run(key, calls, inputs, (self.L_level, self.H_level))
+        graphed = (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)
+                   and not torch.is_anomaly_enabled())  # anomaly mode checks values on the host
+        if not (graphed and self.PREFIX_IN_GRAD_GRAPH):
+            inputs, no_grad_calls = (*self._no_grad_recurrence(*inputs, no_grad_calls), x), 0
+            if not graphed:
+                return calls(*inputs)
+        key = ("grad", no_grad_calls, stats, x.requires_grad, *self._graph_key(z_H, z_L, x))
+        return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
         return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
@@ -340,7 +356,8 @@ class HRMInner(nn.Module):
         [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
         regulariser) from the with-grad step when gated and ``gate_stats``, else None. Without
         gradients and without stats the whole recurrence is one no-gradient run; else its last L-
-        and H-calls run outside it."""
+        and H-calls run with gradients (``_grad_calls``, which with gradients and CUDA graphs also
+        replays the calls before them)."""
         cfg = self.config
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
@@ -349,8 +366,7 @@ class HRMInner(nn.Module):
         if not torch.is_grad_enabled() and not want_stats:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
         else:
-            z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls - 2)
-            z_H, z_L, *gate_stats = self._grad_calls(z_H, z_L, x, want_stats)
+            z_H, z_L, *gate_stats = self._grad_calls(carry.z_H, carry.z_L, x, want_stats, no_grad_calls=all_calls - 2)
 
         new_carry = HRMInnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
         logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
