@@ -147,6 +147,7 @@ class HRMInner(nn.Module):
     HOIST_WEIGHT_CASTS = True
     Q_TARGET_FIRST_POSITION = True  # see ``q_values``
     PREFIX_IN_GRAD_GRAPH = True  # see ``_grad_calls``
+    Q_TARGET_IN_GRAD_GRAPH = True  # see ``forward``'s ``next_q``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -280,8 +281,19 @@ class HRMInner(nn.Module):
                                           run, (carry.z_H, carry.z_L, x))
             else:
                 (z_H0,) = run(carry.z_H, carry.z_L, x)
-            q = self.q_head(z_H0[:, 0]).to(torch.float32)
-            return q[..., 0], q[..., 1]
+            return self._q_head(z_H0)
+
+    def _q_head(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_halt, q_continue) [batch] fp32 from position 0 of ``z_H``."""
+        q = self.q_head(z_H[:, 0]).to(torch.float32)
+        return q[..., 0], q[..., 1]
+
+    def _next_q(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``q_values`` (with ``Q_TARGET_FIRST_POSITION``) of the carry (z_H, z_L) on the inputs'
+        embeddings ``x``, as one [batch, 2] fp32 tensor, launched here (inside ``_grad_calls``'s graph)."""
+        with torch.no_grad():
+            z_H0 = self.recurrence(z_H.detach(), z_L.detach(), x.detach(), self.segment_calls, first_position=True)[0]
+            return torch.stack(self._q_head(z_H0), dim=-1)
 
     def _graph_key(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple:
         """What a captured graph depends on besides the values: shapes, dtypes, device, kernels,
@@ -304,7 +316,7 @@ class HRMInner(nn.Module):
                 tuple(t.requires_grad for t in tensors))
 
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool,
-                    no_grad_calls: int = 0):
+                    no_grad_calls: int = 0, next_q: bool = False):
         """``no_grad_calls`` module calls without gradients (the segment's first ones), then the
         segment's last L and H calls with gradients: ``(z_H, z_L)``, plus their gate stats
         ``(l_stats, h_stats)`` when ``stats``; z_L comes back detached (the loss reads z_H alone,
@@ -313,17 +325,18 @@ class HRMInner(nn.Module):
         calls without gradients replay inside the with-gradient forward graph (``PREFIX_IN_GRAD_GRAPH``), so the states pass
         between them in the graph's memory instead of through static buffers (five copies of
         [batch, seq, hidden] less a step); else the calls without gradients take the no-gradient
-        graphs (evaluation with gate stats)."""
+        graphs (evaluation with gate stats). With ``next_q`` a last output, [batch, 2] fp32: the
+        continue target's Q values of the new state (``_next_q``), in the same graph."""
         cos_sin = self._cos_sin()
 
         def calls(z_H, z_L, x):
             z_L, l_stats = self.L_level(z_L, z_H, x, cos_sin, stats=stats)
             z_H, h_stats = self.H_level(z_H, z_L, None, cos_sin, stats=stats)
-            if not stats:
-                return z_H, z_L.detach()
+            z_L = z_L.detach()
             # without the regulariser the stats have no saturation column and need no gradient
             # (a CUDA graph records a backward for every output that requires grad)
-            return z_H, z_L.detach(), l_stats, h_stats
+            return ((z_H, z_L) + ((l_stats, h_stats) if stats else ())
+                    + ((self._next_q(z_H, z_L, x),) if next_q else ()))
 
         def segment(z_H, z_L, x):
             with torch.no_grad():
@@ -337,7 +350,7 @@ class HRMInner(nn.Module):
             inputs, no_grad_calls = (*self._no_grad_recurrence(*inputs, no_grad_calls), x), 0
             if not graphed:
                 return calls(*inputs)
-        key = ("grad", no_grad_calls, stats, x.requires_grad, *self._graph_key(z_H, z_L, x))
+        key = ("grad", no_grad_calls, stats, next_q, x.requires_grad, *self._graph_key(z_H, z_L, x))
         return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
@@ -351,28 +364,39 @@ class HRMInner(nn.Module):
         self.grad_graphs.clear()
         return super()._apply(fn, recurse)
 
-    def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
+    def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True,
+                next_q: bool = False):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
         [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
         regulariser) from the with-grad step when gated and ``gate_stats``, else None. Without
         gradients and without stats the whole recurrence is one no-gradient run; else its last L-
         and H-calls run with gradients (``_grad_calls``, which with gradients and CUDA graphs also
-        replays the calls before them)."""
+        replays the calls before them). With ``next_q`` a fifth item, ``q_values(new_carry, batch)``
+        (no gradients), computed with gradients on inside the same graph as the segment
+        (``Q_TARGET_IN_GRAD_GRAPH``)."""
         cfg = self.config
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
         all_calls = self.segment_calls
+        fused_next_q = (next_q and self.Q_TARGET_IN_GRAD_GRAPH and self.Q_TARGET_FIRST_POSITION
+                        and torch.is_grad_enabled())
 
         if not torch.is_grad_enabled() and not want_stats:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
         else:
-            z_H, z_L, *gate_stats = self._grad_calls(carry.z_H, carry.z_L, x, want_stats, no_grad_calls=all_calls - 2)
+            z_H, z_L, *gate_stats = self._grad_calls(carry.z_H, carry.z_L, x, want_stats,
+                                                     no_grad_calls=all_calls - 2, next_q=fused_next_q)
 
         new_carry = HRMInnerCarry(z_H=z_H.detach(), z_L=z_L.detach())
         logits = self.lm_head(z_H)[:, self.puzzle_emb_len:]
-        q = self.q_head(z_H[:, 0]).to(torch.float32)
-        stats = torch.stack(gate_stats) if want_stats else None
-        return new_carry, logits, (q[..., 0], q[..., 1]), stats
+        stats = torch.stack(gate_stats[:2]) if want_stats else None
+        outputs = (new_carry, logits, self._q_head(z_H), stats)
+        if not next_q:
+            return outputs
+        if fused_next_q:
+            q_next = gate_stats[-1]
+            return outputs + ((q_next[..., 0], q_next[..., 1]),)
+        return outputs + (self.q_values(new_carry, batch),)
 
 
 def _kernel_context(kernels: str):
@@ -424,7 +448,9 @@ class HRM(nn.Module):
             for k, v in carry.current_data.items()
         }
 
-        inner_carry, logits, (q_halt, q_continue), stats = self.inner(inner_carry, current_data)
+        q_target = self.training and cfg.halt_max_steps > 1
+        inner_carry, logits, (q_halt, q_continue), stats, *next_q = self.inner(inner_carry, current_data,
+                                                                             next_q=q_target)
         outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
         if stats is not None:
             outputs["gate_stats"] = stats
@@ -440,7 +466,7 @@ class HRM(nn.Module):
                 min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
                 halted = halted & (steps >= min_steps)
                 # Q-learning target: the next segment's Q values (bootstrapped, no gradient).
-                next_halt, next_continue = self.inner.q_values(inner_carry, current_data)
+                (next_halt, next_continue), = next_q
                 outputs["target_q_continue"] = torch.sigmoid(
                     torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
 

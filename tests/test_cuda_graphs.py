@@ -155,11 +155,10 @@ def test_graphs_give_the_launched_kernels_results(gated):
     launched, plain = _train(False, state, batches, gated)
     replayed, graphed = _train(True, state, batches, gated)
     assert len(plain.inner.graphs) == len(plain.inner.grad_graphs) == 0
-    # training: the continue-target pass (all of it, the last H block at position 0 alone; the
-    # recurrence before the with-grad calls replays inside their graph); evaluation at two batch
-    # sizes: gated (with gate stats) the recurrence minus its last two calls, ungated the whole
-    # recurrence. The with-grad segment: one pair.
-    assert len(graphed.inner.graphs) == 3
+    # training: none (the recurrence before the with-grad calls and the continue-target pass replay
+    # inside their graph); evaluation at two batch sizes: gated (with gate stats) the recurrence
+    # minus its last two calls, ungated the whole recurrence. The with-grad segment: one pair.
+    assert len(graphed.inner.graphs) == 2
     assert len(graphed.inner.grad_graphs) == 1
     assert len(launched) == len(replayed)
     for i, (a, b) in enumerate(zip(launched, replayed)):

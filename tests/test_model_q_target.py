@@ -127,3 +127,51 @@ def test_q_values_in_bfloat16_on_the_gpu(gated, monkeypatch):
         err = (g_ - w).abs().max().item()
         assert err <= bound, f"{name}: max |diff| {err:.3e} > {bound:.3e}"
         assert w.abs().max() > 0.5  # the Q head is not trivial
+
+
+def _next_q_case(device: str, **overrides):
+    torch.manual_seed(13)
+    model = HRM(tiny_config(**overrides)).to(device)
+    randomize_(model)
+    inner = model.inner
+    batch = {k: v.to(device) for k, v in make_batch(None).items()}
+    carry = inner.empty_carry(3, device)
+    carry.z_H.copy_(torch.randn_like(carry.z_H))
+    carry.z_L.copy_(torch.randn_like(carry.z_L))
+    return inner, batch, carry
+
+
+def _assert_next_q_is_q_values(inner, batch, carry):
+    """``forward(..., next_q=True)``'s fifth item is exactly ``q_values`` of its new carry (the same
+    kernels on the same inputs), and computing it leaves the rest of the output unchanged."""
+    plain = inner(carry, batch)
+    new_carry, *rest, (next_halt, next_continue) = inner(carry, batch, next_q=True)
+    assert torch.equal(new_carry.z_H, plain[0].z_H) and torch.equal(new_carry.z_L, plain[0].z_L)
+    for a, b in zip(rest[1], plain[2]):
+        assert torch.equal(a, b)
+    want_halt, want_continue = inner.q_values(new_carry, batch)
+    assert not next_halt.requires_grad and next_halt.shape == (3,) and next_halt.dtype == torch.float32
+    assert torch.equal(next_halt, want_halt) and torch.equal(next_continue, want_continue)
+    assert want_halt.abs().max() > 0  # the Q head is not trivial
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["in_grad_graph", "separate"])
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_next_q_is_q_values_of_the_new_carry(gated, fused, monkeypatch):
+    """CPU, eager kernels: with gradients on, the continue target computed inside ``_grad_calls``
+    (``Q_TARGET_IN_GRAD_GRAPH``) or by a separate ``q_values`` call gives the same bits."""
+    monkeypatch.setattr(HRMInner, "Q_TARGET_IN_GRAD_GRAPH", fused)
+    inner, batch, carry = _next_q_case("cpu", use_gating=gated, puzzle_emb_ndim=32)
+    with use_backend("eager"):
+        _assert_next_q_is_q_values(inner, batch, carry)
+
+
+@requires_cuda
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_next_q_in_the_grad_graph_is_q_values(gated):
+    """bf16, Triton kernels, CUDA graphs: the continue target replayed inside the with-gradient
+    segment's graph gives the bits of the separate ``q_values`` pass (its own graph)."""
+    inner, batch, carry = _next_q_case("cuda", use_gating=gated, puzzle_emb_ndim=32, forward_dtype="bfloat16",
+                                       kernels="triton", cuda_graphs=True)
+    _assert_next_q_is_q_values(inner, batch, carry)
+    assert len(inner.grad_graphs) == 1
