@@ -78,10 +78,11 @@ class CastedLinear(nn.Module):
         self._weight_cast: Optional[torch.Tensor] = None  # set inside hoisted_weight_casts
 
     def weight_as(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``: without gradients inside ``hoisted_weight_casts``, the cast made
-        there once; else a fresh cast."""
+        """The weight in ``dtype``: inside ``hoisted_weight_casts``, the cast made there once (a
+        cast made without gradients serves only calls without them); else a fresh cast."""
         cast = self._weight_cast
-        if cast is not None and cast.dtype == dtype and not torch.is_grad_enabled():
+        if (cast is not None and cast.dtype == dtype
+                and (cast.requires_grad or not torch.is_grad_enabled() or not self.weight.requires_grad)):
             return cast
         return self.weight.to(dtype)
 
@@ -92,14 +93,18 @@ class CastedLinear(nn.Module):
 
 @contextlib.contextmanager
 def hoisted_weight_casts(modules: list[nn.Module], dtype: torch.dtype):
-    """Inside the block, the ``CastedLinear`` layers under ``modules`` used without gradients take
-    their weights in ``dtype`` from one cast made on entry, instead of casting at every call: a
-    recurrence that calls the same blocks several times casts each weight once (same values)."""
-    linears = [m for module in modules for m in module.modules() if isinstance(m, CastedLinear)]
+    """Inside the block, the ``CastedLinear`` layers under ``modules`` take their weights in
+    ``dtype`` from one cast made on entry, instead of casting at every call: a recurrence that calls
+    the same blocks several times casts each weight once (same values). Entered with gradients on,
+    the casts are autograd's (each use's gradient reaches the weight through the one cast) and
+    serve calls with and without gradients; entered without, calls without gradients only. A
+    block entered inside another keeps the outer block's casts; weights already in ``dtype`` need
+    none."""
+    linears = [m for module in modules for m in module.modules()
+               if isinstance(m, CastedLinear) and m._weight_cast is None and m.weight.dtype != dtype]
     try:
-        with torch.no_grad():
-            for m in linears:  # detached: a weight already in ``dtype`` would come back as the
-                m._weight_cast = m.weight.detach().to(dtype)  # Parameter and be registered as one
+        for m in linears:  # (a cast of another dtype is a new tensor, not the Parameter itself)
+            m._weight_cast = m.weight.to(dtype)
         yield
     finally:
         for m in linears:

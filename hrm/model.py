@@ -226,11 +226,17 @@ class HRMInner(nn.Module):
         with ``HOIST_WEIGHT_CASTS``, the blocks' weights are cast to the forward dtype once for all
         the calls, not once per call, and so are the gate MLPs' (outside torch.compile, which
         fuses the casts itself)."""
-        if (self.HOIST_WEIGHT_CASTS and not torch.is_grad_enabled() and steps > 1
-                and not torch.compiler.is_compiling()):
-            with hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype):
+        if not torch.is_grad_enabled() and steps > 1:
+            with self._shared_weight_casts():
                 return self._recurrence(z_H, z_L, x, steps, first_position)
         return self._recurrence(z_H, z_L, x, steps, first_position)
+
+    def _shared_weight_casts(self):
+        """``hoisted_weight_casts`` of the L and H modules where ``HOIST_WEIGHT_CASTS`` applies
+        (not under torch.compile, which fuses the casts itself)."""
+        if self.HOIST_WEIGHT_CASTS and not torch.compiler.is_compiling():
+            return hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype)
+        return contextlib.nullcontext()
 
     def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
                     first_position: bool = False):
@@ -324,8 +330,9 @@ class HRMInner(nn.Module):
         one pair of CUDA graphs where ``GRAPH_GRAD_CALLS`` and ``config.cuda_graphs`` allow: the
         calls without gradients replay inside the with-gradient forward graph (``PREFIX_IN_GRAD_GRAPH``), so the states pass
         between them in the graph's memory instead of through static buffers (five copies of
-        [batch, seq, hidden] less a step); else the calls without gradients take the no-gradient
-        graphs (evaluation with gate stats). With ``next_q`` a last output, [batch, 2] fp32: the
+        [batch, seq, hidden] less a step); else, with CUDA graphs, the calls without gradients take
+        the no-gradient graphs (evaluation with gate stats). All the calls made here share one
+        cast of each weight (``HOIST_WEIGHT_CASTS``; autograd's, with gradients). With ``next_q`` a last output, [batch, 2] fp32: the
         continue target's Q values of the new state (``_next_q``), in the same graph."""
         cos_sin = self._cos_sin()
 
@@ -339,17 +346,19 @@ class HRMInner(nn.Module):
                     + ((self._next_q(z_H, z_L, x),) if next_q else ()))
 
         def segment(z_H, z_L, x):
-            with torch.no_grad():
-                z_H, z_L = self.recurrence(z_H, z_L, x, no_grad_calls)
-            return calls(z_H, z_L, x)
+            with self._shared_weight_casts():  # one cast per weight for all of the segment's calls
+                with torch.no_grad():
+                    z_H, z_L = self.recurrence(z_H, z_L, x, no_grad_calls)
+                return calls(z_H, z_L, x)
 
         inputs = (z_H.detach(), z_L.detach(), x)
-        graphed = (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and self._use_graphs(x)
+        use_graphs = self._use_graphs(x)
+        graphed = (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and use_graphs
                    and not torch.is_anomaly_enabled())  # anomaly mode checks values on the host
-        if not (graphed and self.PREFIX_IN_GRAD_GRAPH):
+        if use_graphs and not (graphed and self.PREFIX_IN_GRAD_GRAPH):  # the no-gradient graphs
             inputs, no_grad_calls = (*self._no_grad_recurrence(*inputs, no_grad_calls), x), 0
-            if not graphed:
-                return calls(*inputs)
+        if not graphed:
+            return segment(*inputs)
         key = ("grad", no_grad_calls, stats, next_q, x.requires_grad, *self._graph_key(z_H, z_L, x))
         return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
 

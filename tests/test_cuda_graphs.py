@@ -382,3 +382,36 @@ def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated,
             assert linear.weight_as(torch.bfloat16).grad_fn is not None
         assert linear.weight_as(torch.float16) is not linear._weight_cast  # another dtype: its own cast
     assert all(m._weight_cast is None for m in inner.modules() if hasattr(m, "_weight_cast"))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_training_segment_casts_each_weight_once(gated, monkeypatch):
+    """With gradients (no CUDA graphs here: the same function the graph captures), the segment's
+    calls without gradients, its last L and H calls and the continue target's pass share one
+    autograd cast per block (and gate MLP) weight: the same outputs and the same weight gradients,
+    bit for bit, as a cast at every use."""
+    torch.manual_seed(4)
+    cfg = tiny_config(use_gating=gated, forward_dtype="bfloat16", puzzle_emb_ndim=32)
+    inner = HRM(cfg).inner
+    randomize_(inner)
+    batch = make_batch(None)
+    carry = inner.empty_carry(3)
+    carry.z_H.copy_(torch.randn_like(carry.z_H))
+    carry.z_L.copy_(torch.randn_like(carry.z_L))
+    block_weights = [m.weight for level in (inner.L_level, inner.H_level) for m in level.modules()
+                     if isinstance(m, CastedLinear)]
+    results, casts = {}, {}
+    for hoist in (False, True):
+        monkeypatch.setattr(HRMInner, "HOIST_WEIGHT_CASTS", hoist)
+        inner.zero_grad(set_to_none=True)
+        with use_backend("eager"), _CountWeightCasts(block_weights) as counter:
+            _, logits, (q_halt, _), stats, (next_halt, _) = inner(carry, batch, next_q=True)
+            loss = logits.float().square().mean() + q_halt.sum() + (stats.sum() if gated else 0)
+        loss.backward()
+        casts[hoist] = counter.count
+        results[hoist] = [logits, q_halt, next_halt] + [w.grad.clone() for w in block_weights]
+    assert casts[True] == len(block_weights)
+    assert casts[False] > 2 * len(block_weights)
+    for i, (a, b) in enumerate(zip(results[False], results[True])):
+        assert torch.equal(a, b), f"value {i}: max |diff| {(a.float() - b.float()).abs().max().item()}"
+    assert all(w.grad.abs().sum() > 0 for w in block_weights)
