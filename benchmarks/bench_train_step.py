@@ -58,6 +58,7 @@ SWITCHES = {
     "grad_graphs": ("hrm.model", "HRMInner", "GRAPH_GRAD_CALLS"),  # CUDA graphs of the with-grad calls
     "prefix_in_grad_graph": ("hrm.model", "HRMInner", "PREFIX_IN_GRAD_GRAPH"),  # the no-grad calls inside the with-grad graph
     "q_target_in_grad_graph": ("hrm.model", "HRMInner", "Q_TARGET_IN_GRAD_GRAPH"),  # continue target replayed in the with-grad graph
+    "pending_norms": ("hrm.model", "HRMInner", "PENDING_NORMS"),  # ungated: module outputs' norms closed by the next input sum
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU

@@ -23,7 +23,7 @@ backend) and the parameters' storage (``storage_key``). No host synchronisation,
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
 change the kernels are in HRM's key where the model owns them (``hrm.model.HRMInner._graph_key``:
 the ``FUSED_*`` (``ReasoningModule.FUSED_INPUT`` among them), ``ROPE_QKV``, ``HALF_TABLES``,
-``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``, ``ROPE_IN_QKV_GRAD``), ``DEFERRED_NORM`` and ``HOIST_WEIGHT_CASTS`` switches, the backward switches
+``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``, ``ROPE_IN_QKV_GRAD``), ``DEFERRED_NORM``, ``HOIST_WEIGHT_CASTS`` and ``PENDING_NORMS`` switches, the backward switches
 ``swiglu_linear.FUSED_BACKWARD`` / ``USE_GLUON`` and ``linear_swiglu.USE_TMA`` / ``USE_GLUON`` /
 ``GLUON_KEEPS_GATE_UP``, ``gated_blend.USE_GLUON`` / ``USE_GLUON_DPRE``,
 ``rope_attention.USE_GLUON`` / ``USE_GLUON_BACKWARD`` / ``USE_GLUON_LONG`` / ``USE_GLUON_LONG_GRAD`` /

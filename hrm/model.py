@@ -18,13 +18,14 @@ import contextlib
 import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hrm_kernels import _math, add3, gated_blend, get_backend, rms_norm, use_backend
+from hrm_kernels.normed_add import normed_add
 from hrm_kernels.precompile import compiling_ahead
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
@@ -46,6 +47,24 @@ LEARNED_POS_SCALE = 0.707106781  # the reference's constant (1/sqrt(2) to 9 digi
 class HRMInnerCarry:
     z_H: torch.Tensor  # [batch, total_seq_len, hidden], forward dtype
     z_L: torch.Tensor
+
+
+class PendingNorm(NamedTuple):
+    """A module's output state whose closing RMSNorm has not run: its value is ``rms_norm(h)``
+    (``h`` [batch, seq, hidden], ``ss`` [batch * seq, T] fp32 partial sums of squares of h's rows,
+    ``hrm_kernels.deferred_norm``). The ungated module input reads it through ``normed_add``."""
+
+    h: torch.Tensor
+    ss: torch.Tensor
+    eps: float
+
+    def close(self) -> torch.Tensor:
+        return rms_norm(self.h, eps=self.eps)
+
+
+def closed(state) -> torch.Tensor:
+    """The state as a tensor (a ``PendingNorm`` closed)."""
+    return state.close() if isinstance(state, PendingNorm) else state
 
 
 @dataclass
@@ -108,18 +127,33 @@ class ReasoningModule(nn.Module):
             return add3(own, other, inj)
         return own + (other + inj)
 
-    def forward(self, own: torch.Tensor, other: torch.Tensor, inj: Optional[torch.Tensor], cos_sin,
-                stats: bool = False, first_position: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _pending_input(self, own, other, inj: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The ungated input sum through ``normed_add`` where ``own`` or ``other`` is a
+        ``PendingNorm`` (None where neither is, or the module is gated)."""
+        if self.gating_network is not None or not (isinstance(own, PendingNorm) or isinstance(other, PendingNorm)):
+            return None
+        parts = [(s.h, s.ss, s.eps) if isinstance(s, PendingNorm) else (s, None, None) for s in (own, other)]
+        eps = parts[0][2] if parts[0][2] is not None else parts[1][2]
+        return normed_add(parts[0][0], parts[1][0], inj, a_ss=parts[0][1], b_ss=parts[1][1], eps=eps)
+
+    def forward(self, own, other, inj: Optional[torch.Tensor], cos_sin, stats: bool = False,
+                first_position: bool = False, pending: bool = False):
         """Returns (new state, gate stats [3, 4] or None; [3, 5] with the regulariser's saturation
         column when ``gate_reg_weight > 0``). ``first_position``: the state at
-        position 0 alone, [batch, 1, hidden] (the last block computes nothing else)."""
+        position 0 alone, [batch, 1, hidden] (the last block computes nothing else). ``own`` and
+        ``other`` may be ``PendingNorm`` states; with ``pending`` the new state is one where the
+        blocks end with a deferred norm (``Block.DEFERRED_NORM``), else a tensor."""
         gate_stats = None
-        if self.gating_network is None:
-            h = own + other if inj is None else self._input_sum(own, other, inj)
-        elif stats:
-            h, gate_stats = self.gating_network.blend(own, other, inj, stats=True, saturation=self.gate_saturation)
-        else:
-            h = self.gating_network.blend(own, other, inj, stats=False)
+        h = self._pending_input(own, other, inj)
+        if h is None:
+            own, other = closed(own), closed(other)
+            if self.gating_network is None:
+                h = own + other if inj is None else self._input_sum(own, other, inj)
+            elif stats:
+                h, gate_stats = self.gating_network.blend(own, other, inj, stats=True,
+                                                          saturation=self.gate_saturation)
+            else:
+                h = self.gating_network.blend(own, other, inj, stats=False)
         last = len(self.layers) - 1  # (no slicing: a new ModuleList per call would recompile torch.compile's graphs)
         ss = None  # with deferred norms: h's partial sums of squares, the state being rms_norm(h)
         for i, layer in enumerate(self.layers):
@@ -131,6 +165,8 @@ class ReasoningModule(nn.Module):
                 h, ss = rms_norm(h, eps=layer.eps), None
             h = layer.first_position(h, cos_sin) if first else layer(h, cos_sin)
         if ss is not None:
+            if pending:
+                return PendingNorm(h, ss, self.layers[last].eps), gate_stats
             h = rms_norm(h, eps=self.layers[last].eps)
         return (h[:, :1] if first_position and last < 0 else h), gate_stats
 
@@ -147,6 +183,7 @@ class HRMInner(nn.Module):
     HOIST_WEIGHT_CASTS = True
     Q_TARGET_FIRST_POSITION = True  # see ``q_values``
     PREFIX_IN_GRAD_GRAPH = True  # see ``_grad_calls``
+    PENDING_NORMS = True  # see ``recurrence``
     Q_TARGET_IN_GRAD_GRAPH = True  # see ``forward``'s ``next_q``
 
     def __init__(self, config: HRMConfig):
@@ -217,19 +254,21 @@ class HRMInner(nn.Module):
 
     # --------------------------------------------------------------------------- segment
 
-    def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
-                   first_position: bool = False):
+    def recurrence(self, z_H, z_L, x: torch.Tensor, steps: int, first_position: bool = False,
+                   pending_out: bool = False):
         """The first ``steps`` module calls of a segment's H_cycles * L_cycles L-calls and
         H_cycles H-calls, in order (each L-call, then an H-call after every L_cycles of them),
         without gate stats. Returns (z_H, z_L); with ``first_position`` (all the calls), the
         last H-call computes z_H at position 0 alone ([batch, 1, hidden]). Without gradients and
         with ``HOIST_WEIGHT_CASTS``, the blocks' weights are cast to the forward dtype once for all
         the calls, not once per call, and so are the gate MLPs' (outside torch.compile, which
-        fuses the casts itself)."""
+        fuses the casts itself). Ungated, with ``PENDING_NORMS``, the states pass between the
+        calls as ``PendingNorm`` (the next module input closes the norm as it reads them); they
+        come back so with ``pending_out``, else as tensors."""
         if not torch.is_grad_enabled() and steps > 1:
             with self._shared_weight_casts():
-                return self._recurrence(z_H, z_L, x, steps, first_position)
-        return self._recurrence(z_H, z_L, x, steps, first_position)
+                return self._recurrence(z_H, z_L, x, steps, first_position, pending_out)
+        return self._recurrence(z_H, z_L, x, steps, first_position, pending_out)
 
     def _shared_weight_casts(self):
         """``hoisted_weight_casts`` of the L and H modules where ``HOIST_WEIGHT_CASTS`` applies
@@ -238,23 +277,25 @@ class HRMInner(nn.Module):
             return hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype)
         return contextlib.nullcontext()
 
-    def _recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int,
-                    first_position: bool = False):
+    def _recurrence(self, z_H, z_L, x: torch.Tensor, steps: int, first_position: bool = False,
+                    pending_out: bool = False):
         cfg, cos_sin = self.config, self._cos_sin()
         if first_position and steps != self.segment_calls:
             raise ValueError(f"first_position needs all {self.segment_calls} module calls, got {steps}")
+        pending = self.PENDING_NORMS and not cfg.use_gating and not torch.is_grad_enabled()
         calls = 0
         for _ in range(cfg.H_cycles):
             for _ in range(cfg.L_cycles):
                 if calls == steps:
-                    return z_H, z_L
-                z_L, _ = self.L_level(z_L, z_H, x, cos_sin)
+                    break
+                z_L, _ = self.L_level(z_L, z_H, x, cos_sin, pending=pending)
                 calls += 1
             if calls == steps:
-                return z_H, z_L
-            z_H, _ = self.H_level(z_H, z_L, None, cos_sin, first_position=first_position and calls == steps - 1)
+                break
+            z_H, _ = self.H_level(z_H, z_L, None, cos_sin, first_position=first_position and calls == steps - 1,
+                                  pending=pending)
             calls += 1
-        return z_H, z_L
+        return (z_H, z_L) if pending_out else (closed(z_H), closed(z_L))
 
     def _no_grad_recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, steps: int):
         """``recurrence`` without gradients; through a CUDA graph where ``config.cuda_graphs`` allows."""
@@ -281,7 +322,7 @@ class HRMInner(nn.Module):
                 return self(carry, batch, gate_stats=False)[2]
             x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
             steps = self.segment_calls
-            run = lambda h, l, e: self.recurrence(h, l, e, steps, first_position=True)[:1]  # noqa: E731
+            run = lambda h, l, e: self.recurrence(h, l, e, steps, first_position=True, pending_out=True)[:1]  # noqa: E731
             if self._use_graphs(x):
                 (z_H0,) = self.graphs.run((steps, "first_position", *self._graph_key(carry.z_H, carry.z_L, x)),
                                           run, (carry.z_H, carry.z_L, x))
@@ -298,7 +339,8 @@ class HRMInner(nn.Module):
         """``q_values`` (with ``Q_TARGET_FIRST_POSITION``) of the carry (z_H, z_L) on the inputs'
         embeddings ``x``, as one [batch, 2] fp32 tensor, launched here (inside ``_grad_calls``'s graph)."""
         with torch.no_grad():
-            z_H0 = self.recurrence(z_H.detach(), z_L.detach(), x.detach(), self.segment_calls, first_position=True)[0]
+            z_H0 = self.recurrence(z_H.detach(), z_L.detach(), x.detach(), self.segment_calls, first_position=True,
+                                   pending_out=True)[0]  # (z_L unread: left pending)
             return torch.stack(self._q_head(z_H0), dim=-1)
 
     def _graph_key(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple:
@@ -310,7 +352,7 @@ class HRMInner(nn.Module):
                 Attention.FUSED_NO_GRAD, Attention.FUSED_GRAD, Attention.ROPE_QKV, Attention.HALF_TABLES,
                 Attention.ROPE_IN_QKV, Attention.ROPE_IN_QKV_SHORT, Attention.ROPE_IN_QKV_GRAD,
                 Block.FUSED_NO_GRAD, Block.FUSED_GRAD_RESIDUAL, Block.DEFERRED_NORM, ReasoningModule.FUSED_INPUT,
-                self.HOIST_WEIGHT_CASTS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
+                self.HOIST_WEIGHT_CASTS, self.PENDING_NORMS, _math.FAST_SIGMOID, _swiglu_linear_module.FUSED_BACKWARD,
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
                 _linear_swiglu_module.GLUON_KEEPS_GATE_UP, _gated_blend_module.USE_GLUON,
@@ -348,7 +390,7 @@ class HRMInner(nn.Module):
         def segment(z_H, z_L, x):
             with self._shared_weight_casts():  # one cast per weight for all of the segment's calls
                 with torch.no_grad():
-                    z_H, z_L = self.recurrence(z_H, z_L, x, no_grad_calls)
+                    z_H, z_L = self.recurrence(z_H, z_L, x, no_grad_calls, pending_out=True)
                 return calls(z_H, z_L, x)
 
         inputs = (z_H.detach(), z_L.detach(), x)
