@@ -19,6 +19,9 @@ norm; an input with one must not require grad (the carried states never do).
 
 Traffic: the same as ``add3`` (read three tensors, write one) plus the tiny ``ss``; the closing
 passes it replaces read and wrote two tensors each.
+
+Internal to the deferred-norm path, like ``deferred_norm`` (not exported, not a ``torch.library``
+op): pending norms exist only outside torch.compile, and under it this is the reference's code.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def _record_calls(inner):
     calls = []
 
     def recorder(name):
-        def forward(own, other, inj, cos_sin, stats=False, first_position=False):
+        def forward(own, other, inj, cos_sin, stats=False, first_position=False, pending=False):
             calls.append(name + ("0" if first_position else ""))
             return 2 * own + 3 * other + (0.0 if inj is None else 5 * inj), None
         return forward
