@@ -32,7 +32,8 @@ kernel-module ones such as ``hrm_kernels.linear_swiglu.TMA_STORES_GATE_UP`` are 
 ``graphs.clear()`` when flipped after a capture.
 
 ``GradGraphCache.run(key, fn, inputs, params)`` does the same for a function with gradients (HRM's
-last L and H calls of a training segment): its forward and its backward (``torch.autograd.grad``
+training segment: the calls without gradients, the last L and H calls with them, and the continue
+target's pass after them, ``HRMInner._grad_calls``): its forward and its backward (``torch.autograd.grad``
 of the outputs with respect to the inputs that require grad and ``params``) are captured as two
 graphs sharing one private memory pool, in which the forward leaves the activations the backward
 reads. A call replays the forward; autograd's backward replays the backward and hands out copies

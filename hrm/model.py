@@ -337,7 +337,8 @@ class HRMInner(nn.Module):
 
     def _next_q(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``q_values`` (with ``Q_TARGET_FIRST_POSITION``) of the carry (z_H, z_L) on the inputs'
-        embeddings ``x``, as one [batch, 2] fp32 tensor, launched here (inside ``_grad_calls``'s graph)."""
+        embeddings ``x``, as one [batch, 2] fp32 tensor, launched here (by ``_grad_calls``, inside
+        its graph where that runs)."""
         with torch.no_grad():
             z_H0 = self.recurrence(z_H.detach(), z_L.detach(), x.detach(), self.segment_calls, first_position=True,
                                    pending_out=True)[0]  # (z_L unread: left pending)
@@ -366,16 +367,18 @@ class HRMInner(nn.Module):
     def _grad_calls(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, stats: bool,
                     no_grad_calls: int = 0, next_q: bool = False):
         """``no_grad_calls`` module calls without gradients (the segment's first ones), then the
-        segment's last L and H calls with gradients: ``(z_H, z_L)``, plus their gate stats
-        ``(l_stats, h_stats)`` when ``stats``; z_L comes back detached (the loss reads z_H alone,
-        and a gradient-free output spares the backward a zero gradient and two copies). Through
-        one pair of CUDA graphs where ``GRAPH_GRAD_CALLS`` and ``config.cuda_graphs`` allow: the
-        calls without gradients replay inside the with-gradient forward graph (``PREFIX_IN_GRAD_GRAPH``), so the states pass
-        between them in the graph's memory instead of through static buffers (five copies of
-        [batch, seq, hidden] less a step); else, with CUDA graphs, the calls without gradients take
-        the no-gradient graphs (evaluation with gate stats). All the calls made here share one
-        cast of each weight (``HOIST_WEIGHT_CASTS``; autograd's, with gradients). With ``next_q`` a last output, [batch, 2] fp32: the
-        continue target's Q values of the new state (``_next_q``), in the same graph."""
+        segment's last L and H calls (with gradients where grad mode is on): ``(z_H, z_L)``, plus
+        their gate stats ``(l_stats, h_stats)`` when ``stats``; z_L comes back detached (the loss
+        reads z_H alone, and a gradient-free output spares the backward a zero gradient and two
+        copies). With ``next_q`` a last output, [batch, 2] fp32: the continue target's Q values of
+        the new state (``_next_q``).
+
+        Where ``GRAPH_GRAD_CALLS`` and ``config.cuda_graphs`` allow, all of it replays as one pair
+        of CUDA graphs (``PREFIX_IN_GRAD_GRAPH``: the states pass between the calls in the graph's
+        memory instead of through static buffers, five copies of [batch, seq, hidden] less a step);
+        with graphs but without that pair (evaluation with gate stats, anomaly mode) the calls
+        without gradients take the no-gradient graphs. The calls launched here share one cast of
+        each weight (``HOIST_WEIGHT_CASTS``; autograd's, with gradients)."""
         cos_sin = self._cos_sin()
 
         def calls(z_H, z_L, x):
@@ -395,14 +398,18 @@ class HRMInner(nn.Module):
 
         inputs = (z_H.detach(), z_L.detach(), x)
         use_graphs = self._use_graphs(x)
-        graphed = (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled() and use_graphs
-                   and not torch.is_anomaly_enabled())  # anomaly mode checks values on the host
+        graphed = use_graphs and self._grad_graphs_run()
         if use_graphs and not (graphed and self.PREFIX_IN_GRAD_GRAPH):  # the no-gradient graphs
             inputs, no_grad_calls = (*self._no_grad_recurrence(*inputs, no_grad_calls), x), 0
         if not graphed:
             return segment(*inputs)
         key = ("grad", no_grad_calls, stats, next_q, x.requires_grad, *self._graph_key(z_H, z_L, x))
         return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
+
+    def _grad_graphs_run(self) -> bool:
+        """Whether ``_grad_calls`` replays its CUDA graphs where graphs apply (``_use_graphs``)."""
+        return (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled()
+                and not torch.is_anomaly_enabled())  # anomaly mode checks values on the host
 
     def _use_graphs(self, x: torch.Tensor) -> bool:
         return (self.config.cuda_graphs and x.is_cuda and not torch.compiler.is_compiling()
@@ -419,18 +426,20 @@ class HRMInner(nn.Module):
                 next_q: bool = False):
         """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
         [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
-        regulariser) from the with-grad step when gated and ``gate_stats``, else None. Without
-        gradients and without stats the whole recurrence is one no-gradient run; else its last L-
-        and H-calls run with gradients (``_grad_calls``, which with gradients and CUDA graphs also
-        replays the calls before them). With ``next_q`` a fifth item, ``q_values(new_carry, batch)``
-        (no gradients), computed with gradients on inside the same graph as the segment
-        (``Q_TARGET_IN_GRAD_GRAPH``)."""
+        regulariser) from the segment's last L and H calls when gated and ``gate_stats``, else None.
+        Without gradients and without stats the whole recurrence is one no-gradient run; else it
+        goes through ``_grad_calls`` (its last L and H calls with gradients where grad mode is on).
+        With ``next_q`` a fifth item, ``q_values(new_carry, batch)`` (no gradients); with gradients
+        on and ``Q_TARGET_IN_GRAD_GRAPH`` it is computed by ``_grad_calls`` (inside the segment's
+        CUDA graph where that graph runs), else by ``q_values``."""
         cfg = self.config
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
         all_calls = self.segment_calls
+        # the continue target inside the segment's graph, or with no graphs at all (elsewhere
+        # q_values replays a no-gradient graph of its own)
         fused_next_q = (next_q and self.Q_TARGET_IN_GRAD_GRAPH and self.Q_TARGET_FIRST_POSITION
-                        and torch.is_grad_enabled())
+                        and torch.is_grad_enabled() and (self._grad_graphs_run() or not self._use_graphs(x)))
 
         if not torch.is_grad_enabled() and not want_stats:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)

@@ -347,7 +347,8 @@ class _CountWeightCasts(TorchDispatchMode):
 @pytest.mark.parametrize("gated", [True, False])
 def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated, monkeypatch):
     """HOIST_WEIGHT_CASTS: a bf16 recurrence without gradients casts each block (and gate MLP) weight
-    once instead of once per module call, and gives the same bits; with gradients nothing is hoisted."""
+    once instead of once per module call, and gives the same bits; a recurrence with gradients
+    hoists nothing itself (``_grad_calls`` does: test below)."""
     torch.manual_seed(3)
     cfg = tiny_config(use_gating=gated, forward_dtype="bfloat16")
     inner = HRM(cfg).inner
@@ -376,11 +377,16 @@ def test_hoisted_weight_casts_give_the_same_bits_with_one_cast_per_weight(gated,
         inner.recurrence(z_H, z_L, x, steps)
     assert counter.count == casts[False]
     linear = inner.L_level.layers[0].self_attn.qkv_proj
-    with hoisted_weight_casts([inner.L_level.layers], torch.bfloat16), torch.no_grad():
+    with torch.no_grad(), hoisted_weight_casts([inner.L_level.layers], torch.bfloat16):
         assert linear.weight_as(torch.bfloat16) is linear._weight_cast
-        with torch.enable_grad():  # a use with gradients casts afresh, tracked by autograd
-            assert linear.weight_as(torch.bfloat16).grad_fn is not None
+        with torch.enable_grad():  # entered without gradients: a use with them casts afresh, tracked by autograd
+            fresh = linear.weight_as(torch.bfloat16)
+            assert fresh is not linear._weight_cast and fresh.grad_fn is not None
         assert linear.weight_as(torch.float16) is not linear._weight_cast  # another dtype: its own cast
+    with hoisted_weight_casts([inner.L_level.layers], torch.bfloat16):  # entered with gradients: autograd's cast
+        assert linear.weight_as(torch.bfloat16) is linear._weight_cast and linear._weight_cast.grad_fn is not None
+        with torch.no_grad():
+            assert linear.weight_as(torch.bfloat16) is linear._weight_cast
     assert all(m._weight_cast is None for m in inner.modules() if hasattr(m, "_weight_cast"))
 
 

@@ -41,9 +41,10 @@ def _float64(a, b, c, a_ss, b_ss):
 @pytest.mark.parametrize("pending", ["a", "b", "ab"])
 @pytest.mark.parametrize("with_c", [True, False], ids=["abc", "ab"])
 def test_matches_closing_the_norms_then_adding(monkeypatch, shape, dtype, pending, with_c):
-    """Against the unfused code: equal but for rare elements where the fp32 scale (another order of
-    the tiles' sum, 1/sqrt for rsqrt) tips a normalized value's rounding (one ulp of it); against
-    float64 within twice the unfused code's own error plus that ulp."""
+    """Against the unfused code: within a few roundings element by element, and in 16 bits equal but
+    for rare elements where the fp32 scale (another order of the tiles' sum, 1/sqrt for rsqrt)
+    tips a normalized value's rounding (one ulp of it); against float64 within twice the unfused
+    code's own error plus that ulp."""
     torch.manual_seed(hash((shape, str(dtype), pending, with_c)) % 2**31)
     a, a_ss = _pending(shape, dtype, 4, 3.0)
     b, b_ss = _pending(shape, dtype, 3 if pending == "b" else 4, 0.5)
@@ -59,7 +60,13 @@ def test_matches_closing_the_norms_then_adding(monkeypatch, shape, dtype, pendin
     ulp = torch.finfo(dtype).eps * exact.abs().max().item()
     own_error = (want.double() - exact).abs().max().item()
     assert (got.double() - exact).abs().max().item() <= 2 * own_error + ulp
-    assert (got != want).float().mean().item() <= 0.01
+    # element by element: within a few roundings of the unfused result (CUDA's rsqrt is off by up
+    # to 2 ulp; a wrong scale is far out)
+    size = _float64(a.abs(), b.abs(), None if c is None else c.abs(), a_ss, b_ss)
+    assert ((got.double() - want.double()).abs() <= 4 * torch.finfo(dtype).eps * size).all()
+    if dtype != torch.float32:  # 16-bit: the normalized value's rounding absorbs the scale's fp32
+        # rounding (CUDA's rsqrt is not correctly rounded) but for rare elements; in fp32 it shows
+        assert (got != want).float().mean().item() <= 0.01
 
 
 def test_without_pending_norms_it_is_add3():
