@@ -412,7 +412,8 @@ class HRMInner(nn.Module):
         return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
 
     def _grad_graphs_run(self) -> bool:
-        """Whether ``_grad_calls`` replays its CUDA graphs where graphs apply (``_use_graphs``)."""
+        """Whether ``_grad_calls`` replays its CUDA graphs where graphs apply (``_use_graphs``; ask
+        that first: torch.compile breaks its graph on ``is_anomaly_enabled``)."""
         return (self.GRAPH_GRAD_CALLS and torch.is_grad_enabled()
                 and not torch.is_anomaly_enabled())  # anomaly mode checks values on the host
 
@@ -444,7 +445,7 @@ class HRMInner(nn.Module):
         # the continue target inside the segment's graph, or with no graphs at all (elsewhere
         # q_values replays a no-gradient graph of its own)
         fused_next_q = (next_q and self.Q_TARGET_IN_GRAD_GRAPH and self.Q_TARGET_FIRST_POSITION
-                        and torch.is_grad_enabled() and (self._grad_graphs_run() or not self._use_graphs(x)))
+                        and torch.is_grad_enabled() and (not self._use_graphs(x) or self._grad_graphs_run()))
 
         if not torch.is_grad_enabled() and not want_stats:
             z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
