@@ -187,10 +187,11 @@ def gpu_time_split(events, calls: int) -> tuple[dict, list]:
     return split, sorted(kernels, reverse=True)
 
 
-def _measure(step, state, steps: int, prepare=None) -> dict:
+def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
     it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
-    over 3 calls. Peak memory: from the first call on (after ``prepare``, whose copies are freed)."""
+    over 3 calls (and with ``ops``, one more call's ``ops_table``). Peak memory: from the first call
+    on (after ``prepare``, whose copies are freed)."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     if prepare is not None:
@@ -220,8 +221,20 @@ def _measure(step, state, steps: int, prepare=None) -> dict:
             state = step(state)
         torch.cuda.synchronize()
     split, kernels = gpu_time_split(prof.events(), calls=3)
-    return {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels}
+    result = {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels}
+    if ops:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            step(state)
+            torch.cuda.synchronize()
+        result["ops_table"] = ops_table(prof, ops)
+    return result
+
+
+def ops_table(prof, rows: int) -> str:
+    """The profiler's ops with the most GPU time of their own, grouped by input shapes."""
+    return prof.key_averages(group_by_input_shape=True).table(sort_by="self_device_time_total", row_limit=rows,
+                                                              max_name_column_width=60, max_shapes_column_width=80)
 
 
 def _train_step(step_model, opt, emb_opt, batch: dict, gbs: int):
@@ -258,25 +271,27 @@ def _compile_kernels_ahead(head, opt, emb_opt, batch: dict, gbs: int, report: di
 
 
 def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int = 10,
-        precompile: bool = False, cuda_graphs: bool = True, setting: str = "default") -> dict:
+        precompile: bool = False, cuda_graphs: bool = True, setting: str = "default", ops: int = 0) -> dict:
     """``mode="train"``: one optimizer step (one ACT segment with the continue-target pass,
     backward, both optimizers). ``mode="eval"``: one evaluation batch, i.e. segments without
     gradients until every row halts (``halt_max_steps`` = 16 in eval mode), as ``evaluate`` runs.
     ``precompile``: fused providers run the trainer's ``precompile_kernels`` dry run first, inside
     the first step's time. ``cuda_graphs``: the model's ``cuda_graphs`` setting (providers without
     torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do).
-    ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``."""
+    ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``.
+    ``ops``: also the ``ops`` PyTorch ops with the most GPU time of their own, by input shapes
+    (``ops_table``; a replayed CUDA graph's kernels belong to no op: use ``cuda_graphs=False``)."""
     reference_work = provider.startswith("eager") and "q_target_first_position" not in setting
     if reference_work:
         setting = REFERENCE_WORK if setting == "default" else f"{REFERENCE_WORK},{setting}"
     with switches(setting):
-        result = _run(shape, gated, provider, mode, steps, precompile, cuda_graphs)
+        result = _run(shape, gated, provider, mode, steps, precompile, cuda_graphs, ops)
     if reference_work and mode == "train":
         result["provider"] += " (reference work)"
     return result
 
 
-def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:
+def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs, ops=0) -> dict:
     torch.manual_seed(0)
     head, step_model, opt, emb_opt = build(shape, gated, provider, cuda_graphs)
     batch = make_batch(shape, 0)
@@ -296,9 +311,9 @@ def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs) -> dict:
 
     if mode == "eval":
         head.eval()
-        result = _measure(eval_batch, None, steps=max(3, steps // 3), prepare=prepare)
+        result = _measure(eval_batch, None, steps=max(3, steps // 3), prepare=prepare, ops=ops)
     else:
-        result = _measure(train_step, head.initial_carry(batch), steps, prepare=prepare)
+        result = _measure(train_step, head.initial_carry(batch), steps, prepare=prepare, ops=ops)
     tokens = gbs * SHAPES[shape]["seq_len"]
     name = provider + (" (precompile)" if prepare is not None else "")
     name += " (no graphs)" if not cuda_graphs and not provider.endswith("compile") else ""
@@ -370,6 +385,9 @@ def main(argv=None) -> str:
                              "precompile_kernels), inside the first step's time")
     parser.add_argument("--kernels", type=int, default=0, metavar="N",
                         help="also print each run's N largest kernels by GPU time (profiler)")
+    parser.add_argument("--ops", type=int, default=0, metavar="N",
+                        help="also print each run's N PyTorch ops with the most GPU time of their own, by input "
+                             "shapes (profiler; with --cuda-graphs 0, since replayed graphs hide their ops)")
     parser.add_argument("--cuda-graphs", nargs="*", type=int, default=[1],
                         help="the model's cuda_graphs setting(s) for the providers without torch.compile")
     parser.add_argument("--switches", nargs="*", default=["default"],
@@ -389,11 +407,12 @@ def main(argv=None) -> str:
                 if provider.endswith("compile") and graphs != args.cuda_graphs[0]:
                     continue  # compiled providers never replay graphs: once is enough
                 r = run(shape, bool(gated), provider, mode, precompile=args.precompile, cuda_graphs=bool(graphs),
-                        setting=setting)
+                        setting=setting, ops=args.ops)
                 r.update(setting=setting, base_provider=r["provider"])
                 if setting != "default":
                     r["provider"] += f" [{setting}]"
-                print({k: v for k, v in r.items() if k not in ("kernels", "setting", "base_provider")}, flush=True)
+                print({k: v for k, v in r.items() if k not in ("kernels", "setting", "base_provider", "ops_table")},
+                      flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
@@ -402,6 +421,9 @@ def main(argv=None) -> str:
         print(f"\nlargest kernels, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (GPU ms per call):")
         for ms, count, kind, name in r["kernels"][:args.kernels]:
             print(f"{ms:8.2f} {count:5d}x {kind:9s} {name[:110]}")
+    for r in rows if args.ops else ():
+        print(f"\nops by GPU time, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (one call):\n"
+              f"{r['ops_table']}")
     if args.kernel_diff:
         print(kernel_diff_report(rows, args.kernel_diff))
     print(table)

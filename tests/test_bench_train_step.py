@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.bench_train_step import (classify, gpu_time_split, idle_us, kernel_diff, kernel_diff_report,
-                                        other_share)
+                                        ops_table, other_share)
 
 
 def test_idle_is_the_uncovered_part_of_the_span():
@@ -103,3 +103,17 @@ def test_kernel_diff_report_compares_each_setting_with_the_first_run_of_its_grou
     assert "eager: [x=1] against [default]" in blocks[1] and "-1.00" in blocks[1]
     assert "fused: [default] against [default]" in blocks[2] and "+0.25" in blocks[2]
     assert kernel_diff_report(rows[:2], n=5) == ""
+
+
+def test_ops_table_lists_the_profiled_ops_by_input_shape():
+    """``--ops``: the profiler's ops, grouped by input shapes (CPU times here; the sort key is the
+    device time, which a CPU-only profile has as zeros)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, b = torch.randn(37, 123), torch.randn(123, 5)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        a @ b
+        a[:, :5].contiguous()
+    table = ops_table(prof, 20)
+    assert "aten::mm" in table and "[[37, 123], [123, 5]]" in table
+    assert "aten::contiguous" in table or "aten::clone" in table
