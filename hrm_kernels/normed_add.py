@@ -49,7 +49,8 @@ def _normalized_rows(X, SS, offs, rows, row_mask, mask, T, width, eps, NORM: tl.
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if NORM:
         t = tl.arange(0, BLOCK_T)
-        ss = tl.load(SS + rows[:, None] * T + t[None, :], mask=row_mask[:, None] & (t < T)[None, :], other=0.0)
+        ss = tl.load(SS + rows.to(tl.int64)[:, None] * T + t[None, :], mask=row_mask[:, None] & (t < T)[None, :],
+                     other=0.0)
         scale = 1.0 / tl.sqrt_rn(tl.sum(ss, axis=1) / width + eps)
         x = cast(x * scale[:, None], X.dtype.element_ty, EMU_BF16).to(tl.float32)
     return x
@@ -111,7 +112,7 @@ def normed_add_reference(a: torch.Tensor, b: torch.Tensor, c: Optional[torch.Ten
                          a_ss: Optional[torch.Tensor] = None, b_ss: Optional[torch.Tensor] = None,
                          eps: float = 1e-5) -> torch.Tensor:
     """The unfused code: each pending norm closed (rounded to the dtype), then the eager adds."""
-    a, b = (x if ss is None else normalized(x.reshape(ss.shape[0], -1), ss, eps).view(x.shape)
+    a, b = (x if ss is None else normalized(x.reshape(ss.shape[0], x.shape[-1]), ss, eps).view(x.shape)
             for x, ss in ((a, a_ss), (b, b_ss)))
     return a + b if c is None else a + (b + c)
 
@@ -128,8 +129,8 @@ def _check(a, b, c, a_ss, b_ss, eps) -> None:
         if ss is None:
             continue
         if not (isinstance(ss, torch.Tensor) and ss.dtype == torch.float32 and ss.dim() == 2 and ss.shape[0] == rows
-                and ss.device == a.device):
-            raise ValueError(f"{op}: {name} must be fp32 [{rows}, T] partial sums of squares of {name[0]}'s rows on "
+                and ss.shape[1] >= 1 and ss.device == a.device):
+            raise ValueError(f"{op}: {name} must be fp32 [{rows}, T >= 1] partial sums of squares of {name[0]}'s rows on "
                              f"{a.device}, got " + (f"{ss.dtype} {tuple(ss.shape)} on {ss.device}"
                                                    if isinstance(ss, torch.Tensor) else type(ss).__name__))
         if x.requires_grad and torch.is_grad_enabled():

@@ -69,6 +69,6 @@ def reset_rows(x: torch.Tensor, reset: torch.Tensor, init: torch.Tensor) -> torc
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        launch(_reset_rows_kernel, (cdiv(n, BLOCK),), x, reset.view(torch.uint8), init, out, n, n // x.shape[0],
+        launch(_reset_rows_kernel, (cdiv(n, BLOCK),), x, reset.contiguous().view(torch.uint8), init, out, n, n // x.shape[0],
                x.shape[-1], BLOCK=BLOCK, num_warps=8)
     return out

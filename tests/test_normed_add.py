@@ -88,12 +88,24 @@ def test_gradients_reach_the_inputs_without_pending_norms():
         normed_add(a.requires_grad_(), b, c, a_ss=a_ss)
 
 
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_no_rows(backend):
+    for shape in ((0, 16), (2, 0, 16)):
+        a = torch.randn(shape, device=DEVICE)
+        ss = torch.zeros(0, 4, device=DEVICE)
+        with use_backend(backend):
+            out = normed_add(a, a, a, a_ss=ss, b_ss=ss)
+        assert out.shape == shape
+
+
 def test_bad_partial_sums_are_named():
     a, a_ss = _pending((3, 123), torch.float32, 4, 1.0)
     with pytest.raises(ValueError, match="a_ss must be fp32"):
         normed_add(a, a, a_ss=a_ss.double())
-    with pytest.raises(ValueError, match="b_ss must be fp32 \\[3, T\\]"):
+    with pytest.raises(ValueError, match="b_ss must be fp32 \\[3, T >= 1\\]"):
         normed_add(a, a, b_ss=a_ss[:2])
+    with pytest.raises(ValueError, match="a_ss must be fp32 \\[3, T >= 1\\]"):
+        normed_add(a, a, a_ss=a_ss[:, :0])
     with pytest.raises(ValueError, match="eps must be a positive number"):
         normed_add(a, a, a_ss=a_ss, eps=0)
 

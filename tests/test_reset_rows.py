@@ -31,6 +31,18 @@ def test_bit_identical_to_torch_where(monkeypatch, shape, dtype):
     assert torch.equal(got[0], init.expand_as(got[0]))
 
 
+def test_a_strided_flag_reads_its_own_rows():
+    """A flag that is a view with a stride (a column of a larger mask, every other element)."""
+    x = torch.randn(3, 4, 9, device=DEVICE)
+    init = torch.randn(9, device=DEVICE)
+    flags = torch.tensor([[True, False], [False, True], [True, True]], device=DEVICE)
+    every_other = torch.tensor([True, True, False, False, True, False], device=DEVICE)[::2]
+    for reset in (flags[:, 0], every_other):
+        assert not reset.is_contiguous()
+        with use_backend("triton"), torch.no_grad():
+            assert torch.equal(reset_rows(x, reset, init), reset_rows_reference(x, reset, init))
+
+
 def test_empty_batch_and_the_eager_path():
     x = torch.empty(0, 3, 8, device=DEVICE)
     with use_backend("triton"):
