@@ -27,7 +27,7 @@ from torch import nn
 from hrm_kernels import _math, add3, gated_blend, get_backend, rms_norm, use_backend
 from hrm_kernels.normed_add import normed_add
 from hrm_kernels.precompile import compiling_ahead
-from hrm_kernels.reset_rows import reset_rows
+from hrm_kernels.reset_rows import reset_rows, reset_rows_reference
 from hrm.config import HRMConfig
 from hrm.cuda_graphs import GradGraphCache, GraphCache, module_tensors, storage_key
 from hrm.layers import (Attention, Block, CastedEmbedding, CastedLinear, RotaryEmbedding, SwiGLUMLP,
@@ -133,9 +133,9 @@ class ReasoningModule(nn.Module):
         ``PendingNorm`` (None where neither is, or the module is gated)."""
         if self.gating_network is not None or not (isinstance(own, PendingNorm) or isinstance(other, PendingNorm)):
             return None
-        parts = [(s.h, s.ss, s.eps) if isinstance(s, PendingNorm) else (s, None, None) for s in (own, other)]
-        eps = parts[0][2] if parts[0][2] is not None else parts[1][2]
-        return normed_add(parts[0][0], parts[1][0], inj, a_ss=parts[0][1], b_ss=parts[1][1], eps=eps)
+        (a, a_ss, a_eps), (b, b_ss, b_eps) = (tuple(s) if isinstance(s, PendingNorm) else (s, None, None)
+                                              for s in (own, other))
+        return normed_add(a, b, inj, a_ss=a_ss, b_ss=b_ss, eps=a_eps or b_eps)
 
     def forward(self, own, other, inj: Optional[torch.Tensor], cos_sin, stats: bool = False,
                 first_position: bool = False, pending: bool = False):
@@ -245,9 +245,9 @@ class HRMInner(nn.Module):
         if carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
             return HRMInnerCarry(z_H=reset_rows(carry.z_H, reset, self.H_init),
                                  z_L=reset_rows(carry.z_L, reset, self.L_init))
-        flag = reset.view(-1, 1, 1)  # (a carry of another dtype than the model's: promoted as torch does)
-        return HRMInnerCarry(z_H=torch.where(flag, self.H_init, carry.z_H),
-                             z_L=torch.where(flag, self.L_init, carry.z_L))
+        # a carry of another dtype than the model's: promoted, as torch.where does
+        return HRMInnerCarry(z_H=reset_rows_reference(carry.z_H, reset, self.H_init),
+                             z_L=reset_rows_reference(carry.z_L, reset, self.L_init))
 
     @property
     def segment_calls(self) -> int:

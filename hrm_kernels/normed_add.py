@@ -57,9 +57,9 @@ def _normalized_rows(X, SS, offs, rows, row_mask, mask, T, width, eps, NORM: tl.
 
 
 @triton.jit
-def _normed_add_kernel(A, B, C, A_SS, B_SS, OUT, M, D, T, eps,
+def _normed_add_kernel(A, B, C, A_SS, B_SS, OUT, M, D, T_A, T_B, eps,
                        NORM_A: tl.constexpr, NORM_B: tl.constexpr, HAS_C: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TA: tl.constexpr, BLOCK_TB: tl.constexpr,
                        EMU_BF16: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
@@ -67,8 +67,8 @@ def _normed_add_kernel(A, B, C, A_SS, B_SS, OUT, M, D, T, eps,
     mask = row_mask[:, None] & (cols < D)[None, :]
     offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
     dtype = OUT.dtype.element_ty
-    a = _normalized_rows(A, A_SS, offs, rows, row_mask, mask, T, D, eps, NORM_A, BLOCK_T, EMU_BF16)
-    b = _normalized_rows(B, B_SS, offs, rows, row_mask, mask, T, D, eps, NORM_B, BLOCK_T, EMU_BF16)
+    a = _normalized_rows(A, A_SS, offs, rows, row_mask, mask, T_A, D, eps, NORM_A, BLOCK_TA, EMU_BF16)
+    b = _normalized_rows(B, B_SS, offs, rows, row_mask, mask, T_B, D, eps, NORM_B, BLOCK_TB, EMU_BF16)
     if HAS_C:
         b = cast(b + tl.load(C + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMU_BF16).to(tl.float32)
     tl.store(OUT + offs, cast(a + b, dtype, EMU_BF16), mask=mask)
@@ -84,15 +84,13 @@ def normed_add_forward(a: torch.Tensor, b: torch.Tensor, c: Optional[torch.Tenso
     M = a.numel() // D if D else 0
     if M == 0 or D == 0:
         return out
-    T = max(ss.shape[1] for ss in (a_ss, b_ss) if ss is not None) if (a_ss is not None or b_ss is not None) else 1
-    a_ss_, b_ss_ = (ss.contiguous() if ss is not None else out for ss in (a_ss, b_ss))  # (unread when None)
-    if a_ss is not None and b_ss is not None and a_ss.shape[1] != b_ss.shape[1]:
-        raise ValueError(f"normed_add: a_ss has {a_ss.shape[1]} columns, b_ss {b_ss.shape[1]}; pass partial sums "
-                         "of one tiling")
-    launch(_normed_add_kernel, (cdiv(M, ROWS_PER_PROGRAM),), a, b, c if c is not None else a, a_ss_, b_ss_, out,
-           M, D, T, float(eps), NORM_A=a_ss is not None, NORM_B=b_ss is not None, HAS_C=c is not None,
-           BLOCK_M=ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(D), BLOCK_T=triton.next_power_of_2(T),
-           EMU_BF16=triton_interpreting() and a.dtype == torch.bfloat16, num_warps=4)
+    # partial sums (a pointer the kernel does not read where there are none) and their column counts
+    (a_ss, t_a), (b_ss, t_b) = ((out, 1) if ss is None else (ss.contiguous(), ss.shape[1]) for ss in (a_ss, b_ss))
+    launch(_normed_add_kernel, (cdiv(M, ROWS_PER_PROGRAM),), a, b, c if c is not None else a, a_ss, b_ss, out,
+           M, D, t_a, t_b, float(eps), NORM_A=a_ss is not out, NORM_B=b_ss is not out, HAS_C=c is not None,
+           BLOCK_M=ROWS_PER_PROGRAM, BLOCK_D=triton.next_power_of_2(D), BLOCK_TA=triton.next_power_of_2(t_a),
+           BLOCK_TB=triton.next_power_of_2(t_b), EMU_BF16=triton_interpreting() and a.dtype == torch.bfloat16,
+           num_warps=4)
     return out
 
 

@@ -69,6 +69,15 @@ def test_matches_closing_the_norms_then_adding(monkeypatch, shape, dtype, pendin
         assert (got != want).float().mean().item() <= 0.01
 
 
+def test_two_states_of_different_tilings():
+    """a's sums over 4 column tiles, b's over 3 (the kernel takes each state's own count)."""
+    a, a_ss = _pending((5, 123), torch.float32, 4, 2.0)
+    b, b_ss = _pending((5, 123), torch.float32, 3, 0.5)
+    with use_backend("triton"):
+        got = normed_add(a, b, a_ss=a_ss, b_ss=b_ss)
+    torch.testing.assert_close(got, normed_add_reference(a, b, a_ss=a_ss, b_ss=b_ss), rtol=1e-6, atol=1e-6)
+
+
 def test_without_pending_norms_it_is_add3():
     a, b, c = (torch.randn(4, 77, device=DEVICE).to(torch.bfloat16) for _ in range(3))
     with use_backend("triton"):
