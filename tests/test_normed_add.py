@@ -131,10 +131,10 @@ def _ungated_model(monkeypatch):
 
     monkeypatch.setattr(Block, "runs_deferred", lambda self, h: not torch.is_grad_enabled())
     torch.manual_seed(21)
-    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=32, L_layers=2, H_layers=2))
+    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=32, L_layers=2, H_layers=2)).to(DEVICE)
     randomize_(model)
     inner = model.inner
-    batch = make_batch(None)
+    batch = {k: v.to(DEVICE) for k, v in make_batch(None).items()}
     carry = inner.empty_carry(3)
     carry.z_H.copy_(torch.randn_like(carry.z_H))
     carry.z_L.copy_(torch.randn_like(carry.z_L))
