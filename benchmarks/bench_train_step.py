@@ -60,6 +60,7 @@ SWITCHES = {
     "q_target_in_grad_graph": ("hrm.model", "HRMInner", "Q_TARGET_IN_GRAD_GRAPH"),  # continue target replayed in the with-grad graph
     "pending_norms": ("hrm.model", "HRMInner", "PENDING_NORMS"),  # ungated: module outputs' norms closed by the next input sum
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
+    "shared_layouts": ("hrm.model", "HRMInner", "SHARE_WEIGHT_LAYOUTS"),  # one gate_up reorder per weight per segment
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul

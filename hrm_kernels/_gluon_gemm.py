@@ -50,8 +50,10 @@ There is no interpreter path: CPU tests compile it for sm_90 (``tests/test_compi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import threading
 
 import torch
 import triton
@@ -532,9 +534,50 @@ def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
     """The SwiGLU kernels' weight order: ``weight`` [2I, K] (gate rows [0, I), up rows [I, 2I), I a
     multiple of 8) as groups of 8 gate rows each followed by the same 8 up rows (a copy). A tile's
     128 weight rows then give one n = 128 wgmma whose accumulator holds 64 gate columns and their
-    64 up columns (``_gate_up_columns``)."""
+    64 up columns (``_gate_up_columns``). Inside ``shared_weight_layouts`` one copy per weight."""
+    memo = _LAYOUTS.memo if _LAYOUTS.capturing == _capturing(weight) else None
+    entry = memo.get(id(weight)) if memo is not None else None
+    if entry is not None and entry[0] is weight and entry[1] == weight._version:
+        return entry[2]
     rows, k = weight.shape
-    return weight.view(2, rows // 16, 8, k).transpose(0, 1).reshape(rows, k)
+    interleaved = weight.view(2, rows // 16, 8, k).transpose(0, 1).reshape(rows, k)
+    if memo is not None:
+        memo[id(weight)] = (weight, weight._version, interleaved)
+    return interleaved
+
+
+class _Layouts(threading.local):
+    """``shared_weight_layouts``' state, per thread: the memo (None outside the block) and whether
+    the block began inside a CUDA graph capture."""
+    memo: dict | None = None
+    capturing: bool | None = None
+
+
+_LAYOUTS = _Layouts()
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def shared_weight_layouts():
+    """Inside the block, ``interleave_gate_up`` makes its copy of a weight once (while the weight
+    is the same tensor at the same version) instead of at every SwiGLU matmul: a recurrence that
+    calls the same blocks several times (HRM: twelve calls a training step) reorders each weight
+    once. It memoizes only in the capture state the block began in: a block entered inside a CUDA
+    graph capture ends inside it, so its copies are the graph's own; one entered outside memoizes
+    nothing while a capture runs inside it (a replay would read a copy the graph never makes).
+    Nested blocks share the outermost one's memo; its copies are freed when it ends."""
+    if _LAYOUTS.memo is not None:
+        yield
+        return
+    _LAYOUTS.memo = {}
+    _LAYOUTS.capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    try:
+        yield
+    finally:
+        _LAYOUTS.memo, _LAYOUTS.capturing = None, None
 
 
 def gemm_add_sumsq(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, residual_ss: torch.Tensor | None = None,

@@ -243,6 +243,109 @@ def test_gluon_swiglu_weight_order():
     assert _gluon_gemm.interleave_gate_up(weight)[:, 0].tolist() == order
 
 
+def test_shared_weight_layouts_reorder_each_weight_once():
+    """Inside ``shared_weight_layouts`` a weight's reordered copy is made once and handed out again
+    while the weight is the same tensor at the same version; an in-place change, another tensor
+    with the same values, the block's end, and nesting (the outer block's memo) each behave as
+    documented; the values are always those of a fresh reorder."""
+    weight = torch.randn(48, 37, device=DEVICE)
+    fresh = _gluon_gemm.interleave_gate_up
+    outside = fresh(weight)
+    assert fresh(weight) is not outside  # no block: a copy at every call
+    with _gluon_gemm.shared_weight_layouts():
+        first = fresh(weight)
+        assert torch.equal(first, outside)
+        with _gluon_gemm.shared_weight_layouts():  # nested: the outer memo
+            assert fresh(weight) is first
+        assert fresh(weight) is first  # the inner block's end keeps the outer memo
+        same_values = weight.clone()
+        assert fresh(same_values) is not first and torch.equal(fresh(same_values), first)
+        weight.mul_(-2.0)  # a new version: a new copy, of the new values
+        changed = fresh(weight)
+        assert changed is not first and torch.equal(changed, -2.0 * first)
+        assert fresh(weight) is changed
+    assert fresh(weight) is not changed  # the block's end drops the memo
+    assert _gluon_gemm._LAYOUTS.memo is None
+
+
+@requires_cuda
+def test_shared_weight_layouts_do_not_reach_into_a_capture():
+    """A block entered outside a CUDA graph capture memoizes nothing while a capture runs inside it
+    (the graph must make its own copy: a replay after the weight changes reads the new values),
+    and a block entered inside a capture memoizes the graph's copies."""
+    weight = torch.randn(32, 16, device="cuda")
+    out = torch.empty_like(weight)
+    graph = torch.cuda.CUDAGraph()
+    with _gluon_gemm.shared_weight_layouts():
+        eager = _gluon_gemm.interleave_gate_up(weight)
+        torch.cuda.synchronize()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(graph, stream=stream):
+                inside = _gluon_gemm.interleave_gate_up(weight)
+                assert inside is not eager
+                with _gluon_gemm.shared_weight_layouts():  # nested: the outer block began outside
+                    assert _gluon_gemm.interleave_gate_up(weight) is not inside
+                out.copy_(inside)
+        torch.cuda.current_stream().wait_stream(stream)
+    weight.add_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, _gluon_gemm.interleave_gate_up(weight))
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        with _gluon_gemm.shared_weight_layouts():  # entered inside the capture: memoizes
+            inside = _gluon_gemm.interleave_gate_up(weight)
+            assert _gluon_gemm.interleave_gate_up(weight) is inside
+    torch.cuda.synchronize()
+
+
+@requires_gluon
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager_calls", "graphs"])
+def test_training_step_reorders_each_gate_up_weight_once(monkeypatch, cuda_graphs):
+    """``HRMInner.SHARE_WEIGHT_LAYOUTS``: a bf16 training step (segment and continue target) makes
+    one reordered copy per gate_up weight instead of one per SwiGLU matmul, and its loss, logits and
+    every gradient are bit-identical with it off. With graphs, the copies are counted in the captures
+    (each capture runs its function more than once: distinct copies per weight, not calls)."""
+    from hrm import ACTLossHead, HRM
+    from hrm.model import HRMInner
+    from tests.test_model_spec import make_batch, randomize_, tiny_config
+
+    torch.manual_seed(3)
+    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=32, hidden_size=64, num_heads=4, L_layers=2,
+                            H_layers=2, forward_dtype="bfloat16", cuda_graphs=cuda_graphs)).cuda()
+    randomize_(model)
+    batch = {k: v.cuda() for k, v in make_batch(None).items()}
+    copies = []
+    reorder = _gluon_gemm.interleave_gate_up
+    monkeypatch.setattr(_gluon_gemm, "interleave_gate_up", lambda w: copies.append(reorder(w)) or copies[-1])
+
+    def step(shared):
+        monkeypatch.setattr(HRMInner, "SHARE_WEIGHT_LAYOUTS", shared)
+        model.zero_grad(set_to_none=True)
+        copies.clear()
+        head = ACTLossHead(model)
+        head.train()
+        _, loss, _, outputs, _ = head(return_keys=("logits",), carry=head.initial_carry(batch), batch=batch)
+        loss.backward()
+        torch.cuda.synchronize()
+        made = len({id(c) for c in copies})
+        return made, len(copies), [loss, outputs["logits"]] + [p.grad for p in model.parameters() if p.grad is not None]
+
+    made_off, calls_off, unshared = step(False)
+    made_on, calls_on, shared = step(True)
+    weights = 4  # L_layers + H_layers gate_up weights
+    assert calls_on == calls_off and made_off == calls_off  # off: a copy at every SwiGLU matmul
+    if cuda_graphs:  # captures run the function several times, each with its own copies
+        assert made_on < made_off
+    else:  # the segment's no-grad calls, its with-grad calls and the continue target's calls
+        assert calls_off >= 3 * weights and made_on == weights
+    assert len(shared) == len(unshared) > 3
+    for a, b in zip(shared, unshared):
+        assert torch.equal(a, b)
+
+
 @requires_gluon
 @pytest.mark.parametrize("epilogue", ["swiglu", "none"])
 @pytest.mark.parametrize("programs", [None, 3], ids=["per_sm", "3_programs"])
