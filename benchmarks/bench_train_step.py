@@ -61,6 +61,7 @@ SWITCHES = {
     "pending_norms": ("hrm.model", "HRMInner", "PENDING_NORMS"),  # ungated: module outputs' norms closed by the next input sum
     "hoist_casts": ("hrm.model", "HRMInner", "HOIST_WEIGHT_CASTS"),  # one weight cast per no-grad recurrence
     "shared_layouts": ("hrm.model", "HRMInner", "SHARE_WEIGHT_LAYOUTS"),  # one gate_up reorder per weight per segment
+    "prescaled_embeddings": ("hrm.model", "HRMInner", "PRESCALED_EMBEDDINGS"),  # embedding scale on the table, not the rows
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul
@@ -78,7 +79,7 @@ SWITCHES = {
     "gluon_attention_long_grad": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG_GRAD"),  # ... with a gradient, cuDNN backward
     "add3": ("hrm.model", "ReasoningModule", "FUSED_INPUT"),  # ungated module input own + (other + inj) in one pass
 }
-REFERENCE_WORK = "q_target_first_position=0"  # what the eager providers run unless told otherwise
+REFERENCE_WORK = "q_target_first_position=0,prescaled_embeddings=0"  # what the eager providers run unless told otherwise
 
 
 def parse_switches(setting: str) -> list[tuple[object, str, bool]]:

@@ -188,6 +188,7 @@ class HRMInner(nn.Module):
     PENDING_NORMS = True  # see ``recurrence``
     Q_TARGET_IN_GRAD_GRAPH = True  # see ``forward``'s ``next_q``
     SHARE_WEIGHT_LAYOUTS = True  # see ``_shared_weight_casts``
+    PRESCALED_EMBEDDINGS = True  # see ``input_embeddings``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -223,17 +224,31 @@ class HRMInner(nn.Module):
     # --------------------------------------------------------------------------- pieces
 
     def input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
-        """[batch, seq_len] token ids (+ [batch] puzzle ids) -> [batch, total_seq_len, hidden]."""
-        x = self.embed_tokens(inputs.to(torch.int32))
+        """[batch, seq_len] token ids (+ [batch] puzzle ids) -> [batch, total_seq_len, hidden]:
+        ``embed_scale * cat(puzzle rows, token rows)`` in the forward dtype. With
+        ``PRESCALED_EMBEDDINGS`` (outside torch.compile, which fuses the scale itself; not with
+        learned positions) the scale multiplies the [vocab, hidden] table and the [batch, puzzle]
+        rows before the lookup and the concatenation: the same rounded products (one bf16 product a
+        value either way), one [batch, seq, hidden] pass less forward and one less backward; the
+        table's gradient sums the unscaled rows, then scales (a different rounding order)."""
+        scale = self.embed_scale
+        if (self.PRESCALED_EMBEDDINGS and self.config.pos_encodings != "learned"
+                and not torch.compiler.is_compiling()):
+            x = F.embedding(inputs.to(torch.int32), self.embed_tokens.embedding_weight.to(self.forward_dtype) * scale)
+            scale = None
+        else:
+            x = self.embed_tokens(inputs.to(torch.int32))
         if self.config.puzzle_emb_ndim > 0:
             puzzle = self.puzzle_emb(puzzle_identifiers)
+            if scale is None:
+                puzzle = puzzle * self.embed_scale
             pad = self.puzzle_emb_len * self.config.hidden_size - puzzle.shape[-1]
             if pad > 0:
                 puzzle = F.pad(puzzle, (0, pad))
             x = torch.cat((puzzle.view(-1, self.puzzle_emb_len, self.config.hidden_size), x), dim=-2)
         if self.config.pos_encodings == "learned":
             x = LEARNED_POS_SCALE * (x + self.embed_pos.embedding_weight.to(self.forward_dtype))
-        return self.embed_scale * x
+        return x if scale is None else scale * x
 
     def empty_carry(self, batch_size: int, device=None) -> HRMInnerCarry:
         shape = (batch_size, self.config.total_seq_len, self.config.hidden_size)

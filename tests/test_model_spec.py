@@ -463,6 +463,39 @@ def test_bf16_cast_points_match_spec(overrides):
     assert mixed, "no segment had both continuing and restarting rows"
 
 
+@pytest.mark.parametrize("puzzle_emb_ndim", [0, 48], ids=["no_puzzle", "puzzle_2_positions"])
+def test_prescaled_embeddings_same_input_and_gradients(monkeypatch, puzzle_emb_ndim):
+    """``HRMInner.PRESCALED_EMBEDDINGS``: the bf16 input embedding (scale on the table and the
+    puzzle rows, before the lookup) equals the spec's bit for bit, and the token table's and the
+    puzzle rows' gradients agree with the unscaled path's to bf16 rounding (the sums of rows and
+    the scale are rounded in the other order: a few bf16 eps of each value, against a wrong
+    or missing scale's O(1))."""
+    from hrm.model import HRMInner
+
+    torch.manual_seed(4)
+    config = HRMConfig(**tiny_config(puzzle_emb_ndim=puzzle_emb_ndim, forward_dtype="bfloat16"))
+    model = HRM(config)
+    randomize_(model)
+    model.train()
+    inner = model.inner
+    batch = make_batch(config)
+    want = spec_embed(spec_params(model), spec_cfg(config), batch["inputs"], batch["puzzle_identifiers"])
+    grads = {}
+    for on in (False, True):
+        monkeypatch.setattr(HRMInner, "PRESCALED_EMBEDDINGS", on)
+        model.zero_grad(set_to_none=True)
+        if puzzle_emb_ndim:
+            inner.puzzle_emb.local_weights.grad = None
+        x = inner.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+        assert_equal(f"input embedding (prescaled={on})", x, want)
+        (x.float() * torch.linspace(-1, 1, x.numel()).view_as(x)).sum().backward()
+        grads[on] = [inner.embed_tokens.embedding_weight.grad] + (
+            [inner.puzzle_emb.local_weights.grad] if puzzle_emb_ndim else [])
+    for got, ref in zip(grads[True], grads[False]):
+        assert ref.abs().max() > 0
+        torch.testing.assert_close(got, ref, rtol=4 * 2 ** -7, atol=4 * 2 ** -7 * ref.abs().max().item())
+
+
 def test_softmax_and_stablemax_losses_match_spec():
     for loss_type in ("stablemax_cross_entropy", "softmax_cross_entropy"):
         config = HRMConfig(**tiny_config(loss={"loss_type": loss_type}))
