@@ -249,7 +249,8 @@ class _Release:
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, entry: _GradGraph, n_inputs: int, *tensors: torch.Tensor):
+    def forward(ctx, entry: _GradGraph, n_inputs: int, copy_input_grads: bool, *tensors: torch.Tensor):
+        ctx.copy_input_grads = copy_input_grads
         for static, value in zip(entry.static_inputs, tensors[:n_inputs]):
             static.copy_(value)
         entry.forward_graph.replay()
@@ -273,7 +274,10 @@ class _Replay(torch.autograd.Function):
         entry.backward_graph.replay()
         entry.awaiting = None
         # copies: autograd may keep a returned gradient as .grad, which the next replay would overwrite
-        return (None, None, *(None if g is None else g.clone() for g in entry.static_grads))
+        # (the inputs' without ``copy_input_grads``: see GradGraphCache.run)
+        n_inputs = len(entry.static_inputs)
+        return (None, None, None, *(None if g is None else g if i < n_inputs and not ctx.copy_input_grads else g.clone()
+                                    for i, g in enumerate(entry.static_grads)))
 
 
 class GradGraphCache(_Cache):
@@ -286,13 +290,17 @@ class GradGraphCache(_Cache):
         super().__init__(max_graphs)
 
     def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[torch.Tensor],
-            modules: Sequence[nn.Module]) -> tuple[torch.Tensor, ...]:
+            modules: Sequence[nn.Module], copy_input_grads: bool = True) -> tuple[torch.Tensor, ...]:
         """``fn(*inputs)`` (a tuple of tensors, differentiable in the inputs that require grad and in
         the parameters of ``modules``, all that ``fn`` reads) through the graphs of ``key``, which
         must name everything that changes what they launch, the inputs' and parameters'
         ``requires_grad`` flags included. Unlike the launched kernels, a replay's backward reads the
         parameters as they are when it runs (no version-counter check against in-place changes
-        made between forward and backward), and each call supports one backward."""
+        made between forward and backward), and each call supports one backward.
+        ``copy_input_grads=False``: the inputs' gradients are handed to autograd as the graph's own
+        buffers, not copies (one pass over each less), which the next backward replay overwrites:
+        only for inputs that are intermediate results of the caller's (not leaves, never passed to
+        ``torch.autograd.grad`` or hooked), whose gradients the backward consumes at once."""
         slots = tuple(slot for module in modules for slot in parameter_slots(module))
         params = [m._parameters[n] for m, n in slots]
         if not any(t.requires_grad for t in (*inputs, *params)):  # nothing to differentiate
@@ -300,4 +308,5 @@ class GradGraphCache(_Cache):
         entry = self._entry(key, lambda: _GradGraph(fn, inputs, slots))
         if entry.awaiting is not None:  # an earlier call's backward may still read the activations
             return tuple(fn(*inputs))
-        return _Replay.apply(entry, len(inputs), *inputs, *(p for p, used in zip(params, entry.used) if used))
+        return _Replay.apply(entry, len(inputs), copy_input_grads, *inputs,
+                             *(p for p, used in zip(params, entry.used) if used))

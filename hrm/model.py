@@ -189,6 +189,7 @@ class HRMInner(nn.Module):
     Q_TARGET_IN_GRAD_GRAPH = True  # see ``forward``'s ``next_q``
     SHARE_WEIGHT_LAYOUTS = True  # see ``_shared_weight_casts``
     PRESCALED_EMBEDDINGS = True  # see ``input_embeddings``
+    UNCOPIED_INPUT_GRADS = True  # see ``_grad_calls``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -407,7 +408,12 @@ class HRMInner(nn.Module):
         memory instead of through static buffers, five copies of [batch, seq, hidden] less a step);
         with graphs but without that pair (evaluation with gate stats, anomaly mode) the calls
         without gradients take the no-gradient graphs. The calls launched here share one cast of
-        each weight (``HOIST_WEIGHT_CASTS``; autograd's, with gradients)."""
+        each weight (``HOIST_WEIGHT_CASTS``; autograd's, with gradients). With
+        ``UNCOPIED_INPUT_GRADS`` the graph hands x's gradient to the input embedding's backward as
+        its own buffer (``GradGraphCache.run``'s ``copy_input_grads=False``): one [batch, seq,
+        hidden] copy less a step. x must then be an intermediate, as ``forward``'s is (a leaf's
+        ``.grad`` is a copy either way; ``torch.autograd.grad`` with respect to x would return the
+        buffer the next step overwrites)."""
         cos_sin = self._cos_sin()
 
         def calls(z_H, z_L, x):
@@ -433,7 +439,10 @@ class HRMInner(nn.Module):
         if not graphed:
             return segment(*inputs)
         key = ("grad", no_grad_calls, stats, next_q, x.requires_grad, *self._graph_key(z_H, z_L, x))
-        return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level))
+        # (the inputs' gradient buffers handed on uncopied: x's, the one input with a gradient, is
+        # this forward's own input embedding, consumed by its backward at once)
+        return self.grad_graphs.run(key, segment, inputs, (self.L_level, self.H_level),
+                                    copy_input_grads=not self.UNCOPIED_INPUT_GRADS)
 
     def _grad_graphs_run(self) -> bool:
         """Whether ``_grad_calls`` replays its CUDA graphs where graphs apply (``_use_graphs``; ask

@@ -328,6 +328,42 @@ def test_grad_graph_cache_on_a_toy_module():
     assert len(cache) == 1
 
 
+@requires_cuda
+def test_grad_graph_hands_input_grads_uncopied_on_request():
+    """``copy_input_grads=False``: an intermediate input's gradient reaches its producer's backward
+    as the graph's own buffer (the same storage every step) and the gradients are the eager
+    ones; a leaf input's ``.grad`` is still a tensor of its own (autograd copies it); the default
+    hands out copies."""
+    torch.manual_seed(1)
+    net = torch.nn.Linear(6, 4).cuda()
+    scale = torch.nn.Parameter(torch.randn(6, device="cuda"))
+
+    def fn(a):
+        return (net(a).tanh(),)
+
+    seen = []
+    for copies in (True, False):
+        cache = GradGraphCache()
+        seen.clear()
+        for step in range(3):
+            base = torch.randn(5, 6, device="cuda")
+            a = base * scale  # an intermediate: its gradient flows on to scale
+            a.register_hook(seen.append)  # (held: a copy's memory is not reused)
+            scale.grad = None
+            (out,) = cache.run("k", fn, (a,), (net,), copy_input_grads=copies)
+            out.square().sum().backward()
+            got = scale.grad.clone()
+            scale.grad = None
+            (want,) = fn(base * scale)
+            want.square().sum().backward()
+            assert torch.allclose(got, scale.grad, rtol=1e-5, atol=1e-6), (copies, step)
+        assert len({g.data_ptr() for g in seen}) == (3 if copies else 1), copies
+        leaf = torch.randn(5, 6, device="cuda", requires_grad=True)
+        (out,) = cache.run("k", fn, (leaf,), (net,), copy_input_grads=copies)
+        out.sum().backward()
+        assert leaf.grad is not None and leaf.grad.data_ptr() not in {g.data_ptr() for g in seen}
+
+
 class _CountWeightCasts(TorchDispatchMode):
     """Counts casts of the given weights (by storage) to bfloat16."""
 
