@@ -536,13 +536,14 @@ def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
     128 weight rows then give one n = 128 wgmma whose accumulator holds 64 gate columns and their
     64 up columns (``_gate_up_columns``). Inside ``shared_weight_layouts`` one copy per weight."""
     memo = _LAYOUTS.memo if _LAYOUTS.capturing == _capturing(weight) else None
+    version = None if weight.is_inference() else weight._version  # (inference tensors keep none)
     entry = memo.get(id(weight)) if memo is not None else None
-    if entry is not None and entry[0] is weight and entry[1] == weight._version:
+    if entry is not None and entry[0] is weight and entry[1] == version:
         return entry[2]
     rows, k = weight.shape
     interleaved = weight.view(2, rows // 16, 8, k).transpose(0, 1).reshape(rows, k)
     if memo is not None:
-        memo[id(weight)] = (weight, weight._version, interleaved)
+        memo[id(weight)] = (weight, version, interleaved)
     return interleaved
 
 
@@ -568,7 +569,9 @@ def shared_weight_layouts():
     once. It memoizes only in the capture state the block began in: a block entered inside a CUDA
     graph capture ends inside it, so its copies are the graph's own; one entered outside memoizes
     nothing while a capture runs inside it (a replay would read a copy the graph never makes).
-    Nested blocks share the outermost one's memo; its copies are freed when it ends."""
+    Nested blocks share the outermost one's memo; its copies are freed when it ends. An inference
+    tensor (made under ``torch.inference_mode``) has no version counter: an in-place change to
+    one inside the block goes unseen, so such a weight must not change inside it."""
     if _LAYOUTS.memo is not None:
         yield
         return
