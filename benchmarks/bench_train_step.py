@@ -281,12 +281,16 @@ def run(shape: str, gated: bool, provider: str, mode: str = "train", steps: int 
     ``precompile``: fused providers run the trainer's ``precompile_kernels`` dry run first, inside
     the first step's time. ``cuda_graphs``: the model's ``cuda_graphs`` setting (providers without
     torch.compile replay the no-gradient recurrence as CUDA graphs; compiled ones never do).
-    ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``.
+    ``setting``: the fusion switches (``parse_switches``), after the eager providers' ``REFERENCE_WORK``
+    items it does not name (labelled "reference work" where it names none of them).
     ``ops``: also the ``ops`` PyTorch ops with the most GPU time of their own, by input shapes
     (``ops_table``; a replayed CUDA graph's kernels belong to no op: use ``cuda_graphs=False``)."""
-    reference_work = provider.startswith("eager") and "q_target_first_position" not in setting
-    if reference_work:
-        setting = REFERENCE_WORK if setting == "default" else f"{REFERENCE_WORK},{setting}"
+    named = {item.partition("=")[0] for item in ([] if setting == "default" else setting.split(","))}
+    reference = [item for item in REFERENCE_WORK.split(",") if item.partition("=")[0] not in named]
+    # the label only where no reference item is overridden; the items not named apply either way
+    reference_work = provider.startswith("eager") and len(reference) == len(REFERENCE_WORK.split(","))
+    if provider.startswith("eager") and reference:
+        setting = ",".join(reference + ([] if setting == "default" else [setting]))
     with switches(setting):
         result = _run(shape, gated, provider, mode, steps, precompile, cuda_graphs, ops)
     if reference_work and mode == "train":

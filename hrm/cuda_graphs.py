@@ -23,7 +23,7 @@ backend) and the parameters' storage (``storage_key``). No host synchronisation,
 autocast inside (autocast caches its weight casts outside the graph). Module-level switches that
 change the kernels are in HRM's key where the model owns them (``hrm.model.HRMInner._graph_key``:
 the ``FUSED_*`` (``ReasoningModule.FUSED_INPUT`` among them), ``ROPE_QKV``, ``HALF_TABLES``,
-``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``, ``ROPE_IN_QKV_GRAD``), ``DEFERRED_NORM``, ``HOIST_WEIGHT_CASTS`` and ``PENDING_NORMS`` switches, the backward switches
+``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``, ``ROPE_IN_QKV_GRAD``), ``DEFERRED_NORM``, ``HOIST_WEIGHT_CASTS``, ``SHARE_WEIGHT_LAYOUTS`` and ``PENDING_NORMS`` switches, the backward switches
 ``swiglu_linear.FUSED_BACKWARD`` / ``USE_GLUON`` and ``linear_swiglu.USE_TMA`` / ``USE_GLUON`` /
 ``GLUON_KEEPS_GATE_UP``, ``gated_blend.USE_GLUON`` / ``USE_GLUON_DPRE``,
 ``rope_attention.USE_GLUON`` / ``USE_GLUON_BACKWARD`` / ``USE_GLUON_LONG`` / ``USE_GLUON_LONG_GRAD`` /
@@ -37,7 +37,7 @@ target's pass after them, ``HRMInner._grad_calls``): its forward and its backwar
 of the outputs with respect to the inputs that require grad and ``params``) are captured as two
 graphs sharing one private memory pool, in which the forward leaves the activations the backward
 reads. A call replays the forward; autograd's backward replays the backward and hands out copies
-of the gradients. Only one call per graph may await its backward: another forward before it
+of the gradients (of the inputs' only where the caller asks: ``copy_input_grads``). Only one call per graph may await its backward: another forward before it
 (two forwards, then two backwards) launches eagerly instead, so no saved activation is overwritten.
 """
 
@@ -298,7 +298,8 @@ class GradGraphCache(_Cache):
         parameters as they are when it runs (no version-counter check against in-place changes
         made between forward and backward), and each call supports one backward.
         ``copy_input_grads=False``: the inputs' gradients are handed to autograd as the graph's own
-        buffers, not copies (one pass over each less), which the next backward replay overwrites:
+        buffers, not copies (one pass over each less), which the next replay of this key, forward
+        or backward, may overwrite (the two graphs share one memory pool):
         only for inputs that are intermediate results of the caller's (not leaves, never passed to
         ``torch.autograd.grad`` or hooked), whose gradients the backward consumes at once."""
         slots = tuple(slot for module in modules for slot in parameter_slots(module))

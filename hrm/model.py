@@ -300,12 +300,12 @@ class HRMInner(nn.Module):
         a Sudoku training step. Neither under torch.compile, which fuses the casts itself."""
         if torch.compiler.is_compiling():
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if self.HOIST_WEIGHT_CASTS:
-            stack.enter_context(hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype))
-        if self.SHARE_WEIGHT_LAYOUTS:
-            stack.enter_context(shared_weight_layouts())
-        return stack
+        with contextlib.ExitStack() as stack:  # (an error entering the second leaves the first)
+            if self.HOIST_WEIGHT_CASTS:
+                stack.enter_context(hoisted_weight_casts([self.L_level, self.H_level], self.forward_dtype))
+            if self.SHARE_WEIGHT_LAYOUTS:
+                stack.enter_context(shared_weight_layouts())
+            return stack.pop_all()
 
     def _recurrence(self, z_H, z_L, x: torch.Tensor, steps: int, first_position: bool = False,
                     pending_out: bool = False):

@@ -57,6 +57,7 @@ import threading
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 try:
     from triton.experimental import gluon
@@ -537,20 +538,21 @@ def interleave_gate_up(weight: torch.Tensor) -> torch.Tensor:
     64 up columns (``_gate_up_columns``). Inside ``shared_weight_layouts`` one copy per weight."""
     memo = _LAYOUTS.memo if _LAYOUTS.capturing == _capturing(weight) else None
     version = None if weight.is_inference() else weight._version  # (inference tensors keep none)
-    entry = memo.get(id(weight)) if memo is not None else None
-    if entry is not None and entry[0] is weight and entry[1] == version:
-        return entry[2]
+    entry = memo.get(weight) if memo is not None else None
+    if entry is not None and entry[0] == version:
+        return entry[1]
     rows, k = weight.shape
     interleaved = weight.view(2, rows // 16, 8, k).transpose(0, 1).reshape(rows, k)
     if memo is not None:
-        memo[id(weight)] = (weight, version, interleaved)
+        memo[weight] = (version, interleaved)
     return interleaved
 
 
 class _Layouts(threading.local):
-    """``shared_weight_layouts``' state, per thread: the memo (None outside the block) and whether
-    the block began inside a CUDA graph capture."""
-    memo: dict | None = None
+    """``shared_weight_layouts``' state, per thread: the memo (None outside the block; weakly keyed
+    by the weight tensor, so that a copy dies with its weight: a weight cast afresh at every call
+    keeps no copies alive) and whether the block began inside a CUDA graph capture."""
+    memo: WeakIdKeyDictionary | None = None
     capturing: bool | None = None
 
 
@@ -567,15 +569,16 @@ def shared_weight_layouts():
     is the same tensor at the same version) instead of at every SwiGLU matmul: a recurrence that
     calls the same blocks several times (HRM: twelve calls a training step) reorders each weight
     once. It memoizes only in the capture state the block began in: a block entered inside a CUDA
-    graph capture ends inside it, so its copies are the graph's own; one entered outside memoizes
-    nothing while a capture runs inside it (a replay would read a copy the graph never makes).
+    graph capture must end inside that capture (as a ``with`` block in the captured function
+    does), so its copies are the graph's own; one entered outside memoizes nothing while a capture
+    runs inside it (a replay would read a copy the graph never makes).
     Nested blocks share the outermost one's memo; its copies are freed when it ends. An inference
     tensor (made under ``torch.inference_mode``) has no version counter: an in-place change to
     one inside the block goes unseen, so such a weight must not change inside it."""
     if _LAYOUTS.memo is not None:
         yield
         return
-    _LAYOUTS.memo = {}
+    _LAYOUTS.memo = WeakIdKeyDictionary()
     _LAYOUTS.capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
     try:
         yield

@@ -41,3 +41,26 @@ def test_combined_setting_and_bad_items():
                 pass
         assert repr(bad.split(",")[1]) in str(err.value) and "block_no_grad" in str(err.value)
         assert {name: getattr(*_owner(name)) for name in SWITCHES} == values, bad
+
+
+@pytest.mark.parametrize("provider,setting,want_on,label", [
+    ("eager", "default", {"q_target_first_position": False, "prescaled_embeddings": False}, True),
+    ("eager+compile", "add3=0", {"q_target_first_position": False, "prescaled_embeddings": False}, True),
+    ("eager", "q_target_first_position=1", {"q_target_first_position": True, "prescaled_embeddings": False}, False),
+    ("fused", "default", {"q_target_first_position": True, "prescaled_embeddings": True}, False),
+])
+def test_eager_providers_run_the_reference_work_they_do_not_override(monkeypatch, provider, setting, want_on, label):
+    """The eager providers run each ``REFERENCE_WORK`` item the setting does not name (naming one
+    keeps the others, and drops the "reference work" label); the fused ones run the defaults."""
+    import benchmarks.bench_train_step as bench
+
+    seen = {}
+
+    def fake_run(*args):
+        seen.update({name: getattr(*_owner(name)) for name in want_on})
+        return {"provider": provider}
+
+    monkeypatch.setattr(bench, "_run", fake_run)
+    result = bench.run("sudoku", False, provider, "train", setting=setting)
+    assert seen == want_on
+    assert result["provider"].endswith("(reference work)") == label

@@ -264,6 +264,10 @@ def test_shared_weight_layouts_reorder_each_weight_once():
         changed = fresh(weight)
         assert changed is not first and torch.equal(changed, -2.0 * first)
         assert fresh(weight) is changed
+        held = len(_gluon_gemm._LAYOUTS.memo)
+        for _ in range(3):  # a weight made afresh at each call: its copy dies with it
+            fresh(weight.clone())
+        assert len(_gluon_gemm._LAYOUTS.memo) == held
         with torch.inference_mode():  # no version counter: memoized by identity
             frozen = weight.clone()
             assert fresh(frozen) is fresh(frozen) and torch.equal(fresh(frozen), changed)
