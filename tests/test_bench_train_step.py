@@ -117,3 +117,18 @@ def test_ops_table_lists_the_profiled_ops_by_input_shape():
     table = ops_table(prof, 20)
     assert "aten::mm" in table and "[[37, 123], [123, 5]]" in table
     assert "aten::contiguous" in table or "aten::clone" in table
+
+
+def test_tune_gluon_gemm_names_its_defaults_and_stops_cleanly_without_hopper():
+    """The sweep's first candidate of each epilogue is the library's default (None), every other is a
+    4-tuple of powers of two (the TMA block shapes must be); without a Hopper GPU it stops naming why."""
+    from benchmarks import tune_gluon_gemm
+    from hrm_kernels import _gluon_gemm
+
+    for epilogue, configs in tune_gluon_gemm.CANDIDATES.items():
+        assert epilogue in _gluon_gemm.CONFIGS and configs[0] is None
+        for cfg in configs[1:]:
+            assert len(cfg) == 4 and all(v > 0 and v & (v - 1) == 0 for v in cfg[:3]), cfg
+    if not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))):
+        with pytest.raises(SystemExit, match="Hopper"):
+            tune_gluon_gemm.main([])
