@@ -235,7 +235,8 @@ class HRMInner(nn.Module):
         scale = self.embed_scale
         if (self.PRESCALED_EMBEDDINGS and self.config.pos_encodings != "learned"
                 and not torch.compiler.is_compiling()):
-            x = F.embedding(inputs.to(torch.int32), self.embed_tokens.embedding_weight.to(self.forward_dtype) * scale)
+            table = self.embed_tokens  # (its weight read directly: hooks on embed_tokens do not fire here)
+            x = F.embedding(inputs.to(torch.int32), table.embedding_weight.to(table.cast_to) * scale)
             scale = None
         else:
             x = self.embed_tokens(inputs.to(torch.int32))
