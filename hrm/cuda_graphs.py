@@ -37,8 +37,9 @@ target's pass after them, ``HRMInner._grad_calls``): its forward and its backwar
 of the outputs with respect to the inputs that require grad and ``params``) are captured as two
 graphs sharing one private memory pool, in which the forward leaves the activations the backward
 reads. A call replays the forward; autograd's backward replays the backward and hands out copies
-of the gradients (of the inputs' only where the caller asks: ``copy_input_grads``). Only one call per graph may await its backward: another forward before it
-(two forwards, then two backwards) launches eagerly instead, so no saved activation is overwritten.
+of the gradients (the inputs' ones uncopied where the caller asks: ``copy_input_grads``). Only one
+call per graph may await its backward: another forward before it (two forwards, then two
+backwards) launches eagerly instead, so no saved activation is overwritten.
 """
 
 from __future__ import annotations
@@ -276,8 +277,9 @@ class _Replay(torch.autograd.Function):
         # copies: autograd may keep a returned gradient as .grad, which the next replay would overwrite
         # (the inputs' without ``copy_input_grads``: see GradGraphCache.run)
         n_inputs = len(entry.static_inputs)
-        return (None, None, None, *(None if g is None else g if i < n_inputs and not ctx.copy_input_grads else g.clone()
-                                    for i, g in enumerate(entry.static_grads)))
+        grads = [g if g is None or (i < n_inputs and not ctx.copy_input_grads) else g.clone()
+                 for i, g in enumerate(entry.static_grads)]
+        return (None, None, None, *grads)
 
 
 class GradGraphCache(_Cache):
