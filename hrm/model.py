@@ -297,8 +297,8 @@ class HRMInner(nn.Module):
     def _shared_weight_casts(self):
         """``hoisted_weight_casts`` of the L and H modules where ``HOIST_WEIGHT_CASTS`` applies, and
         with ``SHARE_WEIGHT_LAYOUTS`` one reordered copy of each gate_up weight for the Gluon SwiGLU
-        matmuls (``shared_weight_layouts``) instead of one per call: 48 copies of [3072, 512] fewer
-        a Sudoku training step. Neither under torch.compile, which fuses the casts itself."""
+        matmuls (``shared_weight_layouts``) instead of one per call: 8 copies of [3072, 512] a Sudoku
+        training step instead of 48. Neither under torch.compile, which fuses the casts itself."""
         if torch.compiler.is_compiling():
             return contextlib.nullcontext()
         with contextlib.ExitStack() as stack:  # (an error entering the second leaves the first)
