@@ -155,12 +155,27 @@ def classify(name: str) -> str:
 def idle_us(intervals: list[tuple[float, float]]) -> float:
     """Time inside [first start, last end] of ``intervals`` (kernel (start, end) times, any order,
     overlapping allowed) that no interval covers: how long the GPU waited for work."""
-    idle, covered_to = 0.0, None
-    for start, end in sorted(intervals):
+    return sum(gap for gap, _, _, _ in idle_gaps([(s, e, "") for s, e in intervals]))
+
+
+def idle_gaps(work: list[tuple[float, float, str]]) -> list[tuple[float, float, str, str]]:
+    """The uncovered stretches inside [first start, last end] of ``work`` ((start, end, name) of each
+    kernel, any order, overlapping allowed), in time order: [(gap, its start, the name of the kernel
+    that covered up to it, the name of the kernel after it)]: where and between what the GPU waited."""
+    gaps, covered_to, last = [], None, ""
+    for start, end, name in sorted(work):
         if covered_to is not None and start > covered_to:
-            idle += start - covered_to
-        covered_to = end if covered_to is None else max(covered_to, end)
-    return idle
+            gaps.append((start - covered_to, covered_to, last, name))
+        if covered_to is None or end > covered_to:
+            covered_to, last = end, name
+    return gaps
+
+
+def device_work(events) -> list:
+    """The profiler's device events that run work (kernels, copies, memsets): not the GPU-side
+    annotation ranges (an optimizer step's label), which span kernels rather than run any."""
+    return [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
 
 
 def gpu_time_split(events, calls: int) -> tuple[dict, list]:
@@ -169,8 +184,7 @@ def gpu_time_split(events, calls: int) -> tuple[dict, list]:
     between them included) and ``span`` (first start to last end), and the work's list [(ms, launches, class, name)], largest first. From
     the profiler's device events (kernels, copies, memsets); GPU-side annotation ranges (an
     optimizer step's label) span kernels rather than run any, so they count nowhere."""
-    work = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-            and not getattr(e, "is_user_annotation", False)]
+    work = device_work(events)
     by_name: dict[str, list] = {}
     for e in work:
         entry = by_name.setdefault(e.name, [0.0, 0])
@@ -224,8 +238,11 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
             state = step(state)
         torch.cuda.synchronize()
     split, kernels = gpu_time_split(prof.events(), calls=3)
+    work = [(e.time_range.start, e.time_range.end, e.name) for e in device_work(prof.events())]
+    origin = min((start for start, _, _ in work), default=0.0)  # gap positions from the first kernel's start
+    gaps = [(gap, at - origin, before, after) for gap, at, before, after in idle_gaps(work)]
     result = {"ms": sorted(times)[len(times) // 2], "first_step_s": first,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels}
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels, "gaps": gaps}
     if ops:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             step(state)
@@ -395,6 +412,9 @@ def main(argv=None) -> str:
     parser.add_argument("--ops", type=int, default=0, metavar="N",
                         help="also print each run's N PyTorch ops with the most GPU time of their own, by input "
                              "shapes (profiler; with --cuda-graphs 0, since replayed graphs hide their ops)")
+    parser.add_argument("--gaps", type=int, default=0, metavar="N",
+                        help="also print each run's N longest stretches in which the GPU waited for work, over "
+                             "the 3 profiled calls, with the kernels on either side (profiler)")
     parser.add_argument("--cuda-graphs", nargs="*", type=int, default=[1],
                         help="the model's cuda_graphs setting(s) for the providers without torch.compile")
     parser.add_argument("--switches", nargs="*", default=["default"],
@@ -418,7 +438,7 @@ def main(argv=None) -> str:
                 r.update(setting=setting, base_provider=r["provider"])
                 if setting != "default":
                     r["provider"] += f" [{setting}]"
-                print({k: v for k, v in r.items() if k not in ("kernels", "setting", "base_provider", "ops_table")},
+                print({k: v for k, v in r.items() if k not in ("kernels", "gaps", "setting", "base_provider", "ops_table")},
                       flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
@@ -428,6 +448,11 @@ def main(argv=None) -> str:
         print(f"\nlargest kernels, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (GPU ms per call):")
         for ms, count, kind, name in r["kernels"][:args.kernels]:
             print(f"{ms:8.2f} {count:5d}x {kind:9s} {name[:110]}")
+    for r in rows if args.gaps else ():
+        print(f"\nlongest GPU idle stretches, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} "
+              f"(3 calls; {len(r['gaps'])} stretches, {r['idle'] * 3:.2f} ms in all):")
+        for gap, at, before, after in sorted(r["gaps"], reverse=True)[:args.gaps]:
+            print(f"{gap:8.1f} us at {at / 1e3:8.2f} ms: {before[:60]} -> {after[:60]}")
     for r in rows if args.ops else ():
         print(f"\nops by GPU time, {r['shape']} gated={r['gated']} {r['mode']} {r['provider']} (one call):\n"
               f"{r['ops_table']}")

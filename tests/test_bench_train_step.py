@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from benchmarks.bench_train_step import (classify, gpu_time_split, idle_us, kernel_diff, kernel_diff_report,
+from benchmarks.bench_train_step import (classify, gpu_time_split, idle_gaps, idle_us, kernel_diff, kernel_diff_report,
                                         ops_table, other_share)
 
 
@@ -19,6 +19,14 @@ def test_idle_is_the_uncovered_part_of_the_span():
     # two streams overlapping, a nested kernel, then a 3 us gap and a 1 us gap, given out of order
     intervals = [(20.0, 21.0), (0.0, 10.0), (2.0, 4.0), (8.0, 14.0), (17.0, 19.0)]
     assert idle_us(intervals) == 3.0 + 1.0
+
+
+def test_idle_gaps_name_the_kernel_that_covered_up_to_each_gap_and_the_next():
+    # "long" covers past "nested" and "tail", so the first gap follows "long", not the last to start
+    work = [(17.0, 19.0, "c"), (0.0, 10.0, "a"), (2.0, 4.0, "nested"), (8.0, 14.0, "long"), (9.0, 12.0, "tail"),
+            (20.0, 21.0, "d")]
+    assert idle_gaps(work) == [(3.0, 14.0, "long", "c"), (1.0, 19.0, "c", "d")]
+    assert idle_gaps([]) == [] and idle_gaps([(1.0, 2.0, "x")]) == []
 
 
 def test_idle_matches_a_unit_grid_count():
