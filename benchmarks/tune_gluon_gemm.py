@@ -5,14 +5,17 @@ descriptor building is not in them), TFLOP/s, and the largest difference from th
 configuration's output. Paste a winner into ``CONFIGS``; then A/B it in the training step
 (``bench_train_step.py``), since the GEMM's time moves by up to ~1.5 ms a step between runs.
 
-    python benchmarks/tune_gluon_gemm.py [--shape sudoku arc] [--calls qkv o gate_up down]
+    python benchmarks/tune_gluon_gemm.py [--shape sudoku arc] [--calls qkv o gate_up down down_grad]
 
 Calls (M = batch x tokens, hidden 512, intermediate 1536):
 - ``qkv``: ``norm_linear(h, ss, W_qkv)``, the plain epilogue with the row scale (ARC: the "rope"
   epilogue, which needs 128-column tiles: only its stages are swept);
 - ``o``: ``linear_add_sumsq(attn, W_o, h, ss)``, K = N = 512, the normalized residual;
 - ``gate_up``: ``norm_linear(h, ss, W_gate_up, "swiglu")``, N = 3072 weight rows -> 1536 columns;
-- ``down``: ``linear_add_sumsq(act, W_down, h, ss)``, K = 1536, N = 512.
+- ``down``: ``linear_add_sumsq(act, W_down, h, ss)``, K = 1536, N = 512;
+- ``down_grad``: the with-gradient blocks' ``swiglu_linear_backward(dy, W_down, gate_up)``
+  (``hrm_kernels._gluon_swiglu_backward``: dy @ W_down with the SwiGLU backward as its epilogue,
+  K = 512, I = 1536; its own ``CONFIG``), against cuBLAS's dy @ W_down alone.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from benchmarks.common import environment, gpu_us  # noqa: E402
 
 SHAPES = {"sudoku": (768, 82), "arc": (96, 901)}  # batch, tokens (with the puzzle token)
 HIDDEN, INTER, HEAD_DIM = 512, 1536, 64
+CALLS = ["qkv", "o", "gate_up", "down", "down_grad"]
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES); the first of each list is the library's default. Block
 # shapes must be powers of two; shared memory holds STAGES x (BLOCK_M + BLOCK_N) x BLOCK_K x 2 bytes
 # plus two output tiles (one a consumer warpgroup).
@@ -36,12 +40,32 @@ CANDIDATES = {
     "none": [None, (128, 128, 64, 4), (128, 128, 32, 8), (64, 256, 64, 4), (64, 128, 64, 8), (256, 64, 64, 4)],
     "swiglu": [None, (128, 128, 64, 5), (128, 128, 32, 8), (64, 256, 64, 4)],
     "rope": [None, (128, 128, 64, 4), (128, 128, 32, 8)],
+    # the with-gradient down projection's input gradient with the SwiGLU backward as its epilogue
+    # (``_gluon_swiglu_backward.CONFIG``): 4 epilogue buffers of [BLOCK_M, BLOCK_N] besides the ring
+    "swiglu_backward": [None, (128, 64, 64, 5), (128, 64, 128, 3), (64, 128, 64, 6), (128, 128, 64, 3)],
 }
+
+
+def get_config(epilogue: str) -> tuple:
+    """The library's current configuration for ``epilogue`` (a CANDIDATES key)."""
+    from hrm_kernels import _gluon_gemm, _gluon_swiglu_backward
+
+    return _gluon_swiglu_backward.CONFIG if epilogue == "swiglu_backward" else _gluon_gemm.CONFIGS[epilogue]
+
+
+def set_config(epilogue: str, config: tuple) -> None:
+    from hrm_kernels import _gluon_gemm, _gluon_swiglu_backward
+
+    if epilogue == "swiglu_backward":
+        _gluon_swiglu_backward.CONFIG = config
+    else:
+        _gluon_gemm.CONFIGS[epilogue] = config
 
 
 def calls(shape: str) -> dict:
     """name -> (epilogue, launch(), flops) for the block's four matmuls at ``shape``."""
     from hrm_kernels import _gluon_gemm as gemm
+    from hrm_kernels._gluon_swiglu_backward import swiglu_linear_backward
     from hrm_kernels.rope import first_halves
 
     batch, tokens = SHAPES[shape]
@@ -70,8 +94,11 @@ def calls(shape: str) -> dict:
     out["o"] = ("none", lambda: gemm.gemm_add_sumsq(attn, w_o, h, ss, eps)[0], 2 * m * HIDDEN * HIDDEN)
     out["gate_up"] = ("swiglu", lambda: gemm.gemm(h, w_gate_up, "swiglu", ss=ss, eps=eps), 2 * m * HIDDEN * 2 * INTER)
     out["down"] = ("none", lambda: gemm.gemm_add_sumsq(act, w_down, h, ss, eps)[0], 2 * m * INTER * HIDDEN)
+    gate_up = rows(2 * INTER)  # the forward's [gate | up], for the backward
+    out["down_grad"] = ("swiglu_backward", lambda: swiglu_linear_backward(attn, w_down, gate_up),
+                        2 * m * HIDDEN * INTER)
     cublas = {"qkv": lambda: h @ w_qkv.T, "o": lambda: attn @ w_o.T, "gate_up": lambda: h @ w_gate_up.T,
-              "down": lambda: act @ w_down.T}
+              "down": lambda: act @ w_down.T, "down_grad": lambda: attn @ w_down}
     return {name: (*spec, cublas[name]) for name, spec in out.items()}
 
 
@@ -80,8 +107,7 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--calls", nargs="*", default=["qkv", "o", "gate_up", "down"],
-                        choices=["qkv", "o", "gate_up", "down"])
+    parser.add_argument("--calls", nargs="*", default=CALLS, choices=CALLS)
     args = parser.parse_args(argv)
     if not (torch.cuda.is_available() and gemm.available(torch.device("cuda"))):
         raise SystemExit("tune_gluon_gemm: the Gluon GEMM runs on a Hopper GPU (none here)")
@@ -93,12 +119,12 @@ def main(argv=None) -> None:
             t_cublas = gpu_us(cublas)
             print(f"\n{shape} {name} ({epilogue}): cuBLAS plain matmul {t_cublas:.1f} us "
                   f"({flops / t_cublas / 1e6:.0f} TFLOP/s)", flush=True)
-            default = gemm.CONFIGS[epilogue]
+            default = get_config(epilogue)
             reference = None
             try:
                 for cfg in CANDIDATES[epilogue]:
-                    gemm.CONFIGS[epilogue] = default if cfg is None else cfg
-                    label = f"{gemm.CONFIGS[epilogue]}{' (default)' if cfg is None else ''}"
+                    set_config(epilogue, default if cfg is None else cfg)
+                    label = f"{get_config(epilogue)}{' (default)' if cfg is None else ''}"
                     try:
                         result = launch()
                         torch.cuda.synchronize()
@@ -112,7 +138,7 @@ def main(argv=None) -> None:
                     print(f"  {label}: {t:.1f} us ({flops / t / 1e6:.0f} TFLOP/s, {t_cublas / t:.2f}x cuBLAS); "
                           f"max |diff| vs default {diff:.3g}", flush=True)
             finally:
-                gemm.CONFIGS[epilogue] = default
+                set_config(epilogue, default)
 
 
 if __name__ == "__main__":

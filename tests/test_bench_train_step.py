@@ -131,10 +131,19 @@ def test_tune_gluon_gemm_names_its_defaults_and_stops_cleanly_without_hopper():
     """The sweep's first candidate of each epilogue is the library's default (None), every other is a
     4-tuple of powers of two (the TMA block shapes must be); without a Hopper GPU it stops naming why."""
     from benchmarks import tune_gluon_gemm
-    from hrm_kernels import _gluon_gemm
+    from hrm_kernels import _gluon_gemm, _gluon_swiglu_backward
 
     for epilogue, configs in tune_gluon_gemm.CANDIDATES.items():
-        assert epilogue in _gluon_gemm.CONFIGS and configs[0] is None
+        default = tune_gluon_gemm.get_config(epilogue)
+        assert len(default) == 4 and configs[0] is None
+        tune_gluon_gemm.set_config(epilogue, (1, 2, 4, 8))  # each key reaches the configuration the library reads
+        try:
+            reads = (_gluon_swiglu_backward.CONFIG if epilogue == "swiglu_backward"
+                     else _gluon_gemm.CONFIGS[epilogue])
+            assert reads == (1, 2, 4, 8)
+        finally:
+            tune_gluon_gemm.set_config(epilogue, default)
+        assert tune_gluon_gemm.get_config(epilogue) == default
         for cfg in configs[1:]:
             assert len(cfg) == 4 and all(v > 0 and v & (v - 1) == 0 for v in cfg[:3]), cfg
     if not (torch.cuda.is_available() and _gluon_gemm.available(torch.device("cuda"))):
