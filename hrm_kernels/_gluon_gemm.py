@@ -93,6 +93,8 @@ ROPE_HEAD_DIMS = (16, 32, 64, 128)  # the "rope" epilogue's: a tile's 128 column
 # 303.7 / 417.0
 # (cuBLAS's plain 3072 x 512 GEMM: 292.3 / 412.0). Stages 4 / 5 / 6: plain 331.6 / 349.5 / 354.1,
 # row scale 312.3 / 310.8 / 312.4.
+# Session 36 (benchmarks/tune_gluon_gemm.py, H100, ARC's M = 86496, the no-gradient block's calls):
+# each default the fastest of the sweep's candidates (benchmarks/RESULTS.md, session 36).
 CONFIGS = {"none": (128, 128, 64, 5), "swiglu": (128, 128, 64, 4), "swiglu_keep": (128, 128, 64, 4),
            "rope": (128, 128, 64, 5)}
 CONSUMER_REGISTERS = 232  # the second consumer's; the producer warp gets 40, the first consumer the rest

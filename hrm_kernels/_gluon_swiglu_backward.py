@@ -40,6 +40,8 @@ if _HAVE_GLUON:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
 # with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
+# Session 36, M = 86496: 439.5 us against 448.3-491.8 for [128, 64, 64] x 5, [128, 64, 128] x 3,
+# [64, 128, 64] x 6 and [128, 64, 32] x 10 (benchmarks/tune_gluon_gemm.py).
 CONFIG = (128, 64, 64, 6)
 CONSUMER_REGISTERS = 232
 
