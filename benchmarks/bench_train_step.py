@@ -7,7 +7,7 @@ their continue-target pass computes every position (``q_target_first_position=0`
 ``--switches`` names that switch. Reports ms/step (median of timed steps after warm-up, each
 started on an idle GPU and waited for), ms/step back to back (the mean of as many steps queued
 without waiting, as ``train/pretrain.py`` runs them: a step's host-bound start overlaps the
-previous step's GPU work; on an H100 in session 36 it came out 0.3-1.6 ms slower than the first
+previous step's GPU work; on an H100 in session 36 it came out 0.3-2.1 ms slower than the first
 for both providers, the GPU never resting), tokens/s (from the first), time to the first finished step (compilation included), peak memory, and
 where the GPU time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
 and idle: the time between a step's first and last kernel in which none runs; from the profiler),
