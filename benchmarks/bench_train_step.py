@@ -5,11 +5,12 @@ Providers: ``eager`` (eager kernels), ``eager+compile`` (what the reference runs
 (hrm_kernels' Triton kernels), ``fused+compile``. The eager providers do the reference's work:
 their continue-target pass computes every position (``q_target_first_position=0``) unless
 ``--switches`` names that switch. Reports ms/step (median of timed steps after warm-up, each
-started on an idle GPU and waited for), ms/step back to back (the mean of as many steps queued
-without waiting, as ``train/pretrain.py`` runs them: a step's host-bound start overlaps the
-previous step's GPU work; on an H100 in session 36 it came out 0.3-2.1 ms slower than the first
-for both providers, the GPU never resting), tokens/s (from the first), time to the first finished step (compilation included), peak memory, and
-where the GPU time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
+started on an idle GPU and waited for), ms/step back to back (the median of as many steps queued
+without waiting, timed by events between them: a step's host-bound start overlaps the previous
+step's GPU work, as in ``train/pretrain.py``, which keeps about a step ahead; an evaluation batch
+ends with a host check, as ``evaluate``'s does, so there both figures wait), tokens/s (from the
+first), time to the first finished step (compilation included), peak memory, and where the GPU
+time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
 and idle: the time between a step's first and last kernel in which none runs; from the profiler),
 and "other"'s share of that profiled time.
 
@@ -158,7 +159,7 @@ def classify(name: str) -> str:
 def idle_us(intervals: list[tuple[float, float]]) -> float:
     """Time inside [first start, last end] of ``intervals`` (kernel (start, end) times, any order,
     overlapping allowed) that no interval covers: how long the GPU waited for work."""
-    return sum(gap for gap, _, _, _ in idle_gaps([(s, e, "") for s, e in intervals]))
+    return sum((gap for gap, _, _, _ in idle_gaps([(s, e, "") for s, e in intervals])), 0.0)
 
 
 def idle_gaps(work: list[tuple[float, float, str]]) -> list[tuple[float, float, str, str]]:
@@ -209,7 +210,8 @@ def gpu_time_split(events, calls: int) -> tuple[dict, list]:
 
 def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
-    it), then the median of ``steps`` timed calls after warm-up, then the profiler's GPU-time split
+    it), then the median of ``steps`` timed calls after warm-up, each waited for, and the median of
+    ``steps`` calls queued back to back (``ms_pipelined``), then the profiler's GPU-time split
     over 3 calls (and with ``ops``, one more call's ``ops_table``). Peak memory: from the first call
     on (after ``prepare``, whose copies are freed)."""
     torch.cuda.synchronize()
@@ -233,16 +235,17 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    # back to back, as the trainer runs (it never waits for the GPU inside or between steps): the
-    # host's launches of step t + 1 overlap step t's GPU work, so the host-bound start of a step
-    # (eager launches before its first CUDA graph) is hidden where the host keeps ahead
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
+    # back to back: steps queued behind one untimed step, an event between each two, no wait until
+    # the last (the trainer keeps about a step ahead: it reads step t - 1's metrics after queuing
+    # step t). Each step's time is then its GPU time plus any wait for the host's launches.
+    state = step(state)
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    marks[0].record()
+    for mark in marks[1:]:
         state = step(state)
-    end.record()
+        mark.record()
     torch.cuda.synchronize()
-    pipelined = start.elapsed_time(end) / steps
+    queued = sorted(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -254,7 +257,7 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     work = [(e.time_range.start, e.time_range.end, e.name) for e in device_work(prof.events())]
     origin = min((start for start, _, _ in work), default=0.0)  # gap positions from the first kernel's start
     gaps = [(gap, at - origin, before, after) for gap, at, before, after in idle_gaps(work)]
-    result = {"ms": sorted(times)[len(times) // 2], "ms_pipelined": pipelined, "first_step_s": first,
+    result = {"ms": sorted(times)[len(times) // 2], "ms_pipelined": queued[len(queued) // 2], "first_step_s": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels, "gaps": gaps}
     if ops:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
