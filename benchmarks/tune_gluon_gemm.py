@@ -1,8 +1,9 @@
-"""Sweep the Gluon GEMM's tile configurations (``hrm_kernels._gluon_gemm.CONFIGS``) at the calls the
-no-gradient deferred-norm block makes (``hrm.layers.Block.deferred``), against cuBLAS at the same
-shapes: GPU times from the profiler (``benchmarks.common.gpu_us``: kernels only, so the host's
+"""Sweep the Gluon GEMMs' tile configurations (``hrm_kernels._gluon_gemm.CONFIGS``) at the calls the
+no-gradient deferred-norm block makes (``hrm.layers.Block.deferred``), and the SwiGLU backward's
+(``hrm_kernels._gluon_swiglu_backward.CONFIG``) at the with-gradient blocks' call, against cuBLAS at
+the same shapes: GPU times from the profiler (``benchmarks.common.gpu_us``: kernels only, so the host's
 descriptor building is not in them), TFLOP/s, and the largest difference from the default
-configuration's output. Paste a winner into ``CONFIGS``; then A/B it in the training step
+configuration's output. Paste a winner into ``CONFIGS`` (or ``CONFIG``); then A/B it in the training step
 (``bench_train_step.py``), since the GEMM's time moves by up to ~1.5 ms a step between runs.
 
     python benchmarks/tune_gluon_gemm.py [--shape sudoku arc] [--calls qkv o gate_up down down_grad]
@@ -64,7 +65,8 @@ def set_config(epilogue: str, config: tuple) -> None:
 
 
 def calls(shape: str) -> dict:
-    """name -> (epilogue, launch(), flops) for the block's four matmuls at ``shape``."""
+    """name -> (configuration key, launch(), flops, cuBLAS launch()) for the block's four matmuls and
+    the SwiGLU backward at ``shape``."""
     from hrm_kernels import _gluon_gemm as gemm
     from hrm_kernels._gluon_swiglu_backward import swiglu_linear_backward
     from hrm_kernels.rope import first_halves

