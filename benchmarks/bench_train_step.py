@@ -455,8 +455,8 @@ def main(argv=None) -> str:
                 r.update(setting=setting, base_provider=r["provider"])
                 if setting != "default":
                     r["provider"] += f" [{setting}]"
-                print({k: v for k, v in r.items() if k not in ("kernels", "gaps", "setting", "base_provider", "ops_table")},
-                      flush=True)
+                hidden = ("kernels", "gaps", "setting", "base_provider", "ops_table")
+                print({k: v for k, v in r.items() if k not in hidden}, flush=True)
                 rows.append(r)
                 torch._dynamo.reset()
                 torch.cuda.empty_cache()
