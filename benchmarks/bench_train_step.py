@@ -253,8 +253,9 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
         for _ in range(3):
             state = step(state)
         torch.cuda.synchronize()
-    split, kernels = gpu_time_split(prof.events(), calls=3)
-    work = [(e.time_range.start, e.time_range.end, e.name) for e in device_work(prof.events())]
+    events = prof.events()
+    split, kernels = gpu_time_split(events, calls=3)
+    work = [(e.time_range.start, e.time_range.end, e.name) for e in device_work(events)]
     origin = min((start for start, _, _ in work), default=0.0)  # gap positions from the first kernel's start
     gaps = [(gap, at - origin, before, after) for gap, at, before, after in idle_gaps(work)]
     result = {"ms": sorted(times)[len(times) // 2], "ms_pipelined": queued[len(queued) // 2], "first_step_s": first,

@@ -56,6 +56,7 @@ def get_config(epilogue: str) -> tuple:
 
 
 def set_config(epilogue: str, config: tuple) -> None:
+    """Make ``config`` the one the library's launcher for ``epilogue`` reads at its next call."""
     from hrm_kernels import _gluon_gemm, _gluon_swiglu_backward
 
     if epilogue == "swiglu_backward":
