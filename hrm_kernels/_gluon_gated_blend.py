@@ -68,7 +68,7 @@ if _HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout
+    from hrm_kernels._gluon_gemm import _accumulator_layout, narrow, rounded
 
 BLOCK_M = 128  # rows a tile: two warpgroups of 64
 CHUNK = 64  # columns of D a k-step (the hidden GEMM) and an output chunk (the logit GEMM and blend)
@@ -166,7 +166,7 @@ if _HAVE_GLUON:
         z_buf = z_bufs.index(WG)
         out_buf = out_bufs.index(WG)
         r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
-        bias1 = gl.expand_dims(gl.load(b1 + r_idx).to(dtype).to(gl.float32), 0)
+        bias1 = gl.expand_dims(rounded(gl.load(b1 + r_idx), dtype), 0)
         cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
         step = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
@@ -183,15 +183,15 @@ if _HAVE_GLUON:
                 step += 1
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index((step - 1) % S), count=1)
-            pre = (acc + bias1).to(dtype).to(gl.float32)
-            z = (pre / (1.0 + gl.exp(-pre))).to(dtype)
+            pre = rounded(acc + bias1, dtype)
+            z = narrow(pre / (1.0 + gl.exp(-pre)), dtype)
             z_buf.store(z)  # (the previous tile's logit wgmmas have completed: each was waited for)
             fence_async_shared()
             for c in range(chunks):
                 out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
                 for kind in gl.static_range(KINDS):
                     s = step % S
-                    bias2 = gl.expand_dims(gl.load(b2 + kind * D + c * BK + cols).to(dtype).to(gl.float32), 0)
+                    bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
                     mbarrier.wait(ready.index(s), (step // S) & 1)
                     w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
                     logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
@@ -206,7 +206,7 @@ if _HAVE_GLUON:
                     out += _fast_sigmoid(logit + bias2) * x
                     step += 1
                 tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
-                out_buf.store(out.to(dtype))
+                out_buf.store(narrow(out, dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
         tma.store_wait(pendings=0)
@@ -337,7 +337,7 @@ if _HAVE_GLUON:
                 step += 1
                 for kind in gl.static_range(KINDS):
                     s = step % S
-                    bias2 = gl.expand_dims(gl.load(b2 + kind * D + c * BK + cols).to(dtype).to(gl.float32), 0)
+                    bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
                     mbarrier.wait(ready.index(s), (step // S) & 1)
                     w2_buf = w_bufs.index(s)  # [BK, R]: W2's rows for this chunk's gates
                     logit = warpgroup_mma(z_half, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
@@ -345,7 +345,7 @@ if _HAVE_GLUON:
                     logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
                     x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
                     g = _fast_sigmoid(logit + bias2)
-                    dl = gl.convert_layout((dout.to(gl.float32) * x * g * (1.0 - g)).to(dtype), dl_layout)
+                    dl = gl.convert_layout(narrow(dout.to(gl.float32) * x * g * (1.0 - g), dtype), dl_layout)
                     dz = warpgroup_mma(dl, w2_buf, dz, is_async=True)
                     dz = warpgroup_mma_wait(num_outstanding=0, deps=(dz, ))
                     fence_async_shared()
@@ -355,7 +355,7 @@ if _HAVE_GLUON:
             mbarrier.wait(pre_bar, t & 1)
             pre = out_buf.load(hidden_layout).to(gl.float32)  # rows past M load as 0
             sg = 1.0 / (1.0 + gl.exp(-pre))
-            dpre = (dz * sg * (1.0 + pre * (1.0 - sg))).to(dtype)
+            dpre = narrow(dz * sg * (1.0 + pre * (1.0 - sg)), dtype)
             # db1's partial sum over this tile half (rows past M: dout loads as 0, so d_pre1 is 0
             # there); a sum carried over the tiles in registers made ptxas spill
             gl.store(db1_partial + (tile * 2 + WG) * R + r_idx, gl.sum(dpre.to(gl.float32), axis=0))

@@ -135,6 +135,31 @@ if _HAVE_GLUON:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
     @gluon.jit
+    def narrow(x, dtype: gl.constexpr):
+        """``x.to(dtype)``, rounded to nearest even. From fp32 to bf16, two elements per
+        ``cvt.rn.bf16x2.f32``: the compiler pairs two conversions only where both results go straight
+        into one register for a store; elsewhere (a rounding the epilogue computes on, a tile whose
+        layout was permuted) it converts one element per instruction, and an H100 issues conversions
+        at 16 a clock per SM against 128 fp32 FMAs (the rope epilogue took 256 a thread and tile)."""
+        if dtype == gl.bfloat16 and x.dtype == gl.float32:
+            return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.bfloat16,
+                                             is_pure=True, pack=2)
+        else:
+            return x.to(dtype)
+
+    @gluon.jit
+    def rounded(x, dtype: gl.constexpr):
+        """``x.to(dtype).to(float32)``: x rounded to the 2-byte ``dtype``, as a matmul writing that
+        dtype rounds it. From fp32 to bf16, two elements per conversion, unpacked by bit operations
+        (``narrow``'s reason)."""
+        if dtype == gl.bfloat16 and x.dtype == gl.float32:
+            return gl.inline_asm_elementwise(
+                "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; and.b32 $1, t, 0xffff0000; }",
+                "=r,=r,r,r", [x], dtype=gl.float32, is_pure=True, pack=2)
+        else:
+            return x.to(dtype).to(gl.float32)
+
+    @gluon.jit
     def _tile_origin(tile, n_tiles_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
         return (tile // n_tiles_n) * BLOCK_M, (tile % n_tiles_n) * BLOCK_N
 
@@ -303,8 +328,8 @@ if _HAVE_GLUON:
                         acc = acc * rstd
                 if EPILOGUE == 1 or EPILOGUE == 2:
                     gate, up = _gate_up_columns(acc, BLOCK_M, BLOCK_N)
-                    gate_rounded = gate.to(out_desc.dtype)
-                    up_rounded = up.to(out_desc.dtype)
+                    gate_rounded = narrow(gate, out_desc.dtype)
+                    up_rounded = narrow(up, out_desc.dtype)
                     if EPILOGUE == 2:  # this warpgroup's previous stores have left its buffers
                         tma.store_wait(pendings=0)
                         gu_bufs.index(2 * WARPGROUP).store(gate_rounded)
@@ -329,20 +354,21 @@ if _HAVE_GLUON:
                         rows_half = out_buf.slice(half * (BLOCK_M // 2), BLOCK_M // 2, dim=0)
                         cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m + half * (BLOCK_M // 2), seq_len,
                                                           t_stride, BLOCK_M // 2, BLOCK_N, HEAD_DIM)
-                        rows_half.store(_rope_columns(rows_half.load(layout).to(gl.float32), cos_tile, sin_tile, off_n,
-                                                      rope_cols, BLOCK_M // 2, BLOCK_N, HEAD_DIM).to(out_desc.dtype))
+                        rows_half.store(narrow(_rope_columns(rows_half.load(layout).to(gl.float32), cos_tile, sin_tile,
+                                                             off_n, rope_cols, BLOCK_M // 2, BLOCK_N, HEAD_DIM),
+                                               out_desc.dtype))
                 elif EPILOGUE == 3:  # q and k rotated as the reference rotates F.linear's rounded output
                     if not EARLY_TABLES:
                         cos_tile, sin_tile = _rope_tables(layout, cos, sin, off_m, seq_len, t_stride, BLOCK_M, BLOCK_N,
                                                           HEAD_DIM)
-                    result = _rope_columns(acc.to(out_desc.dtype).to(gl.float32), cos_tile, sin_tile, off_n, rope_cols,
+                    result = _rope_columns(rounded(acc, out_desc.dtype), cos_tile, sin_tile, off_n, rope_cols,
                                            BLOCK_M, BLOCK_N, HEAD_DIM)
                 else:
                     result = acc
                 if not (EPILOGUE == 3 and HALVES_ROPE):  # (that one is in out_buf already)
                     if RESIDUAL == 0 and EPILOGUE != 2:
                         tma.store_wait(pendings=0)  # this warpgroup's previous store has left out_buf
-                    out_buf.store(result.to(out_desc.dtype))
+                    out_buf.store(narrow(result, out_desc.dtype))
                 fence_async_shared()
                 if EPILOGUE == 2:
                     tma.async_copy_shared_to_global(gate_desc, [off_m, off_n], gu_bufs.index(2 * WARPGROUP))

@@ -36,7 +36,7 @@ if _HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _fill_ring, _tile_origin
+    from hrm_kernels._gluon_gemm import _accumulator_layout, _barriers, _fill_ring, _tile_origin, narrow, rounded
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, STAGES). H100, M=62976, N=512, I=1536, bf16 (session 22): 371.5 us
 # with 4 stages, 337.1 with 5, 321.0 with 6 (208 KiB of shared memory with the 4 epilogue buffers).
@@ -107,14 +107,14 @@ if _HAVE_GLUON:
                 mbarrier.wait(bar, (j // 2) & 1)
                 # Few values live at once (232-240 registers): dup leaves through gate's buffer
                 # before up is loaded, dgate through up's.
-                dact_sig = acc.to(dgate_desc.dtype).to(gl.float32)  # dact, rounded as cuBLAS writes it
+                dact_sig = rounded(acc, dgate_desc.dtype)  # dact, rounded as cuBLAS writes it
                 gate = gate_buf.load(layout).to(gl.float32)
                 sig = 1.0 / (1.0 + gl.exp(-gate))
                 dact_sig = dact_sig * sig
-                gate_buf.store((dact_sig * gate).to(dup_desc.dtype))  # dup = dact * s * gate
+                gate_buf.store(narrow(dact_sig * gate, dup_desc.dtype))  # dup = dact * s * gate
                 dgate_factor = 1.0 + gate * (1.0 - sig)
                 up = up_buf.load(layout).to(gl.float32)
-                up_buf.store((dact_sig * up * dgate_factor).to(dgate_desc.dtype))
+                up_buf.store(narrow(dact_sig * up * dgate_factor, dgate_desc.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(dup_desc, [off_m, off_n], gate_buf)
                 tma.async_copy_shared_to_global(dgate_desc, [off_m, off_n], up_buf)
