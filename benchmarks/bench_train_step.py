@@ -82,6 +82,7 @@ SWITCHES = {
     "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "gluon_attention_long": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG"),  # no-grad attention past 128 tokens
     "gluon_attention_long_grad": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG_GRAD"),  # ... with a gradient, cuDNN backward
+    "gluon_attention_three": ("hrm_kernels._gluon_attention", None, "THREE_CONSUMERS"),  # ... three consumer warpgroups (192-query items)
     "add3": ("hrm.model", "ReasoningModule", "FUSED_INPUT"),  # ungated module input own + (other + inj) in one pass
 }
 REFERENCE_WORK = "q_target_first_position=0,prescaled_embeddings=0"  # what the eager providers run unless told otherwise

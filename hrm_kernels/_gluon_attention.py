@@ -55,14 +55,19 @@ if _HAVE_GLUON:
 
     from hrm_kernels._gluon_gemm import _accumulator_layout
 
-BLOCK = 128  # queries an item, keys a block
+KEY_BLOCK = 128  # keys a block
+ROWS = 64  # queries a consumer warpgroup: an item is ROWS x consumers queries
+# Consumer warpgroups a program: 3 (items of 192 queries: ARC's 901 positions in 5 tiles, not 8 of
+# 128) or 2 (128, session 32's kernel). With three, one warpgroup's softmax (its exponentials on the
+# special-function unit, as costly as its wgmmas at head_dim 64) overlaps two others' matmuls.
+THREE_CONSUMERS = False  # (on once its GPU tests pass and a same-run A/B gains)
 HEAD_DIM = 64
-Q_SLOTS = 2  # 16 KiB each
-STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and two 8 KiB output tiles 176 KiB
-# Registers a thread of the second consumer warpgroup; the producer warp gets 24 and the first
-# consumer (the default partition) the rest, 248 (with 40 for the producer it got 232, and the fp16
-# "stream" form spilled 2 registers).
-CONSUMER_REGISTERS = 232
+Q_SLOTS = 2  # 16 KiB each (24 with three consumers)
+STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and 8 KiB output tiles 176 KiB (200 with three consumers)
+# Registers a thread of each consumer warpgroup but the first, by consumer count; the producer warp
+# gets 24 and the first consumer (the default partition) the rest: with two, 248 (with 40 for the
+# producer it got 232, and the fp16 "stream" form spilled 2 registers).
+CONSUMER_REGISTERS = {2: 232, 3: 160}
 # How the consumers order a block's work (``_consume``): "plain", "pipelined" (the next block's q k^T
 # in flight during a block's softmax, within an item) or "stream" (the same across items).
 # Session 32 (H100, bf16, 96 x 901 x 8 x 64, GPU time, STAGES 4): plain 434.5 us, pipelined 447.3,
@@ -112,11 +117,12 @@ if _HAVE_GLUON:
                  q_tiles, heads, key_blocks):
         """The producer warp: per item its q tile, then every key block's k and v, each into the next
         free slot (head h at columns [64 h, 64 h + 64) of each [batch, seq, heads * 64] view)."""
-        QS: gl.constexpr = q_bufs.type.shape[0]
+        QS: gl.constexpr = q_ready.type.shape[0]
+        C: gl.constexpr = q_bufs.type.shape[0] // QS  # consumer warpgroups: a q tile of ROWS each
         KS: gl.constexpr = k_bufs.type.shape[0]
-        BM: gl.constexpr = q_desc.block_type.shape[1]
+        ROWS: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[1]  # keys a block
         D: gl.constexpr = q_desc.block_type.shape[2]
-        NBYTES: gl.constexpr = q_desc.block_type.nbytes
         it = 0
         kv = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
@@ -125,15 +131,16 @@ if _HAVE_GLUON:
             h = bh % heads
             qs = it % QS
             mbarrier.wait(q_empty.index(qs), ((it // QS) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(qs), NBYTES)
-            tma.async_copy_global_to_shared(q_desc, [b, (item % q_tiles) * BM, h * D], q_ready.index(qs),
-                                            q_bufs.index(qs))
+            mbarrier.expect(q_ready.index(qs), C * q_desc.block_type.nbytes)
+            for wg in gl.static_range(C):
+                tma.async_copy_global_to_shared(q_desc, [b, ((item % q_tiles) * C + wg) * ROWS, h * D],
+                                                q_ready.index(qs), q_bufs.index(qs * C + wg))
             for j in range(key_blocks):
                 s = kv % KS
                 mbarrier.wait(kv_empty.index(s), ((kv // KS) & 1) ^ 1)
-                mbarrier.expect(kv_ready.index(s), 2 * NBYTES)
-                tma.async_copy_global_to_shared(k_desc, [b, j * BM, h * D], kv_ready.index(s), k_bufs.index(s))
-                tma.async_copy_global_to_shared(v_desc, [b, j * BM, h * D], kv_ready.index(s), v_bufs.index(s))
+                mbarrier.expect(kv_ready.index(s), 2 * k_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(k_desc, [b, j * BN, h * D], kv_ready.index(s), k_bufs.index(s))
+                tma.async_copy_global_to_shared(v_desc, [b, j * BN, h * D], kv_ready.index(s), v_bufs.index(s))
                 kv += 1
             it += 1
 
@@ -163,22 +170,20 @@ if _HAVE_GLUON:
     def _load_q(q_bufs, q_ready, q_empty, it, WG: gl.constexpr, q_layout: gl.constexpr, q_operand: gl.constexpr):
         """This warpgroup's rows of the ``it``-th item's q tile, as the scores' register operand; the
         slot released."""
-        QS: gl.constexpr = q_bufs.type.shape[0]
-        BM: gl.constexpr = q_bufs.type.shape[2]
-        D: gl.constexpr = q_bufs.type.shape[3]
+        QS: gl.constexpr = q_ready.type.shape[0]
         qs = it % QS
         mbarrier.wait(q_ready.index(qs), (it // QS) & 1)
-        q = q_bufs.index(qs).reshape([BM, D]).slice(WG * (BM // 2), BM // 2, dim=0).load(q_layout)
+        q = _q_rows(q_bufs, q_ready, qs, WG).load(q_layout)
         fence_async_shared()  # the q reads before the slot's release to the next TMA load
         mbarrier.arrive(q_empty.index(qs), count=1)
         return gl.convert_layout(q, q_operand)
 
     @gluon.jit
-    def _q_rows(q_buf, WG: gl.constexpr):
-        """This warpgroup's rows [64 WG, 64 WG + 64) of a q slot [1, BM, D], as a wgmma operand."""
-        BM: gl.constexpr = q_buf.type.shape[1]
-        D: gl.constexpr = q_buf.type.shape[2]
-        return q_buf.reshape([BM, D]).slice(WG * (BM // 2), BM // 2, dim=0)
+    def _q_rows(q_bufs, q_ready, qs, WG: gl.constexpr):
+        """This warpgroup's q tile [ROWS, D] in slot ``qs``, as a wgmma operand: q_bufs holds each slot's
+        tiles [1, ROWS, D] one a consumer warpgroup (their count: q_bufs' over q_ready's)."""
+        C: gl.constexpr = q_bufs.type.shape[0] // q_ready.type.shape[0]
+        return q_bufs.index(qs * C + WG).reshape([q_bufs.type.shape[2], q_bufs.type.shape[3]])
 
     @gluon.jit
     def _release_q(q_empty_bar):
@@ -193,14 +198,14 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG: gl.constexpr,
-                   o_layout: gl.constexpr, STORE_LSE: gl.constexpr):
-        """o / l into this warpgroup's rows of the item's output tile, by TMA (rows past the sequence
+                   BM: gl.constexpr, o_layout: gl.constexpr, STORE_LSE: gl.constexpr):
+        """o / l into this warpgroup's rows of the item's output tile (``BM`` queries an item), by TMA (rows past the sequence
         clipped); with ``STORE_LSE`` the rows' natural log-sum-exp, (m + log2(l)) ln 2, into lse
         [batch * heads, seq] fp32."""
         ROWS: gl.constexpr = o.type.shape[0]
         D: gl.constexpr = o.type.shape[1]
         if STORE_LSE:
-            rows = (item % q_tiles) * 2 * ROWS + WG * ROWS + gl.arange(0, ROWS, layout=m.type.layout)
+            rows = (item % q_tiles) * BM + WG * ROWS + gl.arange(0, ROWS, layout=m.type.layout)
             gl.store(lse + (item // q_tiles).to(gl.int64) * seq_len + rows, (m + gl.log2(l)) * 0.6931471805599453,
                      mask=rows < seq_len)
         o = o * gl.expand_dims(gl.convert_layout(1.0 / l, gl.SliceLayout(1, o_layout)), 1)
@@ -208,7 +213,7 @@ if _HAVE_GLUON:
         out_buf.reshape([ROWS, D]).store(o.to(out_desc.dtype))
         fence_async_shared()
         bh = item // q_tiles
-        tma.async_copy_shared_to_global(out_desc, [bh // heads, (item % q_tiles) * 2 * ROWS + WG * ROWS,
+        tma.async_copy_shared_to_global(out_desc, [bh // heads, (item % q_tiles) * BM + WG * ROWS,
                                                    (bh % heads) * D], out_buf)
 
     @gluon.jit
@@ -222,27 +227,28 @@ if _HAVE_GLUON:
         last softmax (items of one block: Sudoku's length), with q read by the wgmma from its
         slot (no q registers to carry across items)."""
         KS: gl.constexpr = k_bufs.type.shape[0]
-        BM: gl.constexpr = q_bufs.type.shape[2]
+        ROWS: gl.constexpr = q_bufs.type.shape[2]  # this warpgroup's queries
+        BM: gl.constexpr = ROWS * (q_bufs.type.shape[0] // q_ready.type.shape[0])  # queries an item
+        BN: gl.constexpr = k_bufs.type.shape[2]  # keys a block
         D: gl.constexpr = q_bufs.type.shape[3]
-        ROWS: gl.constexpr = BM // 2
         q_layout: gl.constexpr = _accumulator_layout(D)  # [ROWS, D] loads
-        s_layout: gl.constexpr = _accumulator_layout(BM)  # scores [ROWS, BM]
+        s_layout: gl.constexpr = _accumulator_layout(BN)  # scores [ROWS, BN]
         o_layout: gl.constexpr = _accumulator_layout(D)  # output [ROWS, D]
         q_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         p_operand: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        keys = gl.arange(0, BM, layout=gl.SliceLayout(0, s_layout))
+        keys = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
         out_buf = out_bufs.index(WG)
         if FORM == 2:  # q as the scores' shared-memory operand: its slot is held until the item's last scores
-            QS: gl.constexpr = q_bufs.type.shape[0]
+            QS: gl.constexpr = q_ready.type.shape[0]
             first = gl.program_id(0)
             # >= 1 block: the launcher's grid is at most n_items (a program without items would wait forever below)
             total = (n_items - first + gl.num_programs(0) - 1) // gl.num_programs(0) * key_blocks
             item = first
             mbarrier.wait(q_ready.index(0), 0)
             mbarrier.wait(kv_ready.index(0), 0)
-            scores = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(_q_rows(q_bufs.index(0), WG),
-                                                                         k_bufs.index(0).reshape([BM, D]), s_layout), ))
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(_q_rows(q_bufs, q_ready, 0, WG),
+                                                                         k_bufs.index(0).reshape([BN, D]), s_layout), ))
             if key_blocks == 1:
                 _release_q(q_empty.index(0))
             m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
@@ -263,15 +269,15 @@ if _HAVE_GLUON:
                     scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
                 nxt_slot = (t + 1) % KS
                 mbarrier.wait(kv_ready.index(nxt_slot), ((t + 1) // KS) & 1)
-                nxt = _scores(_q_rows(q_bufs.index(qs), WG), k_bufs.index(nxt_slot).reshape([BM, D]), s_layout)
+                nxt = _scores(_q_rows(q_bufs, q_ready, qs, WG), k_bufs.index(nxt_slot).reshape([BN, D]), s_layout)
                 p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BM, D]), o_layout, p_operand)
+                o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BN, D]), o_layout, p_operand)
                 scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
                 mbarrier.arrive(kv_empty.index(t % KS), count=1)  # both of the slot's reads are complete
                 if j == key_blocks - 1:  # block t + 1 was its item's last scores
                     _release_q(q_empty.index(qs))
                 if last:
-                    _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout,
+                    _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, BM, o_layout,
                                STORE_LSE)
                     item += gl.num_programs(0)
                     m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
@@ -280,36 +286,45 @@ if _HAVE_GLUON:
             # the stream's last block: the last item's last
             scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
             p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-            o = _accumulate(o, p, alpha, v_bufs.index((total - 1) % KS).reshape([BM, D]), o_layout, p_operand)
+            o = _accumulate(o, p, alpha, v_bufs.index((total - 1) % KS).reshape([BN, D]), o_layout, p_operand)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
             mbarrier.arrive(kv_empty.index((total - 1) % KS), count=1)
-            _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout, STORE_LSE)
+            _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, BM, o_layout, STORE_LSE)
         else:
             it = 0
             kv = 0
+            # With three consumer warpgroups (160 registers a thread) the plain form reads q from its
+            # slot, as "stream" does, and frees the slot after the item's last scores: q in registers
+            # (16 a thread) made ptxas spill there.
+            Q_IN_SLOT: gl.constexpr = FORM == 0 and BM > 2 * ROWS
             for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-                q = _load_q(q_bufs, q_ready, q_empty, it, WG, q_layout, q_operand)
+                if Q_IN_SLOT:
+                    qs = it % q_ready.type.shape[0]
+                    mbarrier.wait(q_ready.index(qs), (it // q_ready.type.shape[0]) & 1)
+                    q = _q_rows(q_bufs, q_ready, qs, WG)
+                else:
+                    q = _load_q(q_bufs, q_ready, q_empty, it, WG, q_layout, q_operand)
                 m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
                 if FORM == 1:
                     s = kv % KS
                     mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
-                    scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                    scores = _scores(q, k_bufs.index(s).reshape([BN, D]), s_layout)
                     scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
                     for j in range(1, key_blocks):  # blocks 0 .. key_blocks - 2 are whole: no mask
                         prev = s
                         kv += 1
                         s = kv % KS
                         mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
-                        nxt = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                        nxt = _scores(q, k_bufs.index(s).reshape([BN, D]), s_layout)
                         p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                        o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BM, D]), o_layout, p_operand)
+                        o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BN, D]), o_layout, p_operand)
                         scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
                         mbarrier.arrive(kv_empty.index(prev), count=1)  # both of the slot's reads are complete
                     scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
                     p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                    o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
+                    o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BN, D]), o_layout, p_operand)
                     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
                     mbarrier.arrive(kv_empty.index(s), count=1)
                     kv += 1
@@ -317,25 +332,29 @@ if _HAVE_GLUON:
                     for j in range(key_blocks):
                         s = kv % KS
                         mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
-                        scores = _scores(q, k_bufs.index(s).reshape([BM, D]), s_layout)
+                        scores = _scores(q, k_bufs.index(s).reshape([BN, D]), s_layout)
                         scores = warpgroup_mma_wait(num_outstanding=0, deps=(scores, ))
                         if j == key_blocks - 1:
+                            if Q_IN_SLOT:  # the item's last scores are complete: its q slot may refill
+                                _release_q(q_empty.index(qs))
                             scores = _mask_last(scores, j, seq_len, keys)
                         p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
-                        o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BM, D]), o_layout, p_operand)
+                        o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BN, D]), o_layout, p_operand)
                         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
                         mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
                         kv += 1
-                _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, o_layout, STORE_LSE)
+                _store_out(o, m, l, out_desc, out_buf, lse, item, q_tiles, heads, seq_len, WG, BM, o_layout, STORE_LSE)
                 it += 1
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(form: str = "plain", store_lse: bool = False):
+    def _kernel(form: str = "plain", store_lse: bool = False, consumers: int = 3):
         """The kernel in one of ``FORMS`` (``_consume``), storing the rows' log-sum-exp with
-        ``store_lse`` (built on first use so that importing needs no Gluon compile)."""
+        ``store_lse``, with 2 or 3 ``consumers`` warpgroups (built on first use so that importing
+        needs no Gluon compile)."""
         FORM = gl.constexpr(FORMS.index(form))
         STORE_LSE = gl.constexpr(store_lse)
+        CONSUMERS = gl.constexpr(consumers)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -348,7 +367,7 @@ if _HAVE_GLUON:
 
             return consume
 
-        first, second = consumer(0), consumer(1)
+        first, second, third = consumer(0), consumer(1), consumer(2)
 
         @gluon.jit
         def producer(q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
@@ -360,33 +379,45 @@ if _HAVE_GLUON:
         def attention_kernel(q_desc, k_desc, v_desc, out_desc, lse, n_items, q_tiles, heads, key_blocks, seq_len,
                              qk_scale, Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = q_desc.dtype
-            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS] + q_desc.block_type.shape, q_desc.layout)
+            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS * CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-            out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            out_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
             q_ready = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
             q_empty = gl.allocate_shared_memory(gl.int64, [Q_SLOTS, 1], mbarrier.MBarrierLayout())
             kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(Q_SLOTS):
                 mbarrier.init(q_ready.index(i), count=1)
-                mbarrier.init(q_empty.index(i), count=2)  # both consumer warpgroups have read their rows
+                mbarrier.init(q_empty.index(i), count=CONSUMERS)  # every consumer warpgroup has read its rows
             for i in gl.static_range(STAGES):
                 mbarrier.init(kv_ready.index(i), count=1)
-                mbarrier.init(kv_empty.index(i), count=2)  # both consumer warpgroups release each stage
+                mbarrier.init(kv_empty.index(i), count=CONSUMERS)  # every consumer warpgroup releases each stage
             args = (q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
                     kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale)
-            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 24])
+            if CONSUMERS == 3:
+                gl.warp_specialize([(first, args), (second, args), (third, args), (producer, args)], [4, 4, 1],
+                                   [CONSUMER_REGS, CONSUMER_REGS, 24])
+            else:
+                gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 24])
 
         return attention_kernel
 
 
-def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> tuple:
-    """q, k and v's [batch, seq, heads * 64] views in [1, BLOCK, 64] boxes (q tiles, k and v blocks) and
-    out's in [1, BLOCK / 2, 64] boxes (a warpgroup's rows)."""
+def consumers() -> int:
+    """Consumer warpgroups a program: 3 with ``THREE_CONSUMERS`` in the "plain" form (the other forms
+    spill at three's 160 registers a thread), else 2."""
+    return 3 if THREE_CONSUMERS and DEFAULT_FORM == "plain" else 2
+
+
+def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n_consumers: int) -> tuple:
+    """q, k and v's [batch, seq, heads * 64] views in boxes of [1, ROWS, 64] (q: a warpgroup's rows of
+    an item; TMA boxes are powers of two, so an item of three warpgroups takes three) and [1, KEY_BLOCK,
+    64] (k and v blocks), and out's in [1, ROWS, 64] boxes."""
     batch, seq = q.shape[:2]
-    return (*(_desc(t.view(batch, seq, -1), [1, BLOCK, HEAD_DIM]) for t in (q, k, v)),
-            _desc(out.view(batch, seq, -1), [1, BLOCK // 2, HEAD_DIM]))
+    views = [t.view(batch, seq, -1) for t in (q, k, v, out)]
+    return (_desc(views[0], [1, ROWS, HEAD_DIM]), _desc(views[1], [1, KEY_BLOCK, HEAD_DIM]),
+            _desc(views[2], [1, KEY_BLOCK, HEAD_DIM]), _desc(views[3], [1, ROWS, HEAD_DIM]))
 
 
 def attention_views_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, programs: int | None = None,
@@ -400,14 +431,15 @@ def attention_views_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     batch, seq, heads, head_dim = q.shape
     out = torch.empty((batch, seq, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device) if with_lse else out
-    q_tiles = -(-seq // BLOCK)
+    n_consumers = consumers()
+    q_tiles = -(-seq // (ROWS * n_consumers))
     n_items = batch * heads * q_tiles
     grid = persistent_grid(programs, n_items, q.device, "attention (Gluon)")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(DEFAULT_FORM, with_lse), grid, *descriptors(q, k, v, out), lse, n_items, q_tiles, heads, q_tiles,
-           seq, math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
-           CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    launch(_kernel(DEFAULT_FORM, with_lse, n_consumers), grid, *descriptors(q, k, v, out, n_consumers), lse, n_items,
+           q_tiles, heads, -(-seq // KEY_BLOCK), seq, math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS,
+           STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS[n_consumers], num_warps=4)
     return (out, lse) if with_lse else out
 
 

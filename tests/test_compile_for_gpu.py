@@ -224,12 +224,15 @@ for dt in ("bf16", "fp16", "fp32"):
     arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
     arc_lse = torch.empty(96, 8, 901)  # with a gradient: the rows' log-sum-exp for the backward
     names = ("q_desc", "k_desc", "v_desc", "out_desc")
-    for form, store_lse in [(f, False) for f in ga.FORMS] + [(ga.DEFAULT_FORM, True)]:
-        check_gluon(f"gluon attention (long) form={form} lse={store_lse} {dt}", lambda: ga._kernel(form, store_lse),
-                    dict(zip(names, ga.descriptors(*arc_qkv.split(8, dim=2), arc_out)),
+    # every form with two consumer warpgroups; the plain form (the default) with three, as the launcher runs it
+    for form, store_lse, consumers in ([(f, False, 2) for f in ga.FORMS] + [("plain", True, 2), ("plain", False, 3),
+                                                                             ("plain", True, 3)]):
+        check_gluon(f"gluon attention (long) form={form} lse={store_lse} consumers={consumers} {dt}",
+                    lambda: ga._kernel(form, store_lse, consumers),
+                    dict(zip(names, ga.descriptors(*arc_qkv.split(8, dim=2), arc_out, consumers)),
                          lse=arc_lse if store_lse else arc_out, n_items=6144, q_tiles=8, heads=8, key_blocks=8,
                          seq_len=901, qk_scale=0.18),
-                    dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS))
+                    dict(Q_SLOTS=ga.Q_SLOTS, STAGES=ga.STAGES, CONSUMER_REGS=ga.CONSUMER_REGISTERS[consumers]))
 if module("_gluon_gemm")._HAVE_GLUON:
     # Each form of a Gluon kernel factory has its own cache key: a form's constexpr is a closure
     # variable, and a module-level name equal to it shadows it in Triton's lookup (every form would
@@ -237,7 +240,8 @@ if module("_gluon_gemm")._HAVE_GLUON:
     forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
-             ("_gluon_attention", "_kernel"): [(f, lse) for f in module("_gluon_attention").FORMS for lse in (False, True)]}
+             ("_gluon_attention", "_kernel"): [(f, lse, c) for f in module("_gluon_attention").FORMS for lse in (False, True)
+                                               for c in (2, 3)]}
     gg = module("_gluon_gemm")
     forms[("_gluon_gemm", "_kernel")] = [(gg.EPILOGUES[v[0]], v[1], v[2], d) for v in gg.VARIANTS
                                          for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]
@@ -264,7 +268,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 8 + 1  # (+ Gluon rope_attention:
-    # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its default storing the lse, x 2; the
-    # forms' distinct cache keys)
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 12 + 1  # (+ Gluon rope_attention:
+    # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
+    # consumer warpgroups, and the plain form with and without the lse with three, x 2; the forms'
+    # distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout
