@@ -544,14 +544,17 @@ ga = importlib.import_module("hrm_kernels._gluon_attention")
 
 
 @requires_gluon
+@pytest.mark.parametrize("consumers", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(2, 129, 3, 64), (3, 256, 2, 64), (2, 300, 1, 64), (1, 901, 8, 64),
                                    (96, 901, 8, 64)], ids=str)
-def test_gluon_long_forward_matches_float64(monkeypatch, shape, dtype):
+def test_gluon_long_forward_matches_float64(monkeypatch, shape, dtype, consumers):
     """One key past a block, whole blocks, a partial last block, ARC's length, and ARC's call (many
-    items a program: the stages under load): within the bound eager's same-precision error sets
-    against float64, and the same bits with 3 programs."""
+    items a program: the stages under load), with two and three consumer warpgroups (items of 128
+    and 192 queries): within the bound eager's same-precision error sets against float64, and the
+    same bits with 3 programs."""
     monkeypatch.setattr(rope_attention_module, "USE_GLUON_LONG", True)
+    monkeypatch.setattr(ga, "THREE_CONSUMERS", consumers == 3)
     b, s, h, d = shape
     qkv = torch.randn(b, s, 3 * h, d, device="cuda", dtype=dtype)
     calls = record_calls(monkeypatch, ga, "attention_forward")
@@ -567,6 +570,21 @@ def test_gluon_long_forward_matches_float64(monkeypatch, shape, dtype):
     assert torch.equal(ga.attention_forward(qkv, programs=3), got)
 
 
+@requires_gluon
+@pytest.mark.parametrize("shape", [(3, 193, 2), (96, 901, 8)], ids=str)
+def test_gluon_long_three_consumers_same_bits_as_two(monkeypatch, shape):
+    """Items of 192 queries (three consumer warpgroups) and of 128 (two) compute each query's row the
+    same way (the same key blocks, wgmmas and online softmax): the same output and log-sum-exp bits."""
+    b, s, h = shape
+    q, k, v = torch.randn(b, s, 3 * h, 64, device="cuda", dtype=torch.bfloat16).split(h, dim=2)
+    results = {}
+    for three in (False, True):
+        monkeypatch.setattr(ga, "THREE_CONSUMERS", three)
+        results[three] = ga.attention_views_forward(q, k, v, with_lse=True)
+    assert ga.consumers() == 3
+    assert torch.equal(results[True][0], results[False][0]) and torch.equal(results[True][1], results[False][1])
+
+
 def _negative_scores_qkv(b, s, h, dtype):
     """q > 0 and k < 0 elementwise: every valid score strongly negative, so a padded key (score 0)
     let through the mask would take over its row."""
@@ -577,14 +595,16 @@ def _negative_scores_qkv(b, s, h, dtype):
 
 
 @requires_gluon
-@pytest.mark.parametrize("form", ["plain", "pipelined", "stream"])
-@pytest.mark.parametrize("seq", [1, 5, 64, 65, 128, 129, 300], ids=str)
+@pytest.mark.parametrize("form", ["plain", "pipelined", "stream", "plain, three consumers"])
+@pytest.mark.parametrize("seq", [1, 5, 64, 65, 128, 129, 191, 192, 193, 300], ids=str)
 def test_gluon_long_forward_any_length_and_mask(monkeypatch, seq, form):
-    """Every form of the kernel (``FORMS``) at one key block (sequences up to 128: the pipelined
-    form's peeled tail alone; the stream's items of one block), a partial one and several, on random
-    inputs and on ones whose valid scores are all strongly negative (a leak through the last
-    block's mask shows); with 3 programs (several items each) the same bits."""
-    monkeypatch.setattr(ga, "DEFAULT_FORM", form)
+    """Every form of the kernel (``FORMS``; the plain one also with three consumer warpgroups) at
+    one key block (sequences up to 128: the pipelined form's peeled tail alone; the stream's items of
+    one block), a partial one and several, around an item of 192 queries, on random inputs and on
+    ones whose valid scores are all strongly negative (a leak through the last block's mask shows);
+    with 3 programs (several items each) the same bits."""
+    monkeypatch.setattr(ga, "DEFAULT_FORM", form.split(",")[0])
+    monkeypatch.setattr(ga, "THREE_CONSUMERS", form.endswith("three consumers"))
     for qkv in (torch.randn(3, seq, 6, 64, device="cuda", dtype=torch.bfloat16),
                 _negative_scores_qkv(3, seq, 2, torch.bfloat16)):
         got = ga.attention_forward(qkv)
