@@ -74,6 +74,9 @@ CONSUMER_REGISTERS = {2: 232, 3: 160}
 # stream 479.4 (SDPA 507.9); plain is also the fastest at Sudoku's 768 x 82 x 8 x 64 (88.9 us).
 FORMS = ("plain", "pipelined", "stream")
 DEFAULT_FORM = "plain"
+# Quarters of each score block's columns (0, 1 or 2) whose exponentials run on the FMA units
+# (``_exp2_scores``) instead of the special-function unit.
+POLY_EXP2_QUARTERS = 0
 
 
 def supported(qkv: torch.Tensor) -> bool:
@@ -145,11 +148,62 @@ if _HAVE_GLUON:
             it += 1
 
     @gluon.jit
-    def _online_softmax(scores, m, l, qk_scale):
-        """One key block's step of the online softmax: (p, m_new, l_new, alpha), base 2."""
+    def _exp2_fma(x):
+        """2^x for x <= 0 without the special-function unit: x = j + f with j = round(x) (the magic
+        constant 1.5 * 2^23 rounds it, and leaves j in the low bits of x + 1.5 * 2^23) and f in
+        [-1/2, 1/2]; 2^f by a degree-4 polynomial (Chebyshev fit, relative error 3.6e-6, under a
+        thousandth of a bf16 ulp); 2^j added to its exponent bits. x is clamped at -126 (p below
+        2^-126 of the row's largest term is 0 or subnormal here, flushed to 0 by ``_exp2``)."""
+        x = gl.maximum(x, -126.0)
+        t = x + 12582912.0
+        f = x - (t - 12582912.0)
+        p = 0.00966636836528778 * f + 0.055921975523233414
+        p = p * f + 0.2402234971523285
+        p = p * f + 0.6931210160255432
+        p = p * f + 1.0
+        # (bits of t) << 23 is j << 23 modulo 2^32: the constant's bits shift out
+        return ((t.to(gl.int32, bitcast=True) << 23) + p.to(gl.int32, bitcast=True)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _column_halves(x):
+        """The column halves [R, N / 2] of an accumulator-layout tile [R, N] (register renaming: a
+        thread holds columns in both)."""
+        R: gl.constexpr = x.type.shape[0]
+        N: gl.constexpr = x.type.shape[1]
+        return gl.split(gl.permute(gl.reshape(x, [R, 2, N // 2]), (0, 2, 1)))
+
+    @gluon.jit
+    def _join_columns(a, b):
+        """``_column_halves``' inverse (b's layout may be a another spelling of a's: the same
+        registers, no data movement)."""
+        R: gl.constexpr = a.type.shape[0]
+        N: gl.constexpr = 2 * a.type.shape[1]
+        return gl.reshape(gl.permute(gl.join(a, gl.convert_layout(b, a.type.layout)), (0, 2, 1)), [R, N])
+
+    @gluon.jit
+    def _exp2_scores(x, POLY: gl.constexpr):
+        """2^x of a score tile [R, N] (x <= 0), ``POLY`` quarters of its columns (0, 1 or 2) on the FMA
+        units (``_exp2_fma``), the rest on the special-function unit (``_exp2``): at head_dim 64 the
+        exponentials alone keep that unit as busy as the wgmmas keep the tensor cores
+        (FlashAttention-4's software exp2, on Hopper)."""
+        if POLY == 0:
+            return _exp2(x)
+        else:
+            a, b = _column_halves(x)
+            if POLY == 2:
+                p = _join_columns(_exp2(a), _exp2_fma(b))
+            else:
+                b1, b2 = _column_halves(b)
+                p = _join_columns(_exp2(a), _join_columns(_exp2(b1), _exp2_fma(b2)))
+            return gl.convert_layout(p, x.type.layout)  # (the same registers: a relabelling)
+
+    @gluon.jit
+    def _online_softmax(scores, m, l, qk_scale, POLY: gl.constexpr):
+        """One key block's step of the online softmax: (p, m_new, l_new, alpha), base 2 (``POLY``:
+        ``_exp2_scores``)."""
         m_new = gl.maximum(m, gl.max(scores, axis=1) * qk_scale)
         alpha = _exp2(m - m_new)
-        p = _exp2(scores * qk_scale - gl.expand_dims(m_new, 1))
+        p = _exp2_scores(scores * qk_scale - gl.expand_dims(m_new, 1), POLY)
         return p, m_new, l * alpha + gl.sum(p, axis=1), alpha
 
     @gluon.jit
@@ -219,7 +273,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, lse, n_items,
                  q_tiles, heads, key_blocks, seq_len, qk_scale, WG: gl.constexpr, FORM: gl.constexpr,
-                 STORE_LSE: gl.constexpr):
+                 STORE_LSE: gl.constexpr, POLY: gl.constexpr):
         """Consumer warpgroup ``WG``: queries [64 WG, 64 WG + 64) of every item's tile. ``FORM`` 0:
         each block's scores, softmax and p @ v in turn; 1: block j's scores in flight while block
         j - 1's softmax runs, within an item (FlashAttention-3's order); 2: the same across the
@@ -270,7 +324,7 @@ if _HAVE_GLUON:
                 nxt_slot = (t + 1) % KS
                 mbarrier.wait(kv_ready.index(nxt_slot), ((t + 1) // KS) & 1)
                 nxt = _scores(_q_rows(q_bufs, q_ready, qs, WG), k_bufs.index(nxt_slot).reshape([BN, D]), s_layout)
-                p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
                 o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BN, D]), o_layout, p_operand)
                 scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
                 mbarrier.arrive(kv_empty.index(t % KS), count=1)  # both of the slot's reads are complete
@@ -285,7 +339,7 @@ if _HAVE_GLUON:
                     o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
             # the stream's last block: the last item's last
             scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
-            p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+            p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
             o = _accumulate(o, p, alpha, v_bufs.index((total - 1) % KS).reshape([BN, D]), o_layout, p_operand)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
             mbarrier.arrive(kv_empty.index((total - 1) % KS), count=1)
@@ -318,12 +372,12 @@ if _HAVE_GLUON:
                         s = kv % KS
                         mbarrier.wait(kv_ready.index(s), (kv // KS) & 1)
                         nxt = _scores(q, k_bufs.index(s).reshape([BN, D]), s_layout)
-                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
                         o = _accumulate(o, p, alpha, v_bufs.index(prev).reshape([BN, D]), o_layout, p_operand)
                         scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
                         mbarrier.arrive(kv_empty.index(prev), count=1)  # both of the slot's reads are complete
                     scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
-                    p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                    p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
                     o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BN, D]), o_layout, p_operand)
                     o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
                     mbarrier.arrive(kv_empty.index(s), count=1)
@@ -338,7 +392,7 @@ if _HAVE_GLUON:
                             if Q_IN_SLOT:  # the item's last scores are complete: its q slot may refill
                                 _release_q(q_empty.index(qs))
                             scores = _mask_last(scores, j, seq_len, keys)
-                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale)
+                        p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
                         o = _accumulate(o, p, alpha, v_bufs.index(s).reshape([BN, D]), o_layout, p_operand)
                         o = warpgroup_mma_wait(num_outstanding=0, deps=(o, ))
                         mbarrier.arrive(kv_empty.index(s), count=1)  # both of the slot's reads are complete
@@ -348,13 +402,15 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(form: str = "plain", store_lse: bool = False, consumers: int = 3):
+    def _kernel(form: str = "plain", store_lse: bool = False, consumers: int = 3, poly_quarters: int = 0):
         """The kernel in one of ``FORMS`` (``_consume``), storing the rows' log-sum-exp with
-        ``store_lse``, with 2 or 3 ``consumers`` warpgroups (built on first use so that importing
-        needs no Gluon compile)."""
+        ``store_lse``, with 2 or 3 ``consumers`` warpgroups and ``poly_quarters`` of each score block's
+        exponentials on the FMA units (``_exp2_scores``) (built on first use so that importing needs
+        no Gluon compile)."""
         FORM = gl.constexpr(FORMS.index(form))
         STORE_LSE = gl.constexpr(store_lse)
         CONSUMERS = gl.constexpr(consumers)
+        POLY = gl.constexpr(poly_quarters)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -363,7 +419,7 @@ if _HAVE_GLUON:
             def consume(q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
                         kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
                 _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, lse, n_items,
-                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM, STORE_LSE)
+                         q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM, STORE_LSE, POLY)
 
             return consume
 
@@ -437,7 +493,7 @@ def attention_views_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     grid = persistent_grid(programs, n_items, q.device, "attention (Gluon)")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(DEFAULT_FORM, with_lse, n_consumers), grid, *descriptors(q, k, v, out, n_consumers), lse, n_items,
+    launch(_kernel(DEFAULT_FORM, with_lse, n_consumers, POLY_EXP2_QUARTERS), grid, *descriptors(q, k, v, out, n_consumers), lse, n_items,
            q_tiles, heads, -(-seq // KEY_BLOCK), seq, math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS,
            STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS[n_consumers], num_warps=4)
     return (out, lse) if with_lse else out

@@ -224,11 +224,13 @@ for dt in ("bf16", "fp16", "fp32"):
     arc_qkv, arc_out = torch.empty(96, 901, 24, 64, dtype=TORCH[dt]), torch.empty(96, 901, 8, 64, dtype=TORCH[dt])
     arc_lse = torch.empty(96, 8, 901)  # with a gradient: the rows' log-sum-exp for the backward
     names = ("q_desc", "k_desc", "v_desc", "out_desc")
-    # every form with two consumer warpgroups; the plain form (the default) with three, as the launcher runs it
-    for form, store_lse, consumers in ([(f, False, 2) for f in ga.FORMS] + [("plain", True, 2), ("plain", False, 3),
-                                                                             ("plain", True, 3)]):
-        check_gluon(f"gluon attention (long) form={form} lse={store_lse} consumers={consumers} {dt}",
-                    lambda: ga._kernel(form, store_lse, consumers),
+    # every form with two consumer warpgroups; the plain form (the default) with three, as the launcher runs it,
+    # and with a quarter or half of its exponentials on the FMA units
+    for form, store_lse, consumers, poly in ([(f, False, 2, 0) for f in ga.FORMS] + [
+            ("plain", True, 2, 0), ("plain", False, 3, 0), ("plain", True, 3, 0), ("plain", False, 2, 1),
+            ("plain", False, 2, 2)]):
+        check_gluon(f"gluon attention (long) form={form} lse={store_lse} consumers={consumers} poly={poly} {dt}",
+                    lambda: ga._kernel(form, store_lse, consumers, poly),
                     dict(zip(names, ga.descriptors(*arc_qkv.split(8, dim=2), arc_out, consumers)),
                          lse=arc_lse if store_lse else arc_out, n_items=6144, q_tiles=8, heads=8, key_blocks=8,
                          seq_len=901, qk_scale=0.18),
@@ -240,8 +242,8 @@ if module("_gluon_gemm")._HAVE_GLUON:
     forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
-             ("_gluon_attention", "_kernel"): [(f, lse, c) for f in module("_gluon_attention").FORMS for lse in (False, True)
-                                               for c in (2, 3)]}
+             ("_gluon_attention", "_kernel"): [(f, lse, c, poly) for f in module("_gluon_attention").FORMS
+                                               for lse in (False, True) for c in (2, 3) for poly in (0, 1, 2)]}
     gg = module("_gluon_gemm")
     forms[("_gluon_gemm", "_kernel")] = [(gg.EPILOGUES[v[0]], v[1], v[2], d) for v in gg.VARIANTS
                                          for d in (gg.ROPE_HEAD_DIMS if v[0] == "rope" else (0,))]
@@ -268,8 +270,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 12 + 1  # (+ Gluon rope_attention:
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 16 + 1  # (+ Gluon rope_attention:
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
-    # consumer warpgroups, and the plain form with and without the lse with three, x 2; the forms'
-    # distinct cache keys)
+    # consumer warpgroups, the plain form with and without the lse with three, and with 1 or 2 quarters
+    # of its exponentials on the FMA units, x 2; the forms' distinct cache keys)
     assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout
