@@ -183,6 +183,24 @@ for dt in ("bf16", "fp16", "fp32"):
                          up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
                          eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
                     dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS))
+    if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off until a GPU run) in the kernels that use them
+        from triton.experimental.gluon import language as gl
+        gg.PACKED_CONVERSIONS = gl.constexpr(True)
+        try:
+            for epilogue, row_scale, head_dim in (("rope", True, 64), ("swiglu_keep", False, 0)):
+                n = 1536 if epilogue == "rope" else 3072
+                x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
+                out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
+                x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
+                ss = torch.empty(62976, 4)
+                check_gluon(f"gluon GEMM {epilogue} packed conversions {dt}",
+                            lambda: gg._kernel(gg.EPILOGUES[epilogue], row_scale, 0, head_dim),
+                            dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc, gate_desc=out_desc,
+                                 up_desc=out_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
+                                 eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
+                            dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS))
+        finally:
+            gg.PACKED_CONVERSIONS = gl.constexpr(False)
     swb = module("_gluon_swiglu_backward")  # the down projection's dact GEMM with the SwiGLU backward
     dy, w, gu = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (512, 1536), (62976, 3072)))
     descs = dict(zip(("dy_desc", "w_desc", "gate_desc", "up_desc", "dgate_desc", "dup_desc"),
@@ -270,7 +288,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 4 + 4 + 6 + 4 + 16 + 1  # (+ Gluon rope_attention:
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 2 + 4 + 4 + 6 + 4 + 16 + 1  # (+ 2 GEMMs with packed
+    # conversions; + Gluon rope_attention:
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
     # consumer warpgroups, the plain form with and without the lse with three, and with 1 or 2 quarters
     # of its exponentials on the FMA units, x 2; the forms' distinct cache keys)
