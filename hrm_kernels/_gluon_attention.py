@@ -121,9 +121,9 @@ if _HAVE_GLUON:
         """The producer warp: per item its q tile, then every key block's k and v, each into the next
         free slot (head h at columns [64 h, 64 h + 64) of each [batch, seq, heads * 64] view)."""
         QS: gl.constexpr = q_ready.type.shape[0]
-        C: gl.constexpr = q_bufs.type.shape[0] // QS  # consumer warpgroups: a q tile of ROWS each
+        NB: gl.constexpr = q_bufs.type.shape[0] // QS  # TMA boxes an item's q tile (``descriptors``)
         KS: gl.constexpr = k_bufs.type.shape[0]
-        ROWS: gl.constexpr = q_desc.block_type.shape[1]
+        QB: gl.constexpr = q_desc.block_type.shape[1]  # queries a box
         BN: gl.constexpr = k_desc.block_type.shape[1]  # keys a block
         D: gl.constexpr = q_desc.block_type.shape[2]
         it = 0
@@ -134,10 +134,10 @@ if _HAVE_GLUON:
             h = bh % heads
             qs = it % QS
             mbarrier.wait(q_empty.index(qs), ((it // QS) & 1) ^ 1)
-            mbarrier.expect(q_ready.index(qs), C * q_desc.block_type.nbytes)
-            for wg in gl.static_range(C):
-                tma.async_copy_global_to_shared(q_desc, [b, ((item % q_tiles) * C + wg) * ROWS, h * D],
-                                                q_ready.index(qs), q_bufs.index(qs * C + wg))
+            mbarrier.expect(q_ready.index(qs), NB * q_desc.block_type.nbytes)
+            for box in gl.static_range(NB):
+                tma.async_copy_global_to_shared(q_desc, [b, ((item % q_tiles) * NB + box) * QB, h * D],
+                                                q_ready.index(qs), q_bufs.index(qs * NB + box))
             for j in range(key_blocks):
                 s = kv % KS
                 mbarrier.wait(kv_empty.index(s), ((kv // KS) & 1) ^ 1)
@@ -221,23 +221,27 @@ if _HAVE_GLUON:
                              use_acc=False, is_async=True)
 
     @gluon.jit
-    def _load_q(q_bufs, q_ready, q_empty, it, WG: gl.constexpr, q_layout: gl.constexpr, q_operand: gl.constexpr):
+    def _load_q(q_bufs, q_ready, q_empty, it, WG: gl.constexpr, ROWS: gl.constexpr, q_layout: gl.constexpr,
+                q_operand: gl.constexpr):
         """This warpgroup's rows of the ``it``-th item's q tile, as the scores' register operand; the
         slot released."""
         QS: gl.constexpr = q_ready.type.shape[0]
         qs = it % QS
         mbarrier.wait(q_ready.index(qs), (it // QS) & 1)
-        q = _q_rows(q_bufs, q_ready, qs, WG).load(q_layout)
+        q = _q_rows(q_bufs, q_ready, qs, WG, ROWS).load(q_layout)
         fence_async_shared()  # the q reads before the slot's release to the next TMA load
         mbarrier.arrive(q_empty.index(qs), count=1)
         return gl.convert_layout(q, q_operand)
 
     @gluon.jit
-    def _q_rows(q_bufs, q_ready, qs, WG: gl.constexpr):
-        """This warpgroup's q tile [ROWS, D] in slot ``qs``, as a wgmma operand: q_bufs holds each slot's
-        tiles [1, ROWS, D] one a consumer warpgroup (their count: q_bufs' over q_ready's)."""
-        C: gl.constexpr = q_bufs.type.shape[0] // q_ready.type.shape[0]
-        return q_bufs.index(qs * C + WG).reshape([q_bufs.type.shape[2], q_bufs.type.shape[3]])
+    def _q_rows(q_bufs, q_ready, qs, WG: gl.constexpr, ROWS: gl.constexpr):
+        """This warpgroup's rows [ROWS WG, ROWS WG + ROWS) of the q tile in slot ``qs``, as a wgmma
+        operand: q_bufs holds each slot's tile as boxes [1, QB, D] (their count: q_bufs' over q_ready's;
+        one box of 128 queries with two consumer warpgroups, one of 64 each with three)."""
+        NB: gl.constexpr = q_bufs.type.shape[0] // q_ready.type.shape[0]
+        QB: gl.constexpr = q_bufs.type.shape[2]
+        return q_bufs.index(qs * NB + (WG * ROWS) // QB).reshape([QB, q_bufs.type.shape[3]]).slice(
+            (WG * ROWS) % QB, ROWS, dim=0)
 
     @gluon.jit
     def _release_q(q_empty_bar):
@@ -281,8 +285,8 @@ if _HAVE_GLUON:
         last softmax (items of one block: Sudoku's length), with q read by the wgmma from its
         slot (no q registers to carry across items)."""
         KS: gl.constexpr = k_bufs.type.shape[0]
-        ROWS: gl.constexpr = q_bufs.type.shape[2]  # this warpgroup's queries
-        BM: gl.constexpr = ROWS * (q_bufs.type.shape[0] // q_ready.type.shape[0])  # queries an item
+        ROWS: gl.constexpr = out_bufs.type.shape[2]  # this warpgroup's queries
+        BM: gl.constexpr = q_bufs.type.shape[2] * (q_bufs.type.shape[0] // q_ready.type.shape[0])  # queries an item
         BN: gl.constexpr = k_bufs.type.shape[2]  # keys a block
         D: gl.constexpr = q_bufs.type.shape[3]
         q_layout: gl.constexpr = _accumulator_layout(D)  # [ROWS, D] loads
@@ -301,7 +305,7 @@ if _HAVE_GLUON:
             item = first
             mbarrier.wait(q_ready.index(0), 0)
             mbarrier.wait(kv_ready.index(0), 0)
-            scores = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(_q_rows(q_bufs, q_ready, 0, WG),
+            scores = warpgroup_mma_wait(num_outstanding=0, deps=(_scores(_q_rows(q_bufs, q_ready, 0, WG, ROWS),
                                                                          k_bufs.index(0).reshape([BN, D]), s_layout), ))
             if key_blocks == 1:
                 _release_q(q_empty.index(0))
@@ -323,7 +327,7 @@ if _HAVE_GLUON:
                     scores = _mask_last(scores, key_blocks - 1, seq_len, keys)
                 nxt_slot = (t + 1) % KS
                 mbarrier.wait(kv_ready.index(nxt_slot), ((t + 1) // KS) & 1)
-                nxt = _scores(_q_rows(q_bufs, q_ready, qs, WG), k_bufs.index(nxt_slot).reshape([BN, D]), s_layout)
+                nxt = _scores(_q_rows(q_bufs, q_ready, qs, WG, ROWS), k_bufs.index(nxt_slot).reshape([BN, D]), s_layout)
                 p, m, l, alpha = _online_softmax(scores, m, l, qk_scale, POLY)
                 o = _accumulate(o, p, alpha, v_bufs.index(t % KS).reshape([BN, D]), o_layout, p_operand)
                 scores, o = warpgroup_mma_wait(num_outstanding=0, deps=(nxt, o))
@@ -355,9 +359,9 @@ if _HAVE_GLUON:
                 if Q_IN_SLOT:
                     qs = it % q_ready.type.shape[0]
                     mbarrier.wait(q_ready.index(qs), (it // q_ready.type.shape[0]) & 1)
-                    q = _q_rows(q_bufs, q_ready, qs, WG)
+                    q = _q_rows(q_bufs, q_ready, qs, WG, ROWS)
                 else:
-                    q = _load_q(q_bufs, q_ready, q_empty, it, WG, q_layout, q_operand)
+                    q = _load_q(q_bufs, q_ready, q_empty, it, WG, ROWS, q_layout, q_operand)
                 m = gl.full([ROWS], float("-inf"), gl.float32, layout=row_layout)
                 l = gl.zeros([ROWS], gl.float32, layout=row_layout)
                 o = gl.zeros((ROWS, D), dtype=gl.float32, layout=o_layout)
@@ -435,7 +439,9 @@ if _HAVE_GLUON:
         def attention_kernel(q_desc, k_desc, v_desc, out_desc, lse, n_items, q_tiles, heads, key_blocks, seq_len,
                              qk_scale, Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = q_desc.dtype
-            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS * CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
+            # an item's q tile in boxes of q_desc's (one of 128 rows for two consumers, three of 64 for three)
+            Q_BOXES: gl.constexpr = CONSUMERS * out_desc.block_type.shape[1] // q_desc.block_type.shape[1]
+            q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS * Q_BOXES] + q_desc.block_type.shape, q_desc.layout)
             k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
             v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
             out_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + out_desc.block_type.shape, out_desc.layout)
@@ -467,12 +473,14 @@ def consumers() -> int:
 
 
 def descriptors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, n_consumers: int) -> tuple:
-    """q, k and v's [batch, seq, heads * 64] views in boxes of [1, ROWS, 64] (q: a warpgroup's rows of
-    an item; TMA boxes are powers of two, so an item of three warpgroups takes three) and [1, KEY_BLOCK,
-    64] (k and v blocks), and out's in [1, ROWS, 64] boxes."""
+    """q, k and v's [batch, seq, heads * 64] views in boxes of [1, ROWS x n_consumers, 64] (an item's q
+    tile; TMA boxes are powers of two, so with three consumers three boxes of [1, ROWS, 64]) and
+    [1, KEY_BLOCK, 64] (k and v blocks), and out's in [1, ROWS, 64] boxes (a warpgroup's rows)."""
     batch, seq = q.shape[:2]
     views = [t.view(batch, seq, -1) for t in (q, k, v, out)]
-    return (_desc(views[0], [1, ROWS, HEAD_DIM]), _desc(views[1], [1, KEY_BLOCK, HEAD_DIM]),
+    q_rows = ROWS * n_consumers
+    return (_desc(views[0], [1, q_rows if q_rows & (q_rows - 1) == 0 else ROWS, HEAD_DIM]),
+            _desc(views[1], [1, KEY_BLOCK, HEAD_DIM]),
             _desc(views[2], [1, KEY_BLOCK, HEAD_DIM]), _desc(views[3], [1, ROWS, HEAD_DIM]))
 
 
