@@ -152,8 +152,9 @@ if _HAVE_GLUON:
         """2^x for x <= 0 without the special-function unit: x = j + f with j = round(x) (the magic
         constant 1.5 * 2^23 rounds it, and leaves j in the low bits of x + 1.5 * 2^23) and f in
         [-1/2, 1/2]; 2^f by a degree-4 polynomial (Chebyshev fit, relative error 3.6e-6, under a
-        thousandth of a bf16 ulp); 2^j added to its exponent bits. x is clamped at -126 (p below
-        2^-126 of the row's largest term is 0 or subnormal here, flushed to 0 by ``_exp2``)."""
+        thousandth of a bf16 ulp); 2^j added to its exponent bits. x is clamped at -126 (below, the
+        exponent would wrap), so a term under 2^-126 of its row's largest (a masked key's: -inf) comes
+        out as about 2^-126 where ``_exp2`` flushes it to 0: nothing next to the row sum's 1 or more."""
         x = gl.maximum(x, -126.0)
         t = x + 12582912.0
         f = x - (t - 12582912.0)
@@ -174,7 +175,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _join_columns(a, b):
-        """``_column_halves``' inverse (b's layout may be a another spelling of a's: the same
+        """``_column_halves``' inverse (b's layout may be another spelling of a's: the same
         registers, no data movement)."""
         R: gl.constexpr = a.type.shape[0]
         N: gl.constexpr = 2 * a.type.shape[1]
