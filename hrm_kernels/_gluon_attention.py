@@ -8,7 +8,8 @@ and get no tables: the no-gradient blocks at ARC's length, whose qkv matmul rota
 epilogue (``Attention.ROPE_IN_QKV``). There cuDNN (SDPA) took 579 us a call on an H100 in session 29
 (47 calls, 27.2 ms of a 117.8 ms ungated ARC step): 160 GFLOP at 276 TFLOP/s.
 
-A work item is 128 queries of one (batch, head); programs walk the items in order, so neighbouring
+A work item is 128 queries of one (batch, head) (192 with ``THREE_CONSUMERS``: a third consumer
+warpgroup of 64); programs walk the items in order, so neighbouring
 programs read the same keys and values from L2. A producer warp loads the item's q tile [128, 64]
 into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
 of [batch, seq, heads * 64] views: positions past the sequence load as zeros). Two consumer
@@ -407,7 +408,7 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(form: str = "plain", store_lse: bool = False, consumers: int = 3, poly_quarters: int = 0):
+    def _kernel(form: str = "plain", store_lse: bool = False, consumers: int = 2, poly_quarters: int = 0):
         """The kernel in one of ``FORMS`` (``_consume``), storing the rows' log-sum-exp with
         ``store_lse``, with 2 or 3 ``consumers`` warpgroups and ``poly_quarters`` of each score block's
         exponentials on the FMA units (``_exp2_scores``) (built on first use so that importing needs

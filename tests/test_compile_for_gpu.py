@@ -183,24 +183,33 @@ for dt in ("bf16", "fp16", "fp32"):
                          up_desc=up_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
                          eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
                     dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS))
-    if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off until a GPU run) in the kernels that use them
-        from triton.experimental.gluon import language as gl
-        gg.PACKED_CONVERSIONS = gl.constexpr(True)
-        try:
-            for epilogue, row_scale, head_dim in (("rope", True, 64), ("swiglu_keep", False, 0)):
-                n = 1536 if epilogue == "rope" else 3072
-                x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
-                out = torch.empty(62976, n // gg.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
-                x_desc, w_desc, out_desc = gg.descriptors(x, w, out, epilogue)
-                ss = torch.empty(62976, 4)
-                check_gluon(f"gluon GEMM {epilogue} packed conversions {dt}",
-                            lambda: gg._kernel(gg.EPILOGUES[epilogue], row_scale, 0, head_dim),
-                            dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc, gate_desc=out_desc,
-                                 up_desc=out_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
-                                 eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
-                            dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS))
-        finally:
-            gg.PACKED_CONVERSIONS = gl.constexpr(False)
+    if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off until a GPU run), in a copy of the
+        # module compiled with the flag on (a kernel compiled once keeps its cache key: flipping the flag on
+        # gg itself would hand back the unpacked binary); its PTX must convert in pairs only
+        import types
+        text = open(gg.__file__).read().replace("PACKED_CONVERSIONS = gl.constexpr(False)",
+                                                "PACKED_CONVERSIONS = gl.constexpr(True)")
+        packed = types.ModuleType("packed_gluon_gemm")
+        packed.__file__ = gg.__file__
+        sys.modules["packed_gluon_gemm"] = packed
+        exec(compile(text, gg.__file__, "exec"), packed.__dict__)
+        for epilogue, row_scale, head_dim in (("rope", True, 64), ("swiglu_keep", False, 0)):
+            n = 1536 if epilogue == "rope" else 3072
+            x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])
+            out = torch.empty(62976, n // packed.WEIGHT_ROWS_PER_COLUMN[epilogue], dtype=TORCH[dt])
+            x_desc, w_desc, out_desc = packed.descriptors(x, w, out, epilogue)
+            ss = torch.empty(62976, 4)
+            args = dict(x_desc=x_desc, w_desc=w_desc, out_desc=out_desc, res_desc=out_desc, gate_desc=out_desc,
+                        up_desc=out_desc, ss_in=ss, ss_out=ss, M=62976, N_OUT=out.shape[1], K=512, ss_in_tiles=4,
+                        eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024)
+            consts = dict(STAGES=packed.CONFIGS[epilogue][3], CONSUMER_REGS=packed.CONSUMER_REGISTERS)
+            kernel = packed._kernel(packed.EPILOGUES[epilogue], row_scale, 0, head_dim)
+            check_gluon(f"gluon GEMM {epilogue} packed conversions {dt}", lambda: kernel, args, consts)
+            ptx = compile_gluon_kernel(kernel, args, consts, 4).asm["ptx"]
+            if "cvt.rn.bf16.f32" in ptx or "cvt.rn.bf16x2.f32" not in ptx:
+                failures += 1
+                print("FAILED", f"gluon GEMM {epilogue} packed conversions: PTX has",
+                      ptx.count("cvt.rn.bf16.f32"), "single and", ptx.count("cvt.rn.bf16x2.f32"), "packed conversions")
     swb = module("_gluon_swiglu_backward")  # the down projection's dact GEMM with the SwiGLU backward
     dy, w, gu = (torch.empty(*shape, dtype=TORCH[dt]) for shape in ((62976, 512), (512, 1536), (62976, 3072)))
     descs = dict(zip(("dy_desc", "w_desc", "gate_desc", "up_desc", "dgate_desc", "dup_desc"),

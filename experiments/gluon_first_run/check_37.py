@@ -112,7 +112,7 @@ if PART in ("all", "attention"):
     # The long attention: two consumer warpgroups (128-query items) against three (192), and exponentials partly on
     # the FMA units (POLY_EXP2_QUARTERS): bits against (two, 0), float64 error on a sample, GPU times alternating.
     from hrm_kernels import _gluon_attention as ga
-    VARIANTS = [(False, 0), (True, 0), (False, 1), (False, 2), (True, 1), (True, 2)]
+    VARIANTS = [(False, 0), (True, 0), (False, 1), (False, 2)]  # (three consumers with the polynomial spill: not run)
     lines = []
     for shape in ((96, 901, 8), (4, 300, 8), (768, 129, 8)):
         b, s, hds = shape

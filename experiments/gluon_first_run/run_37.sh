@@ -19,8 +19,8 @@ if [ "${1:-1}" = 1 ]; then
   timeout 120 python3 experiments/gluon_first_run/check_37.py attention 2>&1 | grep "^attention\|CHOICE\|Error"
   timeout 150 python3 experiments/gluon_first_run/check_37.py gemm > $OUT/gemm.log 2>&1
   grep "^sudoku\|^arc\|Error" $OUT/gemm.log
-  PACKED=False  # on only if every call's bits equal the library's
-  grep -q "^sudoku\|^arc" $OUT/gemm.log && ! grep "^sudoku\|^arc" $OUT/gemm.log | grep -q -v "bits equal True" && PACKED=True
+  PACKED=False  # on only if all 18 calls (9 kernels x 2 shapes) ran and gave the library's bits
+  [ "$(grep "^sudoku\|^arc" $OUT/gemm.log | grep -c "bits equal True")" = 18 ] && PACKED=True
   read THREE POLY < <(cat $OUT/choice.txt 2>/dev/null || echo "False 0")
   echo "== checks at $(( $(date +%s) - start )) s: THREE=$THREE POLY=$POLY PACKED=$PACKED (pass these to call 2)"
   turn_on
