@@ -64,7 +64,8 @@ ROWS = 64  # queries a consumer warpgroup: an item is ROWS x consumers queries
 THREE_CONSUMERS = False  # (on once its GPU tests pass and a same-run A/B gains)
 HEAD_DIM = 64
 Q_SLOTS = 2  # 16 KiB each (24 with three consumers)
-STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and 8 KiB output tiles 176 KiB (200 with three consumers)
+STAGES = 4  # key blocks in flight: 32 KiB each (k and v); with q and 8 KiB output tiles 176 KiB
+# (200 with three consumers)
 # Registers a thread of each consumer warpgroup but the first, by consumer count; the producer warp
 # gets 24 and the first consumer (the default partition) the rest: with two, 248 (with 40 for the
 # producer it got 232, and the fp16 "stream" form spilled 2 registers).

@@ -142,10 +142,11 @@ if _HAVE_GLUON:
     @gluon.jit
     def narrow(x, dtype: gl.constexpr):
         """``x.to(dtype)``, rounded to nearest even. From fp32 to bf16 with ``PACKED_CONVERSIONS``, two
-        elements per ``cvt.rn.bf16x2.f32``: the compiler pairs two conversions only where both results go straight
-        into one register for a store; elsewhere (a rounding the epilogue computes on, a tile whose
-        layout was permuted) it converts one element per instruction, and an H100 issues conversions
-        at 16 a clock per SM against 128 fp32 FMAs (the rope epilogue took 256 a thread and tile)."""
+        elements per ``cvt.rn.bf16x2.f32``: the compiler pairs two conversions only where both results
+        go straight into one register for a store; elsewhere (a rounding the epilogue computes on, a
+        tile whose layout was permuted) it converts one element per instruction, and an H100 issues
+        conversions at 16 a clock per SM against 128 fp32 FMAs (the rope epilogue took 256 a thread
+        and tile)."""
         if PACKED_CONVERSIONS and dtype == gl.bfloat16 and x.dtype == gl.float32:
             return gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.bfloat16,
                                              is_pure=True, pack=2)
