@@ -57,6 +57,25 @@ def compile_gluon_for_sm90(fn, args: dict, consts: dict, num_warps: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
+def module_copy(module, name: str, edits: dict):
+    """``module`` loaded again from its source under ``name``, with its text edited (each key replaced by
+    its value; every key must occur): a kernel variant that a compile-time constant selects, compiled
+    beside the library's own in one process (a Triton kernel keeps the cache key of its first compile,
+    so changing the constant on the library module would hand back the binary already built)."""
+    import types
+
+    text = open(module.__file__).read()
+    for old, new in edits.items():
+        if old not in text:
+            raise ValueError(f"module_copy: {old!r} is not in {module.__file__}")
+        text = text.replace(old, new)
+    copy = types.ModuleType(name)
+    copy.__file__ = module.__file__
+    sys.modules[name] = copy
+    exec(compile(text, module.__file__, "exec"), copy.__dict__)
+    return copy
+
+
 def _cuobjdump(compiled, *flags: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

@@ -186,13 +186,9 @@ for dt in ("bf16", "fp16", "fp32"):
     if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off until a GPU run), in a copy of the
         # module compiled with the flag on (a kernel compiled once keeps its cache key: flipping the flag on
         # gg itself would hand back the unpacked binary); its PTX must convert in pairs only
-        import types
-        text = open(gg.__file__).read().replace("PACKED_CONVERSIONS = gl.constexpr(False)",
-                                                "PACKED_CONVERSIONS = gl.constexpr(True)")
-        packed = types.ModuleType("packed_gluon_gemm")
-        packed.__file__ = gg.__file__
-        sys.modules["packed_gluon_gemm"] = packed
-        exec(compile(text, gg.__file__, "exec"), packed.__dict__)
+        from benchmarks.sass import module_copy
+        packed = module_copy(gg, "packed_gluon_gemm", {"PACKED_CONVERSIONS = gl.constexpr(False)":
+                                                       "PACKED_CONVERSIONS = gl.constexpr(True)"})
         for epilogue, row_scale, head_dim in (("rope", True, 64), ("swiglu_keep", False, 0)):
             n = 1536 if epilogue == "rope" else 3072
             x, w = torch.empty(62976, 512, dtype=TORCH[dt]), torch.empty(n, 512, dtype=TORCH[dt])

@@ -14,43 +14,28 @@
 
     python experiments/gluon_first_run/check_37.py [gemm|attention]
 """
-import importlib.util
 import os
 import statistics
 import sys
-import types
 
 import torch
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.common import environment, gpu_us  # noqa: E402
+from benchmarks.sass import module_copy  # noqa: E402
 import hrm_kernels._gluon_gemm as off_gg  # noqa: E402  (the library as it is: PACKED_CONVERSIONS off)
 import hrm_kernels._gluon_swiglu_backward as off_swb  # noqa: E402
 import hrm_kernels._gluon_gated_blend as off_gb  # noqa: E402
 from hrm_kernels.rope import first_halves  # noqa: E402
 
 
-def _module_from_source(name: str, path: str, edits: dict) -> types.ModuleType:
-    """The module at ``path`` loaded again under ``name`` with its source text edited (old -> new)."""
-    text = open(path).read()
-    for old, new in edits.items():
-        assert old in text, (path, old)
-        text = text.replace(old, new)
-    module = types.ModuleType(name)
-    module.__file__ = path
-    sys.modules[name] = module
-    exec(compile(text, path, "exec"), module.__dict__)
-    return module
-
-
 def _packed_modules():
     """The GEMM, SwiGLU backward and gated blend modules with PACKED_CONVERSIONS on (the others import
     narrow and rounded from this GEMM module)."""
-    gemm = _module_from_source("packed_gluon_gemm", off_gg.__file__,
-                               {"PACKED_CONVERSIONS = gl.constexpr(False)": "PACKED_CONVERSIONS = gl.constexpr(True)"})
+    gemm = module_copy(off_gg, "packed_gluon_gemm",
+                       {"PACKED_CONVERSIONS = gl.constexpr(False)": "PACKED_CONVERSIONS = gl.constexpr(True)"})
     imports = {"from hrm_kernels._gluon_gemm import _accumulator_layout": "from packed_gluon_gemm import _accumulator_layout"}
-    return gemm, _module_from_source("packed_gluon_swb", off_swb.__file__, imports), _module_from_source(
-        "packed_gluon_gb", off_gb.__file__, imports)
+    return gemm, module_copy(off_swb, "packed_gluon_swb", imports), module_copy(off_gb, "packed_gluon_gb", imports)
 
 
 on_gg, on_swb, on_gb = _packed_modules()
