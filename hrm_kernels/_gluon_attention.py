@@ -54,7 +54,7 @@ if _HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout
+    from hrm_kernels._gluon_gemm import _accumulator_layout, warpgroup_jit
 
 KEY_BLOCK = 128  # keys a block
 ROWS = 64  # queries a consumer warpgroup: an item is ROWS x consumers queries
@@ -422,13 +422,12 @@ if _HAVE_GLUON:
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            @gluon.jit
             def consume(q_desc, k_desc, v_desc, out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready,
                         kv_empty, lse, n_items, q_tiles, heads, key_blocks, seq_len, qk_scale):
                 _consume(out_desc, q_bufs, k_bufs, v_bufs, out_bufs, q_ready, q_empty, kv_ready, kv_empty, lse, n_items,
                          q_tiles, heads, key_blocks, seq_len, qk_scale, WG, FORM, STORE_LSE, POLY)
 
-            return consume
+            return warpgroup_jit(consume, wg)
 
         first, second, third = consumer(0), consumer(1), consumer(2)
 

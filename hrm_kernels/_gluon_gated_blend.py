@@ -68,7 +68,7 @@ if _HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout, narrow, rounded
+    from hrm_kernels._gluon_gemm import _accumulator_layout, narrow, rounded, warpgroup_jit
 
 BLOCK_M = 128  # rows a tile: two warpgroups of 64
 CHUNK = 64  # columns of D a k-step (the hidden GEMM) and an output chunk (the logit GEMM and blend)
@@ -220,13 +220,12 @@ if _HAVE_GLUON:
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            @gluon.jit
             def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs,
                         ready, empty, b1, b2, M, D):
                 _consume(own_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready, empty, b1, b2, M, D,
                          KINDS, WG)
 
-            return consume
+            return warpgroup_jit(consume, wg)
 
         first, second = consumer(0), consumer(1)
 
@@ -373,13 +372,12 @@ if _HAVE_GLUON:
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            @gluon.jit
             def consume(dout_desc, own_desc, other_desc, inj_desc, w2_desc, z_desc, pre_desc, dpre_desc, x_bufs,
                         w_bufs, z_buf, out_bufs, ready, empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D):
                 _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
                               z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
 
-            return consume
+            return warpgroup_jit(consume, wg)
 
         first, second = consumer(0), consumer(1)
 

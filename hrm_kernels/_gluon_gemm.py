@@ -127,6 +127,16 @@ def supported(x: torch.Tensor, weight: torch.Tensor, epilogue: str) -> bool:
 
 if _HAVE_GLUON:
 
+    def warpgroup_jit(fn, warpgroup: int):
+        """``gluon.jit(fn)`` under a name of its own for consumer ``warpgroup`` (``fn``: a partition
+        function a kernel factory makes per warpgroup, closing over that warpgroup's constexpr).
+        Triton names a called function's compiled body by module, qualified name and argument types
+        alone, so two such closures in one kernel share the body compiled first: with three consumer
+        warpgroups the third ran the second's rows (two ran apart only because the default partition
+        is called without the workers' warp count in its name)."""
+        fn.__qualname__ = f"{fn.__qualname__}_{warpgroup}"
+        return gluon.jit(fn)
+
     @gluon.constexpr_function
     def _accumulator_layout(BLOCK_N):
         n = 256  # the widest wgmma instruction that tiles BLOCK_N
@@ -394,7 +404,6 @@ if _HAVE_GLUON:
         def consumer(warpgroup: int):
             WARPGROUP = gl.constexpr(warpgroup)
 
-            @gluon.jit
             def consume(x_desc, w_desc, out_desc, res_desc, gate_desc, up_desc, x_bufs, w_bufs, out_bufs, gu_bufs,
                         ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
                         t_stride, rope_cols):
@@ -402,7 +411,7 @@ if _HAVE_GLUON:
                          ready, empty, order, epi_ready, ss_in, ss_out, M, N_OUT, K, ss_in_tiles, eps, cos, sin, seq_len,
                          t_stride, rope_cols, EPI, SCALE, RES, WARPGROUP, HEAD_DIM)
 
-            return consume
+            return warpgroup_jit(consume, warpgroup)
 
         first, second = consumer(0), consumer(1)
 

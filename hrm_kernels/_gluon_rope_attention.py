@@ -47,7 +47,7 @@ if _HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                 warpgroup_mma_wait)
 
-    from hrm_kernels._gluon_gemm import _accumulator_layout
+    from hrm_kernels._gluon_gemm import _accumulator_layout, warpgroup_jit
 
 BLOCK = 128  # positions a tile (queries and keys): sequences up to this length
 HEAD_DIM = 64
@@ -184,13 +184,12 @@ if _HAVE_GLUON:
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            @gluon.jit
             def consume(half_desc, full_desc, out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready,
                         empty, k_done, cos, sin, stride_t, lse, n_items, heads, seq_len, qk_scale):
                 _consume(out_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs, out_bufs, ready, empty, k_done, cos,
                          sin, stride_t, lse, n_items, heads, seq_len, qk_scale, ROPE, STORE_LSE, WG)
 
-            return consume
+            return warpgroup_jit(consume, wg)
 
         first, second = consumer(0), consumer(1)
 
@@ -372,7 +371,6 @@ if _HAVE_GLUON:
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            @gluon.jit
             def consume(half_desc, full_desc, o_desc, do_desc, dhalf_desc, dfull_desc, q1_bufs, q2_bufs, k1_bufs, k2_bufs, v_bufs,
                         o_bufs, do_bufs, ds_buf, dh_bufs, dv_bufs, delta_bufs, ready, empty, rot_done, ds_done, ds_free, cos, sin,
                         stride_t, lse, n_items, heads, seq_len, qk_scale, sm_scale):
@@ -380,7 +378,7 @@ if _HAVE_GLUON:
                          ds_buf, dh_bufs, dv_bufs, delta_bufs, ready, empty, rot_done, ds_done, ds_free, cos, sin, stride_t, lse,
                          n_items, heads, seq_len, qk_scale, sm_scale, ROPE, WG)
 
-            return consume
+            return warpgroup_jit(consume, wg)
 
         first, second = consumer(0), consumer(1)
 
