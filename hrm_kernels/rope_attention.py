@@ -30,8 +30,8 @@ Under torch.compile and for longer sequences the op runs as
 ``hrm_kernels.rope_qkv`` + ``F.scaled_dot_product_attention`` (cuDNN's or FlashAttention's
 backward), the same math. On Hopper, longer sequences without a gradient and without tables (q and
 k rotated by the qkv matmul) run ``hrm_kernels._gluon_attention`` instead of SDPA
-(``USE_GLUON_LONG``); with a gradient its forward can keep the log-sum-exp for cuDNN's backward
-(``USE_GLUON_LONG_GRAD``, off).
+(``USE_GLUON_LONG``); with a gradient its forward keeps the log-sum-exp for cuDNN's backward
+(``USE_GLUON_LONG_GRAD``).
 """
 
 from __future__ import annotations
@@ -243,12 +243,12 @@ USE_GLUON_BACKWARD = True
 USE_GLUON_LONG = True
 # ... and the calls with a gradient (ARC's last L and H calls, q and k rotated by ``rope_qkv``): the
 # same kernel storing each query's log-sum-exp, then cuDNN's SDPA backward from it
-# (``_gluon_attention.AttentionFunction``). Off: its GPU tests pass (session 33, H100), but it gains
-# nothing in the ARC step: ungated 116.5 / 115.9 / 116.8 / 115.1 ms against 116.3 / 117.4 / 114.7 /
-# 115.6 with it off, gated 120.1 / 120.6 against 119.7 / 120.7 (alternating runs, same processes).
-# cuDNN's with-gradient forward took 629 us a call in a session-32 ARC step (8 calls), the Gluon
-# kernel 529 us a call without the log-sum-exp (where that gain goes in the step was not profiled).
-USE_GLUON_LONG_GRAD = False
+# (``_gluon_attention.AttentionFunction``). With two consumer warpgroups it gained nothing in the
+# ARC step (session 33: ungated 116.5 / 115.9 / 116.8 / 115.1 ms against 116.3 / 117.4 / 114.7 /
+# 115.6 off). With three (``_gluon_attention.THREE_CONSUMERS``, session 38, H100, alternating runs in
+# one process): ungated ARC step 110.1 / 110.9 ms against 111.0 / 111.6 off (back to back 111.0 /
+# 111.4 against 111.5 / 111.8), peak memory 15.2-15.3 GiB against 15.1-15.2.
+USE_GLUON_LONG_GRAD = True
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, JOIN_HALVES) on CUDA; see benchmarks/bench_rope_attention.py --sweep.
 # Small key tiles win at HRM's Sudoku shape (82 tokens): a [128, 128] score tile leaves one
 # program per SM (registers), and a one-tile version that issues every load up front was slower.

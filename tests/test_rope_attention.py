@@ -649,7 +649,7 @@ def test_gluon_long_forward_routing(monkeypatch):
         ga.attention_forward(qkv, programs=0)
 
 
-# With a gradient (``USE_GLUON_LONG_GRAD``, off until run on a GPU): the same kernel keeping each
+# With a gradient (``USE_GLUON_LONG_GRAD``): the same kernel keeping each
 # query's log-sum-exp, then cuDNN's SDPA backward from it (``_gluon_attention.AttentionFunction``).
 @requires_gluon
 @pytest.mark.parametrize("shape", [(2, 129, 3, 64), (3, 300, 2, 64), (2, 901, 8, 64)], ids=str)
