@@ -67,6 +67,7 @@ SWITCHES = {
     "shared_layouts": ("hrm.model", "HRMInner", "SHARE_WEIGHT_LAYOUTS"),  # one gate_up reorder per weight per segment
     "prescaled_embeddings": ("hrm.model", "HRMInner", "PRESCALED_EMBEDDINGS"),  # embedding scale on the table, not the rows
     "uncopied_input_grads": ("hrm.model", "HRMInner", "UNCOPIED_INPUT_GRADS"),  # the segment graph's input-embedding gradient handed on uncopied
+    "embeddings_in_graph": ("hrm.model", "HRMInner", "EMBEDDINGS_IN_GRAPH"),  # evaluation's graph embeds the ids itself (no x copy)
     "q_target_first_position": ("hrm.model", "HRMInner", "Q_TARGET_FIRST_POSITION"),  # continue target: last H block at position 0
     "fast_sigmoid": ("hrm_kernels._math", None, "FAST_SIGMOID"),  # one-instruction sigmoid in gates and SwiGLU
     "swiglu_linear_bwd": ("hrm_kernels.swiglu_linear", None, "FUSED_BACKWARD"),  # SwiGLU backward in down_proj's dx matmul

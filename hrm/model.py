@@ -190,6 +190,7 @@ class HRMInner(nn.Module):
     SHARE_WEIGHT_LAYOUTS = True  # see ``_shared_weight_casts``
     PRESCALED_EMBEDDINGS = True  # see ``input_embeddings``
     UNCOPIED_INPUT_GRADS = True  # see ``_grad_calls``
+    EMBEDDINGS_IN_GRAPH = False  # see ``_no_grad_segment``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
@@ -338,6 +339,23 @@ class HRMInner(nn.Module):
                                        (z_H, z_L, x.detach()))
             return z_H, z_L
 
+    def _no_grad_segment(self, z_H: torch.Tensor, z_L: torch.Tensor, batch: dict[str, torch.Tensor],
+                         steps: int):
+        """A segment's whole recurrence without gradients, from the batch's ids: (z_H, z_L). With
+        ``EMBEDDINGS_IN_GRAPH``, in evaluation mode (the puzzle embedding's training forward stages
+        rows) and through a CUDA graph, the input embedding is part of the captured graph: its static
+        inputs are the [batch, seq] ids instead of a copy of x [batch, seq, hidden], and no x is made
+        outside it, two activation-sized buffers fewer at evaluation's peak."""
+        inputs, puzzle_ids = batch["inputs"], batch["puzzle_identifiers"]
+        if not (self.EMBEDDINGS_IN_GRAPH and not self.training and steps > 0 and self._use_graphs(z_H)):
+            return self._no_grad_recurrence(z_H, z_L, self.input_embeddings(inputs, puzzle_ids), steps)
+        with torch.no_grad():
+            key = (steps, "embedded", inputs.shape, inputs.dtype, puzzle_ids.shape, puzzle_ids.dtype,
+                   self.PRESCALED_EMBEDDINGS, *self._graph_key(z_H, z_L, z_H))
+            run = lambda h, l, i, p: self.recurrence(h, l, self.input_embeddings(i, p), steps)  # noqa: E731
+            z_H, z_L = self.graphs.run(key, run, (z_H, z_L, inputs, puzzle_ids))
+            return z_H, z_L
+
     def q_values(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward(carry, batch)``'s (q_halt, q_continue), [batch] fp32 each, without gradients:
         what the ACT continue target reads. With ``Q_TARGET_FIRST_POSITION`` the segment's last
@@ -474,17 +492,17 @@ class HRMInner(nn.Module):
         on and ``Q_TARGET_IN_GRAD_GRAPH`` it is computed by ``_grad_calls`` (inside the segment's
         CUDA graph where that graph runs), else by ``q_values``."""
         cfg = self.config
-        x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
         want_stats = gate_stats and cfg.use_gating
         all_calls = self.segment_calls
-        # the continue target inside the segment's graph, or with no graphs at all (elsewhere
-        # q_values replays a no-gradient graph of its own)
-        fused_next_q = (next_q and self.Q_TARGET_IN_GRAD_GRAPH and self.Q_TARGET_FIRST_POSITION
-                        and torch.is_grad_enabled() and (not self._use_graphs(x) or self._grad_graphs_run()))
-
+        fused_next_q = False
         if not torch.is_grad_enabled() and not want_stats:
-            z_H, z_L = self._no_grad_recurrence(carry.z_H, carry.z_L, x, all_calls)
+            z_H, z_L = self._no_grad_segment(carry.z_H, carry.z_L, batch, all_calls)
         else:
+            x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
+            # the continue target inside the segment's graph, or with no graphs at all (elsewhere
+            # q_values replays a no-gradient graph of its own)
+            fused_next_q = (next_q and self.Q_TARGET_IN_GRAD_GRAPH and self.Q_TARGET_FIRST_POSITION
+                            and torch.is_grad_enabled() and (not self._use_graphs(x) or self._grad_graphs_run()))
             z_H, z_L, *gate_stats = self._grad_calls(carry.z_H, carry.z_L, x, want_stats,
                                                      no_grad_calls=all_calls - 2, next_q=fused_next_q)
 

@@ -145,8 +145,10 @@ def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
 
 
 @requires_cuda
+@pytest.mark.parametrize("embeddings_in_graph", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
-def test_graphs_give_the_launched_kernels_results(gated):
+def test_graphs_give_the_launched_kernels_results(gated, embeddings_in_graph, monkeypatch):
+    monkeypatch.setattr(HRMInner, "EMBEDDINGS_IN_GRAPH", embeddings_in_graph)
     torch.manual_seed(7)
     model = HRM(tiny_config(**{**GRAPH_CFG, "use_gating": gated}))
     randomize_(model)
@@ -160,6 +162,9 @@ def test_graphs_give_the_launched_kernels_results(gated):
     # minus its last two calls, ungated the whole recurrence. The with-grad segment: one pair.
     assert len(graphed.inner.graphs) == 2
     assert len(graphed.inner.grad_graphs) == 1
+    if embeddings_in_graph and not gated:  # the evaluation graphs embed the ids themselves: no x copy held
+        for _, static_inputs, _ in graphed.inner.graphs._graphs.values():
+            assert [t.dtype.is_floating_point for t in static_inputs] == [True, True, False, False]
     assert len(launched) == len(replayed)
     for i, (a, b) in enumerate(zip(launched, replayed)):
         # Same kernels, same inputs, same order: the same bits.
