@@ -190,7 +190,7 @@ class HRMInner(nn.Module):
     SHARE_WEIGHT_LAYOUTS = True  # see ``_shared_weight_casts``
     PRESCALED_EMBEDDINGS = True  # see ``input_embeddings``
     UNCOPIED_INPUT_GRADS = True  # see ``_grad_calls``
-    EMBEDDINGS_IN_GRAPH = False  # see ``_no_grad_segment``
+    EMBEDDINGS_IN_GRAPH = True  # see ``_no_grad_segment``
 
     def __init__(self, config: HRMConfig):
         super().__init__()
