@@ -3,18 +3,19 @@
 
     out = softmax(q k^T / sqrt(64)) v            per (batch, head), bidirectional
 
-It serves ``rope_attention``'s calls beyond its fused kernels' 128 positions that need no gradient
-and get no tables: the no-gradient blocks at ARC's length, whose qkv matmul rotated q and k in its
-epilogue (``Attention.ROPE_IN_QKV``). There cuDNN (SDPA) took 579 us a call on an H100 in session 29
+It serves ``rope_attention``'s calls beyond its fused kernels' 128 positions that get no tables:
+the no-gradient blocks at ARC's length, whose qkv matmul rotated q and k in its epilogue
+(``Attention.ROPE_IN_QKV``), and the forward of the calls with a gradient (``AttentionFunction``,
+below). There cuDNN (SDPA) took 579 us a call on an H100 in session 29
 (47 calls, 27.2 ms of a 117.8 ms ungated ARC step): 160 GFLOP at 276 TFLOP/s.
 
-A work item is 128 queries of one (batch, head) (192 with ``THREE_CONSUMERS``: a third consumer
-warpgroup of 64); programs walk the items in order, so neighbouring
-programs read the same keys and values from L2. A producer warp loads the item's q tile [128, 64]
-into one of two slots, then each key block's k and v [128, 64] into a ring of ``STAGES`` (TMA boxes
-of [batch, seq, heads * 64] views: positions past the sequence load as zeros). Two consumer
-warpgroups take 64 queries each, q as the wgmma's A operand (from registers, or in the "stream"
-form from its slot), and per key block (the online softmax, FlashAttention-2's order, in base 2)::
+A work item is 192 queries of one (batch, head) with ``THREE_CONSUMERS`` (the default: three
+consumer warpgroups of 64), else 128; programs walk the items in order, so neighbouring
+programs read the same keys and values from L2. A producer warp loads the item's q tile [192, 64]
+(three TMA boxes of 64 rows) or [128, 64] into one of two slots, then each key block's k and v
+[128, 64] into a ring of ``STAGES`` (TMA boxes of [batch, seq, heads * 64] views: positions past the
+sequence load as zeros). Each consumer warpgroup takes 64 queries, q as the wgmma's A operand (with
+three, and in the "stream" form, read from its slot; else from registers), and per key block (the online softmax, FlashAttention-2's order, in base 2)::
 
     s     = q k_j^T                                   [64, 128] fp32 (keys past seq: -inf)
     m_new = max(m, rowmax(s) * c);  a = exp2(m - m_new);  p = exp2(s * c - m_new),  c = log2(e) / 8
@@ -24,8 +25,8 @@ then ``o / l`` leaves by TMA (rows past the sequence clipped), and with ``with_l
 natural log-sum-exp (m + log2 l) ln 2 as fp32 [batch, heads, seq]: ``AttentionFunction`` (a gradient)
 keeps it for cuDNN's SDPA backward (``rope_attention.USE_GLUON_LONG_GRAD``).
 q, k and v are three [batch, seq, heads, 64] views, each TMA-described as [batch, seq, heads * 64]:
-the thirds of a packed qkv, or rope_qkv's rotated q, k and qkv's v. The two warpgroups run their blocks
-independently, so one's softmax overlaps the other's matmuls. ``FORMS``: "plain" runs each block's
+the thirds of a packed qkv, or rope_qkv's rotated q, k and qkv's v. The consumer warpgroups run their
+blocks independently, so one's softmax overlaps the others' matmuls. ``FORMS``: "plain" runs each block's
 steps in turn; "pipelined" issues block j + 1's scores before block j's softmax, within an item;
 "stream" does so across the program's whole stream of blocks, items included (the
 next item's first scores overlap an item's last softmax: what items of one block, Sudoku's
@@ -444,7 +445,8 @@ if _HAVE_GLUON:
         def attention_kernel(q_desc, k_desc, v_desc, out_desc, lse, n_items, q_tiles, heads, key_blocks, seq_len,
                              qk_scale, Q_SLOTS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = q_desc.dtype
-            # (each consumer's partition compiled under a name of its own: warpgroup_jit)
+            # (each consumer's partition compiled under a name of its own, warpgroup_jit; this line also changes
+            # the kernel's cache key from the builds before that fix, whose third consumer ran the second's rows)
             # an item's q tile in boxes of q_desc's (one of 128 rows for two consumers, three of 64 for three)
             Q_BOXES: gl.constexpr = CONSUMERS * out_desc.block_type.shape[1] // q_desc.block_type.shape[1]
             q_bufs = gl.allocate_shared_memory(dtype, [Q_SLOTS * Q_BOXES] + q_desc.block_type.shape, q_desc.layout)

@@ -144,9 +144,10 @@ if _HAVE_GLUON:
             n -= 8
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
-    # narrow / rounded through cvt.rn.bf16x2.f32: off until a GPU run (session 37 wrote them without one; the
-    # operand order was checked in the LLVM IR and PTX: element 0 in the low half, as Triton's own packed
-    # conversion). Flip to gl.constexpr(True) after the GPU tests and an A/B.
+    # narrow / rounded through cvt.rn.bf16x2.f32 (operand order checked in the LLVM IR and PTX: element 0 in
+    # the low half, as Triton's own packed conversion). Off: session 38 (H100) timed it at 0.84-1.05x a call
+    # (the swiglu + row scale epilogue slower, the gated blend 4-5% faster) and the rope epilogue's output
+    # one bf16 ulp off the unpacked one in places (benchmarks/RESULTS.md, session 38).
     PACKED_CONVERSIONS = gl.constexpr(False)
 
     @gluon.jit

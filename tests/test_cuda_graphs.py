@@ -145,8 +145,7 @@ def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
 
 
 @requires_cuda
-@pytest.mark.parametrize("embeddings_in_graph", [False, True])
-@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("gated, embeddings_in_graph", [(True, False), (False, False), (False, True)])
 def test_graphs_give_the_launched_kernels_results(gated, embeddings_in_graph, monkeypatch):
     monkeypatch.setattr(HRMInner, "EMBEDDINGS_IN_GRAPH", embeddings_in_graph)
     torch.manual_seed(7)
@@ -462,3 +461,50 @@ def test_a_training_segment_casts_each_weight_once(gated, monkeypatch):
     for i, (a, b) in enumerate(zip(results[False], results[True])):
         assert torch.equal(a, b), f"value {i}: max |diff| {(a.float() - b.float()).abs().max().item()}"
     assert all(w.grad.abs().sum() > 0 for w in block_weights)
+
+
+class _CallingGraphs:
+    """A stand-in for ``GraphCache`` on the CPU: calls ``fn`` directly and records each call's key and inputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, key, fn, inputs):
+        self.calls.append((key, inputs))
+        return tuple(fn(*inputs))
+
+    def clear(self):
+        pass
+
+
+@pytest.mark.parametrize("pos_encodings", ["rope", "learned"])
+def test_evaluation_graph_embeds_the_ids_itself(pos_encodings, monkeypatch):
+    """``EMBEDDINGS_IN_GRAPH``: in evaluation mode the whole-recurrence graph is handed the token and
+    puzzle ids, not x, and gives the same bits as embedding outside it; in training mode (the puzzle
+    embedding stages rows) and with ids on another device it is not taken."""
+    torch.manual_seed(3)
+    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=16, pos_encodings=pos_encodings))
+    randomize_(model)
+    inner = model.inner
+    batch = make_batch(None)
+    carry = inner.empty_carry(BATCH)
+    monkeypatch.setattr(HRMInner, "_use_graphs", lambda self, x: True)
+    results = {}
+    for on in (False, True):
+        monkeypatch.setattr(HRMInner, "EMBEDDINGS_IN_GRAPH", on)
+        inner.graphs = _CallingGraphs()
+        model.eval()
+        with torch.no_grad():
+            new_carry, logits, _, _ = inner(carry, batch, gate_stats=False)
+        (key, inputs), = inner.graphs.calls
+        assert ("embedded" in key) == on
+        assert [t.dtype.is_floating_point for t in inputs] == ([True, True, False, False] if on else [True] * 3)
+        results[on] = (new_carry.z_H, new_carry.z_L, logits)
+    for a, b in zip(results[False], results[True]):
+        assert torch.equal(a, b)
+    inner.graphs = _CallingGraphs()
+    model.eval()
+    inner.puzzle_emb.train()  # a submodule in training mode: embedded outside, as before
+    with torch.no_grad():
+        inner(carry, {**batch, "puzzle_identifiers": batch["puzzle_identifiers"][:BATCH]}, gate_stats=False)
+    assert "embedded" not in inner.graphs.calls[0][0]
