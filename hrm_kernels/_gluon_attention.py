@@ -15,7 +15,8 @@ programs read the same keys and values from L2. A producer warp loads the item's
 (three TMA boxes of 64 rows) or [128, 64] into one of two slots, then each key block's k and v
 [128, 64] into a ring of ``STAGES`` (TMA boxes of [batch, seq, heads * 64] views: positions past the
 sequence load as zeros). Each consumer warpgroup takes 64 queries, q as the wgmma's A operand (with
-three, and in the "stream" form, read from its slot; else from registers), and per key block (the online softmax, FlashAttention-2's order, in base 2)::
+three, and in the "stream" form, read from its slot; else from registers), and per key block (the
+online softmax, FlashAttention-2's order, in base 2)::
 
     s     = q k_j^T                                   [64, 128] fp32 (keys past seq: -inf)
     m_new = max(m, rowmax(s) * c);  a = exp2(m - m_new);  p = exp2(s * c - m_new),  c = log2(e) / 8
@@ -509,9 +510,10 @@ def attention_views_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     grid = persistent_grid(programs, n_items, q.device, "attention (Gluon)")
     if STAGES < 2:  # the pipelined form holds two key blocks at once
         raise ValueError(f"attention (Gluon): STAGES must be at least 2, got {STAGES}")
-    launch(_kernel(DEFAULT_FORM, with_lse, n_consumers, POLY_EXP2_QUARTERS), grid, *descriptors(q, k, v, out, n_consumers), lse, n_items,
-           q_tiles, heads, -(-seq // KEY_BLOCK), seq, math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS,
-           STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS[n_consumers], num_warps=4)
+    launch(_kernel(DEFAULT_FORM, with_lse, n_consumers, POLY_EXP2_QUARTERS), grid,
+           *descriptors(q, k, v, out, n_consumers), lse, n_items, q_tiles, heads, -(-seq // KEY_BLOCK), seq,
+           math.log2(math.e) / math.sqrt(head_dim), Q_SLOTS=Q_SLOTS, STAGES=STAGES,
+           CONSUMER_REGS=CONSUMER_REGISTERS[n_consumers], num_warps=4)
     return (out, lse) if with_lse else out
 
 

@@ -100,6 +100,7 @@ def worker_partitions(ttgir):
     return [(int(re.search(r"num_warps\((\d+)\)", part).group(1)), body(part.split("\n", 1)[1]))
             for part in re.split(r"\n\s*partition\d+\(", ttgir)[1:]]
 
+
 def check_gluon(name, kernel, args, consts):
     """Compile the Gluon kernel ``kernel()`` for sm_90 (4 warps); print ok, or FAILED and count it,
     when it does not compile, needs more shared memory than an H100 has, spills, or runs one body
