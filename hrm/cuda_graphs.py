@@ -14,7 +14,9 @@ already runs ahead of the host and the graphs change nothing.
   cuBLAS picks its algorithms), then once under capture into static buffers;
 - every call: the inputs are copied into the static input buffers, the graph replays, and the
   outputs are cloned (a later replay overwrites the static outputs, and autograd may have saved
-  the returned tensors for the backward).
+  the returned tensors for the backward). A caller may instead write an input straight into its
+  buffer (``static_inputs(key)``), and at the capture donate inputs nothing else holds, which then
+  become the buffers (HRM's evaluation resets its carry into them: ``HRMInner._no_grad_segment``).
 
 ``fn`` must be a pure function of its tensor inputs and of tensors whose storage stays put (module
 parameters updated in place by the optimizer, buffers): the graph reads those addresses at replay.
@@ -152,20 +154,37 @@ class GraphCache(_Cache):
         self._pool = None
 
     def run(self, key: Hashable, fn: Callable[..., Sequence[torch.Tensor]],
-            inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """``fn(*inputs)`` (a tuple of tensors) through the graph captured for ``key``."""
-        graph, static_inputs, static_outputs = self._entry(key, lambda: self._capture(fn, inputs))
+            inputs: Sequence[torch.Tensor], donated: int = 0) -> tuple[torch.Tensor, ...]:
+        """``fn(*inputs)`` (a tuple of tensors) through the graph captured for ``key``. An input that
+        is already its static buffer (written there through ``static_inputs``) is not copied. The
+        first ``donated`` inputs are the caller's to give away (nothing else holds them, and they are
+        not inference tensors): at the capture they become the static buffers themselves, no copies
+        made, so the capture holds one set of these tensors fewer at its memory peak."""
+        graph, static_inputs, static_outputs = self._entry(key, lambda: self._capture(fn, inputs, donated))
         with torch.no_grad():
             for static, value in zip(static_inputs, inputs):
-                static.copy_(value)
+                if value is not static:
+                    static.copy_(value)
             graph.replay()
             return tuple(out.clone() for out in static_outputs)
 
-    def _capture(self, fn, inputs):
+    def static_inputs(self, key: Hashable) -> Optional[tuple[torch.Tensor, ...]]:
+        """The static input buffers of ``key``'s graph (None before its capture). A caller may
+        write its next inputs into them (and pass them to ``run``) instead of having ``run`` copy
+        them there; they are read only while the graph replays."""
+        entry = self._graphs.get(key)
+        return None if entry is None else entry[1]
+
+    def _capture(self, fn, inputs, donated: int = 0):
         # Outside inference mode (an evaluation may come first): the static buffers must stay
         # writable by later calls made under plain no_grad.
         with torch.inference_mode(False), torch.no_grad():
-            static_inputs = tuple(x.detach().clone() for x in inputs)
+            for x in inputs[:donated]:
+                if x.is_inference():
+                    raise ValueError("GraphCache.run: a donated input is an inference tensor, which later "
+                                     "calls outside inference mode could not write; allocate it under "
+                                     "torch.inference_mode(False) or donate nothing")
+            static_inputs = tuple(inputs[:donated]) + tuple(x.detach().clone() for x in inputs[donated:])
             _warm_up(lambda: fn(*static_inputs))
             if self._pool is None:  # one memory pool for all graphs: safe because every replay's
                 # outputs are cloned at once, so no graph's static outputs are read after another's

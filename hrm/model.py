@@ -259,12 +259,18 @@ class HRMInner(nn.Module):
         return HRMInnerCarry(z_H=torch.zeros(shape, dtype=self.forward_dtype, device=device),
                              z_L=torch.zeros(shape, dtype=self.forward_dtype, device=device))
 
-    def reset_carry(self, reset: torch.Tensor, carry: HRMInnerCarry) -> HRMInnerCarry:
+    def reset_carry(self, reset: torch.Tensor, carry: HRMInnerCarry,
+                    out: Optional[HRMInnerCarry] = None) -> HRMInnerCarry:
         """Rows where ``reset`` is set go back to ``H_init`` / ``L_init`` (``hrm_kernels.reset_rows``:
-        the ``torch.where`` in one copy-speed kernel on CUDA)."""
+        the ``torch.where`` in one copy-speed kernel on CUDA). With ``out`` (a carry of the model's
+        dtype) the result is written there and returned."""
         if carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
-            return HRMInnerCarry(z_H=reset_rows(carry.z_H, reset, self.H_init),
-                                 z_L=reset_rows(carry.z_L, reset, self.L_init))
+            outs = (None, None) if out is None else (out.z_H, out.z_L)
+            return HRMInnerCarry(z_H=reset_rows(carry.z_H, reset, self.H_init, out=outs[0]),
+                                 z_L=reset_rows(carry.z_L, reset, self.L_init, out=outs[1]))
+        if out is not None:
+            raise ValueError(f"reset_carry: out needs a carry in the model's dtype {self.H_init.dtype}, got "
+                             f"{carry.z_H.dtype} / {carry.z_L.dtype}")
         # a carry of another dtype than the model's: promoted, as torch.where does
         return HRMInnerCarry(z_H=reset_rows_reference(carry.z_H, reset, self.H_init),
                              z_L=reset_rows_reference(carry.z_L, reset, self.L_init))
@@ -339,24 +345,40 @@ class HRMInner(nn.Module):
                                        (z_H, z_L, x.detach()))
             return z_H, z_L
 
-    def _no_grad_segment(self, z_H: torch.Tensor, z_L: torch.Tensor, batch: dict[str, torch.Tensor],
-                         steps: int):
-        """A segment's whole recurrence without gradients, from the batch's ids: (z_H, z_L). With
-        ``EMBEDDINGS_IN_GRAPH``, in evaluation mode (the puzzle embedding's training forward stages
-        rows) and through a CUDA graph, the input embedding is part of the captured graph: its static
-        inputs are the [batch, seq] ids instead of a copy of x [batch, seq, hidden], and x lives in the
-        graph's pool instead of as an eager tensor and that copy: one activation-sized buffer fewer at
-        evaluation's peak (session 38: 3.32 vs 3.40 GiB at ARC)."""
+    def _no_grad_segment(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], steps: int,
+                         reset: Optional[torch.Tensor] = None):
+        """A segment's whole recurrence without gradients, from the batch's ids and the carry (its
+        ``reset`` rows first set back, where given): (z_H, z_L). With ``EMBEDDINGS_IN_GRAPH``, in
+        evaluation mode (the puzzle embedding's training forward stages rows) and through a CUDA
+        graph, the input embedding is part of the captured graph: its static inputs are the
+        [batch, seq] ids instead of a copy of x [batch, seq, hidden], and x lives in the graph's
+        pool instead of as an eager tensor and that copy: one activation-sized buffer fewer at
+        evaluation's peak (session 38: 3.32 vs 3.40 GiB at ARC). There the reset writes the states
+        straight into the graph's static input buffers (at the capture into new tensors that become
+        them): no copy of the carry into the graph and none held beside it."""
         inputs, puzzle_ids = batch["inputs"], batch["puzzle_identifiers"]
         training = self.training or getattr(self, "puzzle_emb", self).training
-        on_device = inputs.device == puzzle_ids.device == z_H.device  # (no host copy inside a capture)
-        if not (self.EMBEDDINGS_IN_GRAPH and not training and steps > 0 and on_device and self._use_graphs(z_H)):
-            return self._no_grad_recurrence(z_H, z_L, self.input_embeddings(inputs, puzzle_ids), steps)
+        on_device = inputs.device == puzzle_ids.device == carry.z_H.device  # (no host copy inside a capture)
+        if not (self.EMBEDDINGS_IN_GRAPH and not training and steps > 0 and on_device
+                and self._use_graphs(carry.z_H)):
+            if reset is not None:
+                carry = self.reset_carry(reset, carry)
+            return self._no_grad_recurrence(carry.z_H, carry.z_L, self.input_embeddings(inputs, puzzle_ids), steps)
         with torch.no_grad():
             key = (steps, "embedded", inputs.shape, inputs.dtype, puzzle_ids.shape, puzzle_ids.dtype,
-                   self.PRESCALED_EMBEDDINGS, *self._graph_key(z_H, z_L, z_H))
+                   self.PRESCALED_EMBEDDINGS, *self._graph_key(carry.z_H, carry.z_L, carry.z_H))
+            donated = 0
+            if reset is not None and carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
+                static = self.graphs.static_inputs(key)
+                if static is None:  # the capture's: new tensors, writable outside inference mode
+                    with torch.inference_mode(False):
+                        static = (torch.empty_like(carry.z_H), torch.empty_like(carry.z_L))
+                    donated = 2
+                carry = self.reset_carry(reset, carry, out=HRMInnerCarry(z_H=static[0], z_L=static[1]))
+            elif reset is not None:  # another dtype than the model's: promoted, then copied in
+                carry = self.reset_carry(reset, carry)
             run = lambda h, l, i, p: self.recurrence(h, l, self.input_embeddings(i, p), steps)  # noqa: E731
-            z_H, z_L = self.graphs.run(key, run, (z_H, z_L, inputs, puzzle_ids))
+            z_H, z_L = self.graphs.run(key, run, (carry.z_H, carry.z_L, inputs, puzzle_ids), donated=donated)
             return z_H, z_L
 
     def q_values(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,8 +507,9 @@ class HRMInner(nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True,
-                next_q: bool = False):
-        """One segment. Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
+                next_q: bool = False, reset: Optional[torch.Tensor] = None):
+        """One segment, from ``carry`` with its ``reset`` rows ([batch] bool, where given) first set
+        back to the initial states (``reset_carry``). Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
         [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
         regulariser) from the segment's last L and H calls when gated and ``gate_stats``, else None.
         Without gradients and without stats the whole recurrence is one no-gradient run; else it
@@ -499,8 +522,10 @@ class HRMInner(nn.Module):
         all_calls = self.segment_calls
         fused_next_q = False
         if not torch.is_grad_enabled() and not want_stats:
-            z_H, z_L = self._no_grad_segment(carry.z_H, carry.z_L, batch, all_calls)
+            z_H, z_L = self._no_grad_segment(carry, batch, all_calls, reset)
         else:
+            if reset is not None:
+                carry = self.reset_carry(reset, carry)
             x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])
             # the continue target inside the segment's graph, or with no graphs at all (elsewhere
             # q_values replays a no-gradient graph of its own)
@@ -563,7 +588,6 @@ class HRM(nn.Module):
     def _forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor]):
         cfg = self.config
         halted = carry.halted
-        inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
         steps = torch.where(halted, 0, carry.steps)
         current_data = {
             k: torch.where(halted.view((-1,) + (1,) * (batch[k].ndim - 1)), batch[k], v)
@@ -571,8 +595,9 @@ class HRM(nn.Module):
         }
 
         q_target = self.training and cfg.halt_max_steps > 1
-        inner_carry, logits, (q_halt, q_continue), stats, *next_q = self.inner(inner_carry, current_data,
-                                                                             next_q=q_target)
+        # the halted rows' states reset inside (on the evaluation graph's path into its static inputs)
+        inner_carry, logits, (q_halt, q_continue), stats, *next_q = self.inner(carry.inner_carry, current_data,
+                                                                             next_q=q_target, reset=halted)
         outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
         if stats is not None:
             outputs["gate_stats"] = stats

@@ -469,9 +469,12 @@ class _CallingGraphs:
     def __init__(self):
         self.calls = []
 
-    def run(self, key, fn, inputs):
+    def run(self, key, fn, inputs, donated=0):
         self.calls.append((key, inputs))
         return tuple(fn(*inputs))
+
+    def static_inputs(self, key):
+        return None
 
     def clear(self):
         pass
@@ -508,3 +511,82 @@ def test_evaluation_graph_embeds_the_ids_itself(pos_encodings, monkeypatch):
     with torch.no_grad():
         inner(carry, {**batch, "puzzle_identifiers": batch["puzzle_identifiers"][:BATCH]}, gate_stats=False)
     assert "embedded" not in inner.graphs.calls[0][0]
+
+
+class _DonatingGraphs(_CallingGraphs):
+    """``GraphCache``'s input handling on the CPU: the first call per key keeps the donated inputs
+    themselves and copies of the others as its static buffers; later calls copy in only the inputs
+    that are not those buffers (counted), then call ``fn`` on the buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.static, self.copies = {}, 0
+
+    def run(self, key, fn, inputs, donated=0):
+        self.calls.append((key, inputs))
+        if key not in self.static:
+            assert not any(t.is_inference() for t in inputs[:donated])
+            self.static[key] = tuple(inputs[:donated]) + tuple(t.clone() for t in inputs[donated:])
+        for static, value in zip(self.static[key], inputs):
+            if value is not static:
+                static.copy_(value)
+                self.copies += value.dtype.is_floating_point
+        return tuple(fn(*self.static[key]))
+
+    def static_inputs(self, key):
+        return self.static.get(key)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_evaluation_resets_the_carry_into_the_graphs_inputs(grad_mode, monkeypatch):
+    """The ACT wrapper's evaluation segments: the halted rows' reset writes the states into the
+    graph's static inputs (at the capture into new tensors donated to it, writable outside inference
+    mode), so no state is copied in; every segment's outputs equal those of launching the kernels."""
+    torch.manual_seed(5)
+    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=16, halt_max_steps=3))
+    randomize_(model)
+    model.eval()
+    batch = make_batch(None)
+    monkeypatch.setattr(HRMInner, "_use_graphs", lambda self, x: True)
+    results = {}
+    for graphs in (_CallingGraphs, _DonatingGraphs):
+        model.inner.graphs = graphs()
+        with getattr(torch, grad_mode)():
+            carry = model.initial_carry(batch)
+            carry.inner_carry.z_H.normal_()  # what a reset must replace, not zeros
+            record = []
+            for segment in range(3):
+                if segment == 1:  # a row halted mid-batch: its states go back to the initial ones
+                    carry.halted[1] = True
+                carry, out = model(carry, batch)
+                record += [out["logits"], out["q_halt_logits"], carry.inner_carry.z_H, carry.inner_carry.z_L]
+        results[graphs] = record
+    cache = model.inner.graphs
+    (key, static), = cache.static.items()
+    assert cache.copies == 0 and len(cache.calls) == 3
+    assert all(inputs[0] is static[0] and inputs[1] is static[1] for _, inputs in cache.calls)
+    assert not static[0].is_inference()
+    for a, b in zip(results[_CallingGraphs], results[_DonatingGraphs]):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_graph_cache_takes_donated_inputs_and_skips_their_copy():
+    """``GraphCache.run(..., donated=1)``: the donated tensor is the static buffer; a later input
+    written into ``static_inputs`` is read in place, another tensor is copied in; an inference
+    tensor cannot be donated (later calls outside inference mode could not write it)."""
+    cache = GraphCache()
+    fn = lambda a, b: (a * 2 + b,)  # noqa: E731
+    a, b = torch.randn(37, 5, device="cuda"), torch.randn(37, 5, device="cuda")
+    (out,) = cache.run("k", fn, (a, b), donated=1)
+    static = cache.static_inputs("k")
+    assert static[0] is a and static[1] is not b and cache.static_inputs("other") is None
+    assert torch.equal(out, a * 2 + b)
+    static[0].copy_(torch.randn_like(a))
+    new_b = torch.randn_like(b)
+    (out,) = cache.run("k", fn, (static[0], new_b))
+    assert torch.equal(out, static[0] * 2 + new_b)
+    with torch.inference_mode():
+        frozen = torch.randn(3, device="cuda")
+    with pytest.raises(ValueError, match="donated input is an inference tensor"):
+        cache.run("k2", lambda x: (x + 1,), (frozen,), donated=1)

@@ -52,6 +52,25 @@ def test_empty_batch_and_the_eager_path():
         assert torch.equal(reset_rows(x, reset, init), reset_rows_reference(x, reset, init))
 
 
+@pytest.mark.parametrize("backend", ["triton", "eager"])
+def test_out_is_written_and_may_be_x(monkeypatch, backend):
+    """``out=``: the result lands there (the kernel or torch.where's), the same bits; ``out`` may be x
+    itself (each element read before it is written, by the same program)."""
+    torch.manual_seed(11)
+    x = torch.randn(6, 5, 37, device=DEVICE)
+    init = torch.randn(37, device=DEVICE)
+    reset = torch.tensor([True, False, False, True, False, True], device=DEVICE)
+    want = reset_rows_reference(x, reset, init)
+    calls = record_calls(monkeypatch, reset_rows_module, "launch")
+    with use_backend(backend), torch.no_grad():
+        out = torch.randn_like(x)  # not zeros: every element must be written
+        assert reset_rows(x, reset, init, out=out) is out
+        assert torch.equal(out, want)
+        assert reset_rows(x, reset, init, out=x) is x
+        assert torch.equal(x, want)
+    assert len(calls) == (2 if backend == "triton" else 0)
+
+
 def test_bad_inputs_are_named():
     x, init = torch.randn(4, 6), torch.randn(6)
     with pytest.raises(ValueError, match="reset must be a bool \\[4\\]"):
@@ -62,6 +81,10 @@ def test_bad_inputs_are_named():
         reset_rows(x, torch.ones(4, dtype=torch.bool), init.double())
     with pytest.raises(ValueError, match="at least 2-D"):
         reset_rows(init, torch.ones(6, dtype=torch.bool), init)
+    flags = torch.ones(4, dtype=torch.bool)
+    for out in (torch.empty(4, 5), torch.empty(4, 6, dtype=torch.float64), torch.empty(6, 4).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous torch.float32 tensor of x's shape"):
+            reset_rows(x, flags, init, out=out)
 
 
 def test_the_model_resets_its_carry_through_it(monkeypatch):
