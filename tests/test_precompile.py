@@ -161,6 +161,24 @@ def test_trainer_dry_run_failure_on_several_ranks_stops(monkeypatch):
         compile_kernels_ahead({}, state, {}, DistInfo(rank=1, world_size=2))
 
 
+def test_dry_run_hands_back_its_cublas_workspaces():
+    """``release_cublas_workspaces``: the workspace a side stream's matmul left in the caching
+    allocator is freed (on the CPU the call does nothing)."""
+    from train.pretrain import release_cublas_workspaces
+
+    release_cublas_workspaces(torch.device("cpu"))
+    if not CUDA:
+        return
+    a = torch.randn(257, 123, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        (a @ a.t()).sum()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    release_cublas_workspaces(torch.device("cuda"))
+    assert torch.cuda.memory_allocated() < held
+
+
 def test_compile_auto_means_cuda_with_the_eager_kernels(monkeypatch):
     from hrm_kernels import backend
     from train.pretrain import resolve_compile

@@ -629,6 +629,16 @@ class PendingMetrics:
         return self.values[:-1]
 
 
+def release_cublas_workspaces(device: torch.device) -> None:
+    """Hand the cuBLAS workspaces (32 MiB a stream on Hopper) back to the caching allocator once the
+    dry run's work is done: its matmuls left one allocated, which would sit under every later peak;
+    the run allocates its own at its first matmul, as without the dry run (and PyTorch clears them
+    the same way at each CUDA graph capture)."""
+    if torch.device(device).type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch.cuda.synchronize(device)
+        torch._C._cuda_clearCublasWorkspaces()
+
+
 def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distributed.DistInfo) -> None:
     """Compile the Triton kernels of a training step and of an evaluation segment all at once,
     on a thread pool (``hrm_kernels.compile_ahead``), instead of one after another inside the first
@@ -665,6 +675,7 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
     finally:
         del dry, head, optimizers
         checkpointing.restore_rng_state(rng)
+        release_cublas_workspaces(info.device)
     if info.is_main:
         print(f"precompile_kernels: {done.kernels} Triton kernel variants compiled ahead in {done.seconds:.1f} s",
               flush=True)
