@@ -307,8 +307,9 @@ def _compile_kernels_ahead(head, opt, emb_opt, batch: dict, gbs: int, report: di
         with torch.inference_mode():
             h(carry=h.initial_carry(batch), batch=batch, return_keys=())
     del h, o, e
-    torch.cuda.synchronize()  # and its cuBLAS workspace handed back, as the trainer's release_cublas_workspaces
-    torch._C._cuda_clearCublasWorkspaces()
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # its cuBLAS workspace handed back, as the
+        torch.cuda.synchronize()  # trainer's release_cublas_workspaces does
+        torch._C._cuda_clearCublasWorkspaces()
     report.update(precompiled_kernels=done.kernels, precompile_s=done.seconds)
 
 

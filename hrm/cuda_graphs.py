@@ -9,7 +9,7 @@ slower than the GPU and the GPU idles between them: measured on an H200 (benchma
 a gated training step at 32 sequences took 31.7 ms instead of 80.3 ms; at 768 sequences the GPU
 already runs ahead of the host and the graphs change nothing.
 
-``GraphCache.run(key, fn, inputs)``:
+``GraphCache.run(key, fn, inputs, donated=0)``:
 - first call for a ``key``: ``fn`` runs twice on a side stream (Triton compiles and autotunes,
   cuBLAS picks its algorithms), then once under capture into static buffers;
 - every call: the inputs are copied into the static input buffers, the graph replays, and the

@@ -365,18 +365,22 @@ class HRMInner(nn.Module):
                 carry = self.reset_carry(reset, carry)
             return self._no_grad_recurrence(carry.z_H, carry.z_L, self.input_embeddings(inputs, puzzle_ids), steps)
         with torch.no_grad():
+            if reset is not None and not carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
+                carry, reset = self.reset_carry(reset, carry), None  # promoted to another dtype: copied in
             key = (steps, "embedded", inputs.shape, inputs.dtype, puzzle_ids.shape, puzzle_ids.dtype,
                    self.PRESCALED_EMBEDDINGS, *self._graph_key(carry.z_H, carry.z_L, carry.z_H))
             donated = 0
-            if reset is not None and carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
+            if reset is not None:
                 static = self.graphs.static_inputs(key)
-                if static is None:  # the capture's: new tensors, writable outside inference mode
+                if static is None:  # the capture's: new dense tensors, writable outside inference mode
                     with torch.inference_mode(False):
-                        static = (torch.empty_like(carry.z_H), torch.empty_like(carry.z_L))
+                        static = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                                       for t in (carry.z_H, carry.z_L))
                     donated = 2
-                carry = self.reset_carry(reset, carry, out=HRMInnerCarry(z_H=static[0], z_L=static[1]))
-            elif reset is not None:  # another dtype than the model's: promoted, then copied in
-                carry = self.reset_carry(reset, carry)
+                if static[0].is_contiguous() and static[1].is_contiguous():
+                    carry = self.reset_carry(reset, carry, out=HRMInnerCarry(z_H=static[0], z_L=static[1]))
+                else:  # buffers an earlier capture cloned from a strided carry: reset apart, copied in
+                    carry = self.reset_carry(reset, carry)
             run = lambda h, l, i, p: self.recurrence(h, l, self.input_embeddings(i, p), steps)  # noqa: E731
             z_H, z_L = self.graphs.run(key, run, (carry.z_H, carry.z_L, inputs, puzzle_ids), donated=donated)
             return z_H, z_L
@@ -509,7 +513,8 @@ class HRMInner(nn.Module):
     def forward(self, carry: HRMInnerCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True,
                 next_q: bool = False, reset: Optional[torch.Tensor] = None):
         """One segment, from ``carry`` with its ``reset`` rows ([batch] bool, where given) first set
-        back to the initial states (``reset_carry``). Returns ``(new_carry, logits, (q_halt, q_continue), stats)`` where ``stats`` is
+        back to the initial states (``reset_carry``). Returns ``(new_carry, logits, (q_halt,
+        q_continue), stats)`` where ``stats`` is
         [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
         regulariser) from the segment's last L and H calls when gated and ``gate_stats``, else None.
         Without gradients and without stats the whole recurrence is one no-gradient run; else it

@@ -118,7 +118,8 @@ GRAPH_CFG = dict(use_gating=True, puzzle_emb_ndim=32, forward_dtype="bfloat16", 
 
 def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
     """Two optimizer steps (both optimizers' updates land in the parameters the graph reads), then
-    an evaluation segment under inference_mode. Returns every number that came out, on the CPU."""
+    three evaluation segments under inference_mode at two batch sizes. Returns every number that
+    came out, on the CPU."""
     model = HRM(tiny_config(**{**GRAPH_CFG, "use_gating": gated}, cuda_graphs=cuda_graphs)).cuda()
     model.load_state_dict(state)
     head = ACTLossHead(model)
@@ -139,8 +140,12 @@ def _train(cuda_graphs: bool, state: dict, batches: list[dict], gated: bool):
     with torch.inference_mode():
         for rows in (BATCH, BATCH - 1):  # the last evaluation batch is often smaller: a new graph
             small = {k: v[:rows] for k, v in batches[0].items()}
-            c, _, _, out, _ = head(return_keys=("logits",), carry=head.initial_carry(small), batch=small)
-            record += [out["logits"], c.inner_carry.z_H]
+            c = head.initial_carry(small)
+            for segment in range(3):  # the later segments reset into the graph's static inputs
+                if segment == 1:
+                    c.halted[1] = True  # one row reset mid-batch
+                c, _, _, out, _ = head(return_keys=("logits",), carry=c, batch=small)
+                record += [out["logits"], c.inner_carry.z_H, c.inner_carry.z_L]
     return [t.detach().float().cpu() for t in record], model
 
 
@@ -537,37 +542,84 @@ class _DonatingGraphs(_CallingGraphs):
         return self.static.get(key)
 
 
+def _evaluation_segments(model, batch, grad_mode, carry=None):
+    """Three evaluation segments through the ACT wrapper, row 1 halted after the first; the outputs
+    and carries, each input carry checked unchanged by the call that read it."""
+    record = []
+    with getattr(torch, grad_mode)():
+        if carry is None:
+            carry = model.initial_carry(batch)
+            carry.inner_carry.z_H.normal_()  # what a reset must replace, not zeros
+        for segment in range(3):
+            if segment == 1:  # a row halted mid-batch: its states go back to the initial ones
+                carry.halted[1] = True
+            states = (carry.inner_carry.z_H, carry.inner_carry.z_L)
+            before = [t.clone() for t in states]
+            new, out = model(carry, batch)
+            assert all(torch.equal(a, b) for a, b in zip(before, states))
+            carry = new
+            record += [out["logits"], out["q_halt_logits"], carry.inner_carry.z_H, carry.inner_carry.z_L]
+    return record
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_evaluation_resets_the_carry_into_the_graphs_inputs(grad_mode, monkeypatch):
     """The ACT wrapper's evaluation segments: the halted rows' reset writes the states into the
     graph's static inputs (at the capture into new tensors donated to it, writable outside inference
-    mode), so no state is copied in; every segment's outputs equal those of launching the kernels."""
+    mode), so no state is copied in; every segment's outputs equal those without graphs, and the
+    caller's carry is left alone."""
     torch.manual_seed(5)
     model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=16, halt_max_steps=3))
     randomize_(model)
     model.eval()
     batch = make_batch(None)
+    torch.manual_seed(0)
+    want = _evaluation_segments(model, batch, grad_mode)  # no graphs (on the CPU): the eager reset
     monkeypatch.setattr(HRMInner, "_use_graphs", lambda self, x: True)
-    results = {}
-    for graphs in (_CallingGraphs, _DonatingGraphs):
-        model.inner.graphs = graphs()
-        with getattr(torch, grad_mode)():
-            carry = model.initial_carry(batch)
-            carry.inner_carry.z_H.normal_()  # what a reset must replace, not zeros
-            record = []
-            for segment in range(3):
-                if segment == 1:  # a row halted mid-batch: its states go back to the initial ones
-                    carry.halted[1] = True
-                carry, out = model(carry, batch)
-                record += [out["logits"], out["q_halt_logits"], carry.inner_carry.z_H, carry.inner_carry.z_L]
-        results[graphs] = record
-    cache = model.inner.graphs
+    model.inner.graphs = cache = _DonatingGraphs()
+    torch.manual_seed(0)
+    got = _evaluation_segments(model, batch, grad_mode)
     (key, static), = cache.static.items()
     assert cache.copies == 0 and len(cache.calls) == 3
     assert all(inputs[0] is static[0] and inputs[1] is static[1] for _, inputs in cache.calls)
     assert not static[0].is_inference()
-    for a, b in zip(results[_CallingGraphs], results[_DonatingGraphs]):
+    for a, b in zip(want, got):
         assert torch.equal(a, b)
+
+
+def test_evaluation_reset_copies_in_what_it_cannot_write_in_place(monkeypatch):
+    """A carry of another dtype than the model's is promoted by the reset (the graph keyed by the
+    promoted dtype), and static buffers an earlier capture cloned from a strided carry are not
+    written in place: both copied in, with the outputs of the path without graphs."""
+    torch.manual_seed(5)
+    model = HRM(tiny_config(use_gating=False, puzzle_emb_ndim=16, halt_max_steps=3))
+    randomize_(model)
+    model.eval()
+    batch = make_batch(None)
+    strided = model.initial_carry(batch)
+    z = strided.inner_carry
+    strided.inner_carry = type(z)(*(torch.randn(t.shape[::-1]).transpose(0, 2) for t in (z.z_H, z.z_L)))
+    halves = model.initial_carry(batch)
+    halves.inner_carry = type(z)(*(torch.randn_like(t).half() for t in (z.z_H, z.z_L)))
+    for carry in (strided, halves):
+        want = _evaluation_segments(model, batch, "no_grad", copy.deepcopy(carry))
+        with monkeypatch.context() as m:
+            m.setattr(HRMInner, "_use_graphs", lambda self, x: True)
+            model.inner.graphs = cache = _DonatingGraphs()
+            if carry is strided:  # a capture without a reset first: its buffers keep the strides
+                with torch.no_grad(), use_backend(model.config.kernels):  # (as HRM.forward: one key)
+                    model.inner(carry.inner_carry, batch, gate_stats=False)
+                assert not next(iter(cache.static.values()))[0].is_contiguous()
+            got = _evaluation_segments(model, batch, "no_grad", copy.deepcopy(carry))
+        assert cache.copies == (8 if carry is strided else 2)  # every state copied in / the promoted first
+        for static in cache.static.values():  # the model's dtype, the half carry's promoted one
+            assert static[0].dtype == static[1].dtype == model.inner.H_init.dtype
+        for a, b in zip(want, got):
+            if carry is strided:  # the same fp32 math on differently strided states: CPU matmuls may
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # sum in another order (~1e-5 seen)
+            else:
+                assert torch.equal(a, b)
+        model.inner.graphs = GraphCache()
 
 
 @requires_cuda
@@ -584,8 +636,10 @@ def test_graph_cache_takes_donated_inputs_and_skips_their_copy():
     assert torch.equal(out, a * 2 + b)
     static[0].copy_(torch.randn_like(a))
     new_b = torch.randn_like(b)
+    versions = static[0]._version, static[1]._version  # (an in-place copy would count one up)
     (out,) = cache.run("k", fn, (static[0], new_b))
     assert torch.equal(out, static[0] * 2 + new_b)
+    assert static[0]._version == versions[0] and static[1]._version > versions[1]
     with torch.inference_mode():
         frozen = torch.randn(3, device="cuda")
     with pytest.raises(ValueError, match="donated input is an inference tensor"):

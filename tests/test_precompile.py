@@ -168,7 +168,7 @@ def test_dry_run_hands_back_its_cublas_workspaces():
 
     release_cublas_workspaces(torch.device("cpu"))
     if not CUDA:
-        return
+        pytest.skip("the workspace part needs CUDA")
     a = torch.randn(257, 123, device="cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):

@@ -675,7 +675,7 @@ def compile_kernels_ahead(cfg: dict, state: TrainState, batch: dict, info: distr
     finally:
         del dry, head, optimizers
         checkpointing.restore_rng_state(rng)
-        release_cublas_workspaces(info.device)
+    release_cublas_workspaces(info.device)
     if info.is_main:
         print(f"precompile_kernels: {done.kernels} Triton kernel variants compiled ahead in {done.seconds:.1f} s",
               flush=True)
