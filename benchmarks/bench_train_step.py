@@ -352,8 +352,10 @@ def _run(shape, gated, provider, mode, steps, precompile, cuda_graphs, ops=0) ->
     def eval_batch(_):  # as train/pretrain.py's evaluate: halt_max_steps segments, one host check
         with torch.inference_mode():
             carry = head.initial_carry(batch)
-            for _ in range(head.model.config.halt_max_steps):
-                carry, _, _, _, all_finish = step_model(carry=carry, batch=batch, return_keys=())
+            segments = head.model.config.halt_max_steps
+            for segment in range(segments):  # (metrics from the last segment only)
+                carry, _, _, _, all_finish = step_model(carry=carry, batch=batch, return_keys=(),
+                                                        metrics=segment == segments - 1)
             assert bool(all_finish)
 
     if mode == "eval":

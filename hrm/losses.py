@@ -88,6 +88,8 @@ def gate_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
 class ACTLossHead(nn.Module):
     """Wraps an ``HRM``: ``forward(return_keys=(), carry=..., batch=...) ->
     (carry, loss, metrics, outputs, all_halted)`` (see the module docstring for the loss).
+    ``forward(..., metrics=False)`` runs the segment without the loss and the metrics (returned as
+    None and ``{}``): an evaluation's segments before its last, whose values nobody reads.
 
     Metrics (0-dim tensors; counted over the sequences that halted this segment and have at least
     one label): ``count, accuracy, exact_accuracy, q_halt_accuracy, steps, lm_loss, q_halt_loss``,
@@ -127,8 +129,10 @@ class ACTLossHead(nn.Module):
     def initial_carry(self, *args, **kwargs):
         return self.model.initial_carry(*args, **kwargs)
 
-    def forward(self, return_keys: Sequence[str] = (), **model_kwargs):
+    def forward(self, return_keys: Sequence[str] = (), metrics: bool = True, **model_kwargs):
         new_carry, outputs = self.model(**model_kwargs)
+        if not metrics:
+            return new_carry, None, {}, _returned(outputs, new_carry.current_data, return_keys), new_carry.halted.all()
         labels = new_carry.current_data["labels"]
         logits = outputs["logits"]
 
@@ -172,10 +176,13 @@ class ACTLossHead(nn.Module):
                 metrics["gate_reg_loss"] = gate_reg_loss.detach()
                 loss = loss + gate_reg_loss
 
-        data = new_carry.current_data
-        detached = {k: (outputs[k] if k in outputs else data[k]).detach()
-                    for k in return_keys if k in outputs or k in data}
-        return new_carry, loss, metrics, detached, new_carry.halted.all()
+        return new_carry, loss, metrics, _returned(outputs, new_carry.current_data, return_keys), new_carry.halted.all()
+
+
+def _returned(outputs: dict, data: dict, return_keys: Sequence[str]) -> dict:
+    """The ``return_keys`` found in the model's outputs, else in the batch, detached."""
+    return {k: (outputs[k] if k in outputs else data[k]).detach()
+            for k in return_keys if k in outputs or k in data}
 
 
 def reduce_metrics(summed: Mapping[str, object], global_batch_size: Optional[int], prefix: str = "train/") -> dict[str, float]:

@@ -537,6 +537,29 @@ def test_metrics_follow_reference_definitions():
         assert isinstance(value, torch.Tensor) and value.dim() == 0
 
 
+def test_a_segment_without_metrics_gives_the_same_carry_and_outputs():
+    """``metrics=False`` (evaluation's segments before the last): no loss, no metrics, the same
+    carry, requested outputs and all-halted flag as the full call."""
+    config = HRMConfig(**tiny_config(halt_max_steps=3))
+    model = HRM(config)
+    randomize_(model)
+    head = ACTLossHead(model)
+    head.eval()
+    batch = make_batch(config)
+    runs = []
+    for metrics in (True, False):
+        with torch.no_grad():
+            carry = head.initial_carry(batch)
+            for _ in range(2):
+                carry, loss, got, outputs, all_halted = head(return_keys=("logits", "labels"), metrics=metrics,
+                                                             carry=carry, batch=batch)
+        assert (loss is None and got == {}) == (not metrics)
+        runs.append([carry.inner_carry.z_H, carry.inner_carry.z_L, carry.steps, carry.halted,
+                     outputs["logits"], outputs["labels"], all_halted])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_initialisation_follows_spec():
     config = HRMConfig(**tiny_config(hidden_size=64, expansion=4.0, use_gating=True, puzzle_emb_ndim=64,
                                      pos_encodings="learned"))

@@ -725,10 +725,12 @@ def evaluate(cfg: dict, state: TrainState, eval_ds, info: distributed.DistInfo,
                     carry = head.initial_carry(batch)
                 # In eval mode every row halts after exactly halt_max_steps segments (no Q-halting,
                 # no exploration): run them back to back and let the host check once at the end,
-                # instead of synchronising with the GPU after every segment.
-                for _ in range(eval_segments):
-                    carry, _, metrics, preds, all_finish = state.forward(carry=carry, batch=batch,
-                                                                         return_keys=tuple(return_keys))
+                # instead of synchronising with the GPU after every segment. Only the last segment's
+                # metrics and outputs are read, so only it computes them.
+                for segment in range(eval_segments):
+                    last = segment == eval_segments - 1
+                    carry, _, metrics, preds, all_finish = state.forward(
+                        carry=carry, batch=batch, return_keys=tuple(return_keys) if last else (), metrics=last)
                 if not bool(all_finish & (carry.steps == eval_segments).all()):
                     raise RuntimeError(f"evaluation runs halt_max_steps={eval_segments} segments per batch, but "
                                        "not every row halted exactly at the last one; this model halts "
