@@ -132,6 +132,8 @@ class ACTLossHead(nn.Module):
     def forward(self, return_keys: Sequence[str] = (), metrics: bool = True, **model_kwargs):
         new_carry, outputs = self.model(**model_kwargs)
         if not metrics:
+            if "preds" in return_keys:
+                outputs["preds"] = torch.argmax(outputs["logits"], dim=-1)
             return new_carry, None, {}, _returned(outputs, new_carry.current_data, return_keys), new_carry.halted.all()
         labels = new_carry.current_data["labels"]
         logits = outputs["logits"]

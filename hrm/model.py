@@ -264,7 +264,7 @@ class HRMInner(nn.Module):
         """Rows where ``reset`` is set go back to ``H_init`` / ``L_init`` (``hrm_kernels.reset_rows``:
         the ``torch.where`` in one copy-speed kernel on CUDA). With ``out`` (a carry of the model's
         dtype) the result is written there and returned."""
-        if carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
+        if self._in_model_dtype(carry):
             outs = (None, None) if out is None else (out.z_H, out.z_L)
             return HRMInnerCarry(z_H=reset_rows(carry.z_H, reset, self.H_init, out=outs[0]),
                                  z_L=reset_rows(carry.z_L, reset, self.L_init, out=outs[1]))
@@ -274,6 +274,9 @@ class HRMInner(nn.Module):
         # a carry of another dtype than the model's: promoted, as torch.where does
         return HRMInnerCarry(z_H=reset_rows_reference(carry.z_H, reset, self.H_init),
                              z_L=reset_rows_reference(carry.z_L, reset, self.L_init))
+
+    def _in_model_dtype(self, carry: HRMInnerCarry) -> bool:
+        return carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype
 
     @property
     def segment_calls(self) -> int:
@@ -365,7 +368,7 @@ class HRMInner(nn.Module):
                 carry = self.reset_carry(reset, carry)
             return self._no_grad_recurrence(carry.z_H, carry.z_L, self.input_embeddings(inputs, puzzle_ids), steps)
         with torch.no_grad():
-            if reset is not None and not carry.z_H.dtype == carry.z_L.dtype == self.H_init.dtype == self.L_init.dtype:
+            if reset is not None and not self._in_model_dtype(carry):
                 carry, reset = self.reset_carry(reset, carry), None  # promoted to another dtype: copied in
             key = (steps, "embedded", inputs.shape, inputs.dtype, puzzle_ids.shape, puzzle_ids.dtype,
                    self.PRESCALED_EMBEDDINGS, *self._graph_key(carry.z_H, carry.z_L, carry.z_H))
@@ -514,10 +517,9 @@ class HRMInner(nn.Module):
                 next_q: bool = False, reset: Optional[torch.Tensor] = None):
         """One segment, from ``carry`` with its ``reset`` rows ([batch] bool, where given) first set
         back to the initial states (``reset_carry``). Returns ``(new_carry, logits, (q_halt,
-        q_continue), stats)`` where ``stats`` is
-        [2, 3, 4] (L, H x own/other/inj x STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the
-        regulariser) from the segment's last L and H calls when gated and ``gate_stats``, else None.
-        Without gradients and without stats the whole recurrence is one no-gradient run; else it
+        q_continue), stats)`` where ``stats`` is [2, 3, 4] (L, H x own/other/inj x
+        STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the regulariser) from the segment's last
+        L and H calls when gated and ``gate_stats``, else None. Without gradients and without stats the whole recurrence is one no-gradient run; else it
         goes through ``_grad_calls`` (its last L and H calls with gradients where grad mode is on).
         With ``next_q`` a fifth item, ``q_values(new_carry, batch)`` (no gradients); with gradients
         on and ``Q_TARGET_IN_GRAD_GRAPH`` it is computed by ``_grad_calls`` (inside the segment's

@@ -61,9 +61,11 @@ def _check(x: torch.Tensor, reset: torch.Tensor, init: torch.Tensor, out: Option
                          f"{tuple(init.shape)}; cast it with init.to(x.dtype)")
     if out is not None and (not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype
                             or out.device != x.device or not out.is_contiguous()):
-        got = f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor) else type(out).__name__
+        got = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
         raise ValueError(f"{op}: out must be a contiguous {x.dtype} tensor of x's shape {tuple(x.shape)} on "
-                         f"{x.device}, got {got}; allocate it with torch.empty_like(x)")
+                         f"{x.device}, got {got}; allocate it with torch.empty(x.shape, dtype=x.dtype, "
+                         "device=x.device)")
 
 
 def reset_rows(x: torch.Tensor, reset: torch.Tensor, init: torch.Tensor,

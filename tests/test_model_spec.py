@@ -551,11 +551,11 @@ def test_a_segment_without_metrics_gives_the_same_carry_and_outputs():
         with torch.no_grad():
             carry = head.initial_carry(batch)
             for _ in range(2):
-                carry, loss, got, outputs, all_halted = head(return_keys=("logits", "labels"), metrics=metrics,
-                                                             carry=carry, batch=batch)
+                carry, loss, got, outputs, all_halted = head(return_keys=("logits", "labels", "preds"),
+                                                             metrics=metrics, carry=carry, batch=batch)
         assert (loss is None and got == {}) == (not metrics)
         runs.append([carry.inner_carry.z_H, carry.inner_carry.z_L, carry.steps, carry.halted,
-                     outputs["logits"], outputs["labels"], all_halted])
+                     outputs["logits"], outputs["labels"], outputs["preds"], all_halted])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
