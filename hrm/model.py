@@ -519,11 +519,12 @@ class HRMInner(nn.Module):
         back to the initial states (``reset_carry``). Returns ``(new_carry, logits, (q_halt,
         q_continue), stats)`` where ``stats`` is [2, 3, 4] (L, H x own/other/inj x
         STATS_COLUMNS[:4]; [2, 3, 5], saturation too, with the regulariser) from the segment's last
-        L and H calls when gated and ``gate_stats``, else None. Without gradients and without stats the whole recurrence is one no-gradient run; else it
-        goes through ``_grad_calls`` (its last L and H calls with gradients where grad mode is on).
-        With ``next_q`` a fifth item, ``q_values(new_carry, batch)`` (no gradients); with gradients
-        on and ``Q_TARGET_IN_GRAD_GRAPH`` it is computed by ``_grad_calls`` (inside the segment's
-        CUDA graph where that graph runs), else by ``q_values``."""
+        L and H calls when gated and ``gate_stats``, else None. Without gradients and without stats
+        the whole recurrence is one no-gradient run; else it goes through ``_grad_calls`` (its last
+        L and H calls with gradients where grad mode is on). With ``next_q`` a fifth item,
+        ``q_values(new_carry, batch)`` (no gradients); with gradients on and
+        ``Q_TARGET_IN_GRAD_GRAPH`` it is computed by ``_grad_calls`` (inside the segment's CUDA
+        graph where that graph runs), else by ``q_values``."""
         cfg = self.config
         want_stats = gate_stats and cfg.use_gating
         all_calls = self.segment_calls
