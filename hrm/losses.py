@@ -88,8 +88,9 @@ def gate_metrics(stats: torch.Tensor) -> dict[str, torch.Tensor]:
 class ACTLossHead(nn.Module):
     """Wraps an ``HRM``: ``forward(return_keys=(), carry=..., batch=...) ->
     (carry, loss, metrics, outputs, all_halted)`` (see the module docstring for the loss).
-    ``forward(..., metrics=False)`` runs the segment without the loss and the metrics (returned as
-    None and ``{}``): an evaluation's segments before its last, whose values nobody reads.
+    ``forward(..., metrics=False)`` runs the segment without the loss, the metrics (returned as
+    None and ``{}``) and the gate stats that feed them: an evaluation's segments before its last,
+    whose values nobody reads (a gated model's whole recurrence then replays as one CUDA graph).
 
     Metrics (0-dim tensors; counted over the sequences that halted this segment and have at least
     one label): ``count, accuracy, exact_accuracy, q_halt_accuracy, steps, lm_loss, q_halt_loss``,
@@ -130,7 +131,7 @@ class ACTLossHead(nn.Module):
         return self.model.initial_carry(*args, **kwargs)
 
     def forward(self, return_keys: Sequence[str] = (), metrics: bool = True, **model_kwargs):
-        new_carry, outputs = self.model(**model_kwargs)
+        new_carry, outputs = self.model(**model_kwargs) if metrics else self.model(**model_kwargs, gate_stats=False)
         if not metrics:
             if "preds" in return_keys:
                 outputs["preds"] = torch.argmax(outputs["logits"], dim=-1)

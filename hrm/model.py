@@ -566,7 +566,8 @@ class HRM(nn.Module):
     ``forward(carry, batch) -> (carry, outputs)``: one segment for every row (see module docstring
     and docs/REFERENCE.md "ACT wrapper"). Outputs: ``logits`` [B, seq_len, vocab], ``q_halt_logits``,
     ``q_continue_logits`` [B] fp32, ``target_q_continue`` [B] (training with halt_max_steps > 1),
-    ``gate_stats`` [2, 3, 4] (gated; [2, 3, 5] with ``gate_reg_weight > 0``).
+    ``gate_stats`` [2, 3, 4] (gated; [2, 3, 5] with ``gate_reg_weight > 0``; not with
+    ``forward(..., gate_stats=False)``, which gated models then run without the stats' work).
     """
 
     def __init__(self, config: Any):
@@ -589,11 +590,12 @@ class HRM(nn.Module):
             current_data={k: torch.zeros_like(v) for k, v in batch.items()},
         )
 
-    def forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor]) -> tuple[HRMCarry, dict[str, torch.Tensor]]:
+    def forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor],
+                gate_stats: bool = True) -> tuple[HRMCarry, dict[str, torch.Tensor]]:
         with _kernel_context(self.config.kernels):
-            return self._forward(carry, batch)
+            return self._forward(carry, batch, gate_stats)
 
-    def _forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor]):
+    def _forward(self, carry: HRMCarry, batch: dict[str, torch.Tensor], gate_stats: bool = True):
         cfg = self.config
         halted = carry.halted
         steps = torch.where(halted, 0, carry.steps)
@@ -604,8 +606,8 @@ class HRM(nn.Module):
 
         q_target = self.training and cfg.halt_max_steps > 1
         # the halted rows' states reset inside (on the evaluation graph's path into its static inputs)
-        inner_carry, logits, (q_halt, q_continue), stats, *next_q = self.inner(carry.inner_carry, current_data,
-                                                                             next_q=q_target, reset=halted)
+        inner_carry, logits, (q_halt, q_continue), stats, *next_q = self.inner(
+            carry.inner_carry, current_data, gate_stats=gate_stats, next_q=q_target, reset=halted)
         outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
         if stats is not None:
             outputs["gate_stats"] = stats

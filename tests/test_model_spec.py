@@ -537,10 +537,11 @@ def test_metrics_follow_reference_definitions():
         assert isinstance(value, torch.Tensor) and value.dim() == 0
 
 
-def test_a_segment_without_metrics_gives_the_same_carry_and_outputs():
-    """``metrics=False`` (evaluation's segments before the last): no loss, no metrics, the same
-    carry, requested outputs and all-halted flag as the full call."""
-    config = HRMConfig(**tiny_config(halt_max_steps=3))
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_segment_without_metrics_gives_the_same_carry_and_outputs(gated):
+    """``metrics=False`` (evaluation's segments before the last): no loss, no metrics (gated: no
+    gate stats either), the same carry, requested outputs and all-halted flag as the full call."""
+    config = HRMConfig(**tiny_config(halt_max_steps=3, use_gating=gated))
     model = HRM(config)
     randomize_(model)
     head = ACTLossHead(model)
@@ -551,9 +552,10 @@ def test_a_segment_without_metrics_gives_the_same_carry_and_outputs():
         with torch.no_grad():
             carry = head.initial_carry(batch)
             for _ in range(2):
-                carry, loss, got, outputs, all_halted = head(return_keys=("logits", "labels", "preds"),
+                carry, loss, got, outputs, all_halted = head(return_keys=("logits", "labels", "preds", "gate_stats"),
                                                              metrics=metrics, carry=carry, batch=batch)
         assert (loss is None and got == {}) == (not metrics)
+        assert ("gate_stats" in outputs) == (gated and metrics)  # no stats computed for a segment without metrics
         runs.append([carry.inner_carry.z_H, carry.inner_carry.z_L, carry.steps, carry.halted,
                      outputs["logits"], outputs["labels"], outputs["preds"], all_halted])
     for a, b in zip(*runs):
