@@ -169,6 +169,30 @@ def test_matches_float64(backend, dtype, shape, r):
     _check(backend, _make(shape, r, dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("saturation", [False, True], ids=["plain", "saturation"])
+def test_dw1_by_matmul_matches_float64(monkeypatch, dtype, inj, saturation):
+    """``DW1_BY_MATMUL``: the second phase without W1's gradient, which matmuls over the sources
+    then give in fp32; every gradient within the bound against float64, and dW1 as close to the
+    in-kernel sum's as fp32 accumulation orders allow."""
+    inputs = _make((3, 11, 40), 10, dtype, inj=inj)
+    calls = _spy_launches(monkeypatch)
+    monkeypatch.setattr(gb, "DW1_BY_MATMUL", True)
+    torch.manual_seed(1)  # (the same dout and saturation gradient in both calls)
+    got = _check("triton", inputs, with_stats=saturation, saturation=saturation)
+    assert [kw["WITH_DW1"] for _, kw in calls if "WITH_DW1" in kw] == [False]
+    monkeypatch.setattr(gb, "DW1_BY_MATMUL", False)
+    torch.manual_seed(1)
+    base = _check("triton", inputs, with_stats=saturation, saturation=saturation)
+    for name, g, b in zip(NAMES, got[2], base[2]):
+        if name != "w1" and g is not None:  # nothing else changes
+            assert torch.equal(g, b), f"d{name} moved with DW1_BY_MATMUL"
+    # both fp32 sums, rounded to the weight's dtype: one rounding step apart at most
+    rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got[2][3], base[2][3], rtol=rtol, atol=1e-6 * base[2][3].abs().max().item())
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
