@@ -498,7 +498,9 @@ def test_stats_wider_than_the_count_field_run_eagerly(monkeypatch):
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows", [62976, 3001])
-def test_cuda_full_size_bf16(rows, wdtype, inj):
+@pytest.mark.parametrize("dw1_by_matmul", [False, True], ids=["dw1_in_kernel", "dw1_by_matmul"])
+def test_cuda_full_size_bf16(monkeypatch, rows, wdtype, inj, dw1_by_matmul):
+    monkeypatch.setattr(gb, "DW1_BY_MATMUL", dw1_by_matmul)
     _check("triton", _make((rows, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj),
            with_stats=True)
 
