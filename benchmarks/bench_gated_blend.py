@@ -230,21 +230,26 @@ SWEEP = {
     "bwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
             for bm, bd, w, st, p in [(32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (16, 64, 4, 2, 2),
                                      (32, 32, 4, 2, 4), (32, 64, 4, 3, 2), (16, 32, 2, 2, 4),
-                                     (32, 64, 8, 2, 2), (64, 32, 4, 2, 4)]],
+                                     (32, 64, 8, 2, 2), (64, 32, 4, 2, 4), (64, 64, 8, 2, 1)]]
+           # W1's gradient as matmuls after the kernel (gated_blend.DW1_BY_MATMUL): 168-233 registers a
+           # thread instead of 252-255 (`python benchmarks/sass.py`), so more programs fit an SM
+           + [dict(dw1_by_matmul=True, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
+              for bm, bd, w, st, p in [(32, 64, 4, 3, 2), (32, 64, 4, 2, 3), (64, 32, 4, 3, 2), (64, 64, 8, 2, 1),
+                                       (128, 32, 8, 3, 1)]],
 }
 
 
-def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16) -> dict:
+def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16, kernels=tuple(SWEEP)) -> dict:
     """Time each kernel under a few launch configurations (inj given; ``wdtype`` weights, by
     default bf16 as the model passes them); returns the fastest configuration of each (checked
     against the default configuration's results). "hidden" times the whole two-kernel forward
     (its blend kernel's configuration fixed), the others their kernel alone. The Triton kernels'
     (the Gluon ones, which take some of these calls on Hopper by default, are off here)."""
     with switches("gluon_gated_blend=0,gluon_gated_blend_dpre=0"):
-        return _sweep(rows, wdtype)
+        return _sweep(rows, wdtype, kernels)
 
 
-def _sweep(rows, wdtype) -> dict:
+def _sweep(rows, wdtype, kernels) -> dict:
     leaves, dout = make_inputs(rows, wdtype=wdtype)
     own, other, inj, w1, b1, w2, b2 = [t.detach() if t is not None else None for t in leaves]
     flags = gb._gate_flags(own.dtype)
@@ -267,7 +272,8 @@ def _sweep(rows, wdtype) -> dict:
         "bwd": main_bwd,
     }
     best = {}
-    for name, options in SWEEP.items():
+    for name in kernels:
+        options = SWEEP[name]
         ref = runs[name](cfgs[name])
         results = []
         for cfg in options:
@@ -311,12 +317,13 @@ if __name__ == "__main__":
     parser.add_argument("--save", help="with --sweep: write the fastest configurations (JSON) here")
     parser.add_argument("--config", help="launch configuration overrides (JSON, as --save writes)")
     parser.add_argument("--sweep-only", action="store_true")
+    parser.add_argument("--sweep-kernels", default=",".join(SWEEP), help=f"which of {', '.join(SWEEP)} to sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64
     if args.sweep:
-        best = sweep(wdtype=getattr(torch, args.weights.split(",")[0]))
+        best = sweep(wdtype=getattr(torch, args.weights.split(",")[0]), kernels=tuple(args.sweep_kernels.split(",")))
         if args.save:
             with open(args.save, "w") as f:
                 json.dump(best, f)
