@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RUN_OPTIONS: dict = {}  # extra subprocess.run arguments for each torchrun (the tests set a timeout and env)
 
 
 def train(data: str, gpus: int, global_batch: int, steps: int, out: Path, extra: list[str]) -> list[dict]:
@@ -35,7 +36,7 @@ def train(data: str, gpus: int, global_batch: int, steps: int, out: Path, extra:
            "checkpoint_every_eval=false", "eval_interval=100000", "epochs=100000",
            "arch.halt_exploration_prob=0", "lr_warmup_steps=10", *extra]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    subprocess.run(cmd, check=True, cwd=ROOT, **RUN_OPTIONS)
     with open(run_dir / "metrics.jsonl") as f:
         return [r for r in map(json.loads, f) if "train/lm_loss" in r]
 

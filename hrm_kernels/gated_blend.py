@@ -103,7 +103,7 @@ DW1_BY_MATMUL = False
 #   its chunk over its rows, d_src = dout * g + d_pre1 @ W1_chunk, and accumulate the weight
 #   gradients of its chunk in registers: dW2_chunk = d_logit^T @ z, dW1_chunk = d_pre1^T @ src,
 #   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
-#   sources, writes their gradients.
+#   sources, writes their gradients. (DW1_BY_MATMUL: 3 GEMMs, dW1 from matmuls afterwards.)
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
 # On Hopper the no-gradient forward without stats (``USE_GLUON``) is one warp-specialised Gluon
 #   kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA loads
@@ -639,7 +639,8 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32 (cuBLAS's fp32 output of 2-byte operands on CUDA)."""
+    """``a @ b`` accumulated and returned in fp32 (cuBLAS's fp32 output of 2-byte operands on CUDA).
+    fp32 operands follow torch's TF32 setting for matmuls, as the eager reference's do."""
     if a.is_cuda and a.dtype != torch.float32:
         return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 
 from benchmarks import bench_scaling
-from train.testing import TINY_ARCH, build_tiny_sudoku4
+from train.testing import TINY_ARCH, build_tiny_sudoku4, subprocess_env
 
 
-def test_scaling_table_on_two_cpu_ranks(tmp_path):
+def test_scaling_table_on_two_cpu_ranks(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)  # (on the GPU machine: no CPU table among a run's results)
+    monkeypatch.setattr(bench_scaling, "RUN_OPTIONS", dict(timeout=400, env=subprocess_env()))
     data = build_tiny_sudoku4(tmp_path / "data")
     arch = [a for a in TINY_ARCH if not a.startswith("arch.kernels")] + ["arch.kernels=eager"]
     table = bench_scaling.main(["--data", data, "--gpus", "1", "2", "--per-gpu-batch", "8", "--steps", "13",

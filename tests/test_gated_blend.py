@@ -500,9 +500,13 @@ def test_stats_wider_than_the_count_field_run_eagerly(monkeypatch):
 @pytest.mark.parametrize("rows", [62976, 3001])
 @pytest.mark.parametrize("dw1_by_matmul", [False, True], ids=["dw1_in_kernel", "dw1_by_matmul"])
 def test_cuda_full_size_bf16(monkeypatch, rows, wdtype, inj, dw1_by_matmul):
+    """With ``DW1_BY_MATMUL`` the monitoring stats without the saturation gradient: the model's
+    calls without the regulariser, whose d_pre1 phase is the Gluon kernel on Hopper."""
     monkeypatch.setattr(gb, "DW1_BY_MATMUL", dw1_by_matmul)
+    calls = _spy_launches(monkeypatch)
     _check("triton", _make((rows, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj),
-           with_stats=True)
+           with_stats=True, saturation=not dw1_by_matmul)
+    assert [kw["WITH_DW1"] for _, kw in calls if "WITH_DW1" in kw] == [not dw1_by_matmul]
 
 
 @requires_cuda
