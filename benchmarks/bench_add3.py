@@ -9,12 +9,16 @@ code. Bytes: three reads and one write of [M, D] in the activation dtype (eager'
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import PROVIDERS, Case, bench_case, markdown_table, run_cases
-from hrm_kernels import add3, add3_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.common import PROVIDERS, Case, bench_case, markdown_table, run_cases  # noqa: E402
+from hrm_kernels import add3, add3_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 512), (96 * 901, 512), (8192, 4096)]
 

@@ -24,13 +24,16 @@ import importlib
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.bench_train_step import switches
-from benchmarks.common import gpu_us
-from hrm_kernels import gated_blend, gated_blend_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.bench_train_step import switches  # noqa: E402
+from benchmarks.common import gpu_us  # noqa: E402
+from hrm_kernels import gated_blend, gated_blend_reference, use_backend  # noqa: E402
 
 gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
 
@@ -319,6 +322,9 @@ if __name__ == "__main__":
     parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--sweep-kernels", default=",".join(SWEEP), help=f"which of {', '.join(SWEEP)} to sweep")
     args = parser.parse_args()
+    unknown = set(args.sweep_kernels.split(",")) - set(SWEEP)
+    if unknown:
+        parser.error(f"--sweep-kernels: {', '.join(sorted(unknown))} not among {', '.join(SWEEP)}")
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64

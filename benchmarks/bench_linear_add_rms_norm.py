@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
-from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, rms_norm, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep  # noqa: E402
+from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, rms_norm, use_backend  # noqa: E402
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
 

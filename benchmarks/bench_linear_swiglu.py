@@ -12,12 +12,16 @@ reads x and W and writes the [M, I] result; forward + backward adds writing and 
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases
-from hrm_kernels import linear_swiglu, linear_swiglu_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases  # noqa: E402
+from hrm_kernels import linear_swiglu, linear_swiglu_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 512, 1536), (96 * 901, 512, 1536)]  # (M, K, I): HRM's Sudoku and ARC batches
 MODES = ("fwd", "fwd+bwd")

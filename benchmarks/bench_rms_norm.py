@@ -9,12 +9,16 @@ torch.compile of the eager code. Bytes: 3 passes of [M, N] forward (x, residual 
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases
-from hrm_kernels import rms_norm, rms_norm_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases  # noqa: E402
+from hrm_kernels import rms_norm, rms_norm_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 512), (96 * 901, 512)] + [(8192, n) for n in (1024, 2048, 4096, 8192)]
 MODES = ("fwd", "bwd", "fwd+bwd")

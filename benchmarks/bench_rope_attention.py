@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.bench_train_step import switches
-from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep
-from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.bench_train_step import switches  # noqa: E402
+from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep  # noqa: E402
+from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend  # noqa: E402
 
 kernel_module = importlib.import_module("hrm_kernels.rope_attention")
 

@@ -9,12 +9,16 @@ writes 2I per row: 3 + 5 = 8 passes of [M, I] in the activation dtype.
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases
-from hrm_kernels import swiglu, swiglu_reference, use_backend
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
+from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases  # noqa: E402
+from hrm_kernels import swiglu, swiglu_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 1536), (96 * 901, 1536)] + [(8192, i) for i in (1024, 2048, 4096, 8192)]
 MODES = ("fwd", "bwd", "fwd+bwd")

@@ -17,14 +17,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
+
 from benchmarks.common import (PROVIDERS, Case, against_unfused, bench_case, fused_op_report, grad_fn, sweep_flag_main,
                                tile_sweep)
-from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend
-from hrm_kernels.swiglu import swiglu_backward
+from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend  # noqa: E402
+from hrm_kernels.swiglu import swiglu_backward  # noqa: E402
 
 kernel_module = importlib.import_module("hrm_kernels.swiglu_linear")
 
