@@ -1,0 +1,35 @@
+"""Each benchmark script imports when run as documented (``python benchmarks/bench_X.py`` from any
+directory, no PYTHONPATH): ``benchmarks`` is not an installed package, so a script must put the
+repository on ``sys.path`` before importing ``benchmarks.common``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from train.testing import REPO, subprocess_env
+
+SCRIPT = r"""
+import importlib.util, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1], "benchmarks").glob("*.py")):
+    if path.name in ("__init__.py", "conftest.py"):
+        continue
+    spec = importlib.util.spec_from_file_location("script_" + path.stem, path)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    path_before = list(sys.path)
+    spec.loader.exec_module(module)  # as a script would, but not as __main__
+    print("ok", path.name)
+    # the next script starts as a fresh process would: without what this one put on the path
+    sys.path[:] = path_before
+    for name in [n for n in sys.modules if n == "benchmarks" or n.startswith("benchmarks.")]:
+        del sys.modules[name]
+"""
+
+
+def test_benchmark_scripts_import_outside_the_repository(tmp_path):
+    env = subprocess_env()
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("ok bench_") >= 10, proc.stdout
