@@ -624,6 +624,7 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     dw1_by_matmul = cfg.pop("dw1_by_matmul", DW1_BY_MATMUL)
     dw2_partial = torch.empty((n_splits, width, r), dtype=torch.float32, device=dev)
     db2_partial = torch.empty((n_splits, width), dtype=torch.float32, device=dev)
+    # (with dw1_by_matmul the kernel stores no dW1 partials: any fp32 pointer stands in for them)
     dw1_partial = dw2_partial if dw1_by_matmul else torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
     launch(_gated_blend_backward_kernel, (n_chunks, n_splits),
         dout, own, other, inj if inj is not None else own, w1, w2, b2, z, dpre1,
