@@ -214,7 +214,8 @@ def gpu_time_split(events, calls: int) -> tuple[dict, list]:
 def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     """Time ``state = step(state)``: the first call (compilation included, and ``prepare()`` before
     it), then the median of ``steps`` timed calls after warm-up, each waited for, and the median of
-    ``steps`` calls queued back to back (``ms_pipelined``), then the profiler's GPU-time split
+    ``steps`` calls queued back to back (``ms_pipelined``), the host's time in a waited-for call
+    (``host_ms``: launching its work, and any wait for the GPU inside it), then the profiler's GPU-time split
     over 3 calls (and with ``ops``, one more call's ``ops_table``). Peak memory: from the first call
     on (after ``prepare``, whose copies are freed)."""
     torch.cuda.synchronize()
@@ -230,11 +231,13 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     for _ in range(3):
         state = step(state)
     torch.cuda.synchronize()
-    times = []
+    times, host = [], []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
+        t_host = time.perf_counter()
         state = step(state)
+        host.append((time.perf_counter() - t_host) * 1e3)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -261,7 +264,8 @@ def _measure(step, state, steps: int, prepare=None, ops: int = 0) -> dict:
     work = [(e.time_range.start, e.time_range.end, e.name) for e in device_work(events)]
     origin = min((start for start, _, _ in work), default=0.0)  # gap positions from the first kernel's start
     gaps = [(gap, at - origin, before, after) for gap, at, before, after in idle_gaps(work)]
-    result = {"ms": sorted(times)[len(times) // 2], "ms_pipelined": queued[len(queued) // 2], "first_step_s": first,
+    result = {"ms": sorted(times)[len(times) // 2], "ms_pipelined": queued[len(queued) // 2],
+              "host_ms": sorted(host)[len(host) // 2], "first_step_s": first,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, **split, "kernels": kernels, "gaps": gaps}
     if ops:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
