@@ -233,12 +233,7 @@ SWEEP = {
     "bwd": [dict(BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
             for bm, bd, w, st, p in [(32, 64, 4, 2, 2), (32, 64, 4, 2, 4), (16, 64, 4, 2, 2),
                                      (32, 32, 4, 2, 4), (32, 64, 4, 3, 2), (16, 32, 2, 2, 4),
-                                     (32, 64, 8, 2, 2), (64, 32, 4, 2, 4), (64, 64, 8, 2, 1)]]
-           # W1's gradient as matmuls after the kernel (gated_blend.DW1_BY_MATMUL): 168-233 registers a
-           # thread instead of 252-255 (`python benchmarks/sass.py`), so more programs fit an SM
-           + [dict(dw1_by_matmul=True, BLOCK_M=bm, BLOCK_D=bd, num_warps=w, num_stages=st, programs_per_sm=p)
-              for bm, bd, w, st, p in [(32, 64, 4, 3, 2), (32, 64, 4, 2, 3), (64, 32, 4, 3, 2), (64, 64, 8, 2, 1),
-                                       (128, 32, 8, 3, 1)]],
+                                     (32, 64, 8, 2, 2), (64, 32, 4, 2, 4), (64, 64, 8, 2, 1)]],
 }
 
 

@@ -79,7 +79,6 @@ SWITCHES = {
     "rope_in_qkv_grad": ("hrm.layers", "Attention", "ROPE_IN_QKV_GRAD"),  # ... and with a gradient past 128 tokens (ARC)
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
     "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
-    "gated_blend_dw1_by_matmul": ("hrm_kernels.gated_blend", None, "DW1_BY_MATMUL"),  # the backward's dW1 as cuBLAS matmuls
     "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
     "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "gluon_attention_long": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG"),  # no-grad attention past 128 tokens

@@ -162,8 +162,7 @@ def _gated_blend_dpre_report() -> str:
 
 
 def _gated_blend_main_report() -> str:
-    """The backward's second phase, with W1's gradient accumulated in the kernel and without it
-    (``gated_blend.DW1_BY_MATMUL``), at its default launch configuration and a few others."""
+    """The backward's second phase at its default launch configuration and a few others."""
     import torch
 
     gb = importlib.import_module("hrm_kernels.gated_blend")
@@ -174,14 +173,13 @@ def _gated_blend_main_report() -> str:
                  R="i32", width="i32", rows_per_split="i32")
     shapes = [(default["BLOCK_M"], default["BLOCK_D"], default["num_warps"], default["num_stages"]),
               (32, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 3)]
-    rows = ["| dW1 in the kernel | BLOCK_M x BLOCK_D, warps, stages | registers | stack B | shared KiB | "
-            "loop instructions | top opcodes |", "|---|---|---:|---:|---:|---:|---|"]
-    for with_dw1 in (True, False):
-        for bm, bd, warps, stages in shapes:
-            compiled = compile_for_sm90(kernel, types, dict(
-                HAS_SAT=False, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, BLOCK_M=bm, BLOCK_D=bd,
-                BLOCK_R=default["BLOCK_R"], WITH_DW1=with_dw1), warps, stages, aligned=("D", "R", "width"))
-            rows.append(f"| {with_dw1} | {bm} x {bd}, {warps}, {stages} | {_cost_cells(compiled)} |")
+    rows = ["| BLOCK_M x BLOCK_D, warps, stages | registers | stack B | shared KiB | loop instructions | top opcodes |",
+            "|---|---:|---:|---:|---:|---|"]
+    for bm, bd, warps, stages in shapes:
+        compiled = compile_for_sm90(kernel, types, dict(
+            HAS_SAT=False, EMU_BF16=False, PREC="tf32", FAST_SIGMOID=True, BLOCK_M=bm, BLOCK_D=bd,
+            BLOCK_R=default["BLOCK_R"]), warps, stages, aligned=("D", "R", "width"))
+        rows.append(f"| {bm} x {bd}, {warps}, {stages} | {_cost_cells(compiled)} |")
     return ("gated_blend backward second phase, bf16, D=512, R=128, sm_90, per thread; the loop: one row block "
             f"(default launch: {default})\n\n" + "\n".join(rows))
 

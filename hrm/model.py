@@ -439,7 +439,7 @@ class HRMInner(nn.Module):
                 _swiglu_linear_module.USE_GLUON,
                 _linear_swiglu_module.USE_GLUON, _linear_swiglu_module.USE_TMA,
                 _linear_swiglu_module.GLUON_KEEPS_GATE_UP, _gated_blend_module.USE_GLUON,
-                _gated_blend_module.USE_GLUON_DPRE, _gated_blend_module.DW1_BY_MATMUL,
+                _gated_blend_module.USE_GLUON_DPRE,
                 _rope_attention_module.USE_GLUON, _rope_attention_module.USE_GLUON_BACKWARD,
                 _rope_attention_module.USE_GLUON_LONG, _rope_attention_module.USE_GLUON_LONG_GRAD,
                 _rope_attention_module.MAX_FUSED_SEQ,

@@ -78,11 +78,6 @@ USE_GLUON = True
 # 879.7, 966.1): a Gluon phase 2 was the slower (benchmarks/RESULTS.md, session 30), so it was
 # removed in session 31 (commit 56cf018 has it).
 USE_GLUON_DPRE = True
-# The backward's W1 gradient (d_pre1^T [own | other | inj], [R, K*D]) as cuBLAS matmuls over the
-# sources after the second phase, instead of accumulated inside it: the phase's kernel then needs
-# 168 registers a thread instead of 252 (sm_90, 32 x 64 tiles), at the price of reading the sources
-# once more. Off until measured on a GPU.
-DW1_BY_MATMUL = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -103,7 +98,7 @@ DW1_BY_MATMUL = False
 #   its chunk over its rows, d_src = dout * g + d_pre1 @ W1_chunk, and accumulate the weight
 #   gradients of its chunk in registers: dW2_chunk = d_logit^T @ z, dW1_chunk = d_pre1^T @ src,
 #   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
-#   sources, writes their gradients. (DW1_BY_MATMUL: 3 GEMMs, dW1 from matmuls afterwards.)
+#   sources, writes their gradients.
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
 # On Hopper the no-gradient forward without stats (``USE_GLUON``) is one warp-specialised Gluon
 #   kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA loads
@@ -370,7 +365,7 @@ def _gated_blend_backward_kernel(
     DOWN, DOTHER, DINJ, DW1_PARTIAL, DW2_PARTIAL, DB2_PARTIAL,
     n_rows, D, R, width, rows_per_split,
     HAS_SAT: tl.constexpr, EMU_BF16: tl.constexpr, PREC: tl.constexpr, FAST_SIGMOID: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, WITH_DW1: tl.constexpr = True,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # program (chunk, split): chunk = kind * cdiv(D, BLOCK_D) + D-chunk; the chunk index varies
     # fastest so that the programs sharing a row split run together and share dout/z/d_pre1 in L2.
@@ -426,14 +421,12 @@ def _gated_blend_backward_kernel(
         dl = _cast(dl, act, EMU_BF16)
         db2 += dl.to(tl.float32)
         dw2 = _mm(tl.trans(dl), z, dw2, EMU_BF16, PREC)
-        if WITH_DW1:
-            dw1 = _mm(tl.trans(dpre), x, dw1, EMU_BF16, PREC)
+        dw1 = _mm(tl.trans(dpre), x, dw1, EMU_BF16, PREC)
     # partials are laid out [split, R, width] and [split, width, R], width = D * kinds present
     tl.store(DW2_PARTIAL + split * width * R + gcols[:, None] * R + r_idx[None, :], dw2,
              mask=c_mask[:, None] & r_mask[None, :])
-    if WITH_DW1:
-        tl.store(DW1_PARTIAL + split * width * R + r_idx[:, None] * width + gcols[None, :], dw1,
-                 mask=rc_mask)
+    tl.store(DW1_PARTIAL + split * width * R + r_idx[:, None] * width + gcols[None, :], dw1,
+             mask=rc_mask)
     tl.store(DB2_PARTIAL + split * width + gcols, tl.sum(db2, 0), mask=c_mask)
 
 
@@ -621,30 +614,16 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     blocks_per_split = cdiv(n_row_blocks, min(n_row_blocks, want))
     rows_per_split = blocks_per_split * cfg["BLOCK_M"]
     n_splits = cdiv(n_rows, rows_per_split)
-    dw1_by_matmul = cfg.pop("dw1_by_matmul", DW1_BY_MATMUL)
+    dw1_partial = torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
     dw2_partial = torch.empty((n_splits, width, r), dtype=torch.float32, device=dev)
     db2_partial = torch.empty((n_splits, width), dtype=torch.float32, device=dev)
-    # (with dw1_by_matmul the kernel stores no dW1 partials: any fp32 pointer stands in for them)
-    dw1_partial = dw2_partial if dw1_by_matmul else torch.empty((n_splits, r, width), dtype=torch.float32, device=dev)
     launch(_gated_blend_backward_kernel, (n_chunks, n_splits),
         dout, own, other, inj if inj is not None else own, w1, w2, b2, z, dpre1,
         coef if coef is not None else db2_partial,
         d_own, d_other, d_inj if inj is not None else d_own, dw1_partial, dw2_partial, db2_partial,
-        n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, WITH_DW1=not dw1_by_matmul,
-        **flags, **cfg)
-    if dw1_by_matmul:  # dW1 = d_pre1^T [own | other | inj], accumulated and returned in fp32
-        sources = (own, other) if inj is None else (own, other, inj)
-        dw1_partial = torch.cat([_mm_fp32(dpre1.t(), src) for src in sources], dim=1).unsqueeze(0)
+        n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
     return _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,
                          db2_partial)
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32 (cuBLAS's fp32 output of 2-byte operands on CUDA).
-    fp32 operands follow torch's TF32 setting for matmuls, as the eager reference's do."""
-    if a.is_cuda and a.dtype != torch.float32:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
 
 
 def _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,

@@ -80,10 +80,8 @@ def gated_blend_cases(dt):
         c = dict(cfgs["bwd"])
         w, st = c.pop("num_warps"), c.pop("num_stages")
         c.pop("programs_per_sm")
-        for with_dw1 in (True, False):  # False: gated_blend.DW1_BY_MATMUL's form
-            out[f"gated_blend backward with_dw1={with_dw1} ({wdt} weights)"] = (
-                gb._gated_blend_backward_kernel, types, dict(HAS_SAT=True, WITH_DW1=with_dw1, **gate, **c), w, st,
-                ("D", "R", "width"))
+        out[f"gated_blend backward ({wdt} weights)"] = (
+            gb._gated_blend_backward_kernel, types, dict(HAS_SAT=True, **gate, **c), w, st, ("D", "R", "width"))
     return out
 
 failures = 0
@@ -329,8 +327,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 9 kernel forms x 3 dtypes, gated_blend's 7 kernel forms (the second phase's two: with and
-    # without W1's gradient) x (2 weight dtypes for bf16/fp16, 1 for fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
+    # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
+    # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward and backward d_pre1 kernels (with and without inj) x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
     gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 2 + 4 + 4 + 6 + 4 + 16 + 1  # (+ 2 GEMMs with packed
@@ -338,4 +336,4 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
     # consumer warpgroups, the plain form with and without the lse with three, and with 1 or 2 quarters
     # of its exponentials on the FMA units, x 2; the forms' distinct cache keys)
-    assert proc.stdout.count("ok ") == 27 + 7 * (2 + 2 + 1) + gluon, proc.stdout
+    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout

@@ -169,30 +169,6 @@ def test_matches_float64(backend, dtype, shape, r):
     _check(backend, _make(shape, r, dtype))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("saturation", [False, True], ids=["plain", "saturation"])
-def test_dw1_by_matmul_matches_float64(monkeypatch, dtype, inj, saturation):
-    """``DW1_BY_MATMUL``: the second phase without W1's gradient, which matmuls over the sources
-    then give in fp32; every gradient within the bound against float64, and dW1 as close to the
-    in-kernel sum's as fp32 accumulation orders allow."""
-    inputs = _make((3, 11, 40), 10, dtype, inj=inj)
-    calls = _spy_launches(monkeypatch)
-    monkeypatch.setattr(gb, "DW1_BY_MATMUL", True)
-    torch.manual_seed(1)  # (the same dout and saturation gradient in both calls)
-    got = _check("triton", inputs, with_stats=saturation, saturation=saturation)
-    assert [kw["WITH_DW1"] for _, kw in calls if "WITH_DW1" in kw] == [False]
-    monkeypatch.setattr(gb, "DW1_BY_MATMUL", False)
-    torch.manual_seed(1)
-    base = _check("triton", inputs, with_stats=saturation, saturation=saturation)
-    for name, g, b in zip(NAMES, got[2], base[2]):
-        if name != "w1" and g is not None:  # nothing else changes
-            assert torch.equal(g, b), f"d{name} moved with DW1_BY_MATMUL"
-    # both fp32 sums, rounded to the weight's dtype: one rounding step apart at most
-    rtol = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-    torch.testing.assert_close(got[2][3], base[2][3], rtol=rtol, atol=1e-6 * base[2][3].abs().max().item())
-
-
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
@@ -498,15 +474,9 @@ def test_stats_wider_than_the_count_field_run_eagerly(monkeypatch):
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("rows", [62976, 3001])
-@pytest.mark.parametrize("dw1_by_matmul", [False, True], ids=["dw1_in_kernel", "dw1_by_matmul"])
-def test_cuda_full_size_bf16(monkeypatch, rows, wdtype, inj, dw1_by_matmul):
-    """With ``DW1_BY_MATMUL`` the monitoring stats without the saturation gradient: the model's
-    calls without the regulariser, whose d_pre1 phase is the Gluon kernel on Hopper."""
-    monkeypatch.setattr(gb, "DW1_BY_MATMUL", dw1_by_matmul)
-    calls = _spy_launches(monkeypatch)
+def test_cuda_full_size_bf16(rows, wdtype, inj):
     _check("triton", _make((rows, 512), 128, torch.bfloat16, wdtype, device="cuda", inj=inj),
-           with_stats=True, saturation=not dw1_by_matmul)
-    assert [kw["WITH_DW1"] for _, kw in calls if "WITH_DW1" in kw] == [not dw1_by_matmul]
+           with_stats=True)
 
 
 @requires_cuda
