@@ -8,7 +8,8 @@ their continue-target pass computes every position (``q_target_first_position=0`
 started on an idle GPU and waited for), ms/step back to back (the median of as many steps queued
 without waiting, timed by events between them: a step's host-bound start overlaps the previous
 step's GPU work, as in ``train/pretrain.py``, which keeps about a step ahead; an evaluation batch
-ends with a host check, as ``evaluate``'s does, so there both figures wait), tokens/s (from the
+ends with a host check, as ``evaluate``'s does, so there both figures wait), the host's ms in a
+waited-for step (launching it; above the GPU time only where the host is the bound), tokens/s (from the
 first), time to the first finished step (compilation included), peak memory, and where the GPU
 time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
 and idle: the time between a step's first and last kernel in which none runs; from the profiler),
@@ -416,11 +417,11 @@ def kernel_diff_report(rows: list[dict], n: int) -> str:
 
 def markdown(rows: list[dict]) -> str:
     lines = [f"### Training step ({environment()})", "",
-             "| shape | gated | mode | provider | ms/step | ms/step back to back | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / gate / other / idle | other share |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "| shape | gated | mode | provider | ms/step | ms/step back to back | host ms/step | tokens/s | first step s | peak GiB | GPU ms: matmul / attention / gate / other / idle | other share |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['gated']} | {r['mode']} | {r['provider']} | {r['ms']:.1f} | "
-                     f"{r['ms_pipelined']:.1f} | {r['tokens_per_s']:.3g} | "
+                     f"{r['ms_pipelined']:.1f} | {r['host_ms']:.1f} | {r['tokens_per_s']:.3g} | "
                      f"{r['first_step_s']:.1f} | {r['peak_gib']:.1f} | "
                      f"{r['matmul']:.1f} / {r['attention']:.1f} / {r['gate']:.1f} / {r['other']:.1f} / {r['idle']:.1f} | "
                      f"{other_share(r):.1%} |")

@@ -159,14 +159,16 @@ def test_tune_gluon_gemm_names_its_defaults_and_stops_cleanly_without_hopper():
 
 
 def test_markdown_reports_both_step_times_of_each_run():
-    """A row carries the median of steps waited for one by one and the back-to-back mean, in that order."""
+    """A row carries the median of steps waited for one by one, the back-to-back median and the host's
+    time in a step, in that order."""
     from benchmarks.bench_train_step import markdown
 
     row = {"shape": "arc", "gated": False, "mode": "train", "provider": "fused", "ms": 116.34, "ms_pipelined": 114.96,
-           "tokens_per_s": 7.4e5, "first_step_s": 3.2, "peak_gib": 15.1, "matmul": 66.0, "attention": 39.0,
+           "host_ms": 8.04, "tokens_per_s": 7.4e5, "first_step_s": 3.2, "peak_gib": 15.1, "matmul": 66.0, "attention": 39.0,
            "gate": 0.0, "other": 9.0, "idle": 1.0}
     table = markdown([row]).splitlines()
     header = [c.strip() for c in table[2].split("|")]
     cells = [c.strip() for c in table[4].split("|")]
     assert cells[header.index("ms/step")] == "116.3"
     assert cells[header.index("ms/step back to back")] == "115.0"
+    assert cells[header.index("host ms/step")] == "8.0"
