@@ -9,7 +9,8 @@ started on an idle GPU and waited for), ms/step back to back (the median of as m
 without waiting, timed by events between them: a step's host-bound start overlaps the previous
 step's GPU work, as in ``train/pretrain.py``, which keeps about a step ahead; an evaluation batch
 ends with a host check, as ``evaluate``'s does, so there both figures wait), the host's ms in a
-waited-for step (launching it; above the GPU time only where the host is the bound), tokens/s (from the
+waited-for step (launching its work and any wait for the GPU inside it: all of an evaluation
+batch, which ends with that check), tokens/s (from the
 first), time to the first finished step (compilation included), peak memory, and where the GPU
 time goes (matrix multiplies, attention, the fused gate MLP + blend, everything else,
 and idle: the time between a step's first and last kernel in which none runs; from the profiler),
