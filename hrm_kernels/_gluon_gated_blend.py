@@ -76,6 +76,10 @@ STAGES = 4  # 176 KiB of shared memory with z and the output buffers (5: 208 KiB
 CONSUMER_REGISTERS = 232
 GATE_HIDDEN_SIZES = (64, 128)  # R: the hidden GEMM's accumulator [64, R] is one wgmma's n
 DPRE_STAGES = 4  # the backward's d_pre1 ring: 128 KiB, with z, pre1 and d_pre1's buffers 196 KiB (R = 128)
+MAIN_TILE = 64  # rows a tile of the backward's second kernel (each consumer's wgmmas: m64 over them)
+MAIN_HALF = 32  # a consumer's columns of the 64-column block
+MAIN_STAGES = 3  # its ring: 3 x 48 KiB, with the weights, d_logit and output buffers 192 KiB (R = 128)
+MAIN_ITEMS_PER_SM = 2  # row splits so that each program takes about this many (block, split) items
 
 
 def supported(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -148,12 +152,13 @@ if _HAVE_GLUON:
                     step += 1
 
     @gluon.jit
-    def _consume(own_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready, empty, b1, b2, M, D,
-                 KINDS: gl.constexpr, WG: gl.constexpr):
+    def _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready, empty,
+                 b1, b2, M, D, KINDS: gl.constexpr, STORE: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every tile. The
         hidden GEMM's [BM / 2, R] accumulator, pre and z rounded as the Triton kernel rounds them,
         z into shared memory (the logit GEMM's A operand), then per output chunk [BM / 2, BK] the
-        logits of each source's gates, their sigmoid and the blend; the chunk leaves by TMA."""
+        logits of each source's gates, their sigmoid and the blend; the chunk leaves by TMA.
+        ``STORE``: pre and z [BM / 2, R] leave by TMA too (what the backward reads)."""
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         S: gl.constexpr = x_bufs.type.shape[0]
@@ -186,7 +191,13 @@ if _HAVE_GLUON:
             pre = rounded(acc + bias1, dtype)
             z = narrow(pre / (1.0 + gl.exp(-pre)), dtype)
             z_buf.store(z)  # (the previous tile's logit wgmmas have completed: each was waited for)
+            if STORE:  # (the previous tile's stores from z_buf and pre_buf: waited for before its first chunk's)
+                pre_buf = pre_bufs.index(WG)
+                pre_buf.store(narrow(pre, dtype))
             fence_async_shared()
+            if STORE:
+                tma.async_copy_shared_to_global(z_desc, [off_m + WG * HALF, 0], z_buf)
+                tma.async_copy_shared_to_global(pre_desc, [off_m + WG * HALF, 0], pre_buf)
             for c in range(chunks):
                 out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
                 for kind in gl.static_range(KINDS):
@@ -212,31 +223,33 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(kinds: int):
-        """The kernel for ``kinds`` sources (3, or 2 with inj=None). Gluon passes partition arguments
-        as values, so the constants are written into each partition function (as in _gluon_gemm)."""
+    def _kernel(kinds: int, store: bool = False):
+        """The kernel for ``kinds`` sources (3, or 2 with inj=None); ``store``: pre1 and z written out.
+        Gluon passes partition arguments as values, so the constants are written into each partition
+        function (as in _gluon_gemm)."""
         KINDS = gl.constexpr(kinds)
+        STORE = gl.constexpr(store)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
-            def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs,
-                        ready, empty, b1, b2, M, D):
-                _consume(own_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready, empty, b1, b2, M, D,
-                         KINDS, WG)
+            def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs,
+                        z_bufs, pre_bufs, out_bufs, ready, empty, b1, b2, M, D):
+                _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready,
+                         empty, b1, b2, M, D, KINDS, STORE, WG)
 
             return warpgroup_jit(consume, wg)
 
         first, second = consumer(0), consumer(1)
 
         @gluon.jit
-        def producer(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs,
-                     ready, empty, b1, b2, M, D):
+        def producer(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs,
+                     z_bufs, pre_bufs, out_bufs, ready, empty, b1, b2, M, D):
             _produce(own_desc, other_desc, inj_desc, w1_desc, w2_desc, x_bufs, w_bufs, ready, empty, M, D, KINDS)
 
         @gluon.jit
-        def gated_blend_kernel(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, b1, b2, M, D,
-                               STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        def gated_blend_kernel(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, b1, b2, M,
+                               D, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
             dtype: gl.constexpr = own_desc.dtype
             R: gl.constexpr = w1_desc.block_type.shape[0]
             HALF: gl.constexpr = own_desc.block_type.shape[0] // 2
@@ -244,13 +257,17 @@ if _HAVE_GLUON:
             w_bufs = gl.allocate_shared_memory(dtype, [STAGES] + w1_desc.block_type.shape, w1_desc.layout)
             z_bufs = gl.allocate_shared_memory(dtype, [2, HALF, R], gl.NVMMASharedLayout.get_default_for([HALF, R], dtype))
             out_bufs = gl.allocate_shared_memory(dtype, [2] + out_desc.block_type.shape, out_desc.layout)
+            if STORE:
+                pre_bufs = gl.allocate_shared_memory(dtype, [2] + pre_desc.block_type.shape, pre_desc.layout)
+            else:  # (pre_desc and z_desc are placeholders then)
+                pre_bufs = out_bufs
             ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
                 mbarrier.init(ready.index(i), count=1)
                 mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each stage
-            args = (own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, x_bufs, w_bufs, z_bufs, out_bufs, ready,
-                    empty, b1, b2, M, D)
+            args = (own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs,
+                    pre_bufs, out_bufs, ready, empty, b1, b2, M, D)
             gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
 
         return gated_blend_kernel
@@ -412,28 +429,238 @@ if _HAVE_GLUON:
 
         return gated_blend_dpre_kernel
 
+    # ------------------------------------------------------------------- the backward's second kernel
 
-def descriptors(own, other, inj, w1, w2, out) -> tuple:
-    """TMA descriptors of own, other, inj (own's when None: not read), W1, W2 and out."""
+    @gluon.jit
+    def _source_by_kind(kind, own_desc, other_desc, inj_desc, dst, off_m, col, bar):
+        """TMA load of source ``kind`` (a runtime value: 0 own, 1 other, 2 inj) at [off_m, col]."""
+        if kind == 0:
+            tma.async_copy_global_to_shared(own_desc, [off_m, col], bar, dst)
+        elif kind == 1:
+            tma.async_copy_global_to_shared(other_desc, [off_m, col], bar, dst)
+        else:
+            tma.async_copy_global_to_shared(inj_desc, [off_m, col], bar, dst)
+
+    @gluon.jit
+    def _main_item(item, blocks, chunks, rows_per_split, M, BK: gl.constexpr):
+        """Work item ``item`` -> (kind, first column of its 64-column block in the source, split, its
+        rows [row_start, row_end)): items walk the blocks fastest, so that the programs running at
+        once share rows (z and d_pre1 in L2)."""
+        block = item % blocks
+        split = item // blocks
+        row_start = split * rows_per_split
+        return block // chunks, (block % chunks) * BK, split, row_start, gl.minimum(row_start + rows_per_split, M)
+
+    @gluon.jit
+    def _produce_main(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
+                      do_bufs, x_bufs, w1_bufs, w2_bufs, ready, empty, w_ready, w_empty, M, D, n_items, blocks,
+                      rows_per_split):
+        """The producer warp: per work item the block's two halves of W2's rows [BH, R] and W1's
+        columns [R, BH] once both consumers are done with the previous item's, then per 64-row tile z
+        and d_pre1 [BM, R] and the two [BM, BH] halves of dout's and the source's block."""
+        S: gl.constexpr = z_bufs.type.shape[0]
+        BM: gl.constexpr = z_bufs.type.shape[1]
+        BH: gl.constexpr = do_bufs.type.shape[2]
+        W_BYTES: gl.constexpr = 2 * w1_desc.block_type.nbytes + 2 * w2_desc.block_type.nbytes
+        NBYTES: gl.constexpr = 2 * z_desc.block_type.nbytes + 4 * dout_desc.block_type.nbytes
+        chunks = D // (2 * BH)
+        step = 0
+        it = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
+            gcol = kind * D + col
+            mbarrier.wait(w_empty, (it & 1) ^ 1)
+            mbarrier.expect(w_ready, W_BYTES)
+            for h in gl.static_range(2):
+                tma.async_copy_global_to_shared(w2_desc, [gcol + h * BH, 0], w_ready, w2_bufs.index(h))
+                tma.async_copy_global_to_shared(w1_desc, [0, gcol + h * BH], w_ready, w1_bufs.index(h))
+            for off_m in range(row_start, row_end, BM):
+                s = step % S
+                mbarrier.wait(empty.index(s), ((step // S) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), NBYTES)
+                tma.async_copy_global_to_shared(z_desc, [off_m, 0], ready.index(s), z_bufs.index(s))
+                tma.async_copy_global_to_shared(dpre_desc, [off_m, 0], ready.index(s), dp_bufs.index(s))
+                for h in gl.static_range(2):
+                    tma.async_copy_global_to_shared(dout_desc, [off_m, col + h * BH], ready.index(s),
+                                                    do_bufs.index(2 * s + h))
+                    _source_by_kind(kind, own_desc, other_desc, inj_desc, x_bufs.index(2 * s + h), off_m,
+                                    col + h * BH, ready.index(s))
+                step += 1
+            it += 1
+
+    @gluon.jit
+    def _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs,
+                      dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D,
+                      n_items, blocks, rows_per_split, width, WG: gl.constexpr):
+        """Consumer warpgroup ``WG``: columns [WG * BH, (WG + 1) * BH) of each item's 64-column block,
+        all rows of every tile. Per tile four wgmmas, the first three issued together::
+
+            logits = z @ W2h^T                 [BM, BH]   (z, W2h from shared memory)
+            part   = dpre @ W1h                [BM, BH]
+            dW1h  += dpre^T @ x_h              [R, BH]    (dpre read transposed)
+            (logits waited for) g, dl = round(dout * x * g * (1 - g)) -> shared memory; db2 += dl
+            dW2h^T += z^T @ dl                 [R, BH]
+            (part waited for) d_src = round(part + dout * g), stored by TMA
+
+        then the stage is released once all four are done. The accumulators dW1h and dW2h^T stay in
+        registers over the item's rows and go to its split's partial sums at the end."""
+        BM: gl.constexpr = z_bufs.type.shape[1]
+        R: gl.constexpr = z_bufs.type.shape[2]
+        S: gl.constexpr = z_bufs.type.shape[0]
+        BH: gl.constexpr = do_bufs.type.shape[2]
+        dtype: gl.constexpr = dout_desc.dtype
+        layout: gl.constexpr = _accumulator_layout(BH)
+        chunks = D // (2 * BH)
+        dl_buf = dl_bufs.index(WG)
+        out_buf = out_bufs.index(WG)
+        w2_buf = w2_bufs.index(WG)  # [BH, R]: W2's rows of this half's gates
+        w1_buf = w1_bufs.index(WG)  # [R, BH]: W1's columns of this half's inputs
+        cols = gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
+        r_idx = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+        step = 0
+        it = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
+            scol = col + WG * BH  # this half's first column in the source
+            gcol = kind * D + scol  # and among the gates
+            bias2 = gl.expand_dims(rounded(gl.load(b2 + gcol + cols), dtype), 0)
+            dw1 = gl.zeros((R, BH), dtype=gl.float32, layout=layout)
+            dw2t = gl.zeros((R, BH), dtype=gl.float32, layout=layout)
+            db2 = gl.zeros((BM, BH), dtype=gl.float32, layout=layout)
+            mbarrier.wait(w_ready, it & 1)
+            for off_m in range(row_start, row_end, BM):
+                s = step % S
+                mbarrier.wait(ready.index(s), (step // S) & 1)
+                z_buf = z_bufs.index(s)
+                dp_buf = dp_bufs.index(s)
+                x_buf = x_bufs.index(2 * s + WG)
+                logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)),
+                                      gl.zeros((BM, BH), dtype=gl.float32, layout=layout), use_acc=False, is_async=True)
+                part = warpgroup_mma(dp_buf, w1_buf, gl.zeros((BM, BH), dtype=gl.float32, layout=layout),
+                                     use_acc=False, is_async=True)
+                dw1 = warpgroup_mma(dp_buf.permute((1, 0)), x_buf, dw1, is_async=True)
+                logit = warpgroup_mma_wait(num_outstanding=2, deps=(logit, ))
+                # rows past M (the last tile): dout, x, z and d_pre1 load as 0, so dl, part and d_src are 0
+                dout = do_bufs.index(2 * s + WG).load(layout).to(gl.float32)
+                x = x_buf.load(layout).to(gl.float32)
+                g = _fast_sigmoid(logit + bias2)
+                dl = narrow(dout * x * g * (1.0 - g), dtype)
+                db2 += dl.to(gl.float32)
+                dl_buf.store(dl)  # (its reader, the previous tile's dW2 wgmma, was waited for)
+                fence_async_shared()  # dl for the wgmma; the stage's register reads before its release
+                dw2t = warpgroup_mma(z_buf.permute((1, 0)), dl_buf, dw2t, is_async=True)
+                part = warpgroup_mma_wait(num_outstanding=2, deps=(part, ))
+                dsrc = narrow(part + dout * g, dtype)
+                tma.store_wait(pendings=0)  # the previous tile's gradient has left out_buf
+                out_buf.store(dsrc)
+                fence_async_shared()
+                if kind == 0:
+                    tma.async_copy_shared_to_global(down_desc, [off_m, scol], out_buf)
+                elif kind == 1:
+                    tma.async_copy_shared_to_global(dother_desc, [off_m, scol], out_buf)
+                else:
+                    tma.async_copy_shared_to_global(dinj_desc, [off_m, scol], out_buf)
+                dw1, dw2t = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, dw2t))
+                mbarrier.arrive(empty.index(s), count=1)
+                step += 1
+            mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
+            base = split.to(gl.int64) * width * R
+            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
+            gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
+            gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
+            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, gl.sum(db2, axis=0))
+            it += 1
+        tma.store_wait(pendings=0)
+
+    @functools.lru_cache(maxsize=None)
+    def _main_kernel():
+        """The backward's second kernel (see ``backward_main``)."""
+
+        def consumer(wg: int):
+            WG = gl.constexpr(wg)
+
+            def consume(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc,
+                        dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs,
+                        ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items,
+                        blocks, rows_per_split, width):
+                _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs,
+                              w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial,
+                              db2_partial, M, D, n_items, blocks, rows_per_split, width, WG)
+
+            return warpgroup_jit(consume, wg)
+
+        first, second = consumer(0), consumer(1)
+
+        @gluon.jit
+        def producer(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc,
+                     dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs,
+                     ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items, blocks,
+                     rows_per_split, width):
+            _produce_main(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs,
+                          dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, ready, empty, w_ready, w_empty, M, D, n_items,
+                          blocks, rows_per_split)
+
+        @gluon.jit
+        def gated_blend_main_kernel(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc,
+                                    down_desc, dother_desc, dinj_desc, b2, dw1_partial, dw2_partial, db2_partial, M, D,
+                                    n_items, blocks, rows_per_split, width, STAGES: gl.constexpr,
+                                    CONSUMER_REGS: gl.constexpr):
+            dtype: gl.constexpr = own_desc.dtype
+            z_bufs = gl.allocate_shared_memory(dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
+            dp_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dpre_desc.block_type.shape, dpre_desc.layout)
+            do_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES] + dout_desc.block_type.shape, dout_desc.layout)
+            x_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES] + own_desc.block_type.shape, own_desc.layout)
+            w1_bufs = gl.allocate_shared_memory(dtype, [2] + w1_desc.block_type.shape, w1_desc.layout)
+            w2_bufs = gl.allocate_shared_memory(dtype, [2] + w2_desc.block_type.shape, w2_desc.layout)
+            dl_bufs = gl.allocate_shared_memory(dtype, [2] + own_desc.block_type.shape, own_desc.layout)
+            out_bufs = gl.allocate_shared_memory(dtype, [2] + down_desc.block_type.shape, down_desc.layout)
+            ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+            w_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(STAGES):
+                mbarrier.init(ready.index(i), count=1)
+                mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each stage
+            mbarrier.init(w_bars.index(0), count=1)  # the item's weight tiles have landed
+            mbarrier.init(w_bars.index(1), count=2)  # both consumers are done with them
+            args = (dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc,
+                    dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs,
+                    ready, empty, w_bars.index(0), w_bars.index(1), b2, dw1_partial, dw2_partial, db2_partial, M, D,
+                    n_items, blocks, rows_per_split, width)
+            gl.warp_specialize([(first, args), (second, args), (producer, args)], [4, 1], [CONSUMER_REGS, 40])
+
+        return gated_blend_main_kernel
+
+
+def descriptors(own, other, inj, w1, w2, out, pre1=None, z=None) -> tuple:
+    """TMA descriptors of own, other, inj (own's when None: not read), W1, W2, out, and pre1 and z
+    (out's, as placeholders the kernel without ``store`` never reads, when None)."""
     r = w1.shape[0]
     src_box = [BLOCK_M, CHUNK]
+    out_desc = _describe(out, [BLOCK_M // 2, CHUNK])
     return (_describe(own, src_box), _describe(other, src_box), _describe(inj if inj is not None else own, src_box),
-            _describe(w1, [r, CHUNK]), _describe(w2, [CHUNK, r]), _describe(out, [BLOCK_M // 2, CHUNK]))
+            _describe(w1, [r, CHUNK]), _describe(w2, [CHUNK, r]), out_desc,
+            _describe(pre1, [BLOCK_M // 2, r]) if pre1 is not None else out_desc,
+            _describe(z, [BLOCK_M // 2, r]) if z is not None else out_desc)
 
 
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor,
-                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None) -> torch.Tensor:
-    """``out`` [M, D] (see the module docstring); the caller checks ``supported``. ``programs``: the
+                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None, store_hidden: bool = False):
+    """``out`` [M, D] (see the module docstring); with ``store_hidden`` ``(out, pre1, z)``, the hidden
+    activations [M, R] the backward reads. The caller checks ``supported``. ``programs``: the
     persistent grid (default one program per SM; tests pass fewer to give each several tiles)."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
     out = torch.empty_like(own)
+    pre1 = z = None
+    if store_hidden:
+        pre1, z = own.new_empty((m, w1.shape[0])), own.new_empty((m, w1.shape[0]))
     tiles = triton.cdiv(m, BLOCK_M)
-    launch(_kernel(2 if inj is None else 3), persistent_grid(programs, tiles, own.device, "gated_blend (Gluon)"),
-           *descriptors(own, other, inj, w1, w2, out),
+    launch(_kernel(2 if inj is None else 3, store_hidden),
+           persistent_grid(programs, tiles, own.device, "gated_blend (Gluon)"),
+           *descriptors(own, other, inj, w1, w2, out, pre1, z),
            b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
-    return out
+    return (out, pre1, z) if store_hidden else out
 
 
 def dpre_supported(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w2: torch.Tensor, b2: torch.Tensor,
@@ -478,3 +705,65 @@ def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
            *dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre), b2, db1_partial, m, d, STAGES=DPRE_STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dpre, db1_partial
+
+
+def main_supported(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor,
+                   w2: torch.Tensor, b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor) -> bool:
+    """``backward_main(...)`` can run: ``dpre_supported``'s requirements (d_pre1 in pre1's place),
+    and W1 [R, 3D] like W2."""
+    return (dpre_supported(dout, own, other, inj, w2, b2, dpre, z) and w1.shape == (w2.shape[1], w2.shape[0])
+            and w1.dtype == own.dtype and w1.is_contiguous() and w1.data_ptr() % 16 == 0)
+
+
+def main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj) -> tuple:
+    """TMA descriptors of the backward's second kernel (inj and d_inj: own's and d_own's when None)."""
+    r = z.shape[1]
+    box = [MAIN_TILE, MAIN_HALF]
+    return (_describe(dout, box), _describe(own, box), _describe(other, box),
+            _describe(inj if inj is not None else own, box), _describe(z, [MAIN_TILE, r]),
+            _describe(dpre, [MAIN_TILE, r]), _describe(w1, [r, MAIN_HALF]), _describe(w2, [MAIN_HALF, r]),
+            _describe(d_own, box), _describe(d_other, box), _describe(d_inj if inj is not None else d_own, box))
+
+
+def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, w2: torch.Tensor,
+                  b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor, d_own: torch.Tensor, d_other: torch.Tensor,
+                  d_inj, programs: int | None = None, splits: int | None = None):
+    """The backward's second phase, ``gated_blend._gated_blend_backward_kernel``'s math without the
+    saturation term: writes d_own, d_other and d_inj (unless inj is None)::
+
+        g     = sigmoid(z @ W2b^T + round(b2b))           per 64-column block b of a source k
+        dl    = round(dout_b * src_kb * g * (1 - g))      db2b += column sums of dl
+        d_src = round(dout_b * g + d_pre1 @ W1b)          W1b: W1's columns of block b
+        dW1b += d_pre1^T @ src_kb,  dW2b += dl^T @ z
+
+    and returns the partial sums (dW1 [splits, R, width], dW2 [splits, width, R], db2 [splits,
+    width]; width = kinds * D) for ``gated_blend._weight_grads``. A work item is one block and one
+    split of the rows, walked in 64-row tiles; each of two consumer warpgroups takes half the
+    block's columns (all four products are m64 or m128 wgmmas with operands in shared memory), so z
+    and d_pre1 reach shared memory once a block, not once a half. ``programs``: the persistent grid
+    (default one program per SM: 192 KiB of shared memory each); ``splits``: row splits (default:
+    about ``MAIN_ITEMS_PER_SM`` items a program). The caller checks ``main_supported``."""
+    from hrm_kernels.precompile import launch
+
+    m, d = own.shape
+    r = z.shape[1]
+    kinds = 3 if inj is not None else 2
+    width = kinds * d
+    blocks = kinds * (d // CHUNK)
+    tiles = triton.cdiv(m, MAIN_TILE)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(own.device).multi_processor_count
+        splits = max(1, round(MAIN_ITEMS_PER_SM * sms / blocks))
+    if splits < 1:
+        raise ValueError(f"gated_blend backward (Gluon): splits must be at least 1, got {splits}")
+    rows_per_split = triton.cdiv(tiles, min(tiles, splits)) * MAIN_TILE
+    splits = triton.cdiv(m, rows_per_split)
+    n_items = blocks * splits
+    dw1_partial = torch.empty((splits, r, width), dtype=torch.float32, device=own.device)
+    dw2_partial = torch.empty((splits, width, r), dtype=torch.float32, device=own.device)
+    db2_partial = torch.empty((splits, width), dtype=torch.float32, device=own.device)
+    launch(_main_kernel(), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
+           *main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj),
+           b2, dw1_partial, dw2_partial, db2_partial, m, d, n_items, blocks, rows_per_split, width,
+           STAGES=MAIN_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
+    return dw1_partial, dw2_partial, db2_partial

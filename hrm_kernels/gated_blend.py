@@ -69,6 +69,10 @@ MAX_FUSED_R = 256
 # Gluon kernel (``hrm_kernels._gluon_gated_blend``) where it runs (2-byte activations and weights of
 # one dtype, D a multiple of 64, R of 64 or 128), else the Triton kernel below.
 USE_GLUON = True
+# The forward with a backward to come (pre1 and z written out) and without stats through the same
+# Gluon kernel (``store_hidden``) where it runs; else the Triton kernel. Off until measured on the
+# GPU (session 42).
+USE_GLUON_STORE = False
 # The backward's first phase (d_pre1) as a warp-specialised Gluon kernel
 # (``hrm_kernels._gluon_gated_blend.backward_dpre``: ``USE_GLUON_DPRE``) where it runs (as above,
 # and no saturation term); the second phase is the Triton kernel below. Session 30 (H100, bf16,
@@ -78,6 +82,11 @@ USE_GLUON = True
 # 879.7, 966.1): a Gluon phase 2 was the slower (benchmarks/RESULTS.md, session 30), so it was
 # removed in session 31 (commit 56cf018 has it).
 USE_GLUON_DPRE = True
+# The backward's second phase as a warp-specialised Gluon kernel (``hrm_kernels._gluon_gated_blend.
+# backward_main``: a 64-column block's two halves on two consumer warpgroups, all four products
+# wgmmas from shared memory) where it runs (as the d_pre1 kernel's requirements); else the Triton
+# kernel below. Off until measured on the GPU (session 42).
+USE_GLUON_MAIN = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -520,8 +529,11 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     [M, R]); without ``store_hidden`` (no backward to come) pre1 and z are empty, [0, R]."""
     n_rows, d = own.shape
     r = w1.shape[0]
-    if (USE_GLUON and not with_stats and not store_hidden and fast_sigmoid_for(own.dtype)
+    if (USE_GLUON and not with_stats and (USE_GLUON_STORE or not store_hidden) and fast_sigmoid_for(own.dtype)
             and _gluon_gated_blend.supported(own, other, inj, w1, b1, w2, b2)):
+        if store_hidden:
+            out, pre1, z = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2, store_hidden=True)
+            return out, own.new_empty(0, dtype=torch.float32), pre1, z
         out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2)
         return out, own.new_empty(0, dtype=torch.float32), own.new_empty((0, r)), own.new_empty((0, r))
     if with_stats and d > MAX_STATS_D:
@@ -601,6 +613,12 @@ def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
 
 def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, dpre1, db1_partial,
                    d_own, d_other, d_inj):
+    if (USE_GLUON_MAIN and coef is None and flags["FAST_SIGMOID"]
+            and _gluon_gated_blend.main_supported(dout, own, other, inj, w1, w2, b2, z, dpre1)):
+        partials = _gluon_gated_blend.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre1, d_own, d_other,
+                                                    d_inj if inj is not None else None)
+        return _weight_grads(w1.shape[0], dout.shape[1], inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj,
+                             *partials)
     n_rows, d = dout.shape
     r = w1.shape[0]
     dev = dout.device

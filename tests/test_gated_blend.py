@@ -585,6 +585,107 @@ def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, ro
 
 
 @requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (130, 128, 64),
+                                      (62976, 512, 128)], ids=str)
+def test_gluon_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
+    """Both backward phases in Gluon (``USE_GLUON_MAIN``): every gradient within the bound eager's
+    same-precision error sets against float64. Then the second kernel alone against the Triton one
+    on the same d_pre1: the source gradients the same up to one rounding, whatever the grid and
+    the row split (3 programs, 1 and 7 splits), and the weight gradients' partial sums, summed, close."""
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", True)
+    inputs = _gluon_inputs(rows, d, r, dtype, inj)
+    main_calls = record_calls(monkeypatch, ggb, "backward_main")
+    _check("triton", inputs)
+    assert len(main_calls) == 1
+    own, other, inj_t, w1, b1, w2, b2 = inputs
+    _, _, pre1, z = gb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, with_stats=False, store_hidden=True)
+    dout = torch.randn_like(own)
+    dpre, _ = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
+    sources = [own, other] + ([inj_t] if inj else [])
+
+    def run(**launch):
+        grads = [torch.full_like(t, float("nan")) for t in sources]
+        partials = ggb.backward_main(dout, own, other, inj_t, w1, w2, b2, z, dpre, *grads[:2],
+                                     grads[2] if inj else None, **launch)
+        return grads, [p.sum(0) for p in partials]
+
+    grads, sums = run()
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", False)  # the Triton kernel, for comparison
+    cfg = gb._launch_configs(rows, d, r, own.device, dtype, w1.dtype)["bwd"]
+    ref_grads = [torch.empty_like(t) for t in sources]
+    ref = gb._backward_main(cfg, gb._gate_flags(dtype), dout, None, own, other, inj_t, w1, b1, w2, b2, z, dpre,
+                            torch.zeros(1, r, device="cuda"), *ref_grads[:2],
+                            ref_grads[2] if inj else own.new_empty(0))
+    for g, e in zip(grads, ref_grads):  # one rounding of the same fp32 sum, accumulated in another order
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, rtol=2 ** -7, atol=1e-3 * e.abs().max().item())
+    width = len(sources) * d
+    for got, want in zip(sums, (ref[3][:, :width], ref[5][:width], ref[6][:width])):
+        # (want: the Triton kernel's sums rounded to the weights' dtype)
+        torch.testing.assert_close(got, want.float(), rtol=2 ** -7, atol=1e-3 * want.abs().max().item())
+    for launch in (dict(programs=3), dict(splits=1), dict(splits=7)):
+        other_grads, other_sums = run(**launch)
+        assert all(torch.equal(a, b) for a, b in zip(other_grads, grads)), launch
+        for a, b in zip(other_sums, sums):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@requires_gluon
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (62976, 512, 128)], ids=str)
+def test_gluon_forward_store_matches_float64(monkeypatch, dtype, inj, rows, d, r):
+    """The forward with a backward to come through the Gluon kernel (``USE_GLUON_STORE``): outputs
+    and every gradient within the bound eager's same-precision error sets against float64; its out
+    the same bits as the no-gradient call's, and pre1 and z within one rounding of the Triton
+    kernel's (the same fp32 sums in another order; z's silu in another form)."""
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", True)
+    inputs = _gluon_inputs(rows, d, r, dtype, inj)
+    calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
+    _check("triton", inputs)
+    assert len(calls) == 1
+    own, other, inj_t, w1, b1, w2, b2 = inputs
+    out, pre1, z = ggb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, store_hidden=True)
+    assert torch.equal(out, ggb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2))
+    out3, pre3, z3 = ggb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, programs=3, store_hidden=True)
+    assert torch.equal(out3, out) and torch.equal(pre3, pre1) and torch.equal(z3, z)
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", False)
+    _, _, pre_t, z_t = gb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, with_stats=False, store_hidden=True)
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -10
+    for got, want in ((pre1, pre_t), (z, z_t)):
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * want.abs().max().item())
+
+
+@requires_gluon
+def test_gluon_main_routing(monkeypatch):
+    """The Gluon second phase only with its switch, without the saturation term, for inputs it
+    takes; bad launch arguments get a clear error."""
+    calls = record_calls(monkeypatch, ggb, "backward_main")
+    inputs = [t.detach().requires_grad_() if t is not None else None
+              for t in _gluon_inputs(200, 128, 64, torch.bfloat16)]
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", False)
+    gated_blend(*inputs).sum().backward()
+    assert not calls
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", True)
+    gated_blend(*inputs).sum().backward()
+    assert len(calls) == 1
+    out, stats = gated_blend(*inputs, stats=True, saturation=True)
+    (out.sum() + stats[:, 4].sum()).backward()  # the saturation term: the Triton kernel
+    narrow = [t.detach().requires_grad_() if t is not None else None
+              for t in _gluon_inputs(200, 120, 64, torch.bfloat16)]  # D not a multiple of 64
+    gated_blend(*narrow).sum().backward()
+    assert len(calls) == 1
+    own, other, inj, w1, _, w2, b2 = [t.detach() for t in inputs]
+    z = torch.zeros(200, 64, device="cuda", dtype=torch.bfloat16)
+    grads = [torch.empty_like(own) for _ in range(3)]
+    for bad in (dict(programs=0), dict(splits=0)):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            ggb.backward_main(own, own, other, inj, w1, w2, b2, z, z, *grads, **bad)
+
+
+@requires_gluon
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (1000, 512, 128)], ids=str)
 def test_triton_backward_at_gluon_shapes_matches_float64(monkeypatch, inj, rows, d, r):
