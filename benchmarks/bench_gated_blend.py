@@ -243,7 +243,7 @@ def sweep(rows=SHAPES["sudoku"], wdtype=torch.bfloat16, kernels=tuple(SWEEP)) ->
     against the default configuration's results). "hidden" times the whole two-kernel forward
     (its blend kernel's configuration fixed), the others their kernel alone. The Triton kernels'
     (the Gluon ones, which take some of these calls on Hopper by default, are off here)."""
-    with switches("gluon_gated_blend=0,gluon_gated_blend_dpre=0"):
+    with switches("gluon_gated_blend=0,gluon_gated_blend_dpre=0,gluon_gated_blend_main=0,gluon_gated_blend_store=0"):
         return _sweep(rows, wdtype, kernels)
 
 

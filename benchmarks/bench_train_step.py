@@ -81,6 +81,8 @@ SWITCHES = {
     "rope_in_qkv_grad": ("hrm.layers", "Attention", "ROPE_IN_QKV_GRAD"),  # ... and with a gradient past 128 tokens (ARC)
     "gluon_gated_blend": ("hrm_kernels.gated_blend", None, "USE_GLUON"),  # no-grad gate MLP + blend: one Gluon kernel
     "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
+    "gluon_gated_blend_main": ("hrm_kernels.gated_blend", None, "USE_GLUON_MAIN"),  # ... and its second phase
+    "gluon_gated_blend_store": ("hrm_kernels.gated_blend", None, "USE_GLUON_STORE"),  # with-grad forward without stats in Gluon
     "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
     "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "gluon_attention_long": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG"),  # no-grad attention past 128 tokens
