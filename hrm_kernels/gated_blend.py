@@ -70,9 +70,10 @@ MAX_FUSED_R = 256
 # one dtype, D a multiple of 64, R of 64 or 128), else the Triton kernel below.
 USE_GLUON = True
 # The forward with a backward to come (pre1 and z written out) and without stats through the same
-# Gluon kernel (``store_hidden``) where it runs; else the Triton kernel. Off until measured on the
-# GPU (session 42).
-USE_GLUON_STORE = False
+# Gluon kernel (``store_hidden``) where it runs; else the Triton kernel. Session 42 (H100, bf16,
+# R = 128, GPU time): 177.3 vs 229.3 us at Sudoku's 62976 x 512 with inj (126.1 vs 176.6 without),
+# ARC's 86496 rows 255.7 vs 327.1 (180.2 vs 250.2).
+USE_GLUON_STORE = True
 # The backward's first phase (d_pre1) as a warp-specialised Gluon kernel
 # (``hrm_kernels._gluon_gated_blend.backward_dpre``: ``USE_GLUON_DPRE``) where it runs (as above,
 # and no saturation term); the second phase is the Triton kernel below. Session 30 (H100, bf16,
@@ -84,9 +85,11 @@ USE_GLUON_STORE = False
 USE_GLUON_DPRE = True
 # The backward's second phase as a warp-specialised Gluon kernel (``hrm_kernels._gluon_gated_blend.
 # backward_main``: a 64-column block's two halves on two consumer warpgroups, all four products
-# wgmmas from shared memory) where it runs (as the d_pre1 kernel's requirements); else the Triton
-# kernel below. Off until measured on the GPU (session 42).
-USE_GLUON_MAIN = False
+# wgmmas from shared memory) where it runs (as the d_pre1 kernel's requirements, and no saturation
+# term); else the Triton kernel below. Session 42 (H100, bf16, R = 128, GPU time): 360.5 vs 442.6 us
+# at Sudoku's 62976 x 512 with inj (284.3 vs 333.6 without), ARC's 86496 rows 438.3 vs 556.3
+# (336.5 vs 406.9).
+USE_GLUON_MAIN = True
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):

@@ -540,8 +540,9 @@ def test_gluon_inj_none_equals_zeros(monkeypatch, dtype, rows):
 
 @requires_gluon
 def test_gluon_forward_routing(monkeypatch):
-    """Only no-gradient calls without stats, of shapes and dtypes it takes, with ``USE_GLUON`` and
-    the fast sigmoid on, run the Gluon kernel; the others the Triton kernels."""
+    """Only calls without stats, of shapes and dtypes it takes, with ``USE_GLUON`` and the fast
+    sigmoid on (and ``USE_GLUON_STORE`` for a call with a gradient), run the Gluon kernel; the
+    others the Triton kernels."""
     calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
     inputs = _gluon_inputs(200, 128, 64, torch.bfloat16)
     with torch.no_grad():
@@ -557,8 +558,14 @@ def test_gluon_forward_routing(monkeypatch):
         monkeypatch.setattr(gb, "USE_GLUON", True)
         monkeypatch.setattr(importlib.import_module("hrm_kernels._math"), "FAST_SIGMOID", False)
         gated_blend(*inputs)
-    gated_blend(*[t.detach().requires_grad_() for t in inputs])
+    monkeypatch.setattr(importlib.import_module("hrm_kernels._math"), "FAST_SIGMOID", True)
+    with_grad = [t.detach().requires_grad_() for t in inputs]
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", False)
+    gated_blend(*with_grad)
     assert len(calls) == 1
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", True)  # the default: a forward with a backward to come too
+    gated_blend(*with_grad)
+    assert len(calls) == 2
     with pytest.raises(ValueError, match="programs must be at least 1"):
         ggb.gated_blend_forward(*inputs, programs=0)
 
@@ -568,10 +575,12 @@ def test_gluon_forward_routing(monkeypatch):
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (62976, 512, 128)], ids=str)
 def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
-    """The default backward on Hopper: the Gluon d_pre1 kernel feeding the Triton second phase;
-    every gradient within the bound eager's same-precision error sets against float64, and the
-    d_pre1 kernel's output the same bits when each program takes several tiles (3 programs)."""
+    """The Gluon d_pre1 kernel feeding the Triton second phase (after the Triton forward); every
+    gradient within the bound eager's same-precision error sets against float64, and the d_pre1
+    kernel's output the same bits when each program takes several tiles (3 programs)."""
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", True)
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", False)
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", False)
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
     dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
     _check("triton", inputs)
@@ -695,8 +704,11 @@ def test_gluon_main_routing(monkeypatch):
 @pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (1000, 512, 128)], ids=str)
 def test_triton_backward_at_gluon_shapes_matches_float64(monkeypatch, inj, rows, d, r):
     """The Triton backward (both phases), which other GPUs run, at shapes the Gluon phases take on
-    Hopper by default (there it would otherwise go untested without the saturation term)."""
+    Hopper by default (there it would otherwise go untested without the saturation term), after
+    the Triton forward."""
     monkeypatch.setattr(gb, "USE_GLUON_DPRE", False)
+    monkeypatch.setattr(gb, "USE_GLUON_MAIN", False)
+    monkeypatch.setattr(gb, "USE_GLUON_STORE", False)
     dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
     _check("triton", _gluon_inputs(rows, d, r, torch.bfloat16, inj))
     assert not dpre_calls
