@@ -1,6 +1,7 @@
-"""The gated blend's no-gradient forward (``hrm_kernels.gated_blend``'s math, no stats, no stored
-hidden activations: the model's recurrence calls), and its backward's first phase (d_pre1), as
-warp-specialised Gluon kernels for Hopper. The forward::
+"""The gated blend's forward without stats (``hrm_kernels.gated_blend``'s math: the model's
+recurrence calls, and with ``store_hidden`` the calls a backward follows) and both phases of its
+backward (d_pre1, then the gradients of the sources and weights), as warp-specialised Gluon kernels
+for Hopper. The forward::
 
     pre = round(cat(own, other, inj) @ W1^T + round(b1))         [M, R]
     z   = round(silu(pre))                                          [M, R]
@@ -25,7 +26,10 @@ kernel (session 28, measured before the release fence below was added): Sudoku's
 vs 203.1 with inj, 120.8 vs 151.7 with inj=None; ARC's 86496 rows 252.8 vs 287.7 and 173.3 vs
 214.2. A gated ARC training step with the fence: 122.2 / 123.0 vs 123.3 / 123.5 ms, GPU time
 outside matmuls and attention 15.2 / 15.4 vs 15.7 / 15.7 ms (benchmarks/RESULTS.md; the step
-difference is within the noise between runs). Requirements (``supported``): Hopper, bf16/fp16
+difference is within the noise between runs). With ``store_hidden`` (``gated_blend.USE_GLUON_STORE``,
+on: the forward a backward follows, when it has no stats) each consumer also writes its halves of
+pre and z by TMA (session 42, H100: 177.3 vs the Triton kernel's 229.3 us at Sudoku with inj, 255.7
+vs 327.1 at ARC). Requirements (``supported``): Hopper, bf16/fp16
 activations and weights of one dtype (biases any float dtype), D a multiple of 64, R of 64 or
 128, contiguous rows, 16-byte aligned pointers, M >= 1. No
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
@@ -45,12 +49,20 @@ without a weight) and per source its tile and W2 tile [64, R], which serves both
 logits' (transposed) and d_logit's, whose A operand is the rounded d_logit in registers. Each
 consumer loads its pre1 half by TMA into its output buffer at the tile's start.
 
-A Gluon second phase (a program per 64-column block of one source and split of the rows: the
-source's gradient and the dW1, dW2, db2 partial sums) was written and measured slower than the
-Triton one in session 30 (H100, bf16, R = 128: the whole backward 695.0 us with both phases in
-Gluon against 616.4 with Gluon d_pre1 + Triton phase 2 at 62976 x 512, 879.7 against 798.4 at
-ARC's 86496 rows; ``benchmarks/RESULTS.md``), and removed in session 31 (it is still in commit
-56cf018).
+The backward's second kernel (``backward_main``, ``gated_blend.USE_GLUON_MAIN``, on) takes work
+items of one 64-column block of one source and one split of the rows, walked in 64-row tiles (see
+``backward_main`` for the math). The producer brings each tile's z and d_pre1 [64, R] once for both
+consumer warpgroups, which take the block's two 32-column halves: each runs all four products of
+its half as wgmmas with operands in shared memory (the logits', and dW1's product issued together;
+then d_src's, started from ``dout * g``, and dW2's from the rounded d_logit it wrote to shared
+memory), and keeps its dW1 and dW2^T accumulators [R, 32] in registers over the item. Session 30's
+Gluon second phase (commit 56cf018) split the work by product instead (a gate warpgroup handing
+``dout * g`` to a weight warpgroup through shared memory, each waiting on every wgmma) and was slower
+than the Triton kernel (the whole backward 695.0 against 616.4 us at 62976 x 512, H100); this one
+is faster (session 42, H100: 360.5 against 442.6 us at Sudoku, 438.3 against 556.3 at ARC;
+``benchmarks/RESULTS.md``). Its form with the consumers alternating whole-block tiles
+(``split_columns=False``: 64-wide products, but [R, 64] accumulators) spills at 232 registers and
+was slower (537.8 us at Sudoku).
 """
 
 from __future__ import annotations

@@ -21,8 +21,10 @@ columns ``STATS_COLUMNS[:4]``; ``saturation=True`` adds the fifth, ``[3, 5]``:
 
 Fused Triton kernels (forward and backward, see the layout notes below) run on CUDA tensors and
 under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the eager math. On
-Hopper the no-gradient forward without stats (the model's recurrence) runs the warp-specialised
-Gluon kernel ``hrm_kernels._gluon_gated_blend`` instead where it can (``USE_GLUON``). With
+Hopper the forward without stats (the model's recurrence; with ``USE_GLUON_STORE`` also the calls a
+backward follows) and both backward phases without the saturation term (``USE_GLUON_DPRE``,
+``USE_GLUON_MAIN``) run the warp-specialised Gluon kernels of ``hrm_kernels._gluon_gated_blend``
+instead where they can (``USE_GLUON``). With
 bf16/fp16 activations on CUDA the gates' sigmoid is ``hrm_kernels._math``'s one-instruction
 ``tanh.approx`` form (absolute error under 2^-12, below the bf16 rounding of the blend).
 
@@ -112,9 +114,11 @@ USE_GLUON_MAIN = True
 #   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
 #   sources, writes their gradients.
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
-# On Hopper the no-gradient forward without stats (``USE_GLUON``) is one warp-specialised Gluon
-#   kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA loads
-#   run ahead of the tensor cores by a producer warp.
+# On Hopper the forward without stats (``USE_GLUON``, ``USE_GLUON_STORE``) is one warp-specialised
+#   Gluon kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA
+#   loads run ahead of the tensor cores by a producer warp; so are phase 1 (``USE_GLUON_DPRE``) and
+#   phase 2 (``USE_GLUON_MAIN``: a program per (64-column block, row split) item, its two halves on
+#   two consumer warpgroups, all four products wgmmas from shared memory).
 # (Tried and measured slower, session 16, H200: phase 2 as cuBLAS matmuls over a d_logit [M, K*D]
 #   written by phase 1, 1099 against 880 us fwd+bwd at the Sudoku shape; benchmarks/RESULTS.md.)
 
