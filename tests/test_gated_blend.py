@@ -570,6 +570,12 @@ def test_gluon_forward_routing(monkeypatch):
         ggb.gated_blend_forward(*inputs, programs=0)
 
 
+def _hidden_and_dout(inputs):
+    """(pre1, z) of the forward (the launcher's defaults) and a random output gradient."""
+    _, _, pre1, z = gb.gated_blend_forward(*inputs, with_stats=False, store_hidden=True)
+    return pre1, z, torch.randn_like(inputs[0])
+
+
 @requires_gluon
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
@@ -586,8 +592,7 @@ def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, ro
     _check("triton", inputs)
     assert len(dpre_calls) == 1
     own, other, inj_t, w1, b1, w2, b2 = inputs
-    _, _, pre1, z = gb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, with_stats=False, store_hidden=True)
-    dout = torch.randn_like(own)
+    pre1, z, dout = _hidden_and_dout(inputs)
     dpre, db1 = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
     dpre3, db1_3 = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z, programs=3)
     assert torch.equal(dpre3, dpre) and torch.equal(db1_3, db1)
@@ -610,8 +615,7 @@ def test_gluon_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
     _check("triton", inputs)
     assert len(main_calls) == 1
     own, other, inj_t, w1, b1, w2, b2 = inputs
-    _, _, pre1, z = gb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, with_stats=False, store_hidden=True)
-    dout = torch.randn_like(own)
+    pre1, z, dout = _hidden_and_dout(inputs)
     dpre, _ = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
     sources = [own, other] + ([inj_t] if inj else [])
 
