@@ -35,7 +35,7 @@ activations and weights of one dtype (biases any float dtype), D a multiple of 6
 interpreter path: CPU tests compile it for sm_90 (``tests/test_compile_for_gpu.py``).
 
 The backward's d_pre1 kernel (``backward_dpre``, persistent; ``gated_blend.USE_GLUON_DPRE``, on;
-figures in ``gated_blend``; the second phase is ``gated_blend``'s Triton kernel) computes, per
+figures in ``gated_blend``; the second phase is ``backward_main``, below) computes, per
 128-row tile::
 
     g     = sigmoid(z @ W2^T + round(b2))                  per source and 64-column chunk
@@ -60,9 +60,10 @@ Gluon second phase (commit 56cf018) split the work by product instead (a gate wa
 ``dout * g`` to a weight warpgroup through shared memory, each waiting on every wgmma) and was slower
 than the Triton kernel (the whole backward 695.0 against 616.4 us at 62976 x 512, H100); this one
 is faster (session 42, H100: 360.5 against 442.6 us at Sudoku, 438.3 against 556.3 at ARC;
-``benchmarks/RESULTS.md``). Its form with the consumers alternating whole-block tiles
-(``split_columns=False``: 64-wide products, but [R, 64] accumulators) spills at 232 registers and
-was slower (537.8 us at Sudoku).
+``benchmarks/RESULTS.md``). A form with the consumers alternating whole-block tiles (64-wide
+products, but [R, 64] accumulators) spilled at 232 registers and was slower (537.8 us at Sudoku);
+its odd ring of 3 stages shared by alternate consumers was also unsafe (a consumer skipping a
+stage's phases can pass a parity wait early), so it was removed (commit 14215ed has it).
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ MAIN_TILE = 64  # rows a tile of the backward's second kernel (each consumer's w
 MAIN_HALF = 32  # a consumer's columns of the 64-column block
 MAIN_STAGES = 3  # its ring: 3 x 48 KiB, with the weights, d_logit and output buffers 192 KiB (R = 128)
 MAIN_ITEMS_PER_SM = 2  # row splits so that each program takes about this many (block, split) items
-MAIN_SPLIT_COLUMNS = True  # the consumers take the two halves of each tile's block (else alternate tiles)
 
 
 def supported(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -455,6 +455,16 @@ if _HAVE_GLUON:
             tma.async_copy_global_to_shared(inj_desc, [off_m, col], bar, dst)
 
     @gluon.jit
+    def _store_by_kind(kind, down_desc, dother_desc, dinj_desc, src, off_m, col):
+        """TMA store of ``src`` to the gradient of source ``kind`` (as ``_source_by_kind``) at [off_m, col]."""
+        if kind == 0:
+            tma.async_copy_shared_to_global(down_desc, [off_m, col], src)
+        elif kind == 1:
+            tma.async_copy_shared_to_global(dother_desc, [off_m, col], src)
+        else:
+            tma.async_copy_shared_to_global(dinj_desc, [off_m, col], src)
+
+    @gluon.jit
     def _main_item(item, blocks, chunks, rows_per_split, M, BK: gl.constexpr):
         """Work item ``item`` -> (kind, first column of its 64-column block in the source, split, its
         rows [row_start, row_end)): items walk the blocks fastest, so that the programs running at
@@ -468,24 +478,23 @@ if _HAVE_GLUON:
     def _produce_main(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
                       do_bufs, x_bufs, w1_bufs, w2_bufs, ready, empty, w_ready, w_empty, M, D, n_items, blocks,
                       rows_per_split):
-        """The producer warp: per work item the block's W2 rows [BH, R] and W1 columns [R, BH] (NH
-        parts of BH columns) once both consumers are done with the previous item's, then per tile of
-        BM rows z and d_pre1 [BM, R] and the NH [BM, BH] parts of dout's and the source's block."""
+        """The producer warp: per work item the block's two halves of W2's rows [BH, R] and W1's
+        columns [R, BH] once both consumers are done with the previous item's, then per tile of BM
+        rows z and d_pre1 [BM, R] and the two [BM, BH] halves of dout's and the source's block."""
         S: gl.constexpr = z_bufs.type.shape[0]
         BM: gl.constexpr = z_bufs.type.shape[1]
         BH: gl.constexpr = do_bufs.type.shape[2]
-        NH: gl.constexpr = w1_bufs.type.shape[0]
-        W_BYTES: gl.constexpr = NH * (w1_desc.block_type.nbytes + w2_desc.block_type.nbytes)
-        NBYTES: gl.constexpr = 2 * z_desc.block_type.nbytes + 2 * NH * dout_desc.block_type.nbytes
-        chunks = D // (NH * BH)
+        W_BYTES: gl.constexpr = 2 * (w1_desc.block_type.nbytes + w2_desc.block_type.nbytes)
+        NBYTES: gl.constexpr = 2 * z_desc.block_type.nbytes + 4 * dout_desc.block_type.nbytes
+        chunks = D // (2 * BH)
         step = 0
         it = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, NH * BH)
+            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
             gcol = kind * D + col
             mbarrier.wait(w_empty, (it & 1) ^ 1)
             mbarrier.expect(w_ready, W_BYTES)
-            for h in gl.static_range(NH):
+            for h in gl.static_range(2):
                 tma.async_copy_global_to_shared(w2_desc, [gcol + h * BH, 0], w_ready, w2_bufs.index(h))
                 tma.async_copy_global_to_shared(w1_desc, [0, gcol + h * BH], w_ready, w1_bufs.index(h))
             for off_m in range(row_start, row_end, BM):
@@ -494,10 +503,10 @@ if _HAVE_GLUON:
                 mbarrier.expect(ready.index(s), NBYTES)
                 tma.async_copy_global_to_shared(z_desc, [off_m, 0], ready.index(s), z_bufs.index(s))
                 tma.async_copy_global_to_shared(dpre_desc, [off_m, 0], ready.index(s), dp_bufs.index(s))
-                for h in gl.static_range(NH):
+                for h in gl.static_range(2):
                     tma.async_copy_global_to_shared(dout_desc, [off_m, col + h * BH], ready.index(s),
-                                                    do_bufs.index(NH * s + h))
-                    _source_by_kind(kind, own_desc, other_desc, inj_desc, x_bufs.index(NH * s + h), off_m,
+                                                    do_bufs.index(2 * s + h))
+                    _source_by_kind(kind, own_desc, other_desc, inj_desc, x_bufs.index(2 * s + h), off_m,
                                     col + h * BH, ready.index(s))
                 step += 1
             it += 1
@@ -506,9 +515,8 @@ if _HAVE_GLUON:
     def _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs,
                       dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D,
                       n_items, blocks, rows_per_split, width, WG: gl.constexpr):
-        """Consumer warpgroup ``WG``. With the block in two parts (NH = 2, ``split_columns``): columns
-        [WG * BH, (WG + 1) * BH) of every tile; else (NH = 1) all 64 columns of every other tile
-        (WG's). Per tile four wgmmas::
+        """Consumer warpgroup ``WG``: columns [WG * BH, (WG + 1) * BH) of each item's block, every
+        tile. Per tile four wgmmas::
 
             logits = z @ W2h^T                 [BM, BH]   (z, W2h from shared memory)
             dW1h  += dpre^T @ x_h              [R, BH]    (dpre read transposed; issued with the logits)
@@ -518,28 +526,25 @@ if _HAVE_GLUON:
             (d_src waited for) round(d_src), stored by TMA
 
         then the stage is released once all four are done. The accumulators dW1h and dW2h^T stay in
-        registers over the item's rows and go to the partial sums at the end (NH = 1: one set a
-        warpgroup)."""
+        registers over the item's rows and go to its split's partial sums at the end."""
         BM: gl.constexpr = z_bufs.type.shape[1]
         R: gl.constexpr = z_bufs.type.shape[2]
         S: gl.constexpr = z_bufs.type.shape[0]
         BH: gl.constexpr = do_bufs.type.shape[2]
-        NH: gl.constexpr = w1_bufs.type.shape[0]
-        H: gl.constexpr = WG if NH == 2 else 0  # this warpgroup's part of the block
         dtype: gl.constexpr = dout_desc.dtype
         layout: gl.constexpr = _accumulator_layout(BH)
-        chunks = D // (NH * BH)
+        chunks = D // (2 * BH)
         dl_buf = dl_bufs.index(WG)
         out_buf = out_bufs.index(WG)
-        w2_buf = w2_bufs.index(H)  # [BH, R]: W2's rows of this part's gates
-        w1_buf = w1_bufs.index(H)  # [R, BH]: W1's columns of this part's inputs
+        w2_buf = w2_bufs.index(WG)  # [BH, R]: W2's rows of this half's gates
+        w1_buf = w1_bufs.index(WG)  # [R, BH]: W1's columns of this half's inputs
         cols = gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
         r_idx = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
         step = 0
         it = 0
         for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, NH * BH)
-            scol = col + H * BH  # this part's first column in the source
+            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
+            scol = col + WG * BH  # this half's first column in the source
             gcol = kind * D + scol  # and among the gates
             bias2 = gl.expand_dims(rounded(gl.load(b2 + gcol + cols), dtype), 0)
             dw1 = gl.zeros((R, BH), dtype=gl.float32, layout=layout)
@@ -547,21 +552,20 @@ if _HAVE_GLUON:
             db2 = gl.zeros((BH, ), dtype=gl.float32, layout=gl.SliceLayout(0, layout))
             mbarrier.wait(w_ready, it & 1)
             n_tiles = gl.cdiv(row_end - row_start, BM)
-            first = 0 if NH == 2 else (WG + step) % 2  # NH = 1: the item's tiles alternate, in ring order
-            for t in range(first, n_tiles, 2 // NH):
+            for t in range(n_tiles):
                 s = (step + t) % S
                 off_m = row_start + t * BM
                 mbarrier.wait(ready.index(s), ((step + t) // S) & 1)
                 z_buf = z_bufs.index(s)
                 dp_buf = dp_bufs.index(s)
-                x_buf = x_bufs.index(NH * s + H)
+                x_buf = x_bufs.index(2 * s + WG)
                 logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)),
                                       gl.zeros((BM, BH), dtype=gl.float32, layout=layout), use_acc=False, is_async=True)
                 dw1 = warpgroup_mma(dp_buf.permute((1, 0)), x_buf, dw1, is_async=True)
                 logit = warpgroup_mma_wait(num_outstanding=1, deps=(logit, ))
                 # rows past M (the last tile): dout, x, z and d_pre1 load as 0, so dl and d_src are 0
                 g = _fast_sigmoid(logit + bias2)
-                dg = do_bufs.index(NH * s + H).load(layout).to(gl.float32) * g
+                dg = do_bufs.index(2 * s + WG).load(layout).to(gl.float32) * g
                 dl = narrow(dg * x_buf.load(layout).to(gl.float32) * (1.0 - g), dtype)
                 db2 += gl.sum(dl.to(gl.float32), axis=0)  # (a [BM, BH] sum in registers made ptxas spill)
                 dl_buf.store(dl)  # (its reader, the previous tile's dW2 wgmma, was waited for)
@@ -572,30 +576,22 @@ if _HAVE_GLUON:
                 tma.store_wait(pendings=0)  # the previous tile's gradient has left out_buf
                 out_buf.store(narrow(dsrc, dtype))
                 fence_async_shared()
-                if kind == 0:
-                    tma.async_copy_shared_to_global(down_desc, [off_m, scol], out_buf)
-                elif kind == 1:
-                    tma.async_copy_shared_to_global(dother_desc, [off_m, scol], out_buf)
-                else:
-                    tma.async_copy_shared_to_global(dinj_desc, [off_m, scol], out_buf)
+                _store_by_kind(kind, down_desc, dother_desc, dinj_desc, out_buf, off_m, scol)
                 dw1, dw2t = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, dw2t))
                 mbarrier.arrive(empty.index(s), count=1)
             step += n_tiles
             mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
-            part = split if NH == 2 else 2 * split + WG  # NH = 1: each warpgroup sums its own tiles
-            base = part.to(gl.int64) * width * R
-            # dw1_partial [parts, R, width], dw2_partial [parts, width, R], db2_partial [parts, width]
+            base = split.to(gl.int64) * width * R
+            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
             gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
             gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
-            gl.store(db2_partial + part.to(gl.int64) * width + gcol + cols, db2)
+            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
             it += 1
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _main_kernel(split_columns: bool = True):
-        """The backward's second kernel (see ``backward_main``); ``split_columns``: the two consumer
-        warpgroups take the two 32-column halves of every tile, else alternate 64-column tiles."""
-        NH = gl.constexpr(2 if split_columns else 1)
+    def _main_kernel():
+        """The backward's second kernel (see ``backward_main``)."""
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -629,10 +625,10 @@ if _HAVE_GLUON:
             dtype: gl.constexpr = own_desc.dtype
             z_bufs = gl.allocate_shared_memory(dtype, [STAGES] + z_desc.block_type.shape, z_desc.layout)
             dp_bufs = gl.allocate_shared_memory(dtype, [STAGES] + dpre_desc.block_type.shape, dpre_desc.layout)
-            do_bufs = gl.allocate_shared_memory(dtype, [NH * STAGES] + dout_desc.block_type.shape, dout_desc.layout)
-            x_bufs = gl.allocate_shared_memory(dtype, [NH * STAGES] + own_desc.block_type.shape, own_desc.layout)
-            w1_bufs = gl.allocate_shared_memory(dtype, [NH] + w1_desc.block_type.shape, w1_desc.layout)
-            w2_bufs = gl.allocate_shared_memory(dtype, [NH] + w2_desc.block_type.shape, w2_desc.layout)
+            do_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES] + dout_desc.block_type.shape, dout_desc.layout)
+            x_bufs = gl.allocate_shared_memory(dtype, [2 * STAGES] + own_desc.block_type.shape, own_desc.layout)
+            w1_bufs = gl.allocate_shared_memory(dtype, [2] + w1_desc.block_type.shape, w1_desc.layout)
+            w2_bufs = gl.allocate_shared_memory(dtype, [2] + w2_desc.block_type.shape, w2_desc.layout)
             dl_bufs = gl.allocate_shared_memory(dtype, [2] + own_desc.block_type.shape, own_desc.layout)
             out_bufs = gl.allocate_shared_memory(dtype, [2] + down_desc.block_type.shape, down_desc.layout)
             ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -640,7 +636,7 @@ if _HAVE_GLUON:
             w_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(STAGES):
                 mbarrier.init(ready.index(i), count=1)
-                mbarrier.init(empty.index(i), count=NH)  # NH = 2: both consumer warpgroups release each stage
+                mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each stage
             mbarrier.init(w_bars.index(0), count=1)  # the item's weight tiles have landed
             mbarrier.init(w_bars.index(1), count=2)  # both consumers are done with them
             args = (dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, down_desc,
@@ -736,20 +732,19 @@ def main_supported(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, i
             and w1.dtype == own.dtype and w1.is_contiguous() and w1.data_ptr() % 16 == 0)
 
 
-def main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj, split_columns: bool = True) -> tuple:
+def main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj) -> tuple:
     """TMA descriptors of the backward's second kernel (inj and d_inj: own's and d_own's when None)."""
     r = z.shape[1]
-    part = MAIN_HALF if split_columns else CHUNK
-    box = [MAIN_TILE, part]
+    box = [MAIN_TILE, MAIN_HALF]
     return (_describe(dout, box), _describe(own, box), _describe(other, box),
             _describe(inj if inj is not None else own, box), _describe(z, [MAIN_TILE, r]),
-            _describe(dpre, [MAIN_TILE, r]), _describe(w1, [r, part]), _describe(w2, [part, r]),
+            _describe(dpre, [MAIN_TILE, r]), _describe(w1, [r, MAIN_HALF]), _describe(w2, [MAIN_HALF, r]),
             _describe(d_own, box), _describe(d_other, box), _describe(d_inj if inj is not None else d_own, box))
 
 
 def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor, d_own: torch.Tensor, d_other: torch.Tensor,
-                  d_inj, programs: int | None = None, splits: int | None = None, split_columns: bool | None = None):
+                  d_inj, programs: int | None = None, splits: int | None = None):
     """The backward's second phase, ``gated_blend._gated_blend_backward_kernel``'s math without the
     saturation term: writes d_own, d_other and d_inj (unless inj is None)::
 
@@ -764,9 +759,7 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     block's columns (all four products are m64 or m128 wgmmas with operands in shared memory), so z
     and d_pre1 reach shared memory once a block, not once a half. ``programs``: the persistent grid
     (default one program per SM: 192 KiB of shared memory each); ``splits``: row splits (default:
-    about ``MAIN_ITEMS_PER_SM`` items a program); ``split_columns`` (default ``MAIN_SPLIT_COLUMNS``):
-    the two consumers take the halves of every tile's block, else alternate tiles of the whole
-    block (64-wide products, one set of partial sums a consumer). The caller checks ``main_supported``."""
+    about ``MAIN_ITEMS_PER_SM`` items a program). The caller checks ``main_supported``."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -783,14 +776,11 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     rows_per_split = triton.cdiv(tiles, min(tiles, splits)) * MAIN_TILE
     splits = triton.cdiv(m, rows_per_split)
     n_items = blocks * splits
-    if split_columns is None:
-        split_columns = MAIN_SPLIT_COLUMNS
-    parts = splits if split_columns else 2 * splits
-    dw1_partial = torch.empty((parts, r, width), dtype=torch.float32, device=own.device)
-    dw2_partial = torch.empty((parts, width, r), dtype=torch.float32, device=own.device)
-    db2_partial = torch.empty((parts, width), dtype=torch.float32, device=own.device)
-    launch(_main_kernel(split_columns), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
-           *main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj, split_columns),
+    dw1_partial = torch.empty((splits, r, width), dtype=torch.float32, device=own.device)
+    dw2_partial = torch.empty((splits, width, r), dtype=torch.float32, device=own.device)
+    db2_partial = torch.empty((splits, width), dtype=torch.float32, device=own.device)
+    launch(_main_kernel(), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
+           *main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj),
            b2, dw1_partial, dw2_partial, db2_partial, m, d, n_items, blocks, rows_per_split, width,
            STAGES=MAIN_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dw1_partial, dw2_partial, db2_partial

@@ -24,7 +24,7 @@ under the Triton interpreter; gate hidden sizes R above ``MAX_FUSED_R`` run the 
 Hopper the forward without stats (the model's recurrence; with ``USE_GLUON_STORE`` also the calls a
 backward follows) and both backward phases without the saturation term (``USE_GLUON_DPRE``,
 ``USE_GLUON_MAIN``) run the warp-specialised Gluon kernels of ``hrm_kernels._gluon_gated_blend``
-instead where they can (``USE_GLUON``). With
+instead where they can (the forward's switch: ``USE_GLUON``). With
 bf16/fp16 activations on CUDA the gates' sigmoid is ``hrm_kernels._math``'s one-instruction
 ``tanh.approx`` form (absolute error under 2^-12, below the bf16 rounding of the blend).
 
@@ -78,12 +78,12 @@ USE_GLUON = True
 USE_GLUON_STORE = True
 # The backward's first phase (d_pre1) as a warp-specialised Gluon kernel
 # (``hrm_kernels._gluon_gated_blend.backward_dpre``: ``USE_GLUON_DPRE``) where it runs (as above,
-# and no saturation term); the second phase is the Triton kernel below. Session 30 (H100, bf16,
+# and no saturation term). Session 30 (H100, bf16,
 # R = 128, GPU time): phase 1 152.6 us against Triton's 253.2 at Sudoku's 62976 x 512 with inj
 # (111.4 vs 190.0 without; ARC's 86496 rows 218.0 vs 383.4, 157.5 vs 268.9). The whole backward, in
 # one run: Gluon d_pre1 + Triton phase 2 616.4 us, both Gluon 695.0, both Triton 694.4 (ARC 798.4,
-# 879.7, 966.1): a Gluon phase 2 was the slower (benchmarks/RESULTS.md, session 30), so it was
-# removed in session 31 (commit 56cf018 has it).
+# 879.7, 966.1): that Gluon phase 2 was the slower (benchmarks/RESULTS.md, session 30), so it was
+# removed in session 31 (commit 56cf018 has it); session 42's, below, is faster.
 USE_GLUON_DPRE = True
 # The backward's second phase as a warp-specialised Gluon kernel (``hrm_kernels._gluon_gated_blend.
 # backward_main``: a 64-column block's two halves on two consumer warpgroups, all four products

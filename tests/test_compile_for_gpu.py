@@ -296,7 +296,6 @@ if module("_gluon_gemm")._HAVE_GLUON:
     # variable, and a module-level name equal to it shadows it in Triton's lookup (every form would
     # then compile, and be cached, as one; session 30's _gluon_attention.PIPELINE did that)
     forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,), (3, True), (2, True)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
-             ("_gluon_gated_blend", "_main_kernel"): [(True,), (False,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
              ("_gluon_attention", "_kernel"): [(f, lse, c, poly) for f in module("_gluon_attention").FORMS
