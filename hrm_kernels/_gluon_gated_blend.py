@@ -74,6 +74,7 @@ import torch
 import triton
 
 from hrm_kernels._gluon_gemm import _HAVE_GLUON, _describe, available, persistent_grid
+from hrm_kernels._utils import num_programs_for
 
 if _HAVE_GLUON:
     from triton.experimental import gluon
@@ -769,8 +770,7 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     blocks = kinds * (d // CHUNK)
     tiles = triton.cdiv(m, MAIN_TILE)
     if splits is None:
-        sms = torch.cuda.get_device_properties(own.device).multi_processor_count
-        splits = max(1, round(MAIN_ITEMS_PER_SM * sms / blocks))
+        splits = max(1, round(MAIN_ITEMS_PER_SM * num_programs_for(own.device.type, own.device.index) / blocks))
     if splits < 1:
         raise ValueError(f"gated_blend backward (Gluon): splits must be at least 1, got {splits}")
     rows_per_split = triton.cdiv(tiles, min(tiles, splits)) * MAIN_TILE

@@ -540,9 +540,10 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
             and _gluon_gated_blend.supported(own, other, inj, w1, b1, w2, b2)):
         if store_hidden:
             out, pre1, z = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2, store_hidden=True)
-            return out, own.new_empty(0, dtype=torch.float32), pre1, z
-        out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2)
-        return out, own.new_empty(0, dtype=torch.float32), own.new_empty((0, r)), own.new_empty((0, r))
+        else:
+            out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2)
+            pre1, z = own.new_empty((0, r)), own.new_empty((0, r))
+        return out, own.new_empty(0, dtype=torch.float32), pre1, z
     if with_stats and d > MAX_STATS_D:
         raise ValueError(f"gated_blend: stats count each row's gates in 16 bits, so D={d} must be at most "
                          f"{MAX_STATS_D} with stats=True; gated_blend() runs wider gates eagerly")
