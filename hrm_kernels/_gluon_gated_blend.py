@@ -166,13 +166,66 @@ if _HAVE_GLUON:
                     step += 1
 
     @gluon.jit
+    def _blend_logits(z_buf, w_bufs, w2_desc, ready, step):
+        """Issue the logits' wgmma ``z @ W2_chunk^T`` [BM / 2, BK] of ring step ``step`` (its W2 tile
+        in the stage's weight buffer) once the stage has landed; in flight on return."""
+        S: gl.constexpr = w_bufs.type.shape[0]
+        HALF: gl.constexpr = z_buf.type.shape[0]
+        BK: gl.constexpr = w2_desc.block_type.shape[0]
+        s = step % S
+        mbarrier.wait(ready.index(s), (step // S) & 1)
+        w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
+        return warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
+                             layout=_accumulator_layout(BK)), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit, out, base, j, off_m, D,
+                    KINDS: gl.constexpr, WG: gl.constexpr, NEXT: gl.constexpr):
+        """Blend step ``j`` of a tile (chunk j // KINDS, source j % KINDS; ring step ``base + j``), its
+        logits' wgmma in flight on entry. With ``NEXT`` the next step's logits are issued first (the
+        tensor cores have them while this warpgroup computes the gates). The source's gate times the
+        source joins ``out``; after a chunk's last source the chunk leaves by TMA."""
+        S: gl.constexpr = x_bufs.type.shape[0]
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        HALF: gl.constexpr = BM // 2
+        dtype: gl.constexpr = x_bufs.dtype
+        chunk_layout: gl.constexpr = _accumulator_layout(BK)
+        c = j // KINDS
+        kind = j % KINDS
+        s = (base + j) % S
+        if NEXT:
+            logit_next = _blend_logits(z_buf, w_bufs, w2_desc, ready, base + j + 1)
+        logit = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, ))
+        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
+            0, chunk_layout))), dtype), 0)
+        x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+        # The x tile was read by ordinary shared-memory loads; the TMA that refills the stage writes
+        # through the async proxy, so the reads are fenced before release. Without the fence (H100,
+        # 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
+        fence_async_shared()
+        mbarrier.arrive(empty.index(s), count=1)
+        out += _fast_sigmoid(logit + bias2) * x
+        if kind == KINDS - 1:  # the chunk's last source: it leaves
+            tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
+            out_buf.store(narrow(out, dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
+            out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
+        if NEXT:
+            return logit_next, out
+        else:
+            return logit, out
+
+    @gluon.jit
     def _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready, empty,
-                 b1, b2, M, D, KINDS: gl.constexpr, STORE: gl.constexpr, WG: gl.constexpr):
+                 b1, b2, M, D, KINDS: gl.constexpr, STORE: gl.constexpr, PIPELINED: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every tile. The
         hidden GEMM's [BM / 2, R] accumulator, pre and z rounded as the Triton kernel rounds them,
         z into shared memory (the logit GEMM's A operand), then per output chunk [BM / 2, BK] the
         logits of each source's gates, their sigmoid and the blend; the chunk leaves by TMA.
-        ``STORE``: pre and z [BM / 2, R] leave by TMA too (what the backward reads)."""
+        ``STORE``: pre and z [BM / 2, R] leave by TMA too (what the backward reads). ``PIPELINED``:
+        the blend's (chunk, source) steps software-pipelined (``_blend_step``), not yet run on a GPU."""
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         S: gl.constexpr = x_bufs.type.shape[0]
@@ -212,37 +265,50 @@ if _HAVE_GLUON:
             if STORE:
                 tma.async_copy_shared_to_global(z_desc, [off_m + WG * HALF, 0], z_buf)
                 tma.async_copy_shared_to_global(pre_desc, [off_m + WG * HALF, 0], pre_buf)
-            for c in range(chunks):
+            if PIPELINED:
+                n_steps = chunks * KINDS  # (chunk, source) steps, source fastest
+                logit = _blend_logits(z_buf, w_bufs, w2_desc, ready, step)
                 out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
-                for kind in gl.static_range(KINDS):
-                    s = step % S
-                    bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
-                    mbarrier.wait(ready.index(s), (step // S) & 1)
-                    w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
-                    logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
-                                          layout=chunk_layout), use_acc=False, is_async=True)
-                    logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
-                    x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
-                    # The x tile was read by ordinary shared-memory loads; the TMA that refills the
-                    # stage writes through the async proxy, so the reads are fenced before release.
-                    # Without the fence (H100, 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
+                for j in range(n_steps - 1):
+                    logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit,
+                                             out, step, j, off_m, D, KINDS, WG, True)
+                logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit, out,
+                                         step, n_steps - 1, off_m, D, KINDS, WG, False)
+                step += n_steps
+            else:
+                for c in range(chunks):
+                    out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
+                    for kind in gl.static_range(KINDS):
+                        s = step % S
+                        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
+                        mbarrier.wait(ready.index(s), (step // S) & 1)
+                        w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
+                        logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
+                                              layout=chunk_layout), use_acc=False, is_async=True)
+                        logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
+                        x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+                        # The x tile was read by ordinary shared-memory loads; the TMA that refills the
+                        # stage writes through the async proxy, so the reads are fenced before release.
+                        # Without the fence (H100, 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
+                        fence_async_shared()
+                        mbarrier.arrive(empty.index(s), count=1)
+                        out += _fast_sigmoid(logit + bias2) * x
+                        step += 1
+                    tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
+                    out_buf.store(narrow(out, dtype))
                     fence_async_shared()
-                    mbarrier.arrive(empty.index(s), count=1)
-                    out += _fast_sigmoid(logit + bias2) * x
-                    step += 1
-                tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
-                out_buf.store(narrow(out, dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
+                    tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(kinds: int, store: bool = False):
-        """The kernel for ``kinds`` sources (3, or 2 with inj=None); ``store``: pre1 and z written out.
-        Gluon passes partition arguments as values, so the constants are written into each partition
-        function (as in _gluon_gemm)."""
+    def _kernel(kinds: int, store: bool = False, pipelined: bool = False):
+        """The kernel for ``kinds`` sources (3, or 2 with inj=None); ``store``: pre1 and z written out;
+        ``pipelined``: the consumers' blend software-pipelined (see ``_consume``). Gluon passes
+        partition arguments as values, so the constants are written into each partition function
+        (as in _gluon_gemm)."""
         KINDS = gl.constexpr(kinds)
         STORE = gl.constexpr(store)
+        PIPELINED = gl.constexpr(pipelined)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -250,7 +316,7 @@ if _HAVE_GLUON:
             def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs,
                         z_bufs, pre_bufs, out_bufs, ready, empty, b1, b2, M, D):
                 _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready,
-                         empty, b1, b2, M, D, KINDS, STORE, WG)
+                         empty, b1, b2, M, D, KINDS, STORE, PIPELINED, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -327,6 +393,118 @@ if _HAVE_GLUON:
             t += 1
 
     @gluon.jit
+    def _dpre_logits(z_half, w_bufs, ready, base, j, KINDS: gl.constexpr):
+        """Issue the logits' wgmma ``z_half @ W2_chunk^T`` [BM / 2, BK] of the tile's source step ``j``
+        (chunk j // KINDS, source j % KINDS; ring stage ``base`` + its place after the chunk's dout
+        stage) once its stage has landed; in flight on return."""
+        S: gl.constexpr = w_bufs.type.shape[0]
+        BK: gl.constexpr = w_bufs.type.shape[1]
+        HALF: gl.constexpr = z_half.type.shape[0]
+        r = base + (j // KINDS) * (KINDS + 1) + 1 + j % KINDS
+        mbarrier.wait(ready.index(r % S), (r // S) & 1)
+        return warpgroup_mma(z_half, w_bufs.index(r % S).permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
+                             layout=_accumulator_layout(BK)), use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl_prev, dout, base, j, D,
+                   KINDS: gl.constexpr, WG: gl.constexpr, FIRST: gl.constexpr, NEXT: gl.constexpr):
+        """Source step ``j`` of ``_consume_dpre``'s tile (its logits' wgmma in flight on entry, and
+        unless ``FIRST`` the previous step's dz wgmma behind it). With ``NEXT`` the next step's logits
+        are issued first, so the tensor cores have them while this warpgroup computes the gates; the
+        previous step's stage is released once its wgmmas are done, this one's at the next step
+        (without ``NEXT``: here)."""
+        S: gl.constexpr = x_bufs.type.shape[0]
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        R: gl.constexpr = w_bufs.type.shape[2]
+        HALF: gl.constexpr = BM // 2
+        dtype: gl.constexpr = x_bufs.dtype
+        chunk_layout: gl.constexpr = _accumulator_layout(BK)
+        dl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_accumulator_layout(R), k_width=2)
+        c = j // KINDS
+        kind = j % KINDS
+        r = base + c * (KINDS + 1) + 1 + kind  # this step's ring stage; the chunk's dout stage is first
+        if kind == 0:  # the chunk's dout, its own stage, released at once
+            mbarrier.wait(ready.index((r - 1) % S), ((r - 1) // S) & 1)
+            dout = x_bufs.index((r - 1) % S).slice(WG * HALF, HALF, dim=0).load(chunk_layout)
+            fence_async_shared()  # register reads of a stage the TMA refills (see _consume)
+            mbarrier.arrive(empty.index((r - 1) % S), count=1)
+        if NEXT:
+            logit_next = _dpre_logits(z_half, w_bufs, ready, base, j + 1, KINDS)
+        if FIRST:
+            logit = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, ))
+        else:  # the previous step's dz wgmma (and its register operand) done: its stage is free
+            logit, dz, dl_prev = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, dz, dl_prev))
+            prev = r - 1 - (kind == 0)
+            mbarrier.arrive(empty.index(prev % S), count=1)
+        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
+            0, chunk_layout))), dtype), 0)
+        x = x_bufs.index(r % S).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+        g = _fast_sigmoid(logit + bias2)
+        dl = gl.convert_layout(narrow(dout.to(gl.float32) * x * g * (1.0 - g), dtype), dl_layout)
+        fence_async_shared()  # this stage's register reads before its release
+        dz = warpgroup_mma(dl, w_bufs.index(r % S), dz, is_async=True)
+        if NEXT:
+            return logit_next, dz, dl, dout
+        else:
+            dz, dl = warpgroup_mma_wait(num_outstanding=0, deps=(dz, dl))
+            mbarrier.arrive(empty.index(r % S), count=1)
+            return logit, dz, dl, dout
+
+    @gluon.jit
+    def _consume_dpre_pipelined(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
+                                z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr, WG: gl.constexpr):
+        """``_consume_dpre`` with the tile's (chunk, source) steps software-pipelined (``_dpre_step``):
+        each step issues the next step's logit wgmma before it computes its own gates."""
+        BM: gl.constexpr = x_bufs.type.shape[1]
+        BK: gl.constexpr = x_bufs.type.shape[2]
+        R: gl.constexpr = w_bufs.type.shape[2]
+        HALF: gl.constexpr = BM // 2
+        dtype: gl.constexpr = dout_desc.dtype
+        hidden_layout: gl.constexpr = _accumulator_layout(R)
+        chunk_layout: gl.constexpr = _accumulator_layout(BK)
+        dl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=hidden_layout, k_width=2)
+        chunks = D // BK
+        n_steps = chunks * KINDS  # at least 2: KINDS is 2 or 3
+        out_buf = out_bufs.index(WG)
+        pre_bar = pre_bars.index(WG)
+        z_half = z_buf.slice(WG * HALF, HALF, dim=0)
+        r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
+        step = 0
+        t = 0
+        for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
+            off_m = tile * BM
+            tma.store_wait(pendings=0)  # the previous tile's d_pre1 has left out_buf
+            mbarrier.expect(pre_bar, pre_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(pre_desc, [off_m + WG * HALF, 0], pre_bar, out_buf)
+            mbarrier.wait(z_ready, t & 1)
+            logit = _dpre_logits(z_half, w_bufs, ready, step, 0, KINDS)
+            dz = gl.zeros((HALF, R), dtype=gl.float32, layout=hidden_layout)
+            dl = gl.zeros((HALF, BK), dtype=dtype, layout=dl_layout)
+            dout = gl.zeros((HALF, BK), dtype=dtype, layout=chunk_layout)
+            logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step, 0, D,
+                                             KINDS, WG, True, True)
+            for j in range(1, n_steps - 1):
+                logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step,
+                                                 j, D, KINDS, WG, False, True)
+            logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step,
+                                             n_steps - 1, D, KINDS, WG, False, False)
+            step += chunks * (KINDS + 1)
+            mbarrier.arrive(z_empty, count=1)  # every wgmma that read z has been waited for
+            mbarrier.wait(pre_bar, t & 1)
+            pre = out_buf.load(hidden_layout).to(gl.float32)  # rows past M load as 0
+            sg = 1.0 / (1.0 + gl.exp(-pre))
+            dpre = narrow(dz * sg * (1.0 + pre * (1.0 - sg)), dtype)
+            # db1's partial sum over this tile half (rows past M: dout loads as 0, so d_pre1 is 0
+            # there); a sum carried over the tiles in registers made ptxas spill
+            gl.store(db1_partial + (tile * 2 + WG) * R + r_idx, gl.sum(dpre.to(gl.float32), axis=0))
+            out_buf.store(dpre)  # (the TMA load into it is complete: its barrier was waited for)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(dpre_desc, [off_m + WG * HALF, 0], out_buf)
+            t += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
     def _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty, z_ready,
                       z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr, WG: gl.constexpr):
         """The backward's consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every
@@ -396,17 +574,23 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _dpre_kernel(kinds: int):
-        """The backward's d_pre1 kernel for ``kinds`` sources (see ``_kernel``)."""
+    def _dpre_kernel(kinds: int, pipelined: bool = False):
+        """The backward's d_pre1 kernel for ``kinds`` sources (see ``_kernel``); ``pipelined``: its
+        consumers' steps software-pipelined (``_consume_dpre_pipelined``)."""
         KINDS = gl.constexpr(kinds)
+        PIPELINED = gl.constexpr(pipelined)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
             def consume(dout_desc, own_desc, other_desc, inj_desc, w2_desc, z_desc, pre_desc, dpre_desc, x_bufs,
                         w_bufs, z_buf, out_bufs, ready, empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D):
-                _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
-                              z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
+                if PIPELINED:
+                    _consume_dpre_pipelined(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs,
+                                            ready, empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
+                else:
+                    _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready,
+                                  empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -513,6 +697,113 @@ if _HAVE_GLUON:
             it += 1
 
     @gluon.jit
+    def _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, dw1, ready, step, WG: gl.constexpr, layout: gl.constexpr):
+        """Wait for tile ``step``'s stage and issue its first two wgmmas: the logits ``z @ W2h^T``
+        [BM, BH] and ``dW1h += dpre^T @ x_h`` [R, BH] (both in flight on return)."""
+        S: gl.constexpr = z_bufs.type.shape[0]
+        BM: gl.constexpr = z_bufs.type.shape[1]
+        BH: gl.constexpr = x_bufs.type.shape[2]
+        s = step % S
+        mbarrier.wait(ready.index(s), (step // S) & 1)
+        logit = warpgroup_mma(z_bufs.index(s), w2_buf.permute((1, 0)), gl.zeros((BM, BH), dtype=gl.float32,
+                              layout=layout), use_acc=False, is_async=True)
+        dw1 = warpgroup_mma(dp_bufs.index(s).permute((1, 0)), x_bufs.index(2 * s + WG), dw1, is_async=True)
+        return logit, dw1
+
+    @gluon.jit
+    def _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_buf, w2_buf, dl_buf, out_buf,
+                   ready, empty, bias2, logit, dw1, dw2t, db2, kind, off_m, scol, step, WG: gl.constexpr,
+                   NEXT: gl.constexpr):
+        """One tile of ``_consume_main``; on entry the tile's logits and dW1h wgmmas are in flight.
+        With ``NEXT``, the next tile's two are issued behind this tile's last two (the tensor cores
+        have them while this warpgroup stores d_src and computes the next gates) and returned in
+        flight; without, everything is waited for."""
+        S: gl.constexpr = z_bufs.type.shape[0]
+        BH: gl.constexpr = x_bufs.type.shape[2]
+        dtype: gl.constexpr = out_buf.dtype
+        layout: gl.constexpr = _accumulator_layout(BH)
+        s = step % S
+        z_buf = z_bufs.index(s)
+        dp_buf = dp_bufs.index(s)
+        x_buf = x_bufs.index(2 * s + WG)
+        logit = warpgroup_mma_wait(num_outstanding=1, deps=(logit, ))  # (dW1h's may run on)
+        # rows past M (the last tile): dout, x, z and d_pre1 load as 0, so dl and d_src are 0
+        g = _fast_sigmoid(logit + bias2)
+        dg = do_bufs.index(2 * s + WG).load(layout).to(gl.float32) * g
+        dl = narrow(dg * x_buf.load(layout).to(gl.float32) * (1.0 - g), dtype)
+        db2 += gl.sum(dl.to(gl.float32), axis=0)  # (a [BM, BH] sum in registers made ptxas spill)
+        dl_buf.store(dl)  # (its reader, the previous tile's dW2 wgmma, was waited for)
+        fence_async_shared()  # dl for the wgmma; the stage's register reads before its release
+        dsrc = warpgroup_mma(dp_buf, w1_buf, dg, is_async=True)
+        dw2t = warpgroup_mma(z_buf.permute((1, 0)), dl_buf, dw2t, is_async=True)
+        if NEXT:  # in flight after these: dW1h(t), d_src, dW2h(t), logits(t + 1), dW1h(t + 1)
+            logit, dw1 = _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, dw1, ready, step + 1, WG, layout)
+            dsrc = warpgroup_mma_wait(num_outstanding=3, deps=(dsrc, ))
+        else:
+            dsrc = warpgroup_mma_wait(num_outstanding=1, deps=(dsrc, ))
+        tma.store_wait(pendings=0)  # the previous tile's gradient has left out_buf
+        out_buf.store(narrow(dsrc, dtype))
+        fence_async_shared()
+        _store_by_kind(kind, down_desc, dother_desc, dinj_desc, out_buf, off_m, scol)
+        if NEXT:
+            dw2t = warpgroup_mma_wait(num_outstanding=2, deps=(dw2t, ))
+        else:
+            dw1, dw2t = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, dw2t))
+        mbarrier.arrive(empty.index(s), count=1)  # every wgmma that read the stage was waited for
+        return logit, dw1, dw2t, db2
+
+    @gluon.jit
+    def _consume_main_pipelined(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
+                                w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial,
+                                dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width, WG: gl.constexpr):
+        """``_consume_main`` with the item's tiles software-pipelined (``_main_tile``): each tile
+        issues the next tile's logit and dW1 wgmmas behind its own last two, so the tensor cores have
+        them while this warpgroup stores d_src and computes the next gates; a stage is released once
+        its four wgmmas are done."""
+        BM: gl.constexpr = z_bufs.type.shape[1]
+        R: gl.constexpr = z_bufs.type.shape[2]
+        BH: gl.constexpr = do_bufs.type.shape[2]
+        dtype: gl.constexpr = dout_desc.dtype
+        layout: gl.constexpr = _accumulator_layout(BH)
+        chunks = D // (2 * BH)
+        dl_buf = dl_bufs.index(WG)
+        out_buf = out_bufs.index(WG)
+        w2_buf = w2_bufs.index(WG)  # [BH, R]: W2's rows of this half's gates
+        w1_buf = w1_bufs.index(WG)  # [R, BH]: W1's columns of this half's inputs
+        cols = gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
+        r_idx = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+        step = 0
+        it = 0
+        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
+            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
+            scol = col + WG * BH  # this half's first column in the source
+            gcol = kind * D + scol  # and among the gates
+            bias2 = gl.expand_dims(rounded(gl.load(b2 + gcol + cols), dtype), 0)
+            dw2t = gl.zeros((R, BH), dtype=gl.float32, layout=layout)
+            db2 = gl.zeros((BH, ), dtype=gl.float32, layout=gl.SliceLayout(0, layout))
+            mbarrier.wait(w_ready, it & 1)
+            logit, dw1 = _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, gl.zeros((R, BH), dtype=gl.float32,
+                                     layout=layout), ready, step, WG, layout)
+            n_tiles = gl.cdiv(row_end - row_start, BM)
+            for t in range(n_tiles - 1):
+                logit, dw1, dw2t, db2 = _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
+                                                   w1_buf, w2_buf, dl_buf, out_buf, ready, empty, bias2, logit, dw1,
+                                                   dw2t, db2, kind, row_start + t * BM, scol, step + t, WG, True)
+            logit, dw1, dw2t, db2 = _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
+                                               w1_buf, w2_buf, dl_buf, out_buf, ready, empty, bias2, logit, dw1, dw2t,
+                                               db2, kind, row_start + (n_tiles - 1) * BM, scol, step + n_tiles - 1, WG,
+                                               False)
+            step += n_tiles
+            mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
+            base = split.to(gl.int64) * width * R
+            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
+            gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
+            gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
+            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
+            it += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
     def _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs,
                       dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D,
                       n_items, blocks, rows_per_split, width, WG: gl.constexpr):
@@ -591,8 +882,10 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _main_kernel():
-        """The backward's second kernel (see ``backward_main``)."""
+    def _main_kernel(pipelined: bool = False):
+        """The backward's second kernel (see ``backward_main``); ``pipelined``: its consumers' tiles
+        software-pipelined (``_consume_main_pipelined``)."""
+        PIPELINED = gl.constexpr(pipelined)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -601,9 +894,15 @@ if _HAVE_GLUON:
                         dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs,
                         ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items,
                         blocks, rows_per_split, width):
-                _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs,
-                              w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial,
-                              db2_partial, M, D, n_items, blocks, rows_per_split, width, WG)
+                if PIPELINED:
+                    _consume_main_pipelined(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs,
+                                            x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty,
+                                            b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items, blocks,
+                                            rows_per_split, width, WG)
+                else:
+                    _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
+                                  w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial,
+                                  dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -662,10 +961,12 @@ def descriptors(own, other, inj, w1, w2, out, pre1=None, z=None) -> tuple:
 
 
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor,
-                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None, store_hidden: bool = False):
+                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None, store_hidden: bool = False,
+                        pipelined: bool = False):
     """``out`` [M, D] (see the module docstring); with ``store_hidden`` ``(out, pre1, z)``, the hidden
     activations [M, R] the backward reads. The caller checks ``supported``. ``programs``: the
-    persistent grid (default one program per SM; tests pass fewer to give each several tiles)."""
+    persistent grid (default one program per SM; tests pass fewer to give each several tiles);
+    ``pipelined``: the software-pipelined blend (``_consume``; not yet run on a GPU)."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -674,7 +975,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.T
     if store_hidden:
         pre1, z = own.new_empty((m, w1.shape[0])), own.new_empty((m, w1.shape[0]))
     tiles = triton.cdiv(m, BLOCK_M)
-    launch(_kernel(2 if inj is None else 3, store_hidden),
+    launch(_kernel(2 if inj is None else 3, store_hidden, pipelined),
            persistent_grid(programs, tiles, own.device, "gated_blend (Gluon)"),
            *descriptors(own, other, inj, w1, w2, out, pre1, z),
            b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
@@ -707,10 +1008,11 @@ def dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre) -> tuple:
 
 
 def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w2: torch.Tensor, b2: torch.Tensor,
-                  pre1: torch.Tensor, z: torch.Tensor, programs: int | None = None):
+                  pre1: torch.Tensor, z: torch.Tensor, programs: int | None = None, pipelined: bool = False):
     """(d_pre1 [M, R], db1 partial sums [2 * tiles, R] fp32): ``gated_blend``'s backward first
     kernel without the saturation term (see the module docstring); the caller checks
-    ``dpre_supported``. ``programs`` as in ``gated_blend_forward``."""
+    ``dpre_supported``. ``programs`` as in ``gated_blend_forward``; ``pipelined``: the
+    software-pipelined consumers (``_consume_dpre_pipelined``; not yet run on a GPU)."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -719,7 +1021,7 @@ def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     tiles = triton.cdiv(m, BLOCK_M)
     grid = persistent_grid(programs, tiles, own.device, "gated_blend backward (Gluon)")
     db1_partial = torch.empty((2 * tiles, r), dtype=torch.float32, device=own.device)
-    launch(_dpre_kernel(2 if inj is None else 3), grid,
+    launch(_dpre_kernel(2 if inj is None else 3, pipelined), grid,
            *dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre), b2, db1_partial, m, d, STAGES=DPRE_STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dpre, db1_partial
@@ -745,7 +1047,7 @@ def main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_i
 
 def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor, d_own: torch.Tensor, d_other: torch.Tensor,
-                  d_inj, programs: int | None = None, splits: int | None = None):
+                  d_inj, programs: int | None = None, splits: int | None = None, pipelined: bool = False):
     """The backward's second phase, ``gated_blend._gated_blend_backward_kernel``'s math without the
     saturation term: writes d_own, d_other and d_inj (unless inj is None)::
 
@@ -760,7 +1062,8 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     block's columns (all four products are m64 or m128 wgmmas with operands in shared memory), so z
     and d_pre1 reach shared memory once a block, not once a half. ``programs``: the persistent grid
     (default one program per SM: 192 KiB of shared memory each); ``splits``: row splits (default:
-    about ``MAIN_ITEMS_PER_SM`` items a program). The caller checks ``main_supported``."""
+    about ``MAIN_ITEMS_PER_SM`` items a program); ``pipelined``: the software-pipelined consumers
+    (``_consume_main_pipelined``; not yet run on a GPU). The caller checks ``main_supported``."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -779,7 +1082,7 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     dw1_partial = torch.empty((splits, r, width), dtype=torch.float32, device=own.device)
     dw2_partial = torch.empty((splits, width, r), dtype=torch.float32, device=own.device)
     db2_partial = torch.empty((splits, width), dtype=torch.float32, device=own.device)
-    launch(_main_kernel(), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
+    launch(_main_kernel(pipelined), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
            *main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj),
            b2, dw1_partial, dw2_partial, db2_partial, m, d, n_items, blocks, rows_per_split, width,
            STAGES=MAIN_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
