@@ -92,6 +92,21 @@ def resources(compiled) -> dict:
                 spill_stores=len(re.findall(r"\bSTL\b", sass)))
 
 
+def wgmma_serialized(compiled) -> str | None:
+    """ptxas's note when it serialized the kernel's wgmma instructions (C7514: a non-wgmma instruction
+    touches an accumulator register of a wgmma still in flight, so every wgmma waits for the last;
+    the kernel runs, slower), else None. Triton's compile does not show ptxas's notes, so its PTX is
+    assembled again here with ``-v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
+                              os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines() if "C7514" in line or "serialized" in line]
+    return notes[0] if notes else None
+
+
 def hottest_loop(compiled) -> tuple[int, collections.Counter]:
     """(instructions, opcode counts) of the loop body with the most tensor-core instructions (HGMMA,
     HMMA): a backward branch's span in the SASS, per thread and iteration."""

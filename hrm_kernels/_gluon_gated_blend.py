@@ -64,6 +64,16 @@ is faster (session 42, H100: 360.5 against 442.6 us at Sudoku, 438.3 against 556
 products, but [R, 64] accumulators) spilled at 232 registers and was slower (537.8 us at Sudoku);
 its odd ring of 3 stages shared by alternate consumers was also unsafe (a consumer skipping a
 stage's phases can pass a parity wait early), so it was removed (commit 14215ed has it).
+
+Software-pipelined forms (``pipelined=True`` on the three launchers; ``gated_blend.PIPELINE_GLUON_*``,
+off: written in session 43 without a GPU, not yet run): in each consumer the next step's logit wgmma
+(the second phase: and its dW1 wgmma) is issued before this step's gates are computed, so the
+tensor cores have queued work while the warpgroup does elementwise math; the logits are waited
+for before the loop's back edge. Carrying them over it in flight made ptxas copy their registers
+while the wgmma wrote them and serialize every wgmma of the kernel (its note C7514;
+``tests/test_compile_for_gpu.py`` now fails a kernel on it), so a step's own logits are always done
+on entry. The same sums in the same order as the default forms: the same bits
+(``tests/test_gated_blend.py::test_gluon_pipelined_forms_give_the_same_bits``).
 """
 
 from __future__ import annotations
@@ -182,9 +192,10 @@ if _HAVE_GLUON:
     def _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit, out, base, j, off_m, D,
                     KINDS: gl.constexpr, WG: gl.constexpr, NEXT: gl.constexpr):
         """Blend step ``j`` of a tile (chunk j // KINDS, source j % KINDS; ring step ``base + j``), its
-        logits' wgmma in flight on entry. With ``NEXT`` the next step's logits are issued first (the
-        tensor cores have them while this warpgroup computes the gates). The source's gate times the
-        source joins ``out``; after a chunk's last source the chunk leaves by TMA."""
+        logits done on entry. With ``NEXT`` the next step's logit wgmma is issued first (the tensor
+        cores have it while this warpgroup computes the gates) and waited for at the end. The
+        source's gate times the source joins ``out``; after a chunk's last source the chunk leaves by
+        TMA."""
         S: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
@@ -196,7 +207,6 @@ if _HAVE_GLUON:
         s = (base + j) % S
         if NEXT:
             logit_next = _blend_logits(z_buf, w_bufs, w2_desc, ready, base + j + 1)
-        logit = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, ))
         bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
             0, chunk_layout))), dtype), 0)
         x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
@@ -212,8 +222,9 @@ if _HAVE_GLUON:
             fence_async_shared()
             tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
             out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
-        if NEXT:
-            return logit_next, out
+        if NEXT:  # (waited for here: carried over the loop's back edge in flight, its registers' copies
+            # made ptxas serialize every wgmma of the kernel)
+            return warpgroup_mma_wait(num_outstanding=0, deps=(logit_next, )), out
         else:
             return logit, out
 
@@ -240,6 +251,9 @@ if _HAVE_GLUON:
         r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
         bias1 = gl.expand_dims(rounded(gl.load(b1 + r_idx), dtype), 0)
         cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
+        if PIPELINED:  # (as ``supported`` requires; without, ptxas spilled M + 127 and D's sign with ``STORE``)
+            gl.assume(M > 0)
+            gl.assume(D > 0)
         step = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
             off_m = tile * BM
@@ -268,12 +282,13 @@ if _HAVE_GLUON:
             if PIPELINED:
                 n_steps = chunks * KINDS  # (chunk, source) steps, source fastest
                 logit = _blend_logits(z_buf, w_bufs, w2_desc, ready, step)
+                logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
                 out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
                 for j in range(n_steps - 1):
                     logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit,
                                              out, step, j, off_m, D, KINDS, WG, True)
-                logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit, out,
-                                         step, n_steps - 1, off_m, D, KINDS, WG, False)
+                logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit,
+                                         out, step, n_steps - 1, off_m, D, KINDS, WG, False)
                 step += n_steps
             else:
                 for c in range(chunks):
@@ -408,11 +423,13 @@ if _HAVE_GLUON:
     @gluon.jit
     def _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl_prev, dout, base, j, D,
                    KINDS: gl.constexpr, WG: gl.constexpr, FIRST: gl.constexpr, NEXT: gl.constexpr):
-        """Source step ``j`` of ``_consume_dpre``'s tile (its logits' wgmma in flight on entry, and
-        unless ``FIRST`` the previous step's dz wgmma behind it). With ``NEXT`` the next step's logits
-        are issued first, so the tensor cores have them while this warpgroup computes the gates; the
-        previous step's stage is released once its wgmmas are done, this one's at the next step
-        (without ``NEXT``: here)."""
+        """Source step ``j`` of ``_consume_dpre``'s tile: its logits done on entry and, unless
+        ``FIRST``, the previous step's dz wgmma in flight. With ``NEXT`` the next step's logit wgmma
+        is issued first, so the tensor cores have it while this warpgroup computes the gates, and
+        waited for at the end (the logits are carried over the loop's back edge done: in flight,
+        their registers' copies made ptxas serialize every wgmma of the kernel); this step's dz wgmma
+        stays in flight (its accumulator chains, no copy). The previous step's stage is released
+        once its dz wgmma is done, this one's at the next step (without ``NEXT``: here)."""
         S: gl.constexpr = x_bufs.type.shape[0]
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
@@ -431,10 +448,8 @@ if _HAVE_GLUON:
             mbarrier.arrive(empty.index((r - 1) % S), count=1)
         if NEXT:
             logit_next = _dpre_logits(z_half, w_bufs, ready, base, j + 1, KINDS)
-        if FIRST:
-            logit = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, ))
-        else:  # the previous step's dz wgmma (and its register operand) done: its stage is free
-            logit, dz, dl_prev = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(logit, dz, dl_prev))
+        if not FIRST:  # the previous step's dz wgmma (and its register operand) done: its stage is free
+            dz, dl_prev = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(dz, dl_prev))
             prev = r - 1 - (kind == 0)
             mbarrier.arrive(empty.index(prev % S), count=1)
         bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
@@ -444,8 +459,8 @@ if _HAVE_GLUON:
         dl = gl.convert_layout(narrow(dout.to(gl.float32) * x * g * (1.0 - g), dtype), dl_layout)
         fence_async_shared()  # this stage's register reads before its release
         dz = warpgroup_mma(dl, w_bufs.index(r % S), dz, is_async=True)
-        if NEXT:
-            return logit_next, dz, dl, dout
+        if NEXT:  # in flight: the next logits, then this dz
+            return warpgroup_mma_wait(num_outstanding=1, deps=(logit_next, )), dz, dl, dout
         else:
             dz, dl = warpgroup_mma_wait(num_outstanding=0, deps=(dz, dl))
             mbarrier.arrive(empty.index(r % S), count=1)
@@ -453,7 +468,8 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _consume_dpre_pipelined(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
-                                z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr, WG: gl.constexpr):
+                                z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr,
+                                WG: gl.constexpr):
         """``_consume_dpre`` with the tile's (chunk, source) steps software-pipelined (``_dpre_step``):
         each step issues the next step's logit wgmma before it computes its own gates."""
         BM: gl.constexpr = x_bufs.type.shape[1]
@@ -479,6 +495,7 @@ if _HAVE_GLUON:
             tma.async_copy_global_to_shared(pre_desc, [off_m + WG * HALF, 0], pre_bar, out_buf)
             mbarrier.wait(z_ready, t & 1)
             logit = _dpre_logits(z_half, w_bufs, ready, step, 0, KINDS)
+            logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
             dz = gl.zeros((HALF, R), dtype=gl.float32, layout=hidden_layout)
             dl = gl.zeros((HALF, BK), dtype=dtype, layout=dl_layout)
             dout = gl.zeros((HALF, BK), dtype=dtype, layout=chunk_layout)
@@ -660,6 +677,17 @@ if _HAVE_GLUON:
         return block // chunks, (block % chunks) * BK, split, row_start, gl.minimum(row_start + rows_per_split, M)
 
     @gluon.jit
+    def _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx):
+        """A work item's weight-gradient sums into its split's partial sums, at gate columns ``gcol +
+        cols`` [BH] (``r_idx``: [R]): dw1_partial [splits, R, width] <- dW1h [R, BH], dw2_partial
+        [splits, width, R] <- dW2h^T, db2_partial [splits, width] <- db2 [BH]."""
+        R: gl.constexpr = dw1.type.shape[0]
+        base = split.to(gl.int64) * width * R
+        gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
+        gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
+        gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
+
+    @gluon.jit
     def _produce_main(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
                       do_bufs, x_bufs, w1_bufs, w2_bufs, ready, empty, w_ready, w_empty, M, D, n_items, blocks,
                       rows_per_split):
@@ -714,10 +742,12 @@ if _HAVE_GLUON:
     def _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_buf, w2_buf, dl_buf, out_buf,
                    ready, empty, bias2, logit, dw1, dw2t, db2, kind, off_m, scol, step, WG: gl.constexpr,
                    NEXT: gl.constexpr):
-        """One tile of ``_consume_main``; on entry the tile's logits and dW1h wgmmas are in flight.
-        With ``NEXT``, the next tile's two are issued behind this tile's last two (the tensor cores
-        have them while this warpgroup stores d_src and computes the next gates) and returned in
-        flight; without, everything is waited for."""
+        """One tile of ``_consume_main``; on entry the tile's logits are done and its dW1h wgmma in
+        flight. With ``NEXT``, the next tile's two are issued behind this tile's last two (the tensor
+        cores have them while this warpgroup stores d_src), its logits waited for at the end (carried
+        over the loop's back edge in flight, their registers' copies made ptxas serialize every wgmma
+        of the kernel) and its dW1h wgmma returned in flight (the accumulator chains, no copy);
+        without, everything is waited for."""
         S: gl.constexpr = z_bufs.type.shape[0]
         BH: gl.constexpr = x_bufs.type.shape[2]
         dtype: gl.constexpr = out_buf.dtype
@@ -726,7 +756,6 @@ if _HAVE_GLUON:
         z_buf = z_bufs.index(s)
         dp_buf = dp_bufs.index(s)
         x_buf = x_bufs.index(2 * s + WG)
-        logit = warpgroup_mma_wait(num_outstanding=1, deps=(logit, ))  # (dW1h's may run on)
         # rows past M (the last tile): dout, x, z and d_pre1 load as 0, so dl and d_src are 0
         g = _fast_sigmoid(logit + bias2)
         dg = do_bufs.index(2 * s + WG).load(layout).to(gl.float32) * g
@@ -745,8 +774,8 @@ if _HAVE_GLUON:
         out_buf.store(narrow(dsrc, dtype))
         fence_async_shared()
         _store_by_kind(kind, down_desc, dother_desc, dinj_desc, out_buf, off_m, scol)
-        if NEXT:
-            dw2t = warpgroup_mma_wait(num_outstanding=2, deps=(dw2t, ))
+        if NEXT:  # in flight after this: dW1h(t + 1)
+            dw2t, logit = warpgroup_mma_wait(num_outstanding=1, deps=(dw2t, logit))
         else:
             dw1, dw2t = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, dw2t))
         mbarrier.arrive(empty.index(s), count=1)  # every wgmma that read the stage was waited for
@@ -755,7 +784,8 @@ if _HAVE_GLUON:
     @gluon.jit
     def _consume_main_pipelined(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
                                 w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial,
-                                dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width, WG: gl.constexpr):
+                                dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width,
+                                WG: gl.constexpr):
         """``_consume_main`` with the item's tiles software-pipelined (``_main_tile``): each tile
         issues the next tile's logit and dW1 wgmmas behind its own last two, so the tensor cores have
         them while this warpgroup stores d_src and computes the next gates; a stage is released once
@@ -784,6 +814,7 @@ if _HAVE_GLUON:
             mbarrier.wait(w_ready, it & 1)
             logit, dw1 = _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, gl.zeros((R, BH), dtype=gl.float32,
                                      layout=layout), ready, step, WG, layout)
+            logit = warpgroup_mma_wait(num_outstanding=1, deps=(logit, ))  # (dW1h's runs on)
             n_tiles = gl.cdiv(row_end - row_start, BM)
             for t in range(n_tiles - 1):
                 logit, dw1, dw2t, db2 = _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
@@ -795,11 +826,7 @@ if _HAVE_GLUON:
                                                False)
             step += n_tiles
             mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
-            base = split.to(gl.int64) * width * R
-            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
-            gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
-            gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
-            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
+            _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx)
             it += 1
         tma.store_wait(pendings=0)
 
@@ -873,11 +900,7 @@ if _HAVE_GLUON:
                 mbarrier.arrive(empty.index(s), count=1)
             step += n_tiles
             mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
-            base = split.to(gl.int64) * width * R
-            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
-            gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
-            gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
-            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
+            _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx)
             it += 1
         tma.store_wait(pendings=0)
 
