@@ -93,9 +93,9 @@ def resources(compiled) -> dict:
 
 
 def wgmma_serialized(compiled) -> str | None:
-    """ptxas's note when it serialized the kernel's wgmma instructions (C7514: a non-wgmma instruction
-    touches an accumulator register of a wgmma still in flight, so every wgmma waits for the last;
-    the kernel runs, slower), else None. Triton's compile does not show ptxas's notes, so its PTX is
+    """ptxas's note when it serialized the kernel's wgmma instructions (C7514 and its kin C751x: e.g. a
+    non-wgmma instruction touches an accumulator register of a wgmma still in flight, so every wgmma
+    waits for the last; the kernel runs, slower), else None. Triton's compile does not show ptxas's notes, so its PTX is
     assembled again here with ``-v``."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")

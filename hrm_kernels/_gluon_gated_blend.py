@@ -66,10 +66,12 @@ its odd ring of 3 stages shared by alternate consumers was also unsafe (a consum
 stage's phases can pass a parity wait early), so it was removed (commit 14215ed has it).
 
 Software-pipelined forms (``pipelined=True`` on the three launchers; ``gated_blend.PIPELINE_GLUON_*``,
-off: written in session 43 without a GPU, not yet run): in each consumer the next step's logit wgmma
-(the second phase: and its dW1 wgmma) is issued before this step's gates are computed, so the
-tensor cores have queued work while the warpgroup does elementwise math; the logits are waited
-for before the loop's back edge. Carrying them over it in flight made ptxas copy their registers
+off: written in session 43 without a GPU, not yet run): in the forward and d_pre1 consumers the
+next step's logit wgmma is issued before this step's gates are computed, so the tensor cores have
+queued work while the warpgroup does elementwise math; in the second phase the next tile's logit
+and dW1 wgmmas are issued behind this tile's d_src and dW2 ones (they overlap its d_src store, and
+the next tile's gates run with its dW1 in flight). The logits are waited for before the loop's
+back edge. Carrying them over it in flight made ptxas copy their registers
 while the wgmma wrote them and serialize every wgmma of the kernel (its note C7514;
 ``tests/test_compile_for_gpu.py`` now fails a kernel on it), so a step's own logits are always done
 on entry. The same sums in the same order as the default forms: the same bits
@@ -100,6 +102,8 @@ STAGES = 4  # 176 KiB of shared memory with z and the output buffers (5: 208 KiB
 CONSUMER_REGISTERS = 232
 GATE_HIDDEN_SIZES = (64, 128)  # R: the hidden GEMM's accumulator [64, R] is one wgmma's n
 DPRE_STAGES = 4  # the backward's d_pre1 ring: 128 KiB, with z, pre1 and d_pre1's buffers 196 KiB (R = 128)
+# (its pipelined form needs 4: at a chunk's first source it waits for the next stage while holding the
+# previous chunk's last one, which with 3 stages the producer would need to refill first)
 MAIN_TILE = 64  # rows a tile of the backward's second kernel (each consumer's wgmmas: m64 over them)
 MAIN_HALF = 32  # a consumer's columns of the 64-column block
 MAIN_STAGES = 3  # its ring: 3 x 48 KiB, with the weights, d_logit and output buffers 192 KiB (R = 128)
@@ -472,6 +476,7 @@ if _HAVE_GLUON:
                                 WG: gl.constexpr):
         """``_consume_dpre`` with the tile's (chunk, source) steps software-pipelined (``_dpre_step``):
         each step issues the next step's logit wgmma before it computes its own gates."""
+        gl.static_assert(x_bufs.type.shape[0] >= 4, "the pipelined d_pre1 consumer needs at least 4 ring stages")
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         R: gl.constexpr = w_bufs.type.shape[2]

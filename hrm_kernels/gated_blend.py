@@ -92,10 +92,11 @@ USE_GLUON_DPRE = True
 # at Sudoku's 62976 x 512 with inj (284.3 vs 333.6 without), ARC's 86496 rows 438.3 vs 556.3
 # (336.5 vs 406.9).
 USE_GLUON_MAIN = True
-# Software-pipelined consumers in those three Gluon kernels (the forward, d_pre1, the second phase):
-# each consumer warpgroup issues its next step's logit wgmma (the second phase: and dW1's) before it
-# computes this step's gates, so the tensor cores have work while it does (ncu, session 42: the
-# second phase's tensor pipe 33.8% busy, warps stalled at barriers). Written in session 43 and
+# Software-pipelined consumers in those three Gluon kernels: in the forward and d_pre1 each consumer
+# warpgroup issues its next step's logit wgmma before it computes this step's gates; in the second
+# phase the next tile's logit and dW1 wgmmas go behind this tile's d_src and dW2 ones (overlapping
+# its d_src store); so the tensor cores have work while the warpgroup does elementwise math (ncu,
+# session 42: the second phase's tensor pipe 33.8% busy, warps stalled at barriers). Written in session 43 and
 # compiled for sm_90 without spills, but not yet run on a GPU (none was lent), so off:
 # ``bash experiments/gluon_first_run/run_43.sh`` on a Hopper GPU checks each bitwise against the
 # form above and times both.

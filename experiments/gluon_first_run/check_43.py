@@ -3,8 +3,9 @@
 compiled for sm_90 without a GPU at hand):
 
 1. bits: each kernel's pipelined form against its default form (``pipelined=`` on the launchers),
-   at odd row counts and both gate hidden sizes, with and without inj: the same bits expected (the
-   same sums in the same order; only when wgmmas are issued and waited for moves);
+   at odd row counts and both gate hidden sizes, with and without inj, and at Sudoku's rows with 3
+   programs and one row split (many tiles a work item): the same bits expected (the same sums in
+   the same order; only when wgmmas are issued and waited for moves);
 2. GPU time (profiler, alternating in one process, fastest of 3 rounds): forward with and without
    pre1/z, d_pre1, second phase, each default against pipelined, at Sudoku's and ARC's calls;
 3. the op fwd+bwd (bf16, ``benchmarks.bench_gated_blend``'s inputs) with torch.compile, the defaults
@@ -27,18 +28,20 @@ ggb = importlib.import_module("hrm_kernels._gluon_gated_blend")
 SWITCHES = ("PIPELINE_GLUON_FORWARD", "PIPELINE_GLUON_DPRE", "PIPELINE_GLUON_MAIN")
 
 
-def kernels(inputs, dout, pre1, z, dpre):
-    """name -> (pipelined -> a call of that kernel's launcher returning its outputs)."""
+def kernels(inputs, dout, pre1, z, dpre, **launch):
+    """name -> (pipelined -> a call of that kernel's launcher returning its outputs); ``launch``:
+    ``programs`` (all three) and ``splits`` (the second phase)."""
     own, other, inj, w1, b1, w2, b2 = inputs
     grads = [torch.empty_like(own) for _ in range(2)] + [torch.empty_like(own) if inj is not None else None]
+    grid = {k: v for k, v in launch.items() if k == "programs"}
 
     def main(p):
-        return [*ggb.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre, *grads, pipelined=p),
+        return [*ggb.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre, *grads, pipelined=p, **launch),
                 *[g for g in grads if g is not None]]
 
-    return {"forward+store": lambda p: ggb.gated_blend_forward(*inputs, store_hidden=True, pipelined=p),
-            "forward": lambda p: [ggb.gated_blend_forward(*inputs, pipelined=p)],
-            "d_pre1": lambda p: ggb.backward_dpre(dout, own, other, inj, w2, b2, pre1, z, pipelined=p),
+    return {"forward+store": lambda p: ggb.gated_blend_forward(*inputs, store_hidden=True, pipelined=p, **grid),
+            "forward": lambda p: [ggb.gated_blend_forward(*inputs, pipelined=p, **grid)],
+            "d_pre1": lambda p: ggb.backward_dpre(dout, own, other, inj, w2, b2, pre1, z, pipelined=p, **grid),
             "phase 2": main}
 
 
@@ -58,17 +61,19 @@ def setup(rows, inj_kind, r=128):
 def main():
     print(environment(), flush=True)
     failures = 0
-    for rows in (37, 1000, 4097, SHAPES["sudoku"], SHAPES["arc"]):
-        for inj_kind in ("tensor", "none"):
-            for r in (128, 64):
-                _, inputs, dout, pre1, z, dpre = setup(rows, inj_kind, r)
-                for name, run in kernels(inputs, dout, pre1, z, dpre).items():
-                    want, got = [t.clone() for t in run(False)], list(run(True))
-                    same = all(torch.equal(a, b) for a, b in zip(want, got))
-                    failures += not same
-                    if not same:
-                        worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got))
-                        print(f"bits {name} rows={rows} inj={inj_kind} R={r}: DIFFER, max |diff| {worst:.3g}")
+    cases = [(rows, inj_kind, r, {}) for rows in (37, 1000, 4097, SHAPES["sudoku"], SHAPES["arc"])
+             for inj_kind in ("tensor", "none") for r in (128, 64)]
+    cases += [(SHAPES["sudoku"], inj_kind, 128, dict(programs=3, splits=1)) for inj_kind in ("tensor", "none")]
+    for rows, inj_kind, r, launch in cases:
+        _, inputs, dout, pre1, z, dpre = setup(rows, inj_kind, r)
+        for name, run in kernels(inputs, dout, pre1, z, dpre, **launch).items():
+            # named before it runs (a hang shows where), compactly: kernel/rows/inj/R[/3 programs]
+            print(f"{name}/{rows}/{inj_kind}/R{r}{'/p3' if launch else ''}", end=" ", flush=True)
+            want, got = [t.clone() for t in run(False)], list(run(True))
+            same = all(torch.equal(a, b) for a, b in zip(want, got))
+            failures += not same
+            worst = max((a.float() - b.float()).abs().max().item() for a, b in zip(want, got))
+            print("same," if same else f"DIFFER (max |diff| {worst:.3g}),", flush=True)
     print(f"bits: {'all the same' if not failures else f'{failures} kernels DIFFER'}", flush=True)
     table = []
     for shape in ("sudoku", "arc"):
