@@ -83,9 +83,6 @@ SWITCHES = {
     "gluon_gated_blend_dpre": ("hrm_kernels.gated_blend", None, "USE_GLUON_DPRE"),  # the backward's d_pre1 phase in Gluon
     "gluon_gated_blend_main": ("hrm_kernels.gated_blend", None, "USE_GLUON_MAIN"),  # ... and its second phase
     "gluon_gated_blend_store": ("hrm_kernels.gated_blend", None, "USE_GLUON_STORE"),  # with-grad forward without stats in Gluon
-    "gluon_gated_blend_pipelined": ("hrm_kernels.gated_blend", None, "PIPELINE_GLUON_FORWARD"),  # software-pipelined
-    "gluon_gated_blend_dpre_pipelined": ("hrm_kernels.gated_blend", None, "PIPELINE_GLUON_DPRE"),  # consumers in the
-    "gluon_gated_blend_main_pipelined": ("hrm_kernels.gated_blend", None, "PIPELINE_GLUON_MAIN"),  # three Gluon kernels
     "gluon_rope_attention": ("hrm_kernels.rope_attention", None, "USE_GLUON"),  # short-sequence RoPE + attention forward: one Gluon kernel
     "gluon_rope_attention_bwd": ("hrm_kernels.rope_attention", None, "USE_GLUON_BACKWARD"),  # ... and its backward
     "gluon_attention_long": ("hrm_kernels.rope_attention", None, "USE_GLUON_LONG"),  # no-grad attention past 128 tokens

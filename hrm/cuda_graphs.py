@@ -27,8 +27,7 @@ change the kernels are in HRM's key where the model owns them (``hrm.model.HRMIn
 the ``FUSED_*`` (``ReasoningModule.FUSED_INPUT`` among them), ``ROPE_QKV``, ``HALF_TABLES``,
 ``ROPE_IN_QKV`` (and ``ROPE_IN_QKV_SHORT``, ``ROPE_IN_QKV_GRAD``), ``DEFERRED_NORM``, ``HOIST_WEIGHT_CASTS``, ``SHARE_WEIGHT_LAYOUTS`` and ``PENDING_NORMS`` switches, the backward switches
 ``swiglu_linear.FUSED_BACKWARD`` / ``USE_GLUON`` and ``linear_swiglu.USE_TMA`` / ``USE_GLUON`` /
-``GLUON_KEEPS_GATE_UP``, ``gated_blend.USE_GLUON`` / ``USE_GLUON_DPRE`` / ``USE_GLUON_MAIN`` / ``USE_GLUON_STORE``
-/ ``PIPELINE_GLUON_FORWARD`` / ``PIPELINE_GLUON_DPRE`` / ``PIPELINE_GLUON_MAIN``,
+``GLUON_KEEPS_GATE_UP``, ``gated_blend.USE_GLUON`` / ``USE_GLUON_DPRE`` / ``USE_GLUON_MAIN`` / ``USE_GLUON_STORE``,
 ``rope_attention.USE_GLUON`` / ``USE_GLUON_BACKWARD`` / ``USE_GLUON_LONG`` / ``USE_GLUON_LONG_GRAD`` /
 ``MAX_FUSED_SEQ``); other
 kernel-module ones such as ``hrm_kernels.linear_swiglu.TMA_STORES_GATE_UP`` are not and need

@@ -65,17 +65,14 @@ products, but [R, 64] accumulators) spilled at 232 registers and was slower (537
 its odd ring of 3 stages shared by alternate consumers was also unsafe (a consumer skipping a
 stage's phases can pass a parity wait early), so it was removed (commit 14215ed has it).
 
-Software-pipelined forms (``pipelined=True`` on the three launchers; ``gated_blend.PIPELINE_GLUON_*``,
-off: written in session 43 without a GPU, not yet run): in the forward and d_pre1 consumers the
-next step's logit wgmma is issued before this step's gates are computed, so the tensor cores have
-queued work while the warpgroup does elementwise math; in the second phase the next tile's logit
-and dW1 wgmmas are issued behind this tile's d_src and dW2 ones (they overlap its d_src store, and
-the next tile's gates run with its dW1 in flight). The logits are waited for before the loop's
-back edge. Carrying them over it in flight made ptxas copy their registers
-while the wgmma wrote them and serialize every wgmma of the kernel (its note C7514;
-``tests/test_compile_for_gpu.py`` now fails a kernel on it), so a step's own logits are always done
-on entry. The same sums in the same order as the default forms: the same bits
-(``tests/test_gated_blend.py::test_gluon_pipelined_forms_give_the_same_bits``).
+Session 43 tried software-pipelined consumers in all three kernels (the next step's logit wgmma, and
+in the second phase the next tile's dW1 wgmma, issued before this step's gates are computed; the
+same bits): each was slower (H100, Sudoku with inj: forward with pre1/z 184.8 against 177.0 us,
+d_pre1 156.9 against 150.4, second phase 311.3 against 305.7; 0.90-0.98x over both shapes with
+and without inj), so they were removed (commit 941696f has them). Carrying a logit accumulator
+over a loop's back edge while its wgmma is in flight made ptxas serialize every wgmma of the kernel
+(its note C7514, which Triton does not show): ``tests/test_compile_for_gpu.py`` fails a Gluon kernel
+on it (``benchmarks.sass.wgmma_serialized``).
 """
 
 from __future__ import annotations
@@ -102,8 +99,6 @@ STAGES = 4  # 176 KiB of shared memory with z and the output buffers (5: 208 KiB
 CONSUMER_REGISTERS = 232
 GATE_HIDDEN_SIZES = (64, 128)  # R: the hidden GEMM's accumulator [64, R] is one wgmma's n
 DPRE_STAGES = 4  # the backward's d_pre1 ring: 128 KiB, with z, pre1 and d_pre1's buffers 196 KiB (R = 128)
-# (its pipelined form needs 4: at a chunk's first source it waits for the next stage while holding the
-# previous chunk's last one, which with 3 stages the producer would need to refill first)
 MAIN_TILE = 64  # rows a tile of the backward's second kernel (each consumer's wgmmas: m64 over them)
 MAIN_HALF = 32  # a consumer's columns of the 64-column block
 MAIN_STAGES = 3  # its ring: 3 x 48 KiB, with the weights, d_logit and output buffers 192 KiB (R = 128)
@@ -180,67 +175,13 @@ if _HAVE_GLUON:
                     step += 1
 
     @gluon.jit
-    def _blend_logits(z_buf, w_bufs, w2_desc, ready, step):
-        """Issue the logits' wgmma ``z @ W2_chunk^T`` [BM / 2, BK] of ring step ``step`` (its W2 tile
-        in the stage's weight buffer) once the stage has landed; in flight on return."""
-        S: gl.constexpr = w_bufs.type.shape[0]
-        HALF: gl.constexpr = z_buf.type.shape[0]
-        BK: gl.constexpr = w2_desc.block_type.shape[0]
-        s = step % S
-        mbarrier.wait(ready.index(s), (step // S) & 1)
-        w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
-        return warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
-                             layout=_accumulator_layout(BK)), use_acc=False, is_async=True)
-
-    @gluon.jit
-    def _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit, out, base, j, off_m, D,
-                    KINDS: gl.constexpr, WG: gl.constexpr, NEXT: gl.constexpr):
-        """Blend step ``j`` of a tile (chunk j // KINDS, source j % KINDS; ring step ``base + j``), its
-        logits done on entry. With ``NEXT`` the next step's logit wgmma is issued first (the tensor
-        cores have it while this warpgroup computes the gates) and waited for at the end. The
-        source's gate times the source joins ``out``; after a chunk's last source the chunk leaves by
-        TMA."""
-        S: gl.constexpr = x_bufs.type.shape[0]
-        BM: gl.constexpr = x_bufs.type.shape[1]
-        BK: gl.constexpr = x_bufs.type.shape[2]
-        HALF: gl.constexpr = BM // 2
-        dtype: gl.constexpr = x_bufs.dtype
-        chunk_layout: gl.constexpr = _accumulator_layout(BK)
-        c = j // KINDS
-        kind = j % KINDS
-        s = (base + j) % S
-        if NEXT:
-            logit_next = _blend_logits(z_buf, w_bufs, w2_desc, ready, base + j + 1)
-        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
-            0, chunk_layout))), dtype), 0)
-        x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
-        # The x tile was read by ordinary shared-memory loads; the TMA that refills the stage writes
-        # through the async proxy, so the reads are fenced before release. Without the fence (H100,
-        # 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
-        fence_async_shared()
-        mbarrier.arrive(empty.index(s), count=1)
-        out += _fast_sigmoid(logit + bias2) * x
-        if kind == KINDS - 1:  # the chunk's last source: it leaves
-            tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
-            out_buf.store(narrow(out, dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
-            out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
-        if NEXT:  # (waited for here: carried over the loop's back edge in flight, its registers' copies
-            # made ptxas serialize every wgmma of the kernel)
-            return warpgroup_mma_wait(num_outstanding=0, deps=(logit_next, )), out
-        else:
-            return logit, out
-
-    @gluon.jit
     def _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready, empty,
-                 b1, b2, M, D, KINDS: gl.constexpr, STORE: gl.constexpr, PIPELINED: gl.constexpr, WG: gl.constexpr):
+                 b1, b2, M, D, KINDS: gl.constexpr, STORE: gl.constexpr, WG: gl.constexpr):
         """Consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every tile. The
         hidden GEMM's [BM / 2, R] accumulator, pre and z rounded as the Triton kernel rounds them,
         z into shared memory (the logit GEMM's A operand), then per output chunk [BM / 2, BK] the
         logits of each source's gates, their sigmoid and the blend; the chunk leaves by TMA.
-        ``STORE``: pre and z [BM / 2, R] leave by TMA too (what the backward reads). ``PIPELINED``:
-        the blend's (chunk, source) steps software-pipelined (``_blend_step``), not yet run on a GPU."""
+        ``STORE``: pre and z [BM / 2, R] leave by TMA too (what the backward reads)."""
         BM: gl.constexpr = x_bufs.type.shape[1]
         BK: gl.constexpr = x_bufs.type.shape[2]
         S: gl.constexpr = x_bufs.type.shape[0]
@@ -255,9 +196,6 @@ if _HAVE_GLUON:
         r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
         bias1 = gl.expand_dims(rounded(gl.load(b1 + r_idx), dtype), 0)
         cols = gl.arange(0, BK, layout=gl.SliceLayout(0, chunk_layout))
-        if PIPELINED:  # (as ``supported`` requires; without, ptxas spilled M + 127 and D's sign with ``STORE``)
-            gl.assume(M > 0)
-            gl.assume(D > 0)
         step = 0
         for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
             off_m = tile * BM
@@ -283,51 +221,37 @@ if _HAVE_GLUON:
             if STORE:
                 tma.async_copy_shared_to_global(z_desc, [off_m + WG * HALF, 0], z_buf)
                 tma.async_copy_shared_to_global(pre_desc, [off_m + WG * HALF, 0], pre_buf)
-            if PIPELINED:
-                n_steps = chunks * KINDS  # (chunk, source) steps, source fastest
-                logit = _blend_logits(z_buf, w_bufs, w2_desc, ready, step)
-                logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
+            for c in range(chunks):
                 out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
-                for j in range(n_steps - 1):
-                    logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit,
-                                             out, step, j, off_m, D, KINDS, WG, True)
-                logit, out = _blend_step(out_desc, w2_desc, x_bufs, w_bufs, z_buf, out_buf, ready, empty, b2, logit,
-                                         out, step, n_steps - 1, off_m, D, KINDS, WG, False)
-                step += n_steps
-            else:
-                for c in range(chunks):
-                    out = gl.zeros((HALF, BK), dtype=gl.float32, layout=chunk_layout)
-                    for kind in gl.static_range(KINDS):
-                        s = step % S
-                        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
-                        mbarrier.wait(ready.index(s), (step // S) & 1)
-                        w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
-                        logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
-                                              layout=chunk_layout), use_acc=False, is_async=True)
-                        logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
-                        x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
-                        # The x tile was read by ordinary shared-memory loads; the TMA that refills the
-                        # stage writes through the async proxy, so the reads are fenced before release.
-                        # Without the fence (H100, 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
-                        fence_async_shared()
-                        mbarrier.arrive(empty.index(s), count=1)
-                        out += _fast_sigmoid(logit + bias2) * x
-                        step += 1
-                    tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
-                    out_buf.store(narrow(out, dtype))
+                for kind in gl.static_range(KINDS):
+                    s = step % S
+                    bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + cols), dtype), 0)
+                    mbarrier.wait(ready.index(s), (step // S) & 1)
+                    w2_buf = w_bufs.index(s)._reinterpret(w2_desc.dtype, w2_desc.block_type.shape, w2_desc.layout)
+                    logit = warpgroup_mma(z_buf, w2_buf.permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
+                                          layout=chunk_layout), use_acc=False, is_async=True)
+                    logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
+                    x = x_bufs.index(s).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
+                    # The x tile was read by ordinary shared-memory loads; the TMA that refills the
+                    # stage writes through the async proxy, so the reads are fenced before release.
+                    # Without the fence (H100, 62976 rows): 45-64 thousand wrong outputs, max error 5.2.
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
+                    mbarrier.arrive(empty.index(s), count=1)
+                    out += _fast_sigmoid(logit + bias2) * x
+                    step += 1
+                tma.store_wait(pendings=0)  # this warpgroup's previous chunk has left out_buf
+                out_buf.store(narrow(out, dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(out_desc, [off_m + WG * HALF, c * BK], out_buf)
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _kernel(kinds: int, store: bool = False, pipelined: bool = False):
-        """The kernel for ``kinds`` sources (3, or 2 with inj=None); ``store``: pre1 and z written out;
-        ``pipelined``: the consumers' blend software-pipelined (see ``_consume``). Gluon passes
-        partition arguments as values, so the constants are written into each partition function
-        (as in _gluon_gemm)."""
+    def _kernel(kinds: int, store: bool = False):
+        """The kernel for ``kinds`` sources (3, or 2 with inj=None); ``store``: pre1 and z written out.
+        Gluon passes partition arguments as values, so the constants are written into each partition
+        function (as in _gluon_gemm)."""
         KINDS = gl.constexpr(kinds)
         STORE = gl.constexpr(store)
-        PIPELINED = gl.constexpr(pipelined)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -335,7 +259,7 @@ if _HAVE_GLUON:
             def consume(own_desc, other_desc, inj_desc, w1_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs,
                         z_bufs, pre_bufs, out_bufs, ready, empty, b1, b2, M, D):
                 _consume(own_desc, w2_desc, out_desc, pre_desc, z_desc, x_bufs, w_bufs, z_bufs, pre_bufs, out_bufs, ready,
-                         empty, b1, b2, M, D, KINDS, STORE, PIPELINED, WG)
+                         empty, b1, b2, M, D, KINDS, STORE, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -412,121 +336,6 @@ if _HAVE_GLUON:
             t += 1
 
     @gluon.jit
-    def _dpre_logits(z_half, w_bufs, ready, base, j, KINDS: gl.constexpr):
-        """Issue the logits' wgmma ``z_half @ W2_chunk^T`` [BM / 2, BK] of the tile's source step ``j``
-        (chunk j // KINDS, source j % KINDS; ring stage ``base`` + its place after the chunk's dout
-        stage) once its stage has landed; in flight on return."""
-        S: gl.constexpr = w_bufs.type.shape[0]
-        BK: gl.constexpr = w_bufs.type.shape[1]
-        HALF: gl.constexpr = z_half.type.shape[0]
-        r = base + (j // KINDS) * (KINDS + 1) + 1 + j % KINDS
-        mbarrier.wait(ready.index(r % S), (r // S) & 1)
-        return warpgroup_mma(z_half, w_bufs.index(r % S).permute((1, 0)), gl.zeros((HALF, BK), dtype=gl.float32,
-                             layout=_accumulator_layout(BK)), use_acc=False, is_async=True)
-
-    @gluon.jit
-    def _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl_prev, dout, base, j, D,
-                   KINDS: gl.constexpr, WG: gl.constexpr, FIRST: gl.constexpr, NEXT: gl.constexpr):
-        """Source step ``j`` of ``_consume_dpre``'s tile: its logits done on entry and, unless
-        ``FIRST``, the previous step's dz wgmma in flight. With ``NEXT`` the next step's logit wgmma
-        is issued first, so the tensor cores have it while this warpgroup computes the gates, and
-        waited for at the end (the logits are carried over the loop's back edge done: in flight,
-        their registers' copies made ptxas serialize every wgmma of the kernel); this step's dz wgmma
-        stays in flight (its accumulator chains, no copy). The previous step's stage is released
-        once its dz wgmma is done, this one's at the next step (without ``NEXT``: here)."""
-        S: gl.constexpr = x_bufs.type.shape[0]
-        BM: gl.constexpr = x_bufs.type.shape[1]
-        BK: gl.constexpr = x_bufs.type.shape[2]
-        R: gl.constexpr = w_bufs.type.shape[2]
-        HALF: gl.constexpr = BM // 2
-        dtype: gl.constexpr = x_bufs.dtype
-        chunk_layout: gl.constexpr = _accumulator_layout(BK)
-        dl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_accumulator_layout(R), k_width=2)
-        c = j // KINDS
-        kind = j % KINDS
-        r = base + c * (KINDS + 1) + 1 + kind  # this step's ring stage; the chunk's dout stage is first
-        if kind == 0:  # the chunk's dout, its own stage, released at once
-            mbarrier.wait(ready.index((r - 1) % S), ((r - 1) // S) & 1)
-            dout = x_bufs.index((r - 1) % S).slice(WG * HALF, HALF, dim=0).load(chunk_layout)
-            fence_async_shared()  # register reads of a stage the TMA refills (see _consume)
-            mbarrier.arrive(empty.index((r - 1) % S), count=1)
-        if NEXT:
-            logit_next = _dpre_logits(z_half, w_bufs, ready, base, j + 1, KINDS)
-        if not FIRST:  # the previous step's dz wgmma (and its register operand) done: its stage is free
-            dz, dl_prev = warpgroup_mma_wait(num_outstanding=1 if NEXT else 0, deps=(dz, dl_prev))
-            prev = r - 1 - (kind == 0)
-            mbarrier.arrive(empty.index(prev % S), count=1)
-        bias2 = gl.expand_dims(rounded(gl.load(b2 + kind * D + c * BK + gl.arange(0, BK, layout=gl.SliceLayout(
-            0, chunk_layout))), dtype), 0)
-        x = x_bufs.index(r % S).slice(WG * HALF, HALF, dim=0).load(chunk_layout).to(gl.float32)
-        g = _fast_sigmoid(logit + bias2)
-        dl = gl.convert_layout(narrow(dout.to(gl.float32) * x * g * (1.0 - g), dtype), dl_layout)
-        fence_async_shared()  # this stage's register reads before its release
-        dz = warpgroup_mma(dl, w_bufs.index(r % S), dz, is_async=True)
-        if NEXT:  # in flight: the next logits, then this dz
-            return warpgroup_mma_wait(num_outstanding=1, deps=(logit_next, )), dz, dl, dout
-        else:
-            dz, dl = warpgroup_mma_wait(num_outstanding=0, deps=(dz, dl))
-            mbarrier.arrive(empty.index(r % S), count=1)
-            return logit, dz, dl, dout
-
-    @gluon.jit
-    def _consume_dpre_pipelined(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
-                                z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr,
-                                WG: gl.constexpr):
-        """``_consume_dpre`` with the tile's (chunk, source) steps software-pipelined (``_dpre_step``):
-        each step issues the next step's logit wgmma before it computes its own gates."""
-        gl.static_assert(x_bufs.type.shape[0] >= 4, "the pipelined d_pre1 consumer needs at least 4 ring stages")
-        BM: gl.constexpr = x_bufs.type.shape[1]
-        BK: gl.constexpr = x_bufs.type.shape[2]
-        R: gl.constexpr = w_bufs.type.shape[2]
-        HALF: gl.constexpr = BM // 2
-        dtype: gl.constexpr = dout_desc.dtype
-        hidden_layout: gl.constexpr = _accumulator_layout(R)
-        chunk_layout: gl.constexpr = _accumulator_layout(BK)
-        dl_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=hidden_layout, k_width=2)
-        chunks = D // BK
-        n_steps = chunks * KINDS  # at least 2: KINDS is 2 or 3
-        out_buf = out_bufs.index(WG)
-        pre_bar = pre_bars.index(WG)
-        z_half = z_buf.slice(WG * HALF, HALF, dim=0)
-        r_idx = gl.arange(0, R, layout=gl.SliceLayout(0, hidden_layout))
-        step = 0
-        t = 0
-        for tile in range(gl.program_id(0), gl.cdiv(M, BM), gl.num_programs(0)):
-            off_m = tile * BM
-            tma.store_wait(pendings=0)  # the previous tile's d_pre1 has left out_buf
-            mbarrier.expect(pre_bar, pre_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(pre_desc, [off_m + WG * HALF, 0], pre_bar, out_buf)
-            mbarrier.wait(z_ready, t & 1)
-            logit = _dpre_logits(z_half, w_bufs, ready, step, 0, KINDS)
-            logit = warpgroup_mma_wait(num_outstanding=0, deps=(logit, ))
-            dz = gl.zeros((HALF, R), dtype=gl.float32, layout=hidden_layout)
-            dl = gl.zeros((HALF, BK), dtype=dtype, layout=dl_layout)
-            dout = gl.zeros((HALF, BK), dtype=dtype, layout=chunk_layout)
-            logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step, 0, D,
-                                             KINDS, WG, True, True)
-            for j in range(1, n_steps - 1):
-                logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step,
-                                                 j, D, KINDS, WG, False, True)
-            logit, dz, dl, dout = _dpre_step(x_bufs, w_bufs, z_half, ready, empty, b2, logit, dz, dl, dout, step,
-                                             n_steps - 1, D, KINDS, WG, False, False)
-            step += chunks * (KINDS + 1)
-            mbarrier.arrive(z_empty, count=1)  # every wgmma that read z has been waited for
-            mbarrier.wait(pre_bar, t & 1)
-            pre = out_buf.load(hidden_layout).to(gl.float32)  # rows past M load as 0
-            sg = 1.0 / (1.0 + gl.exp(-pre))
-            dpre = narrow(dz * sg * (1.0 + pre * (1.0 - sg)), dtype)
-            # db1's partial sum over this tile half (rows past M: dout loads as 0, so d_pre1 is 0
-            # there); a sum carried over the tiles in registers made ptxas spill
-            gl.store(db1_partial + (tile * 2 + WG) * R + r_idx, gl.sum(dpre.to(gl.float32), axis=0))
-            out_buf.store(dpre)  # (the TMA load into it is complete: its barrier was waited for)
-            fence_async_shared()
-            tma.async_copy_shared_to_global(dpre_desc, [off_m + WG * HALF, 0], out_buf)
-            t += 1
-        tma.store_wait(pendings=0)
-
-    @gluon.jit
     def _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty, z_ready,
                       z_empty, pre_bars, b2, db1_partial, M, D, KINDS: gl.constexpr, WG: gl.constexpr):
         """The backward's consumer warpgroup ``WG``: rows [WG * BM / 2, (WG + 1) * BM / 2) of every
@@ -596,23 +405,17 @@ if _HAVE_GLUON:
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _dpre_kernel(kinds: int, pipelined: bool = False):
-        """The backward's d_pre1 kernel for ``kinds`` sources (see ``_kernel``); ``pipelined``: its
-        consumers' steps software-pipelined (``_consume_dpre_pipelined``)."""
+    def _dpre_kernel(kinds: int):
+        """The backward's d_pre1 kernel for ``kinds`` sources (see ``_kernel``)."""
         KINDS = gl.constexpr(kinds)
-        PIPELINED = gl.constexpr(pipelined)
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
 
             def consume(dout_desc, own_desc, other_desc, inj_desc, w2_desc, z_desc, pre_desc, dpre_desc, x_bufs,
                         w_bufs, z_buf, out_bufs, ready, empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D):
-                if PIPELINED:
-                    _consume_dpre_pipelined(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs,
-                                            ready, empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
-                else:
-                    _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready,
-                                  empty, z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
+                _consume_dpre(dout_desc, w2_desc, pre_desc, dpre_desc, x_bufs, w_bufs, z_buf, out_bufs, ready, empty,
+                              z_ready, z_empty, pre_bars, b2, db1_partial, M, D, KINDS, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -682,17 +485,6 @@ if _HAVE_GLUON:
         return block // chunks, (block % chunks) * BK, split, row_start, gl.minimum(row_start + rows_per_split, M)
 
     @gluon.jit
-    def _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx):
-        """A work item's weight-gradient sums into its split's partial sums, at gate columns ``gcol +
-        cols`` [BH] (``r_idx``: [R]): dw1_partial [splits, R, width] <- dW1h [R, BH], dw2_partial
-        [splits, width, R] <- dW2h^T, db2_partial [splits, width] <- db2 [BH]."""
-        R: gl.constexpr = dw1.type.shape[0]
-        base = split.to(gl.int64) * width * R
-        gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
-        gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
-        gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
-
-    @gluon.jit
     def _produce_main(dout_desc, own_desc, other_desc, inj_desc, z_desc, dpre_desc, w1_desc, w2_desc, z_bufs, dp_bufs,
                       do_bufs, x_bufs, w1_bufs, w2_bufs, ready, empty, w_ready, w_empty, M, D, n_items, blocks,
                       rows_per_split):
@@ -728,112 +520,6 @@ if _HAVE_GLUON:
                                     col + h * BH, ready.index(s))
                 step += 1
             it += 1
-
-    @gluon.jit
-    def _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, dw1, ready, step, WG: gl.constexpr, layout: gl.constexpr):
-        """Wait for tile ``step``'s stage and issue its first two wgmmas: the logits ``z @ W2h^T``
-        [BM, BH] and ``dW1h += dpre^T @ x_h`` [R, BH] (both in flight on return)."""
-        S: gl.constexpr = z_bufs.type.shape[0]
-        BM: gl.constexpr = z_bufs.type.shape[1]
-        BH: gl.constexpr = x_bufs.type.shape[2]
-        s = step % S
-        mbarrier.wait(ready.index(s), (step // S) & 1)
-        logit = warpgroup_mma(z_bufs.index(s), w2_buf.permute((1, 0)), gl.zeros((BM, BH), dtype=gl.float32,
-                              layout=layout), use_acc=False, is_async=True)
-        dw1 = warpgroup_mma(dp_bufs.index(s).permute((1, 0)), x_bufs.index(2 * s + WG), dw1, is_async=True)
-        return logit, dw1
-
-    @gluon.jit
-    def _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_buf, w2_buf, dl_buf, out_buf,
-                   ready, empty, bias2, logit, dw1, dw2t, db2, kind, off_m, scol, step, WG: gl.constexpr,
-                   NEXT: gl.constexpr):
-        """One tile of ``_consume_main``; on entry the tile's logits are done and its dW1h wgmma in
-        flight. With ``NEXT``, the next tile's two are issued behind this tile's last two (the tensor
-        cores have them while this warpgroup stores d_src), its logits waited for at the end (carried
-        over the loop's back edge in flight, their registers' copies made ptxas serialize every wgmma
-        of the kernel) and its dW1h wgmma returned in flight (the accumulator chains, no copy);
-        without, everything is waited for."""
-        S: gl.constexpr = z_bufs.type.shape[0]
-        BH: gl.constexpr = x_bufs.type.shape[2]
-        dtype: gl.constexpr = out_buf.dtype
-        layout: gl.constexpr = _accumulator_layout(BH)
-        s = step % S
-        z_buf = z_bufs.index(s)
-        dp_buf = dp_bufs.index(s)
-        x_buf = x_bufs.index(2 * s + WG)
-        # rows past M (the last tile): dout, x, z and d_pre1 load as 0, so dl and d_src are 0
-        g = _fast_sigmoid(logit + bias2)
-        dg = do_bufs.index(2 * s + WG).load(layout).to(gl.float32) * g
-        dl = narrow(dg * x_buf.load(layout).to(gl.float32) * (1.0 - g), dtype)
-        db2 += gl.sum(dl.to(gl.float32), axis=0)  # (a [BM, BH] sum in registers made ptxas spill)
-        dl_buf.store(dl)  # (its reader, the previous tile's dW2 wgmma, was waited for)
-        fence_async_shared()  # dl for the wgmma; the stage's register reads before its release
-        dsrc = warpgroup_mma(dp_buf, w1_buf, dg, is_async=True)
-        dw2t = warpgroup_mma(z_buf.permute((1, 0)), dl_buf, dw2t, is_async=True)
-        if NEXT:  # in flight after these: dW1h(t), d_src, dW2h(t), logits(t + 1), dW1h(t + 1)
-            logit, dw1 = _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, dw1, ready, step + 1, WG, layout)
-            dsrc = warpgroup_mma_wait(num_outstanding=3, deps=(dsrc, ))
-        else:
-            dsrc = warpgroup_mma_wait(num_outstanding=1, deps=(dsrc, ))
-        tma.store_wait(pendings=0)  # the previous tile's gradient has left out_buf
-        out_buf.store(narrow(dsrc, dtype))
-        fence_async_shared()
-        _store_by_kind(kind, down_desc, dother_desc, dinj_desc, out_buf, off_m, scol)
-        if NEXT:  # in flight after this: dW1h(t + 1)
-            dw2t, logit = warpgroup_mma_wait(num_outstanding=1, deps=(dw2t, logit))
-        else:
-            dw1, dw2t = warpgroup_mma_wait(num_outstanding=0, deps=(dw1, dw2t))
-        mbarrier.arrive(empty.index(s), count=1)  # every wgmma that read the stage was waited for
-        return logit, dw1, dw2t, db2
-
-    @gluon.jit
-    def _consume_main_pipelined(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
-                                w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial,
-                                dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width,
-                                WG: gl.constexpr):
-        """``_consume_main`` with the item's tiles software-pipelined (``_main_tile``): each tile
-        issues the next tile's logit and dW1 wgmmas behind its own last two, so the tensor cores have
-        them while this warpgroup stores d_src and computes the next gates; a stage is released once
-        its four wgmmas are done."""
-        BM: gl.constexpr = z_bufs.type.shape[1]
-        R: gl.constexpr = z_bufs.type.shape[2]
-        BH: gl.constexpr = do_bufs.type.shape[2]
-        dtype: gl.constexpr = dout_desc.dtype
-        layout: gl.constexpr = _accumulator_layout(BH)
-        chunks = D // (2 * BH)
-        dl_buf = dl_bufs.index(WG)
-        out_buf = out_bufs.index(WG)
-        w2_buf = w2_bufs.index(WG)  # [BH, R]: W2's rows of this half's gates
-        w1_buf = w1_bufs.index(WG)  # [R, BH]: W1's columns of this half's inputs
-        cols = gl.arange(0, BH, layout=gl.SliceLayout(0, layout))
-        r_idx = gl.arange(0, R, layout=gl.SliceLayout(1, layout))
-        step = 0
-        it = 0
-        for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
-            kind, col, split, row_start, row_end = _main_item(item, blocks, chunks, rows_per_split, M, 2 * BH)
-            scol = col + WG * BH  # this half's first column in the source
-            gcol = kind * D + scol  # and among the gates
-            bias2 = gl.expand_dims(rounded(gl.load(b2 + gcol + cols), dtype), 0)
-            dw2t = gl.zeros((R, BH), dtype=gl.float32, layout=layout)
-            db2 = gl.zeros((BH, ), dtype=gl.float32, layout=gl.SliceLayout(0, layout))
-            mbarrier.wait(w_ready, it & 1)
-            logit, dw1 = _main_issue(z_bufs, dp_bufs, x_bufs, w2_buf, gl.zeros((R, BH), dtype=gl.float32,
-                                     layout=layout), ready, step, WG, layout)
-            logit = warpgroup_mma_wait(num_outstanding=1, deps=(logit, ))  # (dW1h's runs on)
-            n_tiles = gl.cdiv(row_end - row_start, BM)
-            for t in range(n_tiles - 1):
-                logit, dw1, dw2t, db2 = _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
-                                                   w1_buf, w2_buf, dl_buf, out_buf, ready, empty, bias2, logit, dw1,
-                                                   dw2t, db2, kind, row_start + t * BM, scol, step + t, WG, True)
-            logit, dw1, dw2t, db2 = _main_tile(down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
-                                               w1_buf, w2_buf, dl_buf, out_buf, ready, empty, bias2, logit, dw1, dw2t,
-                                               db2, kind, row_start + (n_tiles - 1) * BM, scol, step + n_tiles - 1, WG,
-                                               False)
-            step += n_tiles
-            mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
-            _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx)
-            it += 1
-        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs,
@@ -905,15 +591,17 @@ if _HAVE_GLUON:
                 mbarrier.arrive(empty.index(s), count=1)
             step += n_tiles
             mbarrier.arrive(w_empty, count=1)  # every wgmma that read the item's weights was waited for
-            _store_partials(dw1_partial, dw2_partial, db2_partial, dw1, dw2t, db2, split, width, gcol, cols, r_idx)
+            base = split.to(gl.int64) * width * R
+            # dw1_partial [splits, R, width], dw2_partial [splits, width, R], db2_partial [splits, width]
+            gl.store(dw1_partial + base + gl.expand_dims(r_idx * width, 1) + gl.expand_dims(gcol + cols, 0), dw1)
+            gl.store(dw2_partial + base + gl.expand_dims(r_idx, 1) + gl.expand_dims((gcol + cols) * R, 0), dw2t)
+            gl.store(db2_partial + split.to(gl.int64) * width + gcol + cols, db2)
             it += 1
         tma.store_wait(pendings=0)
 
     @functools.lru_cache(maxsize=None)
-    def _main_kernel(pipelined: bool = False):
-        """The backward's second kernel (see ``backward_main``); ``pipelined``: its consumers' tiles
-        software-pipelined (``_consume_main_pipelined``)."""
-        PIPELINED = gl.constexpr(pipelined)
+    def _main_kernel():
+        """The backward's second kernel (see ``backward_main``)."""
 
         def consumer(wg: int):
             WG = gl.constexpr(wg)
@@ -922,15 +610,9 @@ if _HAVE_GLUON:
                         dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs,
                         ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items,
                         blocks, rows_per_split, width):
-                if PIPELINED:
-                    _consume_main_pipelined(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs,
-                                            x_bufs, w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty,
-                                            b2, dw1_partial, dw2_partial, db2_partial, M, D, n_items, blocks,
-                                            rows_per_split, width, WG)
-                else:
-                    _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs,
-                                  w1_bufs, w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial,
-                                  dw2_partial, db2_partial, M, D, n_items, blocks, rows_per_split, width, WG)
+                _consume_main(dout_desc, down_desc, dother_desc, dinj_desc, z_bufs, dp_bufs, do_bufs, x_bufs, w1_bufs,
+                              w2_bufs, dl_bufs, out_bufs, ready, empty, w_ready, w_empty, b2, dw1_partial, dw2_partial,
+                              db2_partial, M, D, n_items, blocks, rows_per_split, width, WG)
 
             return warpgroup_jit(consume, wg)
 
@@ -989,12 +671,10 @@ def descriptors(own, other, inj, w1, w2, out, pre1=None, z=None) -> tuple:
 
 
 def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, b1: torch.Tensor,
-                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None, store_hidden: bool = False,
-                        pipelined: bool = False):
+                        w2: torch.Tensor, b2: torch.Tensor, programs: int | None = None, store_hidden: bool = False):
     """``out`` [M, D] (see the module docstring); with ``store_hidden`` ``(out, pre1, z)``, the hidden
     activations [M, R] the backward reads. The caller checks ``supported``. ``programs``: the
-    persistent grid (default one program per SM; tests pass fewer to give each several tiles);
-    ``pipelined``: the software-pipelined blend (``_consume``; not yet run on a GPU)."""
+    persistent grid (default one program per SM; tests pass fewer to give each several tiles)."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -1003,7 +683,7 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj, w1: torch.T
     if store_hidden:
         pre1, z = own.new_empty((m, w1.shape[0])), own.new_empty((m, w1.shape[0]))
     tiles = triton.cdiv(m, BLOCK_M)
-    launch(_kernel(2 if inj is None else 3, store_hidden, pipelined),
+    launch(_kernel(2 if inj is None else 3, store_hidden),
            persistent_grid(programs, tiles, own.device, "gated_blend (Gluon)"),
            *descriptors(own, other, inj, w1, w2, out, pre1, z),
            b1, b2, m, d, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
@@ -1036,11 +716,10 @@ def dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre) -> tuple:
 
 
 def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w2: torch.Tensor, b2: torch.Tensor,
-                  pre1: torch.Tensor, z: torch.Tensor, programs: int | None = None, pipelined: bool = False):
+                  pre1: torch.Tensor, z: torch.Tensor, programs: int | None = None):
     """(d_pre1 [M, R], db1 partial sums [2 * tiles, R] fp32): ``gated_blend``'s backward first
     kernel without the saturation term (see the module docstring); the caller checks
-    ``dpre_supported``. ``programs`` as in ``gated_blend_forward``; ``pipelined``: the
-    software-pipelined consumers (``_consume_dpre_pipelined``; not yet run on a GPU)."""
+    ``dpre_supported``. ``programs`` as in ``gated_blend_forward``."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -1049,7 +728,7 @@ def backward_dpre(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     tiles = triton.cdiv(m, BLOCK_M)
     grid = persistent_grid(programs, tiles, own.device, "gated_blend backward (Gluon)")
     db1_partial = torch.empty((2 * tiles, r), dtype=torch.float32, device=own.device)
-    launch(_dpre_kernel(2 if inj is None else 3, pipelined), grid,
+    launch(_dpre_kernel(2 if inj is None else 3), grid,
            *dpre_descriptors(dout, own, other, inj, w2, z, pre1, dpre), b2, db1_partial, m, d, STAGES=DPRE_STAGES,
            CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)
     return dpre, db1_partial
@@ -1075,7 +754,7 @@ def main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_i
 
 def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, inj, w1: torch.Tensor, w2: torch.Tensor,
                   b2: torch.Tensor, z: torch.Tensor, dpre: torch.Tensor, d_own: torch.Tensor, d_other: torch.Tensor,
-                  d_inj, programs: int | None = None, splits: int | None = None, pipelined: bool = False):
+                  d_inj, programs: int | None = None, splits: int | None = None):
     """The backward's second phase, ``gated_blend._gated_blend_backward_kernel``'s math without the
     saturation term: writes d_own, d_other and d_inj (unless inj is None)::
 
@@ -1090,8 +769,7 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     block's columns (all four products are m64 or m128 wgmmas with operands in shared memory), so z
     and d_pre1 reach shared memory once a block, not once a half. ``programs``: the persistent grid
     (default one program per SM: 192 KiB of shared memory each); ``splits``: row splits (default:
-    about ``MAIN_ITEMS_PER_SM`` items a program); ``pipelined``: the software-pipelined consumers
-    (``_consume_main_pipelined``; not yet run on a GPU). The caller checks ``main_supported``."""
+    about ``MAIN_ITEMS_PER_SM`` items a program). The caller checks ``main_supported``."""
     from hrm_kernels.precompile import launch
 
     m, d = own.shape
@@ -1110,7 +788,7 @@ def backward_main(dout: torch.Tensor, own: torch.Tensor, other: torch.Tensor, in
     dw1_partial = torch.empty((splits, r, width), dtype=torch.float32, device=own.device)
     dw2_partial = torch.empty((splits, width, r), dtype=torch.float32, device=own.device)
     db2_partial = torch.empty((splits, width), dtype=torch.float32, device=own.device)
-    launch(_main_kernel(pipelined), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
+    launch(_main_kernel(), persistent_grid(programs, n_items, own.device, "gated_blend backward (Gluon)"),
            *main_descriptors(dout, own, other, inj, z, dpre, w1, w2, d_own, d_other, d_inj),
            b2, dw1_partial, dw2_partial, db2_partial, m, d, n_items, blocks, rows_per_split, width,
            STAGES=MAIN_STAGES, CONSUMER_REGS=CONSUMER_REGISTERS, num_warps=4)

@@ -92,17 +92,6 @@ USE_GLUON_DPRE = True
 # at Sudoku's 62976 x 512 with inj (284.3 vs 333.6 without), ARC's 86496 rows 438.3 vs 556.3
 # (336.5 vs 406.9).
 USE_GLUON_MAIN = True
-# Software-pipelined consumers in those three Gluon kernels: in the forward and d_pre1 each consumer
-# warpgroup issues its next step's logit wgmma before it computes this step's gates; in the second
-# phase the next tile's logit and dW1 wgmmas go behind this tile's d_src and dW2 ones (overlapping
-# its d_src store); so the tensor cores have work while the warpgroup does elementwise math (ncu,
-# session 42: the second phase's tensor pipe 33.8% busy, warps stalled at barriers). Written in session 43 and
-# compiled for sm_90 without spills, but not yet run on a GPU (none was lent), so off:
-# ``bash experiments/gluon_first_run/run_43.sh`` on a Hopper GPU checks each bitwise against the
-# form above and times both.
-PIPELINE_GLUON_FORWARD = False
-PIPELINE_GLUON_DPRE = False
-PIPELINE_GLUON_MAIN = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -550,11 +539,9 @@ def gated_blend_forward(own: torch.Tensor, other: torch.Tensor, inj: Optional[to
     if (USE_GLUON and not with_stats and (USE_GLUON_STORE or not store_hidden) and fast_sigmoid_for(own.dtype)
             and _gluon_gated_blend.supported(own, other, inj, w1, b1, w2, b2)):
         if store_hidden:
-            out, pre1, z = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2, store_hidden=True,
-                                                                  pipelined=PIPELINE_GLUON_FORWARD)
+            out, pre1, z = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2, store_hidden=True)
         else:
-            out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2,
-                                                         pipelined=PIPELINE_GLUON_FORWARD)
+            out = _gluon_gated_blend.gated_blend_forward(own, other, inj, w1, b1, w2, b2)
             pre1, z = own.new_empty((0, r)), own.new_empty((0, r))
         return out, own.new_empty(0, dtype=torch.float32), pre1, z
     if with_stats and d > MAX_STATS_D:
@@ -619,7 +606,7 @@ def _backward_dpre(cfg, flags, dout, coef, own, other, inj, w2, b2, pre1, z):
     """(d_pre1 [M, R], db1 partials [programs, R] (the Gluon kernel's: [2 * tiles, R]))."""
     if (USE_GLUON_DPRE and coef is None and flags["FAST_SIGMOID"]
             and _gluon_gated_blend.dpre_supported(dout, own, other, inj, w2, b2, pre1, z)):
-        return _gluon_gated_blend.backward_dpre(dout, own, other, inj, w2, b2, pre1, z, pipelined=PIPELINE_GLUON_DPRE)
+        return _gluon_gated_blend.backward_dpre(dout, own, other, inj, w2, b2, pre1, z)
     n_rows, d = dout.shape
     r = pre1.shape[1]
     n_tiles = cdiv(n_rows, cfg["BLOCK_M"])
@@ -637,7 +624,7 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     if (USE_GLUON_MAIN and coef is None and flags["FAST_SIGMOID"]
             and _gluon_gated_blend.main_supported(dout, own, other, inj, w1, w2, b2, z, dpre1)):
         partials = _gluon_gated_blend.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre1, d_own, d_other,
-                                                    d_inj if inj is not None else None, pipelined=PIPELINE_GLUON_MAIN)
+                                                    d_inj if inj is not None else None)
         return _weight_grads(w1.shape[0], dout.shape[1], inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj,
                              *partials)
     n_rows, d = dout.shape

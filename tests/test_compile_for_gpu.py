@@ -252,27 +252,24 @@ for dt in ("bf16", "fp16", "fp32"):
     pre = torch.empty(62976, 128, dtype=TORCH[dt])
     names = ("own_desc", "other_desc", "inj_desc", "w1_desc", "w2_desc", "out_desc", "pre_desc", "z_desc")
     dnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "w2_desc", "z_desc", "pre_desc", "dpre_desc")
+    for kinds in (3, 2):
+        for store in (False, True):  # (store: the forward with pre1 and z written out, for a backward)
+            descs = dict(zip(names, ggb.descriptors(src, src, src if kinds == 3 else None, w1, w2, src,
+                                                    *((pre, pre) if store else ()))))
+            check_gluon(f"gluon gated blend {kinds} store={store} {dt}", lambda: ggb._kernel(kinds, store),
+                        dict(descs, b1=bias, b2=bias, M=62976, D=512),
+                        dict(STAGES=ggb.STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
+        descs = dict(zip(dnames, ggb.dpre_descriptors(src, src, src, src if kinds == 3 else None, w2, pre, pre, pre)))
+        check_gluon(f"gluon gated blend d_pre1 {kinds} {dt}", lambda: ggb._dpre_kernel(kinds),  # the backward's first kernel
+                    dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
+                    dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
     mnames = ("dout_desc", "own_desc", "other_desc", "inj_desc", "z_desc", "dpre_desc", "w1_desc", "w2_desc",
               "down_desc", "dother_desc", "dinj_desc")
-    for piped in (False, True):  # (the software-pipelined consumers: gated_blend.PIPELINE_GLUON_*)
-        for kinds in (3, 2):
-            for store in (False, True):  # (store: the forward with pre1 and z written out, for a backward)
-                descs = dict(zip(names, ggb.descriptors(src, src, src if kinds == 3 else None, w1, w2, src,
-                                                        *((pre, pre) if store else ()))))
-                check_gluon(f"gluon gated blend {kinds} store={store} pipelined={piped} {dt}",
-                            lambda: ggb._kernel(kinds, store, piped), dict(descs, b1=bias, b2=bias, M=62976, D=512),
-                            dict(STAGES=ggb.STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
-            descs = dict(zip(dnames, ggb.dpre_descriptors(src, src, src, src if kinds == 3 else None, w2, pre, pre,
-                                                          pre)))
-            check_gluon(f"gluon gated blend d_pre1 {kinds} pipelined={piped} {dt}",  # the backward's first kernel
-                        lambda: ggb._dpre_kernel(kinds, piped), dict(descs, b2=bias, db1_partial=bias, M=62976, D=512),
-                        dict(STAGES=ggb.DPRE_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
-        descs = dict(zip(mnames, ggb.main_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
-        check_gluon(f"gluon gated blend second phase pipelined={piped} {dt}",  # the backward's second kernel
-                    lambda: ggb._main_kernel(piped),
-                    dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias, db2_partial=bias, M=62976, D=512,
-                         n_items=264, blocks=24, rows_per_split=5760, width=1536),
-                    dict(STAGES=ggb.MAIN_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
+    descs = dict(zip(mnames, ggb.main_descriptors(src, src, src, src, pre, pre, w1, w2, src, src, src)))
+    check_gluon(f"gluon gated blend second phase {dt}", ggb._main_kernel,  # the backward's second kernel
+                dict(descs, b2=bias, dw1_partial=bias, dw2_partial=bias, db2_partial=bias, M=62976, D=512, n_items=264,
+                     blocks=24, rows_per_split=5760, width=1536),
+                dict(STAGES=ggb.MAIN_STAGES, CONSUMER_REGS=ggb.CONSUMER_REGISTERS))
     gra = module("_gluon_rope_attention")  # rope_attention's no-gradient forward, with and without rotation
     qkv, att_out = torch.empty(768, 82, 24, 64, dtype=TORCH[dt]), torch.empty(768, 82, 8, 64, dtype=TORCH[dt])
     dqkv = torch.empty(768, 82, 24, 64, dtype=TORCH[dt])
@@ -309,10 +306,7 @@ if module("_gluon_gemm")._HAVE_GLUON:
     # Each form of a Gluon kernel factory has its own cache key: a form's constexpr is a closure
     # variable, and a module-level name equal to it shadows it in Triton's lookup (every form would
     # then compile, and be cached, as one; session 30's _gluon_attention.PIPELINE did that)
-    forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,), (3, True), (2, True), (3, False, True), (2, False, True),
-                                                 (3, True, True), (2, True, True)],
-             ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,), (3, True), (2, True)],
-             ("_gluon_gated_blend", "_main_kernel"): [(), (True,)],
+    forms = {("_gluon_gated_blend", "_kernel"): [(3,), (2,), (3, True), (2, True)], ("_gluon_gated_blend", "_dpre_kernel"): [(3,), (2,)],
              ("_gluon_rope_attention", "_kernel"): [(True, False), (False, False), (True, True), (False, True)],
              ("_gluon_rope_attention", "_backward_kernel"): [(True,), (False,)],
              ("_gluon_attention", "_kernel"): [(f, lse, c, poly) for f in module("_gluon_attention").FORMS
@@ -357,9 +351,9 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward (with and without storing pre1 and z) and backward d_pre1 kernels (with and
-    # without inj) and second kernel x 2 dtypes, each in its default and its software-pipelined form
+    # without inj) and second kernel x 2 dtypes
     variants = len(VARIANTS) + sum(v[0] == "rope" for v in VARIANTS) * (len(ROPE_HEAD_DIMS) - 1)
-    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 2 + 2 * (4 + 4 + 4 + 2) + 6 + 4 + 16 + 1  # (+ 2 GEMMs with packed
+    gluon = 0 if "NO-GLUON" in proc.stdout else variants * 2 + 2 + 2 + 4 + 4 + 4 + 2 + 6 + 4 + 16 + 1  # (+ 2 GEMMs with packed
     # conversions; + Gluon rope_attention:
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
     # consumer warpgroups, the plain form with and without the lse with three, and with 1 or 2 quarters

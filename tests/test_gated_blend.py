@@ -674,46 +674,6 @@ def test_gluon_forward_store_matches_float64(monkeypatch, dtype, inj, rows, d, r
 
 
 @requires_gluon
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
-@pytest.mark.parametrize("rows,d,r", [(37, 64, 64), (333, 192, 128), (1000, 512, 128), (130, 128, 64),
-                                      (62976, 512, 128)], ids=str)
-def test_gluon_pipelined_forms_give_the_same_bits(monkeypatch, dtype, inj, rows, d, r):
-    """The software-pipelined consumers (``gated_blend.PIPELINE_GLUON_*``) reorder when wgmmas are
-    issued and waited for, not what they sum or in which order: the forward (with and without
-    pre1 and z), d_pre1 and its db1 partial sums, the source gradients and the weight gradients'
-    partial sums the same bits as the default forms', at the default grid and at 3 programs (and
-    one row split: one tile an item at 37 rows, many at 62976); then every gradient through
-    ``gated_blend`` with the switches on within the bound eager's error sets against float64."""
-    inputs = _gluon_inputs(rows, d, r, dtype, inj)
-    own, other, inj_t, w1, b1, w2, b2 = inputs
-    pre1, z, dout = _hidden_and_dout(inputs)
-    sources = [own, other] + ([inj_t] if inj else [])
-
-    def run(pipelined, **launch):
-        fwd = ggb.gated_blend_forward(*inputs, store_hidden=True, pipelined=pipelined, **launch)
-        fwd_ng = ggb.gated_blend_forward(*inputs, pipelined=pipelined, **launch)
-        dpre = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z, pipelined=pipelined, **launch)
-        grads = [torch.full_like(t, float("nan")) for t in sources]
-        splits = dict(splits=1) if launch else {}
-        partials = ggb.backward_main(dout, own, other, inj_t, w1, w2, b2, z, dpre[0], *grads[:2],
-                                     grads[2] if inj else None, pipelined=pipelined, **launch, **splits)
-        return [*fwd, fwd_ng, *dpre, *grads, *partials]
-
-    for launch in ({}, dict(programs=3)):
-        want, got = run(False, **launch), run(True, **launch)
-        assert all(torch.isfinite(t).all() for t in got)
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), launch
-    for switch in ("USE_GLUON_STORE", "USE_GLUON_DPRE", "USE_GLUON_MAIN", "PIPELINE_GLUON_FORWARD",
-                   "PIPELINE_GLUON_DPRE", "PIPELINE_GLUON_MAIN"):
-        monkeypatch.setattr(gb, switch, True)
-    calls = [record_calls(monkeypatch, ggb, name, with_kwargs=True)
-             for name in ("gated_blend_forward", "backward_dpre", "backward_main")]
-    _check("triton", inputs)
-    assert [[kwargs["pipelined"] for _, kwargs in c] for c in calls] == [[True]] * 3
-
-
-@requires_gluon
 def test_gluon_main_routing(monkeypatch):
     """The Gluon second phase only with its switch, without the saturation term, for inputs it
     takes; bad launch arguments get a clear error."""
