@@ -2,10 +2,10 @@
 
 Triton compiles down to a cubin with its bundled ptxas and needs no GPU for that. This gives what a
 CPU-only session can still check of a kernel change: that it compiles, that it fits the card's
-shared memory (``tests/test_compile_for_gpu.py``), and, as a proxy for its ALU cost, the registers,
-the spill stack and the SASS instructions of its hottest loop (the one with the most tensor-core
-instructions), per thread and iteration. Instruction counts are not times: a latency-bound kernel
-hides some of them. ::
+shared memory and that ptxas did not serialize its wgmmas (``tests/test_compile_for_gpu.py``), and,
+as a proxy for its ALU cost, the registers, the spill stack and the SASS instructions of its hottest
+loop (the one with the most tensor-core instructions), per thread and iteration. Instruction counts
+are not times: a latency-bound kernel hides some of them. ::
 
     python benchmarks/sass.py        # gated_blend's forward, d_pre1 and second-phase loops at their CUDA configurations
 """
@@ -95,15 +95,16 @@ def resources(compiled) -> dict:
 def wgmma_serialized(compiled) -> str | None:
     """ptxas's note when it serialized the kernel's wgmma instructions (C7514 and its kin C751x: e.g. a
     non-wgmma instruction touches an accumulator register of a wgmma still in flight, so every wgmma
-    waits for the last; the kernel runs, slower), else None. Triton's compile does not show ptxas's notes, so its PTX is
-    assembled again here with ``-v``."""
+    waits for the last; the kernel runs, slower), else None. Triton's compile does not show ptxas's
+    notes, so the kernel's PTX is assembled again here with ``-v``."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
         out = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines() if "C7514" in line or "serialized" in line]
+    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines()
+             if "C7514" in line or "serialized" in line]
     return notes[0] if notes else None
 
 
