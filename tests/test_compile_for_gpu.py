@@ -213,9 +213,10 @@ for dt in ("bf16", "fp16", "fp32"):
                          eps=1e-5, cos=ss, sin=ss, seq_len=82, t_stride=64, rope_cols=1024),
                     dict(STAGES=gg.CONFIGS[epilogue][3], CONSUMER_REGS=gg.CONSUMER_REGISTERS),
                     # Known (session 43): in fp16 the swiglu, swiglu_keep and rope (head_dim <= 64) variants without
-                    # the row scale have their wgmmas serialized: LLVM zeroes each tile's accumulator by copying its
-                    # first register, which ptxas counts as a read of an accumulator (the previous tile's wgmmas are
-                    # done by then). bf16, which the model runs, is not affected. A performance note, not a fault.
+                    # the row scale have their wgmmas serialized. Their PTX zeroes each tile's accumulator by copies
+                    # of its first register, likely what ptxas counts as a read of an accumulator (the previous
+                    # tile's wgmmas are done by then); use_acc=False on the first k-step did not remove it. bf16,
+                    # which the model runs, is not affected. A performance note for fp16, not a fault.
                     serialized_ok=dt == "fp16")
     if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off: mixed times on an H100), in a copy of the
         # module compiled with the flag on (a kernel compiled once keeps its cache key: flipping the flag on
