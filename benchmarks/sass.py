@@ -103,8 +103,7 @@ def wgmma_serialized(compiled) -> str | None:
             f.write(compiled.asm["ptx"])
         out = subprocess.run([os.path.join(_BIN, "ptxas"), "-arch=sm_90a", "-v", ptx, "-o",
                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines()
-             if "C7514" in line or "serialized" in line]
+    notes = [line.strip() for line in (out.stdout + out.stderr).splitlines() if "serialized" in line]
     return notes[0] if notes else None
 
 
