@@ -111,8 +111,10 @@ USE_GLUON_MAIN = True
 # backward phase 2, one program per (kind, D-chunk, row split): recompute logits and d_logit for
 #   its chunk over its rows, d_src = dout * g + d_pre1 @ W1_chunk, and accumulate the weight
 #   gradients of its chunk in registers: dW2_chunk = d_logit^T @ z, dW1_chunk = d_pre1^T @ src,
-#   db2_chunk; one fp32 partial per row split, summed on the host. 4 GEMMs, reads dout and the
-#   sources, writes their gradients.
+#   db2_chunk; one fp32 partial per row split. 4 GEMMs, reads dout and the sources, writes their
+#   gradients.
+# weight gradients: one launch sums every partial (the row splits' dW1, dW2, db2 and phase 1's db1)
+#   over its leading axis and writes them in the weights' dtype (``_weight_grads_kernel``).
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
 # On Hopper the forward without stats (``USE_GLUON``, ``USE_GLUON_STORE``) is one warp-specialised
 #   Gluon kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA
@@ -446,6 +448,57 @@ def _gated_blend_backward_kernel(
     tl.store(DB2_PARTIAL + split * width + gcols, tl.sum(db2, 0), mask=c_mask)
 
 
+@triton.jit
+def _sum_leading(PART, OUT, out_offs, out_mask, src_offs, src_mask, n_parts, part_stride,
+                 PARTS: tl.constexpr):
+    """OUT[out_offs] = sum over p < n_parts of PART[p * part_stride + src_offs] (0 where not
+    ``src_mask``), fp32, stored in OUT's dtype: PARTS parts a load, all loads of a chunk in flight
+    at once."""
+    p_idx = tl.arange(0, PARTS)
+    acc = tl.zeros(out_offs.shape, tl.float32)
+    for p0 in range(0, n_parts, PARTS):
+        p_mask = p0 + p_idx < n_parts
+        part = tl.load(PART + (p0 + p_idx)[:, None].to(tl.int64) * part_stride + src_offs[None, :],
+                       mask=p_mask[:, None] & src_mask[None, :], other=0.0)
+        acc += tl.sum(part, 0)
+    tl.store(OUT + out_offs, acc.to(OUT.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _weight_grads_kernel(DW1_PARTIAL, DW2_PARTIAL, DB2_PARTIAL, DB1_PARTIAL, DW1, DW2, DB2, DB1,
+                         n_splits, n_db1_parts, R, width, full_width,
+                         BLOCK: tl.constexpr, SPLITS: tl.constexpr, DB1_COLS: tl.constexpr,
+                         DB1_PARTS: tl.constexpr):
+    """The backward's weight gradients from its partial sums, in one launch:
+
+        dW1 [R, 3D] = sum_s DW1_PARTIAL[s]  ([splits, R, width]),  dW2 [3D, R] = sum_s DW2_PARTIAL[s]
+        ([splits, width, R]),  db2 [3D] = sum_s DB2_PARTIAL[s]  ([splits, width]),
+        db1 [R] = sum_p DB1_PARTIAL[p]  ([parts, R]),
+
+    each stored in its weight's dtype. width = full_width = 3D with inj, 2D without it: the
+    injection's columns of dW1, rows of dW2 and entries of db2 get exact zeros. Programs, in order:
+    BLOCK-element blocks of dW1, of dW2, of db2, then DB1_COLS-column blocks of db1."""
+    pid = tl.program_id(0)
+    n_w_blocks = tl.cdiv(R * full_width, BLOCK)
+    n_b2_blocks = tl.cdiv(full_width, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    if pid < n_w_blocks:  # dW1: output (i, j) reads the partials' (i, j) of their narrower rows
+        e = pid * BLOCK + offs
+        i, j = e // full_width, e % full_width
+        in_range = e < R * full_width
+        _sum_leading(DW1_PARTIAL, DW1, e, in_range, i * width + j, in_range & (j < width), n_splits, R * width,
+                     SPLITS)
+    elif pid < 2 * n_w_blocks:  # dW2: the partials' rows are the output's first width rows
+        e = (pid - n_w_blocks) * BLOCK + offs
+        _sum_leading(DW2_PARTIAL, DW2, e, e < R * full_width, e, e < R * width, n_splits, R * width, SPLITS)
+    elif pid < 2 * n_w_blocks + n_b2_blocks:
+        e = (pid - 2 * n_w_blocks) * BLOCK + offs
+        _sum_leading(DB2_PARTIAL, DB2, e, e < full_width, e, e < width, n_splits, width, SPLITS)
+    else:
+        c = (pid - 2 * n_w_blocks - n_b2_blocks) * DB1_COLS + tl.arange(0, DB1_COLS)
+        _sum_leading(DB1_PARTIAL, DB1, c, c < R, c, c < R, n_db1_parts, R, DB1_PARTS)
+
+
 # --------------------------------------------------------------------------------- launchers
 
 # Per-kernel launch settings, chosen per shape class (no autotuning: compile time matters in
@@ -625,8 +678,7 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
             and _gluon_gated_blend.main_supported(dout, own, other, inj, w1, w2, b2, z, dpre1)):
         partials = _gluon_gated_blend.backward_main(dout, own, other, inj, w1, w2, b2, z, dpre1, d_own, d_other,
                                                     d_inj if inj is not None else None)
-        return _weight_grads(w1.shape[0], dout.shape[1], inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj,
-                             *partials)
+        return d_own, d_other, d_inj, *_weight_grads(w1, b1, w2, b2, db1_partial, *partials)
     n_rows, d = dout.shape
     r = w1.shape[0]
     dev = dout.device
@@ -648,20 +700,31 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
         coef if coef is not None else db2_partial,
         d_own, d_other, d_inj if inj is not None else d_own, dw1_partial, dw2_partial, db2_partial,
         n_rows, d, r, width, rows_per_split, HAS_SAT=coef is not None, **flags, **cfg)
-    return _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,
-                         db2_partial)
+    return d_own, d_other, d_inj, *_weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial)
 
 
-def _weight_grads(r, d, inj, w1, b1, w2, b2, db1_partial, d_own, d_other, d_inj, dw1_partial, dw2_partial,
-                  db2_partial):
-    """The seven gradients from the source gradients and the weights' partial sums."""
-    dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
-    if inj is None:  # the injection's slices of W1's inputs and W2's outputs get exactly zero
-        dw1 = torch.cat((dw1, dw1.new_zeros(r, d)), dim=1)
-        dw2 = torch.cat((dw2, dw2.new_zeros(d, r)), dim=0)
-        db2 = torch.cat((db2, db2.new_zeros(d)))
-    return (d_own, d_other, d_inj, dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype),
-            dw2.to(w2.dtype), db2.to(b2.dtype))
+def _weight_grads_config(device_type: str, n_splits: int, n_db1_parts: int) -> dict:
+    """``_weight_grads_kernel``'s launch settings: on CUDA 512-element blocks (a [16, 512] fp32
+    tile of split partials, 64 values a thread) and db1 in 16-column blocks of up to 512 parts; the
+    interpreter: small programs."""
+    cuda = device_type == "cuda"
+    return dict(BLOCK=512 if cuda else 64, SPLITS=min(16, next_power_of_2(n_splits)), DB1_COLS=16,
+                DB1_PARTS=min(512 if cuda else 16, next_power_of_2(n_db1_parts)), num_warps=4)
+
+
+def _weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial):
+    """(dW1, db1, dW2, db2) from the backward's partial sums, in the weights' dtypes: one launch of
+    ``_weight_grads_kernel`` (summed in fp32; the injection's slices zero when the partials are
+    only 2D wide)."""
+    r = w1.shape[0]
+    dw1, db1, dw2, db2 = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (w1, b1, w2, b2))
+    full_width, width = w1.shape[1], dw1_partial.shape[2]
+    n_splits, n_db1_parts = dw1_partial.shape[0], db1_partial.shape[0]
+    cfg = _weight_grads_config(dw1.device.type, n_splits, n_db1_parts)
+    grid = (2 * cdiv(r * full_width, cfg["BLOCK"]) + cdiv(full_width, cfg["BLOCK"]) + cdiv(r, cfg["DB1_COLS"]),)
+    launch(_weight_grads_kernel, grid, dw1_partial, dw2_partial, db2_partial, db1_partial, dw1, dw2, db2, db1,
+           n_splits, n_db1_parts, r, width, full_width, **cfg)
+    return dw1, db1, dw2, db2
 
 
 # ------------------------------------------------------------------ torch.library registration

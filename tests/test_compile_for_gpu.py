@@ -50,8 +50,9 @@ TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 gb = module("gated_blend")
 
 def gated_blend_cases(dt):
-    """The forward in four forms and both backward kernels, at the launchers' CUDA configurations
-    for D=512 and R=128 (the model's, weights in the activations' dtype) and for fp32 weights."""
+    """The forward in four forms, both backward kernels and the weight-gradient sums, at the
+    launchers' CUDA configurations for D=512 and R=128 (the model's, weights in the activations'
+    dtype) and for fp32 weights."""
     prec = "ieee" if dt == "fp32" else "tf32"
     flags = dict(EMU_BF16=False, PREC=prec)
     gate = dict(flags, FAST_SIGMOID=dt != "fp32")
@@ -83,6 +84,11 @@ def gated_blend_cases(dt):
         c.pop("programs_per_sm")
         out[f"gated_blend backward ({wdt} weights)"] = (
             gb._gated_blend_backward_kernel, types, dict(HAS_SAT=True, **gate, **c), w, st, ("D", "R", "width"))
+        sums = {**{n + "_PARTIAL": "*fp32" for n in ("DW1", "DW2", "DB2", "DB1")},
+                **{n: "*" + wdt for n in ("DW1", "DW2", "DB2", "DB1")}}
+        c = gb._weight_grads_config("cuda", 11, 984)  # Sudoku's row splits and d_pre1 partials
+        out[f"gated_blend weight gradient sums ({wdt} weights)"] = (
+            gb._weight_grads_kernel, sums, c, c.pop("num_warps"), 3, ())
     return out
 
 failures = 0
@@ -349,7 +355,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     if proc.stdout.startswith("SKIP"):
         pytest.skip(f"this Triton cannot compile for CUDA without a GPU: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    # 9 kernel forms x 3 dtypes, gated_blend's 6 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
+    # 9 kernel forms x 3 dtypes, gated_blend's 7 kernel forms x (2 weight dtypes for bf16/fp16, 1 for
     # fp32), and the Gluon GEMM's variants x 2 dtypes, its SwiGLU backward x 2 dtypes and the Gluon
     # gated blend's forward (with and without storing pre1 and z) and backward d_pre1 kernels (with and
     # without inj) and second kernel x 2 dtypes
@@ -359,4 +365,4 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     # 3 + 2 forms x 2; the long-sequence attention's 3 forms and its plain form storing the lse with two
     # consumer warpgroups, the plain form with and without the lse with three, and with 1 or 2 quarters
     # of its exponentials on the FMA units, x 2; the forms' distinct cache keys)
-    assert proc.stdout.count("ok ") == 27 + 6 * (2 + 2 + 1) + gluon, proc.stdout
+    assert proc.stdout.count("ok ") == 27 + 7 * (2 + 2 + 1) + gluon, proc.stdout

@@ -320,6 +320,36 @@ def test_inj_none_equals_zeros(backend, dtype):
     assert torch.equal(none[2][6][2 * d:], torch.zeros_like(none[2][6][2 * d:]))
 
 
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("splits, parts", [(1, 1), (3, 37), (19, 5)])
+def test_weight_grads_sum_the_partials(inj, wdtype, splits, parts):
+    """``_weight_grads``' one kernel: each weight gradient the sum of its partials over the leading
+    axis (against float64, within the rounding of one fp32 sum and the weights' dtype), the
+    injection's slices exact zeros without inj; split and part counts below, at and above the
+    kernel's chunk of parts (16 in the interpreter)."""
+    d, r = 37, 10
+    width = (3 if inj else 2) * d
+    w1, b1, w2, b2 = (torch.empty(shape, dtype=wdtype, device=DEVICE) for shape in ((r, 3 * d), r, (3 * d, r), 3 * d))
+    dw1_p, dw2_p = torch.randn(splits, r, width), torch.randn(splits, width, r)
+    db2_p, db1_p = torch.randn(splits, width), torch.randn(parts, r)
+    got = gb._weight_grads(w1, b1, w2, b2, *[t.to(DEVICE) for t in (db1_p, dw1_p, dw2_p, db2_p)])
+    pad = 3 * d - width
+    want = [torch.cat((dw1_p.double().sum(0), torch.zeros(r, pad, dtype=torch.float64)), 1),
+            db1_p.double().sum(0),
+            torch.cat((dw2_p.double().sum(0), torch.zeros(pad, r, dtype=torch.float64))),
+            torch.cat((db2_p.double().sum(0), torch.zeros(pad, dtype=torch.float64)))]
+    for name, g, w, count in zip(("dw1", "db1", "dw2", "db2"), got, want, (splits, parts, splits, splits)):
+        assert g.dtype == wdtype and g.shape == w.shape, name
+        # fp32 sums of `count` standard normals: error ~ count * 2^-24 * |partial| (bounded by 8);
+        # then the cast to bf16: half an ulp (2^-8 relative) on the GPU, a whole one in the
+        # interpreter (its cast truncates)
+        tol = count * 8 * 2.0 ** -24 + (0 if wdtype == torch.float32 else 2.0 ** -7) * w.abs()
+        assert ((g.cpu().double() - w).abs() <= tol).all(), name
+    if not inj:
+        assert not got[0][:, 2 * d:].any() and not got[2][2 * d:].any() and not got[3][2 * d:].any()
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_non_contiguous_inputs(backend):
     d, r = 37, 10
@@ -570,6 +600,16 @@ def test_gluon_forward_routing(monkeypatch):
         ggb.gated_blend_forward(*inputs, programs=0)
 
 
+def _check_through(monkeypatch, launcher, inputs, **switches):
+    """``_check`` (triton backend) of ``inputs`` with ``gated_blend``'s ``switches`` set, asserting
+    that the Gluon ``launcher`` ran exactly once in it."""
+    for name, on in switches.items():
+        monkeypatch.setattr(gb, name, on)
+    calls = record_calls(monkeypatch, ggb, launcher)
+    _check("triton", inputs)
+    assert len(calls) == 1
+
+
 def _hidden_and_dout(inputs):
     """(pre1, z) of the forward (the launcher's defaults) and a random output gradient."""
     _, _, pre1, z = gb.gated_blend_forward(*inputs, with_stats=False, store_hidden=True)
@@ -584,13 +624,9 @@ def test_gluon_dpre_with_triton_main_matches_float64(monkeypatch, dtype, inj, ro
     """The Gluon d_pre1 kernel feeding the Triton second phase (after the Triton forward); every
     gradient within the bound eager's same-precision error sets against float64, and the d_pre1
     kernel's output the same bits when each program takes several tiles (3 programs)."""
-    monkeypatch.setattr(gb, "USE_GLUON_DPRE", True)
-    monkeypatch.setattr(gb, "USE_GLUON_MAIN", False)
-    monkeypatch.setattr(gb, "USE_GLUON_STORE", False)
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
-    dpre_calls = record_calls(monkeypatch, ggb, "backward_dpre")
-    _check("triton", inputs)
-    assert len(dpre_calls) == 1
+    _check_through(monkeypatch, "backward_dpre", inputs, USE_GLUON_DPRE=True, USE_GLUON_MAIN=False,
+                   USE_GLUON_STORE=False)
     own, other, inj_t, w1, b1, w2, b2 = inputs
     pre1, z, dout = _hidden_and_dout(inputs)
     dpre, db1 = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
@@ -609,11 +645,8 @@ def test_gluon_main_matches_float64(monkeypatch, dtype, inj, rows, d, r):
     on the same d_pre1: the source gradients the same up to one rounding, the same bits whatever the
     grid and the row split (3 programs, 1 and 7 splits), and the weight gradients' partial sums,
     summed, close."""
-    monkeypatch.setattr(gb, "USE_GLUON_MAIN", True)
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
-    main_calls = record_calls(monkeypatch, ggb, "backward_main")
-    _check("triton", inputs)
-    assert len(main_calls) == 1
+    _check_through(monkeypatch, "backward_main", inputs, USE_GLUON_MAIN=True)
     own, other, inj_t, w1, b1, w2, b2 = inputs
     pre1, z, dout = _hidden_and_dout(inputs)
     dpre, _ = ggb.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z)
@@ -656,11 +689,8 @@ def test_gluon_forward_store_matches_float64(monkeypatch, dtype, inj, rows, d, r
     and every gradient within the bound eager's same-precision error sets against float64; its out
     the same bits as the no-gradient call's, and pre1 and z within one rounding of the Triton
     kernel's (the same fp32 sums in another order; z's silu in another form)."""
-    monkeypatch.setattr(gb, "USE_GLUON_STORE", True)
     inputs = _gluon_inputs(rows, d, r, dtype, inj)
-    calls = record_calls(monkeypatch, ggb, "gated_blend_forward")
-    _check("triton", inputs)
-    assert len(calls) == 1
+    _check_through(monkeypatch, "gated_blend_forward", inputs, USE_GLUON_STORE=True)
     own, other, inj_t, w1, b1, w2, b2 = inputs
     out, pre1, z = ggb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, store_hidden=True)
     assert torch.equal(out, ggb.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2))
