@@ -92,6 +92,10 @@ USE_GLUON_DPRE = True
 # at Sudoku's 62976 x 512 with inj (284.3 vs 333.6 without), ARC's 86496 rows 438.3 vs 556.3
 # (336.5 vs 406.9).
 USE_GLUON_MAIN = True
+# The backward's weight gradients from its partial sums in one Triton kernel (``_weight_grads_kernel``)
+# instead of torch's four sums, casts and (inj=None) cats (``_weight_grads_torch``). Session 43 (H100,
+# Sudoku with inj, in the op): those took 47.4 us of its 715 (db1's [984, 128] sum alone 13.6 us).
+FUSED_WEIGHT_SUMS = True
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -716,6 +720,8 @@ def _weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_par
     """(dW1, db1, dW2, db2) from the backward's partial sums, in the weights' dtypes: one launch of
     ``_weight_grads_kernel`` (summed in fp32; the injection's slices zero when the partials are
     only 2D wide)."""
+    if not FUSED_WEIGHT_SUMS:
+        return _weight_grads_torch(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial)
     r = w1.shape[0]
     dw1, db1, dw2, db2 = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (w1, b1, w2, b2))
     full_width, width = w1.shape[1], dw1_partial.shape[2]
@@ -725,6 +731,18 @@ def _weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_par
     launch(_weight_grads_kernel, grid, dw1_partial, dw2_partial, db2_partial, db1_partial, dw1, dw2, db2, db1,
            n_splits, n_db1_parts, r, width, full_width, **cfg)
     return dw1, db1, dw2, db2
+
+
+def _weight_grads_torch(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial):
+    """``_weight_grads`` in torch ops (``FUSED_WEIGHT_SUMS`` off): the same sums, casts and zeros."""
+    r, full_width = w1.shape
+    pad = full_width - dw1_partial.shape[2]
+    dw1, dw2, db2 = dw1_partial.sum(0), dw2_partial.sum(0), db2_partial.sum(0)
+    if pad:  # inj=None: the injection's slices of W1's inputs and W2's outputs get exactly zero
+        dw1 = torch.cat((dw1, dw1.new_zeros(r, pad)), dim=1)
+        dw2 = torch.cat((dw2, dw2.new_zeros(pad, r)), dim=0)
+        db2 = torch.cat((db2, db2.new_zeros(pad)))
+    return dw1.to(w1.dtype), db1_partial.sum(0).to(b1.dtype), dw2.to(w2.dtype), db2.to(b2.dtype)
 
 
 # ------------------------------------------------------------------ torch.library registration

@@ -323,16 +323,18 @@ def test_inj_none_equals_zeros(backend, dtype):
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("splits, parts", [(1, 1), (3, 37), (19, 5)])
-def test_weight_grads_sum_the_partials(inj, wdtype, splits, parts):
-    """``_weight_grads``' one kernel: each weight gradient the sum of its partials over the leading
-    axis (against float64, within the rounding of one fp32 sum and the weights' dtype), the
-    injection's slices exact zeros without inj; split and part counts below, at and above the
-    kernel's chunk of parts (16 in the interpreter)."""
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
+def test_weight_grads_sum_the_partials(monkeypatch, fused, inj, wdtype, splits, parts):
+    """``_weight_grads`` (its one kernel, and its torch form): each weight gradient the sum of its
+    partials over the leading axis (against float64, within the rounding of one fp32 sum and the
+    weights' dtype), the injection's slices exact zeros without inj; split and part counts below,
+    at and above the kernel's chunk of parts (16 in the interpreter)."""
     d, r = 37, 10
     width = (3 if inj else 2) * d
     w1, b1, w2, b2 = (torch.empty(shape, dtype=wdtype, device=DEVICE) for shape in ((r, 3 * d), r, (3 * d, r), 3 * d))
     dw1_p, dw2_p = torch.randn(splits, r, width), torch.randn(splits, width, r)
     db2_p, db1_p = torch.randn(splits, width), torch.randn(parts, r)
+    monkeypatch.setattr(gb, "FUSED_WEIGHT_SUMS", fused)
     got = gb._weight_grads(w1, b1, w2, b2, *[t.to(DEVICE) for t in (db1_p, dw1_p, dw2_p, db2_p)])
     pad = 3 * d - width
     want = [torch.cat((dw1_p.double().sum(0), torch.zeros(r, pad, dtype=torch.float64)), 1),
