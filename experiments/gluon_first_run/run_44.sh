@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 44: the first GPU run of gated_blend's weight-gradient sums in one Triton kernel
 # (gated_blend.FUSED_WEIGHT_SUMS) - one device call, at most about 9 minutes (CHECK and BUDGET:
-# seconds for the check script and for everything): weight_sums_check.py (accuracy at the real
+# seconds for the check script and for everything; TESTS: which tests, a pytest -k): weight_sums_check.py (accuracy at the real
 # calls, the sums alone and the op fwd+bwd against torch.compile with the switch on and off, peak
 # memory, a per-kernel profile), then the gated blend's GPU tests that reach the sums.
 set -u
@@ -11,7 +11,8 @@ nvidia-smi --query-gpu=name,power.limit --format=csv,noheader
 timeout ${CHECK:-300} python3 experiments/gluon_first_run/weight_sums_check.py 2>&1 | grep -v -i warn
 echo "== check at $(( $(date +%s) - start )) s"
 timeout $(( ${BUDGET:-560} - $(date +%s) + start )) python3 -m pytest -v -p no:cacheprovider tests/test_gated_blend.py \
-  -k "weight_grads or gluon_main_matches or dpre_with_triton or forward_store or cuda_full_size or gluon_inj_none or triton_backward_at" > $OUT/tests.log 2>&1
+  -k "${TESTS:-weight_grads or gluon_main_matches or dpre_with_triton or forward_store or cuda_full_size or triton_backward_at}" \
+  > $OUT/tests.log 2>&1
 echo "pytest rc=$? passed $(grep -c ' PASSED' $OUT/tests.log) skipped $(grep -c ' SKIPPED' $OUT/tests.log) failed $(grep -c -E ' FAILED| ERROR' $OUT/tests.log)"
 grep -E ' FAILED| ERROR' $OUT/tests.log | head; tail -3 $OUT/tests.log
 echo "== tests at $(( $(date +%s) - start )) s"
