@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Session 44: the first GPU run of gated_blend's weight-gradient sums in one Triton kernel
-# (gated_blend.FUSED_WEIGHT_SUMS) - one device call, at most about 9 minutes (CHECK and BUDGET:
-# seconds for the check script and for everything; TESTS: which tests, a pytest -k): weight_sums_check.py (accuracy at the real
-# calls, the sums alone and the op fwd+bwd against torch.compile with the switch on and off, peak
-# memory, a per-kernel profile), then the gated blend's GPU tests that reach the sums.
+# (gated_blend.FUSED_WEIGHT_SUMS), one device call of at most about 9 minutes: weight_sums_check.py
+# (accuracy at the real calls, the sums alone and the op fwd+bwd against torch.compile with the
+# switch on and off, peak memory, a per-kernel profile), then the gated blend's GPU tests that reach
+# the sums. CHECK, BUDGET: seconds for the check script and for everything; TESTS: a pytest -k.
 set -u
 start=$(date +%s)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
