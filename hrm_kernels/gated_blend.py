@@ -95,7 +95,9 @@ USE_GLUON_MAIN = True
 # The backward's weight gradients from its partial sums in one Triton kernel (``_weight_grads_kernel``)
 # instead of torch's four sums, casts and (inj=None) cats (``_weight_grads_torch``). Session 43 (H100,
 # Sudoku with inj, in the op): those took 47.4 us of its 715 (db1's [984, 128] sum alone 13.6 us).
-FUSED_WEIGHT_SUMS = True
+# Off until its first GPU run: written in session 44 without one (tested in the interpreter, compiled
+# for sm_90); ``bash experiments/gluon_first_run/run_44.sh`` on a Hopper GPU decides it.
+FUSED_WEIGHT_SUMS = False
 
 # How the kernels split the work (M rows, D features, R gate hidden units, K = 3 kinds, or 2
 # with inj=None; "GEMM" = one M x D*K x R matmul, 2*M*K*D*R FLOP):
@@ -117,8 +119,9 @@ FUSED_WEIGHT_SUMS = True
 #   gradients of its chunk in registers: dW2_chunk = d_logit^T @ z, dW1_chunk = d_pre1^T @ src,
 #   db2_chunk; one fp32 partial per row split. 4 GEMMs, reads dout and the sources, writes their
 #   gradients.
-# weight gradients: one launch sums every partial (the row splits' dW1, dW2, db2 and phase 1's db1)
-#   over its leading axis and writes them in the weights' dtype (``_weight_grads_kernel``).
+# weight gradients: every partial (the row splits' dW1, dW2, db2 and phase 1's db1) summed over its
+#   leading axis and cast to the weights' dtype, by torch ops, or with ``FUSED_WEIGHT_SUMS`` by one
+#   launch of ``_weight_grads_kernel``.
 # Nothing of width K*D (cat, gates, logits) ever reaches memory.
 # On Hopper the forward without stats (``USE_GLUON``, ``USE_GLUON_STORE``) is one warp-specialised
 #   Gluon kernel instead (``hrm_kernels._gluon_gated_blend``): the same two GEMMs and blend, TMA

@@ -352,6 +352,18 @@ def test_weight_grads_sum_the_partials(monkeypatch, fused, inj, wdtype, splits, 
         assert not got[0][:, 2 * d:].any() and not got[2][2 * d:].any() and not got[3][2 * d:].any()
 
 
+@pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
+@pytest.mark.parametrize("wdtype", [torch.float16, torch.float32], ids=str)
+def test_fused_weight_sums_in_the_op(monkeypatch, inj, wdtype):
+    """The op with ``FUSED_WEIGHT_SUMS`` on (off by default until its first GPU run): outputs and
+    every gradient as ``_check`` bounds them, the weights' through the kernel, not the torch form."""
+    monkeypatch.setattr(gb, "FUSED_WEIGHT_SUMS", True)
+    sums = record_calls(monkeypatch, gb, "_weight_grads")
+    torch_form = record_calls(monkeypatch, gb, "_weight_grads_torch")
+    _check("triton", _make((3, 7, 40), 10, torch.float16, wdtype, inj=inj))
+    assert len(sums) == 1 and not torch_form
+
+
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_non_contiguous_inputs(backend):
     d, r = 37, 10

@@ -18,15 +18,21 @@ sys.path.insert(0, os.getcwd())
 from benchmarks.bench_gated_blend import SHAPES, make_inputs, step_fn, peak_memory_mb, counts
 from benchmarks.common import environment, gpu_us
 gb = importlib.import_module("hrm_kernels.gated_blend")
-new_weight_grads = gb._weight_grads
+weight_grads = gb._weight_grads
 
 
-def old_weight_grads(*a):
-    gb.FUSED_WEIGHT_SUMS = False
-    try:
-        return new_weight_grads(*a)
-    finally:
-        gb.FUSED_WEIGHT_SUMS = True
+def with_switch(fused):
+    """``gb._weight_grads`` with ``FUSED_WEIGHT_SUMS`` set to ``fused`` for the call."""
+    def call(*a):
+        default, gb.FUSED_WEIGHT_SUMS = gb.FUSED_WEIGHT_SUMS, fused
+        try:
+            return weight_grads(*a)
+        finally:
+            gb.FUSED_WEIGHT_SUMS = default
+    return call
+
+
+new_weight_grads, old_weight_grads = with_switch(True), with_switch(False)
 
 
 def capture(leaves, dout):
@@ -36,7 +42,7 @@ def capture(leaves, dout):
         return new_weight_grads(*a)
     gb._weight_grads = spy
     step_fn("triton", leaves, dout, True)()
-    gb._weight_grads = new_weight_grads
+    gb._weight_grads = weight_grads
     return got[0]
 
 
