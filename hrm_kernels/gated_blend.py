@@ -94,7 +94,7 @@ USE_GLUON_DPRE = True
 USE_GLUON_MAIN = True
 # The backward's weight gradients from its partial sums in one Triton kernel (``_weight_grads_kernel``)
 # instead of torch's four sums, casts and (inj=None) cats (``_weight_grads_torch``). Session 43 (H100,
-# Sudoku with inj, in the op): those took 47.4 us of its 715 (db1's [984, 128] sum alone 13.6 us).
+# Sudoku with inj, in the op): the sums took 47.4 us of its 715 (db1's [984, 128] alone 13.6), the casts 5.3.
 # Off until its first GPU run: written in session 44 without one (tested in the interpreter, compiled
 # for sm_90); ``bash experiments/gluon_first_run/run_44.sh`` on a Hopper GPU decides it.
 FUSED_WEIGHT_SUMS = False
@@ -710,26 +710,26 @@ def _backward_main(cfg, flags, dout, coef, own, other, inj, w1, b1, w2, b2, z, d
     return d_own, d_other, d_inj, *_weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial)
 
 
-def _weight_grads_config(device_type: str, n_splits: int, n_db1_parts: int) -> dict:
+def _weight_grads_config(device_type: str) -> dict:
     """``_weight_grads_kernel``'s launch settings: on CUDA 512-element blocks (a [16, 512] fp32
-    tile of split partials, 64 values a thread) and db1 in 16-column blocks of up to 512 parts; the
-    interpreter: small programs."""
+    tile of split partials, 64 values a thread) and db1 in 16-column blocks, 512 parts a load; the
+    interpreter: small programs. Fixed whatever the counts (more loop trips, not another compiled
+    variant, for each new row count)."""
     cuda = device_type == "cuda"
-    return dict(BLOCK=512 if cuda else 64, SPLITS=min(16, next_power_of_2(n_splits)), DB1_COLS=16,
-                DB1_PARTS=min(512 if cuda else 16, next_power_of_2(n_db1_parts)), num_warps=4)
+    return dict(BLOCK=512 if cuda else 64, SPLITS=16, DB1_COLS=16, DB1_PARTS=512 if cuda else 16, num_warps=4)
 
 
 def _weight_grads(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial):
-    """(dW1, db1, dW2, db2) from the backward's partial sums, in the weights' dtypes: one launch of
-    ``_weight_grads_kernel`` (summed in fp32; the injection's slices zero when the partials are
-    only 2D wide)."""
+    """(dW1, db1, dW2, db2) from the backward's partial sums, in the weights' dtypes (summed in
+    fp32; the injection's slices zero when the partials are only 2D wide): with
+    ``FUSED_WEIGHT_SUMS`` one launch of ``_weight_grads_kernel``, else ``_weight_grads_torch``."""
     if not FUSED_WEIGHT_SUMS:
         return _weight_grads_torch(w1, b1, w2, b2, db1_partial, dw1_partial, dw2_partial, db2_partial)
     r = w1.shape[0]
     dw1, db1, dw2, db2 = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (w1, b1, w2, b2))
     full_width, width = w1.shape[1], dw1_partial.shape[2]
     n_splits, n_db1_parts = dw1_partial.shape[0], db1_partial.shape[0]
-    cfg = _weight_grads_config(dw1.device.type, n_splits, n_db1_parts)
+    cfg = _weight_grads_config(dw1.device.type)
     grid = (2 * cdiv(r * full_width, cfg["BLOCK"]) + cdiv(full_width, cfg["BLOCK"]) + cdiv(r, cfg["DB1_COLS"]),)
     launch(_weight_grads_kernel, grid, dw1_partial, dw2_partial, db2_partial, db1_partial, dw1, dw2, db2, db1,
            n_splits, n_db1_parts, r, width, full_width, **cfg)

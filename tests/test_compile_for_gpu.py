@@ -86,7 +86,7 @@ def gated_blend_cases(dt):
             gb._gated_blend_backward_kernel, types, dict(HAS_SAT=True, **gate, **c), w, st, ("D", "R", "width"))
         sums = {**{n + "_PARTIAL": "*fp32" for n in ("DW1", "DW2", "DB2", "DB1")},
                 **{n: "*" + wdt for n in ("DW1", "DW2", "DB2", "DB1")}}
-        c = gb._weight_grads_config("cuda", 11, 984)  # Sudoku's row splits and d_pre1 partials
+        c = gb._weight_grads_config("cuda")
         out[f"gated_blend weight gradient sums ({wdt} weights)"] = (
             gb._weight_grads_kernel, sums, c, c.pop("num_warps"), 3, ())
     return out

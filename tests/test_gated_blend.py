@@ -322,13 +322,13 @@ def test_inj_none_equals_zeros(backend, dtype):
 
 @pytest.mark.parametrize("inj", [True, False], ids=["inj", "no_inj"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("splits, parts", [(1, 1), (3, 37), (19, 5)])
+@pytest.mark.parametrize("splits, parts", [(1, 1), (3, 37), (16, 16), (19, 5), (2, 600)])
 @pytest.mark.parametrize("fused", [True, False], ids=["kernel", "torch"])
 def test_weight_grads_sum_the_partials(monkeypatch, fused, inj, wdtype, splits, parts):
     """``_weight_grads`` (its one kernel, and its torch form): each weight gradient the sum of its
     partials over the leading axis (against float64, within the rounding of one fp32 sum and the
     weights' dtype), the injection's slices exact zeros without inj; split and part counts below,
-    at and above the kernel's chunk of parts (16 in the interpreter)."""
+    at and above one load's chunk (16 in the interpreter; db1's 512 on CUDA)."""
     d, r = 37, 10
     width = (3 if inj else 2) * d
     w1, b1, w2, b2 = (torch.empty(shape, dtype=wdtype, device=DEVICE) for shape in ((r, 3 * d), r, (3 * d, r), 3 * d))
