@@ -12,11 +12,14 @@ the GPU, bf16, ``benchmarks.bench_gated_blend``'s inputs at Sudoku's and ARC's r
 
     bash experiments/gluon_first_run/run_44.sh
 """
-import importlib, os, sys
+import importlib
+import os
+import sys
+
 import torch
 sys.path.insert(0, os.getcwd())
-from benchmarks.bench_gated_blend import SHAPES, make_inputs, step_fn, peak_memory_mb, counts
-from benchmarks.common import environment, gpu_us
+from benchmarks.bench_gated_blend import SHAPES, counts, make_inputs, peak_memory_mb, step_fn  # noqa: E402
+from benchmarks.common import environment, gpu_us  # noqa: E402
 gb = importlib.import_module("hrm_kernels.gated_blend")
 weight_grads = gb._weight_grads
 
@@ -61,10 +64,12 @@ for shape in ("sudoku", "arc"):
             en, eo = (n.double() - r).abs().max().item(), (o.double() - r).abs().max().item()
             # no worse than torch's, up to half an ulp of the weights' dtype at the scale (2^-8 of it for
             # bf16, at least half an ulp): another order of fp32 sums can round the other way
-            ok = n.dtype == o.dtype and n.shape == o.shape and en <= eo + (2**-8 if n.dtype == torch.bfloat16 else 2**-23) * scale
+            slack = (2**-8 if n.dtype == torch.bfloat16 else 2**-23) * scale
+            ok = n.dtype == o.dtype and n.shape == o.shape and en <= eo + slack
             fails += not ok
             print(f"{shape}/{inj} {name} {tuple(n.shape)} parts {args[4 if name == 'db1' else 5].shape[0]}: "
-                  f"max|new-f64| {en:.3g} max|old-f64| {eo:.3g} (max|f64| {scale:.3g}) {'ok' if ok else 'WORSE'}", flush=True)
+                  f"max|new-f64| {en:.3g} max|old-f64| {eo:.3g} (max|f64| {scale:.3g}) "
+                  f"{'ok' if ok else 'WORSE'}", flush=True)
         ts = {"new": [], "old": []}
         for _ in range(2):
             for k, f in (("new", new_weight_grads), ("old", old_weight_grads)):
@@ -80,7 +85,8 @@ for shape in ("sudoku", "arc"):
         gb._weight_grads = new_weight_grads
         c, n, o = min(op["compile"]), min(op["new"]), min(op["old"])
         nbytes, flop = counts(rows, inj, True)
-        peaks = {p: peak_memory_mb(step_fn(p if p != "new" else "triton", leaves, dout, True)) for p in ("eager", "compile", "new")}
+        peaks = {p: peak_memory_mb(step_fn(p if p != "new" else "triton", leaves, dout, True))
+                 for p in ("eager", "compile", "new")}
         table.append(f"| {shape} | {inj} | {c:.1f} | {n:.1f} ({c / n:.2f}x) | {o:.1f} ({c / o:.2f}x) | {o / n:.3f}x | "
                      f"{nbytes / n / 1e3:.0f} | {flop / n / 1e6:.0f} | {min(ts['new']):.1f} / {min(ts['old']):.1f} | "
                      f"{peaks['eager']:.0f} / {peaks['compile']:.0f} / {peaks['new']:.0f} |")
@@ -92,10 +98,12 @@ for shape in ("sudoku", "arc"):
             for _ in range(20):
                 fn()
             torch.cuda.synchronize()
-        ev = [(e.self_device_time_total / 20, e.count // 20, e.key) for e in prof.key_averages() if e.self_device_time_total > 0]
+        ev = [(e.self_device_time_total / 20, e.count // 20, e.key) for e in prof.key_averages()
+              if e.self_device_time_total > 0]
         print(f"{shape}/{inj} per kernel (us a call, launches): " + "; ".join(
             f"{k[:60]} {t:.1f} x{c}" for t, c, k in sorted(ev, reverse=True)), flush=True)
-print("| shape | inj | compile us | new us (x compile) | old us (x compile) | new vs old | GB/s | TFLOP/s | sums alone new / old us | peak MiB eager / compile / new |")
+print("| shape | inj | compile us | new us (x compile) | old us (x compile) | new vs old | GB/s | TFLOP/s "
+      "| sums alone new / old us | peak MiB eager / compile / new |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 print("\n".join(table))
 print("accuracy:", "all ok" if not fails else f"{fails} WORSE")
