@@ -165,6 +165,19 @@ if _HAVE_GLUON:
             return x.to(dtype)
 
     @gluon.jit
+    def narrow_for_widening(x, dtype: gl.constexpr):
+        """``narrow(x, dtype)`` for a value the epilogue widens back to fp32 (SwiGLU's gate and up). To
+        fp16 in explicit ``cvt.rn.f16x2.f32`` pairs (element 0 in the low half; the same rounding): from
+        scalar conversions ptxas builds such pairs itself, out of the accumulator's registers, and then
+        serializes every wgmma of the kernel (note C7514; session 45 found it, ``tests/test_compile_for_gpu.py``
+        checks it). bf16 widens by a shift and is not re-paired: unchanged."""
+        if dtype == gl.float16 and x.dtype == gl.float32:
+            return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=gl.float16,
+                                             is_pure=True, pack=2)
+        else:
+            return narrow(x, dtype)
+
+    @gluon.jit
     def rounded(x, dtype: gl.constexpr):
         """``x.to(dtype).to(float32)``: x rounded to the 2-byte ``dtype``, as a matmul writing that
         dtype rounds it. From fp32 to bf16 with ``PACKED_CONVERSIONS``, two elements per conversion,
@@ -345,8 +358,8 @@ if _HAVE_GLUON:
                         acc = acc * rstd
                 if EPILOGUE == 1 or EPILOGUE == 2:
                     gate, up = _gate_up_columns(acc, BLOCK_M, BLOCK_N)
-                    gate_rounded = narrow(gate, out_desc.dtype)
-                    up_rounded = narrow(up, out_desc.dtype)
+                    gate_rounded = narrow_for_widening(gate, out_desc.dtype)
+                    up_rounded = narrow_for_widening(up, out_desc.dtype)
                     if EPILOGUE == 2:  # this warpgroup's previous stores have left its buffers
                         tma.store_wait(pendings=0)
                         gu_bufs.index(2 * WARPGROUP).store(gate_rounded)
