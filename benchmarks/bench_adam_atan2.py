@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import Case, bench_case, environment, gpu_profile, median_us  # noqa: E402
+from benchmarks.common import Case, bench_case, environment, gpu_profile, median_us, require_cuda  # noqa: E402
 from hrm_kernels import AdamATan2, use_backend  # noqa: E402
 from hrm_kernels import adam_atan2 as mod  # noqa: E402
 
@@ -226,13 +226,12 @@ def main(vocab: int = VOCAB, do_sweep: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="time launch configurations first")
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
     text = main(args.vocab, args.sweep)
     print(text)
     if args.out:

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
-from benchmarks.common import PROVIDERS, Case, bench_case, markdown_table, run_cases  # noqa: E402
+from benchmarks.common import PROVIDERS, Case, bench_case, markdown_table, require_cuda, run_cases  # noqa: E402
 from hrm_kernels import add3, add3_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 512), (96 * 901, 512), (8192, 4096)]
@@ -61,4 +61,5 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()

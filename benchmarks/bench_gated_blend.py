@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
 from benchmarks.bench_train_step import switches  # noqa: E402
-from benchmarks.common import gpu_us  # noqa: E402
+from benchmarks.common import gpu_us, require_cuda  # noqa: E402
 from hrm_kernels import gated_blend, gated_blend_reference, use_backend  # noqa: E402
 
 gb = importlib.import_module("hrm_kernels.gated_blend")  # the module (the package exports the function)
@@ -307,6 +307,7 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations")
     parser.add_argument("--shapes", default="sudoku,arc")
@@ -320,8 +321,6 @@ if __name__ == "__main__":
     unknown = set(args.sweep_kernels.split(",")) - set(SWEEP)
     if unknown:
         parser.error(f"--sweep-kernels: {', '.join(sorted(unknown))} not among {', '.join(SWEEP)}")
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
     torch._dynamo.config.cache_size_limit = 64
     if args.sweep:
         best = sweep(wdtype=getattr(torch, args.weights.split(",")[0]), kernels=tuple(args.sweep_kernels.split(",")))

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
-from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep  # noqa: E402
+from benchmarks.common import (PROVIDERS, Case, against_unfused, bench_case,  # noqa: E402
+                               fused_op_report, require_cuda, sweep_flag_main, tile_sweep)
 from hrm_kernels import linear_add_rms_norm, linear_add_rms_norm_reference, rms_norm, use_backend  # noqa: E402
 
 kernel_module = importlib.import_module("hrm_kernels.linear_add_rms_norm")
@@ -106,4 +107,5 @@ def main(do_sweep: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     sweep_flag_main(main, __doc__)

@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
-from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases  # noqa: E402
+from benchmarks.common import (PROVIDERS, Case, bench_case,  # noqa: E402
+                               grad_fn, markdown_table, require_cuda, run_cases)
 from hrm_kernels import linear_swiglu, linear_swiglu_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 512, 1536), (96 * 901, 512, 1536)]  # (M, K, I): HRM's Sudoku and ARC batches
@@ -78,4 +79,5 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()

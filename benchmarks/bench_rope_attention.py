@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
 from benchmarks.bench_train_step import switches  # noqa: E402
-from benchmarks.common import PROVIDERS, Case, against_unfused, bench_case, fused_op_report, sweep_flag_main, tile_sweep  # noqa: E402
+from benchmarks.common import (PROVIDERS, Case, against_unfused, bench_case,  # noqa: E402
+                               fused_op_report, require_cuda, sweep_flag_main, tile_sweep)
 from hrm_kernels import first_halves, rope_attention, rope_attention_reference, use_backend  # noqa: E402
 
 kernel_module = importlib.import_module("hrm_kernels.rope_attention")
@@ -162,4 +163,5 @@ def main(do_sweep: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     sweep_flag_main(main, __doc__)

@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
-from benchmarks.common import PROVIDERS, Case, bench_case, grad_fn, markdown_table, run_cases  # noqa: E402
+from benchmarks.common import (PROVIDERS, Case, bench_case,  # noqa: E402
+                               grad_fn, markdown_table, require_cuda, run_cases)
 from hrm_kernels import swiglu, swiglu_reference, use_backend  # noqa: E402
 
 SHAPES = [(768 * 82, 1536), (96 * 901, 1536)] + [(8192, i) for i in (1024, 2048, 4096, 8192)]
@@ -65,4 +66,5 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # as a script: the repository importable
 
 from benchmarks.common import (PROVIDERS, Case, against_unfused, bench_case, fused_op_report, grad_fn,  # noqa: E402
-                               sweep_flag_main, tile_sweep)
+                               require_cuda, sweep_flag_main, tile_sweep)
 from hrm_kernels import swiglu_linear, swiglu_linear_reference, use_backend  # noqa: E402
 from hrm_kernels.swiglu import swiglu_backward  # noqa: E402
 
@@ -133,4 +133,5 @@ def main(do_sweep: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     sweep_flag_main(main, __doc__)

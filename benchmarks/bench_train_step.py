@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, require_cuda  # noqa: E402
 
 SHAPES = {  # per-GPU batch, sequence length, vocab, puzzle identifiers (reference datasets)
     "sudoku": dict(batch_size=768, seq_len=81, vocab_size=11, num_puzzle_identifiers=1001),
@@ -497,4 +497,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()

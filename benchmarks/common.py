@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
+import sys
 from typing import Callable
 
 import torch
@@ -177,6 +179,15 @@ def fused_op_report(title: str, op: str, cases: list[Case], against: Callable[[]
     text = "\n".join(parts)
     print(text)
     return text
+
+
+def require_cuda(script: str) -> None:
+    """Stop a CUDA-only benchmark script with a message, not a traceback, where there is no CUDA GPU
+    (``--help`` still works)."""
+    if not torch.cuda.is_available() and not {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(f"{os.path.basename(script)} needs a CUDA GPU and torch sees none here. Without one, "
+                 "`python -m pytest benchmarks` skips its cases and `python benchmarks/sass.py` compiles "
+                 "the kernels for sm_90 (static costs only).")
 
 
 def sweep_flag_main(main: Callable[[bool], object], doc: str | None) -> None:

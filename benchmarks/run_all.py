@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment  # noqa: E402
+from benchmarks.common import environment, require_cuda  # noqa: E402
 
 MODULES = ("rms_norm", "add3", "swiglu", "linear_swiglu", "linear_add_rms_norm", "swiglu_linear", "rope_attention", "gated_blend", "adam_atan2")
 
@@ -53,4 +53,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()

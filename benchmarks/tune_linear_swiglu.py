@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, gpu_us  # noqa: E402
+from benchmarks.common import environment, gpu_us, require_cuda  # noqa: E402
 
 TILED = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 5), (256, 64, 64, 8, 3)]
 TMA = [(128, 128, 64, 8, 3, False, False), (128, 128, 64, 8, 4, False, False), (128, 128, 64, 8, 3, False, True),
@@ -66,4 +66,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    require_cuda(__file__)
     main()
