@@ -642,3 +642,22 @@ def test_resume_is_exact_with_several_sets(tiny_data, tmp_path, monkeypatch):
         resumed = checkpointing.latest_checkpoint(tmp_path / f"split{stop}")
         assert resumed.name == last.name
         assert_same_training_state(load(last), load(resumed))
+
+
+def test_checkpoint_path_near_a_run_asks_whether_it_was_meant(tmp_path, monkeypatch, capsys):
+    """A typo of a run directory to resume (``r11`` beside the run ``r1``) still starts a new run (a
+    note, as for any new directory), but the note names the run it was probably meant to be; a name
+    unlike any run's gets no such question."""
+    from train.pretrain import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    project = Path("checkpoints") / "proj"
+    checkpointing.save_training_state(project / "sudoku run1", 4, {"model": {}})
+    capsys.readouterr()
+    resolve_config([f"checkpoint_path={project / 'sudoku rnu1'}"])
+    err = capsys.readouterr().err
+    assert "so a NEW run starts there from step 0" in err
+    assert f"did you mean checkpoint_path=\"{project / 'sudoku run1'}\" (step_4.pt)?" in err, err
+    resolve_config([f"checkpoint_path={project / 'maze'}"])
+    err = capsys.readouterr().err
+    assert "so a NEW run starts there from step 0" in err and "did you mean" not in err, err

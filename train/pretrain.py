@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
 import os
 import signal
@@ -1274,8 +1275,21 @@ def check_checkpoint_path(ckpt_dir: str) -> None:
         where = ("does not exist" if not Path(ckpt_dir).exists()
                  else "holds no checkpoint (step_<N>.pt)")
         print(f"note: checkpoint_path={ckpt_dir} {where}: nothing to resume, so a NEW run starts there from step 0 "
-              "(to resume a run instead, name the directory that holds its step_<N>.pt files)",
-              file=sys.stderr, flush=True)
+              "(to resume a run instead, name the directory that holds its step_<N>.pt files)"
+              + _near_run(ckpt_dir), file=sys.stderr, flush=True)
+
+
+def _near_run(ckpt_dir: str) -> str:
+    """``; did you mean checkpoint_path=<run> (step_<N>.pt)?`` when a run directory beside ``ckpt_dir``
+    has a name close to its name (a typo of a run to resume), else empty. A note, not an error: a
+    new run beside ``run1`` is often called ``run2``."""
+    path = Path(ckpt_dir)
+    siblings = {d.name: ckpt for d, ckpt in runs_below(path.parent, depth=1)} if path.name else {}
+    near = difflib.get_close_matches(path.name, list(siblings), n=1, cutoff=0.8)
+    if not near:
+        return ""
+    return (f"; did you mean checkpoint_path={_shell_value(str(path.parent / near[0]))} "
+            f"({siblings[near[0]].name})?")
 
 
 def resolve_config(overrides: Sequence[str] = (), config_name: str = "cfg_pretrain") -> DictConfig:
