@@ -61,5 +61,5 @@ def main() -> str:
 
 
 if __name__ == "__main__":
-    require_cuda(__file__)
+    require_cuda(__file__, parses_args=False)
     main()

@@ -181,10 +181,10 @@ def fused_op_report(title: str, op: str, cases: list[Case], against: Callable[[]
     return text
 
 
-def require_cuda(script: str) -> None:
+def require_cuda(script: str, parses_args: bool = True) -> None:
     """Stop a CUDA-only benchmark script with a message, not a traceback, where there is no CUDA GPU
-    (``--help`` still works)."""
-    if not torch.cuda.is_available() and not {"-h", "--help"} & set(sys.argv[1:]):
+    (``--help`` still works in a script that ``parses_args``)."""
+    if not torch.cuda.is_available() and not (parses_args and {"-h", "--help"} & set(sys.argv[1:])):
         sys.exit(f"{os.path.basename(script)} needs a CUDA GPU and torch sees none here. Without one, "
                  "`python -m pytest benchmarks` skips its cases and `python benchmarks/sass.py` compiles "
                  "the kernels for sm_90 (static costs only).")

@@ -224,7 +224,7 @@ for dt in ("bf16", "fp16", "fp32"):
                     # it too until their roundings became explicit pairs, gg.narrow_for_widening). The same fix
                     # in rope's rounded() changes one fma's contraction and spills at head_dim 32 and 64. bf16,
                     # which the model runs, is not affected. A performance note for fp16, not a fault.
-                    serialized_ok=dt == "fp16" and epilogue == "rope")
+                    serialized_ok=dt == "fp16" and epilogue == "rope" and not row_scale and head_dim <= 64)
     if dt == "bf16":  # the packed bf16 conversions (PACKED_CONVERSIONS, off: mixed times on an H100), in a copy of the
         # module compiled with the flag on (a kernel compiled once keeps its cache key: flipping the flag on
         # gg itself would hand back the unpacked binary); its PTX must convert in pairs only

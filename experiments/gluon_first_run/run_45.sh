@@ -12,5 +12,5 @@ echo "gluon GEMM tests rc=$?: $(tail -1 $OUT/gemm_tests.log)"
 grep -E "FAILED|ERROR" $OUT/gemm_tests.log | head
 echo "== tests at $(( $(date +%s) - start )) s"
 left=$(( ${BUDGET:-560} - $(date +%s) + start - 20 )); left=$(( left > 30 ? left : 30 ))
-timeout $(( left + 15 )) python3 experiments/gluon_first_run/gluon_knobs.py --budget $left 2>&1 | grep -v -i warn | tee $OUT/knobs.log | tail -70
+timeout $(( left + 15 )) python3 experiments/gluon_first_run/gluon_knobs.py --budget $left 2>&1 | grep -v -i warn | tee $OUT/knobs.log | tail -75
 echo "== knobs at $(( $(date +%s) - start )) s"
