@@ -1,8 +1,9 @@
 """Session 45: the Gluon gated-blend kernels' tuning constants, one at a time, on the GPU (bf16,
 ``benchmarks.bench_gated_blend``'s inputs at Sudoku's and ARC's rows, with and without inj): each
-kernel alone (the forward storing pre1 and z, d_pre1, the second phase), GPU us from the profiler,
-the fastest of 2 rounds alternating with the default, and whether its outputs are bit-identical to
-the default's. A value that does not compile or fit is reported and skipped.
+kernel alone (the forward storing pre1 and z, the forward without them, d_pre1, the second phase),
+GPU us from the profiler, the fastest of 2 rounds alternating with the default, and whether its
+outputs are bit-identical to the default's. A value that does not compile or fit is reported and
+skipped.
 
     python experiments/gluon_first_run/gluon_knobs.py [--shapes sudoku,arc] [--budget 240]
 """
@@ -26,8 +27,8 @@ KNOBS = {
     "CONSUMER_REGISTERS": (224, 240),
 }
 # which kernels each constant reaches
-REACHES = {"STAGES": ("forward",), "DPRE_STAGES": ("dpre",), "MAIN_STAGES": ("main",),
-           "MAIN_ITEMS_PER_SM": ("main",), "CONSUMER_REGISTERS": ("forward", "dpre", "main")}
+REACHES = {"STAGES": ("forward", "forward_nograd"), "DPRE_STAGES": ("dpre",), "MAIN_STAGES": ("main",),
+           "MAIN_ITEMS_PER_SM": ("main",), "CONSUMER_REGISTERS": ("forward", "forward_nograd", "dpre", "main")}
 
 
 HEADER = ("| shape | inj | kernel | constant | default us | value us | speed-up | vs default |\n"
@@ -47,6 +48,8 @@ def kernels(rows, inj):
         return (d_own, d_other) + ((d_inj,) if d_inj is not None else ()) + tuple(parts)
 
     return {"forward": lambda: gg.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2, store_hidden=True),
+            # the model's no-gradient calls (most of them): no pre1, z
+            "forward_nograd": lambda: (gg.gated_blend_forward(own, other, inj_t, w1, b1, w2, b2),),
             "dpre": lambda: gg.backward_dpre(dout, own, other, inj_t, w2, b2, pre1, z),
             "main": main}
 
