@@ -1051,8 +1051,8 @@ def _train(cfg: dict, info: distributed.DistInfo, signalled: Optional[SignalFlag
         num_params = sum(p.numel() for p in head.parameters())
         ranks = f" x{info.world_size} ranks (grad_sync={'ddp' if state.ddp else 'flat'})" if info.world_size > 1 else ""
         print(f"{cfg['run_name']}: {num_params / 1e6:.2f}M parameters, device {info.device}{ranks}, compile={use_compile}, "
-              f"kernels={hconf.kernels}, {hconf.forward_dtype}, gating={hconf.use_gating}; {total_steps} steps; checkpoints in {run_dir}",
-              flush=True)
+              f"kernels={hconf.kernels}, {hconf.forward_dtype}, gating={hconf.use_gating}; {total_steps} steps; "
+              f"checkpoints in {run_dir}", flush=True)
         if resume_from is None:
             logger.log({"num_params": num_params}, step=0)
 
